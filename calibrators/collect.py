@@ -1,0 +1,221 @@
+"""Run an FP32 ONNX model over a dataset with ONNX Runtime and stream its activations to observers.
+
+Every float activation (float graph inputs and every float node output that depends on a graph
+input) is exposed as an extra graph output of a private copy of the model; each batch's values are
+handed to the observer tensor by tensor and dropped before the next batch, so memory is bounded by
+one batch of activations plus the observer's state, whatever the number of samples.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from calibrators.data import CalibrationDataset, TensorSpec, model_input_specs
+from calibrators.errors import ModelError
+from calibrators.onnxio import load_onnx
+
+__all__ = [
+    "COLLECTOR_VERSION",
+    "ActivationPlan",
+    "Observer",
+    "ProgressFn",
+    "auto_batch_size",
+    "collect",
+    "observable_tensors",
+    "session_providers",
+]
+
+log = logging.getLogger(__name__)
+
+COLLECTOR_VERSION = "1"
+"""Part of the calibration-table cache key: bump when collection changes what a table holds."""
+
+ProgressFn = Callable[[int, int], None]
+"""Called with (samples done, samples in total) after every batch."""
+
+_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+_DEFAULT_ACTIVATION_BUDGET_BYTES = 384 * 1024 * 1024
+
+
+class Observer(Protocol):
+    """Receives one tensor's values for one batch."""
+
+    def observe(self, name: str, values: np.ndarray) -> None: ...
+
+
+@dataclass(frozen=True)
+class ActivationPlan:
+    """Which tensors a calibration run observes, and how many bytes one sample of them takes."""
+
+    tensors: tuple[str, ...]
+    bytes_per_sample: int | None
+    """Sum over observed tensors of their per-sample size, when shape inference knows it."""
+
+
+def _dependent_tensors(model: onnx.ModelProto) -> set[str]:
+    """Tensors computed (directly or not) from a graph input; the rest are constants."""
+    initializers = {t.name for t in model.graph.initializer}
+    live = {i.name for i in model.graph.input if i.name not in initializers}
+    for node in model.graph.node:  # nodes are topologically sorted in a valid model
+        if any(name in live for name in node.input if name):
+            live.update(o for o in node.output if o)
+    return live
+
+
+def observable_tensors(model: onnx.ModelProto) -> ActivationPlan:
+    """Float activations of ``model``: float graph inputs and float node outputs fed by an input.
+
+    Types come from ONNX shape inference; tensors whose type it cannot infer are skipped (logged).
+    """
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception as exc:  # inference errors are ModelErrors, not crashes
+        raise ModelError(f"ONNX shape inference failed: {exc}", field="model") from exc
+    infos = {vi.name: vi for vi in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    live = _dependent_tensors(inferred)
+    order: list[str] = []
+    for vi in inferred.graph.input:
+        if vi.name in live:
+            order.append(vi.name)
+    for node in inferred.graph.node:
+        order.extend(o for o in node.output if o in live)
+    chosen: list[str] = []
+    total: int | None = 0
+    unknown = 0
+    for name in order:
+        vi = infos.get(name)
+        if vi is None or not vi.type.HasField("tensor_type"):
+            unknown += 1
+            continue
+        ttype = vi.type.tensor_type
+        if ttype.elem_type not in _FLOAT_TYPES:
+            continue
+        chosen.append(name)
+        total = _add_sample_bytes(total, ttype)
+    if unknown:
+        log.info("skipping %d tensors whose type shape inference could not tell", unknown)
+    return ActivationPlan(tensors=tuple(dict.fromkeys(chosen)), bytes_per_sample=total)
+
+
+def _add_sample_bytes(total: int | None, ttype: onnx.TypeProto.Tensor) -> int | None:
+    if total is None or not ttype.HasField("shape"):
+        return None
+    dims = list(ttype.shape.dim)[1:]  # the first axis is the batch
+    size = 1
+    for d in dims:
+        if not d.HasField("dim_value"):
+            return None
+        size *= d.dim_value
+    return total + 4 * size
+
+
+def auto_batch_size(plan: ActivationPlan, budget_bytes: int = _DEFAULT_ACTIVATION_BUDGET_BYTES) -> int:
+    """A batch size that keeps one batch of observed activations within ``budget_bytes``."""
+    if not plan.bytes_per_sample:
+        return 8
+    return int(max(1, min(64, budget_bytes // plan.bytes_per_sample)))
+
+
+def session_providers() -> list[str]:
+    """CUDA first when this onnxruntime build has it, then CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    existing = {o.name for o in augmented.graph.output}
+    for name in names:
+        if name not in existing:
+            augmented.graph.output.append(onnx.ValueInfoProto(name=name))
+    return augmented
+
+
+def _open_session(model: onnx.ModelProto, providers: Sequence[str] | None, threads: int | None) -> object:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(
+            model.SerializeToString(), options, providers=list(providers or session_providers())
+        )
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise ModelError(f"ONNX Runtime cannot load the model: {exc}", field="model") from exc
+
+
+def collect(
+    model_path: Path,
+    dataset: CalibrationDataset,
+    observer: Observer,
+    *,
+    batch_size: int | None = None,
+    max_samples: int | None = None,
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+    progress: ProgressFn | None = None,
+) -> int:
+    """Stream every float activation of ``model_path`` over ``dataset`` to ``observer``.
+
+    The dataset is validated against the model's inputs first. Returns the number of samples seen.
+    ``batch_size=None`` picks one that keeps a batch of activations within a few hundred MB.
+    """
+    model = load_onnx(model_path)
+    inputs: list[TensorSpec] = model_input_specs(model)
+    data = dataset.validate(inputs)
+    plan = observable_tensors(model)
+    if not plan.tensors:
+        raise ModelError("The model has no float activations to calibrate.", field="model")
+    session = _open_session(_with_outputs(model, plan.tensors), providers, threads)
+    del model
+    batch = batch_size or auto_batch_size(plan)
+    total = min(len(data), max_samples) if max_samples is not None else len(data)
+    return _run_batches(session, data, plan.tensors, observer, batch, total, progress)
+
+
+def _run_batches(
+    session: object,
+    data: CalibrationDataset,
+    tensors: Sequence[str],
+    observer: Observer,
+    batch_size: int,
+    total: int,
+    progress: ProgressFn | None,
+) -> int:
+    wanted = set(tensors)
+    output_names = [o.name for o in session.get_outputs()]  # type: ignore[attr-defined]
+    done = 0
+    for feeds in data.batches(batch_size, max_samples=total):
+        try:
+            values = session.run(output_names, feeds)  # type: ignore[attr-defined]
+        except Exception as exc:
+            raise ModelError(
+                f"ONNX Runtime failed on samples {done}..{done + _batch_len(feeds) - 1}: {exc}",
+                field="dataset",
+            ) from exc
+        for name, array in zip(output_names, values, strict=True):
+            if name in wanted and isinstance(array, np.ndarray) and array.dtype.kind == "f":
+                observer.observe(name, array)
+        del values
+        done += _batch_len(feeds)
+        if progress is not None:
+            progress(done, total)
+    return done
+
+
+def _batch_len(feeds: dict[str, np.ndarray]) -> int:
+    return int(next(iter(feeds.values())).shape[0])
+

@@ -1,0 +1,64 @@
+"""Loading ONNX models safely: external-data paths never escape the model's folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+from onnx.external_data_helper import uses_external_data
+
+from calibrators.errors import ModelError
+
+__all__ = ["check_external_data_paths", "load_onnx"]
+
+
+def check_external_data_paths(model: onnx.ModelProto, folder: Path) -> None:
+    """Refuse external-data locations that are absolute or resolve outside ``folder``."""
+    root = folder.resolve()
+    for tensor in _all_tensors(model):
+        if not uses_external_data(tensor):
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        candidate = Path(location)
+        resolved = (root / candidate).resolve()
+        if not location or candidate.is_absolute() or not resolved.is_relative_to(root):
+            raise ModelError(
+                f"Initializer {tensor.name!r} points its external data at {location!r}, "
+                "outside the model's folder.",
+                hint="Keep external data files beside the .onnx file and refer to them by relative name.",
+                field="model",
+            )
+        if not resolved.is_file():
+            raise ModelError(
+                f"Initializer {tensor.name!r} needs external data file {location!r}, which is missing.",
+                hint="Upload the .onnx together with its data files (for the service: as one .zip).",
+                field="model",
+            )
+
+
+def _all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    tensors = list(model.graph.initializer)
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                tensors.append(attr.t)
+    return tensors
+
+
+def load_onnx(path: Path, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """Load ``path``; external data is checked to stay inside its folder before it is read."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError as exc:
+        raise ModelError(f"Model file {str(path)!r} does not exist.", field="model") from exc
+    except Exception as exc:  # onnx raises DecodeError, ValueError, ... for non-ONNX bytes
+        raise ModelError(f"{path.name} is not a readable ONNX model: {exc}", field="model") from exc
+    if not model.graph.node:
+        raise ModelError(f"{path.name} has an empty graph (no nodes).", field="model")
+    check_external_data_paths(model, path.parent)
+    if load_external_data:
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except Exception as exc:
+            raise ModelError(f"Cannot read the external data of {path.name}: {exc}", field="model") from exc
+    return model

@@ -1,0 +1,135 @@
+"""What every backend provides: build an artifact from a model, load it, run it, time it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from calibrators.data import TensorSpec
+from engines.spec import BuildSpec
+
+if TYPE_CHECKING:
+    from calibrators.table import CalibrationTable
+
+__all__ = [
+    "Artifact",
+    "ArtifactMetadata",
+    "Availability",
+    "Backend",
+    "ProgressFn",
+    "QueryTiming",
+    "Runner",
+]
+
+ProgressFn = Callable[[str, float], None]
+"""Called with a short stage message and a fraction in [0, 1]."""
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend can build here, and why (or why not)."""
+
+    available: bool
+    reason: str
+
+
+class ArtifactMetadata(BaseModel):
+    """The sidecar JSON written beside every artifact (ARCHITECTURE.md §4)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    backend: str
+    backend_version: str
+    backend_reason: str = ""
+    mode: str | None = None
+    precision: str
+    device: str
+    compute_capability: str | None = None
+    cuda_version: str | None = None
+    driver_version: str | None = None
+    profiles: dict[str, dict[str, list[int]]] = Field(default_factory=dict)
+    table_sha256: str | None = None
+    quantized_nodes: list[str] = Field(default_factory=list)
+    kept_nodes: dict[str, str] = Field(default_factory=dict)
+    """ONNX node name -> why it stays in higher precision."""
+    fp32_nodes: list[str] = Field(default_factory=list)
+    spec: BuildSpec
+    model_sha256: str
+    sha256: str
+    size_bytes: int
+    build_seconds: float
+    created_at: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Backend-specific settings (ONNX Runtime session options, TensorRT builder flags)."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: Path
+    metadata_path: Path
+    metadata: ArtifactMetadata
+
+
+@dataclass(frozen=True)
+class QueryTiming:
+    """One timed query. Host-side backends fill ``latency_ms`` and ``gpu_compute_ms`` alike."""
+
+    latency_ms: float
+    enqueue_ms: float
+    h2d_ms: float
+    gpu_compute_ms: float
+    d2h_ms: float
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """A loaded artifact that runs inference. Use it in a ``with`` block."""
+
+    @property
+    def inputs(self) -> Sequence[TensorSpec]: ...
+
+    @property
+    def output_names(self) -> Sequence[str]: ...
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def timed_run(self, feeds: Mapping[str, np.ndarray]) -> QueryTiming:
+        """Run once and report where the time went (the benchmark's hook)."""
+        ...
+
+    def describe(self) -> dict[str, str]:
+        """The measurement environment: backend and version, device, threads, driver."""
+        ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Runner: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class Backend(Protocol):
+    """Builds artifacts and loads them."""
+
+    name: str
+
+    def availability(self) -> Availability: ...
+
+    def version(self) -> str: ...
+
+    def build(
+        self,
+        model_path: Path,
+        spec: BuildSpec,
+        table: CalibrationTable | None,
+        out_path: Path,
+        *,
+        progress: ProgressFn | None = None,
+    ) -> Artifact: ...
+
+    def load(self, artifact_path: Path) -> Runner: ...

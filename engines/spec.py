@@ -1,0 +1,159 @@
+"""BuildSpec: everything that decides what artifact a build produces.
+
+Frozen pydantic models with a canonical digest used in cache keys, and a JSON round-trip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from calibrators.methods import MethodSpec, entropy
+from calibrators.histogram import HistogramMode
+
+__all__ = [
+    "BackendName",
+    "BuildSpec",
+    "KeepRules",
+    "Precision",
+    "ShapeProfile",
+    "TensorRTMode",
+    "TensorRTOptions",
+    "node_matches",
+]
+
+
+class Precision(StrEnum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+    INT8_FP16 = "int8-fp16"
+
+    @property
+    def uses_int8(self) -> bool:
+        return self in (Precision.INT8, Precision.INT8_FP16)
+
+    @property
+    def uses_fp16(self) -> bool:
+        return self in (Precision.FP16, Precision.INT8_FP16)
+
+
+class BackendName(StrEnum):
+    AUTO = "auto"
+    TENSORRT = "tensorrt"
+    ONNXRUNTIME = "onnxruntime"
+
+
+class TensorRTMode(StrEnum):
+    EXPLICIT = "explicit"
+    IMPLICIT = "implicit"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ShapeProfile(_Frozen):
+    """One optimization profile entry: min/opt/max shapes of one input."""
+
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ShapeProfile:
+        if not (len(self.min) == len(self.opt) == len(self.max)):
+            raise ValueError("min, opt and max must have the same rank")
+        for lo, mid, hi in zip(self.min, self.opt, self.max, strict=True):
+            if not (1 <= lo <= mid <= hi):
+                raise ValueError(f"need 1 <= min <= opt <= max in every dim, got {self.min}/{self.opt}/{self.max}")
+        return self
+
+    @classmethod
+    def parse(cls, text: str) -> ShapeProfile:
+        """Parse ``1x3x224x224/8x3x224x224/32x3x224x224`` (one shape means min = opt = max)."""
+        parts = text.split("/")
+        if len(parts) not in (1, 3):
+            raise ValueError(f"expected MIN/OPT/MAX shapes like 1x3x224x224/8x3x224x224/32x3x224x224, got {text!r}")
+        shapes = [tuple(int(d) for d in p.lower().split("x")) for p in parts]
+        if len(shapes) == 1:
+            shapes = shapes * 3
+        return cls(min=shapes[0], opt=shapes[1], max=shapes[2])
+
+
+class KeepRules(_Frozen):
+    """Nodes kept out of a precision: exact ONNX node names, op types, or regexes over node names.
+
+    A pattern matches a node when it equals the node's name or op type, or when it is written
+    ``re:<regex>`` and the regex matches the whole node name.
+    """
+
+    int8: tuple[str, ...] = ()
+    fp16: tuple[str, ...] = ()
+
+    @field_validator("int8", "fp16")
+    @classmethod
+    def _valid_regexes(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        for p in patterns:
+            if p.startswith("re:"):
+                try:
+                    re.compile(p[3:])
+                except re.error as exc:
+                    raise ValueError(f"keep pattern {p!r} is not a valid regex: {exc}") from exc
+        return patterns
+
+
+def node_matches(patterns: tuple[str, ...], name: str, op_type: str) -> bool:
+    """Whether a node (name, op type) matches any keep pattern."""
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.fullmatch(p[3:], name):
+                return True
+        elif p in (name, op_type):
+            return True
+    return False
+
+
+class TensorRTOptions(_Frozen):
+    """TensorRT builder options; ``None`` means TensorRT's default."""
+
+    workspace_bytes: Annotated[int, Field(gt=0)] | None = None
+    optimization_level: Annotated[int, Field(ge=0, le=5)] | None = None
+    timing_cache: bool = True
+    hardware_compatibility: str | None = None  # "none" | "ampere_plus" | "same_compute_capability"
+    version_compatible: bool = False
+
+    @field_validator("hardware_compatibility")
+    @classmethod
+    def _hwc(cls, v: str | None) -> str | None:
+        if v is not None and v not in ("none", "ampere_plus", "same_compute_capability"):
+            raise ValueError("hardware_compatibility must be none, ampere_plus or same_compute_capability")
+        return v
+
+
+class BuildSpec(_Frozen):
+    """What to build. ``None`` fields mean "use the default"."""
+
+    precision: Precision = Precision.INT8_FP16
+    calibration: MethodSpec = Field(default_factory=entropy)
+    histogram: HistogramMode = HistogramMode.EXACT
+    backend: BackendName = BackendName.AUTO
+    mode: TensorRTMode = TensorRTMode.EXPLICIT
+    profiles: dict[str, ShapeProfile] = Field(default_factory=dict)
+    keep: KeepRules = Field(default_factory=KeepRules)
+    tensorrt: TensorRTOptions = Field(default_factory=TensorRTOptions)
+    quantize_attention: bool = False
+
+    def canonical_json(self) -> str:
+        """JSON with sorted keys and no whitespace: the text the digest is taken over."""
+        import json
+
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The test command: installs what is missing, starts PostgreSQL, runs lint, types and the tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup-dev.sh
+. .venv/bin/activate
+export TRTFORGE_TRT10_SO="$PWD/.cache/trt/trt10/tensorrt_bindings/tensorrt.so"
+export TRTFORGE_TRT11_SO="$PWD/.cache/trt/trt11/tensorrt_bindings/tensorrt.so"
+if url=$(bash scripts/postgres.sh); then export TRTFORGE_TEST_POSTGRES_URL="$url"; fi
+ruff check calibrators engines service tests bench
+mypy
+python -m pytest "$@"

@@ -1,0 +1,70 @@
+"""`trtforge`: the command line. Local commands live in cli_local, service commands in cli_server."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar
+
+import click
+
+from calibrators.errors import TrtforgeError
+
+__all__ = ["fail", "handle_errors", "main"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def fail(message: str, hint: str = "") -> None:
+    """Print one clear line (plus a hint line) on stderr and exit non-zero."""
+    click.echo(f"error: {message}", err=True)
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
+    raise SystemExit(2)
+
+
+def handle_errors(func: Callable[P, R]) -> Callable[P, R]:
+    """Turn trtforge errors (and the usual OS errors) into one line on stderr, no traceback."""
+
+    @wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except TrtforgeError as exc:
+            fail(exc.message, exc.hint)
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+            fail(f"{exc.strerror}: {exc.filename}")
+        except KeyboardInterrupt:
+            fail("interrupted")
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(package_name="trtforge")
+def cli(verbose: int) -> None:
+    """trtforge: calibrate, build, benchmark and serve INT8/FP16 TensorRT engines."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _register() -> None:
+    from service import cli_local
+
+    cli_local.register(cli)
+    if importlib.util.find_spec("service.cli_server") is not None:
+        from service import cli_server
+
+        cli_server.register(cli)
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    """Console-script entry point."""
+    _register()
+    return cli.main(args=list(argv) if argv is not None else None, prog_name="trtforge")

@@ -1,0 +1,30 @@
+"""Progress bars for the CLI: shown on a TTY, silent otherwise (and always under --json)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+__all__ = ["sample_progress"]
+
+
+@contextmanager
+def sample_progress(description: str, *, enabled: bool = True, unit: str = "sample") -> Iterator[Callable[[int, int], None]]:
+    """Yield a ``progress(done, total)`` callback drawing a bar with rate and ETA on stderr."""
+    if not (enabled and sys.stderr.isatty()):
+        yield lambda done, total: None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(desc=description, unit=unit, file=sys.stderr, dynamic_ncols=True)
+    try:
+
+        def update(done: int, total: int) -> None:
+            if bar.total != total:
+                bar.total = total
+            bar.update(done - bar.n)
+
+        yield update
+    finally:
+        bar.close()

