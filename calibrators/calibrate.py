@@ -47,9 +47,17 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def table_cache_key(model_sha256: str, dataset_sha256: str, method: MethodSpec, histogram: HistogramMode) -> str:
+def table_cache_key(
+    model_sha256: str, dataset_sha256: str, method: MethodSpec, histogram: HistogramMode
+) -> str:
     """sha256(model) + sha256(dataset) + method + params + collector version (ARCHITECTURE §3)."""
-    parts = [model_sha256, dataset_sha256, method.model_dump_json(), str(histogram), COLLECTOR_VERSION]
+    parts = [
+        model_sha256,
+        dataset_sha256,
+        method.model_dump_json(),
+        str(histogram),
+        COLLECTOR_VERSION,
+    ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -70,8 +78,13 @@ def calibrate(
         HistogramCollector(mode=histogram) if use_histogram else MaxCollector()
     )
     samples = collect(
-        model_path, dataset, observer,
-        batch_size=batch_size, max_samples=max_samples, threads=threads, progress=progress,
+        model_path,
+        dataset,
+        observer,
+        batch_size=batch_size,
+        max_samples=max_samples,
+        threads=threads,
+        progress=progress,
     )
     if isinstance(observer, HistogramCollector):
         amax = {name: float(method.compute_amax(h)) for name, h in observer.histograms().items()}

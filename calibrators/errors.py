@@ -79,7 +79,9 @@ class TableError(CalibrationError):
     """The calibration table is invalid."""
 
     code = "table_invalid"
-    default_hint = "A TensorRT cache starts with `TRT-<version>-<Algorithm>` and has `<tensor>: <hex>` lines."
+    default_hint = (
+        "A TensorRT cache starts with `TRT-<version>-<Algorithm>` and has `<tensor>: <hex>` lines."
+    )
 
 
 class TensorRTUnavailableError(CalibrationError):

@@ -60,5 +60,7 @@ def load_onnx(path: Path, *, load_external_data: bool = True) -> onnx.ModelProto
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
         except Exception as exc:
-            raise ModelError(f"Cannot read the external data of {path.name}: {exc}", field="model") from exc
+            raise ModelError(
+                f"Cannot read the external data of {path.name}: {exc}", field="model"
+            ) from exc
     return model

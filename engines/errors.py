@@ -81,4 +81,6 @@ class AccuracyBudgetError(EngineError):
     """No precision mix meets the accuracy budget."""
 
     code = "accuracy_budget_unmet"
-    default_hint = "Loosen the budget, or calibrate with more representative data or another method."
+    default_hint = (
+        "Loosen the budget, or calibrate with more representative data or another method."
+    )

@@ -10,10 +10,9 @@ import re
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from calibrators.methods import MethodSpec, entropy
 from calibrators.histogram import HistogramMode
+from calibrators.methods import MethodSpec, entropy
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "BackendName",
@@ -70,7 +69,9 @@ class ShapeProfile(_Frozen):
             raise ValueError("min, opt and max must have the same rank")
         for lo, mid, hi in zip(self.min, self.opt, self.max, strict=True):
             if not (1 <= lo <= mid <= hi):
-                raise ValueError(f"need 1 <= min <= opt <= max in every dim, got {self.min}/{self.opt}/{self.max}")
+                raise ValueError(
+                    f"need 1 <= min <= opt <= max in every dim, got {self.min}/{self.opt}/{self.max}"
+                )
         return self
 
     @classmethod
@@ -78,7 +79,9 @@ class ShapeProfile(_Frozen):
         """Parse ``1x3x224x224/8x3x224x224/32x3x224x224`` (one shape means min = opt = max)."""
         parts = text.split("/")
         if len(parts) not in (1, 3):
-            raise ValueError(f"expected MIN/OPT/MAX shapes like 1x3x224x224/8x3x224x224/32x3x224x224, got {text!r}")
+            raise ValueError(
+                f"expected MIN/OPT/MAX shapes like 1x3x224x224/8x3x224x224/32x3x224x224, got {text!r}"
+            )
         shapes = [tuple(int(d) for d in p.lower().split("x")) for p in parts]
         if len(shapes) == 1:
             shapes = shapes * 3
@@ -131,7 +134,9 @@ class TensorRTOptions(_Frozen):
     @classmethod
     def _hwc(cls, v: str | None) -> str | None:
         if v is not None and v not in ("none", "ampere_plus", "same_compute_capability"):
-            raise ValueError("hardware_compatibility must be none, ampere_plus or same_compute_capability")
+            raise ValueError(
+                "hardware_compatibility must be none, ampere_plus or same_compute_capability"
+            )
         return v
 
 

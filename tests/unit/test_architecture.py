@@ -38,7 +38,10 @@ def _imports(tree: ast.AST) -> list[tuple[str, bool]]:
 def test_import_linter_contracts_hold() -> None:
     result = subprocess.run(
         [str(Path(sys.executable).parent / "lint-imports"), "--no-cache"],
-        cwd=ROOT, capture_output=True, text=True, check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Contracts: " in result.stdout and " broken" not in result.stdout.replace("0 broken", "")
@@ -56,7 +59,9 @@ def test_gpu_libraries_only_behind_their_doors_and_inside_functions() -> None:
             if rel not in allowed:
                 offenders.append(f"{rel} imports {module} (only {sorted(allowed)} may)")
             elif top_level:
-                offenders.append(f"{rel} imports {module} at module level (import it inside the function)")
+                offenders.append(
+                    f"{rel} imports {module} at module level (import it inside the function)"
+                )
     assert not offenders, "\n".join(offenders)
 
 
@@ -78,6 +83,8 @@ def test_every_module_imports_without_gpu_libraries() -> None:
         "assert not leaked, leaked\n"
         "print('imported', len(" + repr(names) + "))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"imported {len(names)}" in result.stdout

@@ -1,0 +1,345 @@
+"""Calibration methods: from a |x| histogram to amax, the range quantized to +-127 (scale = amax/127).
+
+``entropy``     TensorRT's EntropyCalibration2 criterion (KL divergence), vectorized.
+``minmax``      max|x| over the dataset.
+``percentile``  the value below which ``percentile`` % of |x| falls (default 99.99).
+``mse``         the amax minimizing the squared error of INT8 fake quantization (clip + round).
+
+Presets (:func:`entropy`, :func:`minmax`, :func:`percentile`, :func:`mse`, :func:`method_spec`)
+validate their parameters and raise ``ValueError`` (pydantic's ``ValidationError``) when they are
+out of range.
+
+Degenerate histograms (nothing observed, all zeros, or every value in bin 0 so that the entropy
+search has no mass left once bin 0 is replaced by bin 1) fall back to the histogram's range,
+``max_abs``: 0 for an all-zero tensor (its table entry is then a zero scale) and never a range
+that clips observed data.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+from calibrators.histogram import Histogram
+
+__all__ = [
+    "DEFAULT_NUM_QUANT_BINS",
+    "DEFAULT_PERCENTILE",
+    "CalibrationMethod",
+    "MethodSpec",
+    "entropy",
+    "entropy_amax",
+    "entropy_bin",
+    "entropy_divergences",
+    "method_spec",
+    "minmax",
+    "minmax_amax",
+    "mse",
+    "mse_amax",
+    "percentile",
+    "percentile_amax",
+]
+
+DEFAULT_NUM_QUANT_BINS = 128
+"""Quantization levels of |x| for signed INT8 (0..127, plus the sign)."""
+
+DEFAULT_PERCENTILE = 99.99
+
+_MSE_CHUNK = 128
+"""Candidates evaluated at once by :func:`mse_amax` (bounds its scratch to ~2 MB)."""
+
+Float64Array = npt.NDArray[np.float64]
+
+
+class CalibrationMethod(StrEnum):
+    """How a histogram becomes an amax."""
+
+    ENTROPY = "entropy"
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    MSE = "mse"
+
+
+# ---------------------------------------------------------------------------------------------
+# entropy (KL divergence), TensorRT EntropyCalibration2
+#
+# Counts b[0..N) after b[0] := b[1] (as TensorRT and pytorch-quantization do: bin 0 is swollen by
+# exact zeros, e.g. after ReLU). Total T = sum b. For each candidate i (bins kept) in Q..N:
+#   P_j = b_j for j < i - 1,  P_{i-1} = b_{i-1} + o_i  with the outliers o_i = sum_{j >= i} b_j;
+#   level of bin j: l(j) = floor(j * Q / i) (the interval of linspace(0, i, Q + 1) holding j;
+#     the edges k * i / Q are exact in float, so this is what np.digitize gives);
+#   M_l = sum of b_j over the bins of level l, n_l = how many of those bins are non-empty;
+#   Q_j = M_l / n_l for non-empty j, 0 for empty j (a level's mass spread over its non-empty bins).
+# sum P = T and sum Q = S_i = sum_{j < i} b_j, so with p = P / T and q = Q / S_i
+#   KL(p || q) = sum_j p_j log(p_j / q_j) = (A_i - X_i) / T + log(S_i / T),
+#   A_i = sum_j P_j log P_j = C[i - 1] + P_{i-1} log P_{i-1},   C[k] = sum_{j < k} b_j log b_j,
+#   X_i = sum_j P_j log Q_j = sum_l M_l log(M_l / n_l) + o_i log(M_{Q-1} / n_{Q-1}),
+# because every non-empty bin of level l carries log Q_j = log(M_l / n_l), empty bins carry no P
+# except bin i - 1 (which holds the outliers and is always in the last level). If o_i > 0 while
+# b_{i-1} = 0, P has mass where Q has none: KL = inf, as scipy.stats.entropy says too.
+# Level l covers bins [s_l, s_{l+1}) with s_l = ceil(l * i / Q), so with prefix sums
+# B[k] = sum_{j < k} b_j and Z[k] = #{j < k : b_j > 0} we get M_l = B[s_{l+1}] - B[s_l] and
+# n_l = Z[s_{l+1}] - Z[s_l] for all levels and all candidates at once: two gathers on a
+# (Q + 1) x (N - Q + 1) index array, no Python loop over candidates.
+
+
+@functools.lru_cache(maxsize=8)
+def _level_starts(nbins: int, levels: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.intp]]:
+    """Candidates ``i`` and the first bin ``s_l = ceil(l * i / levels)`` of each level (read-only)."""
+    cand = np.arange(levels, nbins + 1, dtype=np.int64)
+    level = np.arange(levels + 1, dtype=np.int64)[:, None]
+    starts = ((level * cand[None, :] + (levels - 1)) // levels).astype(np.intp)
+    cand.setflags(write=False)
+    starts.setflags(write=False)
+    return cand, starts
+
+
+@functools.lru_cache(maxsize=8)
+def _log_table(nbins: int) -> Float64Array:
+    """``log(k)`` for ``k`` in ``0..nbins`` (``log(0)`` stored as 0: empty levels are masked)."""
+    table = np.log(np.maximum(np.arange(nbins + 1, dtype=np.float64), 1.0))
+    table.setflags(write=False)
+    return table
+
+
+def _entropy_counts(hist: Histogram) -> Float64Array:
+    counts = np.array(hist.counts, dtype=np.float64)
+    counts[0] = counts[1]
+    return counts
+
+
+def entropy_divergences(
+    hist: Histogram, num_quant_bins: int = DEFAULT_NUM_QUANT_BINS
+) -> tuple[npt.NDArray[np.int64], Float64Array]:
+    """KL(P || Q) for every candidate number of kept bins ``i`` in ``num_quant_bins..num_bins``.
+
+    Returns ``(candidates, divergences)``; a divergence is ``inf`` where Q is empty where P is not.
+    Raises ``ValueError`` when the histogram has fewer bins than ``num_quant_bins`` or no mass
+    left once bin 0 is replaced by bin 1 (see :func:`entropy_bin` for the fallback).
+    """
+    levels = num_quant_bins
+    nbins = hist.num_bins
+    if nbins < levels or levels < 1:
+        raise ValueError(f"entropy needs at least {levels} bins, the histogram has {nbins}.")
+    b = _entropy_counts(hist)
+    mass_before = np.concatenate(([0.0], np.cumsum(b)))  # B[k]
+    total = float(mass_before[-1])
+    if not total > 0.0:
+        raise ValueError("entropy needs a histogram with mass outside bin 0.")
+    nonempty_before = np.concatenate(([0], np.cumsum(b > 0)))  # Z[k]
+    blogb = np.zeros_like(b)
+    np.multiply(b, np.log(b, where=b > 0, out=np.zeros_like(b)), out=blogb)
+    plogp_before = np.concatenate(([0.0], np.cumsum(blogb)))  # C[k]
+
+    cand, starts = _level_starts(nbins, levels)
+    at_starts = mass_before[starts]
+    mass = at_starts[1:] - at_starts[:-1]  # M_l per level (rows) and candidate (columns)
+    at_starts_nz = nonempty_before[starts]
+    filled = at_starts_nz[1:] - at_starts_nz[:-1]  # n_l
+    ok = (filled > 0) & (mass > 0)
+    level_q = np.log(mass, where=ok, out=np.zeros_like(mass))
+    level_q -= _log_table(nbins)[filled]  # log(M_l / n_l) where ok, unused elsewhere
+    cross = np.einsum("lc,lc->c", np.where(ok, mass, 0.0), level_q)
+
+    kept = mass_before[cand]  # S_i
+    outliers = total - kept  # exactly 0 once every later bin is empty
+    last_p = total - mass_before[cand - 1]  # b_{i-1} + o_i
+    plogp = plogp_before[cand - 1] + last_p * np.log(np.where(last_p > 0, last_p, 1.0))
+    has_out = outliers > 0
+    cross = cross + np.where(has_out, outliers * level_q[-1], 0.0)
+    with np.errstate(divide="ignore"):
+        kl = (plogp - cross) / total + np.log(kept / total)
+    impossible = (has_out & (b[cand - 1] == 0)) | (kept <= 0)
+    kl[impossible] = np.inf
+    return cand, kl
+
+
+def entropy_bin(hist: Histogram, num_quant_bins: int = DEFAULT_NUM_QUANT_BINS) -> int:
+    """i*: the number of kept bins minimizing KL(P || Q) (the last one on ties).
+
+    Degenerate histograms (``max_abs == 0``, or no mass outside bin 0) give ``num_bins``.
+    """
+    if hist.max_abs == 0.0 or hist.num_bins < 2 or not float(hist.counts[1:].sum()) > 0.0:
+        return hist.num_bins
+    cand, kl = entropy_divergences(hist, num_quant_bins)
+    return int(cand[kl.size - 1 - int(np.argmin(kl[::-1]))])
+
+
+def entropy_amax(hist: Histogram, num_quant_bins: int = DEFAULT_NUM_QUANT_BINS) -> float:
+    """TensorRT EntropyCalibration2's amax: ``(i* + 0.5) * bin_width``, the centre of bin i*.
+
+    Degenerate histograms give ``max_abs`` (see the module docstring).
+    """
+    if hist.max_abs == 0.0 or not float(hist.counts[1:].sum()) > 0.0:
+        return hist.max_abs
+    return (entropy_bin(hist, num_quant_bins) + 0.5) * hist.bin_width
+
+
+# ---------------------------------------------------------------------------------------------
+# minmax, percentile, mse
+
+
+def minmax_amax(hist: Histogram) -> float:
+    """max|x|: the histogram's range (in tensorrt mode, the possibly doubled range)."""
+    return hist.max_abs
+
+
+def percentile_amax(hist: Histogram, percentile: float = DEFAULT_PERCENTILE) -> float:
+    """The value below which ``percentile`` % of |x| falls, interpolated linearly within its bin."""
+    if not 0.0 < percentile <= 100.0:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}.")
+    cumulative = np.cumsum(hist.counts, dtype=np.float64)
+    total = float(cumulative[-1])
+    if hist.max_abs == 0.0 or not total > 0.0:
+        return hist.max_abs
+    target = total * (percentile / 100.0)
+    k = int(np.searchsorted(cumulative, target, side="left"))
+    if k >= hist.num_bins:
+        return hist.max_abs
+    before = float(cumulative[k - 1]) if k > 0 else 0.0
+    within = (target - before) / float(hist.counts[k])
+    return min((k + min(within, 1.0)) * hist.bin_width, hist.max_abs)
+
+
+def mse_amax(hist: Histogram, num_quant_bins: int = DEFAULT_NUM_QUANT_BINS) -> float:
+    """The amax minimizing the expected squared error of symmetric INT8 fake quantization.
+
+    Each bin's count sits at its centre; a candidate amax ``a`` (the bin edges ``i * width`` for
+    ``i`` in ``num_quant_bins..num_bins``) quantizes x to ``min(round(x / s), qmax) * s`` with
+    ``qmax = num_quant_bins - 1`` and ``s = a / qmax``, so the error holds both rounding (below
+    ``a``) and clipping (above). All candidates are evaluated, in chunks; the smallest amax wins
+    ties. Degenerate histograms give ``max_abs``.
+    """
+    nbins = hist.num_bins
+    qmax = num_quant_bins - 1
+    if qmax < 1:
+        raise ValueError(f"num_quant_bins must be >= 2, got {num_quant_bins}.")
+    counts = np.asarray(hist.counts, dtype=np.float64)
+    if hist.max_abs == 0.0 or not float(counts.sum()) > 0.0:
+        return hist.max_abs
+    # Work in bin units (width 1): the argmin does not depend on the width.
+    nonempty = np.flatnonzero(counts)
+    centres = nonempty + 0.5
+    weights = counts[nonempty]
+    cand = np.arange(min(num_quant_bins, nbins), nbins + 1, dtype=np.float64)
+    errors = np.empty(cand.size, dtype=np.float64)
+    for start in range(0, cand.size, _MSE_CHUNK):
+        amax = cand[start : start + _MSE_CHUNK, None]
+        step = amax / qmax
+        levels = np.minimum(np.floor(centres[None, :] / step + 0.5), qmax)
+        diff = centres[None, :] - levels * step
+        errors[start : start + _MSE_CHUNK] = (diff * diff) @ weights
+    return float(cand[int(np.argmin(errors))]) * hist.bin_width
+
+
+# ---------------------------------------------------------------------------------------------
+# MethodSpec and presets
+
+
+class MethodSpec(BaseModel):
+    """A calibration method and its parameters (validated; frozen; ``None`` = the default)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: CalibrationMethod
+    percentile: float | None = None
+    """Percent of |x| kept below amax, in (0, 100]; only for ``percentile`` (default 99.99)."""
+    num_quant_bins: int = DEFAULT_NUM_QUANT_BINS
+    """Quantization levels of |x| (128 for INT8); only for ``entropy`` and ``mse``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_percentile(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("percentile") is None:
+            if str(data.get("method", "")) == CalibrationMethod.PERCENTILE.value:
+                return {**data, "percentile": DEFAULT_PERCENTILE}
+        return data
+
+    @field_validator("percentile")
+    @classmethod
+    def _check_percentile(cls, value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and 0.0 < value <= 100.0):
+            raise ValueError(f"percentile must be in (0, 100], got {value}")
+        return value
+
+    @field_validator("num_quant_bins")
+    @classmethod
+    def _check_num_quant_bins(cls, value: int) -> int:
+        if not 2 <= value <= 1 << 16:
+            raise ValueError(f"num_quant_bins must be between 2 and 65536, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_applicable(self) -> MethodSpec:
+        if self.percentile is not None and self.method is not CalibrationMethod.PERCENTILE:
+            raise ValueError(
+                f"percentile applies only to method 'percentile', not {self.method.value!r}"
+            )
+        uses_levels = self.method in (CalibrationMethod.ENTROPY, CalibrationMethod.MSE)
+        if self.num_quant_bins != DEFAULT_NUM_QUANT_BINS and not uses_levels:
+            raise ValueError(
+                f"num_quant_bins applies only to methods 'entropy' and 'mse', "
+                f"not {self.method.value!r}"
+            )
+        return self
+
+    @property
+    def params(self) -> dict[str, float | int | str]:
+        """The parameters that matter for this method (recorded in tables)."""
+        if self.method is CalibrationMethod.PERCENTILE:
+            assert self.percentile is not None  # filled in by the validator
+            return {"percentile": self.percentile}
+        if self.method is CalibrationMethod.MINMAX:
+            return {}
+        return {"num_quant_bins": self.num_quant_bins}
+
+    def compute_amax(self, hist: Histogram) -> float:
+        """amax for ``hist`` with this method (``>= 0``; 0 only for an all-zero tensor)."""
+        if self.method is CalibrationMethod.ENTROPY:
+            return entropy_amax(hist, self.num_quant_bins)
+        if self.method is CalibrationMethod.MINMAX:
+            return minmax_amax(hist)
+        if self.method is CalibrationMethod.PERCENTILE:
+            assert self.percentile is not None
+            return percentile_amax(hist, self.percentile)
+        return mse_amax(hist, self.num_quant_bins)
+
+
+def entropy(num_quant_bins: int = DEFAULT_NUM_QUANT_BINS) -> MethodSpec:
+    """TensorRT EntropyCalibration2 (KL divergence)."""
+    return MethodSpec(method=CalibrationMethod.ENTROPY, num_quant_bins=num_quant_bins)
+
+
+def minmax() -> MethodSpec:
+    """max|x| over the dataset (TensorRT MinMaxCalibration)."""
+    return MethodSpec(method=CalibrationMethod.MINMAX)
+
+
+def percentile(p: float = DEFAULT_PERCENTILE) -> MethodSpec:
+    """The ``p``-th percentile of |x|, ``p`` in (0, 100]."""
+    return MethodSpec(method=CalibrationMethod.PERCENTILE, percentile=p)
+
+
+def mse(num_quant_bins: int = DEFAULT_NUM_QUANT_BINS) -> MethodSpec:
+    """Minimum squared error of INT8 fake quantization."""
+    return MethodSpec(method=CalibrationMethod.MSE, num_quant_bins=num_quant_bins)
+
+
+def method_spec(name: str | CalibrationMethod, **params: float | int | str | None) -> MethodSpec:
+    """A :class:`MethodSpec` from a method name and keyword parameters (``None`` = default).
+
+    Raises ``ValueError`` for an unknown method or a parameter out of range or not applicable.
+    """
+    try:
+        method = CalibrationMethod(name)
+    except ValueError:
+        choices = ", ".join(m.value for m in CalibrationMethod)
+        raise ValueError(f"unknown calibration method {name!r}; choose one of {choices}") from None
+    given = {key: value for key, value in params.items() if value is not None}
+    return MethodSpec.model_validate({"method": method, **given})

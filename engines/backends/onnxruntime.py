@@ -1,0 +1,391 @@
+"""The ONNX Runtime backend: the artifact is the transformed ONNX model (Q/DQ and/or FP16).
+
+It works everywhere (CPU execution provider), and uses CUDA first when this onnxruntime build
+has the CUDA execution provider. It is what ``auto`` picks where TensorRT or a GPU is missing.
+
+Timing: ONNX Runtime's ``InferenceSession.run`` is synchronous on the host, copies included, so
+a query's only measurable interval is its host wall-clock time. :meth:`OnnxRuntimeRunner.timed_run`
+reports it as ``latency_ms`` and also as ``gpu_compute_ms`` and ``enqueue_ms`` (the run is its
+own enqueue and compute), with ``h2d_ms = d2h_ms = 0``: transfers, when any, are inside it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from calibrators.data import TensorSpec
+from engines.artifacts import sha256_file, write_artifact
+from engines.backends.base import (
+    Artifact,
+    ArtifactMetadata,
+    Availability,
+    ProgressFn,
+    QueryTiming,
+)
+from engines.errors import BuildError, RunError, SpecError
+from engines.spec import BuildSpec
+
+if TYPE_CHECKING:
+    import onnx
+
+    from calibrators.table import CalibrationTable
+
+__all__ = [
+    "MAX_PROTOBUF_BYTES",
+    "OnnxRuntimeBackend",
+    "OnnxRuntimeRunner",
+    "cpu_name",
+    "default_providers",
+]
+
+MAX_PROTOBUF_BYTES = 2**31 - 1
+"""Protobuf cannot serialize a message of 2 GiB or more: such models need external data."""
+
+_ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(bfloat16)": "bfloat16",
+    "tensor(int8)": "int8",
+    "tensor(int16)": "int16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(uint8)": "uint8",
+    "tensor(uint16)": "uint16",
+    "tensor(uint32)": "uint32",
+    "tensor(uint64)": "uint64",
+    "tensor(bool)": "bool",
+    "tensor(string)": "str",
+}
+
+
+def cpu_name() -> str:
+    """The CPU model name from /proc/cpuinfo, else what :mod:`platform` knows."""
+    try:
+        with Path("/proc/cpuinfo").open(encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def default_providers() -> list[str]:
+    """CUDA first when this onnxruntime build has it, then CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def _ort_version() -> str:
+    import onnxruntime as ort
+
+    return str(ort.__version__)
+
+
+def _session_options(threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return options
+
+
+def _describe_options(options: Any, providers: Sequence[str]) -> dict[str, Any]:
+    return {
+        "providers": list(providers),
+        "intra_op_num_threads": int(options.intra_op_num_threads),
+        "inter_op_num_threads": int(options.inter_op_num_threads),
+        "graph_optimization_level": options.graph_optimization_level.name,
+        "execution_mode": options.execution_mode.name,
+    }
+
+
+def _device_name(providers: Sequence[str]) -> str:
+    if providers and providers[0] == "CUDAExecutionProvider":
+        from engines.gpu import discover_gpus
+
+        gpus = discover_gpus()
+        if gpus:
+            return str(gpus[0].name)
+    return cpu_name()
+
+
+class OnnxRuntimeBackend:
+    """Builds ``.onnx`` artifacts (Q/DQ and/or FP16 per the spec) and runs them with ONNX Runtime.
+
+    ``intra_op_threads`` defaults to ``os.cpu_count()``; ``providers`` to :func:`default_providers`.
+    ``reason`` is why this backend was chosen; it is recorded in the artifact metadata.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        *,
+        intra_op_threads: int | None = None,
+        providers: Sequence[str] | None = None,
+        reason: str = "",
+    ) -> None:
+        self.intra_op_threads = intra_op_threads or os.cpu_count() or 1
+        self._providers = list(providers) if providers is not None else None
+        self.reason = reason
+
+    @property
+    def providers(self) -> list[str]:
+        return self._providers if self._providers is not None else default_providers()
+
+    def availability(self) -> Availability:
+        if importlib.util.find_spec("onnxruntime") is None:
+            return Availability(False, "onnxruntime is not installed (pip install onnxruntime)")
+        return Availability(True, f"onnxruntime {_ort_version()} on {', '.join(self.providers)}")
+
+    def version(self) -> str:
+        return _ort_version()
+
+    def build(
+        self,
+        model_path: Path,
+        spec: BuildSpec,
+        table: CalibrationTable | None,
+        out_path: Path,
+        *,
+        progress: ProgressFn | None = None,
+    ) -> Artifact:
+        """Transform the model per ``spec.precision``, check it loads in ONNX Runtime, write it."""
+        from engines.graph import prepare_model
+        from engines.graph.inspect import load_model
+
+        def report(stage: str, fraction: float) -> None:
+            if progress is not None:
+                progress(stage, fraction)
+
+        if spec.precision.uses_int8 and table is None:
+            raise SpecError(
+                f"Precision {spec.precision.value} needs a calibration table.",
+                hint="pass --data to calibrate or --table",
+                field="table",
+            )
+        start = time.perf_counter()
+        report("loading model", 0.0)
+        model_path = Path(model_path)
+        model_sha256 = sha256_file(model_path)
+        model = load_model(model_path)
+        report("transforming graph", 0.1)
+        prepared = prepare_model(model, spec, table)
+        del model
+        report("checking with ONNX Runtime", 0.6)
+        data = _serialize(prepared.model, out_path)
+        options = _session_options(self.intra_op_threads)
+        providers = self.providers
+        _check_loads(data, options, providers, out_path)
+        report("writing artifact", 0.9)
+        quantized, kept, fp32 = _node_reports(prepared)
+        metadata = ArtifactMetadata(
+            backend=self.name,
+            backend_version=self.version(),
+            backend_reason=self.reason,
+            precision=spec.precision.value,
+            device=_device_name(providers),
+            profiles={
+                name: {"min": list(p.min), "opt": list(p.opt), "max": list(p.max)}
+                for name, p in spec.profiles.items()
+            },
+            table_sha256=table.digest if table is not None else None,
+            quantized_nodes=quantized,
+            kept_nodes=kept,
+            fp32_nodes=fp32,
+            spec=spec,
+            model_sha256=model_sha256,
+            sha256="",
+            size_bytes=0,
+            build_seconds=round(time.perf_counter() - start, 6),
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            options=_describe_options(options, providers),
+        )
+        artifact = write_artifact(data, out_path, metadata)
+        report("done", 1.0)
+        return artifact
+
+    def load(self, artifact_path: Path) -> OnnxRuntimeRunner:
+        """Open an ``.onnx`` artifact for inference."""
+        return OnnxRuntimeRunner(
+            artifact_path, intra_op_threads=self.intra_op_threads, providers=self._providers
+        )
+
+
+def _serialize(model: onnx.ModelProto, out_path: Path) -> bytes:
+    size = model.ByteSize()
+    if size > MAX_PROTOBUF_BYTES:
+        raise BuildError(
+            f"The transformed model for {Path(out_path).name} is {size / 2**30:.1f} GiB; "
+            "ONNX protobuf files are limited to 2 GiB.",
+            hint="Models over 2 GiB need external weight files, which the onnxruntime backend does "
+            "not write yet; build with --backend tensorrt, or reduce the model size.",
+            field="model",
+        )
+    return bytes(model.SerializeToString())
+
+
+def _check_loads(data: bytes, options: Any, providers: Sequence[str], out_path: Path) -> None:
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(data, options, providers=list(providers))
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        raise BuildError(
+            f"ONNX Runtime cannot load the transformed model for {Path(out_path).name}: {exc}",
+            hint="Keep the failing node out of INT8/FP16 with --keep NODE, or report the model.",
+            log=str(exc),
+        ) from exc
+
+
+def _node_reports(prepared: Any) -> tuple[list[str], dict[str, str], list[str]]:
+    """(quantized nodes, node -> why it stays out of the reduced precision, FP32 nodes)."""
+    quantized: list[str] = []
+    kept: dict[str, str] = {}
+    fp32: list[str] = []
+    if prepared.quantization is not None:
+        quantized = list(prepared.quantization.quantized_nodes)
+        kept.update(
+            {name: f"not INT8: {why}" for name, why in prepared.quantization.skipped.items()}
+        )
+    if prepared.fp16 is not None:
+        for name, why in prepared.fp16.fp32_nodes.items():
+            fp32.append(name)
+            kept[name] = f"{kept[name]}; FP32: {why}" if name in kept else f"FP32: {why}"
+    return quantized, kept, fp32
+
+
+def _tensor_specs(args: Sequence[Any]) -> tuple[TensorSpec, ...]:
+    specs = []
+    for arg in args:
+        shape = tuple(d if isinstance(d, int | str) else None for d in (arg.shape or ()))
+        specs.append(
+            TensorSpec(name=arg.name, dtype=_ORT_DTYPES.get(arg.type, arg.type), shape=shape)
+        )
+    return tuple(specs)
+
+
+class OnnxRuntimeRunner:
+    """An ONNX Runtime session over an ``.onnx`` artifact. Use it in a ``with`` block.
+
+    ``intra_op_threads`` defaults to ``os.cpu_count()``; ``providers`` to :func:`default_providers`
+    (CUDA first when available). See the module docstring for what :meth:`timed_run` measures.
+    """
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        intra_op_threads: int | None = None,
+        providers: Sequence[str] | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.model_path = Path(model_path)
+        self._threads = intra_op_threads or os.cpu_count() or 1
+        self._providers = list(providers) if providers is not None else default_providers()
+        options = _session_options(self._threads)
+        if not self.model_path.is_file():
+            raise RunError(f"Artifact {str(self.model_path)!r} does not exist.", field="artifact")
+        try:
+            self._session: Any = ort.InferenceSession(
+                str(self.model_path), options, providers=self._providers
+            )
+        except Exception as exc:  # onnxruntime's own error types
+            raise RunError(
+                f"ONNX Runtime cannot load {self.model_path.name}: {exc}",
+                hint="Check that the file is an .onnx artifact built by trtforge's onnxruntime backend.",
+                field="artifact",
+            ) from exc
+        self._options = _describe_options(options, self._session.get_providers())
+        self._inputs = _tensor_specs(self._session.get_inputs())
+        self._outputs = tuple(o.name for o in self._session.get_outputs())
+
+    @property
+    def inputs(self) -> Sequence[TensorSpec]:
+        return self._inputs
+
+    @property
+    def output_names(self) -> Sequence[str]:
+        return self._outputs
+
+    @property
+    def session_options(self) -> dict[str, Any]:
+        """The session's settings as recorded in artifact metadata."""
+        return dict(self._options)
+
+    def _feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._session is None:
+            raise RunError("The runner is closed.", hint="Use the runner inside its `with` block.")
+        missing = [spec.name for spec in self._inputs if spec.name not in feeds]
+        if missing:
+            raise RunError(
+                f"Missing input(s) {', '.join(missing)} for {self.model_path.name}.",
+                hint=f"Feed every model input: {', '.join(s.name for s in self._inputs)}.",
+                field="inputs",
+            )
+        return {spec.name: feeds[spec.name] for spec in self._inputs}
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one query; returns every output by name."""
+        ordered = self._feeds(feeds)
+        try:
+            values = self._session.run(None, ordered)
+        except Exception as exc:
+            raise RunError(
+                f"ONNX Runtime failed running {self.model_path.name}: {exc}",
+                hint="Check the inputs' shapes and dtypes against the model's inputs.",
+                field="inputs",
+            ) from exc
+        return {name: np.asarray(v) for name, v in zip(self._outputs, values, strict=True)}
+
+    def timed_run(self, feeds: Mapping[str, np.ndarray]) -> QueryTiming:
+        """Run once; host wall-clock latency in latency, enqueue and compute (module docstring)."""
+        ordered = self._feeds(feeds)
+        start = time.perf_counter()
+        try:
+            self._session.run(None, ordered)
+        except Exception as exc:
+            raise RunError(f"ONNX Runtime failed running {self.model_path.name}: {exc}") from exc
+        ms = (time.perf_counter() - start) * 1000.0
+        return QueryTiming(latency_ms=ms, enqueue_ms=ms, h2d_ms=0.0, gpu_compute_ms=ms, d2h_ms=0.0)
+
+    def describe(self) -> dict[str, str]:
+        providers = list(self._options["providers"])
+        return {
+            "backend": "onnxruntime",
+            "backend_version": _ort_version(),
+            "device": _device_name(providers),
+            "providers": ",".join(providers),
+            "threads": str(self._threads),
+            "graph_optimization_level": str(self._options["graph_optimization_level"]),
+            "timing": "host wall clock per synchronous query (transfers included)",
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        }
+
+    def close(self) -> None:
+        self._session = None
+
+    def __enter__(self) -> OnnxRuntimeRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

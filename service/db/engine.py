@@ -1,0 +1,117 @@
+"""The database: engine, sessions, and migrations applied at startup.
+
+SQLite (the default) runs in WAL mode with a busy timeout, so the API and ``trtforge worker``
+processes can share one file; PostgreSQL is used when the URL says so. Migrations run under a
+lock (a file lock beside the SQLite file, an advisory lock on PostgreSQL), so processes that start
+together do not race.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.errors import StorageError
+
+__all__ = ["MIGRATIONS_DIR", "Database"]
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+_SQLITE_BUSY_TIMEOUT_MS = 30_000
+_PG_MIGRATION_LOCK = 0x74726674  # "trft"
+
+
+class Database:
+    """One database, by SQLAlchemy URL. Create once per process; ``dispose()`` at the end."""
+
+    def __init__(self, url: str) -> None:
+        self.url: URL = make_url(url)
+        self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        kwargs: dict[str, Any] = {"future": True}
+        if self.is_sqlite:
+            kwargs["connect_args"] = {
+                "check_same_thread": False,
+                "timeout": _SQLITE_BUSY_TIMEOUT_MS / 1000,
+            }
+        else:
+            kwargs["pool_pre_ping"] = True
+        self.engine: Engine = create_engine(self.url, **kwargs)
+        if self.is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite file, or None (PostgreSQL, in-memory)."""
+        if not self.is_sqlite or not self.url.database or self.url.database == ":memory:":
+            return None
+        return Path(self.url.database)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session; commit explicitly, anything uncommitted is rolled back on exit."""
+        with self._sessions() as session:
+            yield session
+
+    def ping(self) -> None:
+        """Run ``SELECT 1``; raises :class:`StorageError` when the database is unreachable."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except SQLAlchemyError as exc:
+            raise StorageError(
+                f"The database is unreachable: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+                hint="Check TRTFORGE_DATABASE_URL and that the database server runs.",
+            ) from exc
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision (creating the database file)."""
+        from alembic import command
+        from alembic.config import Config
+
+        if (path := self.sqlite_path) is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        try:
+            with self._migration_lock(), self.engine.begin() as conn:
+                if not self.is_sqlite:
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+                config.attributes["connection"] = conn
+                command.upgrade(config, "head")
+        except SQLAlchemyError as exc:
+            raise StorageError(
+                f"Cannot migrate the database: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+                hint="Check TRTFORGE_DATABASE_URL and the database server's permissions.",
+            ) from exc
+
+    @contextlib.contextmanager
+    def _migration_lock(self) -> Iterator[None]:
+        path = self.sqlite_path
+        if path is None:
+            yield
+            return
+        from filelock import FileLock
+
+        with FileLock(str(path) + ".migrate.lock", timeout=120):
+            yield
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {_SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+    finally:
+        cursor.close()

@@ -1,0 +1,180 @@
+"""The service error tree. HTTP status codes are chosen in ``service/api/errors.py``, not here.
+
+::
+
+    TrtforgeError (calibrators.errors)
+    └── ServiceError
+        ├── SettingsError          a setting is missing, contradictory or unsafe
+        ├── NotFoundError          no model, dataset, build, table or token with that id
+        ├── ConflictError          the request conflicts with the current state
+        │   ├── InUseError         a model or dataset is still referenced by builds
+        │   └── NotReadyError      the build has no artifact or report (yet)
+        ├── UploadError            the upload is malformed (not multipart, no file part)
+        ├── PayloadTooLargeError   the upload is larger than the server's limit
+        ├── AuthenticationError    no valid bearer token was given
+        ├── PermissionDeniedError  the token lacks the scope the request needs
+        ├── StorageError           the data directory cannot be written or read
+        ├── UnavailableError       the server is not ready (database, storage, workers)
+        ├── BuildCancelledError    a build was cancelled (raised inside the pipeline)
+        └── ClientError            raised by the Python client
+            ├── ApiError           the server answered with an error envelope
+            ├── WaitTimeoutError   a build did not end within the wait timeout
+            └── DownloadError      a download ended short or its sha256 does not match
+
+Each class's docstring is its default message.
+"""
+
+from __future__ import annotations
+
+from calibrators.errors import TrtforgeError
+
+__all__ = [
+    "ApiError",
+    "AuthenticationError",
+    "BuildCancelledError",
+    "ClientError",
+    "ConflictError",
+    "DownloadError",
+    "InUseError",
+    "NotFoundError",
+    "NotReadyError",
+    "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "ServiceError",
+    "SettingsError",
+    "StorageError",
+    "UnavailableError",
+    "UploadError",
+    "WaitTimeoutError",
+]
+
+
+class ServiceError(TrtforgeError):
+    """The trtforge service could not complete the request."""
+
+    code = "service_error"
+
+
+class SettingsError(ServiceError):
+    """A setting is invalid or unsafe."""
+
+    code = "settings_invalid"
+    default_hint = "Settings come from TRTFORGE_* environment variables or the command's options."
+
+
+class NotFoundError(ServiceError):
+    """No such resource."""
+
+    code = "not_found"
+    default_hint = "List the resources (GET /v1/...) to find a valid id."
+
+
+class ConflictError(ServiceError):
+    """The request conflicts with the current state of the resource."""
+
+    code = "conflict"
+
+
+class InUseError(ConflictError):
+    """The resource is still referenced."""
+
+    code = "in_use"
+    default_hint = "Delete the builds that reference it first (DELETE /v1/builds/{id})."
+
+
+class NotReadyError(ConflictError):
+    """The build has not produced this yet."""
+
+    code = "not_ready"
+    default_hint = "Wait for the build to succeed (GET /v1/builds/{id}/events), then retry."
+
+
+class UploadError(ServiceError):
+    """The upload is malformed."""
+
+    code = "upload_invalid"
+    default_hint = "Send multipart/form-data with the file in a part named 'file'."
+
+
+class PayloadTooLargeError(ServiceError):
+    """The upload is larger than the server accepts."""
+
+    code = "payload_too_large"
+    default_hint = "Raise TRTFORGE_MAX_UPLOAD_BYTES on the server, or upload a smaller file."
+
+
+class AuthenticationError(ServiceError):
+    """A valid bearer token is required."""
+
+    code = "unauthenticated"
+    default_hint = (
+        "Send 'Authorization: Bearer <token>'; an admin creates one with "
+        "`trtforge tokens create --scope build --name NAME`."
+    )
+
+
+class PermissionDeniedError(ServiceError):
+    """The token does not have the scope this request needs."""
+
+    code = "forbidden"
+    default_hint = "Use a token created with a wider --scope (read < build < admin)."
+
+
+class StorageError(ServiceError):
+    """The data directory cannot be used."""
+
+    code = "storage_failed"
+    default_hint = "Check that TRTFORGE_DATA_DIR exists, is writable and has free space."
+
+
+class UnavailableError(ServiceError):
+    """The service is not ready."""
+
+    code = "unavailable"
+
+
+class BuildCancelledError(ServiceError):
+    """The build was cancelled."""
+
+    code = "cancelled"
+
+
+class ClientError(ServiceError):
+    """The trtforge server could not be reached or answered unexpectedly."""
+
+    code = "client_error"
+    default_hint = "Check --server (or TRTFORGE_SERVER) and that `trtforge serve` is running."
+
+
+class ApiError(ClientError):
+    """The server refused the request."""
+
+    code = "api_error"
+    default_hint = ""
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        hint: str | None = None,
+        field: str | None = None,
+        status_code: int = 0,
+        remote_code: str = "",
+    ) -> None:
+        super().__init__(message, hint=hint, field=field)
+        self.status_code = status_code
+        self.remote_code = remote_code
+
+
+class WaitTimeoutError(ClientError):
+    """The build did not end in time."""
+
+    code = "wait_timeout"
+    default_hint = "Wait longer (--timeout), or follow it with `trtforge status ID`."
+
+
+class DownloadError(ClientError):
+    """The download is incomplete or corrupt."""
+
+    code = "download_corrupt"
+    default_hint = "Run the download again; it resumes where it stopped."

@@ -1,0 +1,311 @@
+"""What the API accepts and answers: frozen pydantic models shared by the server and the client."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from engines.spec import BuildSpec
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "AccuracyOptions",
+    "ArtifactInfo",
+    "BenchmarkOptionsIn",
+    "BuildCreate",
+    "BuildPage",
+    "BuildPublic",
+    "BuildStatus",
+    "CalibrationOptions",
+    "CheckResult",
+    "DatasetPage",
+    "DatasetPublic",
+    "ErrorEnvelope",
+    "ErrorInfo",
+    "LogLine",
+    "ModelPage",
+    "ModelPublic",
+    "Readiness",
+    "Scope",
+    "Stage",
+    "TablePage",
+    "TablePublic",
+    "TensorInfo",
+    "TokenCreate",
+    "TokenCreated",
+    "TokenPublic",
+]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BuildStatus(StrEnum):
+    """Where a build is. The four running statuses are the pipeline's stages."""
+
+    QUEUED = "queued"
+    CALIBRATING = "calibrating"
+    BUILDING = "building"
+    BENCHMARKING = "benchmarking"
+    EVALUATING = "evaluating"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the build has ended (it never changes again)."""
+        return self in (BuildStatus.SUCCEEDED, BuildStatus.FAILED, BuildStatus.CANCELLED)
+
+    @property
+    def running(self) -> bool:
+        """Whether a worker is executing a stage of it."""
+        return not self.terminal and self is not BuildStatus.QUEUED
+
+
+class Stage(StrEnum):
+    """Pipeline stages, in order; each runs under the matching running status."""
+
+    CALIBRATE = "calibrate"
+    BUILD = "build"
+    BENCHMARK = "benchmark"
+    EVALUATE = "evaluate"
+
+    @property
+    def status(self) -> BuildStatus:
+        return _STAGE_STATUS[self]
+
+
+_STAGE_STATUS = {
+    Stage.CALIBRATE: BuildStatus.CALIBRATING,
+    Stage.BUILD: BuildStatus.BUILDING,
+    Stage.BENCHMARK: BuildStatus.BENCHMARKING,
+    Stage.EVALUATE: BuildStatus.EVALUATING,
+}
+
+
+class Scope(StrEnum):
+    """Token scopes; each includes the ones before it: read < build < admin."""
+
+    READ = "read"
+    BUILD = "build"
+    ADMIN = "admin"
+
+    @property
+    def rank(self) -> int:
+        return list(Scope).index(self)
+
+    def allows(self, needed: Scope) -> bool:
+        return self.rank >= needed.rank
+
+
+class ErrorInfo(_Frozen):
+    code: str
+    message: str
+    hint: str = ""
+    field: str | None = None
+
+
+class ErrorEnvelope(_Frozen):
+    """Every error response: ``{"error": {"code", "message", "hint"}}``."""
+
+    error: ErrorInfo
+
+
+class TensorInfo(_Frozen):
+    name: str
+    dtype: str
+    shape: list[int | str | None]
+    """Dims: int = static, str = symbolic name, null = unknown."""
+
+
+class ModelPublic(_Frozen):
+    id: str
+    """The sha256 of the uploaded bytes."""
+    filename: str
+    size_bytes: int
+    external_data: bool
+    opset: int | None
+    ir_version: int | None
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    dynamic_dims: dict[str, list[str]]
+    """Input name -> its symbolic or unknown dims."""
+    op_census: dict[str, int]
+    num_nodes: int
+    created_at: datetime
+    links: dict[str, str] = Field(default_factory=dict)
+
+
+class DatasetPublic(_Frozen):
+    id: str
+    sha256: str
+    """The sha256 of the uploaded bytes (``id`` also covers the preprocessing spec)."""
+    filename: str
+    format: str
+    size_bytes: int
+    num_samples: int
+    inputs: list[TensorInfo]
+    """Per-sample specs (without the sample axis)."""
+    digest: str
+    """sha256 of the canonical content: the same samples in another container give the same."""
+    preprocess: dict[str, Any] | None
+    model_id: str | None
+    """The model this dataset was validated against at upload, if one was named."""
+    created_at: datetime
+    links: dict[str, str] = Field(default_factory=dict)
+
+
+class CalibrationOptions(_Frozen):
+    batch_size: int | None = Field(default=None, ge=1)
+    max_samples: int | None = Field(default=None, ge=1)
+    """Calibrate on at most this many samples (after the evaluation split)."""
+
+
+class BenchmarkOptionsIn(_Frozen):
+    """Benchmark settings; ``None`` means trtexec's defaults (200 ms warm-up, 10 queries, 3 s)."""
+
+    warmup_ms: float | None = Field(default=None, ge=0)
+    iterations: int | None = Field(default=None, ge=1)
+    duration_s: float | None = Field(default=None, ge=0, le=600)
+    batch_size: int | None = Field(default=None, ge=1)
+
+
+class AccuracyOptions(_Frozen):
+    """How outputs are compared with the FP32 model on held-out samples."""
+
+    enabled: bool = True
+    eval_fraction: float = Field(default=0.2, ge=0, lt=1)
+    """Share of the dataset held out of calibration for the comparison (0: compare on all)."""
+    max_samples: int | None = Field(default=None, ge=1)
+    seed: int = 0
+
+
+class BuildCreate(_Frozen):
+    """``POST /v1/builds``."""
+
+    model_id: str
+    dataset_id: str
+    """Calibration data (INT8), benchmark inputs and held-out samples for the accuracy check."""
+    table_id: str | None = None
+    """Use this stored calibration table instead of calibrating."""
+    spec: BuildSpec = Field(default_factory=BuildSpec)
+    calibration: CalibrationOptions = Field(default_factory=CalibrationOptions)
+    benchmark: BenchmarkOptionsIn = Field(default_factory=BenchmarkOptionsIn)
+    accuracy: AccuracyOptions = Field(default_factory=AccuracyOptions)
+
+
+class ArtifactInfo(_Frozen):
+    filename: str
+    sha256: str
+    size_bytes: int
+    backend: str
+
+
+class BuildPublic(_Frozen):
+    id: str
+    status: BuildStatus
+    stage: Stage | None
+    progress: float
+    """0 to 1 over the whole pipeline."""
+    model_id: str
+    dataset_id: str
+    table_id: str | None
+    table_from_cache: bool | None
+    """Whether the calibration table was reused instead of computed (null before calibration)."""
+    spec: BuildSpec
+    calibration: CalibrationOptions
+    benchmark: BenchmarkOptionsIn
+    accuracy: AccuracyOptions
+    backend: str
+    backend_version: str
+    compute_capability: str
+    """GPU compute capability the build targets, or ``cpu``."""
+    cache_key: str
+    attempts: int
+    cancel_requested: bool
+    stage_seconds: dict[str, float]
+    error: ErrorInfo | None
+    artifact: ArtifactInfo | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    links: dict[str, str] = Field(default_factory=dict)
+
+
+class LogLine(_Frozen):
+    seq: int
+    at: datetime
+    level: str
+    stage: str | None
+    message: str
+
+
+class TablePublic(_Frozen):
+    id: str
+    model_id: str
+    dataset_id: str | None
+    source: Literal["calibrated", "imported"]
+    method: str | None
+    algorithm: str
+    parameters: dict[str, float | int | str]
+    samples: int
+    num_tensors: int
+    digest: str
+    missing_tensors: list[str]
+    """Model activations the table has no range for (they stay unquantized)."""
+    created_at: datetime
+    links: dict[str, str] = Field(default_factory=dict)
+
+
+class _Page(_Frozen):
+    total: int
+    limit: int
+    offset: int
+
+
+class ModelPage(_Page):
+    items: list[ModelPublic]
+
+
+class DatasetPage(_Page):
+    items: list[DatasetPublic]
+
+
+class BuildPage(_Page):
+    items: list[BuildPublic]
+
+
+class TablePage(_Page):
+    items: list[TablePublic]
+
+
+class TokenCreate(_Frozen):
+    name: str = Field(min_length=1, max_length=100)
+    scope: Scope = Scope.READ
+
+
+class TokenPublic(_Frozen):
+    id: str
+    name: str
+    scope: Scope
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class TokenCreated(TokenPublic):
+    token: str
+    """The secret; shown once, only its hash is stored."""
+
+
+class CheckResult(_Frozen):
+    ok: bool
+    detail: str
+
+
+class Readiness(_Frozen):
+    ready: bool
+    checks: dict[str, CheckResult]

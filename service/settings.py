@@ -1,0 +1,159 @@
+"""The one settings object of the service: built once (from ``TRTFORGE_*`` variables) and injected.
+
+Unsafe combinations are refused when the object is built, so a server never starts with them:
+a non-loopback bind with authentication switched off, a database URL of an unknown kind, limits
+that are not positive.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.errors import SettingsError
+
+__all__ = ["Settings", "default_data_dir", "hostname", "is_loopback", "load_settings"]
+
+_GiB = 1 << 30
+
+
+def default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/trtforge``, else ``~/.local/share/trtforge``."""
+    import os
+
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "trtforge"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding to ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+class Settings(BaseSettings):
+    """Service settings; every field reads ``TRTFORGE_<FIELD>`` from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="TRTFORGE_", frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    data_dir: Path = Field(default_factory=default_data_dir)
+    database_url: str | None = None
+    """SQLAlchemy URL; ``None``: SQLite at ``<data_dir>/trtforge.db``."""
+    auth: bool | None = None
+    """Require bearer tokens. ``None``: required exactly when ``host`` is not loopback."""
+
+    max_upload_bytes: int = Field(default=4 * _GiB, gt=0)
+    max_archive_members: int = Field(default=100_000, gt=0)
+    max_archive_bytes: int = Field(default=16 * _GiB, gt=0)
+    """Largest total uncompressed size of a zip upload (zip bombs are refused before expanding)."""
+    max_archive_member_bytes: int = Field(default=4 * _GiB, gt=0)
+
+    workers: int | None = Field(default=None, ge=0)
+    """In-process build slots. ``None``: one per GPU, else ``cpu_concurrency``; 0: none (run
+    ``trtforge worker`` processes instead)."""
+    cpu_concurrency: int = Field(default=1, ge=1)
+    build_timeout_s: PositiveSeconds = 4 * 3600.0
+    cancel_grace_s: PositiveSeconds = 10.0
+    """How long a cancelled build may run to its next stage boundary before it is killed."""
+    max_attempts: int = Field(default=2, ge=1)
+    """Runs a build gets when workers die under it: 2 = re-queued once, then failed."""
+    heartbeat_s: PositiveSeconds = 2.0
+    stale_after_s: PositiveSeconds = 30.0
+    """A worker silent for this long is dead and its builds are recovered."""
+    poll_interval_s: PositiveSeconds = 0.5
+    orphan_grace_s: PositiveSeconds = 3600.0
+    """Stored files with no database row are removed at startup once older than this."""
+
+    @field_validator("host")
+    @classmethod
+    def _host_not_empty(cls, host: str) -> str:
+        if not host.strip():
+            raise ValueError("host must not be empty")
+        return host.strip()
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, url: str | None) -> str | None:
+        if url is None or not url.strip():
+            return None
+        scheme = url.split(":", 1)[0].split("+", 1)[0]
+        if scheme not in ("sqlite", "postgresql"):
+            raise ValueError(
+                f"database_url must be a sqlite:// or postgresql+psycopg:// URL, got {scheme!r}"
+            )
+        return url.strip()
+
+    @model_validator(mode="after")
+    def _safe(self) -> Settings:
+        if self.auth is False and not is_loopback(self.host):
+            raise ValueError(
+                f"auth cannot be off when binding to {self.host!r}, which is not a loopback "
+                "address: anyone on the network could build and download engines"
+            )
+        if self.stale_after_s <= 2 * self.heartbeat_s:
+            raise ValueError("stale_after_s must be more than twice heartbeat_s")
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            raise ValueError(f"data_dir {str(self.data_dir)!r} exists and is not a directory")
+        return self
+
+    @property
+    def auth_required(self) -> bool:
+        """Whether requests need a bearer token."""
+        return self.auth if self.auth is not None else not is_loopback(self.host)
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL, SQLite in the data directory by default."""
+        if self.database_url is not None:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'trtforge.db').resolve()}"
+
+    @property
+    def base_url(self) -> str:
+        """``http://host:port`` as a client on this machine reaches the server."""
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):  # noqa: S104 - naming the wildcard, not binding it
+            host = "127.0.0.1"
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build :class:`Settings` from the environment plus ``overrides`` (``None`` values ignored).
+
+    Raises :class:`SettingsError` naming the offending setting.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = ".".join(str(p) for p in first["loc"]) or "settings"
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise SettingsError(
+            f"Setting {name}: {message}.",
+            hint=f"Fix TRTFORGE_{name.upper()} or the matching command-line option."
+            if name != "settings"
+            else None,
+            field=name,
+        ) from exc
+
+
+def hostname() -> str:
+    """This machine's name (recorded with workers, to tell dead local processes apart)."""
+    return socket.gethostname()

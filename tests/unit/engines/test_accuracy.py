@@ -1,0 +1,217 @@
+"""Accuracy metrics against the FP32 reference, on real models with known differences."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from calibrators.data import CalibrationDataset
+from engines.accuracy import (
+    AccuracyMetric,
+    AccuracyReport,
+    MetricBudget,
+    Tolerance,
+    compare,
+)
+from engines.backends.onnxruntime import OnnxRuntimeRunner
+from engines.errors import RunError, SpecError
+from tests import zoo
+
+SHIFT = np.array([0.5, -0.25, 0.0, 1.0, 0.125, -0.5, 0.0, 0.0, 0.75, -1.0], dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """tiny_cnn, and a copy whose final bias is shifted by SHIFT (so logits shift by SHIFT)."""
+    folder = tmp_path_factory.mktemp("accuracy")
+    model = zoo.tiny_cnn()
+    ref_path = folder / "ref.onnx"
+    onnx.save(model, ref_path)
+    for init in model.graph.initializer:
+        if init.name == "fc.b":
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + SHIFT, "fc.b"))
+    shifted_path = folder / "shifted.onnx"
+    onnx.save(model, shifted_path)
+    return ref_path, shifted_path
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return np.random.default_rng(0).normal(size=(37, 3, 16, 16)).astype(np.float32)
+
+
+def _reference_logits(path: Path, images: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {"image": images})[0], dtype=np.float64)
+
+
+def test_model_against_itself_is_perfect(models: tuple[Path, Path], images: np.ndarray) -> None:
+    ref_path, _ = models
+    data = CalibrationDataset.from_arrays({"image": images})
+    with OnnxRuntimeRunner(ref_path) as ref, OnnxRuntimeRunner(ref_path) as cand:
+        report = compare(ref, cand, data, batch_size=8, tolerances=Tolerance(atol=0, rtol=0))
+    out = report.output("logits")
+    assert report.samples == out.samples == 37
+    assert out.sample_shape == [10]
+    assert out.elements == 370
+    assert out.max_abs_error == out.mean_abs_error == out.max_rel_error == 0.0
+    assert out.rel_l2_error == 0.0
+    assert out.cosine_similarity == pytest.approx(1.0, abs=1e-12)
+    assert out.min_cosine_similarity == pytest.approx(1.0, abs=1e-12)
+    assert out.sqnr_db == math.inf
+    assert out.classifier and out.top1_agreement == 1.0 and out.top5_agreement == 1.0
+    assert out.passed is True and report.passed is True and report.failures == []
+    assert report.reference["backend"] == "onnxruntime"
+    again = AccuracyReport.model_validate_json(report.model_dump_json())
+    assert again == report  # infinity survives JSON
+
+
+def test_known_bias_shift_gives_known_errors(models: tuple[Path, Path], images: np.ndarray) -> None:
+    ref_path, shifted_path = models
+    r = _reference_logits(ref_path, images)
+    c = _reference_logits(shifted_path, images)
+    assert np.allclose(c - r, SHIFT, atol=1e-5)  # the perturbation is what we think it is
+    data = CalibrationDataset.from_arrays({"image": images})
+    with OnnxRuntimeRunner(ref_path) as ref, OnnxRuntimeRunner(shifted_path) as cand:
+        report = compare(
+            ref, cand, data, batch_size=5, tolerances={"logits": Tolerance(atol=0.2, rtol=0.0)}
+        )
+    out = report.output("logits")
+    n = len(images)
+    assert out.max_abs_error == pytest.approx(1.0, abs=1e-5)
+    assert out.mean_abs_error == pytest.approx(float(np.abs(SHIFT).mean()), abs=1e-5)
+    assert out.rel_l2_error == pytest.approx(
+        math.sqrt(n * float(np.square(SHIFT).sum())) / float(np.linalg.norm(r)), rel=1e-4
+    )
+    expected_sqnr = 10 * math.log10(float(np.square(r).sum()) / (n * float(np.square(SHIFT).sum())))
+    assert out.sqnr_db == pytest.approx(expected_sqnr, abs=1e-3)
+    cos = (r * c).sum(1) / (np.linalg.norm(r, axis=1) * np.linalg.norm(c, axis=1))
+    assert out.cosine_similarity == pytest.approx(float(cos.mean()), abs=1e-6)
+    assert out.min_cosine_similarity == pytest.approx(float(cos.min()), abs=1e-6)
+    rel = np.abs(c - r) / np.maximum(np.abs(r), 1e-12)
+    assert out.max_rel_error == pytest.approx(float(rel.max()), rel=1e-3)
+    agree = float((r.argmax(1) == c.argmax(1)).mean())
+    assert out.top1_agreement == pytest.approx(agree)
+    top5 = np.argsort(-c, axis=1)[:, :5]
+    assert out.top5_agreement == pytest.approx(float((top5 == r.argmax(1)[:, None]).any(1).mean()))
+    # |SHIFT| > 0.2 in 6 of 10 columns, for every sample.
+    assert out.tolerance_violations == 6 * n
+    assert out.passed is False and report.passed is False
+    assert f"{6 * n} of {10 * n}" in report.failures[0] and "logits" in report.failures[0]
+
+
+def test_statistics_do_not_depend_on_batching(
+    models: tuple[Path, Path], images: np.ndarray
+) -> None:
+    data = CalibrationDataset.from_arrays({"image": images})
+    with OnnxRuntimeRunner(models[0]) as ref, OnnxRuntimeRunner(models[1]) as cand:
+        one = compare(ref, cand, data, batch_size=1).output("logits")
+        big = compare(ref, cand, data, batch_size=64).output("logits")
+    for field in (
+        "max_abs_error",
+        "mean_abs_error",
+        "rel_l2_error",
+        "cosine_similarity",
+        "sqnr_db",
+        "top1_agreement",
+    ):
+        assert getattr(one, field) == pytest.approx(getattr(big, field), rel=1e-5), field
+
+
+def test_budget_pass_and_fail(models: tuple[Path, Path], images: np.ndarray) -> None:
+    data = CalibrationDataset.from_arrays({"image": images})
+    with OnnxRuntimeRunner(models[0]) as ref, OnnxRuntimeRunner(models[1]) as cand:
+        loose = compare(ref, cand, data, budget=MetricBudget.parse("max_abs_error:1.5"))
+        strict = compare(ref, cand, data, budget=MetricBudget.parse("sqnr_db:200"))
+        limited = compare(ref, cand, data, max_samples=10)
+    assert loose.passed is True and loose.budget_value == pytest.approx(1.0, abs=1e-5)
+    assert strict.passed is False and "sqnr_db >= 200" in strict.failures[0]
+    assert limited.samples == 10 and limited.passed is None
+
+
+def test_metric_budget_parse_and_direction() -> None:
+    cosine = MetricBudget.parse("cosine:0.999")
+    assert cosine.metric is AccuracyMetric.COSINE and cosine.value == 0.999
+    assert cosine.met_by(0.9995) and not cosine.met_by(0.99) and not cosine.met_by(math.nan)
+    drop = MetricBudget.parse("accuracy_drop:0.005")
+    assert drop.met_by(0.001) and not drop.met_by(0.01)
+    assert str(drop) == "accuracy_drop <= 0.005"
+    for bad in ("cosine", "psnr:3", "cosine:abc", "top1_agreement:inf"):
+        with pytest.raises(SpecError) as info:
+            MetricBudget.parse(bad)
+        assert info.value.field == "budget"
+
+
+def test_budget_metric_the_outputs_lack(models: tuple[Path, Path], images: np.ndarray) -> None:
+    data = CalibrationDataset.from_arrays({"image": images})
+    with OnnxRuntimeRunner(models[0]) as ref, pytest.raises(SpecError, match="labels are needed"):
+        compare(ref, ref, data, budget=MetricBudget.parse("accuracy_drop:0.01"))
+
+
+def test_labels_are_checked(models: tuple[Path, Path], images: np.ndarray) -> None:
+    data = CalibrationDataset.from_arrays({"image": images})
+    with OnnxRuntimeRunner(models[0]) as ref:
+        with pytest.raises(SpecError, match="37 samples"):
+            compare(ref, ref, data, labels=np.zeros(5, np.int64))
+        with pytest.raises(SpecError, match="1-D integer"):
+            compare(ref, ref, data, labels=np.zeros(37, np.float32))
+
+
+def test_mismatched_outputs_are_refused(models: tuple[Path, Path], tmp_path: Path) -> None:
+    other = tmp_path / "two.onnx"
+    onnx.save(zoo.tiny_two_input(), other)
+    data = CalibrationDataset.from_arrays({"image": np.zeros((2, 3, 16, 16), np.float32)})
+    with (
+        OnnxRuntimeRunner(models[0]) as ref,
+        OnnxRuntimeRunner(other) as cand,
+        pytest.raises(RunError, match="no output"),
+    ):
+        compare(ref, cand, data)
+
+
+def test_embedding_outputs_are_not_classifiers(tmp_path: Path) -> None:
+    """A [N, 4, ...] float output that is not 2-D gets no top-k metrics."""
+    path = tmp_path / "id.onnx"
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"], name="id")],
+        "id",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 4, 2])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 4, 2])],
+    )
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+    data = CalibrationDataset.from_arrays({"x": np.zeros((3, 4, 2), np.float32)})
+    with OnnxRuntimeRunner(path) as runner:
+        out = compare(runner, runner, data).output("y")
+    assert not out.classifier and out.top1_agreement is None
+    assert out.cosine_similarity == 1.0  # all-zero rows on both sides agree
+    assert out.sqnr_db == math.inf
+
+
+@pytest.mark.slow
+def test_fashion_cnn_true_accuracy_through_compare() -> None:
+    path = zoo.fashion_cnn()
+    images, labels = zoo.fashion_mnist("test")
+    images, labels = images[:2000], labels[:2000]
+    data = CalibrationDataset.from_arrays({"image": images})
+    with OnnxRuntimeRunner(path) as ref, OnnxRuntimeRunner(path) as cand:
+        report = compare(
+            ref,
+            cand,
+            data,
+            batch_size=256,
+            labels=labels,
+            budget=MetricBudget.parse("accuracy_drop:0.005"),
+        )
+    out = report.output("logits")
+    direct = _reference_logits(path, images).argmax(1)
+    assert out.reference_accuracy == pytest.approx(float((direct == labels).mean()))
+    assert out.reference_accuracy is not None and out.reference_accuracy > 0.8
+    assert out.candidate_accuracy == out.reference_accuracy
+    assert out.accuracy_drop == 0.0
+    assert report.passed is True and report.budget_value == 0.0
