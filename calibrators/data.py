@@ -42,7 +42,7 @@ from calibrators.sources import (
     concat,
     npy_container,
     npz_container,
-    zip_shard,
+    zip_shards,
 )
 
 __all__ = [
@@ -69,13 +69,13 @@ class TensorSpec:
     def from_value_info(cls, value_info: onnx.ValueInfoProto) -> TensorSpec:
         """The spec of an ONNX graph input/output; :class:`ModelError` if it is not a plain tensor."""
         if not value_info.type.HasField("tensor_type"):
-            raise ModelError(f"Model input {value_info.name!r} is not a tensor.", field="model")
+            raise ModelError(f"Graph value {value_info.name!r} is not a tensor.", field="model")
         tensor_type = value_info.type.tensor_type
         try:
             dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(
-                f"Model input {value_info.name!r} has ONNX element type {tensor_type.elem_type}, "
+                f"Graph value {value_info.name!r} has ONNX element type {tensor_type.elem_type}, "
                 "which has no numpy equivalent.",
                 field="model",
             ) from exc
@@ -130,7 +130,7 @@ def _open_zip_dataset(
     if kinds == ["npy"]:
         return ArraysSource([npz_container(path, limits)], path.name)
     if kinds == ["npz"]:
-        return ShardSource([(m, ArraysSource([zip_shard(path, m, limits)], m)) for m in members])
+        return ShardSource([(m, ArraysSource([c], m)) for m, c in zip_shards(path, limits)])
     if kinds == ["image"]:
         if preprocess is None:
             raise DatasetError(

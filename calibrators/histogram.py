@@ -95,7 +95,9 @@ class Histogram:
     def __post_init__(self) -> None:
         raw = np.asarray(self.counts)
         if raw.ndim != 1 or raw.size == 0:
-            raise ValueError(f"Histogram counts must be a non-empty 1-D array, got shape {raw.shape}.")
+            raise ValueError(
+                f"Histogram counts must be a non-empty 1-D array, got shape {raw.shape}."
+            )
         if np.issubdtype(raw.dtype, np.integer) or raw.dtype == np.bool_:
             counts: npt.NDArray[np.int64] | npt.NDArray[np.float64] = raw.astype(np.int64)
         elif np.issubdtype(raw.dtype, np.floating):
@@ -275,7 +277,9 @@ class HistogramCollector:
             if peak >= math.ldexp(1.0, state.log2_range):
                 state.grow(_log2_range_above(name, peak))
             index = self._index[: part.size]
-            np.multiply(mag, math.ldexp(1.0, fine_log2 - state.log2_range), out=index, casting="unsafe")
+            np.multiply(
+                mag, math.ldexp(1.0, fine_log2 - state.log2_range), out=index, casting="unsafe"
+            )
             state.counts += np.bincount(index, minlength=self._fine_bins)
 
     def _rebin(self, state: _ExactState) -> Histogram:

@@ -159,6 +159,8 @@ def decode_image(data: bytes, spec: PreprocessSpec, label: str) -> np.ndarray:
     """
     image = _open(data, label)
     try:
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")  # what Pillow asks for before dropping the palette alpha
         image = _resize_and_crop(image.convert("RGB"), spec, label)
         pixels = np.asarray(image, dtype=np.float32)
     except (OSError, ValueError) as exc:  # truncated or corrupt pixel data

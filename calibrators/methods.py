@@ -54,6 +54,9 @@ DEFAULT_PERCENTILE = 99.99
 _MSE_CHUNK = 128
 """Candidates evaluated at once by :func:`mse_amax` (bounds its scratch to ~2 MB)."""
 
+_KL_TIE_NATS = 1e-12
+"""Divergences this close to the minimum count as ties (see :func:`entropy_bin`)."""
+
 Float64Array = npt.NDArray[np.float64]
 
 
@@ -168,7 +171,11 @@ def entropy_bin(hist: Histogram, num_quant_bins: int = DEFAULT_NUM_QUANT_BINS) -
     if hist.max_abs == 0.0 or hist.num_bins < 2 or not float(hist.counts[1:].sum()) > 0.0:
         return hist.num_bins
     cand, kl = entropy_divergences(hist, num_quant_bins)
-    return int(cand[kl.size - 1 - int(np.argmin(kl[::-1]))])
+    # "Last on ties" must survive float noise: the prefix-sum form and a per-candidate sum differ
+    # by ~1e-14 nats, so exact ties (e.g. Q == P for every candidate) would otherwise be decided
+    # by rounding. Real histograms keep best and runner-up at least ~1e-6 nats apart.
+    ties = np.flatnonzero(kl <= kl.min() + _KL_TIE_NATS)
+    return int(cand[ties[-1]])
 
 
 def entropy_amax(hist: Histogram, num_quant_bins: int = DEFAULT_NUM_QUANT_BINS) -> float:
@@ -256,9 +263,12 @@ class MethodSpec(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _default_percentile(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("percentile") is None:
-            if str(data.get("method", "")) == CalibrationMethod.PERCENTILE.value:
-                return {**data, "percentile": DEFAULT_PERCENTILE}
+        if (
+            isinstance(data, dict)
+            and data.get("percentile") is None
+            and str(data.get("method", "")) == CalibrationMethod.PERCENTILE.value
+        ):
+            return {**data, "percentile": DEFAULT_PERCENTILE}
         return data
 
     @field_validator("percentile")

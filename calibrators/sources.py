@@ -42,7 +42,7 @@ __all__ = [
     "concat",
     "npy_container",
     "npz_container",
-    "zip_shard",
+    "zip_shards",
 ]
 
 Array = npt.NDArray[Any]
@@ -147,6 +147,7 @@ def _parse_npy_header(
 
 def _stored_data_offset(raw: IO[bytes], info: zipfile.ZipInfo, label: str) -> int:
     """Absolute offset of a stored member's data: after its local header, name and extra field."""
+    raw_size = raw.seek(0, io.SEEK_END)
     raw.seek(info.header_offset)
     local = raw.read(30)
     if len(local) < 30 or local[:4] != b"PK\x03\x04":
@@ -155,7 +156,11 @@ def _stored_data_offset(raw: IO[bytes], info: zipfile.ZipInfo, label: str) -> in
         int.from_bytes(local[26:28], "little"),
         int.from_bytes(local[28:30], "little"),
     )
-    return info.header_offset + 30 + name_len + extra_len
+    start = info.header_offset + 30 + name_len + extra_len
+    # Rows are read straight from the file, so the stored extent must be what it claims.
+    if info.compress_size != info.file_size or start + info.file_size > raw_size:
+        raise ArchiveError(f"{label} is truncated or its sizes are inconsistent.")
+    return start
 
 
 def _scan_npz(archive: zipfile.ZipFile, raw: IO[bytes], label: str) -> dict[str, _NpyArray]:
@@ -232,7 +237,7 @@ class _ContainerReader:
 
     def _stream(self, name: str, array: _NpyArray, position: int, count: int) -> bytearray:
         stream, at = self._streams.pop(name, (None, 0))
-        if stream is None:  # a deflate stream cannot seek back: reopen it
+        if stream is None or at > position:  # a deflate stream cannot seek back: reopen it
             if stream is not None:
                 stream.close()
             if self._archive is None:
@@ -281,15 +286,34 @@ def npy_container(path: Path, name: str) -> Container:
     )
 
 
-def zip_shard(path: Path, member: str, limits: ArchiveLimits) -> Container:
-    """A ``.npz`` shard inside the zip ``path``; its bytes are held only while it is read."""
-    label = f"{path.name}:{member}"
+def zip_shards(path: Path, limits: ArchiveLimits) -> list[tuple[str, Container]]:
+    """The ``.npz`` shards inside the zip ``path`` as (member, container), in member order.
 
+    Each shard's bytes are held only while its headers are scanned and, later, while its rows
+    are read; reopening the outer archive per shard keeps one shard in memory at a time.
+    """
+    shards = []
+    with open_zip(path, path.name, limits) as outer:
+        for info in file_members(outer):
+            label = f"{path.name}:{info.filename}"
+            with (
+                io.BytesIO(read_member(outer, info, label)) as raw,
+                open_zip(raw, label, limits) as inner,
+            ):
+                arrays = _scan_npz(inner, raw, label)
+            shards.append(
+                (info.filename, Container(_member_opener(path, info.filename, limits), arrays))
+            )
+    return shards
+
+
+def _member_opener(path: Path, member: str, limits: ArchiveLimits) -> Callable[[], IO[bytes]]:
     def opener() -> IO[bytes]:
         with open_zip(path, path.name, limits) as archive:
+            label = f"{path.name}:{member}"
             return io.BytesIO(read_member(archive, archive.getinfo(member), label))
 
-    return _npz_container(opener, label, limits)
+    return opener
 
 
 # --- sources -------------------------------------------------------------------------------------

@@ -28,18 +28,28 @@ if TYPE_CHECKING:
 __all__ = [
     "build_artifact",
     "select_backend",
+    "tensorrt_installed",
     "validate_keep_patterns",
     "validate_profiles",
 ]
 
 
+def tensorrt_installed() -> bool:
+    """Whether a ``tensorrt`` package is installed, found without importing it.
+
+    A namespace package (no ``__init__.py``; e.g. what ``tensorrt-stubs`` leaves behind: only
+    ``.pyi`` files) does not count.
+    """
+    try:
+        spec = importlib.util.find_spec("tensorrt")
+    except (ImportError, ValueError):
+        return False
+    return spec is not None and spec.origin is not None and spec.has_location
+
+
 def _tensorrt_missing_reason() -> str | None:
     """Why TensorRT cannot be used here, or None when it can."""
-    try:
-        installed = importlib.util.find_spec("tensorrt") is not None
-    except (ImportError, ValueError):
-        installed = False
-    if not installed:
+    if not tensorrt_installed():
         return "tensorrt not installed"
     from engines.gpu import discover_gpus
 

@@ -61,8 +61,7 @@ def _register() -> None:
 
     cli_local.register(cli)
     if importlib.util.find_spec("service.cli_server") is not None:
-        from service import cli_server
-
+        cli_server = importlib.import_module("service.cli_server")
         cli_server.register(cli)
 
 

@@ -6,11 +6,16 @@ import json
 import resource
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 import numpy as np
 
 from service.cli import handle_errors
+
+if TYPE_CHECKING:
+    from calibrators.data import CalibrationDataset
+    from calibrators.methods import MethodSpec
 from service.progress import sample_progress
 
 __all__ = ["register"]
@@ -20,7 +25,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _open_dataset(data: Path, preprocess: Path | None) -> object:
+def _open_dataset(data: Path, preprocess: Path | None) -> CalibrationDataset:
     from calibrators.data import CalibrationDataset, PreprocessSpec
 
     spec = PreprocessSpec.load(preprocess) if preprocess is not None else None
@@ -28,9 +33,8 @@ def _open_dataset(data: Path, preprocess: Path | None) -> object:
 
 
 def _trt_version(text: str | None) -> int | None:
-    from calibrators.table import trt_version_number
-
     from calibrators.errors import TableError
+    from calibrators.table import trt_version_number
 
     if text is None:
         return None
@@ -42,7 +46,7 @@ def _trt_version(text: str | None) -> int | None:
         ) from exc
 
 
-def _method(name: str, percentile: float | None) -> object:
+def _method(name: str, percentile: float | None) -> MethodSpec:
     from calibrators.methods import method_spec
 
     try:
@@ -119,9 +123,8 @@ def calibrate(
     as_json: bool,
 ) -> None:
     """Compute an INT8 calibration table for MODEL from a calibration dataset."""
-    from calibrators.histogram import HistogramMode
-
     from calibrators.calibrate import calibrate as run_calibration
+    from calibrators.histogram import HistogramMode
 
     spec = _method(method, percentile)
     version = _trt_version(trt_version)
@@ -132,7 +135,7 @@ def calibrate(
             model,
             dataset,
             spec,
-            histogram=HistogramMode(histogram),  # type: ignore[arg-type]
+            histogram=HistogramMode(histogram),
             batch_size=batch_size,
             max_samples=max_samples,
             threads=threads,
@@ -194,7 +197,7 @@ def table_show(source: Path, top: int, as_json: bool) -> None:
     loaded = CalibrationTable.load(source)
     widest = sorted(loaded.amax.items(), key=lambda kv: kv[1], reverse=True)[:top]
     values = np.array(list(loaded.amax.values()), dtype=np.float64)
-    info = {
+    info: dict[str, Any] = {
         "algorithm": str(loaded.algorithm),
         "trt_version": loaded.trt_version,
         "method": str(loaded.method) if loaded.method else None,
@@ -212,7 +215,7 @@ def table_show(source: Path, top: int, as_json: bool) -> None:
     )
     click.echo(f"zero ranges: {info['zero_ranges']}; median amax: {info['median_amax']}")
     click.echo(f"{'amax':>12}  {'scale':>12}  tensor")
-    for row in info["widest"]:  # type: ignore[attr-defined]
+    for row in info["widest"]:
         click.echo(f"{row['amax']:12.6g}  {row['scale']:12.6g}  {row['tensor']}")
 
 

@@ -6,8 +6,9 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from engines.spec import BuildSpec
 from pydantic import BaseModel, ConfigDict, Field
+
+from engines.spec import BuildSpec
 
 __all__ = [
     "AccuracyOptions",
@@ -117,8 +118,9 @@ class ErrorEnvelope(_Frozen):
 class TensorInfo(_Frozen):
     name: str
     dtype: str
-    shape: list[int | str | None]
-    """Dims: int = static, str = symbolic name, null = unknown."""
+    shape: list[int | str | None] | None
+    """Dims: int = static, str = symbolic name, null = unknown; the whole list is null when
+    even the rank is unknown."""
 
 
 class ModelPublic(_Frozen):

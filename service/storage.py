@@ -172,7 +172,9 @@ class Storage:
             ):
                 folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StorageError(f"Cannot create the data directory {str(self.root)!r}: {exc}") from exc
+            raise StorageError(
+                f"Cannot create the data directory {str(self.root)!r}: {exc}"
+            ) from exc
 
     def check(self) -> None:
         """Write, read back and remove a probe file (readiness check)."""

@@ -9,12 +9,14 @@ import stat
 import struct
 import tracemalloc
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
+from PIL import Image
 
 import calibrators.data as data_module
 from calibrators.data import (
@@ -248,6 +250,35 @@ def test_image_zip_errors(tmp_path: Path, crops: list[np.ndarray]) -> None:
         list(lazy.batches(1))  # decoded only when a batch needs it
     with pytest.raises(DatasetError, match=r"broken\.zip:a\.png"):
         CalibrationDataset.open(broken, preprocess=PreprocessSpec())  # no crop: decodes the first
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("side", [8000, 20000])
+def test_images_claiming_huge_sizes_are_refused_before_decoding(tmp_path: Path, side: int) -> None:
+    data = bytearray(png_bytes(Image.new("RGB", (4, 4))))
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", side, side)
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
+    path = write_zip(tmp_path / "huge.zip", {"big.png": bytes(data)})
+    with pytest.raises(ArchiveError, match=r"huge\.zip:big\.png"):
+        CalibrationDataset.open(path, preprocess=PreprocessSpec())
+
+
+def test_palette_png_with_transparency_decodes(tmp_path: Path) -> None:
+    palette = Image.new("P", (20, 10), 1)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.info["transparency"] = bytes([0, 128] + [255] * 254)  # kept as bytes in the PNG
+    path = write_zip(tmp_path / "p.zip", {"p.png": png_bytes(palette)})
+    spec = PreprocessSpec(scale=1.0, layout="NHWC")
+    dataset = CalibrationDataset.open(path, preprocess=spec)
+    sample = next(dataset.batches(1))["input"][0]
+    assert sample.shape == (10, 20, 3)
+    np.testing.assert_array_equal(sample[0, 0], [255, 0, 0])
 
 
 def test_preprocess_spec_load_reports_bad_fields(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +13,12 @@ from calibrators.data import CalibrationDataset, TensorSpec
 from calibrators.methods import minmax
 from engines.artifacts import read_metadata
 from engines.backends.onnxruntime import OnnxRuntimeBackend
-from engines.build import build_artifact, select_backend, validate_profiles
+from engines.build import build_artifact, select_backend, tensorrt_installed, validate_profiles
 from engines.errors import BackendUnavailableError, SpecError
 from engines.spec import BackendName, BuildSpec, KeepRules, Precision, ShapeProfile
 from tests import zoo
 
-needs_no_tensorrt = pytest.mark.skipif(
-    importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here"
-)
+needs_no_tensorrt = pytest.mark.skipif(tensorrt_installed(), reason="tensorrt is installed here")
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +35,22 @@ def fake_tensorrt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("raise ImportError('selection must not import tensorrt')\n")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
+
+
+def test_stub_only_tensorrt_is_not_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tensorrt-stubs installs a `tensorrt` folder of .pyi files: a namespace package, not TensorRT."""
+    stubs = tmp_path / "stubs" / "tensorrt"
+    stubs.mkdir(parents=True)
+    (stubs / "__init__.pyi").write_text("def get_plugin_registry() -> object: ...\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "stubs"))
+    assert not tensorrt_installed()
+
+
+@pytest.mark.usefixtures("fake_tensorrt")
+def test_a_tensorrt_package_is_found_without_importing_it() -> None:
+    assert tensorrt_installed()
 
 
 def test_onnxruntime_when_asked() -> None:

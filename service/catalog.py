@@ -1,0 +1,478 @@
+"""Models, datasets and calibration tables: stored files plus their database rows.
+
+A row is committed only after its files are published, and files are removed if the commit
+fails, so bad input never leaves a partial model, dataset or table behind. Same bytes give the
+same id: a second upload returns the existing row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, Literal, TypeVar
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from calibrators.archive import ArchiveLimits
+from calibrators.data import PreprocessSpec, TensorSpec
+from calibrators.errors import TableError
+from calibrators.table import CalibrationTable
+from service.db.models import BuildRow, DatasetRow, ModelRow, TableRow
+from service.errors import InUseError, NotFoundError
+from service.ingest import dataset_id, stage_dataset, stage_model
+from service.schemas import (
+    DatasetPublic,
+    ModelPublic,
+    TablePublic,
+    TensorInfo,
+)
+from service.storage import PendingFile, Storage
+
+__all__ = [
+    "Page",
+    "add_dataset",
+    "add_model",
+    "dataset_path",
+    "dataset_public",
+    "delete_dataset",
+    "delete_model",
+    "get_dataset",
+    "get_model",
+    "get_table",
+    "import_table",
+    "list_datasets",
+    "list_models",
+    "list_tables",
+    "load_table",
+    "model_input_specs_of",
+    "model_path",
+    "model_public",
+    "release_blob",
+    "store_table",
+    "table_public",
+]
+
+
+T = TypeVar("T")
+R = TypeVar("R", ModelRow, DatasetRow, TableRow)
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    """One page of rows and the total count matching the query."""
+
+    items: list[T]
+    total: int
+
+
+# -- models ------------------------------------------------------------------------------------
+
+
+def model_public(row: ModelRow) -> ModelPublic:
+    info = row.info
+    return ModelPublic(
+        id=row.id,
+        filename=row.filename,
+        size_bytes=row.size_bytes,
+        external_data=row.external_data,
+        opset=info.get("opset"),
+        ir_version=info.get("ir_version"),
+        inputs=[TensorInfo.model_validate(t) for t in info.get("inputs", [])],
+        outputs=[TensorInfo.model_validate(t) for t in info.get("outputs", [])],
+        dynamic_dims=info.get("dynamic_dims", {}),
+        op_census=info.get("op_census", {}),
+        num_nodes=info.get("num_nodes", 0),
+        created_at=row.created_at,
+        links={"self": f"/v1/models/{row.id}"},
+    )
+
+
+def get_model(session: Session, model_id: str, *, field: str = "model_id") -> ModelRow:
+    row = session.get(ModelRow, model_id)
+    if row is None:
+        raise NotFoundError(
+            f"No model with id {model_id!r}.",
+            hint="Upload it with POST /v1/models or list them with GET /v1/models.",
+            field=field,
+        )
+    return row
+
+
+def model_path(storage: Storage, row: ModelRow) -> Path:
+    return storage.model_dir(row.id) / row.onnx_filename
+
+
+def model_input_specs_of(storage: Storage, row: ModelRow) -> list[TensorSpec]:
+    """The model's graph inputs, read from the stored file."""
+    from calibrators.data import model_input_specs
+    from calibrators.onnxio import load_onnx
+
+    return model_input_specs(load_onnx(model_path(storage, row), load_external_data=False))
+
+
+def add_model(
+    session: Session, storage: Storage, upload: PendingFile, filename: str, limits: ArchiveLimits
+) -> tuple[ModelRow, bool]:
+    """Store an uploaded model; returns (row, created). Raises ModelError/ArchiveError."""
+    sha = upload.finish()
+    existing = session.get(ModelRow, sha)
+    if existing is not None:
+        return existing, False
+    dest = storage.model_dir(sha)
+    with storage.staging_dir() as staging:
+        received = staging / "upload"
+        upload.take().rename(received)
+        entry = staging / "entry"
+        entry.mkdir()
+        staged = stage_model(received, filename, entry, limits)
+        published = storage.publish_dir(entry, dest)
+    row = ModelRow(
+        id=sha,
+        filename=Path(filename).name[:255] or "model.onnx",
+        onnx_filename=staged.onnx_filename,
+        size_bytes=upload.size_bytes,
+        external_data=staged.external_data,
+        info=staged.info,
+        tensor_names=staged.tensor_names,
+    )
+    return _commit_new(session, row, ModelRow, sha, _undo_publish(storage, dest, published))
+
+
+def list_models(session: Session, limit: int, offset: int) -> Page[ModelRow]:
+    total = session.scalar(select(func.count()).select_from(ModelRow)) or 0
+    rows = session.scalars(
+        select(ModelRow)
+        .order_by(ModelRow.created_at.desc(), ModelRow.id)
+        .limit(limit)
+        .offset(offset)
+    )
+    return Page(list(rows), total)
+
+
+def delete_model(session: Session, storage: Storage, model_id: str) -> None:
+    """Delete a model, its calibration tables and files; refused while builds reference it."""
+    row = get_model(session, model_id, field="id")
+    builds = session.scalar(select(func.count()).where(BuildRow.model_id == model_id)) or 0
+    if builds:
+        raise InUseError(f"Model {model_id[:12]} is used by {builds} build(s).")
+    tables = list(session.scalars(select(TableRow).where(TableRow.model_id == model_id)))
+    blobs = [t.blob_sha256 for t in tables]
+    for table in tables:
+        session.delete(table)
+    session.delete(row)
+    session.commit()
+    for sha in blobs:
+        release_blob(session, storage, sha)
+    storage.remove_entry(storage.model_dir(model_id))
+
+
+# -- datasets ----------------------------------------------------------------------------------
+
+
+def dataset_public(row: DatasetRow) -> DatasetPublic:
+    return DatasetPublic(
+        id=row.id,
+        sha256=row.sha256,
+        filename=row.filename,
+        format=row.format,
+        size_bytes=row.size_bytes,
+        num_samples=row.num_samples,
+        inputs=[TensorInfo.model_validate(t) for t in row.inputs],
+        digest=row.digest,
+        preprocess=row.preprocess,
+        model_id=row.model_id,
+        created_at=row.created_at,
+        links={"self": f"/v1/datasets/{row.id}"},
+    )
+
+
+def get_dataset(session: Session, id_: str, *, field: str = "dataset_id") -> DatasetRow:
+    row = session.get(DatasetRow, id_)
+    if row is None:
+        raise NotFoundError(
+            f"No dataset with id {id_!r}.",
+            hint="Upload it with POST /v1/datasets or list them with GET /v1/datasets.",
+            field=field,
+        )
+    return row
+
+
+def dataset_path(storage: Storage, row: DatasetRow) -> Path:
+    return storage.dataset_dir(row.id) / row.data_filename
+
+
+def add_dataset(
+    session: Session,
+    storage: Storage,
+    upload: PendingFile,
+    filename: str,
+    *,
+    preprocess: PreprocessSpec | None,
+    input_name: str | None,
+    model_id: str | None,
+    limits: ArchiveLimits,
+) -> tuple[DatasetRow, bool]:
+    """Store an uploaded dataset (checked against ``model_id``'s inputs when given)."""
+    model = get_model(session, model_id) if model_id is not None else None
+    inputs = model_input_specs_of(storage, model) if model is not None else None
+    sha = upload.finish()
+    id_ = dataset_id(sha, preprocess, input_name)
+    existing = session.get(DatasetRow, id_)
+    if existing is not None:
+        if inputs is not None:
+            _revalidate(storage, existing, inputs, limits)
+        return existing, False
+    dest = storage.dataset_dir(id_)
+    with storage.staging_dir() as staging:
+        received = staging / "upload"
+        upload.take().rename(received)
+        entry = staging / "entry"
+        entry.mkdir()
+        staged = stage_dataset(
+            received,
+            filename,
+            entry,
+            preprocess=preprocess,
+            input_name=input_name,
+            limits=limits,
+            model_inputs=inputs,
+        )
+        published = storage.publish_dir(entry, dest)
+    row = DatasetRow(
+        id=id_,
+        sha256=sha,
+        filename=Path(filename).name[:255],
+        data_filename=staged.data_filename,
+        format=staged.format,
+        size_bytes=upload.size_bytes,
+        num_samples=staged.num_samples,
+        inputs=staged.inputs,
+        digest=staged.digest,
+        preprocess=preprocess.model_dump(mode="json") if preprocess else None,
+        input_name=input_name,
+        model_id=model_id,
+    )
+    return _commit_new(session, row, DatasetRow, id_, _undo_publish(storage, dest, published))
+
+
+def _revalidate(
+    storage: Storage, row: DatasetRow, inputs: list[TensorSpec], limits: ArchiveLimits
+) -> None:
+    from calibrators.data import CalibrationDataset
+
+    preprocess = PreprocessSpec.model_validate(row.preprocess) if row.preprocess else None
+    CalibrationDataset.open(
+        dataset_path(storage, row), preprocess=preprocess, limits=limits, input_name=row.input_name
+    ).validate(inputs)
+
+
+def list_datasets(
+    session: Session, limit: int, offset: int, model_id: str | None = None
+) -> Page[DatasetRow]:
+    query = select(DatasetRow)
+    if model_id is not None:
+        query = query.where(DatasetRow.model_id == model_id)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(
+        query.order_by(DatasetRow.created_at.desc(), DatasetRow.id).limit(limit).offset(offset)
+    )
+    return Page(list(rows), total)
+
+
+def delete_dataset(session: Session, storage: Storage, id_: str) -> None:
+    """Delete a dataset and its files; refused while builds reference it."""
+    row = get_dataset(session, id_, field="id")
+    builds = session.scalar(select(func.count()).where(BuildRow.dataset_id == id_)) or 0
+    if builds:
+        raise InUseError(f"Dataset {id_[:12]} is used by {builds} build(s).")
+    session.delete(row)
+    session.commit()
+    storage.remove_entry(storage.dataset_dir(id_))
+
+
+# -- calibration tables ------------------------------------------------------------------------
+
+
+def table_public(row: TableRow) -> TablePublic:
+    source: Literal["calibrated", "imported"] = (
+        "imported" if row.source == "imported" else "calibrated"
+    )
+    return TablePublic(
+        id=row.id,
+        model_id=row.model_id,
+        dataset_id=row.dataset_id,
+        source=source,
+        method=row.method,
+        algorithm=row.algorithm,
+        parameters=row.parameters,
+        samples=row.samples,
+        num_tensors=row.num_tensors,
+        digest=row.digest,
+        missing_tensors=list(row.missing_tensors),
+        created_at=row.created_at,
+        links={
+            "self": f"/v1/calibration-tables/{row.id}",
+            "trt": f"/v1/calibration-tables/{row.id}?format=trt",
+            "json": f"/v1/calibration-tables/{row.id}?format=json",
+        },
+    )
+
+
+def get_table(session: Session, table_id: str, *, field: str = "table_id") -> TableRow:
+    row = session.get(TableRow, table_id)
+    if row is None:
+        raise NotFoundError(
+            f"No calibration table with id {table_id!r}.",
+            hint="List them with GET /v1/calibration-tables?model_id=...",
+            field=field,
+        )
+    return row
+
+
+def load_table(storage: Storage, row: TableRow) -> CalibrationTable:
+    """The stored calibration table."""
+    return CalibrationTable.from_json(storage.blob_path(row.blob_sha256).read_text("utf-8"))
+
+
+def list_tables(
+    session: Session, limit: int, offset: int, model_id: str | None = None
+) -> Page[TableRow]:
+    query = select(TableRow)
+    if model_id is not None:
+        query = query.where(TableRow.model_id == model_id)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(
+        query.order_by(TableRow.created_at.desc(), TableRow.id).limit(limit).offset(offset)
+    )
+    return Page(list(rows), total)
+
+
+def import_table(
+    session: Session, storage: Storage, model_id: str, text: str, *, ignore_unknown: bool
+) -> tuple[TableRow, bool]:
+    """Import a TensorRT cache (or trtforge JSON table) for a model, checked against its tensors."""
+    model = get_model(session, model_id)
+    stripped = text.lstrip()
+    table = (
+        CalibrationTable.from_json(text)
+        if stripped.startswith("{")
+        else CalibrationTable.from_cache_text(text)
+    )
+    match = table.compare_with_model(model.tensor_names)
+    if match.unknown_tensors and not ignore_unknown:
+        shown = ", ".join(repr(n) for n in match.unknown_tensors[:5])
+        more = len(match.unknown_tensors) - 5
+        raise TableError(
+            f"The table has ranges for {len(match.unknown_tensors)} tensor(s) the model does not "
+            f"have: {shown}{f' and {more} more' if more > 0 else ''}.",
+            hint="Import the table written for this model, or send ignore_unknown=true to drop them.",
+            field="file",
+        )
+    if match.matched_tensors == 0:
+        raise TableError(
+            "No tensor of the table exists in the model.",
+            hint="Check that the table was written for this model.",
+            field="file",
+        )
+    known = set(model.tensor_names)
+    table = table.model_copy(
+        update={
+            "amax": {k: v for k, v in table.amax.items() if k in known},
+            "model_sha256": model.id,
+        }
+    )
+    key = hashlib.sha256(f"import\n{model.id}\n{table.digest}".encode()).hexdigest()
+    return store_table(
+        session,
+        storage,
+        key=key,
+        model_id=model.id,
+        dataset_id=None,
+        table=table,
+        source="imported",
+        missing=list(match.missing_tensors),
+    )
+
+
+def store_table(
+    session: Session,
+    storage: Storage,
+    *,
+    key: str,
+    model_id: str,
+    dataset_id: str | None,
+    table: CalibrationTable,
+    source: str,
+    missing: list[str],
+) -> tuple[TableRow, bool]:
+    """Store a table under ``key``; (existing row, False) when the key is taken."""
+    existing = session.get(TableRow, key)
+    if existing is not None:
+        return existing, False
+    blob = storage.put_bytes(table.to_json().encode("utf-8"))
+    row = TableRow(
+        id=key,
+        model_id=model_id,
+        dataset_id=dataset_id,
+        source=source,
+        method=str(table.method) if table.method is not None else None,
+        algorithm=str(table.algorithm),
+        parameters=dict(table.parameters),
+        samples=table.samples,
+        num_tensors=len(table.amax),
+        digest=table.digest,
+        blob_sha256=blob.sha256,
+        missing_tensors=missing,
+    )
+    return _commit_new(
+        session, row, TableRow, key, lambda: release_blob(session, storage, blob.sha256)
+    )
+
+
+# -- shared ------------------------------------------------------------------------------------
+
+
+def _undo_publish(storage: Storage, dest: Path, published: bool) -> Callable[[], None]:
+    def undo() -> None:
+        if published:
+            storage.remove_entry(dest)
+
+    return undo
+
+
+def release_blob(session: Session, storage: Storage, sha256: str) -> None:
+    """Delete a blob unless a table or build still references it."""
+    referenced = session.scalar(
+        select(func.count()).select_from(TableRow).where(TableRow.blob_sha256 == sha256)
+    ) or session.scalar(
+        select(func.count())
+        .select_from(BuildRow)
+        .where(or_(BuildRow.artifact_sha256 == sha256, BuildRow.report_sha256 == sha256))
+    )
+    if not referenced:
+        storage.delete_blob(sha256)
+
+
+def _commit_new(
+    session: Session, row: R, kind: type[R], key: str, undo: Callable[[], object]
+) -> tuple[R, bool]:
+    """Insert ``row``; on a concurrent insert of the same key return that one instead."""
+    session.add(row)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        winner = session.get(kind, key)
+        if winner is None:
+            undo()
+            raise
+        return winner, False
+    except BaseException:
+        session.rollback()
+        undo()
+        raise
+    return row, True

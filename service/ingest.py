@@ -1,0 +1,222 @@
+"""Checking uploaded files before they are stored: ONNX models (plain or zipped with external
+data) and calibration datasets. Everything here works on a staging folder; nothing is published.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from calibrators.archive import ZIP_READ_ERRORS, ArchiveLimits, file_members, open_zip
+from calibrators.data import CalibrationDataset, PreprocessSpec, TensorSpec
+from calibrators.errors import ArchiveError, DatasetError, ModelError
+
+__all__ = [
+    "DATASET_SUFFIXES",
+    "StagedDataset",
+    "StagedModel",
+    "dataset_id",
+    "is_zip",
+    "stage_dataset",
+    "stage_model",
+    "tensor_specs",
+]
+
+DATASET_SUFFIXES = (".npz", ".npy", ".zip")
+_MODEL_FILE = "model.onnx"
+_COPY_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class StagedModel:
+    """A checked model in a staging folder."""
+
+    folder: Path
+    onnx_filename: str
+    external_data: bool
+    info: dict[str, Any]
+    tensor_names: list[str]
+
+
+@dataclass(frozen=True)
+class StagedDataset:
+    """A checked dataset in a staging folder."""
+
+    folder: Path
+    data_filename: str
+    format: str
+    num_samples: int
+    inputs: list[dict[str, Any]]
+    digest: str
+
+
+def is_zip(path: Path) -> bool:
+    """Whether the file starts like a zip archive."""
+    with path.open("rb") as fh:
+        return fh.read(4) in (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def stage_model(upload: Path, filename: str, staging: Path, limits: ArchiveLimits) -> StagedModel:
+    """Check an uploaded ``.onnx`` (or ``.zip`` of one ``.onnx`` plus its data files).
+
+    The model ends up in ``staging``; raises :class:`ModelError` or :class:`ArchiveError`.
+    """
+    if is_zip(upload):
+        onnx_path = _extract_model_zip(upload, filename, staging, limits)
+    else:
+        onnx_path = staging / _MODEL_FILE
+        shutil.move(upload, onnx_path)
+    model, external = _check_model(onnx_path, filename)
+    from calibrators.collect import observable_tensors
+    from engines.graph.inspect import inspect_model
+
+    info = inspect_model(model)
+    described = {
+        "opset": info.opset,
+        "ir_version": info.ir_version,
+        "inputs": [t.model_dump(mode="json") for t in info.inputs],
+        "outputs": [t.model_dump(mode="json") for t in info.outputs],
+        "dynamic_dims": info.dynamic_dims,
+        "op_census": info.op_census,
+        "num_nodes": info.num_nodes,
+    }
+    try:
+        tensors = list(observable_tensors(model).tensors)
+    except ModelError:
+        tensors = []  # shape inference failed: imported tables are then matched by name only
+    return StagedModel(
+        folder=staging,
+        onnx_filename=onnx_path.relative_to(staging).as_posix(),
+        external_data=external,
+        info=described,
+        tensor_names=tensors,
+    )
+
+
+def _extract_model_zip(upload: Path, filename: str, staging: Path, limits: ArchiveLimits) -> Path:
+    with open_zip(upload, filename, limits) as archive:
+        members = file_members(archive)
+        onnx_members = [m for m in members if m.filename.lower().endswith(".onnx")]
+        if len(onnx_members) != 1:
+            found = ", ".join(m.filename for m in onnx_members) or "none"
+            raise ModelError(
+                f"{filename} must hold exactly one .onnx file (found: {found}).",
+                hint="Zip the model file and its external data files, nothing else.",
+                field="file",
+            )
+        for member in members:
+            _extract_member(archive, member, staging, filename)
+    return staging / onnx_members[0].filename
+
+
+def _extract_member(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, label: str
+) -> None:
+    target = (dest / info.filename).resolve()
+    if not target.is_relative_to(dest.resolve()):  # open_zip refused these already; belt and braces
+        raise ArchiveError(f"{label} member {info.filename!r} escapes the archive's folder.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    try:
+        with archive.open(info) as src, target.open("xb") as out:
+            while chunk := src.read(_COPY_CHUNK):
+                written += len(chunk)
+                if written > info.file_size:
+                    break
+                out.write(chunk)
+    except ZIP_READ_ERRORS as exc:
+        raise ArchiveError(f"{label} cannot be extracted ({info.filename}): {exc}.") from exc
+    if written != info.file_size:  # headers can lie about sizes: count what really came out
+        raise ArchiveError(
+            f"{label} member {info.filename!r} is not the {info.file_size:,} bytes it declares."
+        )
+
+
+def _check_model(path: Path, label: str) -> tuple[Any, bool]:
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    from calibrators.onnxio import load_onnx
+
+    model = load_onnx(path, load_external_data=False)  # also refuses escaping data paths
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # onnx.checker.ValidationError and friends
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"{label} fails onnx.checker: {first}",
+            hint="Re-export the model; check it with `python -m onnx.checker MODEL.onnx`.",
+            field="file",
+        ) from exc
+    external = any(uses_external_data(t) for t in model.graph.initializer)
+    return model, external
+
+
+def dataset_id(sha256: str, preprocess: PreprocessSpec | None, input_name: str | None) -> str:
+    """A dataset's id: the upload's sha256, mixed with how it is read when that is specified."""
+    if preprocess is None and input_name is None:
+        return sha256
+    how = json.dumps(
+        {
+            "preprocess": preprocess.model_dump(mode="json") if preprocess else None,
+            "input_name": input_name,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(f"{sha256}\n{how}".encode()).hexdigest()
+
+
+def stage_dataset(
+    upload: Path,
+    filename: str,
+    staging: Path,
+    *,
+    preprocess: PreprocessSpec | None,
+    input_name: str | None,
+    limits: ArchiveLimits,
+    model_inputs: Sequence[TensorSpec] | None,
+) -> StagedDataset:
+    """Check an uploaded dataset, against a model's inputs when given. Raises DatasetError."""
+    suffix = Path(filename).suffix.lower()
+    if suffix not in DATASET_SUFFIXES:
+        raise DatasetError(
+            f"{filename!r} is not a dataset format trtforge reads.",
+            hint="Upload a .npz, a .npy (single-input models), a .zip of .npz/.npy shards, "
+            "or a .zip of JPEG/PNG images with a preprocessing spec.",
+            field="file",
+        )
+    data_filename = f"dataset{suffix}"
+    target = staging / data_filename
+    shutil.move(upload, target)
+    if preprocess is not None:
+        (staging / "preprocess.json").write_text(preprocess.model_dump_json())
+    dataset = CalibrationDataset.open(
+        target, preprocess=preprocess, limits=limits, input_name=input_name
+    )
+    # Validating against its own specs checks finiteness and a non-zero sample count.
+    checked = dataset.validate(list(model_inputs) if model_inputs else list(dataset.specs))
+    if preprocess is not None:
+        fmt = "images"
+    elif suffix == ".zip":
+        fmt = "zip"
+    else:
+        fmt = suffix.lstrip(".")
+    return StagedDataset(
+        folder=staging,
+        data_filename=data_filename,
+        format=fmt,
+        num_samples=checked.num_samples,
+        inputs=tensor_specs(checked.specs),
+        digest=checked.digest,
+    )
+
+
+def tensor_specs(specs: Sequence[TensorSpec]) -> list[dict[str, Any]]:
+    """TensorSpecs as JSON-able dicts (the API's TensorInfo)."""
+    return [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in specs]
