@@ -443,6 +443,11 @@ class CalibrationDataset:
         ``eval_fraction`` in [0, 1) of the samples (at least one when positive and there are two
         or more) are drawn with ``np.random.default_rng(seed).permutation``.
         """
+        calibration, evaluation = self.split_indices(eval_fraction, seed)
+        return self.subset(calibration), self.subset(evaluation)
+
+    def split_indices(self, eval_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+        """The sample positions :meth:`split` puts in (calibration, evaluation), each sorted."""
         if not 0 <= eval_fraction < 1:
             raise DatasetError(
                 f"eval_fraction must be in [0, 1), got {eval_fraction}.", field="eval_fraction"
@@ -452,9 +457,7 @@ class CalibrationDataset:
         if eval_fraction > 0 and total >= 2:
             held = min(max(held, 1), total - 1)
         order = np.random.default_rng(seed).permutation(total)
-        return self.subset(np.sort(order[held:]).tolist()), self.subset(
-            np.sort(order[:held]).tolist()
-        )
+        return np.sort(order[held:]).tolist(), np.sort(order[:held]).tolist()
 
     def subset(self, indices: Sequence[int]) -> CalibrationDataset:
         """The samples at ``indices`` (positions in this dataset), in the order given."""

@@ -57,9 +57,10 @@ def cli(verbose: int) -> None:
 
 
 def _register() -> None:
-    from service import cli_local
+    from service import cli_engines, cli_local
 
     cli_local.register(cli)
+    cli_engines.register(cli)
     if importlib.util.find_spec("service.cli_server") is not None:
         cli_server = importlib.import_module("service.cli_server")
         cli_server.register(cli)

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-__all__ = ["sample_progress"]
+__all__ = ["sample_progress", "stage_progress"]
 
 
 @contextmanager
@@ -26,6 +26,35 @@ def sample_progress(
             if bar.total != total:
                 bar.total = total
             bar.update(done - bar.n)
+
+        yield update
+    finally:
+        bar.close()
+
+
+@contextmanager
+def stage_progress(
+    description: str, *, enabled: bool = True
+) -> Iterator[Callable[[str, float], None]]:
+    """Yield a ``progress(stage, fraction)`` callback drawing a percentage bar on stderr."""
+    if not (enabled and sys.stderr.isatty()):
+        yield lambda stage, fraction: None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(
+        desc=description,
+        total=100,
+        unit="%",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}",
+    )
+    try:
+
+        def update(stage: str, fraction: float) -> None:
+            bar.set_postfix_str(stage, refresh=False)
+            bar.update(max(0, round(fraction * 100) - bar.n))
 
         yield update
     finally:

@@ -17,6 +17,8 @@ and is parsed into a strongly typed network (``NetworkDefinitionCreationFlag.STR
 10.x; every network is strongly typed on 11.x), no precision flags. ``implicit`` (10.x only):
 ``BuilderFlag.FP16``/``INT8``, trtforge's table served as the native calibrator's cache, and the
 layers of kept ONNX nodes pinned with ``layer.precision`` under ``OBEY_PRECISION_CONSTRAINTS``.
+Names of functions used only by the implicit path contain ``implicit``: the API-surface test
+checks everything else against the TensorRT 11 bindings too.
 
 The timing cache is one file per GPU model + compute capability + TensorRT version, loaded before
 the build and merged back after it under a file lock, so concurrent builds share what they timed.
@@ -25,16 +27,13 @@ the build and merged back after it under a file lock, so concurrent builds share
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -42,57 +41,41 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from calibrators.errors import TensorRTUnavailableError, TrtforgeError
-from calibrators.table import TensorRTAlgorithm, trt_version_number
+from calibrators.table import CalibrationTable, trt_version_number
 from calibrators.tensorrt import native_calibrator, require_tensorrt, tensorrt_installed
 from engines.artifacts import sha256_file, write_artifact
 from engines.backends.base import Artifact, ArtifactMetadata, Availability, ProgressFn
-from engines.backends.tensorrt_runner import TensorRTRunner
+from engines.backends.tensorrt_runner import (
+    PROGRESS_PREFIX,
+    BuildJob,
+    TensorRTRunner,
+    render_reproduce_script,
+    run_build_process,
+)
 from engines.errors import BackendUnavailableError, BuildError, EngineError, SpecError
-from engines.spec import BuildSpec, Precision, ShapeProfile, TensorRTMode, TensorRTOptions
+from engines.spec import BuildSpec, ShapeProfile, TensorRTMode, node_matches
 
 if TYPE_CHECKING:
-    from calibrators.table import CalibrationTable
     from engines.gpu import GpuInfo
 
 __all__ = [
-    "BuildJob",
+    "DEFAULT_BUILD_TIMEOUT_S",
     "ParserProblem",
     "TensorRTBackend",
     "TensorRTRunner",
     "check_mode_supported",
+    "main",
     "onnx_node_of_layer",
     "parser_error_message",
-    "run_build_process",
     "side_files",
     "timing_cache_file",
 ]
 
-PROGRESS_PREFIX = "TRTFORGE-PROGRESS "
+log = logging.getLogger(__name__)
+
 DEFAULT_BUILD_TIMEOUT_S = 3600.0
-_LOG_TAIL_LINES = 400
-_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-
-
-class BuildJob(BaseModel):
-    """Everything the build child needs, as JSON (never pickled). Paths are absolute."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    onnx_path: str
-    mode: TensorRTMode
-    precision: Precision
-    profiles: dict[str, ShapeProfile]
-    options: TensorRTOptions
-    calibration_cache: str | None = None
-    calibrator: TensorRTAlgorithm | None = None
-    layer_precisions: dict[str, Literal["float32", "float16"]] = {}
-    """Implicit mode: ONNX node name -> the precision its layers are pinned to."""
-    engine_path: str
-    layers_path: str
-    result_path: str
-    timing_cache_folder: str | None = None
-    gpu_key: str | None = None
-    device: int = 0
+_TRT11 = 110000  # cache-header version number of TensorRT 11.0.0
+Pin = Literal["float32", "float16"]
 
 
 class ParserProblem(BaseModel):
@@ -121,8 +104,8 @@ def parser_error_message(problems: Sequence[ParserProblem]) -> str:
 
 
 def check_mode_supported(mode: TensorRTMode, trt_version: int) -> None:
-    """Implicit quantization exists only in TensorRT 10.x (header-style version number)."""
-    if mode is TensorRTMode.IMPLICIT and trt_version >= 110000:
+    """Implicit quantization exists only in TensorRT 10.x (``trt_version``: header number)."""
+    if mode is TensorRTMode.IMPLICIT and trt_version >= _TRT11:
         raise EngineError(
             "TensorRT 11 removed implicit quantization (calibrators, INT8/FP16 builder flags).",
             hint="Build with --mode explicit: trtforge writes Q/DQ + FP16 ONNX that TensorRT 11 "
@@ -142,26 +125,27 @@ def onnx_node_of_layer(layer_name: str, metadata: str) -> str:
 
 
 def timing_cache_file(folder: Path, gpu_key: str, trt_version: str) -> Path:
-    """``<folder>/<gpu>-trt<version>.timing-cache``; the key's odd characters become ``-``."""
+    """``<folder>/<gpu key>-trt<version>.timing-cache``, odd characters replaced by ``-``."""
     stem = re.sub(r"[^A-Za-z0-9.]+", "-", f"{gpu_key}-trt{trt_version}").strip("-")
     return Path(folder) / f"{stem}.timing-cache"
 
 
 def side_files(artifact: Path) -> dict[str, Path]:
-    """The files written beside an artifact (module docstring)."""
+    """The files written beside an artifact, by kind (module docstring)."""
     artifact = Path(artifact)
-    names = ("layers.json", "reproduce.py", "build.log", "prepared.onnx", "calibration.cache")
-    return {n: artifact.with_name(f"{artifact.name}.{n}") for n in names}
+    kinds = ("layers.json", "reproduce.py", "build.log", "prepared.onnx", "calibration.cache")
+    return {kind: artifact.with_name(f"{artifact.name}.{kind}") for kind in kinds}
 
 
-# -- the parent: prepare, supervise, publish -----------------------------------------------------
+# -- the parent: prepare, supervise, publish ------------------------------------------------------
 
 
 class TensorRTBackend:
     """Builds TensorRT engines in a child process and loads them with :class:`TensorRTRunner`.
 
-    ``timing_cache_dir`` defaults to ``~/.cache/trtforge/tensorrt``; ``reason`` is why this
-    backend was chosen (recorded in the metadata); ``device`` is the CUDA device index.
+    ``timing_cache_dir`` defaults to ``~/.cache/trtforge/tensorrt``; ``device`` is the GPU index
+    (NVML's; CUDA's too with ``CUDA_DEVICE_ORDER=PCI_BUS_ID``); ``reason`` is why this backend was
+    chosen (recorded in the metadata).
     """
 
     name = "tensorrt"
@@ -184,10 +168,11 @@ class TensorRTBackend:
             return Availability(False, "tensorrt is not installed")
         gpu = self._gpu()
         if gpu is None:
-            return Availability(False, f"no NVIDIA GPU with index {self.device} found by NVML")
+            return Availability(False, f"NVML finds no NVIDIA GPU with index {self.device}")
         return Availability(True, f"tensorrt installed; {gpu.name} (sm {gpu.compute_capability})")
 
     def version(self) -> str:
+        """The installed TensorRT's version (imports it)."""
         try:
             return require_tensorrt()
         except TensorRTUnavailableError as exc:
@@ -221,20 +206,35 @@ class TensorRTBackend:
         model_path, out_path = Path(model_path).resolve(), Path(out_path).resolve()
         out_path.parent.mkdir(parents=True, exist_ok=True)
         files = side_files(out_path)
-        _report(progress, "preparing model", 0.0)
+        if progress is not None:
+            progress("preparing model", 0.0)
         with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", dir=out_path.parent) as tmp:
-            work = Path(tmp)
-            job, reports = self._prepare(model_path, spec, table, work, gpu)
-            job_path = work / "job.json"
+            job, reports = self._prepare(model_path, spec, table, Path(tmp), gpu)
+            job_path = Path(tmp) / "job.json"
             job_path.write_text(job.model_dump_json(indent=2), encoding="utf-8")
-            argv = [sys.executable, "-m", "engines.backends.tensorrt", str(job_path)]
             result = run_build_process(
-                argv, timeout_s=self.build_timeout_s, log_path=files["build.log"],
-                result_path=Path(job.result_path), progress=progress,
-            )  # fmt: skip
+                [sys.executable, "-m", "engines.backends.tensorrt", str(job_path)],
+                timeout_s=self.build_timeout_s,
+                log_path=files["build.log"],
+                result_path=Path(job.result_path),
+                progress=progress,
+            )
             Path(job.layers_path).replace(files["layers.json"])
             published = _publish_inputs(job, files)
-            _write_text(files["reproduce.py"], render_reproduce_script(job, out_path.name))
+            script = render_reproduce_script(
+                job,
+                out_path.name,
+                onnx_name=published.get("prepared_onnx"),
+                cache_name=published.get("calibration_cache"),
+            )
+            _write_text(files["reproduce.py"], script)
+            options = {
+                "builder": spec.tensorrt.model_dump(mode="json"),
+                "strongly_typed": spec.mode is TensorRTMode.EXPLICIT,
+                **{k: result.get(k) for k in ("builder_flags", "layers_pinned", "timing_cache")},
+                **{kind.replace(".", "_"): path.name for kind, path in files.items()},
+                **published,
+            }
             metadata = ArtifactMetadata(
                 backend=self.name,
                 backend_version=str(result["tensorrt_version"]),
@@ -245,10 +245,7 @@ class TensorRTBackend:
                 compute_capability=gpu.compute_capability,
                 cuda_version=gpu.cuda_version,
                 driver_version=gpu.driver_version,
-                profiles={
-                    n: {"min": list(p.min), "opt": list(p.opt), "max": list(p.max)}
-                    for n, p in spec.profiles.items()
-                },
+                profiles={n: p.model_dump(mode="json") for n, p in spec.profiles.items()},
                 table_sha256=table.digest if table is not None else None,
                 quantized_nodes=reports[0],
                 kept_nodes=reports[1],
@@ -259,10 +256,11 @@ class TensorRTBackend:
                 size_bytes=0,
                 build_seconds=round(time.perf_counter() - start, 3),
                 created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-                options=_options_record(job, result, files, published),
+                options=options,
             )
             artifact = write_artifact(Path(job.engine_path), out_path, metadata)
-        _report(progress, "done", 1.0)
+        if progress is not None:
+            progress("done", 1.0)
         return artifact
 
     def _prepare(
@@ -294,13 +292,11 @@ class TensorRTBackend:
             prepared = prepare_model(model, spec, table)
             onnx_path = work / "prepared.onnx"
             _save_onnx(prepared.model, onnx_path)
-            job = BuildJob(onnx_path=str(onnx_path), **common)
-            return job, _explicit_reports(prepared)
-        pins = _layer_precisions(model, spec)
+            return BuildJob(onnx_path=str(onnx_path), **common), _explicit_reports(prepared)
+        pins = _layer_pins_implicit(model, spec)
         cache_path = None
         if spec.precision.uses_int8 and table is not None:
-            cache_path = work / "calibration.cache"
-            table.save(cache_path)
+            cache_path = table.save(work / "calibration.cache")
         job = BuildJob(
             onnx_path=str(model_path),
             calibration_cache=str(cache_path) if cache_path else None,
@@ -308,17 +304,12 @@ class TensorRTBackend:
             layer_precisions=pins,
             **common,
         )
-        kept = {node: f"pinned to {dtype} (keep rule)" for node, dtype in pins.items()}
+        kept = {node: f"pinned to {dtype} by a keep rule" for node, dtype in pins.items()}
         return job, ([], kept, [n for n, d in pins.items() if d == "float32"])
 
     def load(self, artifact_path: Path) -> TensorRTRunner:
         """Deserialize an engine for inference on this backend's device."""
         return TensorRTRunner(artifact_path, device=self.device)
-
-
-def _report(progress: ProgressFn | None, stage: str, fraction: float) -> None:
-    if progress is not None:
-        progress(stage, fraction)
 
 
 def _save_onnx(model: Any, path: Path) -> None:
@@ -327,12 +318,12 @@ def _save_onnx(model: Any, path: Path) -> None:
     from engines.backends.onnxruntime import MAX_PROTOBUF_BYTES
 
     large = model.ByteSize() > MAX_PROTOBUF_BYTES
-    onnx.save_model(
-        model, str(path), save_as_external_data=large, location=f"{path.name}.data" if large else None
-    )
+    location = f"{path.name}.data" if large else None
+    onnx.save_model(model, str(path), save_as_external_data=large, location=location)
 
 
 def _explicit_reports(prepared: Any) -> tuple[list[str], dict[str, str], list[str]]:
+    """(quantized nodes, node -> why it stays out of a reduced precision, FP32 nodes)."""
     quantized: list[str] = []
     kept: dict[str, str] = {}
     fp32: list[str] = []
@@ -346,19 +337,16 @@ def _explicit_reports(prepared: Any) -> tuple[list[str], dict[str, str], list[st
     return quantized, kept, fp32
 
 
-def _layer_precisions(model: Any, spec: BuildSpec) -> dict[str, Literal["float32", "float16"]]:
-    """Implicit mode: which ONNX nodes' layers to pin, and to what (keep rules of the spec)."""
-    from engines.spec import node_matches
-
-    pins: dict[str, Literal["float32", "float16"]] = {}
+def _layer_pins_implicit(model: Any, spec: BuildSpec) -> dict[str, Pin]:
+    """Which ONNX nodes' layers to pin, and to what, from the spec's keep rules."""
+    fp16, int8 = spec.precision.uses_fp16, spec.precision.uses_int8
+    pins: dict[str, Pin] = {}
     for node in model.graph.node:
-        if not node.name:
-            continue
-        no_fp16 = spec.precision.uses_fp16 and node_matches(spec.keep.fp16, node.name, node.op_type)
-        no_int8 = spec.precision.uses_int8 and node_matches(spec.keep.int8, node.name, node.op_type)
-        if no_fp16 or (no_int8 and not spec.precision.uses_fp16):
+        no_fp16 = fp16 and node_matches(spec.keep.fp16, node.name, node.op_type)
+        no_int8 = int8 and node_matches(spec.keep.int8, node.name, node.op_type)
+        if node.name and (no_fp16 or (no_int8 and not fp16)):
             pins[node.name] = "float32"
-        elif no_int8:
+        elif node.name and no_int8:
             pins[node.name] = "float16"
     return pins
 
@@ -367,45 +355,31 @@ def _publish_inputs(job: BuildJob, files: dict[str, Path]) -> dict[str, str]:
     """Move what TensorRT read (prepared ONNX, calibration cache) beside the artifact."""
     published: dict[str, str] = {}
     if job.mode is TensorRTMode.EXPLICIT:
-        source = Path(job.onnx_path)
+        source, target = Path(job.onnx_path), files["prepared.onnx"]
         data = source.with_name(source.name + ".data")
-        if data.exists():  # the external-data file keeps its relative name
-            data.replace(files["prepared.onnx"].with_name(files["prepared.onnx"].name + ".data"))
-        source.replace(files["prepared.onnx"])
-        published["prepared_onnx"] = files["prepared.onnx"].name
+        if data.exists():  # external data: the file name the model refers to must not change
+            target = target.with_name(source.name)
+            data.replace(target.with_name(data.name))
+        source.replace(target)
+        published["prepared_onnx"] = target.name
     if job.calibration_cache:
         Path(job.calibration_cache).replace(files["calibration.cache"])
         published["calibration_cache"] = files["calibration.cache"].name
     return published
 
 
-def _options_record(
-    job: BuildJob, result: dict[str, Any], files: dict[str, Path], published: dict[str, str]
-) -> dict[str, Any]:
-    return {
-        "builder": job.options.model_dump(mode="json"),
-        "strongly_typed": job.mode is TensorRTMode.EXPLICIT,
-        "builder_flags": result.get("builder_flags", []),
-        "layers_pinned": result.get("layers_pinned", 0),
-        "timing_cache": result.get("timing_cache"),
-        "layers": files["layers.json"].name,
-        "reproduce": files["reproduce.py"].name,
-        "log": files["build.log"].name,
-        **published,
-    }
-
-
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
 
 
-# -- the child: TensorRT itself ------------------------------------------------------------------
+# -- the child: TensorRT itself -------------------------------------------------------------------
 
 
 def _progress(stage: str, fraction: float) -> None:
-    print(f"{PROGRESS_PREFIX}{fraction:.2f} {stage}", flush=True)
+    sys.stdout.write(f"{PROGRESS_PREFIX}{fraction:.2f} {stage}\n")
+    sys.stdout.flush()
 
 
 def _build_engine(job: BuildJob) -> dict[str, Any]:
@@ -420,22 +394,13 @@ def _build_engine(job: BuildJob) -> dict[str, Any]:
     logger = trt.Logger(trt.Logger.INFO)
     builder = trt.Builder(logger)
     _progress("parsing ONNX", 0.05)
-    network = builder.create_network(_network_flags(job, trt_version_number(version)))
+    network = builder.create_network(_network_flags(job.mode, trt_version_number(version)))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(job.onnx_path):
-        problems = []
-        for i in range(parser.num_errors):
-            error = parser.get_error(i)
-            problems.append(
-                ParserProblem(
-                    node=error.node(), node_name=error.node_name(), operator=error.node_operator(),
-                    code=str(error.code()), description=error.desc(),
-                )
-            )  # fmt: skip
         raise BuildError(
-            parser_error_message(problems),
-            hint="Keep the node out of INT8/FP16 (--keep NODE), or check the op against "
-            "TensorRT's ONNX operator support list.",
+            parser_error_message([_parser_problem(parser.get_error(i)) for i in range(parser.num_errors)]),
+            hint="Keep the node out of INT8/FP16 (--keep NODE), or check its op against "
+            "TensorRT's ONNX operator support.",
             field="model",
         )
     _check_inputs(network, job.profiles)
@@ -444,6 +409,7 @@ def _build_engine(job: BuildJob) -> dict[str, Any]:
     calibrator, pinned = None, 0
     if job.mode is TensorRTMode.IMPLICIT:
         calibrator, pinned = _configure_implicit(network, config, job)
+        flags += [f for f in ("FP16", "INT8") if config.get_flag(getattr(trt.BuilderFlag, f))]
     cache_path = None
     if job.timing_cache_folder and job.gpu_key:
         cache_path = timing_cache_file(Path(job.timing_cache_folder), job.gpu_key, version)
@@ -451,18 +417,16 @@ def _build_engine(job: BuildJob) -> dict[str, Any]:
     _progress("building engine", 0.2)
     serialized = builder.build_serialized_network(network, config)
     if calibrator is not None:
-        calibrator.core.raise_error()
         calibrator.close()
+        calibrator.core.raise_error()
     if serialized is None:
         raise BuildError(
             "TensorRT could not build the engine (build_serialized_network returned nothing).",
-            hint="See the build log for TensorRT's reason; a workspace limit that is too low is "
-            "a common one.",
+            hint="The build log has TensorRT's reason; a too small workspace limit is a common one.",
         )
     if cache_path is not None:
         _save_timing_cache(config, cache_path)
-    with Path(job.engine_path).open("wb") as fh:
-        fh.write(memoryview(serialized))
+    Path(job.engine_path).write_bytes(memoryview(serialized))
     _progress("inspecting layers", 0.9)
     Path(job.layers_path).write_text(_layer_information(logger, serialized, job), encoding="utf-8")
     return {
@@ -473,12 +437,22 @@ def _build_engine(job: BuildJob) -> dict[str, Any]:
     }
 
 
-def _network_flags(job: BuildJob, trt_version: int) -> int:
+def _parser_problem(error: Any) -> ParserProblem:
+    return ParserProblem(
+        node=int(error.node()),
+        node_name=str(error.node_name()),
+        operator=str(error.node_operator()),
+        code=str(error.code()),
+        description=str(error.desc()),
+    )
+
+
+def _network_flags(mode: TensorRTMode, trt_version: int) -> int:
     import tensorrt as trt
 
-    if job.mode is TensorRTMode.EXPLICIT and trt_version < 110000:
+    if mode is TensorRTMode.EXPLICIT and trt_version < _TRT11:
         return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    return 0  # TensorRT 11: every network is strongly typed (the flag is deprecated, ignored)
+    return 0  # TensorRT 11: every network is strongly typed (the flag is deprecated and ignored)
 
 
 def _check_inputs(network: Any, profiles: dict[str, ShapeProfile]) -> None:
@@ -495,7 +469,7 @@ def _check_inputs(network: Any, profiles: dict[str, ShapeProfile]) -> None:
     if dynamic:
         raise SpecError(
             f"Input(s) {', '.join(dynamic)} have dynamic dimensions but no shape profile.",
-            hint="Give one per dynamic input: --shapes NAME:MINxDIMS/OPTxDIMS/MAXxDIMS.",
+            hint="Give one per dynamic input: --shapes NAME:MIN/OPT/MAX, e.g. 1x3x224x224/...",
             field="profiles",
         )
 
@@ -524,7 +498,7 @@ def _configure(builder: Any, config: Any, job: BuildJob) -> list[str]:
     if options.version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
         flags.append("VERSION_COMPATIBLE")
-    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # full inspector output
     return flags
 
 
@@ -538,8 +512,6 @@ def _configure_implicit(network: Any, config: Any, job: BuildJob) -> tuple[Any, 
     if job.precision.uses_int8:
         config.set_flag(trt.BuilderFlag.INT8)
         if job.calibration_cache is not None:
-            from calibrators.table import CalibrationTable
-
             table = CalibrationTable.load(Path(job.calibration_cache))
             calibrator = native_calibrator(None, job.calibrator or table.algorithm, table=table)
             config.int8_calibrator = calibrator
@@ -551,7 +523,7 @@ def _configure_implicit(network: Any, config: Any, job: BuildJob) -> tuple[Any, 
             pin = job.layer_precisions.get(onnx_node_of_layer(layer.name, layer.metadata))
             outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
             if pin is None or any(t.dtype not in (trt.float32, trt.float16) for t in outputs):
-                continue  # shape/index layers keep their types
+                continue  # shape and index layers keep their types
             layer.precision = dtypes[pin]
             for j in range(layer.num_outputs):
                 layer.set_output_type(j, dtypes[pin])
@@ -566,9 +538,8 @@ def _load_timing_cache(config: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{path}.lock"):
         data = path.read_bytes() if path.exists() else b""
-    cache = config.create_timing_cache(data)
-    if not config.set_timing_cache(cache, False):  # written by another GPU/TensorRT: start afresh
-        print(f"Ignoring the mismatched timing cache {path}", flush=True)
+    if not config.set_timing_cache(config.create_timing_cache(data), False):
+        log.warning("Ignoring timing cache %s: written for another GPU or TensorRT.", path)
         config.set_timing_cache(config.create_timing_cache(b""), False)
 
 
@@ -590,7 +561,7 @@ def _layer_information(logger: Any, serialized: Any, job: BuildJob) -> str:
     import tensorrt as trt
 
     runtime = trt.Runtime(logger)
-    if job.options.version_compatible:
+    if job.options.version_compatible:  # such engines embed the lean runtime: host code
         runtime.engine_host_code_allowed = True
     engine = runtime.deserialize_cuda_engine(serialized)
     if engine is None:
@@ -600,7 +571,8 @@ def _layer_information(logger: Any, serialized: Any, job: BuildJob) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The build child's entry point: ``python -m engines.backends.tensorrt JOB.json``."""
+    """The build child: ``python -m engines.backends.tensorrt JOB.json``; writes the result JSON."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="trtforge: %(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
     job = BuildJob.model_validate_json(Path(args[0]).read_text(encoding="utf-8"))
     try:
@@ -614,18 +586,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _error_record(exc: TrtforgeError) -> dict[str, Any]:
-    name = type(exc).__name__ if type(exc).__name__ in _ERRORS else "BuildError"
-    print(f"trtforge: {exc}", file=sys.stderr, flush=True)
+    known = (EngineError, SpecError, BuildError, BackendUnavailableError)
+    name = type(exc).__name__ if type(exc) in known else "BuildError"
+    log.error("%s", exc)
     return {"error": name, "message": exc.message, "hint": exc.hint, "field": exc.field}
-
-
-def render_reproduce_script(job: BuildJob, artifact_name: str) -> str:
-    """A standalone script that rebuilds the engine with plain TensorRT Python."""
-    from engines.backends.tensorrt_reproduce import reproduce_script
-
-    return reproduce_script(job, artifact_name)
 
 
 if __name__ == "__main__":
     raise SystemExit(main())
-

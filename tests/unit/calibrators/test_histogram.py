@@ -24,7 +24,9 @@ def fashion_activations(samples: int = 256) -> dict[str, np.ndarray]:
     model = onnx.load(zoo.fashion_cnn())
     known = {o.name for o in model.graph.output}
     for node in model.graph.node:
-        model.graph.output.extend(onnx.ValueInfoProto(name=o) for o in node.output if o not in known)
+        model.graph.output.extend(
+            onnx.ValueInfoProto(name=o) for o in node.output if o not in known
+        )
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     images, _ = zoo.fashion_mnist("test")
     names = [o.name for o in session.get_outputs()]
@@ -42,7 +44,9 @@ def collect(
     return collector.histograms()
 
 
-def split(arrays: dict[str, np.ndarray], order: np.ndarray, batch: int) -> list[dict[str, np.ndarray]]:
+def split(
+    arrays: dict[str, np.ndarray], order: np.ndarray, batch: int
+) -> list[dict[str, np.ndarray]]:
     return [
         {name: values[order[s : s + batch]] for name, values in arrays.items()}
         for s in range(0, order.size, batch)
@@ -258,7 +262,10 @@ def test_tensorrt_mode_depends_on_batch_order_where_exact_does_not() -> None:
     assert small_first.max_abs == peak_small * 4  # doubled twice to cover the large batch
     assert small_first.total == large_first.total == 100_000
     assert entropy_amax(small_first) != entropy_amax(large_first)
-    exact = [collect(order)["t"] for order in ([{"t": small}, {"t": large}], [{"t": large}, {"t": small}])]
+    exact = [
+        collect(order)["t"]
+        for order in ([{"t": small}, {"t": large}], [{"t": large}, {"t": small}])
+    ]
     assert np.array_equal(exact[0].counts, exact[1].counts)
 
 

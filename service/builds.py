@@ -1,0 +1,321 @@
+"""Builds: submission with cache-key deduplication, listing, cancellation, logs, deletion.
+
+A build's cache key is sha256(model) + sha256(dataset) + spec digest + backend version + GPU
+compute capability (+ the calibration table, when one is given): submitting an identical request
+returns the existing build instead of building again.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import uuid
+from dataclasses import dataclass
+
+from calibrators.errors import DatasetError
+from engines.spec import BackendName, BuildSpec
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.catalog import Page, get_dataset, get_model, get_table, model_path, release_blob
+from service.db.models import BuildLogRow, BuildRow, DatasetRow, JobRow, ModelRow, utcnow
+from service.errors import ConflictError, NotFoundError
+from service.jobs.base import JobQueue, JobState
+from service.recorder import add_log, reset_for_retry
+from service.schemas import (
+    AccuracyOptions,
+    ArtifactInfo,
+    BenchmarkOptionsIn,
+    BuildCreate,
+    BuildPublic,
+    BuildStatus,
+    CalibrationOptions,
+    ErrorInfo,
+    LogLine,
+    Stage,
+)
+from service.storage import Storage
+
+__all__ = [
+    "Target",
+    "build_cache_key",
+    "build_public",
+    "cancel_build",
+    "delete_build",
+    "get_build",
+    "list_builds",
+    "log_lines",
+    "resolve_target",
+    "submit_build",
+]
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a spec builds for on this machine: backend, its version, compute capability."""
+
+    backend: str
+    backend_version: str
+    compute_capability: str
+
+
+@functools.lru_cache(maxsize=8)
+def resolve_target(backend: BackendName) -> Target:
+    """The backend ``auto``/``tensorrt``/``onnxruntime`` resolves to here (cached per process).
+
+    Raises :class:`engines.errors.BackendUnavailableError` for TensorRT without TensorRT.
+    """
+    from engines.build import select_backend
+
+    chosen, _reason = select_backend(backend)
+    capability = "cpu"
+    if chosen.name == "tensorrt":
+        from engines.gpu import discover_gpus
+
+        gpus = discover_gpus()
+        capability = gpus[0].compute_capability if gpus else "unknown"
+    return Target(chosen.name, chosen.version(), capability)
+
+
+def build_cache_key(request: BuildCreate, target: Target) -> str:
+    """sha256 over what decides the artifact (module docstring)."""
+    parts = [
+        request.model_id,
+        request.dataset_id,
+        request.table_id or "-",
+        request.spec.digest,
+        request.calibration.model_dump_json(),
+        target.backend,
+        target.backend_version,
+        target.compute_capability,
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def build_public(row: BuildRow) -> BuildPublic:
+    request = BuildCreate.model_validate(row.request)
+    error = (
+        ErrorInfo(code=row.error_code, message=row.error_message or "", hint=row.error_hint or "")
+        if row.error_code
+        else None
+    )
+    artifact = (
+        ArtifactInfo(
+            filename=row.artifact_filename or "artifact",
+            sha256=row.artifact_sha256,
+            size_bytes=row.artifact_size_bytes or 0,
+            backend=row.backend,
+        )
+        if row.artifact_sha256
+        else None
+    )
+    base = f"/v1/builds/{row.id}"
+    links = {"self": base, "events": f"{base}/events", "logs": f"{base}/logs"}
+    if artifact is not None:
+        links |= {"artifact": f"{base}/artifact", "metadata": f"{base}/artifact/metadata"}
+    if row.report_sha256:
+        links |= {"report": f"{base}/report", "report_html": f"{base}/report?format=html"}
+    if row.table_id:
+        links["table"] = f"/v1/calibration-tables/{row.table_id}"
+    return BuildPublic(
+        id=row.id,
+        status=BuildStatus(row.status),
+        stage=Stage(row.stage) if row.stage else None,
+        progress=row.progress,
+        model_id=row.model_id,
+        dataset_id=row.dataset_id,
+        table_id=row.table_id,
+        table_from_cache=row.table_from_cache,
+        spec=request.spec,
+        calibration=request.calibration or CalibrationOptions(),
+        benchmark=request.benchmark or BenchmarkOptionsIn(),
+        accuracy=request.accuracy or AccuracyOptions(),
+        backend=row.backend,
+        backend_version=row.backend_version,
+        compute_capability=row.compute_capability,
+        cache_key=row.cache_key,
+        attempts=row.job.attempts if row.job is not None else 0,
+        cancel_requested=row.cancel_requested,
+        stage_seconds={k: float(v) for k, v in row.stage_seconds.items()},
+        error=error,
+        artifact=artifact,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        links=links,
+    )
+
+
+def get_build(session: Session, build_id: str) -> BuildRow:
+    row = session.get(BuildRow, build_id)
+    if row is None:
+        raise NotFoundError(
+            f"No build with id {build_id!r}.",
+            hint="List builds with GET /v1/builds.",
+            field="build_id",
+        )
+    return row
+
+
+def _check_request(session: Session, storage: Storage, request: BuildCreate) -> None:
+    """Refuse requests that cannot build, before anything is queued."""
+    from calibrators.onnxio import load_onnx
+    from engines.build import validate_keep_patterns, validate_profiles
+
+    model = get_model(session, request.model_id)
+    dataset = get_dataset(session, request.dataset_id)
+    if request.table_id is not None:
+        table = get_table(session, request.table_id)
+        if table.model_id != model.id:
+            raise ConflictError(
+                f"Calibration table {table.id[:12]} belongs to model {table.model_id[:12]}, "
+                f"not to {model.id[:12]}.",
+                hint="Use a table of this model (GET /v1/calibration-tables?model_id=...).",
+                field="table_id",
+            )
+    onnx_model = load_onnx(model_path(storage, model), load_external_data=False)
+    from calibrators.data import model_input_specs
+
+    inputs = model_input_specs(onnx_model)
+    validate_profiles(inputs, dict(request.spec.profiles))
+    validate_keep_patterns(onnx_model, request.spec)
+    _check_dataset_names(dataset, model, [s.name for s in inputs])
+
+
+def _check_dataset_names(dataset: DatasetRow, model: ModelRow, names: list[str]) -> None:
+    if dataset.model_id == model.id:
+        return  # validated against this model at upload
+    have = sorted(str(t["name"]) for t in dataset.inputs)
+    if sorted(names) == have or (len(names) == 1 and len(have) == 1):
+        return
+    raise DatasetError(
+        f"Dataset {dataset.id[:12]} has inputs {', '.join(have)}; the model needs "
+        f"{', '.join(sorted(names))}.",
+        hint="Upload a dataset with one array per model input, named after it.",
+        field="dataset_id",
+    )
+
+
+def submit_build(
+    session: Session, storage: Storage, queue: JobQueue, request: BuildCreate
+) -> tuple[BuildRow, bool]:
+    """Queue a build; (existing build, False) when one with the same cache key exists.
+
+    A failed or cancelled build with the same key is queued again and counts as new.
+    """
+    _check_request(session, storage, request)
+    target = resolve_target(request.spec.backend)
+    key = build_cache_key(request, target)
+    existing = session.scalar(select(BuildRow).where(BuildRow.cache_key == key))
+    if existing is not None:
+        if BuildStatus(existing.status) not in (BuildStatus.FAILED, BuildStatus.CANCELLED):
+            return existing, False
+        reset_for_retry(existing)
+        queue.enqueue(session, existing.id)
+        add_log(session, existing.id, "Submitted again: queued for a new run.")
+        session.commit()
+        return existing, True
+    row = BuildRow(
+        id=uuid.uuid4().hex,
+        cache_key=key,
+        model_id=request.model_id,
+        dataset_id=request.dataset_id,
+        table_id=request.table_id,
+        request=request.model_dump(mode="json"),
+        spec_digest=request.spec.digest,
+        backend=target.backend,
+        backend_version=target.backend_version,
+        compute_capability=target.compute_capability,
+        status=BuildStatus.QUEUED.value,
+        progress=0.0,
+        cancel_requested=False,
+        stage_seconds={},
+    )
+    session.add(row)
+    session.flush()
+    queue.enqueue(session, row.id)
+    add_log(session, row.id, f"Queued ({target.backend} {target.backend_version}).")
+    try:
+        session.commit()
+    except IntegrityError:  # the same request raced us in
+        session.rollback()
+        winner = session.scalar(select(BuildRow).where(BuildRow.cache_key == key))
+        if winner is None:
+            raise
+        return winner, False
+    return row, True
+
+
+def list_builds(
+    session: Session,
+    limit: int,
+    offset: int,
+    *,
+    model_id: str | None = None,
+    status: BuildStatus | None = None,
+) -> Page[BuildRow]:
+    query = select(BuildRow)
+    if model_id is not None:
+        query = query.where(BuildRow.model_id == model_id)
+    if status is not None:
+        query = query.where(BuildRow.status == status.value)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(
+        query.order_by(BuildRow.created_at.desc(), BuildRow.id).limit(limit).offset(offset)
+    )
+    return Page(list(rows), total)
+
+
+def cancel_build(session: Session, build_id: str) -> BuildRow:
+    """Cancel now (queued) or at the next stage boundary (running). Idempotent once ended."""
+    row = get_build(session, build_id)
+    status = BuildStatus(row.status)
+    if status.terminal:
+        if status is BuildStatus.CANCELLED:
+            return row
+        raise ConflictError(
+            f"Build {build_id[:12]} already ended ({status.value}); there is nothing to cancel.",
+            hint="Delete it with DELETE /v1/builds/{id} if it is no longer needed.",
+        )
+    row.cancel_requested = True
+    job = row.job
+    if status is BuildStatus.QUEUED and job is not None and job.state == JobState.QUEUED.value:
+        job.state = JobState.FINISHED.value
+        row.status = BuildStatus.CANCELLED.value
+        row.finished_at = utcnow()
+        add_log(session, row.id, "Build cancelled before it started.", level="warning")
+    else:
+        add_log(session, row.id, "Cancel requested: stopping at the next stage boundary.")
+    session.commit()
+    return row
+
+
+def delete_build(session: Session, storage: Storage, build_id: str) -> None:
+    """Delete an ended build with its logs, artifact and report."""
+    row = get_build(session, build_id)
+    if not BuildStatus(row.status).terminal:
+        raise ConflictError(
+            f"Build {build_id[:12]} is {row.status}; only ended builds can be deleted.",
+            hint="Cancel it first (POST /v1/builds/{id}/cancel).",
+        )
+    blobs = [sha for sha in (row.artifact_sha256, row.report_sha256) if sha]
+    session.query(BuildLogRow).filter(BuildLogRow.build_id == build_id).delete()
+    session.query(JobRow).filter(JobRow.build_id == build_id).delete()
+    session.delete(row)
+    session.commit()
+    for sha in blobs:
+        release_blob(session, storage, sha)
+
+
+def log_lines(session: Session, build_id: str, after: int = 0, limit: int = 1000) -> list[LogLine]:
+    """Log lines of a build with sequence number above ``after``."""
+    rows = session.scalars(
+        select(BuildLogRow)
+        .where(BuildLogRow.build_id == build_id, BuildLogRow.id > after)
+        .order_by(BuildLogRow.id)
+        .limit(limit)
+    )
+    return [
+        LogLine(seq=r.id, at=r.at, level=r.level, stage=r.stage, message=r.message) for r in rows
+    ]
