@@ -194,7 +194,9 @@ class HistogramCollector:
         self._exact: dict[str, _ExactState] = {}
         self._trt: dict[str, _TensorRTState] = {}
         self._scratch: dict[np.dtype[np.floating], FloatArray] = {}
-        self._index = np.empty(_CHUNK, dtype=np.intp)
+        # int32: float32 -> int32 casts vectorize, float32 -> int64 ones do not (measured 0.16
+        # vs 0.66 ns per value); np.bincount widens internally for less than that difference.
+        self._index = np.empty(_CHUNK, dtype=np.int32)
 
     @property
     def mode(self) -> HistogramMode:
@@ -262,7 +264,7 @@ class HistogramCollector:
         # One pass, chunk by chunk: |x| into an L2-resident scratch, the chunk's max (growing the
         # range first if needed: growth mid-batch is fine, the fine counts only depend on the final
         # range), then bin = int(|x| * 2**k) (the cast truncates, i.e. floors non-negative values)
-        # and np.bincount, measured about 3x faster than np.histogram.
+        # and np.bincount: about 2 ns per value in all, 3x faster than np.histogram.
         scratch = self._buffer(flat.dtype)
         fine_log2 = self._fine_bins.bit_length() - 1
         for start in range(0, flat.size, _CHUNK):

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CUDA_PYTHON_HINT",
+    "BatchFeeder",
     "CalibratorCore",
     "DeviceBatchFeeder",
     "NativeCalibrator",
@@ -134,7 +135,9 @@ class DeviceBatchFeeder:
         try:
             for name, (shape, dtype) in self._specs.items():
                 nbytes = max(1, max_batch * math.prod(shape) * dtype.itemsize)
-                ptr = cuda_call(self._cudart.cudaMalloc(nbytes), f"cudaMalloc({nbytes}) for {name!r}")
+                ptr = cuda_call(
+                    self._cudart.cudaMalloc(nbytes), f"cudaMalloc({nbytes}) for {name!r}"
+                )
                 self._pointers[name] = int(ptr)
         except BaseException:
             self.close()
@@ -148,7 +151,9 @@ class DeviceBatchFeeder:
     def copy(self, batch: Mapping[str, np.ndarray]) -> dict[str, int]:
         """Copy one batch (arrays with a leading batch axis) to the device; returns the pointers."""
         if not self._pointers and self._specs:
-            raise CalibrationError("The batch feeder is closed.", hint="Use it inside its `with` block.")
+            raise CalibrationError(
+                "The batch feeder is closed.", hint="Use it inside its `with` block."
+            )
         missing = [name for name in self._specs if name not in batch]
         if missing:
             raise DatasetError(
@@ -161,12 +166,16 @@ class DeviceBatchFeeder:
             array = np.ascontiguousarray(batch[name])
             self._check(name, array, shape, dtype)
             cuda_call(
-                self._cudart.cudaMemcpy(self._pointers[name], array.ctypes.data, array.nbytes, kind),
+                self._cudart.cudaMemcpy(
+                    self._pointers[name], array.ctypes.data, array.nbytes, kind
+                ),
                 f"cudaMemcpy host->device for {name!r}",
             )
         return self.pointers
 
-    def _check(self, name: str, array: np.ndarray, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+    def _check(
+        self, name: str, array: np.ndarray, shape: tuple[int, ...], dtype: np.dtype[Any]
+    ) -> None:
         if array.dtype != dtype:
             raise DatasetError(
                 f"Input {name!r} arrived as {array.dtype.name}, the device buffer holds {dtype.name}.",
@@ -210,6 +219,14 @@ def _static_spec(spec: TensorSpec) -> tuple[tuple[int, ...], np.dtype[Any]]:
     return tuple(int(d) for d in spec.shape if d is not None), np.dtype(spec.dtype)
 
 
+class BatchFeeder(Protocol):
+    """What :class:`CalibratorCore` needs from a feeder (:class:`DeviceBatchFeeder` in use)."""
+
+    def copy(self, batch: Mapping[str, np.ndarray]) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
+
+
 class CalibratorCore:
     """What a native calibrator does, independent of TensorRT's base class (see module docstring).
 
@@ -226,7 +243,7 @@ class CalibratorCore:
         batch_size: int,
         trt_version: int,
         batches: Iterator[Mapping[str, np.ndarray]] | None = None,
-        feeder: DeviceBatchFeeder | None = None,
+        feeder: BatchFeeder | None = None,
         served: CalibrationTable | None = None,
         on_table: Callable[[CalibrationTable], None] | None = None,
         dataset_digest: Callable[[], str] | None = None,
@@ -281,7 +298,9 @@ class CalibratorCore:
         try:
             table = self._served
             if table.algorithm is not self.algorithm:
-                log.info("Serving a %s table to the %s calibrator.", table.algorithm, self.algorithm)
+                log.info(
+                    "Serving a %s table to the %s calibrator.", table.algorithm, self.algorithm
+                )
             text = table.with_algorithm(self.algorithm).to_cache_text(self.trt_version)
             return text.encode("utf-8")
         except Exception as exc:

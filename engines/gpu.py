@@ -9,6 +9,7 @@ enumerates the same GPUs in that order when ``CUDA_DEVICE_ORDER=PCI_BUS_ID``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 from typing import Any
@@ -64,10 +65,8 @@ def discover_gpus() -> list[GpuInfo]:
         log.warning("NVML failed while listing GPUs (%s): reporting no GPU.", exc)
         return []
     finally:
-        try:
+        with contextlib.suppress(pynvml.NVMLError):
             pynvml.nvmlShutdown()
-        except pynvml.NVMLError:
-            pass
 
 
 def _describe_all(pynvml: Any) -> list[GpuInfo]:

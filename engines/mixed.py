@@ -45,7 +45,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from calibrators.data import CalibrationDataset, TensorSpec, model_input_specs
 from engines.accuracy import AccuracyMetric, AccuracyReport, MetricBudget, compare

@@ -12,12 +12,12 @@ import hashlib
 import uuid
 from dataclasses import dataclass
 
-from calibrators.errors import DatasetError
-from engines.spec import BackendName, BuildSpec
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from calibrators.errors import DatasetError
+from engines.spec import BackendName
 from service.catalog import Page, get_dataset, get_model, get_table, model_path, release_blob
 from service.db.models import BuildLogRow, BuildRow, DatasetRow, JobRow, ModelRow, utcnow
 from service.errors import ConflictError, NotFoundError

@@ -9,6 +9,7 @@
         ├── ConflictError          the request conflicts with the current state
         │   ├── InUseError         a model or dataset is still referenced by builds
         │   └── NotReadyError      the build has no artifact or report (yet)
+        ├── RangeNotSatisfiableError  a Range request starts past the end of the file
         ├── UploadError            the upload is malformed (not multipart, no file part)
         ├── PayloadTooLargeError   the upload is larger than the server's limit
         ├── AuthenticationError    no valid bearer token was given
@@ -40,6 +41,7 @@ __all__ = [
     "NotReadyError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
+    "RangeNotSatisfiableError",
     "ServiceError",
     "SettingsError",
     "StorageError",
@@ -87,6 +89,17 @@ class NotReadyError(ConflictError):
 
     code = "not_ready"
     default_hint = "Wait for the build to succeed (GET /v1/builds/{id}/events), then retry."
+
+
+class RangeNotSatisfiableError(ServiceError):
+    """The requested byte range is outside the file."""
+
+    code = "range_not_satisfiable"
+    default_hint = "Ask for a range that starts before the end of the file (see Content-Length)."
+
+    def __init__(self, size_bytes: int, message: str | None = None) -> None:
+        super().__init__(message, field="range")
+        self.size_bytes = size_bytes
 
 
 class UploadError(ServiceError):

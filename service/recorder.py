@@ -109,18 +109,26 @@ class BuildRecorder:
         self.min_interval_s = min_interval_s
         self.stage_seconds: dict[str, float] = {}
 
-    def _update(self, **values: Any) -> BuildRow:
+    def _update(self, line: tuple[str, str] | None = None, **values: Any) -> BuildRow:
+        """Set columns, plus an optional (level, message) log line in the same transaction."""
         with self.db.session() as session:
             build = session.get_one(BuildRow, self.build_id)
             for key, value in values.items():
                 setattr(build, key, value)
+            if line is not None:
+                level, message = line
+                self._echo(level, message)
+                add_log(session, self.build_id, message, level=level)
             session.commit()
             return build
 
-    def log(self, message: str, *, level: str = "info", stage: Stage | None = None) -> None:
+    def _echo(self, level: str, message: str) -> None:
         getattr(log, level if level in ("debug", "info", "warning", "error") else "info")(
             "build %s: %s", self.build_id[:8], message
         )
+
+    def log(self, message: str, *, level: str = "info", stage: Stage | None = None) -> None:
+        self._echo(level, message)
         with self.db.session() as session:
             add_log(session, self.build_id, message, level=level, stage=stage)
             session.commit()
@@ -166,18 +174,19 @@ class BuildRecorder:
 
     def succeed(self, **artifact: Any) -> None:
         self._update(
+            ("info", "Build succeeded."),
             status=BuildStatus.SUCCEEDED.value,
             stage=None,
             progress=1.0,
             finished_at=utcnow(),
             **artifact,
         )
-        self.log("Build succeeded.")
 
     def fail(self, code: str, message: str, hint: str = "", details: str = "") -> None:
         if details:
             self.log(details, level="error")
         self._update(
+            ("error", f"Build failed: {message}"),
             status=BuildStatus.FAILED.value,
             stage=None,
             finished_at=utcnow(),
@@ -185,8 +194,11 @@ class BuildRecorder:
             error_message=message,
             error_hint=hint,
         )
-        self.log(f"Build failed: {message}", level="error")
 
     def cancelled(self) -> None:
-        self._update(status=BuildStatus.CANCELLED.value, stage=None, finished_at=utcnow())
-        self.log("Build cancelled.", level="warning")
+        self._update(
+            ("warning", "Build cancelled."),
+            status=BuildStatus.CANCELLED.value,
+            stage=None,
+            finished_at=utcnow(),
+        )

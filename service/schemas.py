@@ -8,6 +8,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engines.accuracy import AccuracyReport
+from engines.backends.base import ArtifactMetadata
+from engines.benchmark import PerfReport
 from engines.spec import BuildSpec
 
 __all__ = [
@@ -17,8 +20,10 @@ __all__ = [
     "BuildCreate",
     "BuildPage",
     "BuildPublic",
+    "BuildReport",
     "BuildStatus",
     "CalibrationOptions",
+    "CalibrationSummary",
     "CheckResult",
     "DatasetPage",
     "DatasetPublic",
@@ -311,3 +316,36 @@ class CheckResult(_Frozen):
 class Readiness(_Frozen):
     ready: bool
     checks: dict[str, CheckResult]
+
+
+class CalibrationSummary(_Frozen):
+    table_id: str
+    from_cache: bool
+    source: str
+    method: str | None
+    samples: int
+    num_tensors: int
+
+
+class BuildReport(_Frozen):
+    """``GET /v1/builds/{id}/report``: everything a build measured, in one document."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="strings")
+
+    build_id: str
+    created_at: datetime
+    model: dict[str, str]
+    """id and filename."""
+    dataset: dict[str, str | int]
+    """id, filename, num_samples, calibration_samples, evaluation_samples."""
+    spec: BuildSpec
+    calibration: CalibrationSummary | None
+    artifact: ArtifactInfo
+    artifact_metadata: ArtifactMetadata
+    quantized_nodes: list[str]
+    kept_nodes: dict[str, str]
+    """ONNX node -> why it stays in higher precision."""
+    performance: PerfReport
+    accuracy: AccuracyReport | None
+    environment: dict[str, str]
+    stage_seconds: dict[str, float]

@@ -202,7 +202,9 @@ class TensorRTBackend:
             )
         gpu = self._gpu()
         if not tensorrt_installed() or gpu is None:
-            raise BackendUnavailableError(f"TensorRT cannot build here: {self.availability().reason}.")
+            raise BackendUnavailableError(
+                f"TensorRT cannot build here: {self.availability().reason}."
+            )
         model_path, out_path = Path(model_path).resolve(), Path(out_path).resolve()
         out_path.parent.mkdir(parents=True, exist_ok=True)
         files = side_files(out_path)
@@ -232,7 +234,10 @@ class TensorRTBackend:
                 "builder": spec.tensorrt.model_dump(mode="json"),
                 "strongly_typed": spec.mode is TensorRTMode.EXPLICIT,
                 **{k: result.get(k) for k in ("builder_flags", "layers_pinned", "timing_cache")},
-                **{kind.replace(".", "_"): path.name for kind, path in files.items()},
+                **{
+                    k.replace(".", "_"): files[k].name
+                    for k in ("layers.json", "reproduce.py", "build.log")
+                },
                 **published,
             }
             metadata = ArtifactMetadata(
@@ -282,7 +287,9 @@ class TensorRTBackend:
             "engine_path": str(work / "engine.plan"),
             "layers_path": str(work / "layers.json"),
             "result_path": str(work / "result.json"),
-            "timing_cache_folder": str(self.timing_cache_dir) if spec.tensorrt.timing_cache else None,
+            "timing_cache_folder": str(self.timing_cache_dir)
+            if spec.tensorrt.timing_cache
+            else None,
             "gpu_key": f"{gpu.name}-sm{gpu.compute_capability}",
             "device": self.device,
         }
@@ -398,7 +405,9 @@ def _build_engine(job: BuildJob) -> dict[str, Any]:
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(job.onnx_path):
         raise BuildError(
-            parser_error_message([_parser_problem(parser.get_error(i)) for i in range(parser.num_errors)]),
+            parser_error_message(
+                [_parser_problem(parser.get_error(i)) for i in range(parser.num_errors)]
+            ),
             hint="Keep the node out of INT8/FP16 (--keep NODE), or check its op against "
             "TensorRT's ONNX operator support.",
             field="model",
@@ -409,7 +418,11 @@ def _build_engine(job: BuildJob) -> dict[str, Any]:
     calibrator, pinned = None, 0
     if job.mode is TensorRTMode.IMPLICIT:
         calibrator, pinned = _configure_implicit(network, config, job)
-        flags += [f for f in ("FP16", "INT8") if config.get_flag(getattr(trt.BuilderFlag, f))]
+        flags += [
+            f
+            for f, on in (("FP16", job.precision.uses_fp16), ("INT8", job.precision.uses_int8))
+            if on
+        ]
     cache_path = None
     if job.timing_cache_folder and job.gpu_key:
         cache_path = timing_cache_file(Path(job.timing_cache_folder), job.gpu_key, version)

@@ -10,6 +10,7 @@ in ``execute_async_v3``. Host arrays are ordinary (pageable) numpy memory, no CU
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -101,10 +102,8 @@ def run_build_process(
 
         def kill() -> None:
             timed_out.set()
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
         timer = threading.Timer(timeout_s, kill)
         timer.start()
@@ -336,11 +335,13 @@ class TensorRTRunner:
             raise _unavailable(exc) from exc
         import tensorrt as trt
 
-        cuda_call(self._cudart.cudaSetDevice(device), f"cudaSetDevice({device})", RunError)
+        self._cuda(self._cudart.cudaSetDevice(device), f"cudaSetDevice({device})")
         try:
             data = self.engine_path.read_bytes()
         except OSError as exc:
-            raise RunError(f"Cannot read the engine {str(engine_path)!r}: {exc}", field="artifact") from exc
+            raise RunError(
+                f"Cannot read the engine {str(engine_path)!r}: {exc}", field="artifact"
+            ) from exc
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self._runtime.engine_host_code_allowed = _version_compatible(self.engine_path)
@@ -354,11 +355,19 @@ class TensorRTRunner:
             )
         self._context = self._engine.create_execution_context()
         self._buffers: dict[str, tuple[int, int]] = {}
-        self._stream = cuda_call(self._cudart.cudaStreamCreate(), "cudaStreamCreate", RunError)
-        self._events = [
-            cuda_call(self._cudart.cudaEventCreate(), "cudaEventCreate", RunError) for _ in range(4)
-        ]
-        self._io_specs()
+        self._events: list[Any] = []
+        self._stream = self._cuda(self._cudart.cudaStreamCreate(), "cudaStreamCreate")
+        try:
+            self._events = [
+                self._cuda(self._cudart.cudaEventCreate(), "cudaEventCreate") for _ in range(4)
+            ]
+            self._io_specs()
+        except BaseException:
+            self.close()
+            raise
+
+    def _cuda(self, result: Any, what: str) -> Any:
+        return cuda_call(result, what, RunError)
 
     def _io_specs(self) -> None:
         import tensorrt as trt
@@ -372,7 +381,9 @@ class TensorRTRunner:
             except TypeError as exc:
                 raise RunError(f"Engine I/O tensor {name!r} has a type numpy lacks: {exc}") from exc
             shape = tuple(int(d) for d in self._engine.get_tensor_shape(name))
-            spec = TensorSpec(name, self._dtypes[name].name, tuple(d if d >= 0 else None for d in shape))
+            spec = TensorSpec(
+                name, self._dtypes[name].name, tuple(d if d >= 0 else None for d in shape)
+            )
             if self._engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
                 inputs.append(spec)
             else:
@@ -392,12 +403,14 @@ class TensorRTRunner:
         ptr, capacity = self._buffers.get(name, (0, -1))
         if capacity < nbytes:
             if ptr:
-                cuda_call(self._cudart.cudaFree(ptr), "cudaFree", RunError)
-            ptr = int(cuda_call(self._cudart.cudaMalloc(max(nbytes, 1)), f"cudaMalloc for {name!r}", RunError))
+                self._cuda(self._cudart.cudaFree(ptr), "cudaFree")
+            ptr = int(self._cuda(self._cudart.cudaMalloc(max(nbytes, 1)), f"cudaMalloc {name!r}"))
             self._buffers[name] = (ptr, nbytes)
         return ptr
 
-    def _stage(self, feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def _stage(
+        self, feeds: Mapping[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Host arrays for the inputs (shapes set on the context) and for the outputs."""
         if self._context is None:
             raise RunError("The runner is closed.", hint="Use the runner inside its `with` block.")
@@ -411,7 +424,9 @@ class TensorRTRunner:
                 )
             try:
                 array = np.ascontiguousarray(
-                    np.asarray(feeds[spec.name]).astype(self._dtypes[spec.name], casting="same_kind")
+                    np.asarray(feeds[spec.name]).astype(
+                        self._dtypes[spec.name], casting="same_kind"
+                    )
                 )
             except TypeError as exc:
                 raise RunError(f"Input {spec.name!r}: {exc}", field="inputs") from exc
@@ -426,7 +441,9 @@ class TensorRTRunner:
         for name in self._outputs:
             shape = tuple(int(d) for d in self._context.get_tensor_shape(name))
             if any(d < 0 for d in shape):
-                raise RunError(f"Output {name!r} has a data-dependent shape, which trtforge cannot run.")
+                raise RunError(
+                    f"Output {name!r} has a data-dependent shape, which trtforge cannot run."
+                )
             outputs[name] = np.empty(shape, dtype=self._dtypes[name])
         for name, array in (hosts | outputs).items():
             self._context.set_tensor_address(name, self._buffer(name, array.nbytes))
@@ -437,22 +454,23 @@ class TensorRTRunner:
         cudart, stream, events = self._cudart, self._stream, self._events
         h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        cuda_call(cudart.cudaEventRecord(events[0], stream), "cudaEventRecord", RunError)
+        cuda = self._cuda
+        cuda(cudart.cudaEventRecord(events[0], stream), "cudaEventRecord")
         for name, array in hosts.items():
             ptr = self._buffers[name][0]
-            cuda_call(cudart.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes, h2d, stream), "cudaMemcpyAsync", RunError)
-        cuda_call(cudart.cudaEventRecord(events[1], stream), "cudaEventRecord", RunError)
+            cuda(cudart.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes, h2d, stream), "H2D")
+        cuda(cudart.cudaEventRecord(events[1], stream), "cudaEventRecord")
         start = time.perf_counter()
         ok = self._context.execute_async_v3(int(stream))
         enqueue_ms = (time.perf_counter() - start) * 1000.0
         if not ok:
             raise RunError(f"TensorRT failed to enqueue {self.engine_path.name}; see its log.")
-        cuda_call(cudart.cudaEventRecord(events[2], stream), "cudaEventRecord", RunError)
+        cuda(cudart.cudaEventRecord(events[2], stream), "cudaEventRecord")
         for name, array in outputs.items():
             ptr = self._buffers[name][0]
-            cuda_call(cudart.cudaMemcpyAsync(array.ctypes.data, ptr, array.nbytes, d2h, stream), "cudaMemcpyAsync", RunError)
-        cuda_call(cudart.cudaEventRecord(events[3], stream), "cudaEventRecord", RunError)
-        cuda_call(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize", RunError)
+            cuda(cudart.cudaMemcpyAsync(array.ctypes.data, ptr, array.nbytes, d2h, stream), "D2H")
+        cuda(cudart.cudaEventRecord(events[3], stream), "cudaEventRecord")
+        cuda(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
         return enqueue_ms
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -468,7 +486,9 @@ class TensorRTRunner:
         e = self._events
 
         def elapsed(a: Any, b: Any) -> float:
-            return float(cuda_call(self._cudart.cudaEventElapsedTime(a, b), "cudaEventElapsedTime", RunError))
+            return float(
+                self._cuda(self._cudart.cudaEventElapsedTime(a, b), "cudaEventElapsedTime")
+            )
 
         return QueryTiming(
             latency_ms=elapsed(e[0], e[3]),
@@ -498,7 +518,7 @@ class TensorRTRunner:
 
     def close(self) -> None:
         """Free device buffers, events and the stream; idempotent."""
-        if self._context is None:
+        if self._stream is None:
             return
         cudart = self._cudart
         for ptr, _ in self._buffers.values():
@@ -506,7 +526,7 @@ class TensorRTRunner:
         for event in self._events:
             cudart.cudaEventDestroy(event)
         cudart.cudaStreamDestroy(self._stream)
-        self._buffers, self._events = {}, []
+        self._buffers, self._events, self._stream = {}, [], None
         self._context = self._engine = self._runtime = None
 
     def __enter__(self) -> TensorRTRunner:

@@ -111,7 +111,9 @@ class DatabaseQueue:
     def heartbeat(self, worker_id: str) -> None:
         now = utcnow()
         with self._db.session() as session:
-            session.execute(update(WorkerRow).where(WorkerRow.id == worker_id).values(heartbeat_at=now))
+            session.execute(
+                update(WorkerRow).where(WorkerRow.id == worker_id).values(heartbeat_at=now)
+            )
             session.execute(
                 update(JobRow)
                 .where(JobRow.worker_id == worker_id, JobRow.state == JobState.RUNNING.value)
@@ -129,9 +131,7 @@ class DatabaseQueue:
     def depth(self) -> int:
         with self._db.session() as session:
             return (
-                session.scalar(
-                    select(func.count()).where(JobRow.state == JobState.QUEUED.value)
-                )
+                session.scalar(select(func.count()).where(JobRow.state == JobState.QUEUED.value))
                 or 0
             )
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import struct
 import sys
-import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -164,19 +163,6 @@ def test_entropy_degenerate_histograms() -> None:
     assert entropy_bin(only_bin0) == 2048
     with pytest.raises(ValueError, match="at least 128 bins"):
         entropy_divergences(Histogram(counts=np.ones(64), max_abs=1.0))
-
-
-def test_entropy_is_fast() -> None:
-    # The budget is 20 ms per 2048-bin histogram (bench/methods.py measures it); a Python loop
-    # over the 1921 candidates takes seconds, so 100 ms separates them on a busy machine.
-    hists = list(real_histograms(HistogramMode.EXACT).values())
-    entropy_amax(hists[0])
-    timings = []
-    for hist in hists:
-        start = time.perf_counter()
-        entropy_amax(hist)
-        timings.append(time.perf_counter() - start)
-    assert float(np.median(timings)) < 0.1
 
 
 # --------------------------------------------------------------------------------------------

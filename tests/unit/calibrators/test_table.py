@@ -96,7 +96,9 @@ def test_small_scales_have_no_leading_zeros() -> None:
     amax = struct.unpack(">f", bits.to_bytes(4, "big"))[0] * 127
     line = CalibrationTable(amax={"t": amax}).to_cache_text(8601).splitlines()[1]
     assert line == "t: 12345"
-    assert CalibrationTable.from_cache_text("TRT-8601-MinMaxCalibration\nt: 12345\n").amax["t"] == amax
+    assert (
+        CalibrationTable.from_cache_text("TRT-8601-MinMaxCalibration\nt: 12345\n").amax["t"] == amax
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,96 @@
+"""Typed dependencies: the app's state, a database session, the caller's access, pagination."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Query, Request
+from sqlalchemy.orm import Session
+
+from service.auth import Principal, authenticate
+from service.db import Database
+from service.jobs.base import JobQueue
+from service.jobs.worker import Worker
+from service.metrics import Counters
+from service.schemas import Scope
+from service.settings import Settings
+from service.storage import Storage
+
+__all__ = [
+    "TOKEN_COOKIE",
+    "AdminAccess",
+    "AppState",
+    "BuildAccess",
+    "PageParams",
+    "Paging",
+    "ReadAccess",
+    "SessionDep",
+    "StateDep",
+    "get_state",
+]
+
+TOKEN_COOKIE = "trtforge_token"
+"""The dashboard keeps a token here; it is honoured for GET requests only (no CSRF surface)."""
+
+
+@dataclass
+class AppState:
+    """What the app holds for its lifetime (built by ``create_app``)."""
+
+    settings: Settings
+    db: Database
+    storage: Storage
+    queue: JobQueue
+    counters: Counters
+    worker: Worker | None = None
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.trtforge
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def _session(state: StateDep) -> Iterator[Session]:
+    with state.db.session() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(_session)]
+
+
+def _require(scope: Scope) -> Callable[[Request, AppState], Principal]:
+    def check(request: Request, state: StateDep) -> Principal:
+        header = request.headers.get("authorization")
+        if header is None and request.method in ("GET", "HEAD"):
+            cookie = request.cookies.get(TOKEN_COOKIE)
+            header = f"Bearer {cookie}" if cookie else None
+        with state.db.session() as session:
+            return authenticate(session, header, scope, required=state.settings.auth_required)
+
+    return check
+
+
+ReadAccess = Annotated[Principal, Depends(_require(Scope.READ))]
+BuildAccess = Annotated[Principal, Depends(_require(Scope.BUILD))]
+AdminAccess = Annotated[Principal, Depends(_require(Scope.ADMIN))]
+
+
+@dataclass(frozen=True)
+class PageParams:
+    limit: int
+    offset: int
+
+
+def _paging(
+    limit: Annotated[int, Query(ge=1, le=500, description="Items per page.")] = 50,
+    offset: Annotated[int, Query(ge=0, description="Items to skip.")] = 0,
+) -> PageParams:
+    return PageParams(limit=limit, offset=offset)
+
+
+Paging = Annotated[PageParams, Depends(_paging)]

@@ -1,0 +1,149 @@
+"""The one place errors become HTTP responses: ``{"error": {"code", "message", "hint"}}``.
+
+trtforge errors map by class (most specific first); request validation errors answer 422 naming
+the field; unknown routes and methods keep their status with the same envelope; anything else is
+a 500 whose details stay in the server log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from calibrators.errors import CalibrationError, TrtforgeError
+from engines.errors import EngineError, GraphError, SpecError
+from service.errors import (
+    AuthenticationError,
+    ConflictError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    RangeNotSatisfiableError,
+    SettingsError,
+    StorageError,
+    UnavailableError,
+    UploadError,
+)
+
+__all__ = ["STATUS_BY_ERROR", "error_response", "install_error_handlers", "status_for"]
+
+log = logging.getLogger(__name__)
+
+STATUS_BY_ERROR: tuple[tuple[type[TrtforgeError], int], ...] = (
+    (AuthenticationError, 401),
+    (PermissionDeniedError, 403),
+    (NotFoundError, 404),
+    (ConflictError, 409),
+    (PayloadTooLargeError, 413),
+    (RangeNotSatisfiableError, 416),
+    (UploadError, 400),
+    (UnavailableError, 503),
+    (StorageError, 507),
+    (SettingsError, 500),
+    (SpecError, 422),
+    (GraphError, 422),
+    (EngineError, 422),
+    (CalibrationError, 422),
+    (TrtforgeError, 500),
+)
+"""Checked in order: the first class the error is an instance of decides."""
+
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    415: "unsupported_media_type",
+}
+
+
+def status_for(exc: TrtforgeError) -> int:
+    """The HTTP status of a trtforge error."""
+    for cls, status in STATUS_BY_ERROR:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    hint: str = "",
+    field: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body: dict[str, object] = {"code": code, "message": message, "hint": hint}
+    if field is not None:
+        body["field"] = field
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+async def _trtforge_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, TrtforgeError)
+    status = status_for(exc)
+    headers: dict[str, str] = {}
+    if isinstance(exc, AuthenticationError):
+        headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, RangeNotSatisfiableError):
+        headers["Content-Range"] = f"bytes */{exc.size_bytes}"
+    if status >= 500:
+        log.error("%s %s failed: %s", request.method, request.url.path, exc, exc_info=exc)
+    return error_response(status, exc.code, exc.message, exc.hint, exc.field, headers or None)
+
+
+def _field_name(loc: Sequence[object]) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
+        parts = parts[1:]
+    return ".".join(parts) or "body"
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
+    field = _field_name(first.get("loc", ()))
+    details = "; ".join(f"{_field_name(e.get('loc', ()))}: {e.get('msg', '')}" for e in errors[:3])
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    return error_response(
+        422,
+        "request_invalid",
+        f"Invalid request: {details}{more}.",
+        "See the request schema at /docs (OpenAPI: /openapi.json).",
+        field,
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    status = exc.status_code
+    code = _HTTP_CODES.get(status, "http_error")
+    message = str(exc.detail) if exc.detail else "HTTP error"
+    hint = "See the API at /docs." if status in (404, 405) else ""
+    if status == 404 and message == "Not Found":
+        message = f"No route {request.url.path!r}."
+    return error_response(status, code, message, hint, headers=dict(exc.headers or {}) or None)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s %s crashed", request.method, request.url.path, exc_info=exc)
+    return error_response(
+        500,
+        "internal_error",
+        "The server failed to handle the request.",
+        "This is a trtforge bug; the server log has the details.",
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers on ``app``."""
+    app.add_exception_handler(TrtforgeError, _trtforge_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

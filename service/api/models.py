@@ -1,0 +1,71 @@
+"""``/v1/models``: upload (streamed, hashed, checked with onnx.checker), list, get, delete."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from service import catalog
+from service.api.deps import AppState, BuildAccess, Paging, ReadAccess, SessionDep, StateDep
+from service.api.uploads import ReceivedUpload, multipart_openapi, receive_upload
+from service.limits import archive_limits
+from service.schemas import ModelPage, ModelPublic
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+def _store(state: AppState, upload: ReceivedUpload) -> tuple[ModelPublic, bool]:
+    with state.db.session() as session:
+        row, created = catalog.add_model(
+            session,
+            state.storage,
+            upload.file,
+            upload.filename,
+            archive_limits(state.settings),
+        )
+        return catalog.model_public(row), created
+
+
+@router.post(
+    "",
+    operation_id="upload_model",
+    status_code=201,
+    response_model=ModelPublic,
+    responses={200: {"model": ModelPublic, "description": "The same bytes were uploaded before."}},
+    openapi_extra=multipart_openapi({}),
+    summary="Upload an ONNX model (.onnx, or .zip of the .onnx with its external data)",
+)
+async def upload_model(
+    request: Request, response: Response, state: StateDep, _: BuildAccess
+) -> ModelPublic:
+    upload = await receive_upload(request, state.storage, state.settings.max_upload_bytes)
+    with upload.file:
+        model, created = await run_in_threadpool(_store, state, upload)
+    state.counters.uploaded("model", upload.file.size_bytes)
+    response.status_code = 201 if created else 200
+    response.headers["Location"] = model.links["self"]
+    return model
+
+
+@router.get("", operation_id="list_models", response_model=ModelPage)
+def list_models(session: SessionDep, paging: Paging, _: ReadAccess) -> ModelPage:
+    page = catalog.list_models(session, paging.limit, paging.offset)
+    return ModelPage(
+        items=[catalog.model_public(r) for r in page.items],
+        total=page.total,
+        limit=paging.limit,
+        offset=paging.offset,
+    )
+
+
+@router.get("/{model_id}", operation_id="get_model", response_model=ModelPublic)
+def get_model(model_id: str, session: SessionDep, _: ReadAccess) -> ModelPublic:
+    return catalog.model_public(catalog.get_model(session, model_id, field="model_id"))
+
+
+@router.delete("/{model_id}", operation_id="delete_model", status_code=204)
+def delete_model(model_id: str, state: StateDep, session: SessionDep, _: BuildAccess) -> Response:
+    catalog.delete_model(session, state.storage, model_id)
+    return Response(status_code=204)

@@ -1,0 +1,295 @@
+"""Workers: claim queued builds and run each in its own child process.
+
+One slot per GPU (each child sees only its GPU), or ``cpu_concurrency`` slots without one. A
+slot watches its child: a cancel request gives it ``cancel_grace_s`` to stop at the next stage
+boundary, then its process group is killed; a build past ``build_timeout_s`` is killed and failed;
+a child that dies without recording an outcome fails its build with the exit status. On shutdown
+the running builds are killed and put back in the queue without using up an attempt.
+
+The same class runs inside ``trtforge serve`` and as ``trtforge worker`` processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from enum import StrEnum
+
+from service.db import Database
+from service.db.models import BuildRow, utcnow
+from service.jobs.base import Job, JobQueue
+from service.jobs.runner import RunnerInput
+from service.processes import process_tag
+from service.recorder import add_log
+from service.schemas import BuildStatus
+from service.settings import Settings, hostname
+from service.storage import Storage
+
+__all__ = ["Worker", "default_slots"]
+
+log = logging.getLogger(__name__)
+
+
+def default_slots(settings: Settings) -> list[int | None]:
+    """GPU index per slot (None = CPU slot): one per GPU, else ``cpu_concurrency`` CPU slots."""
+    from engines.gpu import discover_gpus
+
+    gpus = discover_gpus()
+    count = settings.workers
+    if gpus:
+        indices: list[int | None] = [g.index for g in gpus]
+        return indices if count is None else indices[:count] + [None] * (count - len(indices))
+    return [None] * (settings.cpu_concurrency if count is None else count)
+
+
+class _Stop(StrEnum):
+    CANCEL = "cancel"
+    TIMEOUT = "timeout"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass
+class _Running:
+    job: Job
+    process: subprocess.Popen[bytes]
+    started: float
+    cancel_seen: float | None = None
+    stopped_for: _Stop | None = None
+
+
+class Worker:
+    """Runs builds from ``queue``; :meth:`start` / :meth:`stop`, or :meth:`run_forever`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        storage: Storage,
+        queue: JobQueue,
+        *,
+        slots: list[int | None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.storage = storage
+        self.queue = queue
+        self.slots = slots if slots is not None else default_slots(settings)
+        self.id = f"{hostname()}:{process_tag()}:{uuid.uuid4().hex[:6]}"
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._running: dict[int, _Running] = {}
+        self._lock = threading.Lock()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Register, recover the builds of dead workers, and start the slots."""
+        self.queue.register_worker(self.id, len(self.slots))
+        self.recover()
+        self._spawn(self._heartbeat_loop, "heartbeat")
+        for index, gpu in enumerate(self.slots):
+            self._spawn(lambda gpu=gpu: self._slot_loop(gpu), f"slot-{index}")
+        log.info("worker %s started with %d slot(s)", self.id, len(self.slots))
+
+    def _spawn(self, target: object, name: str) -> None:
+        thread = threading.Thread(target=target, name=f"trtforge-{name}", daemon=True)  # type: ignore[arg-type]
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop claiming, kill running builds (they go back to the queue), unregister."""
+        self._stopping.set()
+        with self._lock:
+            running = list(self._running.values())
+        for item in running:
+            item.stopped_for = _Stop.SHUTDOWN
+            _kill_group(item.process)
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._threads.clear()
+        self.queue.unregister_worker(self.id)
+        log.info("worker %s stopped", self.id)
+
+    def run_forever(self) -> None:
+        """Run until SIGINT or SIGTERM (``trtforge worker``)."""
+        done = threading.Event()
+
+        def on_signal(signum: int, _frame: object) -> None:
+            done.set()
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.start()
+            done.wait()
+        finally:
+            self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    @property
+    def running_builds(self) -> list[str]:
+        with self._lock:
+            return [r.job.build_id for r in self._running.values()]
+
+    # -- loops -------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Recover dead workers' builds and remove their scratch files."""
+        recovered = self.queue.recover()
+        for build_id in (*recovered.requeued, *recovered.failed):
+            self.storage.remove_entry(self.storage.work_dir(build_id))
+            log.warning("recovered build %s from a dead worker", build_id)
+
+    def _heartbeat_loop(self) -> None:
+        beats = 0
+        while not self._stopping.wait(self.settings.heartbeat_s):
+            try:
+                self.queue.heartbeat(self.id)
+                beats += 1
+                if beats % 5 == 0:
+                    self.recover()
+            except Exception:  # a database hiccup must not kill the heartbeat
+                log.exception("worker heartbeat failed")
+
+    def _slot_loop(self, gpu: int | None) -> None:
+        while not self._stopping.is_set():
+            try:
+                job = self.queue.claim(self.id)
+            except Exception:
+                log.exception("claiming a job failed")
+                job = None
+            if job is None:
+                self._stopping.wait(self.settings.poll_interval_s)
+                continue
+            try:
+                self._run(job, gpu)
+            except Exception:
+                log.exception("running build %s failed", job.build_id)
+                self._fail(job.build_id, "worker_error", "The worker failed to run the build.")
+                self.queue.finish(job)
+
+    # -- one job -----------------------------------------------------------------------------
+
+    def _run(self, job: Job, gpu: int | None) -> None:
+        payload = RunnerInput(
+            build_id=job.build_id,
+            attempt=job.attempt,
+            settings=self.settings.model_dump(mode="json"),
+            parent_pid=os.getpid(),
+            gpu_index=gpu,
+        )
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.jobs.runner"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        item = _Running(job=job, process=process, started=time.monotonic())
+        with self._lock:
+            self._running[job.id] = item
+        try:
+            assert process.stdin is not None
+            process.stdin.write(payload.model_dump_json().encode())
+            process.stdin.close()
+            self._watch(item)
+        finally:
+            with self._lock:
+                self._running.pop(job.id, None)
+        self._settle(item)
+
+    def _watch(self, item: _Running) -> None:
+        while item.process.poll() is None:
+            try:
+                item.process.wait(self.settings.poll_interval_s)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if item.stopped_for is not None:
+                continue
+            now = time.monotonic()
+            if now - item.started > self.settings.build_timeout_s:
+                item.stopped_for = _Stop.TIMEOUT
+                _kill_group(item.process)
+            elif self._cancel_requested(item.job.build_id):
+                item.cancel_seen = item.cancel_seen or now
+                if now - item.cancel_seen > self.settings.cancel_grace_s:
+                    item.stopped_for = _Stop.CANCEL
+                    _kill_group(item.process)
+
+    def _settle(self, item: _Running) -> None:
+        """Give the build an outcome if its process did not record one."""
+        _kill_group(item.process)  # anything the build left running in its group
+        build_id = item.job.build_id
+        if item.stopped_for is _Stop.SHUTDOWN:
+            self.queue.release(item.job)
+            self.storage.remove_entry(self.storage.work_dir(build_id))
+            return
+        with self.db.session() as session:
+            build = session.get(BuildRow, build_id)
+            status = BuildStatus(build.status) if build is not None else BuildStatus.FAILED
+        if not status.terminal:
+            code = item.process.returncode
+            if item.stopped_for is _Stop.CANCEL:
+                self._end(build_id, BuildStatus.CANCELLED, None, "Build cancelled (killed).")
+            elif item.stopped_for is _Stop.TIMEOUT:
+                self._fail(
+                    build_id,
+                    "build_timeout",
+                    f"The build ran longer than {self.settings.build_timeout_s:.0f} s and was killed.",
+                    "Raise TRTFORGE_BUILD_TIMEOUT_S, or build a smaller model or profile.",
+                )
+            else:
+                how = f"signal {-code}" if code < 0 else f"exit status {code}"
+                self._fail(
+                    build_id,
+                    "build_crashed",
+                    f"The build process died ({how}) before recording an outcome.",
+                    "Check the server log; out of memory is a common cause.",
+                )
+        self.storage.remove_entry(self.storage.work_dir(build_id))
+        self.queue.finish(item.job)
+
+    def _cancel_requested(self, build_id: str) -> bool:
+        with self.db.session() as session:
+            build = session.get(BuildRow, build_id)
+            return bool(build is not None and build.cancel_requested)
+
+    def _fail(self, build_id: str, code: str, message: str, hint: str = "") -> None:
+        self._end(build_id, BuildStatus.FAILED, (code, message, hint), f"Build failed: {message}")
+
+    def _end(
+        self,
+        build_id: str,
+        status: BuildStatus,
+        error: tuple[str, str, str] | None,
+        line: str,
+    ) -> None:
+        with self.db.session() as session:
+            build = session.get(BuildRow, build_id)
+            if build is None or BuildStatus(build.status).terminal:
+                return
+            build.status, build.stage, build.finished_at = status.value, None, utcnow()
+            if error is not None:
+                build.error_code, build.error_message, build.error_hint = error
+            add_log(session, build_id, line, level="error" if error else "warning")
+            session.commit()
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the child's process group (it is its own session leader)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    if process.poll() is None:
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            log.error("build process %d did not die after SIGKILL", process.pid)

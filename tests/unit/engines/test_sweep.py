@@ -1,0 +1,186 @@
+"""Variant sweeps: the report, its Pareto front, and the Markdown/JSON/SVG files."""
+
+from __future__ import annotations
+
+import math
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calibrators.data import CalibrationDataset
+from engines.accuracy import AccuracyMetric
+from engines.benchmark import BenchmarkOptions
+from engines.charts import nice_ticks
+from engines.errors import SpecError
+from engines.spec import BackendName, Precision
+from engines.sweep import (
+    SweepReport,
+    Variant,
+    _split_indices,
+    pareto_front,
+    parse_variants,
+    render_svg,
+    sweep,
+)
+from tests import zoo
+
+SVG = "{http://www.w3.org/2000/svg}"
+QUICK = BenchmarkOptions(warmup_ms=10, duration_s=0.2, iterations=5)
+
+
+def test_pareto_front_on_a_constructed_example() -> None:
+    #            fp32   fp16   int8   slow+bad  tie-with-int8  mixed
+    latency = [10.0, 6.0, 3.0, 12.0, 3.0, 4.0]
+    accuracy = [1.0, 0.999, 0.95, 0.9, 0.95, 0.99]
+    assert pareto_front(latency, accuracy) == [True, True, True, False, True, True]
+    # Lower-is-better metrics flip the accuracy axis: 0.05 error beats 0.1.
+    assert pareto_front([1.0, 2.0, 2.0], [0.1, 0.05, 0.2], higher_is_better=False) == [
+        True,
+        True,
+        False,
+    ]
+    # Dominated in one axis while tied in the other.
+    assert pareto_front([1.0, 1.0], [0.5, 0.6]) == [False, True]
+    assert pareto_front([1.0, 2.0], [0.5, 0.5]) == [True, False]
+    assert pareto_front([1.0, 2.0], [math.nan, 0.1]) == [True, True]
+    assert pareto_front([2.0, 1.0], [math.nan, 0.1]) == [False, True]
+
+
+def test_variant_parsing() -> None:
+    assert Variant.parse("int8-fp16").precision is Precision.INT8_FP16
+    auto = Variant.parse("auto:cosine:0.999")
+    assert auto.precision is Precision.INT8 and auto.budget is not None
+    assert auto.budget.metric is AccuracyMetric.COSINE and auto.budget.value == 0.999
+    assert Variant.parse("auto:int8-fp16:sqnr_db:30").precision is Precision.INT8_FP16
+    for bad in ("int4", "auto:cosine", "auto:fp16:cosine:0.9", "auto:nope:1"):
+        with pytest.raises(SpecError):
+            Variant.parse(bad)
+    with pytest.raises(SpecError, match="twice"):
+        parse_variants(["fp32", "int8", "fp32"])
+    with pytest.raises(SpecError):
+        parse_variants([])
+
+
+def test_split_matches_the_dataset_split() -> None:
+    data = CalibrationDataset.from_arrays({"x": np.arange(50, dtype=np.float32)[:, None]})
+    cal_idx, eval_idx = _split_indices(50, 0.2, seed=3)
+    cal, held = data.split(0.2, seed=3)
+    assert cal.digest == data.subset(cal_idx).digest
+    assert held.digest == data.subset(eval_idx).digest
+    assert len(eval_idx) == 10 and not set(cal_idx) & set(eval_idx)
+
+
+def test_nice_ticks_cover_the_range() -> None:
+    ticks = nice_ticks(0.93, 1.0)
+    assert ticks[0] <= 0.93 and ticks[-1] >= 1.0 and 3 <= len(ticks) <= 8
+    steps = np.diff(ticks)
+    assert np.allclose(steps, steps[0])
+    assert nice_ticks(5.0, 5.0)[0] < 5.0 < nice_ticks(5.0, 5.0)[-1]
+
+
+def _check_files(report: SweepReport, out: Path) -> ET.Element:
+    names = [v.name for v in report.variants]
+    loaded = SweepReport.model_validate_json((out / "sweep.json").read_text())
+    assert loaded == report
+    markdown = (out / "sweep.md").read_text()
+    rows = [line for line in markdown.splitlines() if line.startswith("| ") and "|---" not in line]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == names
+    root = ET.fromstring((out / "sweep.svg").read_text())
+    points = [c for c in root.iter(f"{SVG}circle") if "point" in c.get("class", "").split()]
+    assert sorted(p.get("data-label") for p in points) == sorted(names)
+    front = {p.get("data-label") for p in points if "front" in p.get("class", "").split()}
+    assert front == set(report.pareto_front)
+    bars = [r for r in root.iter(f"{SVG}rect") if r.get("class") == "bar"]
+    assert len(bars) == 3 * len(names)
+    return root
+
+
+@pytest.mark.slow
+def test_sweep_tiny_cnn(tiny_cnn_path: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    data = CalibrationDataset.from_arrays(
+        {"image": rng.normal(0, 1, (80, 3, 16, 16)).astype(np.float32)}
+    )
+    report = sweep(
+        tiny_cnn_path,
+        data,
+        ["fp32", "fp16", "int8"],
+        out_dir=tmp_path,
+        backend=BackendName.ONNXRUNTIME,
+        eval_fraction=0.25,
+        benchmark_options=QUICK,
+    )
+    assert [v.name for v in report.variants] == ["fp32", "fp16", "int8"]
+    assert report.backend == "onnxruntime" and report.eval_samples == 20
+    assert report.calibration_samples == 60 and report.table_sha256 is not None
+    assert report.accuracy_metric is AccuracyMetric.TOP1_AGREEMENT  # logits [N, 10]
+    fp32, fp16, int8 = report.variants
+    assert fp32.speedup_vs_fp32 == pytest.approx(1.0)
+    for v in report.variants:
+        assert v.speedup_vs_fp32 == pytest.approx(fp32.latency_p50_ms / v.latency_p50_ms)
+        assert v.latency_p50_ms <= v.latency_p90_ms <= v.latency_p99_ms
+        assert v.throughput_qps > 0 and v.size_bytes > 0 and v.perf.duration_s == 0.2
+        assert (tmp_path / v.artifact).is_file() and v.accuracy.samples == 20
+        assert v.accuracy_value == v.accuracy.metric(AccuracyMetric.TOP1_AGREEMENT)
+    assert fp32.accuracy_value == 1.0 and fp32.accuracy.output("logits").max_abs_error < 1e-5
+    assert int8.int8_share == 1.0 and fp32.int8_share is None
+    assert 0 < int8.accuracy.output("logits").cosine_similarity < 1.0
+    expected = pareto_front(
+        [v.latency_p50_ms for v in report.variants], [v.accuracy_value for v in report.variants]
+    )
+    assert [v.pareto for v in report.variants] == expected and any(expected)
+    _check_files(report, tmp_path)
+
+
+@pytest.mark.slow
+def test_sweep_with_automatic_mixed_precision(tmp_path: Path) -> None:
+    images, labels = zoo.fashion_mnist("test")
+    data = CalibrationDataset.from_arrays({"image": images[:500]})
+    report = sweep(
+        zoo.fashion_cnn(),
+        data,
+        ["fp32", "int8", "auto:sqnr_db:40"],
+        out_dir=tmp_path,
+        backend=BackendName.ONNXRUNTIME,
+        eval_fraction=0.4,
+        labels=labels[:500],
+        benchmark_options=QUICK,
+    )
+    assert report.accuracy_metric is AccuracyMetric.ACCURACY
+    auto = report.variant("auto:sqnr_db:40")
+    int8 = report.variant("int8")
+    assert auto.mixed is not None and auto.budget is not None
+    assert int8.accuracy.metric(AccuracyMetric.SQNR_DB) < 40  # type: ignore[operator]
+    assert auto.kept_nodes and auto.kept_nodes == auto.mixed.kept_nodes
+    assert auto.accuracy.passed is True and auto.accuracy.budget_value >= 40  # type: ignore[operator]
+    assert auto.int8_share == auto.mixed.int8_share < 1.0
+    assert auto.artifact == "auto-sqnr_db-40.onnx" and auto.search_seconds > 0
+    markdown = (tmp_path / "sweep.md").read_text()
+    assert "## auto:sqnr_db:40" in markdown
+    assert all(f"`{n}`" in markdown for n in auto.kept_nodes)
+    _check_files(report, tmp_path)
+
+
+def test_svg_handles_infinite_accuracy(tiny_cnn_path: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    data = CalibrationDataset.from_arrays(
+        {"image": rng.normal(0, 1, (12, 3, 16, 16)).astype(np.float32)}
+    )
+    report = sweep(
+        tiny_cnn_path,
+        data,
+        ["fp32"],
+        out_dir=tmp_path,
+        backend=BackendName.ONNXRUNTIME,
+        eval_fraction=0.5,
+        accuracy_metric=AccuracyMetric.SQNR_DB,
+        benchmark_options=BenchmarkOptions(warmup_ms=0, duration_s=0.05, iterations=3),
+    )
+    (only,) = report.variants
+    assert only.accuracy_value == math.inf and only.pareto and report.table_sha256 is None
+    root = ET.fromstring(render_svg(report))
+    (point,) = [c for c in root.iter(f"{SVG}circle") if "point" in c.get("class", "")]
+    assert "axis edge" in "".join(point.itertext())
+    assert SweepReport.model_validate_json((tmp_path / "sweep.json").read_text()) == report
