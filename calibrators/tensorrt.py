@@ -281,7 +281,7 @@ class CalibratorCore:
             unknown = [n for n in names if n not in pointers]
             if unknown:
                 raise DatasetError(
-                    f"TensorRT asks for input(s) {', '.join(unknown)}, which the dataset lacks.",
+                    f"TensorRT asks for input(s) {', '.join(map(repr, unknown))}, which the dataset lacks.",
                     hint=f"The dataset has: {', '.join(pointers)}.",
                     field="dataset",
                 )

@@ -102,11 +102,14 @@ def write_metadata(artifact_path: Path, metadata: ArtifactMetadata) -> Artifact:
             hint="Rebuild the artifact instead of editing its metadata.",
         )
     sidecar = sidecar_path(artifact_path)
-    with _temp_file(artifact_path.parent, sidecar.name) as (tmp, fh):
-        fh.write(metadata.model_dump_json(indent=2).encode())
-        _flush(fh)
-        tmp.replace(sidecar)
-        _fsync_dir(sidecar.parent)
+    try:
+        with _temp_file(artifact_path.parent, sidecar.name) as (tmp, fh):
+            fh.write(metadata.model_dump_json(indent=2).encode())
+            _flush(fh)
+            tmp.replace(sidecar)
+            _fsync_dir(sidecar.parent)
+    except OSError as exc:
+        raise BuildError(f"Cannot write the metadata {str(sidecar)!r}: {exc}", field="out") from exc
     return Artifact(path=artifact_path, metadata_path=sidecar, metadata=metadata)
 
 

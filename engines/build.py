@@ -1,19 +1,20 @@
 """Build an artifact: pick a backend, check the spec against the model, let the backend build.
 
 ``auto`` picks TensorRT when the ``tensorrt`` package is installed (checked with
-``importlib.util.find_spec``, never by importing it) and NVML finds an NVIDIA GPU, else ONNX
-Runtime; the reason is returned and recorded in the artifact's metadata (``backend_reason``).
+``importlib.util.find_spec``, never by importing it; ``tensorrt-stubs`` alone does not count)
+and NVML finds an NVIDIA GPU, else ONNX Runtime; the reason is returned and recorded in the
+artifact's metadata (``backend_reason``).
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from calibrators.data import TensorSpec, model_input_specs
 from calibrators.onnxio import load_onnx
+from calibrators.tensorrt import tensorrt_installed
 from engines.artifacts import write_metadata
 from engines.backends.base import Artifact, Backend, ProgressFn
 from engines.backends.onnxruntime import OnnxRuntimeBackend
@@ -28,23 +29,9 @@ if TYPE_CHECKING:
 __all__ = [
     "build_artifact",
     "select_backend",
-    "tensorrt_installed",
     "validate_keep_patterns",
     "validate_profiles",
 ]
-
-
-def tensorrt_installed() -> bool:
-    """Whether a ``tensorrt`` package is installed, found without importing it.
-
-    A namespace package (no ``__init__.py``; e.g. what ``tensorrt-stubs`` leaves behind: only
-    ``.pyi`` files) does not count.
-    """
-    try:
-        spec = importlib.util.find_spec("tensorrt")
-    except (ImportError, ValueError):
-        return False
-    return spec is not None and spec.origin is not None and spec.has_location
 
 
 def _tensorrt_missing_reason() -> str | None:
@@ -58,10 +45,10 @@ def _tensorrt_missing_reason() -> str | None:
     return None
 
 
-def _tensorrt_backend() -> Backend:
+def _tensorrt_backend(reason: str) -> Backend:
     from engines.backends.tensorrt import TensorRTBackend
 
-    backend: Backend = TensorRTBackend()
+    backend: Backend = TensorRTBackend(reason=reason)
     return backend
 
 
@@ -82,11 +69,13 @@ def select_backend(name: BackendName) -> tuple[Backend, str]:
                 f"The tensorrt backend was requested but cannot run here: {missing}.",
                 field="backend",
             )
-        return _tensorrt_backend(), "tensorrt requested"
+        reason = "tensorrt requested"
+        return _tensorrt_backend(reason), reason
     if missing is not None:
         reason = f"auto: {missing}, using onnxruntime"
         return OnnxRuntimeBackend(reason=reason), reason
-    return _tensorrt_backend(), "auto: tensorrt installed and an NVIDIA GPU found"
+    reason = "auto: tensorrt installed and an NVIDIA GPU found"
+    return _tensorrt_backend(reason), reason
 
 
 def build_artifact(
@@ -111,8 +100,7 @@ def build_artifact(
         )
     model = load_onnx(Path(model_path), load_external_data=False)
     validate_profiles(model_input_specs(model), spec.profiles)
-    if spec.keep.int8 or spec.keep.fp16:
-        validate_keep_patterns(_with_node_names(model), spec)
+    validate_keep_patterns(model, spec)
     del model
     backend, reason = select_backend(spec.backend)
     artifact = backend.build(Path(model_path), spec, table, Path(out_path), progress=progress)
@@ -160,8 +148,13 @@ def validate_profiles(inputs: list[TensorSpec], profiles: dict[str, ShapeProfile
 
 
 def validate_keep_patterns(model: onnx.ModelProto, spec: BuildSpec) -> None:
-    """Every keep pattern must match at least one node (by name, op type or ``re:`` regex)."""
-    nodes = [(n.name, n.op_type) for n in model.graph.node]
+    """Every keep pattern must match at least one node (by name, op type or ``re:`` regex).
+
+    Unnamed nodes are matched by the names the graph passes give them (``<OpType>_<index>``).
+    """
+    if not (spec.keep.int8 or spec.keep.fp16):
+        return
+    nodes = [(n.name, n.op_type) for n in _with_node_names(model).graph.node]
     for kind, patterns in (("int8", spec.keep.int8), ("fp16", spec.keep.fp16)):
         for pattern in patterns:
             if any(node_matches((pattern,), name, op) for name, op in nodes):

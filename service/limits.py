@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from calibrators.archive import ArchiveLimits
-
 from service.settings import Settings
 
 __all__ = ["archive_limits"]

@@ -44,9 +44,8 @@ def _help(lines: list[str], name: str, kind: str, text: str) -> None:
 def render_metrics(session: Session, queue: JobQueue, counters: Counters) -> str:
     """The ``/metrics`` page."""
     lines: list[str] = []
-    counts = dict(
-        session.execute(select(BuildRow.status, func.count()).group_by(BuildRow.status)).tuples()
-    )
+    grouped = select(BuildRow.status, func.count()).group_by(BuildRow.status)
+    counts = {status: count for status, count in session.execute(grouped).tuples()}
     _help(lines, "trtforge_builds", "gauge", "Builds by status.")
     for status in BuildStatus:
         lines.append(f'trtforge_builds{{status="{status.value}"}} {counts.get(status.value, 0)}')

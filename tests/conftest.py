@@ -12,11 +12,12 @@ from tests import zoo
 
 
 def _tensorrt_importable() -> bool:
-    if importlib.util.find_spec("tensorrt") is None:
-        return False
+    from calibrators.errors import TensorRTUnavailableError
+    from calibrators.tensorrt import require_tensorrt
+
     try:
-        import tensorrt  # noqa: F401
-    except Exception:  # bindings without native libraries
+        require_tensorrt()
+    except TensorRTUnavailableError:
         return False
     return True
 

@@ -33,7 +33,6 @@ import re
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +46,10 @@ __all__ = [
     "bindings_path",
     "collect_uses",
     "fetch",
+    "missing_in_bindings",
+    "missing_in_stubs",
+    "require_bindings",
+    "require_stubs",
 ]
 
 WHEELS = {10: "tensorrt-cu12-bindings==10.*", 11: "tensorrt-cu13-bindings==11.*"}
@@ -136,6 +139,40 @@ def bindings_path(major: int) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_bindings(major: int) -> Bindings:
+    """The bindings of TensorRT ``major`` for a test: skipped when absent, but failed in CI."""
+    import pytest
+
+    path = bindings_path(major)
+    if path is None or not path.is_file():
+        message = (
+            f"The TensorRT {major}.x bindings ({WHEELS[major]}) are not here: run "
+            f"`python -m tests.trt_surface fetch` and set {ENV_VARS[major]} "
+            f"(looked at {path or DEFAULT_DEST / f'trt{major}' / _SO})."
+        )
+        if _in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    return Bindings.load(path)
+
+
+def require_stubs() -> StubIndex:
+    """The ``tensorrt-stubs`` index (dev extra): skipped when absent, but failed in CI."""
+    import pytest
+
+    for folder in map(Path, sys.path):
+        candidate = folder / "tensorrt_bindings"
+        if (candidate / "tensorrt.pyi").is_file():
+            return StubIndex.load(candidate)
+    if _in_ci():
+        pytest.fail("tensorrt-stubs is not installed (pip install --no-deps tensorrt-stubs)")
+    pytest.skip("tensorrt-stubs is not installed")
 
 
 def fetch(dest: Path) -> dict[int, Path]:
@@ -382,7 +419,11 @@ class _Collector:
     def _attribute(self, node: ast.Attribute, functions: tuple[str, ...], scope: _Scope) -> None:
         chain = _chain(node)
         if chain and chain[0] in self.aliases:
-            self._add("module", tuple(chain[1]), None, node, functions)
+            names = chain[1]
+            dunder = next((i for i, n in enumerate(names) if n.startswith("__")), None)
+            if dunder is not None:  # trt.__version__.split: beyond it is a plain Python object
+                names = names[: dunder + 1]
+            self._add("module", tuple(names), None, node, functions)
             return
         owner = self._class_of(node.value, scope)
         if owner is not None:
@@ -423,9 +464,29 @@ def _is_prefix_of_another(use: Use, uses: list[Use]) -> bool:
     )
 
 
-def iter_names(use: Use) -> Iterator[str]:
-    """The names the bindings must export for ``use``."""
-    yield from use.names
+def missing_in_bindings(uses: list[Use], bindings: Bindings, *, skip_implicit: bool) -> list[str]:
+    """``use: name`` for every name a use needs that the bindings do not export."""
+    return [
+        f"{use}: {name!r} missing from {bindings.path}"
+        for use in uses
+        if not (skip_implicit and use.implicit_only)
+        for name in use.names
+        if not bindings.has(name)
+    ]
+
+
+def missing_in_stubs(uses: list[Use], stubs: StubIndex) -> list[str]:
+    """Uses whose class (or module attribute) lacks the member, per the stubs' classes."""
+    problems = []
+    for use in uses:
+        if use.kind == "module":
+            head, rest = use.names[0], use.names[1:2]
+            ok = head in stubs.module_names and all(stubs.has_member(head, n) for n in rest)
+        else:
+            ok = use.owner is not None and stubs.has_member(use.owner, use.names[0])
+        if not ok:
+            problems.append(str(use))
+    return problems
 
 
 def _main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     import onnx
 
     from calibrators.table import CalibrationTable
+    from engines.graph import PreparedModel
 
 __all__ = [
     "MAX_PROTOBUF_BYTES",
@@ -255,21 +256,10 @@ def _check_loads(data: bytes, options: Any, providers: Sequence[str], out_path: 
         ) from exc
 
 
-def _node_reports(prepared: Any) -> tuple[list[str], dict[str, str], list[str]]:
+def _node_reports(prepared: PreparedModel) -> tuple[list[str], dict[str, str], list[str]]:
     """(quantized nodes, node -> why it stays out of the reduced precision, FP32 nodes)."""
-    quantized: list[str] = []
-    kept: dict[str, str] = {}
-    fp32: list[str] = []
-    if prepared.quantization is not None:
-        quantized = list(prepared.quantization.quantized_nodes)
-        kept.update(
-            {name: f"not INT8: {why}" for name, why in prepared.quantization.skipped.items()}
-        )
-    if prepared.fp16 is not None:
-        for name, why in prepared.fp16.fp32_nodes.items():
-            fp32.append(name)
-            kept[name] = f"{kept[name]}; FP32: {why}" if name in kept else f"FP32: {why}"
-    return quantized, kept, fp32
+    fp32 = list(prepared.fp16.fp32_nodes) if prepared.fp16 is not None else []
+    return prepared.quantized_nodes, prepared.kept_nodes, fp32
 
 
 def _tensor_specs(args: Sequence[Any]) -> tuple[TensorSpec, ...]:

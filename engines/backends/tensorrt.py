@@ -211,7 +211,7 @@ class TensorRTBackend:
         if progress is not None:
             progress("preparing model", 0.0)
         with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", dir=out_path.parent) as tmp:
-            job, reports = self._prepare(model_path, spec, table, Path(tmp), gpu)
+            job, reports = self._prepare(model_path, spec, table, Path(tmp), gpu, out_path.name)
             job_path = Path(tmp) / "job.json"
             job_path.write_text(job.model_dump_json(indent=2), encoding="utf-8")
             result = run_build_process(
@@ -275,7 +275,9 @@ class TensorRTBackend:
         table: CalibrationTable | None,
         work: Path,
         gpu: GpuInfo,
+        artifact_name: str = "model.engine",
     ) -> tuple[BuildJob, tuple[list[str], dict[str, str], list[str]]]:
+        """The child's job; inputs are written in ``work`` under their final names."""
         from engines.graph.inspect import load_model
 
         model = load_model(model_path)
@@ -297,13 +299,13 @@ class TensorRTBackend:
             from engines.graph import prepare_model
 
             prepared = prepare_model(model, spec, table)
-            onnx_path = work / "prepared.onnx"
+            onnx_path = work / f"{artifact_name}.prepared.onnx"
             _save_onnx(prepared.model, onnx_path)
             return BuildJob(onnx_path=str(onnx_path), **common), _explicit_reports(prepared)
         pins = _layer_pins_implicit(model, spec)
         cache_path = None
         if spec.precision.uses_int8 and table is not None:
-            cache_path = table.save(work / "calibration.cache")
+            cache_path = table.save(work / f"{artifact_name}.calibration.cache")
         job = BuildJob(
             onnx_path=str(model_path),
             calibration_cache=str(cache_path) if cache_path else None,
@@ -359,19 +361,21 @@ def _layer_pins_implicit(model: Any, spec: BuildSpec) -> dict[str, Pin]:
 
 
 def _publish_inputs(job: BuildJob, files: dict[str, Path]) -> dict[str, str]:
-    """Move what TensorRT read (prepared ONNX, calibration cache) beside the artifact."""
+    """Move what TensorRT read (prepared ONNX + its external data, calibration cache) beside
+    the artifact; they were written under their final names, which the ONNX refers to."""
     published: dict[str, str] = {}
+    folder = files["prepared.onnx"].parent
     if job.mode is TensorRTMode.EXPLICIT:
-        source, target = Path(job.onnx_path), files["prepared.onnx"]
+        source = Path(job.onnx_path)
         data = source.with_name(source.name + ".data")
-        if data.exists():  # external data: the file name the model refers to must not change
-            target = target.with_name(source.name)
-            data.replace(target.with_name(data.name))
-        source.replace(target)
-        published["prepared_onnx"] = target.name
+        if data.exists():
+            data.replace(folder / data.name)
+        source.replace(folder / source.name)
+        published["prepared_onnx"] = source.name
     if job.calibration_cache:
-        Path(job.calibration_cache).replace(files["calibration.cache"])
-        published["calibration_cache"] = files["calibration.cache"].name
+        cache = Path(job.calibration_cache)
+        cache.replace(folder / cache.name)
+        published["calibration_cache"] = cache.name
     return published
 
 

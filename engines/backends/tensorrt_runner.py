@@ -94,16 +94,18 @@ def run_build_process(
     """
     tail: deque[str] = deque(maxlen=_LOG_TAIL_LINES)
     timed_out = threading.Event()
-    with Path(log_path).open("w", encoding="utf-8") as log_file:
-        proc = subprocess.Popen(
-            list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            text=True, errors="replace", cwd=_PACKAGE_ROOT, start_new_session=True,
-        )  # fmt: skip
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "stdin": subprocess.DEVNULL}
+    with (
+        Path(log_path).open("w", encoding="utf-8") as log_file,
+        subprocess.Popen(
+            list(argv), text=True, errors="replace", cwd=_PACKAGE_ROOT, start_new_session=True,
+            **popen,
+        ) as proc,
+    ):  # fmt: skip
 
         def kill() -> None:
             timed_out.set()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            _kill_group(proc.pid)
 
         timer = threading.Timer(timeout_s, kill)
         timer.start()
@@ -111,12 +113,12 @@ def run_build_process(
             assert proc.stdout is not None
             for line in proc.stdout:
                 log_file.write(line)
-                if line.startswith(PROGRESS_PREFIX) and progress is not None:
-                    fraction, _, stage = line[len(PROGRESS_PREFIX) :].strip().partition(" ")
-                    progress(stage, float(fraction))
-                else:
+                if not _progress_line(line, progress):
                     tail.append(line)
             returncode = proc.wait()
+        except BaseException:
+            _kill_group(proc.pid)  # e.g. the progress callback raised: do not leave it running
+            raise
         finally:
             timer.cancel()
     log = "".join(tail)
@@ -127,6 +129,25 @@ def run_build_process(
             log=log,
         )
     return _child_result(Path(result_path), returncode, log)
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _progress_line(line: str, progress: ProgressFn | None) -> bool:
+    """Report a ``TRTFORGE-PROGRESS <fraction> <stage>`` line; False for any other line."""
+    if not line.startswith(PROGRESS_PREFIX):
+        return False
+    fraction, _, stage = line[len(PROGRESS_PREFIX) :].strip().partition(" ")
+    try:
+        value = float(fraction)
+    except ValueError:
+        return False
+    if progress is not None:
+        progress(stage, value)
+    return True
 
 
 def _child_result(path: Path, returncode: int, log: str) -> dict[str, Any]:

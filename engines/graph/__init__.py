@@ -1,0 +1,87 @@
+"""ONNX graph passes: inspect and normalize a model, insert Q/DQ from a calibration table, convert
+the rest to FP16, and :func:`prepare_model`, which applies them as a BuildSpec asks.
+
+The passes work on copies and each returns a model that passes
+``onnx.checker.check_model(full_check=True)`` plus a report of what it did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import onnx
+
+from engines.errors import SpecError
+from engines.graph.fp16 import Fp16Report, convert_fp16
+from engines.graph.inspect import ModelInfo, TensorInfo, inspect_model, load_model, normalize
+from engines.graph.qdq import QuantizationReport, insert_qdq
+
+if TYPE_CHECKING:
+    from calibrators.table import CalibrationTable
+    from engines.spec import BuildSpec
+
+__all__ = [
+    "Fp16Report",
+    "ModelInfo",
+    "PreparedModel",
+    "QuantizationReport",
+    "TensorInfo",
+    "convert_fp16",
+    "insert_qdq",
+    "inspect_model",
+    "load_model",
+    "normalize",
+    "prepare_model",
+]
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """The transformed model and the reports of the passes that ran (None = pass not run)."""
+
+    model: onnx.ModelProto
+    quantization: QuantizationReport | None
+    fp16: Fp16Report | None
+
+    @property
+    def quantized_nodes(self) -> list[str]:
+        return list(self.quantization.quantized_nodes) if self.quantization else []
+
+    @property
+    def kept_nodes(self) -> dict[str, str]:
+        """Node -> why it stays out of the reduced precision (INT8 first, then FP16 reasons)."""
+        kept: dict[str, str] = {}
+        if self.quantization is not None:
+            kept.update({n: f"not INT8: {why}" for n, why in self.quantization.skipped.items()})
+        if self.fp16 is not None:
+            for name, why in self.fp16.fp32_nodes.items():
+                kept[name] = f"{kept[name]}; FP32: {why}" if name in kept else f"FP32: {why}"
+        return kept
+
+
+def prepare_model(
+    model: onnx.ModelProto, spec: BuildSpec, table: CalibrationTable | None
+) -> PreparedModel:
+    """Apply the passes ``spec.precision`` asks for: Q/DQ (int8, int8-fp16), then FP16 (fp16,
+    int8-fp16), honouring ``spec.keep`` and ``spec.quantize_attention``. fp32 only normalizes.
+
+    Raises :class:`SpecError` when INT8 is asked for without a calibration table.
+    """
+    precision = spec.precision
+    if precision.uses_int8 and table is None:
+        raise SpecError(
+            f"Precision {precision.value} needs a calibration table.",
+            hint="Calibrate first (trtforge calibrate, or pass --data) or pass --table.",
+            field="table",
+        )
+    work = normalize(model)
+    quantization: QuantizationReport | None = None
+    fp16: Fp16Report | None = None
+    if precision.uses_int8 and table is not None:
+        work, quantization = insert_qdq(
+            work, table, keep=spec.keep.int8, quantize_attention=spec.quantize_attention
+        )
+    if precision.uses_fp16:
+        work, fp16 = convert_fp16(work, table=table, keep=spec.keep.fp16)
+    return PreparedModel(model=work, quantization=quantization, fp16=fp16)

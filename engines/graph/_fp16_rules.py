@@ -136,7 +136,10 @@ class _Classifier:
             return None
         if node.domain not in ("", "ai.onnx"):
             return f"custom op domain {node.domain!r}"
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+        if any(
+            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+            for a in node.attribute
+        ):
             return "control flow (subgraphs stay FP32)"
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             return "Q/DQ keeps float32 scales (Casts at its FP16 neighbours)"
@@ -165,7 +168,11 @@ class _Classifier:
                 elem = index.elem_type.get(tensor)
                 if elem == TensorProto.FLOAT and _param_allows(schema, formal):
                     chosen.append(i)
-                elif elem is None and _param_allows(schema, formal) and not formal.startswith("tensor("):
+                elif (
+                    elem is None
+                    and _param_allows(schema, formal)
+                    and not formal.startswith("tensor(")
+                ):
                     blocked.add(f"{kind} {tensor!r} has an unknown type")
         if blocked:
             return "; ".join(sorted(blocked))

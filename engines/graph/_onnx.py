@@ -141,7 +141,8 @@ class GraphIndex:
         return list(self.model.graph.node)
 
     def node(self, i: int) -> onnx.NodeProto:
-        return self.model.graph.node[i]
+        node: onnx.NodeProto = self.model.graph.node[i]
+        return node
 
     def producer_node(self, name: str) -> onnx.NodeProto | None:
         i = self.producer.get(name)

@@ -173,7 +173,9 @@ class _Planner:
 
     def _layer_norm(self, i: int, node: onnx.NodeProto) -> None:
         if not self.quantize_attention:
-            self.plan.skipped[node.name] = "excluded by rule: LayerNormalization stays high precision"
+            self.plan.skipped[node.name] = (
+                "excluded by rule: LayerNormalization stays high precision"
+            )
             return
         found = self._requests(node, [0])
         if isinstance(found, str):
@@ -276,6 +278,19 @@ class _Planner:
 
     # -- driver ------------------------------------------------------------------------------
 
+    def _node(self, i: int, node: onnx.NodeProto) -> None:
+        """Rules that need no knowledge of other nodes' decisions."""
+        if node.op_type in _COMPUTE_OPS or node.op_type in _POOL_OPS:
+            self._compute_or_pool(i, node)
+        elif node.op_type == "LayerNormalization":
+            self._layer_norm(i, node)
+        elif node.name in self.gelus:
+            self._gelu(i, node)
+        elif node.op_type == "MaxPool":
+            self.plan.skipped[node.name] = (
+                "excluded by rule: MaxPool is not quantized (Q/DQ move across it)"
+            )
+
     def run(self) -> QdqPlan:
         nodes = self.index.nodes
         kept: set[int] = set()
@@ -284,18 +299,8 @@ class _Planner:
                 self.plan.skipped[node.name] = "kept by user"
                 kept.add(i)
         for i, node in enumerate(nodes):
-            if i in kept:
-                continue
-            if node.op_type in _COMPUTE_OPS or node.op_type in _POOL_OPS:
-                self._compute_or_pool(i, node)
-            elif node.op_type == "LayerNormalization":
-                self._layer_norm(i, node)
-            elif node.name in self.gelus:
-                self._gelu(i, node)
-            elif node.op_type == "MaxPool":
-                self.plan.skipped[node.name] = (
-                    "excluded by rule: MaxPool is not quantized (Q/DQ move across it)"
-                )
+            if i not in kept:
+                self._node(i, node)
         for i, node in enumerate(nodes):
             if i not in kept and node.op_type == "Add":
                 self._residual_add(i, node)

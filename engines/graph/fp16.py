@@ -17,7 +17,13 @@ from onnx import TensorProto, helper, numpy_helper
 from pydantic import BaseModel, ConfigDict
 
 from engines.graph._fp16_rules import NodeDecision, classify
-from engines.graph._onnx import GraphIndex, NameAllocator, check_model, infer_shapes
+from engines.graph._onnx import (
+    GraphIndex,
+    NameAllocator,
+    check_model,
+    infer_shapes,
+    subgraph_references,
+)
 from engines.graph.inspect import normalize
 
 if TYPE_CHECKING:
@@ -55,16 +61,14 @@ def convert_fp16(
     index = GraphIndex.build(work)
     decisions = classify(index, table, keep)
     _settle_neutral(index, decisions)
+    names = [node.name for node in index.nodes]  # before the rewrite inserts Casts
     casts = _Rewriter(work, index, decisions).run()
     work = infer_shapes(work)
     check_model(work, "FP16")
-    nodes = index.nodes
     report = Fp16Report(
-        fp16_nodes=[nodes[i].name for i, d in sorted(decisions.items()) if d.fp16],
+        fp16_nodes=[names[i] for i, d in sorted(decisions.items()) if d.fp16],
         fp32_nodes={
-            nodes[i].name: d.reason
-            for i, d in sorted(decisions.items())
-            if not d.fp16 and not d.neutral
+            names[i]: d.reason for i, d in sorted(decisions.items()) if not d.fp16 and not d.neutral
         },
         casts_inserted=casts,
     )
@@ -164,7 +168,7 @@ class _Rewriter:
         self.out.append(node)
 
     def _fp32_inputs(self, node: onnx.NodeProto, skip: set[int]) -> None:
-        if node.op_type == "Cast" and not skip:
+        if node.op_type == "Cast":
             return  # Cast reads any type: an FP16 input is fine
         for s, tensor in enumerate(node.input):
             if s not in skip and tensor in self.stored16:
@@ -213,8 +217,6 @@ class _Rewriter:
         graph = self.model.graph
         used = {t for n in graph.node for t in n.input}
         used |= {o.name for o in graph.output} | _declared_inputs(self.index)
-        from engines.graph._onnx import subgraph_references
-
         used |= subgraph_references(graph)
         keep = [t for t in graph.initializer if t.name in used]
         if len(keep) != len(graph.initializer):

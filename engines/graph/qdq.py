@@ -81,9 +81,7 @@ def insert_qdq(
     ``onnx.checker.check_model(full_check=True)``; otherwise :class:`GraphError`.
     """
     work = normalize(model)
-    plan = plan_qdq(
-        GraphIndex.build(work), table, keep=keep, quantize_attention=quantize_attention
-    )
+    plan = plan_qdq(GraphIndex.build(work), table, keep=keep, quantize_attention=quantize_attention)
     if plan.rewires and default_opset(work) < MIN_QDQ_OPSET:
         work = normalize(_raise_opset(work, MIN_QDQ_OPSET))
         plan = plan_qdq(

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from calibrators.data import PreprocessSpec
-from calibrators.errors import DatasetError
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from calibrators.data import PreprocessSpec
+from calibrators.errors import DatasetError
 from service import catalog
 from service.api.deps import AppState, BuildAccess, Paging, ReadAccess, SessionDep, StateDep
 from service.api.uploads import ReceivedUpload, multipart_openapi, receive_upload
@@ -37,8 +37,8 @@ def _preprocess(text: str | None) -> PreprocessSpec | None:
         where = ".".join(str(p) for p in first["loc"]) or "preprocess"
         raise DatasetError(
             f"The preprocessing spec is invalid at {where}: {first['msg']}.",
-            hint="Send JSON like {\"resize_shorter\": 256, \"center_crop\": 224, "
-            "\"mean\": [0.485, 0.456, 0.406], \"std\": [0.229, 0.224, 0.225]}.",
+            hint='Send JSON like {"resize_shorter": 256, "center_crop": 224, '
+            '"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}.',
             field="preprocess",
         ) from exc
 
@@ -64,7 +64,9 @@ def _store(state: AppState, upload: ReceivedUpload) -> tuple[DatasetPublic, bool
     operation_id="upload_dataset",
     status_code=201,
     response_model=DatasetPublic,
-    responses={200: {"model": DatasetPublic, "description": "The same dataset was uploaded before."}},
+    responses={
+        200: {"model": DatasetPublic, "description": "The same dataset was uploaded before."}
+    },
     openapi_extra=multipart_openapi(_FIELDS),
     summary="Upload a calibration dataset (.npz, .npy, .zip of shards or of images)",
 )
@@ -85,7 +87,9 @@ def list_datasets(
     session: SessionDep,
     paging: Paging,
     _: ReadAccess,
-    model_id: Annotated[str | None, Query(description="Only datasets validated against it.")] = None,
+    model_id: Annotated[
+        str | None, Query(description="Only datasets validated against it.")
+    ] = None,
 ) -> DatasetPage:
     page = catalog.list_datasets(session, paging.limit, paging.offset, model_id)
     return DatasetPage(

@@ -31,7 +31,7 @@ __all__ = [
     "get_state",
 ]
 
-TOKEN_COOKIE = "trtforge_token"
+TOKEN_COOKIE = "trtforge_token"  # noqa: S105 - a cookie name
 """The dashboard keeps a token here; it is honoured for GET requests only (no CSRF surface)."""
 
 

@@ -87,10 +87,12 @@ class DatabaseQueue:
             row = session.get(JobRow, job.id)
             if row is None or row.state != JobState.RUNNING.value:
                 return
-            row.state, row.worker_id = JobState.QUEUED.value, None
-            row.attempts = max(0, row.attempts - 1)
             build = session.get_one(BuildRow, row.build_id)
-            if not BuildStatus(build.status).terminal:
+            if BuildStatus(build.status).terminal:  # it ended as the worker stopped
+                row.state = JobState.FINISHED.value
+            else:
+                row.state, row.worker_id = JobState.QUEUED.value, None
+                row.attempts = max(0, row.attempts - 1)
                 reset_for_retry(build)
                 add_log(session, build.id, "Put back in the queue: its worker shut down.")
             session.commit()

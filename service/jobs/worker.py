@@ -180,6 +180,11 @@ class Worker:
     # -- one job -----------------------------------------------------------------------------
 
     def _run(self, job: Job, gpu: int | None) -> None:
+        with self.db.session() as session:
+            build = session.get(BuildRow, job.build_id)
+            if build is None or BuildStatus(build.status).terminal:
+                self.queue.finish(job)  # nothing left to do (deleted, or ended already)
+                return
         payload = RunnerInput(
             build_id=job.build_id,
             attempt=job.attempt,

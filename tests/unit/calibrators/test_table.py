@@ -265,7 +265,7 @@ def test_json_errors_are_table_errors() -> None:
 
 def test_invalid_ranges_are_refused() -> None:
     for amax in (float("nan"), float("inf"), -1.0, -0.0, 1e50):
-        with pytest.raises(ValueError, match="amax|overflows"):
+        with pytest.raises(ValueError, match=r"amax|overflows"):
             CalibrationTable(amax={"t": amax})
     with pytest.raises(ValueError, match="cannot be written"):
         CalibrationTable(amax={"a\nb": 1.0})

@@ -215,3 +215,28 @@ def test_fashion_cnn_true_accuracy_through_compare() -> None:
     assert out.candidate_accuracy == out.reference_accuracy
     assert out.accuracy_drop == 0.0
     assert report.passed is True and report.budget_value == 0.0
+
+
+@pytest.mark.slow
+def test_fashion_cnn_int8_build_keeps_labelled_accuracy(tmp_path: Path) -> None:
+    """End to end: calibrate (entropy) on train images, build INT8, compare on test images."""
+    from calibrators.calibrate import calibrate
+    from calibrators.methods import entropy
+    from engines.build import build_artifact
+    from engines.spec import BuildSpec, Precision
+
+    path = zoo.fashion_cnn()
+    train, _ = zoo.fashion_mnist("train")
+    images, labels = zoo.fashion_mnist("test")
+    table = calibrate(path, CalibrationDataset.from_arrays({"image": train[-512:]}), entropy())
+    out = tmp_path / "int8.onnx"
+    build_artifact(path, BuildSpec(precision=Precision.INT8, backend="onnxruntime"), table, out)
+    data = CalibrationDataset.from_arrays({"image": images[:2000]})
+    budget = MetricBudget.parse("accuracy_drop:0.005")
+    with OnnxRuntimeRunner(path) as ref, OnnxRuntimeRunner(out) as cand:
+        report = compare(ref, cand, data, batch_size=250, labels=labels[:2000], budget=budget)
+    out_acc = report.output("logits")
+    assert out_acc.top1_agreement is not None and out_acc.top1_agreement > 0.98
+    assert out_acc.sqnr_db > 25
+    assert out_acc.accuracy_drop is not None and out_acc.accuracy_drop <= 0.005
+    assert report.passed is True

@@ -189,8 +189,9 @@ def test_throughput_counts_samples_per_second_of_wall_time() -> None:
     assert report.throughput_qps == pytest.approx(
         report.queries * 4 / report.total_host_walltime_s, rel=1e-12
     )
-    # Each query sleeps 10 ms: 400 samples/s at best, less by the sleep overshoot.
-    assert 300.0 < report.throughput_qps <= 400.0
+    # Each query sleeps 10 ms: 400 samples/s at best, less by the sleep overshoot (loaded CI
+    # machines oversleep by a few ms at most).
+    assert 250.0 < report.throughput_qps <= 400.0
     assert report.total_host_walltime_s >= report.queries * 0.010
 
 

@@ -97,7 +97,6 @@ def _check_files(report: SweepReport, out: Path) -> ET.Element:
     return root
 
 
-@pytest.mark.slow
 def test_sweep_tiny_cnn(tiny_cnn_path: Path, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     data = CalibrationDataset.from_arrays(
@@ -134,14 +133,13 @@ def test_sweep_tiny_cnn(tiny_cnn_path: Path, tmp_path: Path) -> None:
     _check_files(report, tmp_path)
 
 
-@pytest.mark.slow
 def test_sweep_with_automatic_mixed_precision(tmp_path: Path) -> None:
     images, labels = zoo.fashion_mnist("test")
     data = CalibrationDataset.from_arrays({"image": images[:500]})
     report = sweep(
         zoo.fashion_cnn(),
         data,
-        ["fp32", "int8", "auto:sqnr_db:40"],
+        ["fp32", "int8", "auto:sqnr_db:50"],
         out_dir=tmp_path,
         backend=BackendName.ONNXRUNTIME,
         eval_fraction=0.4,
@@ -149,16 +147,16 @@ def test_sweep_with_automatic_mixed_precision(tmp_path: Path) -> None:
         benchmark_options=QUICK,
     )
     assert report.accuracy_metric is AccuracyMetric.ACCURACY
-    auto = report.variant("auto:sqnr_db:40")
+    auto = report.variant("auto:sqnr_db:50")
     int8 = report.variant("int8")
     assert auto.mixed is not None and auto.budget is not None
-    assert int8.accuracy.metric(AccuracyMetric.SQNR_DB) < 40  # type: ignore[operator]
+    assert int8.accuracy.metric(AccuracyMetric.SQNR_DB) < 50  # type: ignore[operator]
     assert auto.kept_nodes and auto.kept_nodes == auto.mixed.kept_nodes
-    assert auto.accuracy.passed is True and auto.accuracy.budget_value >= 40  # type: ignore[operator]
+    assert auto.accuracy.passed is True and auto.accuracy.budget_value >= 50  # type: ignore[operator]
     assert auto.int8_share == auto.mixed.int8_share < 1.0
-    assert auto.artifact == "auto-sqnr_db-40.onnx" and auto.search_seconds > 0
+    assert auto.artifact == "auto-sqnr_db-50.onnx" and auto.search_seconds > 0
     markdown = (tmp_path / "sweep.md").read_text()
-    assert "## auto:sqnr_db:40" in markdown
+    assert "## auto:sqnr_db:50" in markdown
     assert all(f"`{n}`" in markdown for n in auto.kept_nodes)
     _check_files(report, tmp_path)
 

@@ -1,0 +1,139 @@
+"""``/v1/builds/{id}/artifact``: the built engine, streamed with ETag (its sha256), Content-Length,
+single Range requests (206) and a Content-Disposition file name; and its metadata sidecar."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote
+
+import anyio
+from fastapi import APIRouter, Header, Response
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from service import builds
+from service.api.deps import AppState, ReadAccess, SessionDep, StateDep
+from service.errors import NotReadyError, RangeNotSatisfiableError
+
+__all__ = ["content_disposition", "parse_range", "router"]
+
+router = APIRouter(prefix="/v1/builds", tags=["artifacts"])
+
+_CHUNK_BYTES = 1 << 20
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """``(first, last)`` byte of a single ``bytes=`` range, or None to send the whole file.
+
+    Forms it does not serve (several ranges, other units, garbage) are ignored, as HTTP allows;
+    a range starting past the end raises :class:`RangeNotSatisfiableError`.
+    """
+    if not header:
+        return None
+    units, _, spec = header.partition("=")
+    if units.strip().lower() != "bytes" or "," in spec:
+        return None
+    first_text, dash, last_text = spec.strip().partition("-")
+    if not dash:
+        return None
+    try:
+        if not first_text:  # suffix range: the last N bytes
+            count = int(last_text)
+            if count <= 0 or size == 0:
+                raise RangeNotSatisfiableError(size, f"Range {header!r} asks for no bytes.")
+            return max(0, size - count), size - 1
+        first = int(first_text)
+        last = int(last_text) if last_text else size - 1
+    except ValueError:
+        return None
+    if first >= size:
+        raise RangeNotSatisfiableError(
+            size, f"Range {header!r} starts at or past the end of the {size}-byte artifact."
+        )
+    if first < 0 or last < first:
+        return None
+    return first, min(last, size - 1)
+
+
+def content_disposition(filename: str) -> str:
+    """``attachment`` with an ASCII fallback name and the exact UTF-8 name (RFC 6266)."""
+    fallback = "".join(
+        c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in filename
+    )
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
+def _artifact(state: AppState, build_id: str) -> tuple[Path, str, str]:
+    with state.db.session() as session:
+        row = builds.get_build(session, build_id)
+        if not row.artifact_sha256:
+            raise NotReadyError(f"Build {build_id[:12]} has no artifact (status {row.status}).")
+        path = state.storage.blob_path(row.artifact_sha256)
+        return path, row.artifact_sha256, row.artifact_filename or f"{build_id}.bin"
+
+
+async def _read(path: Path, first: int, last: int) -> AsyncIterator[bytes]:
+    async with await anyio.open_file(path, "rb") as fh:
+        await fh.seek(first)
+        remaining = last - first + 1
+        while remaining > 0:
+            chunk = await fh.read(min(_CHUNK_BYTES, remaining))
+            if not chunk:
+                return
+            remaining -= len(chunk)
+            yield chunk
+
+
+@router.get(
+    "/{build_id}/artifact",
+    operation_id="download_artifact",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "The artifact."},
+        206: {"content": {"application/octet-stream": {}}, "description": "A byte range."},
+        304: {"description": "If-None-Match matched the ETag."},
+    },
+)
+async def download_artifact(
+    build_id: str,
+    state: StateDep,
+    _: ReadAccess,
+    range_: Annotated[str | None, Header(alias="range")] = None,
+    if_range: Annotated[str | None, Header()] = None,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    path, sha256, filename = await run_in_threadpool(_artifact, state, build_id)
+    etag = f'"{sha256}"'
+    size = (await anyio.Path(path).stat()).st_size
+    headers = {
+        "ETag": etag,
+        "Accept-Ranges": "bytes",
+        "Content-Disposition": content_disposition(filename),
+        "Cache-Control": "private, max-age=31536000, immutable",
+    }
+    if if_none_match is not None and etag in {t.strip() for t in if_none_match.split(",")}:
+        return Response(status_code=304, headers=headers)
+    byte_range = parse_range(range_, size) if if_range in (None, etag) else None
+    first, last = byte_range if byte_range is not None else (0, size - 1)
+    headers["Content-Length"] = str(max(0, last - first + 1))
+    status = 200
+    if byte_range is not None:
+        status = 206
+        headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+    return StreamingResponse(
+        _read(path, first, last),
+        status_code=status,
+        media_type="application/octet-stream",
+        headers=headers,
+    )
+
+
+@router.get("/{build_id}/artifact/metadata", operation_id="get_artifact_metadata")
+def get_artifact_metadata(build_id: str, session: SessionDep, _: ReadAccess) -> dict[str, Any]:
+    """The artifact's metadata sidecar (backend, versions, GPU, profiles, kept nodes, spec)."""
+    row = builds.get_build(session, build_id)
+    if row.artifact_metadata is None:
+        raise NotReadyError(f"Build {build_id[:12]} has no artifact (status {row.status}).")
+    return row.artifact_metadata

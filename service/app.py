@@ -1,0 +1,108 @@
+"""``create_app(settings)``: the FastAPI application. Nothing is created at import time.
+
+Startup (in the lifespan): prepare the data directory, apply the database migrations, recover
+builds whose worker died, remove orphaned files, and start the in-process worker (unless
+``workers`` is 0, when ``trtforge worker`` processes do the builds). Shutdown stops the worker,
+putting its running builds back in the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from service.api import artifacts, builds, datasets, health, models, reports, tables, tokens
+from service.api.deps import AppState
+from service.api.errors import install_error_handlers
+from service.cleanup import remove_orphans
+from service.dashboard import routes as dashboard
+from service.db import Database
+from service.jobs.database import DatabaseQueue
+from service.jobs.worker import Worker
+from service.metrics import Counters
+from service.settings import Settings
+from service.storage import Storage
+
+__all__ = ["create_app", "shutdown", "startup"]
+
+log = logging.getLogger(__name__)
+
+
+def _version() -> str:
+    try:
+        return version("trtforge")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def startup(state: AppState) -> None:
+    """Everything the server does before it accepts requests (module docstring)."""
+    state.storage.prepare()
+    state.db.migrate()
+    recovered = state.queue.recover()
+    for build_id in (*recovered.requeued, *recovered.failed):
+        state.storage.remove_entry(state.storage.work_dir(build_id))
+    remove_orphans(state.db, state.storage, state.settings.orphan_grace_s)
+    if state.settings.workers != 0:
+        state.worker = Worker(state.settings, state.db, state.storage, state.queue)
+        state.worker.start()
+
+
+def shutdown(state: AppState) -> None:
+    if state.worker is not None:
+        state.worker.stop()
+        state.worker = None
+    state.db.dispose()
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The application for ``settings`` (see the module docstring for its lifecycle)."""
+    database = Database(settings.resolved_database_url)
+    state = AppState(
+        settings=settings,
+        db=database,
+        storage=Storage(settings.data_dir),
+        queue=DatabaseQueue(database, settings),
+        counters=Counters(),
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(startup, state)
+        log.info(
+            "trtforge serving %s (data in %s, auth %s)",
+            settings.base_url,
+            settings.data_dir,
+            "on" if settings.auth_required else "off",
+        )
+        try:
+            yield
+        finally:
+            await run_in_threadpool(shutdown, state)
+
+    app = FastAPI(
+        title="trtforge",
+        version=_version(),
+        summary="Calibrated INT8/FP16 TensorRT engines from ONNX models.",
+        lifespan=lifespan,
+    )
+    app.state.trtforge = state
+    install_error_handlers(app)
+    for router in (
+        health.router,
+        models.router,
+        datasets.router,
+        builds.router,
+        artifacts.router,
+        reports.router,
+        tables.router,
+        tokens.router,
+        dashboard.router,
+    ):
+        app.include_router(router)
+    return app

@@ -1,0 +1,438 @@
+"""Service commands of ``trtforge``: serve, worker, submit, status, download, report, tokens.
+
+``serve``/``worker``/``tokens`` work on this machine's database (``TRTFORGE_*`` settings or the
+options); ``submit``/``status``/``download``/``report`` talk to a server through
+:class:`service.client.TrtforgeClient` (``--server``/``--token`` or ``TRTFORGE_SERVER`` /
+``TRTFORGE_TOKEN``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import click
+
+from service.cli import handle_errors
+from service.progress import sample_progress
+
+__all__ = ["register"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _server_options(func: Callable[P, R]) -> Callable[P, R]:
+    func = click.option(
+        "--token",
+        envvar="TRTFORGE_TOKEN",
+        default=None,
+        help="Bearer token (env TRTFORGE_TOKEN).",
+    )(func)
+    func = click.option(
+        "--server",
+        envvar="TRTFORGE_SERVER",
+        default="http://127.0.0.1:8000",
+        show_default=True,
+        help="Server URL (env TRTFORGE_SERVER).",
+    )(func)
+    return func
+
+
+def _local_options(func: Callable[P, R]) -> Callable[P, R]:
+    func = click.option(
+        "--database-url",
+        default=None,
+        help="SQLAlchemy URL (default: SQLite in the data directory; env TRTFORGE_DATABASE_URL).",
+    )(func)
+    func = click.option(
+        "--data-dir",
+        type=click.Path(path_type=Path, file_okay=False),
+        default=None,
+        help="Data directory (env TRTFORGE_DATA_DIR; default ~/.local/share/trtforge).",
+    )(func)
+    return func
+
+
+def _emit(data: Any) -> None:
+    click.echo(json.dumps(data, indent=None, default=str))
+
+
+# -- server side -------------------------------------------------------------------------------
+
+
+@click.command()
+@click.option("--host", default=None, help="Bind address (default 127.0.0.1; env TRTFORGE_HOST).")
+@click.option("--port", type=int, default=None, help="Port (default 8000; env TRTFORGE_PORT).")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="In-process build slots (default: one per GPU, else 1; 0: use `trtforge worker`).",
+)
+@click.option(
+    "--auth/--no-auth",
+    default=None,
+    help="Require bearer tokens (default: only when binding to a non-loopback address).",
+)
+@click.option("--log-level", default="info", show_default=True)
+@_local_options
+@handle_errors
+def serve(
+    host: str | None,
+    port: int | None,
+    workers: int | None,
+    auth: bool | None,
+    log_level: str,
+    data_dir: Path | None,
+    database_url: str | None,
+) -> None:
+    """Start the API server (and, by default, its build workers)."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import load_settings
+
+    settings = load_settings(
+        host=host,
+        port=port,
+        workers=workers,
+        auth=auth,
+        data_dir=data_dir,
+        database_url=database_url,
+    )
+    click.echo(
+        f"trtforge serving on {settings.base_url} (data: {settings.data_dir}, "
+        f"auth: {'on' if settings.auth_required else 'off'})",
+        err=True,
+    )
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
+
+
+@click.command()
+@click.option(
+    "--slots",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Concurrent builds (default: one per GPU, else TRTFORGE_CPU_CONCURRENCY).",
+)
+@_local_options
+@handle_errors
+def worker(slots: int | None, data_dir: Path | None, database_url: str | None) -> None:
+    """Run build workers against the server's database (until Ctrl-C or SIGTERM)."""
+    from service.db import Database
+    from service.jobs.database import DatabaseQueue
+    from service.jobs.worker import Worker
+    from service.settings import load_settings
+    from service.storage import Storage
+
+    settings = load_settings(data_dir=data_dir, database_url=database_url, workers=slots)
+    db = Database(settings.resolved_database_url)
+    storage = Storage(settings.data_dir)
+    storage.prepare()
+    db.migrate()
+    runner = Worker(settings, db, storage, DatabaseQueue(db, settings))
+    click.echo(f"trtforge worker {runner.id}: {len(runner.slots)} slot(s)", err=True)
+    try:
+        runner.run_forever()
+    finally:
+        db.dispose()
+
+
+@click.group()
+def tokens() -> None:
+    """Create, list and revoke API tokens (on this machine's database)."""
+
+
+def _token_db(data_dir: Path | None, database_url: str | None) -> Any:
+    from service.db import Database
+    from service.settings import load_settings
+
+    settings = load_settings(data_dir=data_dir, database_url=database_url)
+    db = Database(settings.resolved_database_url)
+    db.migrate()
+    return db
+
+
+@tokens.command("create")
+@click.option("--name", required=True, help="Who or what uses it, e.g. ci.")
+@click.option(
+    "--scope",
+    type=click.Choice(["read", "build", "admin"]),
+    default="read",
+    show_default=True,
+    help="read < build (upload, submit, cancel) < admin (tokens).",
+)
+@click.option("--json", "as_json", is_flag=True)
+@_local_options
+@handle_errors
+def tokens_create(
+    name: str, scope: str, as_json: bool, data_dir: Path | None, database_url: str | None
+) -> None:
+    """Create a token and print it once (only its hash is stored)."""
+    from service.auth import create_token
+    from service.schemas import Scope
+
+    db = _token_db(data_dir, database_url)
+    with db.session() as session:
+        row, token = create_token(session, name, Scope(scope))
+    db.dispose()
+    if as_json:
+        _emit({"id": row.id, "name": row.name, "scope": row.scope, "token": token})
+        return
+    click.echo(token)
+    click.echo(f"token {row.id} ({scope}) for {name!r}: shown once, store it now", err=True)
+
+
+@tokens.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@_local_options
+@handle_errors
+def tokens_list(as_json: bool, data_dir: Path | None, database_url: str | None) -> None:
+    """List tokens (never their secrets)."""
+    from service.auth import list_tokens, token_public
+
+    db = _token_db(data_dir, database_url)
+    with db.session() as session:
+        rows = [token_public(r) for r in list_tokens(session)]
+    db.dispose()
+    if as_json:
+        _emit([r.model_dump(mode="json") for r in rows])
+        return
+    for r in rows:
+        state = f"revoked {r.revoked_at:%Y-%m-%d}" if r.revoked_at else "active"
+        click.echo(f"{r.id}  {r.scope.value:<5}  {state:<18}  {r.name}")
+
+
+@tokens.command("revoke")
+@click.argument("token_id")
+@_local_options
+@handle_errors
+def tokens_revoke(token_id: str, data_dir: Path | None, database_url: str | None) -> None:
+    """Revoke a token by id."""
+    from service.auth import revoke_token
+
+    db = _token_db(data_dir, database_url)
+    with db.session() as session:
+        revoke_token(session, token_id)
+    db.dispose()
+    click.echo(f"revoked {token_id}", err=True)
+
+
+# -- client side -------------------------------------------------------------------------------
+
+
+def _client(server: str, token: str | None) -> Any:
+    from service.client import TrtforgeClient
+
+    return TrtforgeClient(server, token)
+
+
+def _spec(options: dict[str, Any]) -> Any:
+    from calibrators.methods import method_spec
+    from engines.spec import BuildSpec, KeepRules, ShapeProfile
+
+    params = {"percentile": options["percentile"]} if options["percentile"] is not None else {}
+    profiles = {}
+    for text in options["shapes"]:
+        name, sep, shapes = text.rpartition(":")
+        if not sep or not name:
+            raise click.BadParameter(
+                f"expected NAME:MIN/OPT/MAX, got {text!r}", param_hint="--shapes"
+            )
+        try:
+            profiles[name] = ShapeProfile.parse(shapes)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--shapes") from exc
+    try:
+        return BuildSpec(
+            precision=options["precision"],
+            calibration=method_spec(options["method"], **params),
+            backend=options["backend"],
+            mode=options["mode"],
+            profiles=profiles,
+            keep=KeepRules(int8=tuple(options["keep"]), fp16=tuple(options["keep_fp16"])),
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+@click.command()
+@click.argument("model", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--data", type=click.Path(path_type=Path, exists=True, dir_okay=False), required=True)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "int8", "int8-fp16"]),
+    default="int8-fp16",
+    show_default=True,
+)
+@click.option(
+    "--method",
+    type=click.Choice(["entropy", "minmax", "percentile", "mse"]),
+    default="entropy",
+    show_default=True,
+)
+@click.option("--percentile", type=float, default=None)
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "tensorrt", "onnxruntime"]),
+    default="auto",
+    show_default=True,
+)
+@click.option("--mode", type=click.Choice(["explicit", "implicit"]), default="explicit")
+@click.option("--keep", multiple=True, help="Node name, op type or re:REGEX kept out of INT8.")
+@click.option("--keep-fp16", multiple=True, help="Node name, op type or re:REGEX kept in FP32.")
+@click.option("--shapes", multiple=True, help="Optimization profile NAME:MIN/OPT/MAX.")
+@click.option("--preprocess", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--table", "table_id", default=None, help="Use this stored calibration table id.")
+@click.option("--wait", is_flag=True, help="Follow the build until it ends.")
+@click.option("--timeout", type=float, default=None, help="Seconds --wait waits at most.")
+@click.option(
+    "--download",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Download the artifact into this folder (implies --wait).",
+)
+@click.option("--json", "as_json", is_flag=True)
+@_server_options
+@handle_errors
+def submit(model: Path, data: Path, **options: Any) -> None:
+    """Upload MODEL and its calibration data, and submit a build."""
+    from calibrators.data import PreprocessSpec
+
+    as_json = bool(options["as_json"])
+    spec = _spec(options)
+    preprocess = PreprocessSpec.load(options["preprocess"]) if options["preprocess"] else None
+    with _client(options["server"], options["token"]) as client:
+        with sample_progress(f"uploading {model.name}", enabled=not as_json, unit="B") as bar:
+            uploaded = client.upload_model(model, progress=bar)
+        with sample_progress(f"uploading {data.name}", enabled=not as_json, unit="B") as bar:
+            dataset = client.upload_dataset(
+                data, model_id=uploaded.id, preprocess=preprocess, progress=bar
+            )
+        build = client.submit_build(uploaded.id, dataset.id, spec, table_id=options["table_id"])
+        if not as_json:
+            click.echo(f"build {build.id}: {build.status.value} ({build.backend})", err=True)
+        if options["wait"] or options["download"]:
+            build = _follow(client, build.id, options["timeout"], as_json)
+        artifact = None
+        if options["download"] and build.artifact is not None:
+            artifact = _download(client, build.id, options["download"], as_json)
+    _report_outcome(build, artifact, as_json)
+
+
+def _follow(client: Any, build_id: str, timeout: float | None, as_json: bool) -> Any:
+    from service.client import BuildEvent
+
+    with sample_progress("building", enabled=not as_json, unit="%") as bar:
+
+        def show(event: BuildEvent) -> None:
+            if event.build is not None:
+                bar(round(event.build.progress * 100), 100)
+            if event.log is not None and not as_json and not sys.stderr.isatty():
+                click.echo(f"  {event.log.message}", err=True)
+
+        return client.wait(build_id, timeout_s=timeout, on_event=show)
+
+
+def _download(client: Any, build_id: str, dest: Path, as_json: bool) -> Path:
+    with sample_progress("downloading", enabled=not as_json, unit="B") as bar:
+        path: Path = client.download_artifact(build_id, dest, progress=bar)
+    return path
+
+
+def _report_outcome(build: Any, artifact: Path | None, as_json: bool) -> None:
+    if as_json:
+        data = build.model_dump(mode="json")
+        if artifact is not None:
+            data["downloaded"] = str(artifact)
+        _emit(data)
+    else:
+        _print_build(build)
+        if artifact is not None:
+            click.echo(f"artifact: {artifact}")
+    if build.status.value in ("failed", "cancelled"):
+        raise SystemExit(1)
+
+
+def _print_build(build: Any) -> None:
+    click.echo(
+        f"{build.id}  {build.status.value}  {build.progress * 100:.0f}%"
+        f"  {build.spec.precision.value}  {build.backend} {build.backend_version}"
+    )
+    if build.stage_seconds:
+        stages = ", ".join(f"{k} {v:.1f} s" for k, v in build.stage_seconds.items())
+        click.echo(f"stages: {stages}")
+    if build.table_from_cache is not None:
+        click.echo(f"calibration table: {'reused' if build.table_from_cache else 'computed'}")
+    if build.error is not None:
+        click.echo(f"error: {build.error.message}")
+        if build.error.hint:
+            click.echo(f"hint: {build.error.hint}")
+
+
+@click.command()
+@click.argument("build_id")
+@click.option("--json", "as_json", is_flag=True)
+@_server_options
+@handle_errors
+def status(build_id: str, as_json: bool, server: str, token: str | None) -> None:
+    """Show a build's status."""
+    with _client(server, token) as client:
+        build = client.get_build(build_id)
+    if as_json:
+        _emit(build.model_dump(mode="json"))
+    else:
+        _print_build(build)
+
+
+@click.command()
+@click.argument("build_id")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path(),
+    show_default=True,
+    help="File or folder.",
+)
+@click.option("--json", "as_json", is_flag=True)
+@_server_options
+@handle_errors
+def download(build_id: str, out: Path, as_json: bool, server: str, token: str | None) -> None:
+    """Download a build's artifact (resumes; checks the sha256)."""
+    with _client(server, token) as client:
+        path = _download(client, build_id, out, as_json)
+    if as_json:
+        _emit({"build_id": build_id, "artifact": str(path)})
+    else:
+        click.echo(str(path))
+
+
+@click.command()
+@click.argument("build_id")
+@click.option("--html", "as_html", is_flag=True, help="The HTML page instead of JSON.")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None)
+@_server_options
+@handle_errors
+def report(build_id: str, as_html: bool, out: Path | None, server: str, token: str | None) -> None:
+    """Print (or save) a build's report."""
+    with _client(server, token) as client:
+        text = (
+            client.report_html(build_id)
+            if as_html
+            else client.report(build_id).model_dump_json(indent=2)
+        )
+    if out is None:
+        click.echo(text)
+    else:
+        out.write_text(text, encoding="utf-8")
+        click.echo(str(out), err=True)
+
+
+def register(group: click.Group) -> None:
+    """Add the service commands to the root group."""
+    for command in (serve, worker, submit, status, download, report, tokens):
+        group.add_command(command)

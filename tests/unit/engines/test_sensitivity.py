@@ -1,0 +1,194 @@
+"""Per-node INT8 sensitivity on real models (the Fashion-MNIST CNN, the tiny CNN)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from calibrators.calibrate import calibrate
+from calibrators.data import CalibrationDataset
+from calibrators.methods import entropy
+from calibrators.table import CalibrationTable
+from engines.accuracy import AccuracyMetric
+from engines.backends.onnxruntime import OnnxRuntimeRunner
+from engines.errors import SpecError
+from engines.graph import prepare_model
+from engines.sensitivity import (
+    MemoizedRunner,
+    QdqExecution,
+    SensitivityReport,
+    default_execution,
+    node_sensitivity,
+)
+from engines.spec import BackendName, BuildSpec, KeepRules, Precision
+from tests import zoo
+
+INT8 = BuildSpec(precision=Precision.INT8, backend=BackendName.ONNXRUNTIME)
+Fashion = tuple[Path, CalibrationDataset, np.ndarray, CalibrationTable]
+
+
+@pytest.fixture(scope="module")
+def fashion() -> Fashion:
+    """The trained Fashion-MNIST CNN, 300 held-out test images and their labels, a table
+    calibrated on 512 other test images."""
+    path = zoo.fashion_cnn()
+    images, labels = zoo.fashion_mnist("test")
+    table = calibrate(path, CalibrationDataset.from_arrays({"image": images[:512]}), entropy())
+    held_out = CalibrationDataset.from_arrays({"image": images[512:812]})
+    return path, held_out, labels[512:812], table
+
+
+def quantized_activations(model: onnx.ModelProto, node: str) -> list[str]:
+    """Activation tensors whose Q/DQ pair feeds ``node`` in a Q/DQ model."""
+    producer = {out: n for n in model.graph.node for out in n.output}
+    inits = {t.name for t in model.graph.initializer}
+    target = next(n for n in model.graph.node if n.name == node)
+    found = []
+    for tensor in target.input:
+        dq = producer.get(tensor)
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            q = producer[dq.input[0]]
+            if q.input[0] not in inits:
+                found.append(q.input[0])
+    return found
+
+
+def damaged(
+    path: Path, table: CalibrationTable, nodes: list[str], factor: float = 8.0
+) -> CalibrationTable:
+    """``table`` with the ranges of the activations feeding ``nodes`` shrunk ``factor`` times."""
+    qdq = prepare_model(onnx.load(str(path)), INT8, table).model
+    names = {t for node in nodes for t in quantized_activations(qdq, node)}
+    assert names, f"no quantized activation feeds {nodes}"
+    amax = {k: v / factor if k in names else v for k, v in table.amax.items()}
+    return table.model_copy(update={"amax": amax})
+
+
+def test_damaged_nodes_rank_first(fashion: Fashion) -> None:
+    path, held_out, _, table = fashion
+    bad = damaged(path, table, ["/3/Conv", "/9/Gemm"])
+    report = node_sensitivity(path, bad, INT8, held_out, samples=64)
+    assert report.metric is AccuracyMetric.SQNR_DB and report.higher_is_better
+    assert report.execution is QdqExecution.ONNXRUNTIME
+    assert report.quantizable_nodes == len(report.nodes) == report.evaluated_nodes == 4
+    assert report.evaluations == 8 and report.samples == 64  # two variants per node
+    assert [n.rank for n in report.nodes] == [1, 2, 3, 4]
+    assert set(report.ranked_nodes[:2]) == {"/3/Conv", "/9/Gemm"}
+    by_name = {n.node: n for n in report.nodes}
+    assert {n: by_name[n].op_type for n in by_name} == {
+        "/0/Conv": "Conv",
+        "/3/Conv": "Conv",
+        "/7/Gemm": "Gemm",
+        "/9/Gemm": "Gemm",
+    }
+    only = {n: v.metric_only_this for n, v in by_name.items()}
+    all_but = {n: v.metric_all_but_this for n, v in by_name.items()}
+    proxy = {n: v.proxy_sqnr_db for n, v in by_name.items()}
+    # Quantizing a damaged node alone costs much more SQNR than quantizing a healthy one alone;
+    # keeping a damaged node out of INT8 helps more than keeping a healthy one; and the cheap
+    # proxy (local quantization SQNR) sees the damage too.
+    for bad_node in ("/3/Conv", "/9/Gemm"):
+        for good_node in ("/0/Conv", "/7/Gemm"):
+            assert only[bad_node] < only[good_node] - 6  # type: ignore[operator]
+            assert all_but[bad_node] > all_but[good_node]  # type: ignore[operator]
+            assert proxy[bad_node] < proxy[good_node] - 6
+    assert SensitivityReport.model_validate_json(report.model_dump_json()) == report
+
+
+def test_max_nodes_evaluates_the_proxy_worst_first(fashion: Fashion) -> None:
+    path, held_out, _, table = fashion
+    bad = damaged(path, table, ["/7/Gemm"])
+    report = node_sensitivity(path, bad, INT8, held_out, samples=32, max_nodes=1, all_but_this=False)
+    assert report.evaluated_nodes == 1 and report.evaluations == 1
+    first, *rest = report.nodes
+    assert first.node == "/7/Gemm"
+    assert first.metric_only_this is not None and first.metric_all_but_this is None
+    assert all(n.metric_only_this is None and n.metric_all_but_this is None for n in rest)
+    proxies = [n.proxy_sqnr_db for n in report.nodes]
+    assert proxies == sorted(proxies)  # unevaluated nodes follow in proxy order
+
+
+def test_reference_execution_differs_from_fused_kernels_only_in_how_qdq_runs(
+    fashion: Fashion,
+) -> None:
+    path, held_out, _, table = fashion
+    fused = node_sensitivity(path, table, INT8, held_out, samples=32, all_but_this=False)
+    exact = node_sensitivity(
+        path, table, INT8, held_out, samples=32, all_but_this=False,
+        execution=QdqExecution.REFERENCE,
+    )
+    assert exact.execution is QdqExecution.REFERENCE
+    assert sorted(exact.ranked_nodes) == sorted(fused.ranked_nodes)
+    by_name = {n.node: n for n in exact.nodes}
+    for node in fused.nodes:  # same proxy (an FP32 pass); close but not bit-identical outputs
+        assert by_name[node.node].proxy_sqnr_db == node.proxy_sqnr_db
+        assert by_name[node.node].metric_only_this == pytest.approx(node.metric_only_this, abs=6)
+
+
+def test_default_execution_follows_the_backend() -> None:
+    assert default_execution(INT8) is QdqExecution.ONNXRUNTIME
+    tensorrt = INT8.model_copy(update={"backend": BackendName.AUTO})
+    # Without TensorRT here, auto resolves to onnxruntime as well.
+    assert default_execution(tensorrt) is QdqExecution.ONNXRUNTIME
+
+
+def test_user_keep_rules_shrink_the_quantizable_set(fashion: Fashion) -> None:
+    path, held_out, _, table = fashion
+    spec = INT8.model_copy(update={"keep": KeepRules(int8=("/0/Conv",))})
+    report = node_sensitivity(path, table, spec, held_out, samples=16, all_but_this=False)
+    assert "/0/Conv" not in report.ranked_nodes and report.quantizable_nodes == 3
+
+
+def test_spec_errors(fashion: Fashion) -> None:
+    path, held_out, _, table = fashion
+    fp16 = INT8.model_copy(update={"precision": Precision.FP16})
+    with pytest.raises(SpecError, match="INT8 precision"):
+        node_sensitivity(path, table, fp16, held_out)
+    with pytest.raises(SpecError, match="labels"):
+        node_sensitivity(path, table, INT8, held_out, metric=AccuracyMetric.ACCURACY, samples=8)
+
+
+def test_sensitivity_on_tiny_cnn(tiny_cnn_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.normal(0, 1, (96, 3, 16, 16)).astype(np.float32)
+    table = calibrate(tiny_cnn_path, CalibrationDataset.from_arrays({"image": images[:64]}), entropy())
+    held_out = CalibrationDataset.from_arrays({"image": images[64:]})
+    report = node_sensitivity(
+        tiny_cnn_path, table, INT8, held_out, metric=AccuracyMetric.COSINE, samples=32
+    )
+    full = prepare_model(onnx.load(str(tiny_cnn_path)), INT8, table).quantization
+    assert full is not None
+    assert sorted(report.ranked_nodes) == sorted(full.quantized_nodes)
+    only = [n.metric_only_this for n in report.nodes]
+    assert all(v is not None and 0.0 < v <= 1.0 + 1e-9 for v in only)
+    assert only == sorted(only)  # cosine: the lowest "only this" cosine is the most sensitive
+    # The random-weight fc reads a badly calibrated tensor: the measurement and the cheap proxy
+    # agree that it is by far the worst node.
+    worst = report.nodes[0]
+    assert worst.node == "fc" and worst.metric_only_this < 0.9  # type: ignore[operator]
+    assert worst.proxy_sqnr_db == min(n.proxy_sqnr_db for n in report.nodes) < 10
+    assert all(math.isfinite(n.proxy_sqnr_db) for n in report.nodes)
+
+
+def test_memoized_runner_runs_each_distinct_batch_once(tiny_cnn_path: Path) -> None:
+    calls: list[int] = []
+
+    class Counting(OnnxRuntimeRunner):
+        def run(self, feeds):  # type: ignore[no-untyped-def]
+            calls.append(1)
+            return super().run(feeds)
+
+    rng = np.random.default_rng(1)
+    a = {"image": rng.normal(size=(2, 3, 16, 16)).astype(np.float32)}
+    b = {"image": rng.normal(size=(2, 3, 16, 16)).astype(np.float32)}
+    with MemoizedRunner(Counting(tiny_cnn_path)) as memo:
+        first = memo.run(a)
+        again = memo.run({"image": a["image"].copy()})
+        other = memo.run(b)
+    assert len(calls) == 2
+    np.testing.assert_array_equal(first["logits"], again["logits"])
+    assert not np.array_equal(first["logits"], other["logits"])
