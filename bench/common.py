@@ -15,7 +15,7 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,6 +36,7 @@ __all__ = [
     "ROOT",
     "WORK",
     "NamedPhoto",
+    "QdqEmulationRunner",
     "crops_of",
     "distinct_photos",
     "environment",
@@ -114,7 +115,7 @@ def log(message: str) -> None:
 
 def seed_everything(seed: int) -> None:
     """Seed numpy's legacy global generator (everything else takes explicit seeds)."""
-    np.random.seed(seed)  # noqa: NPY002 - third-party code (ORT's quantizer) may use it
+    np.random.seed(seed)  # third-party code (ORT quantizer) may use it
 
 
 @contextmanager
@@ -169,9 +170,7 @@ def photo_split(
         return list(photos[0::2]), list(photos[1::2])
     unknown = sorted(set(eval_names) - {p.name for p in photos})
     if unknown:
-        raise SystemExit(
-            f"unknown photo(s) {unknown}; available: {[p.name for p in photos]}"
-        )
+        raise SystemExit(f"unknown photo(s) {unknown}; available: {[p.name for p in photos]}")
     chosen = set(eval_names)
     calibration = [p for p in photos if p.name not in chosen]
     evaluation = [p for p in photos if p.name in chosen]
@@ -203,6 +202,82 @@ def crops_of(
         )
         out.append(np.asarray(resized))
     return out
+
+
+# --- runners ------------------------------------------------------------------------------------
+
+
+class QdqEmulationRunner:
+    """ONNX Runtime over an ``.onnx`` file with its Q/DQ fusions off (``session.disable_quant_qdq``).
+
+    QuantizeLinear/DequantizeLinear then run as the ops they are: float compute on tensors
+    rounded to the INT8 grid, which is the arithmetic TensorRT performs for a Q/DQ network (INT8
+    kernels with FP32 accumulation). With the fusions on (ONNX Runtime's default), Q/DQ become
+    QLinearConv/QLinearMatMul int8 kernels whose u8s8 products saturate on x86 CPUs without
+    AVX-VNNI, which says something about that CPU, not about the quantized model.
+    Implements :class:`engines.backends.base.Runner`.
+    """
+
+    def __init__(self, model_path: Path, *, threads: int) -> None:
+        import onnxruntime as ort
+
+        from calibrators.data import TensorSpec
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+        self.model_path = Path(model_path)
+        self._threads = threads
+        self._session: Any = ort.InferenceSession(
+            str(model_path), options, providers=["CPUExecutionProvider"]
+        )
+        dtypes = {
+            "tensor(float)": "float32",
+            "tensor(float16)": "float16",
+            "tensor(int64)": "int64",
+        }
+        self._inputs = tuple(
+            TensorSpec(i.name, dtypes.get(i.type, "float32"), tuple(i.shape or ()))
+            for i in self._session.get_inputs()
+        )
+        self._outputs = tuple(o.name for o in self._session.get_outputs())
+
+    @property
+    def inputs(self) -> Sequence[Any]:
+        return self._inputs
+
+    @property
+    def output_names(self) -> Sequence[str]:
+        return self._outputs
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self._session.run(None, {s.name: feeds[s.name] for s in self._inputs})
+        return {n: np.asarray(v) for n, v in zip(self._outputs, values, strict=True)}
+
+    def timed_run(self, feeds: Mapping[str, np.ndarray]) -> Any:
+        from engines.backends.base import QueryTiming
+
+        start = time.perf_counter()
+        self.run(feeds)
+        ms = (time.perf_counter() - start) * 1000.0
+        return QueryTiming(latency_ms=ms, enqueue_ms=ms, h2d_ms=0.0, gpu_compute_ms=ms, d2h_ms=0.0)
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "backend": "onnxruntime (Q/DQ emulated: session.disable_quant_qdq=1)",
+            "model": self.model_path.name,
+            "threads": str(self._threads),
+        }
+
+    def close(self) -> None:
+        self._session = None
+
+    def __enter__(self) -> QdqEmulationRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # --- environment and reports ---------------------------------------------------------------------

@@ -263,6 +263,7 @@ class CalibratorCore:
         """The first exception raised inside a TensorRT callback."""
 
     def get_batch_size(self) -> int:
+        """The calibration batch size TensorRT must expect."""
         return self.batch_size
 
     def get_batch(self, names: Sequence[str]) -> list[int] | None:

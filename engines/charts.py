@@ -70,6 +70,13 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
+def _tick_text(value: float, ticks: Sequence[float]) -> str:
+    """A tick label with as many decimals as the tick step needs (0.9992, 0.9994, ...)."""
+    step = abs(ticks[1] - ticks[0]) if len(ticks) > 1 else 1.0
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9)) if step > 0 else 0
+    return f"{value:.{decimals}f}"
+
+
 def _num(value: float) -> str:
     return f"{value:.2f}"
 
@@ -85,7 +92,7 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
         low, high = low - pad, high + pad
     raw = (high - low) / max(count - 1, 1)
     power = 10.0 ** math.floor(math.log10(raw))
-    step = next(m * power for m in (1.0, 2.0, 5.0, 10.0) if m * power >= raw)
+    step = next(m * power for m in (1.0, 2.0, 5.0, 10.0) if m * power >= raw * (1 - 1e-9))
     first = math.floor(low / step) * step
     ticks = []
     value = first
@@ -146,7 +153,7 @@ def _y_ticks(axis: _Axis, left: float, right: float) -> list[str]:
         )
         out.append(
             f"<text x='{_num(left - 4)}' y='{_num(y + 4)}' text-anchor='end' {_FONT}>"
-            f"{escape(_fmt(tick))}</text>"
+            f"{escape(_tick_text(tick, axis.ticks))}</text>"
         )
     return out
 
@@ -163,7 +170,7 @@ def scatter_panel(
         x = x_axis(tick)
         out.append(
             f"<text x='{_num(x)}' y='{_num(bottom + 14)}' text-anchor='middle' {_FONT}>"
-            f"{escape(_fmt(tick))}</text>"
+            f"{escape(_tick_text(tick, x_axis.ticks))}</text>"
         )
     front = sorted((p for p in points if p.highlighted), key=lambda p: (p.x, -p.y))
     if len(front) > 1:

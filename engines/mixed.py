@@ -108,7 +108,7 @@ def search_mixed_precision(
     labels: np.ndarray | None = None,
     max_nodes: int | None = None,
     all_but_this: bool = True,
-    max_samples: int | None = None,
+    max_samples: int | None = 256,
     sensitivity_samples: int = 32,
     batch_size: int = 16,
     threads: int | None = None,
@@ -118,10 +118,11 @@ def search_mixed_precision(
     """The fewest most sensitive nodes to keep out of INT8 so that ``budget`` is met.
 
     ``budget`` is a :class:`MetricBudget` or its text (``cosine:0.999``), judged against the FP32
-    model on the first ``max_samples`` samples of ``eval_dataset`` (all by default; ``labels[i]``
-    is the class of sample ``i``, needed for the accuracy metrics). Nodes are ranked on the first
-    ``sensitivity_samples`` of them, evaluating at most ``max_nodes`` nodes, each with and, with
-    ``all_but_this``, without the others (:func:`engines.sensitivity.node_sensitivity`).
+    model on the first ``max_samples`` samples of ``eval_dataset`` (held in memory; ``None``:
+    all). ``labels[i]`` is the class of sample ``i``, needed for the accuracy metrics. Nodes are
+    ranked on the first ``sensitivity_samples`` of those samples, evaluating at most
+    ``max_nodes`` nodes (0: rank by the cheap proxy alone), each alone in INT8 and, with
+    ``all_but_this``, alone out of it (:func:`engines.sensitivity.node_sensitivity`).
 
     Raises :class:`AccuracyBudgetError` when even no INT8 at all misses the budget, and
     :class:`SpecError` for a spec without INT8 or a metric the model's outputs do not report.

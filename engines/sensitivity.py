@@ -204,7 +204,9 @@ class _SessionRunner:
         options.log_severity_level = 3
         options.intra_op_num_threads = threads
         level = ort.GraphOptimizationLevel
-        options.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
+        options.graph_optimization_level = (
+            level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
+        )
         self._what, self._threads, self._optimize = what, threads, optimize
         try:
             self._session: Any = ort.InferenceSession(
@@ -429,7 +431,8 @@ def _proxy_scores(
         if tensor in inits:
             sums[key] = _fake_quant_sums(numpy_helper.to_array(inits[tensor]), scale, axis)
     probe = normalize(ev.model)
-    wanted = {t for t, _, _ in keys.values() if t not in inits} - set(ev.arrays)
+    produced = {out for node in probe.graph.node for out in node.output}
+    wanted = {t for t, _, _ in keys.values() if t in produced}
     wanted -= {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in sorted(wanted))
     with _SessionRunner(probe, "the FP32 model (proxy pass)", ev.threads) as runner:
@@ -495,6 +498,12 @@ def rank_sensitivity(
     progress: ProgressFn | None = None,
 ) -> SensitivityReport:
     """Rank the quantizable nodes of ``ev``'s model (module docstring)."""
+    if max_nodes is not None and max_nodes < 0:
+        raise SpecError(
+            f"max_nodes must be >= 0, got {max_nodes}.",
+            hint="0 ranks by the cheap proxy alone; None evaluates every node.",
+            field="max_nodes",
+        )
     start = time.perf_counter()
     before = ev.evaluations
     qdq, nodes = ev.quantizable()

@@ -117,7 +117,9 @@ def parse_variants(texts: Sequence[str]) -> list[Variant]:
     """Parse variant names; :class:`SpecError` for unknown or repeated ones, or none at all."""
     variants = [Variant.parse(t) for t in texts if t.strip()]
     if not variants:
-        raise SpecError("No variants to sweep.", hint="e.g. --variants fp32,fp16,int8", field="variants")
+        raise SpecError(
+            "No variants to sweep.", hint="e.g. --variants fp32,fp16,int8", field="variants"
+        )
     names = [v.name for v in variants]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -472,6 +474,7 @@ def _results(measured: list[_Measured], metric: AccuracyMetric) -> list[VariantR
 def _write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        Path(tmp).chmod(0o644)  # mkstemp creates 0600; reports are meant to be read
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -486,7 +489,9 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _size(size_bytes: int) -> str:
-    return f"{size_bytes / 2**20:.2f} MiB" if size_bytes >= 2**20 else f"{size_bytes / 1024:.1f} KiB"
+    return (
+        f"{size_bytes / 2**20:.2f} MiB" if size_bytes >= 2**20 else f"{size_bytes / 1024:.1f} KiB"
+    )
 
 
 def _opt(value: float | None, fmt: str) -> str:

@@ -32,13 +32,13 @@ def remove_orphans(db: Database, storage: Storage, grace_s: float) -> list[Path]
         datasets = set(session.scalars(select(DatasetRow.id)))
         running = {
             b
-            for b, status in session.execute(select(BuildRow.id, BuildRow.status)).tuples()
+            for b, status in session.execute(select(BuildRow.id, BuildRow.status))
             if BuildStatus(status).running
         }
         blobs: set[str] = set(session.scalars(select(TableRow.blob_sha256)))
         for artifact, report in session.execute(
             select(BuildRow.artifact_sha256, BuildRow.report_sha256)
-        ).tuples():
+        ):
             blobs.update(sha for sha in (artifact, report) if sha)
     for entry in storage.entries_older_than(storage.models_dir, grace_s):
         if entry.name not in models:

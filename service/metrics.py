@@ -45,7 +45,7 @@ def render_metrics(session: Session, queue: JobQueue, counters: Counters) -> str
     """The ``/metrics`` page."""
     lines: list[str] = []
     grouped = select(BuildRow.status, func.count()).group_by(BuildRow.status)
-    counts = {status: count for status, count in session.execute(grouped).tuples()}
+    counts = {status: count for status, count in session.execute(grouped)}
     _help(lines, "trtforge_builds", "gauge", "Builds by status.")
     for status in BuildStatus:
         lines.append(f'trtforge_builds{{status="{status.value}"}} {counts.get(status.value, 0)}')

@@ -164,6 +164,7 @@ class TensorRTBackend:
         self.reason = reason
 
     def availability(self) -> Availability:
+        """Installed (found without importing it) and a GPU at ``device`` (NVML)."""
         if not tensorrt_installed():
             return Availability(False, "tensorrt is not installed")
         gpu = self._gpu()

@@ -94,12 +94,11 @@ def run_build_process(
     """
     tail: deque[str] = deque(maxlen=_LOG_TAIL_LINES)
     timed_out = threading.Event()
-    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "stdin": subprocess.DEVNULL}
     with (
         Path(log_path).open("w", encoding="utf-8") as log_file,
         subprocess.Popen(
-            list(argv), text=True, errors="replace", cwd=_PACKAGE_ROOT, start_new_session=True,
-            **popen,
+            list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            text=True, errors="replace", cwd=_PACKAGE_ROOT, start_new_session=True,
         ) as proc,
     ):  # fmt: skip
 
@@ -414,10 +413,12 @@ class TensorRTRunner:
 
     @property
     def inputs(self) -> Sequence[TensorSpec]:
+        """The engine's inputs; dynamic dims are ``None``."""
         return self._inputs
 
     @property
     def output_names(self) -> Sequence[str]:
+        """The engine's outputs, in engine order."""
         return self._outputs
 
     def _buffer(self, name: str, nbytes: int) -> int:
@@ -520,6 +521,7 @@ class TensorRTRunner:
         )
 
     def describe(self) -> dict[str, str]:
+        """The measurement environment: TensorRT version, GPU, driver, how timing is taken."""
         from engines.gpu import discover_gpus
 
         gpu = next((g for g in discover_gpus() if g.index == self.device), None)

@@ -4,7 +4,8 @@ TensorRT fuses a DequantizeLinear into the op that consumes it and a QuantizeLin
 that produces its input, so Q/DQ belong on the *inputs* of the ops that have INT8 kernels:
 
 - Conv, ConvTranspose, Gemm, MatMul: the activation input per tensor (scale from the table) and
-  the constant weight per output channel; never their outputs.
+  the constant weight per output channel; never their outputs. A Conv reading a zero Pad gets
+  its pair above the Pad, which TensorRT then fuses into the Conv.
 - A residual Add: only the skip input, the one not coming from the Conv TensorRT fuses the Add
   into (a Conv output read by nothing else). An Add with no such Conv gets nothing.
 - AveragePool / GlobalAveragePool: their input. MaxPool: nothing (Q/DQ commute with it).
@@ -168,8 +169,31 @@ class _Planner:
                     reason = found
                 else:
                     self._take(i, node, found)
+                    self._hoist_above_zero_pad(i, node)
                     return
         self.plan.skipped[node.name] = reason
+
+    def _hoist_above_zero_pad(self, i: int, node: onnx.NodeProto) -> None:
+        """Conv(Pad(x, 0)): quantize x instead of the padded tensor.
+
+        Quantization maps 0 to 0, so the graph computes the same values, and TensorRT fuses a
+        Pad that sits between the Q/DQ pair and a Conv into the Conv instead of running it as
+        a separate layer (NVIDIA/TensorRT#2592).
+        """
+        index = self.index
+        padded = node.input[0]
+        j = index.producer.get(padded)
+        if node.op_type not in _FUSING_CONVS or j is None:
+            return
+        pad = index.node(j)
+        if pad.op_type != "Pad" or not _zero_constant_pad(index, pad):
+            return
+        if len(index.consumers.get(padded, [])) != 1 or padded in index.graph_outputs:
+            return
+        found = self._request(pad.input[0], None)
+        if isinstance(found, QdqKey) and not found.weight:
+            self.plan.rewires[i].pop(0)
+            self.plan.rewires.setdefault(j, {})[0] = found
 
     def _layer_norm(self, i: int, node: onnx.NodeProto) -> None:
         if not self.quantize_attention:
@@ -310,6 +334,18 @@ class _Planner:
                 self._concat(i, nodes[i], requested)
         self.plan.quantized = [nodes[i].name for i in sorted(self.quantized_idx)]
         return self.plan
+
+
+def _zero_constant_pad(index: GraphIndex, pad: onnx.NodeProto) -> bool:
+    """A Pad in constant mode filling with 0 (the default), the only Pad Q/DQ commute with."""
+    mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+    if mode != b"constant":
+        return False
+    if len(pad.input) > 2 and pad.input[2]:
+        value = index.array(pad.input[2])
+        return value is not None and not np.any(value)
+    value_attr = next((a.f for a in pad.attribute if a.name == "value"), 0.0)  # opset < 11
+    return value_attr == 0.0
 
 
 def _is_candidate(node: onnx.NodeProto, planner: _Planner) -> bool:

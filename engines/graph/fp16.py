@@ -117,10 +117,22 @@ class _Rewriter:
         self.casts = 0
         self.out: list[onnx.NodeProto] = []
         self.new_initializers: list[TensorProto] = []
+        fp16_reads: dict[str, int] = {}
         for i, decision in decisions.items():
             if decision.fp16:
                 node = index.node(i)
                 self.stored16.update(node.output[s] for s in decision.outputs)
+                for s in decision.inputs:
+                    fp16_reads[node.input[s]] = fp16_reads.get(node.input[s], 0) + 1
+        inner = subgraph_references(model.graph)
+        self.fp16_only = {
+            name
+            for name, count in fp16_reads.items()
+            if name in index.initializers
+            and count == len(index.consumers.get(name, []))
+            and name not in inner
+            and name not in index.graph_outputs
+        }
 
     def run(self) -> int:
         graph = self.model.graph
@@ -132,6 +144,10 @@ class _Rewriter:
                 self._fp32_node(node)
         del graph.node[:]
         graph.node.extend(self.out)
+        replaced = {t.name for t in self.new_initializers}
+        kept = [t for t in graph.initializer if t.name not in replaced]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
         graph.initializer.extend(self.new_initializers)
         self._retype_value_info()
         self._drop_unused_initializers()
@@ -182,7 +198,8 @@ class _Rewriter:
         if _convertible_initializer(self.index, tensor):
             values = self.index.array(tensor)
             assert values is not None
-            name = self.names.fresh(f"{tensor}_fp16")
+            # Read only through FP16 slots: retype it in place (the weight keeps its name).
+            name = tensor if tensor in self.fp16_only else self.names.fresh(f"{tensor}_fp16")
             self.new_initializers.append(numpy_helper.from_array(values.astype(np.float16), name))
         else:
             name = self.names.fresh(f"{tensor}_fp16")
@@ -210,7 +227,8 @@ class _Rewriter:
 
     def _retype_value_info(self) -> None:
         for vi in self.model.graph.value_info:
-            if vi.name in self.stored16 and self.fp16_name.get(vi.name) == vi.name:
+            in_place = vi.name in self.stored16 or vi.name in self.fp16_only
+            if in_place and self.fp16_name.get(vi.name) == vi.name:
                 vi.type.tensor_type.elem_type = TensorProto.FLOAT16
 
     def _drop_unused_initializers(self) -> None:

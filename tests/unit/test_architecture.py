@@ -9,7 +9,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("calibrators", "engines", "service")
-TENSORRT_DOORS = {"calibrators/tensorrt.py", "engines/backends/tensorrt.py"}
+TENSORRT_DOORS = {
+    "calibrators/tensorrt.py",
+    "engines/backends/tensorrt.py",
+    "engines/backends/tensorrt_runner.py",
+}
 GPU_DOORS = TENSORRT_DOORS | {"engines/gpu.py"}
 GPU_LIBS = ("tensorrt", "cuda", "pynvml")
 
@@ -66,7 +70,9 @@ def test_gpu_libraries_only_behind_their_doors_and_inside_functions() -> None:
 
 
 def test_every_module_imports_without_gpu_libraries() -> None:
-    names = [".".join(p.relative_to(ROOT).with_suffix("").parts) for p in _modules()]
+    # Alembic runs the migration scripts itself (they need alembic.context); everything else imports.
+    modules = [p for p in _modules() if "migrations" not in p.parts]
+    names = [".".join(p.relative_to(ROOT).with_suffix("").parts) for p in modules]
     names = [n.removesuffix(".__init__") for n in names]
     script = (
         "import sys\n"

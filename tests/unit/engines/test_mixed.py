@@ -70,7 +70,9 @@ def test_search_keeps_exactly_the_damaged_nodes(fashion: Fashion, tmp_path: Path
 
 def test_met_budget_keeps_nothing(fashion: Fashion) -> None:  # noqa: F811
     path, held_out, labels, table = fashion
-    result = search_mixed_precision(path, table, INT8, held_out, "accuracy_drop:0.02", labels=labels)
+    result = search_mixed_precision(
+        path, table, INT8, held_out, "accuracy_drop:0.02", labels=labels
+    )
     assert result.kept_nodes == [] and result.sensitivity is None and result.evaluations == 1
     assert result.int8_share == 1.0 and result.int8_nodes == result.quantizable_nodes == 4
     assert result.value_reached == result.value_full_int8 <= 0.02

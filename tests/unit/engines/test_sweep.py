@@ -89,7 +89,7 @@ def _check_files(report: SweepReport, out: Path) -> ET.Element:
     assert [r.split("|")[1].strip() for r in rows[1:]] == names
     root = ET.fromstring((out / "sweep.svg").read_text())
     points = [c for c in root.iter(f"{SVG}circle") if "point" in c.get("class", "").split()]
-    assert sorted(p.get("data-label") for p in points) == sorted(names)
+    assert sorted(p.get("data-label", "") for p in points) == sorted(names)
     front = {p.get("data-label") for p in points if "front" in p.get("class", "").split()}
     assert front == set(report.pareto_front)
     bars = [r for r in root.iter(f"{SVG}rect") if r.get("class") == "bar"]
@@ -123,6 +123,7 @@ def test_sweep_tiny_cnn(tiny_cnn_path: Path, tmp_path: Path) -> None:
         assert v.throughput_qps > 0 and v.size_bytes > 0 and v.perf.duration_s == 0.2
         assert (tmp_path / v.artifact).is_file() and v.accuracy.samples == 20
         assert v.accuracy_value == v.accuracy.metric(AccuracyMetric.TOP1_AGREEMENT)
+    assert fp16.size_bytes < 0.75 * fp32.size_bytes  # FP16 weights
     assert fp32.accuracy_value == 1.0 and fp32.accuracy.output("logits").max_abs_error < 1e-5
     assert int8.int8_share == 1.0 and fp32.int8_share is None
     assert 0 < int8.accuracy.output("logits").cosine_similarity < 1.0

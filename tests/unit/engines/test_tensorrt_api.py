@@ -521,3 +521,28 @@ def test_inputs_are_published_beside_the_artifact_under_the_names_they_were_writ
         "m.engine.prepared.onnx.data",
     ]
     assert not list(work.iterdir())
+
+
+def test_explicit_preparation_writes_the_qdq_onnx_tensorrt_will_parse(tmp_path: Path) -> None:
+    import numpy as np
+
+    from calibrators.calibrate import calibrate
+    from calibrators.data import CalibrationDataset
+    from calibrators.methods import minmax
+
+    model_path = tmp_path / "tiny.onnx"
+    onnx.save(zoo.tiny_cnn(), model_path)
+    images = np.random.default_rng(0).normal(size=(16, 3, 16, 16)).astype(np.float32)
+    table = calibrate(model_path, CalibrationDataset.from_arrays({"image": images}), minmax())
+    spec = BuildSpec(
+        precision=Precision.INT8_FP16, profiles={"image": ShapeProfile.parse("1x3x16x16")}
+    )
+    trt = backend.TensorRTBackend(timing_cache_dir=tmp_path / "timing")
+    job, (quantized, _, _) = trt._prepare(model_path, spec, table, tmp_path, GPU, "m.engine")
+    assert job.mode is TensorRTMode.EXPLICIT
+    assert job.onnx_path == str(tmp_path / "m.engine.prepared.onnx")
+    prepared = onnx.load(job.onnx_path)
+    ops = {n.op_type for n in prepared.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Cast"} <= ops
+    assert "conv1" in quantized
+    assert job.calibration_cache is None and job.layer_precisions == {}

@@ -1,0 +1,55 @@
+"""Fixtures for the service tests: a database per test (SQLite and, when configured, PostgreSQL)
+and an app with a test client."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+from tests.unit.service.support import DATABASES, database_url, make_settings
+
+
+@pytest.fixture(params=DATABASES)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    with database_url(request.param, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> Iterator[str]:
+    with database_url("sqlite", tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def settings(data_dir: Path, db_url: str) -> Settings:
+    return make_settings(data_dir, db_url)
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def make_client(data_dir: Path, db_url: str) -> Iterator[Callable[..., TestClient]]:
+    """Clients of apps with other settings (same database and data directory)."""
+    with contextlib.ExitStack() as stack:
+
+        def make(**overrides: object) -> TestClient:
+            app = create_app(make_settings(data_dir, db_url, **overrides))
+            return stack.enter_context(TestClient(app))
+
+        yield make

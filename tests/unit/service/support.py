@@ -1,0 +1,161 @@
+"""Helpers shared by the service tests: databases (SQLite, and PostgreSQL when
+TRTFORGE_TEST_POSTGRES_URL is set), real tiny models and datasets, leftover-file checks."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import uuid
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from service.db.models import BuildRow, DatasetRow, ModelRow
+from service.schemas import BuildCreate
+from service.settings import Settings
+from tests import zoo
+
+POSTGRES_ENV = "TRTFORGE_TEST_POSTGRES_URL"
+
+DATABASES = [
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param(
+        "postgres",
+        id="postgres",
+        marks=[
+            pytest.mark.postgres,
+            pytest.mark.skipif(
+                not os.environ.get(POSTGRES_ENV),
+                reason=f"{POSTGRES_ENV} is not set (scripts/postgres.sh starts a server)",
+            ),
+        ],
+    ),
+]
+"""Parametrize persistence and API tests with these."""
+
+
+@contextlib.contextmanager
+def database_url(kind: str, folder: Path) -> Iterator[str]:
+    """A fresh, empty database of ``kind``; a PostgreSQL one is dropped afterwards."""
+    if kind == "sqlite":
+        yield f"sqlite:///{folder / 'trtforge-test.db'}"
+        return
+    server = make_url(os.environ[POSTGRES_ENV])
+    name = f"trtforge_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def make_settings(data_dir: Path, url: str, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "data_dir": data_dir,
+        "database_url": url,
+        "workers": 0,
+        "poll_interval_s": 0.1,
+        "heartbeat_s": 0.5,
+        "stale_after_s": 5.0,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def model_bytes(**kwargs: object) -> bytes:
+    """The zoo's tiny CNN (input ``image`` [batch, 3, 16, 16] -> ``logits`` [batch, 10])."""
+    return bytes(zoo.tiny_cnn(**kwargs).SerializeToString())  # type: ignore[arg-type]
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def images(count: int = 12, seed: int = 0) -> np.ndarray:
+    """Calibration samples for the tiny CNN: smooth, positive-ish images."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(0.5, 0.25, size=(count, 3, 16, 16)).astype(np.float32)
+
+
+def dataset_bytes(count: int = 12, seed: int = 0) -> bytes:
+    return npz_bytes(image=images(count, seed))
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buf.getvalue()
+
+
+def external_data_zip(folder: Path) -> bytes:
+    """The tiny CNN saved with its weights in ``weights.bin``, zipped with the .onnx."""
+    path = zoo.save_with_external_data(zoo.tiny_cnn(), folder / "ext")
+    return zip_bytes(
+        {"model.onnx": path.read_bytes(), "weights.bin": (path.parent / "weights.bin").read_bytes()}
+    )
+
+
+def stored_files(data_dir: Path) -> list[str]:
+    """Every file under the data directory except the database and its lock/WAL files."""
+    return sorted(
+        p.relative_to(data_dir).as_posix()
+        for p in data_dir.rglob("*")
+        if p.is_file() and not p.name.startswith("trtforge-test.db") and not p.name.startswith("trtforge.db")
+    )
+
+
+def insert_build(session: Session, build_id: str, *, status: str = "queued") -> BuildRow:
+    """A build row (with its model and dataset rows) for queue tests that run no pipeline."""
+    model = session.get(ModelRow, "m" * 64) or ModelRow(
+        id="m" * 64,
+        filename="m.onnx",
+        onnx_filename="model.onnx",
+        size_bytes=1,
+        external_data=False,
+        info={},
+        tensor_names=[],
+    )
+    dataset = session.get(DatasetRow, "d" * 64) or DatasetRow(
+        id="d" * 64,
+        sha256="d" * 64,
+        filename="d.npz",
+        data_filename="dataset.npz",
+        format="npz",
+        size_bytes=1,
+        num_samples=1,
+        inputs=[],
+        digest="d" * 64,
+    )
+    session.add_all([model, dataset])
+    session.flush()
+    build = BuildRow(
+        id=build_id,
+        cache_key=uuid.uuid4().hex,
+        model_id=model.id,
+        dataset_id=dataset.id,
+        request=BuildCreate(model_id=model.id, dataset_id=dataset.id).model_dump(mode="json"),
+        spec_digest="s",
+        backend="onnxruntime",
+        backend_version="1",
+        compute_capability="cpu",
+        status=status,
+        stage_seconds={},
+    )
+    session.add(build)
+    session.flush()
+    return build

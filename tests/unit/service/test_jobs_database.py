@@ -1,0 +1,178 @@
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import update
+
+from service.db import Database
+from service.db.models import BuildLogRow, BuildRow, JobRow, WorkerRow, utcnow
+from service.jobs.base import JobState
+from service.jobs.database import DatabaseQueue
+from service.schemas import BuildStatus
+from service.settings import Settings
+from tests.unit.service.support import insert_build, make_settings
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    database = Database(db_url)
+    database.migrate()
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, db_url: str) -> Settings:
+    return make_settings(tmp_path / "data", db_url, max_attempts=2)
+
+
+@pytest.fixture
+def queue(db: Database, settings: Settings) -> DatabaseQueue:
+    return DatabaseQueue(db, settings)
+
+
+def _enqueue(db: Database, queue: DatabaseQueue, *build_ids: str) -> None:
+    with db.session() as session:
+        for build_id in build_ids:
+            insert_build(session, build_id)
+            queue.enqueue(session, build_id)
+        session.commit()
+
+
+def test_jobs_are_claimed_oldest_first_and_once(db: Database, queue: DatabaseQueue) -> None:
+    _enqueue(db, queue, "b1", "b2")
+    assert queue.depth() == 2
+    first, second = queue.claim("w"), queue.claim("w")
+    assert first is not None and second is not None
+    assert (first.build_id, first.attempt, second.build_id) == ("b1", 1, "b2")
+    assert queue.claim("w") is None
+    assert queue.depth() == 0
+
+
+def test_enqueue_is_part_of_the_callers_transaction(db: Database, queue: DatabaseQueue) -> None:
+    with db.session() as session:
+        insert_build(session, "b1")
+        queue.enqueue(session, "b1")
+        session.rollback()
+    assert queue.depth() == 0
+    assert queue.claim("w") is None
+
+
+def test_concurrent_workers_never_share_a_job(db: Database, queue: DatabaseQueue) -> None:
+    ids = [f"b{i:02d}" for i in range(12)]
+    _enqueue(db, queue, *ids)
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def work(name: str) -> None:
+        while (job := queue.claim(name)) is not None:
+            with lock:
+                claimed.append(job.build_id)
+
+    threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == ids
+
+
+def _kill_worker(db: Database, worker_id: str) -> None:
+    """Make a registered worker look dead: silent for longer than stale_after_s."""
+    with db.session() as session:
+        session.execute(
+            update(WorkerRow)
+            .where(WorkerRow.id == worker_id)
+            .values(heartbeat_at=utcnow() - timedelta(minutes=10))
+        )
+        session.commit()
+
+
+def test_jobs_of_a_dead_worker_are_requeued_once_then_failed(
+    db: Database, queue: DatabaseQueue
+) -> None:
+    _enqueue(db, queue, "b1")
+    for attempt in (1, 2):
+        worker = f"w{attempt}"
+        queue.register_worker(worker, 1)
+        job = queue.claim(worker)
+        assert job is not None and job.attempt == attempt
+        with db.session() as session:
+            session.get_one(BuildRow, "b1").status = BuildStatus.BUILDING.value
+            session.commit()
+        assert queue.recover().requeued == ()  # its worker is alive
+        _kill_worker(db, worker)
+        recovered = queue.recover()
+        if attempt == 1:
+            assert recovered.requeued == ("b1",)
+        else:
+            assert recovered.failed == ("b1",)
+    with db.session() as session:
+        build = session.get_one(BuildRow, "b1")
+        assert build.status == BuildStatus.FAILED.value
+        assert build.error_code == "worker_lost"
+        assert "2 times" in (build.error_message or "")
+        messages = [r.message for r in session.query(BuildLogRow).order_by(BuildLogRow.id)]
+        assert any(m.startswith("Re-queued") for m in messages)
+        assert session.get_one(WorkerRow, "w1").stopped_at is not None
+    assert queue.claim("w3") is None
+
+
+def test_requeued_build_is_reset(db: Database, queue: DatabaseQueue) -> None:
+    _enqueue(db, queue, "b1")
+    queue.register_worker("w1", 1)
+    assert queue.claim("w1") is not None
+    with db.session() as session:
+        build = session.get_one(BuildRow, "b1")
+        build.status, build.stage, build.progress = "calibrating", "calibrate", 0.3
+        build.stage_seconds = {"calibrate": 1.0}
+        session.commit()
+    _kill_worker(db, "w1")
+    queue.recover()
+    with db.session() as session:
+        build = session.get_one(BuildRow, "b1")
+        assert (build.status, build.stage, build.progress, build.stage_seconds) == (
+            "queued",
+            None,
+            0.0,
+            {},
+        )
+
+
+def test_release_puts_a_job_back_without_using_an_attempt(
+    db: Database, queue: DatabaseQueue
+) -> None:
+    _enqueue(db, queue, "b1")
+    job = queue.claim("w")
+    assert job is not None
+    queue.release(job)
+    again = queue.claim("w")
+    assert again is not None and again.attempt == 1
+
+
+def test_release_of_an_ended_build_finishes_its_job(db: Database, queue: DatabaseQueue) -> None:
+    _enqueue(db, queue, "b1")
+    job = queue.claim("w")
+    assert job is not None
+    with db.session() as session:
+        session.get_one(BuildRow, "b1").status = BuildStatus.SUCCEEDED.value
+        session.commit()
+    queue.release(job)
+    assert queue.depth() == 0
+    with db.session() as session:
+        assert session.get_one(JobRow, job.id).state == JobState.FINISHED.value
+
+
+def test_heartbeats_keep_workers_live(db: Database, queue: DatabaseQueue) -> None:
+    queue.register_worker("w1", 2)
+    assert queue.live_workers() == 1
+    _kill_worker(db, "w1")
+    assert queue.live_workers() == 0
+    queue.heartbeat("w1")
+    assert queue.live_workers() == 1
+    queue.unregister_worker("w1")
+    assert queue.live_workers() == 0
