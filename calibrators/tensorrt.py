@@ -45,6 +45,7 @@ __all__ = [
     "native_calibrator",
     "require_tensorrt",
     "tensorrt_installed",
+    "tensorrt_module",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,14 @@ def require_tensorrt() -> str:
             f"The `tensorrt` package is installed but cannot load TensorRT's libraries: {exc}"
         ) from exc
     return str(trt.__version__)
+
+
+def tensorrt_module() -> Any:
+    """The ``tensorrt`` module, imported here so that this file and the backend stay its only doors."""
+    require_tensorrt()
+    import tensorrt as trt
+
+    return trt
 
 
 def import_cudart() -> Any:

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from calibrators.calibrate import calibrate
 from calibrators.data import CalibrationDataset, model_input_specs
+from calibrators.errors import TrtforgeError
 from calibrators.methods import MethodSpec
 from calibrators.onnxio import load_onnx
 from calibrators.table import CalibrationTable
@@ -57,6 +58,7 @@ from engines.spec import BackendName, BuildSpec, Precision
 __all__ = [
     "SweepReport",
     "Variant",
+    "VariantFailure",
     "VariantResult",
     "pareto_front",
     "parse_variants",
@@ -160,6 +162,15 @@ class VariantResult(_Frozen):
     mixed: MixedPrecisionResult | None = None
 
 
+class VariantFailure(_Frozen):
+    """A variant that could not be built or measured, with trtforge's error."""
+
+    name: str
+    code: str
+    message: str
+    hint: str
+
+
 class SweepReport(_Frozen):
     """Every variant of one model, measured the same way."""
 
@@ -179,6 +190,8 @@ class SweepReport(_Frozen):
     benchmark: BenchmarkOptions
     environment: dict[str, str] = Field(default_factory=dict)
     variants: list[VariantResult]
+    failed: list[VariantFailure] = Field(default_factory=list)
+    """Variants that raised a trtforge error (e.g. an unreachable ``auto`` budget)."""
     created_at: str
     seconds: float
 
@@ -273,49 +286,49 @@ def sweep(
     ``labels[i]`` is the class of dataset sample ``i`` (all samples; the held-out ones are
     picked out). ``base_spec`` supplies everything but the precision and backend (calibration
     method, keep rules, profiles). ``accuracy_metric`` overrides the module docstring's choice.
-    ``mixed_max_nodes`` bounds the sensitivity evaluations of ``auto`` variants.
+    ``mixed_max_nodes`` bounds the sensitivity evaluations of ``auto`` variants. A variant that
+    raises a trtforge error is listed in :attr:`SweepReport.failed` and the others go on; when
+    every variant fails, the first error is raised.
     """
     start = time.perf_counter()
     model_path = Path(model_path)
     parsed = [v if isinstance(v, Variant) else Variant.parse(v) for v in variants]
     parse_variants([v.name for v in parsed])
-    base = (base_spec or BuildSpec()).model_copy(update={"backend": backend})
-    options = benchmark_options or BenchmarkOptions()
     model = load_onnx(model_path, load_external_data=False)
     data = dataset.validate(model_input_specs(model))
     del model
     cal_idx, eval_idx = _split_indices(len(data), eval_fraction, seed)
-    calibration, evaluation = data.subset(cal_idx), data.subset(eval_idx)
-    eval_labels = None if labels is None else _eval_labels(labels, len(data), eval_idx)
-    table = None
+    builder, reason = select_backend(backend)
+    ctx = _Context(
+        model_path=model_path,
+        base=(base_spec or BuildSpec()).model_copy(update={"backend": backend}),
+        table=None,
+        evaluation=data.subset(eval_idx),
+        labels=None if labels is None else _eval_labels(labels, len(data), eval_idx),
+        options=benchmark_options or BenchmarkOptions(),
+        out_dir=Path(out_dir),
+        suffix=".engine" if builder.name == "tensorrt" else ".onnx",
+        batch_size=eval_batch_size,
+        max_nodes=mixed_max_nodes,
+    )
     if any(v.precision.uses_int8 for v in parsed):
         _report(progress, "calibrating", 0.0)
-        table = calibrate(model_path, calibration, base.calibration, histogram=base.histogram)
-    builder, reason = select_backend(backend)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+        ctx.table = calibrate(
+            model_path, data.subset(cal_idx), ctx.base.calibration, histogram=ctx.base.histogram
+        )
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
     measured: list[_Measured] = []
-    reference = MemoizedRunner(OnnxRuntimeRunner(model_path))
-    with reference:
+    failed: list[tuple[Variant, TrtforgeError]] = []
+    with MemoizedRunner(OnnxRuntimeRunner(model_path)) as reference:
         for i, variant in enumerate(parsed):
             _report(progress, f"variant {variant.name}", (i + 0.1) / len(parsed))
-            measured.append(
-                _measure(
-                    variant,
-                    model_path,
-                    base,
-                    table,
-                    evaluation,
-                    eval_labels,
-                    reference,
-                    options,
-                    out_dir,
-                    ".engine" if builder.name == "tensorrt" else ".onnx",
-                    eval_batch_size,
-                    mixed_max_nodes,
-                )
-            )
-    metric = accuracy_metric or _default_metric(measured[0].accuracy, eval_labels is not None)
+            try:
+                measured.append(_measure(variant, ctx, reference))
+            except TrtforgeError as exc:
+                failed.append((variant, exc))
+    if not measured:
+        raise failed[0][1]
+    metric = accuracy_metric or _default_metric(measured[0].accuracy, ctx.labels is not None)
     report = SweepReport(
         model=model_path.name,
         model_sha256=sha256_file(model_path),
@@ -325,21 +338,41 @@ def sweep(
         backend=builder.name,
         backend_version=builder.version(),
         backend_reason=reason,
-        calibration=base.calibration if table is not None else None,
-        table_sha256=table.digest if table is not None else None,
+        calibration=ctx.base.calibration if ctx.table is not None else None,
+        table_sha256=ctx.table.digest if ctx.table is not None else None,
         accuracy_metric=metric,
         accuracy_higher_is_better=metric.higher_is_better,
-        benchmark=options,
+        benchmark=ctx.options,
         environment=dict(measured[0].perf.environment),
         variants=_results(measured, metric),
+        failed=[
+            VariantFailure(name=v.name, code=e.code, message=e.message, hint=e.hint)
+            for v, e in failed
+        ],
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         seconds=time.perf_counter() - start,
     )
-    _write_text(out_dir / "sweep.json", report.model_dump_json(indent=2))
-    _write_text(out_dir / "sweep.md", render_markdown(report))
-    _write_text(out_dir / "sweep.svg", render_svg(report))
+    _write_text(ctx.out_dir / "sweep.json", report.model_dump_json(indent=2))
+    _write_text(ctx.out_dir / "sweep.md", render_markdown(report))
+    _write_text(ctx.out_dir / "sweep.svg", render_svg(report))
     _report(progress, "done", 1.0)
     return report
+
+
+@dataclass
+class _Context:
+    """What every variant of one sweep shares."""
+
+    model_path: Path
+    base: BuildSpec
+    table: CalibrationTable | None
+    evaluation: CalibrationDataset
+    labels: np.ndarray | None
+    options: BenchmarkOptions
+    out_dir: Path
+    suffix: str
+    batch_size: int
+    max_nodes: int | None
 
 
 def _report(progress: ProgressFn | None, stage: str, fraction: float) -> None:
@@ -358,54 +391,45 @@ def _eval_labels(labels: np.ndarray, total: int, eval_idx: list[int]) -> np.ndar
     return array[eval_idx]
 
 
-def _measure(
-    variant: Variant,
-    model_path: Path,
-    base: BuildSpec,
-    table: CalibrationTable | None,
-    evaluation: CalibrationDataset,
-    labels: np.ndarray | None,
-    reference: MemoizedRunner,
-    options: BenchmarkOptions,
-    out_dir: Path,
-    suffix: str,
-    batch_size: int,
-    max_nodes: int | None,
-) -> _Measured:
-    spec = base.model_copy(update={"precision": variant.precision})
+def _measure(variant: Variant, ctx: _Context, reference: MemoizedRunner) -> _Measured:
+    spec = ctx.base.model_copy(update={"precision": variant.precision})
+    table = ctx.table if spec.precision.uses_int8 else None
     mixed = None
     search_start = time.perf_counter()
-    if variant.budget is not None and table is not None:
+    if variant.budget is not None and ctx.table is not None:
         mixed = search_mixed_precision(
-            model_path, table, spec, evaluation, variant.budget, labels=labels, max_nodes=max_nodes
+            ctx.model_path,
+            ctx.table,
+            spec,
+            ctx.evaluation,
+            variant.budget,
+            labels=ctx.labels,
+            max_nodes=ctx.max_nodes,
         )
         spec = mixed.apply_to(spec)
     search_seconds = time.perf_counter() - search_start if mixed is not None else 0.0
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", variant.name).strip("-") + suffix
-    artifact = build_artifact(
-        model_path, spec, table if spec.precision.uses_int8 else None, out_dir / name
-    )
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", variant.name).strip("-") + ctx.suffix
+    artifact = build_artifact(ctx.model_path, spec, table, ctx.out_dir / name)
     builder, _ = select_backend(spec.backend)
     with builder.load(artifact.path) as runner:
-        perf = benchmark(runner, evaluation, options)
+        perf = benchmark(runner, ctx.evaluation, ctx.options)
         accuracy = compare(
             reference,
             runner,
-            evaluation,
-            batch_size=batch_size,
-            labels=labels,
+            ctx.evaluation,
+            batch_size=ctx.batch_size,
+            labels=ctx.labels,
             budget=variant.budget,
         )
-    meta = artifact.metadata
     share = None
     if spec.precision.uses_int8:
         share = mixed.int8_share if mixed is not None else 1.0
     return _Measured(
         variant=variant,
         artifact=artifact.path.name,
-        sha256=meta.sha256,
-        size_bytes=meta.size_bytes,
-        build_seconds=meta.build_seconds,
+        sha256=artifact.metadata.sha256,
+        size_bytes=artifact.metadata.size_bytes,
+        build_seconds=artifact.metadata.build_seconds,
         search_seconds=search_seconds,
         perf=perf,
         accuracy=accuracy,
@@ -522,6 +546,10 @@ def render_markdown(report: SweepReport) -> str:
             f"| {'yes' if v.pareto else ''} |"
         )
     lines += ["", f"Pareto front (fastest first): {', '.join(report.pareto_front)}.", ""]
+    if report.failed:
+        lines += ["## Failed variants", ""]
+        lines += [f"- {f.name}: {f.message} {f.hint}".rstrip() for f in report.failed]
+        lines.append("")
     for v in report.variants:
         if v.mixed is None:
             continue

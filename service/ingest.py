@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import zipfile
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ __all__ = [
     "StagedModel",
     "dataset_id",
     "is_zip",
+    "safe_filename",
     "stage_dataset",
     "stage_model",
     "tensor_specs",
@@ -70,7 +72,8 @@ def stage_model(upload: Path, filename: str, staging: Path, limits: ArchiveLimit
     if is_zip(upload):
         onnx_path = _extract_model_zip(upload, filename, staging, limits)
     else:
-        onnx_path = staging / _MODEL_FILE
+        name = safe_filename(filename, _MODEL_FILE)
+        onnx_path = staging / (name if name.lower().endswith(".onnx") else f"{name}.onnx")
         shutil.move(upload, onnx_path)
     model, external = _check_model(onnx_path, filename)
     from calibrators.collect import observable_tensors
@@ -158,6 +161,12 @@ def _check_model(path: Path, label: str) -> tuple[Any, bool]:
     return model, external
 
 
+def safe_filename(filename: str, fallback: str) -> str:
+    """The base name of an uploaded file, reduced to characters safe in any file system."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(filename.replace("\\", "/")).name)[-100:]
+    return fallback if not name.strip("._") else name
+
+
 def dataset_id(sha256: str, preprocess: PreprocessSpec | None, input_name: str | None) -> str:
     """A dataset's id: the upload's sha256, mixed with how it is read when that is specified."""
     if preprocess is None and input_name is None:
@@ -191,7 +200,7 @@ def stage_dataset(
             "or a .zip of JPEG/PNG images with a preprocessing spec.",
             field="file",
         )
-    data_filename = f"dataset{suffix}"
+    data_filename = safe_filename(filename, f"dataset{suffix}")
     target = staging / data_filename
     shutil.move(upload, target)
     if preprocess is not None:
@@ -199,8 +208,9 @@ def stage_dataset(
     dataset = CalibrationDataset.open(
         target, preprocess=preprocess, limits=limits, input_name=input_name
     )
-    # Validating against its own specs checks finiteness and a non-zero sample count.
-    checked = dataset.validate(list(model_inputs) if model_inputs else list(dataset.specs))
+    if model_inputs is None:  # its own specs (plus the batch axis): finite, not empty
+        model_inputs = [TensorSpec(s.name, s.dtype, ("batch", *s.shape)) for s in dataset.specs]
+    checked = dataset.validate(list(model_inputs))
     if preprocess is not None:
         fmt = "images"
     elif suffix == ".zip":

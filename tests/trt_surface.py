@@ -307,6 +307,15 @@ class _Collector:
             if isinstance(n, ast.Import)
             for a in n.names
             if a.name == "tensorrt"
+        } | {  # trt = tensorrt_module(): the module handed out by calibrators/tensorrt.py
+            t.id
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Assign)
+            and isinstance(n.value, ast.Call)
+            and isinstance(n.value.func, ast.Name)
+            and n.value.func.id == "tensorrt_module"
+            for t in n.targets
+            if isinstance(t, ast.Name)
         }
         self.uses: list[Use] = []
         self.unknown_returns: list[str] = []

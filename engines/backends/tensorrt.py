@@ -45,13 +45,13 @@ from calibrators.table import CalibrationTable, trt_version_number
 from calibrators.tensorrt import native_calibrator, require_tensorrt, tensorrt_installed
 from engines.artifacts import sha256_file, write_artifact
 from engines.backends.base import Artifact, ArtifactMetadata, Availability, ProgressFn
-from engines.backends.tensorrt_runner import (
+from engines.backends.tensorrt_job import (
     PROGRESS_PREFIX,
     BuildJob,
-    TensorRTRunner,
     render_reproduce_script,
     run_build_process,
 )
+from engines.backends.tensorrt_runner import TensorRTRunner
 from engines.errors import BackendUnavailableError, BuildError, EngineError, SpecError
 from engines.spec import BuildSpec, ShapeProfile, TensorRTMode, node_matches
 

@@ -1,5 +1,5 @@
-"""Running TensorRT: the build child (its job, its supervision, its reproduce script) and the
-inference :class:`TensorRTRunner`. ``tensorrt`` and cuda-python are imported inside functions.
+"""Running TensorRT engines: :class:`TensorRTRunner`. ``tensorrt`` and cuda-python are imported
+inside functions.
 
 Runner timing (``timed_run``): four CUDA events on the runner's one stream bracket the
 host-to-device copies, ``execute_async_v3`` and the device-to-host copies, so ``h2d_ms``,
@@ -10,318 +10,21 @@ in ``execute_async_v3``. Host arrays are ordinary (pageable) numpy memory, no CU
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import platform
-import signal
-import subprocess
-import threading
 import time
-from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
 
 from calibrators.data import TensorSpec
-from calibrators.errors import TensorRTUnavailableError, TrtforgeError
-from calibrators.table import TensorRTAlgorithm
-from calibrators.tensorrt import cuda_call, import_cudart, require_tensorrt
-from engines.backends.base import ProgressFn, QueryTiming
-from engines.errors import BackendUnavailableError, BuildError, EngineError, RunError, SpecError
-from engines.spec import Precision, ShapeProfile, TensorRTMode, TensorRTOptions
+from calibrators.errors import TensorRTUnavailableError
+from calibrators.tensorrt import cuda_call, import_cudart, require_tensorrt, tensorrt_module
+from engines.backends.base import QueryTiming
+from engines.errors import BackendUnavailableError, EngineError, RunError
 
-__all__ = [
-    "PROGRESS_PREFIX",
-    "BuildJob",
-    "TensorRTRunner",
-    "render_reproduce_script",
-    "run_build_process",
-]
-
-PROGRESS_PREFIX = "TRTFORGE-PROGRESS "
-"""Lines the build child prints as ``TRTFORGE-PROGRESS <fraction> <stage>``."""
-
-_LOG_TAIL_LINES = 400
-_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-
-
-class BuildJob(BaseModel):
-    """Everything the build child needs, as JSON (never pickled). Paths are absolute."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    onnx_path: str
-    mode: TensorRTMode
-    precision: Precision
-    profiles: dict[str, ShapeProfile]
-    options: TensorRTOptions
-    calibration_cache: str | None = None
-    calibrator: TensorRTAlgorithm | None = None
-    layer_precisions: dict[str, Literal["float32", "float16"]] = {}
-    """Implicit mode: ONNX node name -> the precision its layers are pinned to."""
-    engine_path: str
-    layers_path: str
-    result_path: str
-    timing_cache_folder: str | None = None
-    gpu_key: str | None = None
-    device: int = 0
-
-
-# -- the build child, supervised ------------------------------------------------------------------
-
-_ERRORS: dict[str, type[TrtforgeError]] = {
-    cls.__name__: cls for cls in (EngineError, SpecError, BuildError, BackendUnavailableError)
-}
-
-
-def run_build_process(
-    argv: Sequence[str],
-    *,
-    timeout_s: float,
-    log_path: Path,
-    result_path: Path,
-    progress: ProgressFn | None = None,
-) -> dict[str, Any]:
-    """Run the build child, stream its output to ``log_path``, enforce ``timeout_s``.
-
-    Returns the child's result JSON. A timeout, a crash or a missing result raises
-    :class:`BuildError` with the log's tail; an error the child reported is re-raised as its
-    own class (SpecError, EngineError, ...). On timeout the child's whole process group is killed.
-    """
-    tail: deque[str] = deque(maxlen=_LOG_TAIL_LINES)
-    timed_out = threading.Event()
-    with (
-        Path(log_path).open("w", encoding="utf-8") as log_file,
-        subprocess.Popen(
-            list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            text=True, errors="replace", cwd=_PACKAGE_ROOT, start_new_session=True,
-        ) as proc,
-    ):  # fmt: skip
-
-        def kill() -> None:
-            timed_out.set()
-            _kill_group(proc.pid)
-
-        timer = threading.Timer(timeout_s, kill)
-        timer.start()
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                log_file.write(line)
-                if not _progress_line(line, progress):
-                    tail.append(line)
-            returncode = proc.wait()
-        except BaseException:
-            _kill_group(proc.pid)  # e.g. the progress callback raised: do not leave it running
-            raise
-        finally:
-            timer.cancel()
-    log = "".join(tail)
-    if timed_out.is_set():
-        raise BuildError(
-            f"The TensorRT build did not finish within {timeout_s:g} s and was stopped.",
-            hint="Raise the build timeout, lower the optimization level, or build a smaller model.",
-            log=log,
-        )
-    return _child_result(Path(result_path), returncode, log)
-
-
-def _kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-
-
-def _progress_line(line: str, progress: ProgressFn | None) -> bool:
-    """Report a ``TRTFORGE-PROGRESS <fraction> <stage>`` line; False for any other line."""
-    if not line.startswith(PROGRESS_PREFIX):
-        return False
-    fraction, _, stage = line[len(PROGRESS_PREFIX) :].strip().partition(" ")
-    try:
-        value = float(fraction)
-    except ValueError:
-        return False
-    if progress is not None:
-        progress(stage, value)
-    return True
-
-
-def _child_result(path: Path, returncode: int, log: str) -> dict[str, Any]:
-    try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        result = None
-    if isinstance(result, dict) and "error" in result:
-        cls = _ERRORS.get(str(result["error"]), BuildError)
-        error = cls(str(result["message"]), hint=result.get("hint"), field=result.get("field"))
-        if isinstance(error, BuildError):
-            error.log = log
-        raise error
-    if returncode != 0 or not isinstance(result, dict):
-        if returncode < 0:
-            try:
-                how = f"crashed ({signal.Signals(-returncode).name})"
-            except ValueError:
-                how = f"was killed by signal {-returncode}"
-        elif returncode == 0:
-            how = "exited without writing its result"
-        else:
-            how = f"failed with exit code {returncode}"
-        raise BuildError(f"The TensorRT build process {how}.", hint="See the build log.", log=log)
-    return result
-
-
-_REPRODUCE = '''\
-#!/usr/bin/env python3
-"""Rebuild {artifact} with plain TensorRT Python, as trtforge built it.
-
-Needs only `tensorrt` (and a GPU). Run it from anywhere: python {artifact}.reproduce.py [OUT]
-"""
-
-import sys
-from pathlib import Path
-
-import tensorrt as trt
-
-HERE = Path(__file__).resolve().parent
-ONNX = {onnx}
-MODE = {mode!r}
-PRECISION = {precision!r}
-PROFILES = {profiles!r}
-WORKSPACE_BYTES = {workspace!r}
-OPTIMIZATION_LEVEL = {level!r}
-HARDWARE_COMPATIBILITY = {hardware!r}
-VERSION_COMPATIBLE = {version_compatible!r}
-CALIBRATION_CACHE = {cache}
-LAYER_PRECISIONS = {pins!r}
-
-
-def pin_layers_implicit(network, config):
-    """TensorRT 10.x: keep the layers of kept ONNX nodes in their precision."""
-    dtypes = {{"float32": trt.float32, "float16": trt.float16}}
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        node = layer.metadata.removeprefix("[ONNX Layer: ").removesuffix("]") or layer.name
-        outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
-        pin = LAYER_PRECISIONS.get(node)
-        if pin and all(t.dtype in (trt.float32, trt.float16) for t in outputs):
-            layer.precision = dtypes[pin]
-            for j in range(layer.num_outputs):
-                layer.set_output_type(j, dtypes[pin])
-    if LAYER_PRECISIONS:
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-
-
-def configure_implicit(network, config):
-    """TensorRT 10.x implicit quantization: flags, pinned layers, the cache as calibrator."""
-    pin_layers_implicit(network, config)
-    if PRECISION in ("fp16", "int8-fp16"):
-        config.set_flag(trt.BuilderFlag.FP16)
-    if PRECISION in ("int8", "int8-fp16"):
-        config.set_flag(trt.BuilderFlag.INT8)
-        base = trt.{calibrator_class}
-
-        class CacheCalibrator(base):
-            def __init__(self):
-                base.__init__(self)
-
-            def get_batch_size(self):
-                return 1
-
-            def get_batch(self, names):
-                return None
-
-            def read_calibration_cache(self):
-                return CALIBRATION_CACHE.read_bytes()
-
-            def write_calibration_cache(self, cache):
-                pass
-
-        calibrator = CacheCalibrator()
-        config.int8_calibrator = calibrator
-        return calibrator  # the caller keeps it alive until the build is done
-    return None
-
-
-def main():
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "{artifact}.reproduced"
-    logger = trt.Logger(trt.Logger.INFO)
-    builder = trt.Builder(logger)
-    major = int(trt.__version__.split(".")[0])
-    strongly_typed = MODE == "explicit" and major < 11  # TensorRT 11: always strongly typed
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(ONNX)):
-        for i in range(parser.num_errors):
-            print(parser.get_error(i), file=sys.stderr)
-        sys.exit(1)
-    config = builder.create_builder_config()
-    if PROFILES:
-        profile = builder.create_optimization_profile()
-        for name, shapes in PROFILES.items():
-            profile.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
-        config.add_optimization_profile(profile)
-    if WORKSPACE_BYTES is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-    if OPTIMIZATION_LEVEL is not None:
-        config.builder_optimization_level = OPTIMIZATION_LEVEL
-    if HARDWARE_COMPATIBILITY is not None:
-        level = HARDWARE_COMPATIBILITY.upper()
-        config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, level)
-    if VERSION_COMPATIBLE:
-        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-    calibrator = configure_implicit(network, config) if MODE == "implicit" else None
-    engine = builder.build_serialized_network(network, config)
-    del calibrator
-    if engine is None:
-        sys.exit("TensorRT could not build the engine; see the log above.")
-    out.write_bytes(engine)
-    print(f"wrote {{out}}")
-
-
-if __name__ == "__main__":
-    main()
-'''
-
-_CALIBRATOR_CLASSES = {
-    TensorRTAlgorithm.ENTROPY2: "IInt8EntropyCalibrator2",
-    TensorRTAlgorithm.MINMAX: "IInt8MinMaxCalibrator",
-    TensorRTAlgorithm.ENTROPY: "IInt8EntropyCalibrator",
-}
-
-
-def render_reproduce_script(
-    job: BuildJob, artifact_name: str, *, onnx_name: str | None, cache_name: str | None
-) -> str:
-    """A standalone script rebuilding the engine with the same settings (no trtforge needed).
-
-    ``onnx_name``/``cache_name`` are the files beside the artifact the script reads (relative,
-    so the folder can move); ``onnx_name=None`` points it at the original model's absolute path.
-    """
-    options = job.options
-    return _REPRODUCE.format(
-        artifact=artifact_name,
-        onnx=f"HERE / {onnx_name!r}" if onnx_name else f"Path({job.onnx_path!r})",
-        mode=job.mode.value,
-        precision=job.precision.value,
-        profiles={n: p.model_dump(mode="json") for n, p in job.profiles.items()},
-        workspace=options.workspace_bytes,
-        level=options.optimization_level,
-        hardware=options.hardware_compatibility,
-        version_compatible=options.version_compatible,
-        cache=f"HERE / {cache_name!r}" if cache_name else "None",
-        pins=dict(job.layer_precisions),
-        calibrator_class=_CALIBRATOR_CLASSES.get(
-            job.calibrator or TensorRTAlgorithm.ENTROPY2, "IInt8EntropyCalibrator2"
-        ),
-    )
-
-
-# -- inference ------------------------------------------------------------------------------------
+__all__ = ["TensorRTRunner"]
 
 
 def _unavailable(exc: TensorRTUnavailableError) -> BackendUnavailableError:
@@ -353,7 +56,7 @@ class TensorRTRunner:
             self._cudart = import_cudart()
         except TensorRTUnavailableError as exc:
             raise _unavailable(exc) from exc
-        import tensorrt as trt
+        trt = tensorrt_module()
 
         self._cuda(self._cudart.cudaSetDevice(device), f"cudaSetDevice({device})")
         try:
@@ -390,7 +93,7 @@ class TensorRTRunner:
         return cuda_call(result, what, RunError)
 
     def _io_specs(self) -> None:
-        import tensorrt as trt
+        trt = tensorrt_module()
 
         inputs, outputs = [], []
         self._dtypes: dict[str, np.dtype[Any]] = {}

@@ -9,11 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("calibrators", "engines", "service")
-TENSORRT_DOORS = {
-    "calibrators/tensorrt.py",
-    "engines/backends/tensorrt.py",
-    "engines/backends/tensorrt_runner.py",
-}
+TENSORRT_DOORS = {"calibrators/tensorrt.py", "engines/backends/tensorrt.py"}
 GPU_DOORS = TENSORRT_DOORS | {"engines/gpu.py"}
 GPU_LIBS = ("tensorrt", "cuda", "pynvml")
 

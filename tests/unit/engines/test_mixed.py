@@ -46,7 +46,9 @@ def test_search_keeps_exactly_the_damaged_nodes(fashion: Fashion, tmp_path: Path
     path, held_out, labels, table = fashion
     bad = damaged(path, table, ["/3/Conv", "/9/Gemm"])
     budget = MetricBudget.parse("top1_agreement:0.97")
-    result = search_mixed_precision(path, bad, INT8, held_out, budget, labels=labels)
+    result = search_mixed_precision(
+        path, bad, INT8, held_out, budget, labels=labels, max_samples=None
+    )
     assert isinstance(result, MixedPrecisionResult)
     assert result.value_full_int8 < 0.97  # full INT8 with the damaged table misses
     assert result.sensitivity is not None
@@ -74,6 +76,7 @@ def test_met_budget_keeps_nothing(fashion: Fashion) -> None:  # noqa: F811
         path, table, INT8, held_out, "accuracy_drop:0.02", labels=labels
     )
     assert result.kept_nodes == [] and result.sensitivity is None and result.evaluations == 1
+    assert result.samples == result.accuracy.samples == 256  # the default cap of held-out samples
     assert result.int8_share == 1.0 and result.int8_nodes == result.quantizable_nodes == 4
     assert result.value_reached == result.value_full_int8 <= 0.02
     assert result.accuracy.output("logits").reference_accuracy is not None

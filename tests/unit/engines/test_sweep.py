@@ -140,7 +140,7 @@ def test_sweep_with_automatic_mixed_precision(tmp_path: Path) -> None:
     report = sweep(
         zoo.fashion_cnn(),
         data,
-        ["fp32", "int8", "auto:sqnr_db:50"],
+        ["fp32", "int8", "auto:sqnr_db:50", "auto:accuracy:0.99"],
         out_dir=tmp_path,
         backend=BackendName.ONNXRUNTIME,
         eval_fraction=0.4,
@@ -156,8 +156,13 @@ def test_sweep_with_automatic_mixed_precision(tmp_path: Path) -> None:
     assert auto.accuracy.passed is True and auto.accuracy.budget_value >= 50  # type: ignore[operator]
     assert auto.int8_share == auto.mixed.int8_share < 1.0
     assert auto.artifact == "auto-sqnr_db-50.onnx" and auto.search_seconds > 0
+    # FP32 itself is about 88% accurate: that variant fails, and is reported, without the others.
+    assert [v.name for v in report.variants] == ["fp32", "int8", "auto:sqnr_db:50"]
+    (failed,) = report.failed
+    assert failed.name == "auto:accuracy:0.99" and failed.code == "accuracy_budget_unmet"
+    assert "cannot be met" in failed.message and failed.hint
     markdown = (tmp_path / "sweep.md").read_text()
-    assert "## auto:sqnr_db:50" in markdown
+    assert "## auto:sqnr_db:50" in markdown and "- auto:accuracy:0.99: " in markdown
     assert all(f"`{n}`" in markdown for n in auto.kept_nodes)
     _check_files(report, tmp_path)
 

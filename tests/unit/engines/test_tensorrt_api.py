@@ -20,7 +20,7 @@ from calibrators.table import CalibrationTable, TensorRTAlgorithm
 from calibrators.tensorrt import tensorrt_installed
 from engines.backends import tensorrt as backend
 from engines.backends.base import Backend
-from engines.backends.tensorrt_runner import (
+from engines.backends.tensorrt_job import (
     BuildJob,
     render_reproduce_script,
     run_build_process,

@@ -222,6 +222,39 @@ def test_conv_transpose_weights_are_quantized_on_axis_1() -> None:
     )
 
 
+@pytest.mark.parametrize(("fill", "hoisted"), [(0.0, True), (1.0, False)])
+def test_pairs_move_above_a_zero_pad_feeding_a_conv(fill: float, hoisted: bool) -> None:
+    w = np.random.default_rng(5).normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x"], ["r"], name="relu"),
+            helper.make_node("Pad", ["r", "pads", "fill"], ["p"], name="pad"),
+            helper.make_node("Conv", ["p", "w"], ["y"], name="conv"),
+        ],
+        "pad_conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads"),
+            numpy_helper.from_array(np.array(fill, np.float32), "fill"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = np.random.default_rng(6).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    quantized, report = insert_qdq(model, table_from_activations(model, {"x": x}))
+    onnx.checker.check_model(quantized, full_check=True)
+    nodes = nodes_by_name(quantized)
+    assert report.quantized_nodes == ["conv"]
+    above, below = (
+        dequantized_source(quantized, nodes["pad"].input[0]),
+        dequantized_source(quantized, nodes["conv"].input[0]),
+    )
+    assert (above is not None, below is not None) == (hoisted, not hoisted)
+    reference = run(model, {"x": x})["y"]
+    assert cosine_rows(reference, run(quantized, {"x": x}, optimize=False)["y"]).min() > 0.999
+
+
 def _matmul_model(rows: int | str) -> onnx.ModelProto:
     w = np.random.default_rng(4).normal(0, 0.5, (8, 4)).astype(np.float32)
     graph = helper.make_graph(
@@ -346,14 +379,21 @@ def test_efficientnet_lite0_int8(
     _assert_symmetric_int8(model)
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     assert len(convs) == 49
+    hoisted = 0
     for conv in convs:
-        assert dequantized_source(model, conv.input[0]) is not None
+        activation = conv.input[0]
+        pad = producer(model, activation)
+        if pad is not None and pad.op_type == "Pad":  # the pair sits above the zero Pad
+            assert dequantized_source(model, activation) is None
+            activation, hoisted = pad.input[0], hoisted + 1
+        assert dequantized_source(model, activation) is not None
         _, axis, scale = _weight_pair(model, conv, 1)
         assert (
             axis == 0
             and scale.shape[0]
             == initializer(model, dequantized_source(model, conv.input[1])[0]).shape[0]
         )  # type: ignore[index]
+    assert hoisted == 17
     adds = [n for n in model.graph.node if n.op_type == "Add"]
     assert len(adds) == 9
     for add in adds:
