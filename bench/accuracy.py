@@ -684,7 +684,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="benchmark seconds per batch size (default 2; quick 0.2)",
     )
     parser.add_argument("--warmup-ms", type=float, default=None, help="default 200; quick 50")
-    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--iterations", type=int, default=None, help="minimum timed queries (default 10; quick 2)")
     parser.add_argument(
         "--ort-stride", type=int, default=4, help="batches of 8 per ORT histogram collection"
     )
@@ -705,6 +705,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "fashion_eval": (10000, 2000),
         "duration": (2.0, 0.2),
         "warmup_ms": (200.0, 50.0),
+        "iterations": (10, 2),
         "output": ("accuracy", "accuracy_quick"),
     }
     for name, (full, small) in defaults.items():

@@ -10,9 +10,10 @@ import re
 from enum import StrEnum
 from typing import Annotated
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
 from calibrators.histogram import HistogramMode
 from calibrators.methods import MethodSpec, entropy
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "BackendName",

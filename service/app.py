@@ -57,6 +57,7 @@ def shutdown(state: AppState) -> None:
     if state.worker is not None:
         state.worker.stop()
         state.worker = None
+    state.storage.remove_own_tmp()
     state.db.dispose()
 
 

@@ -196,6 +196,12 @@ class Storage:
         self._tmp.mkdir(parents=True, exist_ok=True)
         return self._tmp
 
+    def remove_own_tmp(self) -> None:
+        """Remove this process's temporary folder (at shutdown)."""
+        if self._tmp is not None and self._tmp_pid == os.getpid():
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
     def remove_stale_tmp(self) -> list[Path]:
         """Remove the temporary folders of processes that are gone; return what was removed."""
         removed: list[Path] = []

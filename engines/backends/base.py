@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
-from calibrators.data import TensorSpec
 from pydantic import BaseModel, ConfigDict, Field
 
+from calibrators.data import TensorSpec
 from engines.spec import BuildSpec
 
 if TYPE_CHECKING:

@@ -95,6 +95,7 @@ class _Classifier:
         self.opsets.setdefault("", self.opsets.get("ai.onnx", 0))
         self.subgraph_names = subgraph_references(model.graph)
         self.large: set[str] = set()
+        self._peaks: dict[str, float | None] = {}
 
     # -- tensor ranges -------------------------------------------------------------------------
 
@@ -102,12 +103,15 @@ class _Classifier:
         """Largest magnitude ``tensor`` reaches: calibrated amax, or initializer values."""
         if self.table is not None and tensor in self.table.amax:
             return float(self.table.amax[tensor])
-        values = self.index.array(tensor)
-        if values is None or values.size == 0:
-            return None
-        if not np.all(np.isfinite(values)):
-            return math.inf
-        return float(np.abs(values.astype(np.float64)).max())
+        if tensor not in self._peaks:
+            values = self.index.array(tensor)
+            if values is None or values.size == 0:
+                self._peaks[tensor] = None
+            elif not np.all(np.isfinite(values)):
+                self._peaks[tensor] = math.inf
+            else:
+                self._peaks[tensor] = float(np.abs(values.astype(np.float64)).max())
+        return self._peaks[tensor]
 
     def _range_problem(self, node: onnx.NodeProto, slots: list[str]) -> str | None:
         for tensor in slots:
@@ -145,6 +149,8 @@ class _Classifier:
             return "Q/DQ keeps float32 scales (Casts at its FP16 neighbours)"
         if node.op_type in _ATTRIBUTE_TYPED:
             return "output type is set by an attribute"
+        if node.op_type == "Range":
+            return "Range's length depends on exact arithmetic"
         try:
             schema = onnx.defs.get_schema(
                 node.op_type, max_inclusive_version=self.opsets.get(node.domain, 0), domain=""

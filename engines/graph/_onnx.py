@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from calibrators.errors import ModelError
 from engines.errors import GraphError
 
 __all__ = [
@@ -68,11 +69,23 @@ def infer_shapes(model: onnx.ModelProto, *, strict: bool = False) -> onnx.ModelP
         ) from exc
 
 
-def check_model(model: onnx.ModelProto, what: str) -> None:
-    """``onnx.checker.check_model(full_check=True)``; a failure is a :class:`GraphError`."""
+def check_model(model: onnx.ModelProto, what: str, *, original: onnx.ModelProto) -> None:
+    """``onnx.checker.check_model(full_check=True)`` on a pass's output.
+
+    A failure is a :class:`GraphError`, unless the pass's input fails the checker too: then the
+    model itself is invalid (:class:`ModelError`).
+    """
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:  # ValidationError, InferenceError, ValueError (> 2 GiB)
+        try:
+            onnx.checker.check_model(original, full_check=True)
+        except Exception as original_exc:
+            raise ModelError(
+                f"The model does not pass the ONNX checker: {original_exc}",
+                hint="Check it with `python -m onnx.checker MODEL.onnx` and re-export it.",
+                field="model",
+            ) from exc
         raise GraphError(
             f"The {what} pass produced an invalid ONNX model: {exc}",
             hint="This is a trtforge bug; please report it with the model, or keep the failing "
@@ -107,6 +120,8 @@ class GraphIndex:
     initializers: dict[str, TensorProto] = field(default_factory=dict)
     graph_inputs: set[str] = field(default_factory=set)
     graph_outputs: set[str] = field(default_factory=set)
+    declared_inputs: set[str] = field(default_factory=set)
+    """Every name in ``graph.input``, initializers listed there (overridable) included."""
     elem_type: dict[str, int] = field(default_factory=dict)
     shape: dict[str, tuple[Dim, ...]] = field(default_factory=dict)
     _arrays: dict[str, np.ndarray] = field(default_factory=dict)
@@ -127,6 +142,7 @@ class GraphIndex:
                     index.shape.setdefault(vi.name, _dims(tt.shape))
         index.graph_inputs = {i.name for i in graph.input if i.name not in index.initializers}
         index.graph_outputs = {o.name for o in graph.output}
+        index.declared_inputs = {i.name for i in graph.input}
         for i, node in enumerate(graph.node):
             for slot, name in enumerate(node.input):
                 if name:

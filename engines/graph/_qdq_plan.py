@@ -62,6 +62,8 @@ class QdqPlan:
     """Node index -> input slot -> the pair whose DequantizeLinear output it reads."""
     quantized: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    tensors: dict[str, list[str]] = field(default_factory=dict)
+    """Quantized node -> the tensors whose pairs it reads (through a hoisted Pad too)."""
     groups: dict[str, str] = field(default_factory=dict)
     """Tensor -> representative of its shared-scale (Concat) group."""
 
@@ -136,6 +138,8 @@ class _Planner:
     def _take(self, i: int, node: onnx.NodeProto, slots: dict[int, QdqKey]) -> None:
         self.plan.rewires.setdefault(i, {}).update(slots)
         self.quantized_idx.add(i)
+        tensors = self.plan.tensors.setdefault(node.name, [])
+        tensors.extend(k.tensor for _, k in sorted(slots.items()) if k.tensor not in tensors)
 
     def _requests(self, node: onnx.NodeProto, slots: list[int]) -> dict[int, QdqKey] | str:
         keys: dict[int, QdqKey] = {}
@@ -194,6 +198,8 @@ class _Planner:
         if isinstance(found, QdqKey) and not found.weight:
             self.plan.rewires[i].pop(0)
             self.plan.rewires.setdefault(j, {})[0] = found
+            tensors = self.plan.tensors[node.name]
+            tensors[tensors.index(padded)] = found.tensor
 
     def _layer_norm(self, i: int, node: onnx.NodeProto) -> None:
         if not self.quantize_attention:
@@ -221,6 +227,7 @@ class _Planner:
             slots = {s: found for s, name in enumerate(self.index.node(j).input) if name == x}
             self.plan.rewires.setdefault(j, {}).update(slots)
         self.quantized_idx.add(i)
+        self.plan.tensors[node.name] = [x]
 
     def _residual_add(self, i: int, node: onnx.NodeProto) -> None:
         index = self.index

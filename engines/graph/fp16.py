@@ -64,7 +64,7 @@ def convert_fp16(
     names = [node.name for node in index.nodes]  # before the rewrite inserts Casts
     casts = _Rewriter(work, index, decisions).run()
     work = infer_shapes(work)
-    check_model(work, "FP16")
+    check_model(work, "FP16", original=model)
     report = Fp16Report(
         fp16_nodes=[names[i] for i, d in sorted(decisions.items()) if d.fp16],
         fp32_nodes={
@@ -77,11 +77,7 @@ def convert_fp16(
 
 def _convertible_initializer(index: GraphIndex, tensor: str) -> bool:
     """An initializer that is not also a graph input (which callers may override)."""
-    return tensor in index.initializers and tensor not in _declared_inputs(index)
-
-
-def _declared_inputs(index: GraphIndex) -> set[str]:
-    return {i.name for i in index.model.graph.input}
+    return tensor in index.initializers and tensor not in index.declared_inputs
 
 
 def _settle_neutral(index: GraphIndex, decisions: dict[int, NodeDecision]) -> None:
@@ -234,7 +230,7 @@ class _Rewriter:
     def _drop_unused_initializers(self) -> None:
         graph = self.model.graph
         used = {t for n in graph.node for t in n.input}
-        used |= {o.name for o in graph.output} | _declared_inputs(self.index)
+        used |= {o.name for o in graph.output} | self.index.declared_inputs
         used |= subgraph_references(graph)
         keep = [t for t in graph.initializer if t.name in used]
         if len(keep) != len(graph.initializer):

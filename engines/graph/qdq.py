@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from engines.errors import GraphError
 from engines.graph._onnx import (
@@ -53,6 +53,9 @@ class QuantizationReport(BaseModel):
     skipped: dict[str, str]
     """Node -> why it stays in high precision: ``no range: ...``, ``kept by user``,
     ``excluded by rule: ...``."""
+    quantized_tensors: dict[str, list[str]] = Field(default_factory=dict)
+    """Quantized node -> the original tensors whose Q/DQ pairs it reads. A Conv reading a zero
+    Pad lists the Pad's input, where its activation pair sits."""
     qdq_pairs: int = 0
     """QuantizeLinear/DequantizeLinear pairs inserted (shared tensors are quantized once)."""
     opset: int = 0
@@ -92,10 +95,11 @@ def insert_qdq(
     if plan.rewires:
         _emit(work, plan, scales)
         work = infer_shapes(work)
-        check_model(work, "Q/DQ")
+        check_model(work, "Q/DQ", original=model)
     report = QuantizationReport(
         quantized_nodes=plan.quantized,
         skipped=plan.skipped,
+        quantized_tensors={name: plan.tensors[name] for name in plan.quantized},
         qdq_pairs=len(scales),
         opset=default_opset(work),
     )

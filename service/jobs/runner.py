@@ -70,15 +70,13 @@ def main() -> int:
     from service.storage import Storage
 
     db = Database(settings.resolved_database_url)
+    storage = Storage(settings.data_dir)
     try:
         status = run_build(
-            payload.build_id,
-            db=db,
-            storage=Storage(settings.data_dir),
-            settings=settings,
-            attempt=payload.attempt,
+            payload.build_id, db=db, storage=storage, settings=settings, attempt=payload.attempt
         )
     finally:
+        storage.remove_own_tmp()
         db.dispose()
     print(json.dumps({"build_id": payload.build_id, "status": status.value}), flush=True)
     return 0

@@ -5,7 +5,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from service.auth import ANONYMOUS, authenticate, create_token, hash_token, list_tokens, revoke_token
+from service.auth import (
+    ANONYMOUS,
+    authenticate,
+    create_token,
+    hash_token,
+    list_tokens,
+    revoke_token,
+)
 from service.db import Database
 from service.db.models import TokenRow
 from service.errors import AuthenticationError, NotFoundError, PermissionDeniedError

@@ -210,3 +210,36 @@ def test_efficientnet_fp16(
     assert cosine_rows(reference, got).min() > 0.999
     assert (reference.argmax(1) == got.argmax(1)).all()
     assert report.fp32_nodes == {}
+
+
+def test_range_and_scalar_epsilons_stay_fp32() -> None:
+    graph = helper.make_graph(
+        [
+            helper.make_node("Range", ["start", "limit", "delta"], ["r"], name="range"),
+            helper.make_node("Add", ["x", "r"], ["s"], name="add"),
+            helper.make_node("Max", ["s", "tiny"], ["y"], name="clamp"),
+        ],
+        "range",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [3000]),
+            helper.make_tensor_value_info("limit", TensorProto.FLOAT, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            numpy_helper.from_array(np.array(0.0, np.float32), "start"),
+            numpy_helper.from_array(np.array(1.0, np.float32), "delta"),
+            numpy_helper.from_array(np.array(1e-9, np.float32), "tiny"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    converted, report = convert_fp16(model)
+    onnx.checker.check_model(converted, full_check=True)
+    assert report.fp32_nodes == {
+        "range": "Range's length depends on exact arithmetic",
+        "clamp": "range: constant 'tiny' = 1e-09 underflows to 0 in FP16",
+    }
+    assert report.fp16_nodes == ["add"]
+    feeds = {"x": np.zeros(3000, np.float32), "limit": np.array(3000.0, np.float32)}
+    got = run(converted, feeds)["y"]
+    assert got.shape == (3000,)  # an FP16 Range would lose elements above 2048
+    assert got[0] == pytest.approx(1e-9)

@@ -8,6 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from calibrators.errors import ModelError
 from calibrators.table import CalibrationTable
 from engines.graph.qdq import insert_qdq
 from tests import zoo
@@ -134,6 +135,10 @@ def test_tiny_cnn_placement_follows_tensorrt_rules(tiny_table: CalibrationTable)
         "maxpool": "excluded by rule: MaxPool is not quantized (Q/DQ move across it)"
     }
     assert report.qdq_pairs == 12 and report.opset == 17
+    assert report.quantized_tensors["conv2"] == ["r1", "conv2.w"]
+    assert report.quantized_tensors["residual_add"] == ["r1"]
+    assert report.quantized_tensors["concat"] == ["ap", "mp"]
+    assert report.quantized_tensors["fc"] == ["flat", "fc.w"]
 
 
 def test_tiny_cnn_int8_stays_close_on_real_images(
@@ -251,6 +256,7 @@ def test_pairs_move_above_a_zero_pad_feeding_a_conv(fill: float, hoisted: bool) 
         dequantized_source(quantized, nodes["conv"].input[0]),
     )
     assert (above is not None, below is not None) == (hoisted, not hoisted)
+    assert report.quantized_tensors["conv"] == ["r" if hoisted else "p", "w"]
     reference = run(model, {"x": x})["y"]
     assert cosine_rows(reference, run(quantized, {"x": x}, optimize=False)["y"]).min() > 0.999
 
@@ -447,3 +453,10 @@ def test_minilm_int8_leaves_attention_and_normalization_in_high_precision(
     assert len(report.quantized_nodes) == 36 + 12 + 13 + 6
     core = nodes_by_name(everything)["/bert/encoder/layer.0/attention/self/MatMul"]
     assert all(dequantized_source(everything, t) is not None for t in core.input)
+
+
+def test_an_invalid_input_model_is_blamed_not_the_pass(tiny_table: CalibrationTable) -> None:
+    model = zoo.tiny_cnn()
+    model.graph.node.append(helper.make_node("Relu", ["nowhere"], ["dangling"], name="broken"))
+    with pytest.raises(ModelError, match="does not pass the ONNX checker"):
+        insert_qdq(model, tiny_table)

@@ -1,0 +1,130 @@
+"""Workers running real build processes (the tiny CNN on ONNX Runtime)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.db import Database
+from service.jobs.database import DatabaseQueue
+from service.jobs.worker import Worker
+from service.settings import Settings
+from service.storage import Storage
+from tests.unit.service.support import dataset_bytes, make_settings, model_bytes
+
+SLOW = {"benchmark": {"warmup_ms": 0, "iterations": 1, "duration_s": 60}}
+FAST = {"benchmark": {"warmup_ms": 0, "iterations": 3, "duration_s": 0}}
+
+
+@pytest.fixture
+def settings(tmp_path: Path, sqlite_url: str) -> Settings:
+    return make_settings(tmp_path / "data", sqlite_url, cancel_grace_s=1.0)
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def submit(client: TestClient) -> Callable[..., dict[str, object]]:
+    model = client.post("/v1/models", files={"file": ("tiny.onnx", model_bytes())}).json()
+    dataset = client.post("/v1/datasets", files={"file": ("d.npz", dataset_bytes())}).json()
+
+    def make(**extra: object) -> dict[str, object]:
+        body = {"model_id": model["id"], "dataset_id": dataset["id"], **extra}
+        response = client.post("/v1/builds", json=body)
+        assert response.status_code == 202, response.text
+        return dict(response.json())
+
+    return make
+
+
+@pytest.fixture
+def worker_for(settings: Settings) -> Iterator[Callable[..., Worker]]:
+    started: list[tuple[Worker, Database]] = []
+
+    def make(**overrides: object) -> Worker:
+        own = settings.model_copy(update=overrides)
+        db = Database(own.resolved_database_url)
+        worker = Worker(own, db, Storage(own.data_dir), DatabaseQueue(db, own), slots=[None])
+        worker.start()
+        started.append((worker, db))
+        return worker
+
+    yield make
+    for worker, db in started:
+        worker.stop()
+        db.dispose()
+
+
+def _wait(client: TestClient, build_id: object, predicate: Callable[[dict[str, object]], bool], timeout_s: float = 90) -> dict[str, object]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        build = dict(client.get(f"/v1/builds/{build_id}").json())
+        if predicate(build):
+            return build
+        time.sleep(0.2)
+    raise AssertionError(f"build {build_id} never got there: {build}")
+
+
+def _ended(build: dict[str, object]) -> bool:
+    return build["status"] in ("succeeded", "failed", "cancelled")
+
+
+def test_worker_runs_queued_builds_in_child_processes(
+    client: TestClient, submit: Callable[..., dict[str, object]], worker_for: Callable[..., Worker]
+) -> None:
+    build = submit(**FAST)
+    worker_for()
+    done = _wait(client, build["id"], _ended)
+    assert done["status"] == "succeeded", done
+    assert done["attempts"] == 1
+    assert client.get("/readyz").json()["checks"]["workers"]["ok"]
+
+
+def test_cancel_kills_a_build_that_does_not_reach_a_stage_boundary(
+    client: TestClient,
+    settings: Settings,
+    submit: Callable[..., dict[str, object]],
+    worker_for: Callable[..., Worker],
+) -> None:
+    build = submit(**SLOW)
+    worker = worker_for()
+    _wait(client, build["id"], lambda b: b["status"] == "benchmarking")
+    started = time.monotonic()
+    assert client.post(f"/v1/builds/{build['id']}/cancel").status_code == 202
+    done = _wait(client, build["id"], _ended, timeout_s=30)
+    assert done["status"] == "cancelled"
+    assert time.monotonic() - started < 20  # killed after the grace period, not after 60 s
+    assert worker.running_builds == []
+    assert not (settings.data_dir / "work" / str(build["id"])).exists()
+
+
+def test_builds_past_the_timeout_are_killed_and_failed(
+    client: TestClient, submit: Callable[..., dict[str, object]], worker_for: Callable[..., Worker]
+) -> None:
+    build = submit(**SLOW)
+    worker_for(build_timeout_s=4.0)
+    done = _wait(client, build["id"], _ended, timeout_s=60)
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == "build_timeout"  # type: ignore[index]
+
+
+def test_stopping_a_worker_puts_its_build_back_without_using_an_attempt(
+    client: TestClient, submit: Callable[..., dict[str, object]], worker_for: Callable[..., Worker]
+) -> None:
+    build = submit(**SLOW)
+    worker = worker_for()
+    _wait(client, build["id"], lambda b: b["status"] == "benchmarking")
+    worker.stop()
+    queued = client.get(f"/v1/builds/{build['id']}").json()
+    assert (queued["status"], queued["attempts"], queued["progress"]) == ("queued", 0, 0.0)
+    logs = client.get(f"/v1/builds/{build['id']}/logs").json()
+    assert "worker shut down" in logs[-1]["message"]

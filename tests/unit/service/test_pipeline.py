@@ -1,0 +1,143 @@
+"""The pipeline run in-process on the real tiny CNN and real data (ONNX Runtime backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.db import Database
+from service.pipeline import run_build
+from service.schemas import BuildReport, BuildStatus
+from service.settings import Settings
+from service.storage import Storage
+from tests.unit.service.support import dataset_bytes, make_settings, model_bytes, stored_files
+
+FAST = {"benchmark": {"warmup_ms": 0, "iterations": 3, "duration_s": 0}}
+
+
+@pytest.fixture
+def settings(tmp_path: Path, sqlite_url: str) -> Settings:
+    return make_settings(tmp_path / "data", sqlite_url)
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def ids(client: TestClient) -> dict[str, str]:
+    model = client.post("/v1/models", files={"file": ("tiny.onnx", model_bytes())}).json()
+    dataset = client.post(
+        "/v1/datasets",
+        files={"file": ("d.npz", dataset_bytes(count=10))},
+        data={"model_id": model["id"]},
+    ).json()
+    return {"model_id": model["id"], "dataset_id": dataset["id"]}
+
+
+def _run(settings: Settings, build_id: str) -> BuildStatus:
+    db = Database(settings.resolved_database_url)
+    try:
+        return run_build(build_id, db=db, storage=Storage(settings.data_dir), settings=settings)
+    finally:
+        db.dispose()
+
+
+def test_a_build_runs_all_stages_and_publishes_artifact_and_report(
+    client: TestClient, settings: Settings, ids: dict[str, str]
+) -> None:
+    build = client.post("/v1/builds", json={**ids, **FAST}).json()
+    assert _run(settings, build["id"]) is BuildStatus.SUCCEEDED
+    done = client.get(f"/v1/builds/{build['id']}").json()
+    assert (done["status"], done["progress"], done["stage"]) == ("succeeded", 1.0, None)
+    assert set(done["stage_seconds"]) == {"calibrate", "build", "benchmark", "evaluate"}
+    assert done["table_from_cache"] is False
+    assert done["artifact"]["filename"] == f"tiny-int8-fp16-{build['id'][:8]}.onnx"
+    artifact = client.get(done["links"]["artifact"])
+    import hashlib
+
+    assert hashlib.sha256(artifact.content).hexdigest() == done["artifact"]["sha256"]
+    report = BuildReport.model_validate(client.get(done["links"]["report"]).json())
+    assert report.calibration is not None and report.calibration.num_tensors > 0
+    assert report.dataset["calibration_samples"] == 8
+    assert report.dataset["evaluation_samples"] == 2
+    assert report.accuracy is not None and report.accuracy.outputs[0].name == "logits"
+    assert report.performance.queries >= 3
+    assert report.quantized_nodes
+    html = client.get(done["links"]["report_html"])
+    assert html.headers["content-type"].startswith("text/html")
+    assert done["artifact"]["sha256"] in html.text
+    metadata = client.get(done["links"]["metadata"]).json()
+    assert metadata["sha256"] == done["artifact"]["sha256"]
+    assert metadata["backend"] == "onnxruntime"
+    messages = [line["message"] for line in client.get(done["links"]["logs"]).json()]
+    assert messages[-1] == "Build succeeded."
+    assert any(m.startswith("calibrate: done") for m in messages)
+    assert not (settings.data_dir / "work" / build["id"]).exists()
+    dashboard = client.get("/")
+    assert build["id"][:12] in dashboard.text
+    assert done["links"]["report_html"].replace("&", "&amp;") in dashboard.text
+
+
+def test_a_second_build_reuses_the_calibration_table(
+    client: TestClient, settings: Settings, ids: dict[str, str]
+) -> None:
+    first = client.post("/v1/builds", json={**ids, **FAST}).json()
+    assert _run(settings, first["id"]) is BuildStatus.SUCCEEDED
+    second = client.post("/v1/builds", json={**ids, **FAST, "spec": {"precision": "int8"}}).json()
+    assert second["id"] != first["id"]
+    assert _run(settings, second["id"]) is BuildStatus.SUCCEEDED
+    a, b = (client.get(f"/v1/builds/{x['id']}").json() for x in (first, second))
+    assert b["table_from_cache"] is True
+    assert a["table_id"] == b["table_id"]
+    assert "calibrate" in b["stage_seconds"]
+    assert client.get("/v1/calibration-tables").json()["total"] == 1
+
+
+def test_fp16_builds_skip_calibration(client: TestClient, settings: Settings, ids: dict[str, str]) -> None:
+    build = client.post(
+        "/v1/builds", json={**ids, **FAST, "spec": {"precision": "fp16"}, "accuracy": {"enabled": False}}
+    ).json()
+    assert _run(settings, build["id"]) is BuildStatus.SUCCEEDED
+    done = client.get(f"/v1/builds/{build['id']}").json()
+    assert set(done["stage_seconds"]) == {"build", "benchmark"}
+    assert (done["table_id"], done["table_from_cache"]) == (None, None)
+    assert client.get(done["links"]["report"]).json()["accuracy"] is None
+
+
+def test_a_cancel_request_stops_at_the_next_stage_boundary(
+    client: TestClient, settings: Settings, ids: dict[str, str]
+) -> None:
+    build = client.post("/v1/builds", json={**ids, **FAST}).json()
+    db = Database(settings.resolved_database_url)
+    with db.session() as session:
+        from service.db.models import BuildRow
+
+        session.get_one(BuildRow, build["id"]).cancel_requested = True
+        session.commit()
+    db.dispose()
+    assert _run(settings, build["id"]) is BuildStatus.CANCELLED
+    done = client.get(f"/v1/builds/{build['id']}").json()
+    assert (done["status"], done["artifact"]) == ("cancelled", None)
+    assert [f for f in stored_files(settings.data_dir) if f.startswith(("work/", "blobs/"))] == []
+
+
+def test_failures_are_recorded_with_the_error_envelope(
+    client: TestClient, settings: Settings, ids: dict[str, str]
+) -> None:
+    build = client.post("/v1/builds", json={**ids, **FAST}).json()
+    dataset = next((settings.data_dir / "datasets").iterdir())
+    (dataset / "d.npz").write_bytes(b"corrupted after upload")
+    assert _run(settings, build["id"]) is BuildStatus.FAILED
+    done = client.get(f"/v1/builds/{build['id']}").json()
+    assert done["error"]["code"] in ("dataset_invalid", "archive_invalid")
+    assert done["error"]["message"] and done["error"]["hint"]
+    assert done["artifact"] is None
+    assert "Build failed" in client.get(done["links"]["logs"]).json()[-1]["message"]
+    assert not (settings.data_dir / "work" / build["id"]).exists()
