@@ -684,7 +684,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="benchmark seconds per batch size (default 2; quick 0.2)",
     )
     parser.add_argument("--warmup-ms", type=float, default=None, help="default 200; quick 50")
-    parser.add_argument("--iterations", type=int, default=None, help="minimum timed queries (default 10; quick 2)")
+    parser.add_argument(
+        "--iterations", type=int, default=None, help="minimum timed queries (default 10; quick 2)"
+    )
     parser.add_argument(
         "--ort-stride", type=int, default=4, help="batches of 8 per ORT histogram collection"
     )

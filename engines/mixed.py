@@ -69,6 +69,9 @@ class MixedPrecisionResult(BaseModel):
     execution: QdqExecution
     kept_nodes: list[str]
     """Kept out of INT8, most sensitive first (beyond the spec's own ``keep.int8`` patterns)."""
+    keep_patterns: list[str]
+    """``kept_nodes`` as ``BuildSpec.keep`` patterns matching exactly those nodes
+    (:func:`engines.sensitivity.keep_patterns`)."""
     quantizable_nodes: int
     int8_nodes: int
     int8_share: float
@@ -88,7 +91,7 @@ class MixedPrecisionResult(BaseModel):
 
     def apply_to(self, spec: BuildSpec) -> BuildSpec:
         """``spec`` with the kept nodes added to ``keep.int8``."""
-        extra = tuple(n for n in self.kept_nodes if n not in spec.keep.int8)
+        extra = tuple(p for p in self.keep_patterns if p not in spec.keep.int8)
         keep = KeepRules(int8=(*spec.keep.int8, *extra), fp16=spec.keep.fp16)
         return spec.model_copy(update={"keep": keep})
 
@@ -131,7 +134,7 @@ def search_mixed_precision(
 
     start = time.perf_counter()
     budget = MetricBudget.parse(budget) if isinstance(budget, str) else budget
-    ev = VariantEvaluator(
+    with VariantEvaluator(
         load_model(model_path),
         spec,
         table,
@@ -141,28 +144,29 @@ def search_mixed_precision(
         batch_size=batch_size,
         threads=threads,
         execution=execution,
-    )
-    _report(progress, "evaluating full INT8", 0.0)
-    report = ev.evaluate((), budget=budget)
-    full_value = _budget_value(report)
-    sensitivity = None
-    kept: list[str] = []
-    if not report.passed:
-        sensitivity = rank_sensitivity(
-            ev,
-            ranking_metric(budget.metric),
-            max_nodes=max_nodes,
-            all_but_this=all_but_this,
-            samples=sensitivity_samples,
-            progress=None if progress is None else _scaled(progress, 0.05, 0.8),
-        )
-        kept, report = _bisect(ev, sensitivity.ranked_nodes, budget, full_value, progress)
-    quantizable = ev.quantizable_count
+    ) as ev:
+        _report(progress, "evaluating full INT8", 0.0)
+        report = ev.evaluate((), budget=budget)
+        full_value = _budget_value(report)
+        sensitivity = None
+        kept: list[str] = []
+        if not report.passed:
+            sensitivity = rank_sensitivity(
+                ev,
+                ranking_metric(budget.metric),
+                max_nodes=max_nodes,
+                all_but_this=all_but_this,
+                samples=sensitivity_samples,
+                progress=None if progress is None else _scaled(progress, 0.05, 0.8),
+            )
+            kept, report = _bisect(ev, sensitivity.ranked_nodes, budget, full_value, progress)
+        quantizable = ev.quantizable_count
     _report(progress, "done", 1.0)
     return MixedPrecisionResult(
         budget=budget,
         execution=ev.execution,
         kept_nodes=kept,
+        keep_patterns=list(ev.keep_patterns(kept)),
         quantizable_nodes=quantizable,
         int8_nodes=quantizable - len(kept),
         int8_share=(quantizable - len(kept)) / quantizable if quantizable else 1.0,

@@ -37,8 +37,9 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +67,7 @@ __all__ = [
     "SensitivityReport",
     "VariantEvaluator",
     "default_execution",
+    "keep_patterns",
     "node_sensitivity",
     "rank_sensitivity",
 ]
@@ -139,6 +141,14 @@ class SensitivityReport(_Frozen):
     def ranked_nodes(self) -> list[str]:
         """Node names, most sensitive first."""
         return [n.node for n in self.nodes]
+
+
+def keep_patterns(nodes: Sequence[str], op_types: Iterable[str]) -> tuple[str, ...]:
+    """``BuildSpec.keep`` patterns that match exactly ``nodes``: the plain name, or an escaped
+    ``re:`` pattern where a name equals an op type (a plain pattern would match every node of
+    that type)."""
+    ops = set(op_types)
+    return tuple(f"re:{re.escape(n)}" if n in ops or n.startswith("re:") else n for n in nodes)
 
 
 # --- runners ----------------------------------------------------------------------------------
@@ -304,12 +314,29 @@ class VariantEvaluator:
         self.reference = MemoizedRunner(_SessionRunner(model, "the FP32 reference", self.threads))
         self.evaluations = 0
         self._quantizable: list[str] | None = None
+        self._op_types = {n.op_type for n in model.graph.node}
+
+    def close(self) -> None:
+        """Release the reference session and its cached outputs."""
+        self.reference.close()
+
+    def __enter__(self) -> VariantEvaluator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def keep_patterns(self, nodes: Sequence[str]) -> tuple[str, ...]:
+        """:func:`keep_patterns` for this model."""
+        return keep_patterns(nodes, self._op_types)
 
     def prepare(self, keep: Sequence[str], precision: Precision | None = None) -> PreparedModel:
         """The model with ``keep`` (and the spec's own keep rules) out of INT8."""
         from engines.graph import prepare_model
 
-        rules = KeepRules(int8=(*self.spec.keep.int8, *keep), fp16=self.spec.keep.fp16)
+        rules = KeepRules(
+            int8=(*self.spec.keep.int8, *self.keep_patterns(keep)), fp16=self.spec.keep.fp16
+        )
         update: dict[str, Any] = {"keep": rules}
         if precision is not None:
             update["precision"] = precision
@@ -558,7 +585,7 @@ def node_sensitivity(
     """
     from engines.graph.inspect import load_model
 
-    ev = VariantEvaluator(
+    with VariantEvaluator(
         load_model(model_path),
         spec,
         table,
@@ -568,7 +595,7 @@ def node_sensitivity(
         batch_size=batch_size,
         threads=threads,
         execution=execution,
-    )
-    return rank_sensitivity(
-        ev, metric, max_nodes=max_nodes, all_but_this=all_but_this, progress=progress
-    )
+    ) as ev:
+        return rank_sensitivity(
+            ev, metric, max_nodes=max_nodes, all_but_this=all_but_this, progress=progress
+        )

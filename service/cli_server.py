@@ -320,6 +320,7 @@ def submit(model: Path, data: Path, **options: Any) -> None:
             build = _follow(client, build.id, options["timeout"], as_json)
         artifact = None
         if options["download"] and build.artifact is not None:
+            options["download"].mkdir(parents=True, exist_ok=True)
             artifact = _download(client, build.id, options["download"], as_json)
     _report_outcome(build, artifact, as_json)
 

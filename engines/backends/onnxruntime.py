@@ -117,6 +117,35 @@ def _describe_options(options: Any, providers: Sequence[str]) -> dict[str, Any]:
     }
 
 
+def int8_weight_levels(providers: Sequence[str]) -> tuple[int, str]:
+    """Weight levels for INT8 Q/DQ on these providers, and why.
+
+    ONNX Runtime's x86 INT8 kernels without VNNI multiply u8 activations by s8 weights with
+    VPMADDUBSW, which adds pairs of products in 16 bits and saturates when both are near full
+    range; ONNX Runtime's own advice is 7-bit weights ("reduce_range") there. GPUs, ARM and
+    VNNI CPUs take full 8-bit weights.
+    """
+    if providers and providers[0] != "CPUExecutionProvider":
+        return 127, f"full 8-bit weights ({providers[0]})"
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return 127, f"full 8-bit weights ({platform.machine()} CPU)"
+    flags = _cpu_flags()
+    if {"avx512_vnni", "avx_vnni", "amx_int8"} & flags:
+        return 127, "full 8-bit weights (x86 CPU with VNNI)"
+    return 63, "7-bit weights: x86 CPU without VNNI, whose u8s8 kernels saturate 8-bit weights"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with Path("/proc/cpuinfo").open(encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def _device_name(providers: Sequence[str]) -> str:
     if providers and providers[0] == "CUDAExecutionProvider":
         from engines.gpu import discover_gpus
@@ -188,12 +217,13 @@ class OnnxRuntimeBackend:
         model_sha256 = sha256_file(model_path)
         model = load_model(model_path)
         report("transforming graph", 0.1)
-        prepared = prepare_model(model, spec, table)
+        providers = self.providers
+        levels, levels_reason = int8_weight_levels(providers)
+        prepared = prepare_model(model, spec, table, weight_levels=levels)
         del model
         report("checking with ONNX Runtime", 0.6)
         data = _serialize(prepared.model, out_path)
         options = _session_options(self.intra_op_threads)
-        providers = self.providers
         _check_loads(data, options, providers, out_path)
         report("writing artifact", 0.9)
         quantized, kept, fp32 = _node_reports(prepared)
@@ -217,7 +247,10 @@ class OnnxRuntimeBackend:
             size_bytes=0,
             build_seconds=round(time.perf_counter() - start, 6),
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            options=_describe_options(options, providers),
+            options={
+                **_describe_options(options, providers),
+                **({"int8_weights": levels_reason} if spec.precision.uses_int8 else {}),
+            },
         )
         artifact = write_artifact(data, out_path, metadata)
         report("done", 1.0)

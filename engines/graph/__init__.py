@@ -61,10 +61,15 @@ class PreparedModel:
 
 
 def prepare_model(
-    model: onnx.ModelProto, spec: BuildSpec, table: CalibrationTable | None
+    model: onnx.ModelProto,
+    spec: BuildSpec,
+    table: CalibrationTable | None,
+    *,
+    weight_levels: int = 127,
 ) -> PreparedModel:
     """Apply the passes ``spec.precision`` asks for: Q/DQ (int8, int8-fp16), then FP16 (fp16,
     int8-fp16), honouring ``spec.keep`` and ``spec.quantize_attention``. fp32 only normalizes.
+    ``weight_levels`` is passed to :func:`insert_qdq` (127: full INT8; 63: 7-bit weights).
 
     Raises :class:`SpecError` when INT8 is asked for without a calibration table.
     """
@@ -80,7 +85,11 @@ def prepare_model(
     fp16: Fp16Report | None = None
     if precision.uses_int8 and table is not None:
         work, quantization = insert_qdq(
-            work, table, keep=spec.keep.int8, quantize_attention=spec.quantize_attention
+            work,
+            table,
+            keep=spec.keep.int8,
+            quantize_attention=spec.quantize_attention,
+            weight_levels=weight_levels,
         )
     if precision.uses_fp16:
         work, fp16 = convert_fp16(work, table=table, keep=spec.keep.fp16)

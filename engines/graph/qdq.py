@@ -72,8 +72,13 @@ def insert_qdq(
     *,
     keep: tuple[str, ...] = (),
     quantize_attention: bool = False,
+    weight_levels: int = 127,
 ) -> tuple[onnx.ModelProto, QuantizationReport]:
     """Insert Q/DQ pairs into a copy of ``model`` from ``table``'s ranges.
+
+    ``weight_levels``: weights use ``scale_k = max|W_k| / weight_levels``; 127 is full INT8 (what
+    TensorRT wants). 63 gives 7-bit weights, which ONNX Runtime needs on x86 CPUs without VNNI:
+    their u8s8 kernels add pairs of 8-bit products in 16 bits (VPMADDUBSW) and saturate otherwise.
 
     ``keep``: node names, op types or ``re:<regex>`` patterns whose nodes stay unquantized.
     ``quantize_attention``: also quantize attention cores, GEMV MatMuls, LayerNormalization and
@@ -91,7 +96,7 @@ def insert_qdq(
             GraphIndex.build(work), table, keep=keep, quantize_attention=quantize_attention
         )
     index = GraphIndex.build(work)
-    scales = {key: _scale(index, table, plan, key) for key in plan.keys}
+    scales = {key: _scale(index, table, plan, key, weight_levels) for key in plan.keys}
     if plan.rewires:
         _emit(work, plan, scales)
         work = infer_shapes(work)
@@ -128,21 +133,23 @@ def _raise_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
     return converted
 
 
-def _weight_scale(values: np.ndarray, axis: int | None) -> np.ndarray:
+def _weight_scale(values: np.ndarray, axis: int | None, levels: float = _INT8_MAX) -> np.ndarray:
     magnitude = np.abs(values.astype(np.float64))
     if axis is None:
         amax = np.asarray(magnitude.max() if magnitude.size else 0.0)
     else:
         amax = np.moveaxis(magnitude, axis, 0).reshape(values.shape[axis], -1).max(axis=1)
-    scale = (amax / _INT8_MAX).astype(np.float32)
+    scale = (amax / levels).astype(np.float32)
     return np.where(scale > 0, scale, np.float32(_MIN_SCALE)).astype(np.float32)
 
 
-def _scale(index: GraphIndex, table: CalibrationTable, plan: QdqPlan, key: QdqKey) -> np.ndarray:
+def _scale(
+    index: GraphIndex, table: CalibrationTable, plan: QdqPlan, key: QdqKey, weight_levels: int
+) -> np.ndarray:
     """The float32 scale of one pair: scalar per tensor, 1-D per channel."""
     values = index.array(key.tensor)
     if key.weight and values is not None:
-        return _weight_scale(values, key.axis)
+        return _weight_scale(values, key.axis, float(weight_levels))
     root = plan.groups.get(key.tensor)
     members = [t for t, r in plan.groups.items() if r == root] if root is not None else []
     best: tuple[float, str] | None = None

@@ -58,7 +58,14 @@ class Server:
         }
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-c", "from service.cli import main; main()", "serve", "--log-level", "warning"],
+            [
+                sys.executable,
+                "-c",
+                "from service.cli import main; main()",
+                "serve",
+                "--log-level",
+                "warning",
+            ],
             cwd=ROOT,
             env=env,
             stdout=log,
@@ -90,9 +97,7 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(
-    kind: str, folder: Path, **env: str
-) -> Iterator[Server]:
+def running_server(kind: str, folder: Path, **env: str) -> Iterator[Server]:
     with database_url(kind, folder) as url:
         server = Server(folder / "data", url, folder / "server.log", env=dict(env))
         server.start()
@@ -103,7 +108,9 @@ def running_server(
 
 
 @pytest.fixture(scope="module", params=DATABASES)
-def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     """A server shared by a module's tests (uploads limited to 2 MiB)."""
     folder = tmp_path_factory.mktemp("server")
     with running_server(request.param, folder, TRTFORGE_MAX_UPLOAD_BYTES=str(2 << 20)) as srv:

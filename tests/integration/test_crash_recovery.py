@@ -69,7 +69,9 @@ def test_kill_9_during_a_build_then_restart(kind: str, tmp_path: Path) -> None:
             os.kill(server.process.pid, signal.SIGKILL)
             server.process.wait(10)
             _wait_for(
-                lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children),
+                lambda: (
+                    not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+                ),
                 10,
                 "the orphaned build process to die with its server",
             )

@@ -47,7 +47,13 @@ def built(server: Server, files: dict[str, Path]) -> dict[str, object]:
         build = client.submit_build(model.id, dataset.id, BuildSpec(), benchmark=FAST)
         events: list[BuildEvent] = []
         done = client.wait(build.id, timeout_s=120, on_event=events.append)
-    return {"model": model, "dataset": dataset, "build": done, "events": events, "progress": progress}
+    return {
+        "model": model,
+        "dataset": dataset,
+        "build": done,
+        "events": events,
+        "progress": progress,
+    }
 
 
 def test_a_build_end_to_end(built: dict[str, object], files: dict[str, Path]) -> None:
@@ -171,7 +177,9 @@ def _stored(server: Server) -> set[str]:
     return {
         p.relative_to(server.data_dir).as_posix()
         for p in server.data_dir.rglob("*")
-        if p.is_file() and not p.name.startswith("trtforge.db") and "/tmp/" not in f"/{p.relative_to(server.data_dir).as_posix()}"
+        if p.is_file()
+        and not p.name.startswith("trtforge.db")
+        and "/tmp/" not in f"/{p.relative_to(server.data_dir).as_posix()}"
     }
 
 
@@ -195,7 +203,14 @@ BAD_UPLOADS = [
     ("datasets", "d.zip", zip_bytes({"image.npy": _pickled_npy()}), {}, 422, "dataset_invalid"),
     ("datasets", "d.zip", zip_bytes({"../image.npy": dataset_bytes()}), {}, 422, "archive_invalid"),
     ("datasets", "d.npz", _nan(), {}, 422, "dataset_invalid"),
-    ("datasets", "d.npz", npz_bytes(image=images(2)[:, :, :8, :8]), {"model": True}, 422, "dataset_invalid"),
+    (
+        "datasets",
+        "d.npz",
+        npz_bytes(image=images(2)[:, :, :8, :8]),
+        {"model": True},
+        422,
+        "dataset_invalid",
+    ),
     ("datasets", "d.npz", dataset_bytes(), {"model_id": "0" * 64}, 404, "not_found"),
 ]
 
@@ -262,7 +277,9 @@ def test_a_spec_outside_the_models_dims_is_refused(
     server: Server, client: TrtforgeClient, built: dict[str, object]
 ) -> None:
     before = client.list_builds().total
-    spec = {"profiles": {"image": {"min": [1, 3, 32, 32], "opt": [4, 3, 32, 32], "max": [8, 3, 32, 32]}}}
+    spec = {
+        "profiles": {"image": {"min": [1, 3, 32, 32], "opt": [4, 3, 32, 32], "max": [8, 3, 32, 32]}}
+    }
     response = httpx.post(
         f"{server.url}/v1/builds",
         json={"model_id": built["model"].id, "dataset_id": built["dataset"].id, "spec": spec},  # type: ignore[attr-defined]

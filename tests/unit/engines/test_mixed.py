@@ -7,14 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from calibrators.calibrate import calibrate
 from calibrators.data import CalibrationDataset
+from calibrators.methods import entropy
 from calibrators.table import CalibrationTable
 from engines.accuracy import AccuracyMetric, MetricBudget, compare
 from engines.backends.onnxruntime import OnnxRuntimeRunner
 from engines.build import build_artifact
 from engines.errors import AccuracyBudgetError
 from engines.mixed import MixedPrecisionResult, ranking_metric, search_mixed_precision
+from engines.sensitivity import QdqExecution
 from engines.spec import BuildSpec
+from tests import zoo
 from tests.unit.engines.test_sensitivity import INT8, Fashion, damaged, fashion  # noqa: F401
 
 
@@ -62,7 +66,7 @@ def test_search_keeps_exactly_the_damaged_nodes(fashion: Fashion, tmp_path: Path
     assert result.evaluations == 1 + result.sensitivity.evaluations + 2
     # The real artifact with the kept nodes meets the budget on re-evaluation...
     spec = result.apply_to(INT8)
-    assert spec.keep.int8 == tuple(result.kept_nodes)
+    assert spec.keep.int8 == tuple(result.kept_nodes) == tuple(result.keep_patterns)
     value, passed = artifact_value(path, spec, bad, held_out, labels, budget, tmp_path / "a.onnx")
     assert passed and value == pytest.approx(result.value_reached, abs=0.01)
     # ...and full INT8 with the same table does not.
@@ -97,3 +101,30 @@ def test_impossible_budget_raises(fashion: Fashion) -> None:  # noqa: F811
     assert "all 4 quantizable nodes" in info.value.message
     assert "accuracy >= 0.99" in info.value.message
     assert info.value.hint and info.value.field == "budget"
+
+
+@pytest.mark.slow
+def test_efficientnet_search_with_a_bounded_number_of_evaluations() -> None:
+    path = zoo.efficientnet_lite0()
+    images = zoo.preprocess_imagenet(zoo.photo_crops(48, seed=0))
+    table = calibrate(path, CalibrationDataset.from_arrays({"input": images[:32]}), entropy())
+    held_out = CalibrationDataset.from_arrays({"input": images[32:]})
+    result = search_mixed_precision(
+        path,
+        table,
+        INT8,
+        held_out,
+        "cosine:0.995",
+        max_nodes=4,
+        all_but_this=False,
+        sensitivity_samples=8,
+        execution=QdqExecution.REFERENCE,
+    )
+    assert result.value_full_int8 < 0.995 <= result.value_reached
+    assert result.sensitivity is not None and result.sensitivity.quantizable_nodes == 60
+    ranked = result.sensitivity.nodes
+    assert [n.metric_only_this is not None for n in ranked] == [True] * 4 + [False] * 56
+    # full INT8 + 4 ranked nodes + a bisection over 60 (at most 6 steps, plus "no INT8")
+    assert result.evaluations <= 1 + 4 + 7
+    assert result.kept_nodes == [n.node for n in ranked[: len(result.kept_nodes)]]
+    assert 0 < result.int8_share < 1

@@ -197,3 +197,38 @@ def test_availability_and_version() -> None:
     assert backend.availability().available
     assert backend.version() == ort.__version__
     assert backend.name == "onnxruntime"
+
+
+def test_int8_weight_levels_follow_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engines.backends import onnxruntime as ort_backend
+
+    monkeypatch.setattr(ort_backend.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(ort_backend, "_cpu_flags", lambda: {"avx2", "fma"})
+    assert ort_backend.int8_weight_levels(["CPUExecutionProvider"])[0] == 63
+    monkeypatch.setattr(ort_backend, "_cpu_flags", lambda: {"avx2", "avx512_vnni"})
+    assert ort_backend.int8_weight_levels(["CPUExecutionProvider"])[0] == 127
+    assert ort_backend.int8_weight_levels(["CUDAExecutionProvider", "CPUExecutionProvider"])[0] == 127
+    monkeypatch.setattr(ort_backend.platform, "machine", lambda: "aarch64")
+    assert ort_backend.int8_weight_levels(["CPUExecutionProvider"])[0] == 127
+
+
+def test_seven_bit_weights_halve_the_weight_scales() -> None:
+    from onnx import numpy_helper
+
+    from calibrators.table import CalibrationTable
+    from engines.graph.qdq import insert_qdq
+    from tests import zoo
+
+    model = zoo.tiny_cnn()
+    table = CalibrationTable(amax={n: 4.0 for n in ["image", "r1", "res", "r2", "ap", "cat", "flat"]}, method="minmax", parameters={}, samples=1, model_sha256=None, dataset_sha256=None)
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+    def conv1_weight_scale(levels: int) -> np.ndarray:
+        out, _ = insert_qdq(model, table, weight_levels=levels)
+        inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+        q = next(n for n in out.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "conv1.w")
+        return inits[q.input[1]]
+
+    expected = np.abs(weights["conv1.w"]).reshape(8, -1).max(axis=1)
+    np.testing.assert_allclose(conv1_weight_scale(127), expected / 127, rtol=1e-6)
+    np.testing.assert_allclose(conv1_weight_scale(63), expected / 63, rtol=1e-6)

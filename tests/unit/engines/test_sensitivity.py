@@ -22,9 +22,10 @@ from engines.sensitivity import (
     QdqExecution,
     SensitivityReport,
     default_execution,
+    keep_patterns,
     node_sensitivity,
 )
-from engines.spec import BackendName, BuildSpec, KeepRules, Precision
+from engines.spec import BackendName, BuildSpec, KeepRules, Precision, node_matches
 from tests import zoo
 
 INT8 = BuildSpec(precision=Precision.INT8, backend=BackendName.ONNXRUNTIME)
@@ -201,3 +202,13 @@ def test_memoized_runner_runs_each_distinct_batch_once(tiny_cnn_path: Path) -> N
     assert len(calls) == 2
     np.testing.assert_array_equal(first["logits"], again["logits"])
     assert not np.array_equal(first["logits"], other["logits"])
+
+
+def test_keep_patterns_match_exactly_the_named_nodes() -> None:
+    patterns = keep_patterns(["/conv1/Conv", "Add", "re:odd.name"], {"Add", "Conv"})
+    assert patterns == ("/conv1/Conv", r"re:Add", r"re:re:odd\.name")
+    # A node named like an op type is matched by its name only, not every node of that type.
+    assert node_matches((patterns[1],), "Add", "Add")
+    assert not node_matches((patterns[1],), "residual", "Add")
+    assert node_matches((patterns[2],), "re:odd.name", "Relu")
+    assert not node_matches((patterns[2],), "re:oddXname", "Relu")

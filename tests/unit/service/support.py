@@ -115,7 +115,9 @@ def stored_files(data_dir: Path) -> list[str]:
     return sorted(
         p.relative_to(data_dir).as_posix()
         for p in data_dir.rglob("*")
-        if p.is_file() and not p.name.startswith("trtforge-test.db") and not p.name.startswith("trtforge.db")
+        if p.is_file()
+        and not p.name.startswith("trtforge-test.db")
+        and not p.name.startswith("trtforge.db")
     )
 
 

@@ -85,13 +85,39 @@ def test_delete_only_ended_builds(client: TestClient, ids: dict[str, str]) -> No
         ({"dataset_id": "0" * 64}, 404, "dataset_id", "No dataset"),
         ({"table_id": "0" * 64}, 404, "table_id", "No calibration table"),
         ({"spec": {"precision": "int4"}}, 422, "spec.precision", "spec.precision"),
-        ({"spec": {"profiles": {"image": {"min": [1, 3, 8, 8], "opt": [1, 3, 8, 8], "max": [1, 3, 8, 8]}}}}, 422, None, "16"),
-        ({"spec": {"profiles": {"pixels": {"min": [1], "opt": [1], "max": [1]}}}}, 422, None, "pixels"),
+        (
+            {
+                "spec": {
+                    "profiles": {
+                        "image": {"min": [1, 3, 8, 8], "opt": [1, 3, 8, 8], "max": [1, 3, 8, 8]}
+                    }
+                }
+            },
+            422,
+            None,
+            "16",
+        ),
+        (
+            {"spec": {"profiles": {"pixels": {"min": [1], "opt": [1], "max": [1]}}}},
+            422,
+            None,
+            "pixels",
+        ),
         ({"spec": {"keep": {"int8": ["no_such_node"]}}}, 422, None, "no_such_node"),
         ({"accuracy": {"eval_fraction": 1.5}}, 422, "accuracy.eval_fraction", "eval_fraction"),
         ({"surprise": 1}, 422, "surprise", "surprise"),
     ],
-    ids=["model", "dataset", "table", "precision", "shape-outside-dims", "unknown-input", "keep", "fraction", "extra"],
+    ids=[
+        "model",
+        "dataset",
+        "table",
+        "precision",
+        "shape-outside-dims",
+        "unknown-input",
+        "keep",
+        "fraction",
+        "extra",
+    ],
 )
 def test_bad_requests_are_refused_before_queueing(
     client: TestClient,
@@ -154,7 +180,9 @@ def test_events_of_an_ended_build_stream_logs_status_and_end(
     client.post(f"/v1/builds/{build['id']}/cancel")
     response = client.get(f"/v1/builds/{build['id']}/events")
     assert response.headers["content-type"].startswith("text/event-stream")
-    kinds = [line.split(": ", 1)[1] for line in response.text.splitlines() if line.startswith("event:")]
+    kinds = [
+        line.split(": ", 1)[1] for line in response.text.splitlines() if line.startswith("event:")
+    ]
     assert kinds[0] == "log"
     assert kinds[-2:] == ["status", "end"]
     resumed = client.get(f"/v1/builds/{build['id']}/events", headers={"Last-Event-ID": "999999999"})

@@ -62,9 +62,7 @@ def test_image_zip_with_preprocessing(client: TestClient, model_id: str, tmp_pat
     photos = zoo.photo_crops(4, size=40)
     archive = zoo.images_zip(photos, tmp_path / "imgs.zip")
     spec = '{"resize_shorter": 16, "center_crop": 16}'
-    response = _upload(
-        client, archive.read_bytes(), "imgs.zip", model_id=model_id, preprocess=spec
-    )
+    response = _upload(client, archive.read_bytes(), "imgs.zip", model_id=model_id, preprocess=spec)
     assert response.status_code == 201, response.text
     body = response.json()
     assert (body["format"], body["num_samples"]) == ("images", 4)
@@ -95,7 +93,16 @@ def _nan_images() -> bytes:
         ("d.txt", b"1,2,3", "not a dataset format"),
         ("d.npz", pickle.dumps({"image": images(2)}), "d.npz"),
     ],
-    ids=["pickled-npy", "zip-dotdot", "nan", "shape-mismatch", "wrong-name", "garbage", "csv", "pickle-file"],
+    ids=[
+        "pickled-npy",
+        "zip-dotdot",
+        "nan",
+        "shape-mismatch",
+        "wrong-name",
+        "garbage",
+        "csv",
+        "pickle-file",
+    ],
 )
 def test_bad_datasets_are_refused_and_leave_nothing(
     client: TestClient, model_id: str, data_dir: Path, name: str, payload: bytes, needle: str

@@ -11,7 +11,9 @@ def test_healthz(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
 
 
-def test_readyz_needs_a_live_worker(client: TestClient, make_client: Callable[..., TestClient]) -> None:
+def test_readyz_needs_a_live_worker(
+    client: TestClient, make_client: Callable[..., TestClient]
+) -> None:
     response = client.get("/readyz")
     assert response.status_code == 503
     body = response.json()

@@ -52,7 +52,12 @@ def test_zip_with_external_data_is_accepted(client: TestClient, tmp_path: Path) 
         ("tiny.onnx", model_bytes()[:300], "model_invalid", "not a readable ONNX model"),
         ("notes.onnx", b"this is not a model at all", "model_invalid", "not a readable ONNX"),
         ("m.zip", zip_bytes({"../evil.onnx": model_bytes()}), "archive_invalid", "unsafe"),
-        ("m.zip", zip_bytes({"a.onnx": model_bytes(), "b.onnx": model_bytes()}), "model_invalid", "exactly one"),
+        (
+            "m.zip",
+            zip_bytes({"a.onnx": model_bytes(), "b.onnx": model_bytes()}),
+            "model_invalid",
+            "exactly one",
+        ),
         ("m.zip", b"PK\x03\x04 truncated zip", "archive_invalid", "not a readable zip"),
     ],
     ids=["truncated", "not-onnx", "zip-dotdot", "zip-two-models", "zip-truncated"],
@@ -70,7 +75,9 @@ def test_bad_models_are_refused_and_leave_nothing(
     assert stored_files(data_dir) == []
 
 
-def test_external_data_escaping_its_folder_is_refused(client: TestClient, tmp_path: Path, data_dir: Path) -> None:
+def test_external_data_escaping_its_folder_is_refused(
+    client: TestClient, tmp_path: Path, data_dir: Path
+) -> None:
     import onnx
 
     from tests import zoo
@@ -82,7 +89,10 @@ def test_external_data_escaping_its_folder_is_refused(client: TestClient, tmp_pa
             if entry.key == "location":
                 entry.value = "../../weights.bin"
     payload = zip_bytes(
-        {"model.onnx": model.SerializeToString(), "weights.bin": (path.parent / "weights.bin").read_bytes()}
+        {
+            "model.onnx": model.SerializeToString(),
+            "weights.bin": (path.parent / "weights.bin").read_bytes(),
+        }
     )
     response = _upload(client, payload, "m.zip")
     assert response.status_code == 422
@@ -128,7 +138,11 @@ def test_oversized_chunked_upload_is_cut_off_while_streaming(
     ("headers", "content", "needle"),
     [
         ({"content-type": "application/json"}, b"{}", "not multipart"),
-        ({"content-type": "multipart/form-data; boundary=b"}, b"--b\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nx\r\n--b--\r\n", "no file part"),
+        (
+            {"content-type": "multipart/form-data; boundary=b"},
+            b'--b\r\nContent-Disposition: form-data; name="other"\r\n\r\nx\r\n--b--\r\n',
+            "no file part",
+        ),
     ],
 )
 def test_malformed_uploads_are_400(

@@ -98,7 +98,7 @@ def test_a_table_of_another_model_is_refused(client: TestClient) -> None:
 
 
 @pytest.mark.parametrize(
-    "payload", ["not a cache", "TRT-101303-EntropyCalibration2\nx: zz\n", "{\"format\": 1}"]
+    "payload", ["not a cache", "TRT-101303-EntropyCalibration2\nx: zz\n", '{"format": 1}']
 )
 def test_malformed_caches_are_422(client: TestClient, model_id: str, payload: str) -> None:
     response = _import(client, model_id, payload)

@@ -64,7 +64,12 @@ def worker_for(settings: Settings) -> Iterator[Callable[..., Worker]]:
         db.dispose()
 
 
-def _wait(client: TestClient, build_id: object, predicate: Callable[[dict[str, object]], bool], timeout_s: float = 90) -> dict[str, object]:
+def _wait(
+    client: TestClient,
+    build_id: object,
+    predicate: Callable[[dict[str, object]], bool],
+    timeout_s: float = 90,
+) -> dict[str, object]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         build = dict(client.get(f"/v1/builds/{build_id}").json())

@@ -100,9 +100,12 @@ def test_a_second_build_reuses_the_calibration_table(
     assert client.get("/v1/calibration-tables").json()["total"] == 1
 
 
-def test_fp16_builds_skip_calibration(client: TestClient, settings: Settings, ids: dict[str, str]) -> None:
+def test_fp16_builds_skip_calibration(
+    client: TestClient, settings: Settings, ids: dict[str, str]
+) -> None:
     build = client.post(
-        "/v1/builds", json={**ids, **FAST, "spec": {"precision": "fp16"}, "accuracy": {"enabled": False}}
+        "/v1/builds",
+        json={**ids, **FAST, "spec": {"precision": "fp16"}, "accuracy": {"enabled": False}},
     ).json()
     assert _run(settings, build["id"]) is BuildStatus.SUCCEEDED
     done = client.get(f"/v1/builds/{build['id']}").json()

@@ -46,9 +46,10 @@ def test_same_bytes_twice_give_one_blob(storage: Storage) -> None:
 
 
 def test_oversized_upload_is_refused_and_leaves_nothing(storage: Storage) -> None:
-    with pytest.raises(PayloadTooLargeError, match="limit of 10 bytes"), storage.pending(
-        max_bytes=10
-    ) as pending:
+    with (
+        pytest.raises(PayloadTooLargeError, match="limit of 10 bytes"),
+        storage.pending(max_bytes=10) as pending,
+    ):
         pending.write(b"123456")
         pending.write(b"7890ab")
     assert _tmp_files(storage) == []
