@@ -145,6 +145,7 @@ def _temp_file(folder: Path, name: str) -> Iterator[tuple[Path, BinaryIO]]:
     """
     fd, raw = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     tmp = Path(raw)
+    tmp.chmod(0o644)  # mkstemp makes 0600; artifacts are meant to be read by deploy jobs
     try:
         with os.fdopen(fd, "wb") as fh:
             yield tmp, fh

@@ -67,6 +67,8 @@ class MixedPrecisionResult(BaseModel):
 
     budget: MetricBudget
     execution: QdqExecution
+    weight_levels: int
+    """INT8 weight levels the search built variants with (:mod:`engines.sensitivity`)."""
     kept_nodes: list[str]
     """Kept out of INT8, most sensitive first (beyond the spec's own ``keep.int8`` patterns)."""
     keep_patterns: list[str]
@@ -110,7 +112,7 @@ def search_mixed_precision(
     *,
     labels: np.ndarray | None = None,
     max_nodes: int | None = None,
-    all_but_this: bool = True,
+    all_but_this: bool = False,
     max_samples: int | None = 256,
     sensitivity_samples: int = 32,
     batch_size: int = 16,
@@ -125,7 +127,8 @@ def search_mixed_precision(
     all). ``labels[i]`` is the class of sample ``i``, needed for the accuracy metrics. Nodes are
     ranked on the first ``sensitivity_samples`` of those samples, evaluating at most
     ``max_nodes`` nodes (0: rank by the cheap proxy alone), each alone in INT8 and, with
-    ``all_but_this``, alone out of it (:func:`engines.sensitivity.node_sensitivity`).
+    ``all_but_this``, alone out of it (:func:`engines.sensitivity.node_sensitivity`). The second
+    variant only breaks ties of the first, so it is off by default: it doubles the ranking cost.
 
     Raises :class:`AccuracyBudgetError` when even no INT8 at all misses the budget, and
     :class:`SpecError` for a spec without INT8 or a metric the model's outputs do not report.
@@ -165,6 +168,7 @@ def search_mixed_precision(
     return MixedPrecisionResult(
         budget=budget,
         execution=ev.execution,
+        weight_levels=ev.weight_levels,
         kept_nodes=kept,
         keep_patterns=list(ev.keep_patterns(kept)),
         quantizable_nodes=quantizable,

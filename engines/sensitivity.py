@@ -28,8 +28,12 @@ optimizations so that every QuantizeLinear/DequantizeLinear is computed as writt
 the exact ONNX semantics, which TensorRT's INT8 kernels (int32 accumulation) follow closely. The
 two differ on x86 CPUs without VNNI, where ONNX Runtime's u8 x s8 kernels saturate 16-bit
 intermediate sums (its quantizer's ``reduce_range`` option exists for this): there
-``onnxruntime`` shows a much larger INT8 error than the model has under TensorRT. By default the
-execution follows the backend that ``spec.backend`` selects (:func:`default_execution`).
+``onnxruntime`` shows a much larger INT8 error than the model has under TensorRT. So
+``onnxruntime`` execution builds variants exactly as the onnxruntime backend builds artifacts: on
+its providers, with its INT8 weight levels (:func:`engines.backends.onnxruntime.int8_weight_levels`:
+7-bit weights on x86 CPUs without VNNI); ``reference`` runs on the CPU with full 8-bit weights.
+By default the execution follows the backend that ``spec.backend`` selects
+(:func:`default_execution`).
 """
 
 from __future__ import annotations
@@ -73,7 +77,8 @@ __all__ = [
 ]
 
 _PROXY_SAMPLES = 4
-_PROVIDERS = ("CPUExecutionProvider",)
+_CPU = ("CPUExecutionProvider",)
+_FULL_INT8 = 127
 _ORT_DTYPES = {
     "tensor(float)": "float32",
     "tensor(float16)": "float16",
@@ -103,6 +108,16 @@ def default_execution(spec: BuildSpec) -> QdqExecution:
     return QdqExecution.ONNXRUNTIME if backend.name == "onnxruntime" else QdqExecution.REFERENCE
 
 
+def _execution_setup(execution: QdqExecution) -> tuple[tuple[str, ...], int]:
+    """(providers, INT8 weight levels) for running variants as ``execution`` says."""
+    if execution is QdqExecution.REFERENCE:
+        return _CPU, _FULL_INT8
+    from engines.backends.onnxruntime import default_providers, int8_weight_levels
+
+    providers = tuple(default_providers())
+    return providers, int8_weight_levels(providers)[0]
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="strings")
 
@@ -129,6 +144,8 @@ class SensitivityReport(_Frozen):
     metric: AccuracyMetric
     higher_is_better: bool
     execution: QdqExecution
+    weight_levels: int
+    """INT8 weight levels of the variants (127; 63 for 7-bit weights, see the module docstring)."""
     samples: int
     quantizable_nodes: int
     evaluated_nodes: int
@@ -203,10 +220,16 @@ def _feeds_key(feeds: Mapping[str, np.ndarray]) -> bytes:
 
 
 class _SessionRunner:
-    """An ONNX Runtime CPU session over an in-memory model (no files), as a :class:`Runner`."""
+    """An ONNX Runtime session over an in-memory model (no files), as a :class:`Runner`."""
 
     def __init__(
-        self, model: onnx.ModelProto, what: str, threads: int, *, optimize: bool = True
+        self,
+        model: onnx.ModelProto,
+        what: str,
+        threads: int,
+        *,
+        optimize: bool = True,
+        providers: Sequence[str] = _CPU,
     ) -> None:
         import onnxruntime as ort
 
@@ -218,9 +241,10 @@ class _SessionRunner:
             level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
         )
         self._what, self._threads, self._optimize = what, threads, optimize
+        self._providers = tuple(providers)
         try:
             self._session: Any = ort.InferenceSession(
-                model.SerializeToString(), options, providers=list(_PROVIDERS)
+                model.SerializeToString(), options, providers=list(self._providers)
             )
         except Exception as exc:  # onnxruntime's own Fail/InvalidGraph types
             raise RunError(
@@ -260,7 +284,7 @@ class _SessionRunner:
         return {
             "backend": "onnxruntime",
             "model": self._what,
-            "providers": ",".join(_PROVIDERS),
+            "providers": ",".join(self._providers),
             "threads": str(self._threads),
             "graph_optimizations": "all" if self._optimize else "disabled",
         }
@@ -305,13 +329,16 @@ class VariantEvaluator:
         self.threads = threads or os.cpu_count() or 1
         self.batch_size = batch_size
         self.execution = execution or default_execution(spec)
+        self.providers, self.weight_levels = _execution_setup(self.execution)
         data = eval_dataset.validate(model_input_specs(model))
         total = len(data) if max_samples is None else min(len(data), max_samples)
         batches = list(data.batches(batch_size, max_samples=total))
         self.arrays = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
         self.samples = total
         self.labels = None if labels is None else np.asarray(labels)[:total]
-        self.reference = MemoizedRunner(_SessionRunner(model, "the FP32 reference", self.threads))
+        self.reference = MemoizedRunner(
+            _SessionRunner(model, "the FP32 reference", self.threads, providers=self.providers)
+        )
         self.evaluations = 0
         self._quantizable: list[str] | None = None
         self._op_types = {n.op_type for n in model.graph.node}
@@ -340,7 +367,8 @@ class VariantEvaluator:
         update: dict[str, Any] = {"keep": rules}
         if precision is not None:
             update["precision"] = precision
-        return prepare_model(self.model, self.spec.model_copy(update=update), self.table)
+        spec = self.spec.model_copy(update=update)
+        return prepare_model(self.model, spec, self.table, weight_levels=self.weight_levels)
 
     def quantizable(self) -> tuple[onnx.ModelProto, list[str]]:
         """The full-INT8 Q/DQ model (no FP16) and the nodes it quantizes, in graph order."""
@@ -363,7 +391,9 @@ class VariantEvaluator:
         dataset = CalibrationDataset.from_arrays({k: v[:count] for k, v in self.arrays.items()})
         what = f"the variant keeping {len(keep)} node(s) out of INT8"
         optimize = self.execution is QdqExecution.ONNXRUNTIME
-        with _SessionRunner(prepared.model, what, self.threads, optimize=optimize) as candidate:
+        with _SessionRunner(
+            prepared.model, what, self.threads, optimize=optimize, providers=self.providers
+        ) as candidate:
             report = compare(
                 self.reference,
                 candidate,
@@ -549,6 +579,7 @@ def rank_sensitivity(
         metric=metric,
         higher_is_better=metric.higher_is_better,
         execution=ev.execution,
+        weight_levels=ev.weight_levels,
         samples=ev.samples if samples is None else min(samples, ev.samples),
         quantizable_nodes=len(nodes),
         evaluated_nodes=len(chosen),

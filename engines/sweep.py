@@ -233,19 +233,17 @@ def pareto_front(
 # --- the sweep --------------------------------------------------------------------------------
 
 
-def _split_indices(total: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """The sample positions of :meth:`CalibrationDataset.split` (calibration, evaluation)."""
+def _split_indices(
+    data: CalibrationDataset, eval_fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """(calibration, evaluation) sample positions; a sweep needs held-out samples."""
     if not 0 < eval_fraction < 1:
         raise SpecError(
             f"eval_fraction must be in (0, 1), got {eval_fraction}.",
             hint="A sweep needs held-out samples: e.g. --eval-fraction 0.2.",
             field="eval_fraction",
         )
-    held = round(total * eval_fraction)
-    if total >= 2:
-        held = min(max(held, 1), total - 1)
-    order = np.random.default_rng(seed).permutation(total)
-    return np.sort(order[held:]).tolist(), np.sort(order[:held]).tolist()
+    return data.split_indices(eval_fraction, seed)
 
 
 @dataclass(frozen=True)
@@ -297,7 +295,7 @@ def sweep(
     model = load_onnx(model_path, load_external_data=False)
     data = dataset.validate(model_input_specs(model))
     del model
-    cal_idx, eval_idx = _split_indices(len(data), eval_fraction, seed)
+    cal_idx, eval_idx = _split_indices(data, eval_fraction, seed)
     builder, reason = select_backend(backend)
     ctx = _Context(
         model_path=model_path,
@@ -533,7 +531,7 @@ def render_markdown(report: SweepReport) -> str:
         f"latency = {report.latency_stat} over at least {report.benchmark.duration_s:g} s, "
         f"batch {report.benchmark.batch_size or 1}.",
         "",
-        f"| variant | size | build s | p50 ms | p90 ms | p99 ms | throughput qps | {metric} "
+        f"| variant | size | build + search s | p50 ms | p90 ms | p99 ms | throughput qps | {metric} "
         "| speedup vs fp32 | INT8 share | Pareto |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from calibrators.errors import DatasetError
 from engines.spec import BackendName
@@ -24,13 +24,10 @@ from service.errors import ConflictError, NotFoundError
 from service.jobs.base import JobQueue, JobState
 from service.recorder import add_log, reset_for_retry
 from service.schemas import (
-    AccuracyOptions,
     ArtifactInfo,
-    BenchmarkOptionsIn,
     BuildCreate,
     BuildPublic,
     BuildStatus,
-    CalibrationOptions,
     ErrorInfo,
     LogLine,
     Stage,
@@ -79,13 +76,17 @@ def resolve_target(backend: BackendName) -> Target:
 
 
 def build_cache_key(request: BuildCreate, target: Target) -> str:
-    """sha256 over what decides the artifact (module docstring)."""
+    """sha256 over what decides the artifact (module docstring), including the options that
+    choose the calibration samples; benchmark options and ``max_samples`` of the accuracy check
+    only change the report, so they do not make a new build."""
     parts = [
         request.model_id,
         request.dataset_id,
         request.table_id or "-",
         request.spec.digest,
         request.calibration.model_dump_json(),
+        # the held-out split decides which samples calibrate, hence the table and the artifact
+        request.accuracy.model_dump_json(include={"enabled", "eval_fraction", "seed"}),
         target.backend,
         target.backend_version,
         target.compute_capability,
@@ -128,9 +129,9 @@ def build_public(row: BuildRow) -> BuildPublic:
         table_id=row.table_id,
         table_from_cache=row.table_from_cache,
         spec=request.spec,
-        calibration=request.calibration or CalibrationOptions(),
-        benchmark=request.benchmark or BenchmarkOptionsIn(),
-        accuracy=request.accuracy or AccuracyOptions(),
+        calibration=request.calibration,
+        benchmark=request.benchmark,
+        accuracy=request.accuracy,
         backend=row.backend,
         backend_version=row.backend_version,
         compute_capability=row.compute_capability,
@@ -262,7 +263,10 @@ def list_builds(
         query = query.where(BuildRow.status == status.value)
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = session.scalars(
-        query.order_by(BuildRow.created_at.desc(), BuildRow.id).limit(limit).offset(offset)
+        query.options(selectinload(BuildRow.job))
+        .order_by(BuildRow.created_at.desc(), BuildRow.id)
+        .limit(limit)
+        .offset(offset)
     )
     return Page(list(rows), total)
 

@@ -281,7 +281,7 @@ def build(
         )
     if mixed is not None:
         click.echo(
-            f"accuracy budget {accuracy_budget}: reached {mixed['metric_value']}, kept {len(mixed['kept_nodes'])} node(s) out of INT8"
+            f"accuracy budget {accuracy_budget}: reached {mixed['value_reached']} (full INT8: {mixed['value_full_int8']}), kept {len(mixed['kept_nodes'])} node(s) out of INT8, {mixed['int8_share']:.0%} of quantizable nodes still INT8"
         )
 
 
@@ -315,8 +315,7 @@ def _search_budget(
         result = search_mixed_precision(
             model, table, spec, evaluation, budget, labels=labels, progress=progress
         )
-    keep = tuple(dict.fromkeys((*spec.keep.int8, *result.kept_nodes)))
-    new_spec = spec.model_copy(update={"keep": spec.keep.model_copy(update={"int8": keep})})
+    new_spec = result.apply_to(spec)
     return new_spec, result.model_dump(mode="json")
 
 

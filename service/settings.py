@@ -85,6 +85,11 @@ class Settings(BaseSettings):
             raise ValueError("host must not be empty")
         return host.strip()
 
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, path: Path) -> Path:
+        return path.expanduser().absolute()
+
     @field_validator("database_url")
     @classmethod
     def _known_database(cls, url: str | None) -> str | None:

@@ -94,6 +94,11 @@ def _snapshot(state: AppState, build_id: str, after: int) -> tuple[BuildPublic, 
         return build, builds.log_lines(session, build_id, after)
 
 
+def _exists(state: AppState, build_id: str) -> None:
+    with state.db.session() as session:
+        builds.get_build(session, build_id)
+
+
 def _event(kind: str, data: str, event_id: int | None = None) -> bytes:
     head = f"id: {event_id}\n" if event_id is not None else ""
     return f"{head}event: {kind}\ndata: {data}\n\n".encode()
@@ -139,7 +144,7 @@ async def build_events(
     _: ReadAccess,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
-    await run_in_threadpool(_snapshot, state, build_id, 0)  # 404 before the stream starts
+    await run_in_threadpool(_exists, state, build_id)  # 404 before the stream starts
     after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
     return StreamingResponse(
         _events(state, request, build_id, after),

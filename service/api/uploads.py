@@ -16,7 +16,7 @@ from starlette.requests import Request
 from service.errors import PayloadTooLargeError, UploadError
 from service.storage import PendingFile, Storage
 
-__all__ = ["MULTIPART_OPENAPI", "ReceivedUpload", "multipart_openapi", "receive_upload"]
+__all__ = ["ReceivedUpload", "multipart_openapi", "receive_upload"]
 
 _FIELD_LIMIT_BYTES = 64 * 1024
 _OVERHEAD_BYTES = 64 * 1024
@@ -156,6 +156,3 @@ def multipart_openapi(fields: dict[str, str]) -> dict[str, Any]:
             },
         }
     }
-
-
-MULTIPART_OPENAPI = multipart_openapi({})

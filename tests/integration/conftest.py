@@ -42,7 +42,7 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 90.0) -> None:
+    def start(self, timeout_s: float = 90.0, *, ready_path: str = "/readyz") -> None:
         env = {
             **os.environ,
             "PYTHONPATH": str(ROOT),
@@ -77,7 +77,7 @@ class Server:
             if self.process.poll() is not None:
                 raise AssertionError(f"the server exited:\n{self.log()}")
             with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}{ready_path}", timeout=2).status_code == 200:
                     return
             time.sleep(0.2)
         raise AssertionError(f"the server did not become ready:\n{self.log()}")

@@ -58,7 +58,7 @@ def test_kill_9_during_a_build_then_restart(kind: str, tmp_path: Path) -> None:
                     model.id,
                     data.id,
                     BuildSpec(precision=Precision.INT8),
-                    benchmark=BenchmarkOptionsIn(warmup_ms=0, iterations=1, duration_s=4),
+                    benchmark=BenchmarkOptionsIn(warmup_ms=0, iterations=1, duration_s=2.5),
                 )
                 for event in client.events(build.id):
                     if event.status is BuildStatus.BENCHMARKING:

@@ -62,7 +62,7 @@ def test_search_keeps_exactly_the_damaged_nodes(fashion: Fashion, tmp_path: Path
     assert result.int8_share == pytest.approx(0.5)
     assert result.value_reached >= 0.97 and result.accuracy.passed is True
     assert result.accuracy.samples == result.samples == 300
-    # full INT8, 8 sensitivity variants, and bisection over 4 ranked nodes (k = 2, then 1)
+    # full INT8, one "only this" variant per node, and a bisection over 4 nodes (k = 2, then 1)
     assert result.evaluations == 1 + result.sensitivity.evaluations + 2
     # The real artifact with the kept nodes meets the budget on re-evaluation...
     spec = result.apply_to(INT8)

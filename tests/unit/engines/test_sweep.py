@@ -65,7 +65,7 @@ def test_variant_parsing() -> None:
 
 def test_split_matches_the_dataset_split() -> None:
     data = CalibrationDataset.from_arrays({"x": np.arange(50, dtype=np.float32)[:, None]})
-    cal_idx, eval_idx = _split_indices(50, 0.2, seed=3)
+    cal_idx, eval_idx = _split_indices(data, 0.2, seed=3)
     cal, held = data.split(0.2, seed=3)
     assert cal.digest == data.subset(cal_idx).digest
     assert held.digest == data.subset(eval_idx).digest

@@ -33,6 +33,11 @@ def test_submit_is_202_with_location_and_identical_requests_dedup(
     other = client.post("/v1/builds", json={**ids, "spec": {"precision": "fp16"}})
     assert other.status_code == 202
     assert other.json()["cache_key"] != build["cache_key"]
+    split = client.post("/v1/builds", json={**ids, "accuracy": {"eval_fraction": 0.5}})
+    assert split.status_code == 202  # other calibration samples: another table and artifact
+    report_only = client.post("/v1/builds", json={**ids, "benchmark": {"duration_s": 9}})
+    assert report_only.status_code == 200
+    assert report_only.json()["id"] == build["id"]
 
 
 def test_get_list_filter_and_paginate(client: TestClient, ids: dict[str, str]) -> None:
@@ -106,6 +111,7 @@ def test_delete_only_ended_builds(client: TestClient, ids: dict[str, str]) -> No
         ({"spec": {"keep": {"int8": ["no_such_node"]}}}, 422, None, "no_such_node"),
         ({"accuracy": {"eval_fraction": 1.5}}, 422, "accuracy.eval_fraction", "eval_fraction"),
         ({"surprise": 1}, 422, "surprise", "surprise"),
+        ({"spec": {"backend": "tensorrt"}}, 422, "backend", "tensorrt backend"),
     ],
     ids=[
         "model",
@@ -117,6 +123,7 @@ def test_delete_only_ended_builds(client: TestClient, ids: dict[str, str]) -> No
         "keep",
         "fraction",
         "extra",
+        "tensorrt-missing",
     ],
 )
 def test_bad_requests_are_refused_before_queueing(

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -9,13 +10,16 @@ from sqlalchemy import inspect, text
 
 from service.db import Database
 from service.db.models import Base
+from tests.unit.service.support import DATABASES, database_url
 
 
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    database = Database(db_url)
-    yield database
-    database.dispose()
+@pytest.fixture(params=DATABASES)
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """A fresh, empty database: these tests run the migrations themselves."""
+    with database_url(request.param, tmp_path, migrated=False) as url:
+        database = Database(url)
+        yield database
+        database.dispose()
 
 
 def test_migrations_create_the_schema_of_the_models(db: Database) -> None:
@@ -36,8 +40,8 @@ def test_migrate_is_idempotent(db: Database) -> None:
     assert versions == ["0001"]
 
 
-def test_sqlite_runs_in_wal_mode_with_foreign_keys(sqlite_url: str) -> None:
-    database = Database(sqlite_url)
+def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: Path) -> None:
+    database = Database(f"sqlite:///{tmp_path / 'fresh.db'}")
     database.migrate()
     with database.engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
