@@ -516,6 +516,106 @@ def compare(
         raise SystemExit(1)
 
 
+@click.command()
+@click.argument("model", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path, exists=True),
+    required=True,
+    help="Calibration + held-out evaluation samples.",
+)
+@click.option(
+    "--preprocess", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None
+)
+@click.option(
+    "--variants",
+    default="fp32,fp16,int8,int8-fp16",
+    show_default=True,
+    help="Comma-separated: fp32, fp16, int8, int8-fp16, auto:METRIC:VALUE.",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["entropy", "minmax", "percentile", "mse"]),
+    default="entropy",
+    show_default=True,
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "tensorrt", "onnxruntime"]),
+    default="auto",
+    show_default=True,
+)
+@click.option("--eval-fraction", type=click.FloatRange(0.01, 0.9), default=0.2, show_default=True)
+@click.option(
+    "--labels",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help=".npy of int labels for every --data sample.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Benchmark batch size.",
+)
+@click.option("--duration-s", type=click.FloatRange(min=0), default=3.0, show_default=True)
+@click.option("--warmup-ms", type=click.FloatRange(min=0), default=200.0, show_default=True)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="Folder for the artifacts and sweep.{json,md,svg}.",
+)
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def sweep(
+    model: Path,
+    data: Path,
+    preprocess: Path | None,
+    variants: str,
+    method: str,
+    backend: str,
+    eval_fraction: float,
+    labels: Path | None,
+    batch_size: int,
+    duration_s: float,
+    warmup_ms: float,
+    out_dir: Path,
+    as_json: bool,
+) -> None:
+    """Build, benchmark and compare precision variants of MODEL; report the Pareto front."""
+    from calibrators.methods import method_spec
+    from engines.benchmark import BenchmarkOptions
+    from engines.spec import BackendName, BuildSpec
+    from engines.sweep import render_markdown
+    from engines.sweep import sweep as run_sweep
+
+    options = BenchmarkOptions(batch_size=batch_size, duration_s=duration_s, warmup_ms=warmup_ms)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with stage_progress("sweeping", enabled=not as_json) as progress:
+        report = run_sweep(
+            model,
+            _dataset(data, preprocess),
+            [v.strip() for v in variants.split(",") if v.strip()],
+            out_dir=out_dir,
+            backend=BackendName(backend),
+            eval_fraction=eval_fraction,
+            benchmark_options=options,
+            labels=_labels(labels),
+            base_spec=BuildSpec(calibration=method_spec(method)),
+            progress=progress,
+        )
+    if as_json:
+        click.echo(report.model_dump_json())
+    else:
+        click.echo(render_markdown(report))
+        click.echo(
+            f"\nwrote {out_dir / 'sweep.md'}, {out_dir / 'sweep.json'}, {out_dir / 'sweep.svg'}"
+        )
+
+
 def render_accuracy(report: Any) -> str:
     """A readable table of an AccuracyReport."""
     lines = [f"{report.samples} samples compared"]
@@ -540,5 +640,5 @@ def render_accuracy(report: Any) -> str:
 
 def register(group: click.Group) -> None:
     """Add the engine commands to the root group."""
-    for command in (build, bench, compare):
+    for command in (build, bench, compare, sweep):
         group.add_command(command)

@@ -179,9 +179,7 @@ class TrtforgeClient:
             raise ClientError(f"Cannot reach the trtforge server at {self.server}: {exc}") from exc
         if response.status_code not in (200, 503):
             _raise_for_error(response)
-        return Readiness.model_validate(
-            {k: v for k, v in response.json().items() if k in ("ready", "checks")}
-        )
+        return Readiness.model_validate_json(response.content)  # 503 bodies add "error"
 
     # -- models ------------------------------------------------------------------------------
 

@@ -45,7 +45,15 @@ __all__ = [
 
 
 class _Frozen(BaseModel):
+    """Requests: unknown fields are errors (a typo must not be ignored silently)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class _Answer(BaseModel):
+    """Responses: unknown fields are ignored, so older clients read newer servers."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
 
 class BuildStatus(StrEnum):
@@ -107,20 +115,20 @@ class Scope(StrEnum):
         return self.rank >= needed.rank
 
 
-class ErrorInfo(_Frozen):
+class ErrorInfo(_Answer):
     code: str
     message: str
     hint: str = ""
     field: str | None = None
 
 
-class ErrorEnvelope(_Frozen):
+class ErrorEnvelope(_Answer):
     """Every error response: ``{"error": {"code", "message", "hint"}}``."""
 
     error: ErrorInfo
 
 
-class TensorInfo(_Frozen):
+class TensorInfo(_Answer):
     name: str
     dtype: str
     shape: list[int | str | None] | None
@@ -128,7 +136,7 @@ class TensorInfo(_Frozen):
     even the rank is unknown."""
 
 
-class ModelPublic(_Frozen):
+class ModelPublic(_Answer):
     id: str
     """The sha256 of the uploaded bytes."""
     filename: str
@@ -146,7 +154,7 @@ class ModelPublic(_Frozen):
     links: dict[str, str] = Field(default_factory=dict)
 
 
-class DatasetPublic(_Frozen):
+class DatasetPublic(_Answer):
     id: str
     sha256: str
     """The sha256 of the uploaded bytes (``id`` also covers the preprocessing spec)."""
@@ -204,14 +212,14 @@ class BuildCreate(_Frozen):
     accuracy: AccuracyOptions = Field(default_factory=AccuracyOptions)
 
 
-class ArtifactInfo(_Frozen):
+class ArtifactInfo(_Answer):
     filename: str
     sha256: str
     size_bytes: int
     backend: str
 
 
-class BuildPublic(_Frozen):
+class BuildPublic(_Answer):
     id: str
     status: BuildStatus
     stage: Stage | None
@@ -242,7 +250,7 @@ class BuildPublic(_Frozen):
     links: dict[str, str] = Field(default_factory=dict)
 
 
-class LogLine(_Frozen):
+class LogLine(_Answer):
     seq: int
     at: datetime
     level: str
@@ -250,7 +258,7 @@ class LogLine(_Frozen):
     message: str
 
 
-class TablePublic(_Frozen):
+class TablePublic(_Answer):
     id: str
     model_id: str
     dataset_id: str | None
@@ -267,7 +275,7 @@ class TablePublic(_Frozen):
     links: dict[str, str] = Field(default_factory=dict)
 
 
-class _Page(_Frozen):
+class _Page(_Answer):
     total: int
     limit: int
     offset: int
@@ -294,7 +302,7 @@ class TokenCreate(_Frozen):
     scope: Scope = Scope.READ
 
 
-class TokenPublic(_Frozen):
+class TokenPublic(_Answer):
     id: str
     name: str
     scope: Scope
@@ -308,17 +316,17 @@ class TokenCreated(TokenPublic):
     """The secret; shown once, only its hash is stored."""
 
 
-class CheckResult(_Frozen):
+class CheckResult(_Answer):
     ok: bool
     detail: str
 
 
-class Readiness(_Frozen):
+class Readiness(_Answer):
     ready: bool
     checks: dict[str, CheckResult]
 
 
-class CalibrationSummary(_Frozen):
+class CalibrationSummary(_Answer):
     table_id: str
     from_cache: bool
     source: str
@@ -327,10 +335,10 @@ class CalibrationSummary(_Frozen):
     num_tensors: int
 
 
-class BuildReport(_Frozen):
+class BuildReport(_Answer):
     """``GET /v1/builds/{id}/report``: everything a build measured, in one document."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="strings")
+    model_config = ConfigDict(frozen=True, extra="ignore", ser_json_inf_nan="strings")
 
     build_id: str
     created_at: datetime
