@@ -57,10 +57,11 @@ def cli(verbose: int) -> None:
 
 
 def _register() -> None:
-    from service import cli_engines, cli_local
+    from service import cli_engines, cli_local, cli_measure
 
     cli_local.register(cli)
     cli_engines.register(cli)
+    cli_measure.register(cli)
     if importlib.util.find_spec("service.cli_server") is not None:
         cli_server = importlib.import_module("service.cli_server")
         cli_server.register(cli)

@@ -1,4 +1,5 @@
-"""Local engine commands: build, bench, compare (and sweep). No server involved."""
+"""Local engine commands: build (with calibration and accuracy budgets), and the helpers the
+measurement commands share. No server involved."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from engines.backends.base import Runner
     from engines.spec import BuildSpec
 
-__all__ = ["load_runner", "register"]
+__all__ = ["dataset_from_options", "labels_from_file", "load_runner", "register"]
 
 
 def load_runner(path: Path, *, threads: int | None = None) -> Runner:
@@ -34,7 +35,7 @@ def load_runner(path: Path, *, threads: int | None = None) -> Runner:
     return OnnxRuntimeRunner(path, intra_op_threads=threads)
 
 
-def _dataset(data: Path, preprocess: Path | None) -> CalibrationDataset:
+def dataset_from_options(data: Path, preprocess: Path | None) -> CalibrationDataset:
     from calibrators.data import CalibrationDataset, PreprocessSpec
 
     return CalibrationDataset.open(
@@ -42,7 +43,7 @@ def _dataset(data: Path, preprocess: Path | None) -> CalibrationDataset:
     )
 
 
-def _labels(path: Path | None) -> np.ndarray | None:
+def labels_from_file(path: Path | None) -> np.ndarray | None:
     if path is None:
         return None
     from calibrators.errors import DatasetError
@@ -118,7 +119,7 @@ def _table_for_build(
     from calibrators.calibrate import calibrate
     from calibrators.table import CalibrationTable
 
-    dataset = _dataset(data, preprocess) if data is not None else None
+    dataset = dataset_from_options(data, preprocess) if data is not None else None
     evaluation = None
     positions: list[int] = []
     if dataset is not None and eval_fraction > 0:
@@ -248,7 +249,7 @@ def build(
     )
     mixed: dict[str, Any] | None = None
     if accuracy_budget is not None:
-        held_labels = _labels(labels)
+        held_labels = labels_from_file(labels)
         if held_labels is not None:
             held_labels = held_labels[np.asarray(positions, dtype=np.int64)]
         spec, mixed = _search_budget(
@@ -319,326 +320,6 @@ def _search_budget(
     return new_spec, result.model_dump(mode="json")
 
 
-@click.command()
-@click.argument("artifact", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option(
-    "--data",
-    type=click.Path(path_type=Path, exists=True),
-    default=None,
-    help="Real samples to rotate through (default: seeded random inputs).",
-)
-@click.option(
-    "--preprocess", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None
-)
-@click.option(
-    "--batch-size", type=click.IntRange(min=1), default=None, help="Samples per query (default 1)."
-)
-@click.option(
-    "--batch-sweep",
-    default=None,
-    help="Comma-separated batch sizes to measure one after another, e.g. 1,8,32.",
-)
-@click.option("--warmup-ms", type=click.FloatRange(min=0), default=200.0, show_default=True)
-@click.option("--iterations", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--duration-s", type=click.FloatRange(min=0), default=3.0, show_default=True)
-@click.option(
-    "--shapes",
-    multiple=True,
-    help="NAME:DIMS for random inputs of dynamic models, e.g. input_ids:1x128.",
-)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads."
-)
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="Write the PerfReport JSON here.",
-)
-@click.option("--json", "as_json", is_flag=True)
-@handle_errors
-def bench(
-    artifact: Path,
-    data: Path | None,
-    preprocess: Path | None,
-    batch_size: int | None,
-    batch_sweep: str | None,
-    warmup_ms: float,
-    iterations: int,
-    duration_s: float,
-    shapes: tuple[str, ...],
-    seed: int,
-    threads: int | None,
-    out: Path | None,
-    as_json: bool,
-) -> None:
-    """Measure latency and throughput of ARTIFACT (trtexec's procedure and vocabulary)."""
-    from engines.benchmark import BenchmarkOptions, benchmark, render_perf_table
-    from engines.errors import SpecError
-
-    dims: dict[str, tuple[int, ...]] = {}
-    for item in shapes:
-        name, _, text = item.rpartition(":")
-        try:
-            dims[name] = tuple(int(d) for d in text.lower().split("x"))
-        except ValueError as exc:
-            raise SpecError(
-                f"--shapes {item!r} needs NAME:DIMS like input_ids:1x128.", field="shapes"
-            ) from exc
-    sizes = [int(b) for b in batch_sweep.split(",")] if batch_sweep else [batch_size or 1]
-    dataset = _dataset(data, preprocess) if data is not None else None
-    reports = []
-    with load_runner(artifact, threads=threads) as runner:
-        for size in sizes:
-            options = BenchmarkOptions(
-                warmup_ms=warmup_ms,
-                iterations=iterations,
-                duration_s=duration_s,
-                batch_size=size,
-                seed=seed,
-                shapes=dims,
-            )
-            with stage_progress(f"benchmark batch {size}", enabled=not as_json) as progress:
-                reports.append(benchmark(runner, dataset, options, progress=progress))
-    payload = [r.model_dump(mode="json") for r in reports]
-    if out is not None:
-        out.write_text(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2))
-    if as_json:
-        click.echo(json.dumps(payload[0] if len(payload) == 1 else payload))
-        return
-    for report in reports:
-        click.echo(render_perf_table(report))
-
-
-@click.command()
-@click.argument("artifact", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option(
-    "--model",
-    "reference",
-    type=click.Path(path_type=Path, exists=True, dir_okay=False),
-    required=True,
-    help="The FP32 ONNX model the artifact was built from.",
-)
-@click.option(
-    "--data",
-    type=click.Path(path_type=Path, exists=True),
-    required=True,
-    help="Evaluation samples (not used for calibration).",
-)
-@click.option(
-    "--preprocess", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None
-)
-@click.option(
-    "--labels",
-    type=click.Path(path_type=Path, exists=True, dir_okay=False),
-    default=None,
-    help=".npy of int class labels, one per sample: adds true accuracy.",
-)
-@click.option("--max-samples", type=click.IntRange(min=1), default=None)
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option(
-    "--atol",
-    type=float,
-    default=None,
-    help="Fail an output when |candidate - reference| > atol + rtol*|reference| anywhere.",
-)
-@click.option("--rtol", type=float, default=None)
-@click.option(
-    "--budget",
-    default=None,
-    help="METRIC:VALUE that must hold, e.g. top1_agreement:0.99, cosine:0.999, sqnr_db:30.",
-)
-@click.option("--threads", type=click.IntRange(min=1), default=None)
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="Write the AccuracyReport JSON here.",
-)
-@click.option("--json", "as_json", is_flag=True)
-@handle_errors
-def compare(
-    artifact: Path,
-    reference: Path,
-    data: Path,
-    preprocess: Path | None,
-    labels: Path | None,
-    max_samples: int | None,
-    batch_size: int,
-    atol: float | None,
-    rtol: float | None,
-    budget: str | None,
-    threads: int | None,
-    out: Path | None,
-    as_json: bool,
-) -> None:
-    """Compare ARTIFACT's outputs with the FP32 model's; exit 1 when tolerances or budget fail."""
-    from engines.accuracy import MetricBudget, Tolerance
-    from engines.accuracy import compare as compare_outputs
-    from engines.backends.onnxruntime import OnnxRuntimeRunner
-    from engines.errors import SpecError
-
-    tolerance = (
-        Tolerance(atol=atol or 0.0, rtol=rtol or 0.0)
-        if atol is not None or rtol is not None
-        else None
-    )
-    try:
-        parsed = MetricBudget.parse(budget) if budget else None
-    except ValueError as exc:
-        raise SpecError(f"--budget {budget!r}: {exc}", field="budget") from exc
-    dataset = _dataset(data, preprocess)
-    with (
-        OnnxRuntimeRunner(reference, intra_op_threads=threads) as ref,
-        load_runner(artifact, threads=threads) as cand,
-        stage_progress("comparing", enabled=not as_json) as progress,
-    ):
-        report = compare_outputs(
-            ref,
-            cand,
-            dataset,
-            batch_size=batch_size,
-            max_samples=max_samples,
-            labels=_labels(labels),
-            tolerances=tolerance,
-            budget=parsed,
-            progress=progress,
-        )
-    text = report.model_dump_json(indent=2)
-    if out is not None:
-        out.write_text(text)
-    if as_json:
-        click.echo(report.model_dump_json())
-    else:
-        click.echo(render_accuracy(report))
-    if report.passed is False:
-        raise SystemExit(1)
-
-
-@click.command()
-@click.argument("model", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option(
-    "--data",
-    type=click.Path(path_type=Path, exists=True),
-    required=True,
-    help="Calibration + held-out evaluation samples.",
-)
-@click.option(
-    "--preprocess", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None
-)
-@click.option(
-    "--variants",
-    default="fp32,fp16,int8,int8-fp16",
-    show_default=True,
-    help="Comma-separated: fp32, fp16, int8, int8-fp16, auto:METRIC:VALUE.",
-)
-@click.option(
-    "--method",
-    type=click.Choice(["entropy", "minmax", "percentile", "mse"]),
-    default="entropy",
-    show_default=True,
-)
-@click.option(
-    "--backend",
-    type=click.Choice(["auto", "tensorrt", "onnxruntime"]),
-    default="auto",
-    show_default=True,
-)
-@click.option("--eval-fraction", type=click.FloatRange(0.01, 0.9), default=0.2, show_default=True)
-@click.option(
-    "--labels",
-    type=click.Path(path_type=Path, exists=True, dir_okay=False),
-    default=None,
-    help=".npy of int labels for every --data sample.",
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Benchmark batch size.",
-)
-@click.option("--duration-s", type=click.FloatRange(min=0), default=3.0, show_default=True)
-@click.option("--warmup-ms", type=click.FloatRange(min=0), default=200.0, show_default=True)
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    required=True,
-    help="Folder for the artifacts and sweep.{json,md,svg}.",
-)
-@click.option("--json", "as_json", is_flag=True)
-@handle_errors
-def sweep(
-    model: Path,
-    data: Path,
-    preprocess: Path | None,
-    variants: str,
-    method: str,
-    backend: str,
-    eval_fraction: float,
-    labels: Path | None,
-    batch_size: int,
-    duration_s: float,
-    warmup_ms: float,
-    out_dir: Path,
-    as_json: bool,
-) -> None:
-    """Build, benchmark and compare precision variants of MODEL; report the Pareto front."""
-    from calibrators.methods import method_spec
-    from engines.benchmark import BenchmarkOptions
-    from engines.spec import BackendName, BuildSpec
-    from engines.sweep import render_markdown
-    from engines.sweep import sweep as run_sweep
-
-    options = BenchmarkOptions(batch_size=batch_size, duration_s=duration_s, warmup_ms=warmup_ms)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with stage_progress("sweeping", enabled=not as_json) as progress:
-        report = run_sweep(
-            model,
-            _dataset(data, preprocess),
-            [v.strip() for v in variants.split(",") if v.strip()],
-            out_dir=out_dir,
-            backend=BackendName(backend),
-            eval_fraction=eval_fraction,
-            benchmark_options=options,
-            labels=_labels(labels),
-            base_spec=BuildSpec(calibration=method_spec(method)),
-            progress=progress,
-        )
-    if as_json:
-        click.echo(report.model_dump_json())
-    else:
-        click.echo(render_markdown(report))
-        click.echo(
-            f"\nwrote {out_dir / 'sweep.md'}, {out_dir / 'sweep.json'}, {out_dir / 'sweep.svg'}"
-        )
-
-
-def render_accuracy(report: Any) -> str:
-    """A readable table of an AccuracyReport."""
-    lines = [f"{report.samples} samples compared"]
-    header = f"{'output':<24} {'max abs':>10} {'mean abs':>10} {'rel L2':>9} {'cosine':>9} {'SQNR dB':>8} {'top-1':>7} {'top-5':>7} {'acc drop':>9}"
-    lines += [header, "-" * len(header)]
-
-    def fmt(value: float | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
-    for o in report.outputs:
-        lines.append(
-            f"{o.name[:24]:<24} {o.max_abs_error:>10.4g} {o.mean_abs_error:>10.4g} {o.rel_l2_error:>9.4f} "
-            f"{o.cosine_similarity:>9.6f} {o.sqnr_db:>8.2f} {fmt(o.top1_agreement, '7.4f'):>7} "
-            f"{fmt(o.top5_agreement, '7.4f'):>7} {fmt(o.accuracy_drop, '+9.4f'):>9}"
-        )
-    if report.budget is not None:
-        lines.append(f"budget {report.budget}: {report.budget_value}")
-    if report.passed is not None:
-        lines.append("PASSED" if report.passed else "FAILED: " + "; ".join(report.failures))
-    return "\n".join(lines)
-
-
 def register(group: click.Group) -> None:
-    """Add the engine commands to the root group."""
-    for command in (build, bench, compare, sweep):
-        group.add_command(command)
+    """Add the build command to the root group."""
+    group.add_command(build)
