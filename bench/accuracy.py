@@ -69,14 +69,15 @@ from bench.common import (
 )
 from calibrators.calibrate import calibrate
 from calibrators.data import CalibrationDataset
+from calibrators.errors import TrtforgeError
 from calibrators.methods import MethodSpec, entropy, minmax, percentile
 from calibrators.table import CalibrationTable
 from engines.accuracy import AccuracyMetric, AccuracyReport, compare
 from engines.backends.onnxruntime import OnnxRuntimeBackend
 from engines.benchmark import BenchmarkOptions, benchmark
 from engines.build import build_artifact
-from engines.sensitivity import MemoizedRunner
 from engines.spec import BackendName, BuildSpec, Precision
+from engines.variants import MemoizedRunner
 from tests import zoo
 
 OUT = WORK / "accuracy"
@@ -377,9 +378,11 @@ def versus_ort(
             "difference_points": 100 * (mine - base),
             "passed": mine >= base - 0.01,
         }
+    log("efficientnet_lite0: timing ORT's model")
     return {
         "ours": ours,
         "ort": theirs,
+        "latency": {"ours": row["latency"], "ort": latency(case, ort_built, args)},
         "ort_8bit_weights_ort_session": ort_default_session,
         "ort_reduce_range_for_as_built": seven_bit,
         "ort_quantize_seconds": round(ort_seconds, 1),
@@ -444,44 +447,44 @@ def targets(
 ) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if vs_ort is not None:
-        for mode, v in vs_ort["verdicts"].items():
-            out.append(
-                goal(
-                    "EfficientNet-Lite0 INT8 entropy top-1 agreement >= ORT quantize_static - 1 "
-                    f"point [{LABELS[mode]}]",
-                    f"trtforge {fmt_pct(v['ours_top1'])} vs ORT {fmt_pct(v['ort_top1'])} "
-                    f"({v['difference_points']:+.2f} points, {cases['efficientnet_lite0'].eval_count} crops)",
-                    v["passed"],
-                    mode == TRT,
-                )
-            )
+        out += versus_ort_goals(cases["efficientnet_lite0"], vs_ort)
     fashion = rows.get("fashion_cnn", {}).get("int8 entropy")
-    if fashion is not None:
+    name = "Fashion-MNIST CNN INT8 entropy loses <= 0.5 point of labelled accuracy"
+    if fashion is not None and "error" in fashion:
+        out.append(goal(name, f"failed: {fashion['error']}", False, True))
+    elif fashion is not None:
         for mode in (TRT, ORT):
             acc = fashion["accuracy"][mode]
             drop = acc["accuracy_drop"]
-            out.append(
-                goal(
-                    f"Fashion-MNIST CNN INT8 entropy loses <= 0.5 point of labelled accuracy [{LABELS[mode]}]",
-                    f"FP32 {fmt_pct(acc['reference_accuracy'])} -> INT8 "
-                    f"{fmt_pct(acc['candidate_accuracy'])} (loss {100 * drop:.2f} points, "
-                    f"{cases['fashion_cnn'].eval_count} test images)",
-                    drop <= 0.005,
-                    mode == TRT,
-                )
+            value = (
+                f"FP32 {fmt_pct(acc['reference_accuracy'])} -> INT8 "
+                f"{fmt_pct(acc['candidate_accuracy'])} (loss {100 * drop:.2f} points, "
+                f"{cases['fashion_cnn'].eval_count} test images)"
             )
+            out.append(goal(f"{name} [{LABELS[mode]}]", value, drop <= 0.005, mode == TRT))
     fp16 = rows.get("minilm", {}).get("fp16")
-    if fp16 is not None:
+    name = "MiniLM FP16 sentence-embedding cosine with FP32 >= 0.999 (mean and min)"
+    if fp16 is not None and "error" in fp16:
+        out.append(goal(name, f"failed: {fp16['error']}", False, True))
+    elif fp16 is not None:
         acc = fp16["accuracy"][ORT]
         mean, low = acc["cosine_similarity"], acc["min_cosine_similarity"]
-        out.append(
-            goal(
-                "MiniLM FP16 sentence-embedding cosine with FP32 >= 0.999 (mean and min)",
-                f"mean {mean:.6f}, min {low:.6f} over {cases['minilm'].eval_count} sentences",
-                mean >= 0.999 and low >= 0.999,
-                True,
-            )
+        value = f"mean {mean:.6f}, min {low:.6f} over {cases['minilm'].eval_count} sentences"
+        out.append(goal(name, value, mean >= 0.999 and low >= 0.999, True))
+    return out
+
+
+def versus_ort_goals(case: Case, vs_ort: dict[str, Any]) -> list[dict[str, Any]]:
+    name = "EfficientNet-Lite0 INT8 entropy top-1 agreement >= ORT quantize_static - 1 point"
+    if "error" in vs_ort:
+        return [goal(name, f"could not be measured: {vs_ort['error']}", False, True)]
+    out = []
+    for mode, v in vs_ort["verdicts"].items():
+        value = (
+            f"trtforge {fmt_pct(v['ours_top1'])} vs ORT {fmt_pct(v['ort_top1'])} "
+            f"({v['difference_points']:+.2f} points, {case.eval_count} crops)"
         )
+        out.append(goal(f"{name} [{LABELS[mode]}]", value, v["passed"], mode == TRT))
     return out
 
 
@@ -539,7 +542,16 @@ def render_versus_ort(case: Case, vs: dict[str, Any]) -> list[str]:
         f"({p['ort']['quantize_linear_nodes']} QuantizeLinear).",
         "",
         *render_ranges(ranges),
+        *render_latency(case, vs["latency"]),
     ]
+
+
+def render_latency(case: Case, timings: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    parts = []
+    for label, lat in (("trtforge's artifact", timings["ours"]), ("ORT's model", timings["ort"])):
+        points = ", ".join(f"batch {b} {v['p50_ms']:.2f} ms" for b, v in lat.items())
+        parts.append(f"{label} {points}")
+    return [f"CPU latency as built (p50, ORT session): {'; '.join(parts)}.", ""]
 
 
 def render_ranges(ranges: dict[str, Any] | None) -> list[str]:
@@ -563,6 +575,9 @@ def render_variants(case: Case, variants: dict[str, dict[str, Any]]) -> list[str
     }[case.metric]
     body = []
     for r in variants.values():
+        if "error" in r:
+            body.append([r["variant"], f"FAILED: {r['error']}", "", "", "", "", ""])
+            continue
         cells = []
         for mode in (TRT, ORT):
             a = r["accuracy"][mode]
@@ -599,10 +614,11 @@ def render_variants(case: Case, variants: dict[str, dict[str, Any]]) -> list[str
             body,
         )
     )
-    first = next(iter(variants.values()))["accuracy"][ORT]
+    measured = [r for r in variants.values() if "accuracy" in r]
+    first = measured[0]["accuracy"][ORT] if measured else {}
     if "reference_accuracy" in first:
         lines += ["", f"FP32 reference labelled accuracy: {fmt_pct(first['reference_accuracy'])}."]
-    weights = {r["int8_weights"] for r in variants.values() if r["int8_weights"]}
+    weights = {r["int8_weights"] for r in measured if r["int8_weights"]}
     if weights:
         lines += [
             "",
@@ -641,7 +657,7 @@ def render(
             f"- **{tag}** {g['target']}: {g['value']}{'' if g['primary'] else ' (secondary)'}"
         )
     lines.append("")
-    if vs_ort is not None:
+    if vs_ort is not None and "error" not in vs_ort:
         lines += render_versus_ort(cases["efficientnet_lite0"], vs_ort)
     lines += ["## 2. Variants: accuracy, size, CPU latency", ""]
     for key, variants in rows.items():
@@ -738,10 +754,20 @@ def run_case(
     backend = OnnxRuntimeBackend(intra_op_threads=args.threads, providers=["CPUExecutionProvider"])
     with MemoizedRunner(backend.load(case.path)) as reference:
         for variant in VARIANTS:
-            if variant.name in args.variants:
+            if variant.name not in args.variants:
+                continue
+            try:
                 rows[variant.name] = measure_variant(case, variant, reference, args)
-        if case.key == "efficientnet_lite0" and not args.skip_ort and "int8 entropy" in rows:
-            vs_ort = versus_ort(case, rows["int8 entropy"], reference, args)
+            except TrtforgeError as exc:  # record it, go on with the other variants
+                log(f"{case.key}: {variant.name} FAILED: {exc.message}")
+                rows[variant.name] = {"variant": variant.name, "error": f"{exc.code}: {exc}"}
+        entropy_row = rows.get("int8 entropy", {})
+        if case.key == "efficientnet_lite0" and not args.skip_ort and "accuracy" in entropy_row:
+            try:
+                vs_ort = versus_ort(case, entropy_row, reference, args)
+            except Exception as exc:  # ORT's quantizer raises anything; keep the other results
+                log(f"{case.key}: the quantize_static comparison FAILED: {exc!r}")
+                vs_ort = {"error": repr(exc)}
     return rows, vs_ort
 
 

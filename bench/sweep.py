@@ -49,14 +49,18 @@ from bench.common import (
 )
 from calibrators.calibrate import calibrate
 from calibrators.data import CalibrationDataset
+from calibrators.errors import TrtforgeError
 from calibrators.methods import entropy
 from calibrators.table import CalibrationTable
-from engines.accuracy import AccuracyMetric, MetricBudget
+from engines.accuracy import AccuracyMetric, AccuracyReport, MetricBudget, compare
+from engines.backends.onnxruntime import OnnxRuntimeBackend
 from engines.benchmark import BenchmarkOptions
+from engines.build import build_artifact
 from engines.mixed import MixedPrecisionResult, search_mixed_precision
-from engines.sensitivity import QdqExecution, VariantEvaluator, default_execution
 from engines.spec import BackendName, BuildSpec, Precision
-from engines.sweep import SweepReport, sweep
+from engines.sweep import sweep
+from engines.sweep_report import SweepReport, render_markdown
+from engines.variants import QdqExecution, VariantEvaluator
 from tests import zoo
 
 MODELS = ("efficientnet_lite0", "minilm")
@@ -107,37 +111,47 @@ def minilm(args: argparse.Namespace) -> Subject:
 # --- the budget --------------------------------------------------------------------------------
 
 
-def calibration_split(subject: Subject, seed: int) -> tuple[CalibrationDataset, CalibrationDataset]:
-    """The sweep's own split (``CalibrationDataset.split`` with the sweep's fraction and seed)."""
-    return subject.dataset.split(subject.eval_fraction, seed)
-
-
 def full_int8_value(
     subject: Subject,
     table: CalibrationTable,
     evaluation: CalibrationDataset,
-    metric: AccuracyMetric,
     execution: QdqExecution,
     threads: int,
 ) -> tuple[float, float]:
-    """(metric, SQNR dB) of full INT8 on the held-out samples, run as ``execution`` says."""
-    spec = BuildSpec(precision=Precision.INT8, backend=BackendName.ONNXRUNTIME)
+    """(metric, SQNR dB) of full INT8 on the held-out samples as the search evaluates it."""
     from engines.graph.inspect import load_model
 
     evaluator = VariantEvaluator(
         load_model(subject.path),
-        spec,
+        BuildSpec(precision=Precision.INT8, backend=BackendName.ONNXRUNTIME),
         table,
         evaluation,
         max_samples=None,
         threads=threads,
         execution=execution,
     )
-    report = evaluator.evaluate(())
-    value = report.metric(metric)
+    return _values(subject, evaluator.evaluate(()))
+
+
+def artifact_int8_value(
+    subject: Subject, table: CalibrationTable, evaluation: CalibrationDataset, threads: int
+) -> tuple[float, float]:
+    """(metric, SQNR dB) of the full-INT8 artifact as the sweep measures its ``int8`` row:
+    built by the onnxruntime backend, run by its runner, compared with the FP32 model."""
+    spec = BuildSpec(precision=Precision.INT8, backend=BackendName.ONNXRUNTIME)
+    out = WORK / "sweep" / f"{subject.key}-preflight-int8.onnx"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    artifact = build_artifact(subject.path, spec, table, out)
+    backend = OnnxRuntimeBackend(intra_op_threads=threads)
+    with backend.load(subject.path) as reference, backend.load(artifact.path) as candidate:
+        return _values(subject, compare(reference, candidate, evaluation))
+
+
+def _values(subject: Subject, report: AccuracyReport) -> tuple[float, float]:
+    value = report.metric(subject.metric)
     sqnr = report.metric(AccuracyMetric.SQNR_DB)
     if value is None or sqnr is None:
-        raise SystemExit(f"{subject.key}: the model reports no {metric.value}")
+        raise SystemExit(f"{subject.key}: the model reports no {subject.metric.value}")
     return value, sqnr
 
 
@@ -334,26 +348,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def sweep_model(subject: Subject, args: argparse.Namespace) -> dict[str, Any]:
-    calibration, evaluation = calibration_split(subject, args.seed)
+    """Pick the auto budget from the full-INT8 artifact, sweep, and (for ``--amp-model``) run
+    the standalone search."""
+    calibration, evaluation = subject.dataset.split(subject.eval_fraction, args.seed)
     log(f"{subject.key}: calibrating (entropy) on {len(calibration)} samples for the budget")
     table = calibrate(subject.path, calibration, entropy(), threads=args.threads)
-    spec = BuildSpec(precision=Precision.INT8, backend=BackendName.ONNXRUNTIME)
-    sweep_execution = default_execution(spec)
-    full, sqnr = full_int8_value(
-        subject, table, evaluation, subject.metric, sweep_execution, args.threads
-    )
+    full, sqnr = artifact_int8_value(subject, table, evaluation, args.threads)
     budget = pick_budget(subject.metric, full, sqnr, args.budget_fraction)
-    log(
-        f"{subject.key}: full INT8 {subject.metric.value} {full:.6g} ({sweep_execution.value}); auto budget {budget}"
-    )
+    log(f"{subject.key}: full INT8 artifact {subject.metric.value} {full:.6g}; auto {budget}")
     report = run_sweep(subject, budget, args, args.output)
     out: dict[str, Any] = {
         "notes": subject.notes,
-        "full_int8": {
-            "execution": sweep_execution.value,
-            subject.metric.value: full,
-            "sqnr_db": sqnr,
-        },
+        "full_int8_artifact": {subject.metric.value: full, "sqnr_db": sqnr},
         "auto_budget": str(budget),
         "report": f"{args.output}_{subject.key}.json",
         "summary": [
@@ -364,24 +370,46 @@ def sweep_model(subject: Subject, args: argparse.Namespace) -> dict[str, Any]:
                 "speedup_vs_fp32": v.speedup_vs_fp32,
                 "kept_nodes": v.kept_nodes,
                 "pareto": v.pareto,
+                "budget_value": v.accuracy.budget_value,
+                "mixed": None
+                if v.mixed is None
+                else {
+                    "budget": v.mixed.budget.model_dump(mode="json"),
+                    "value_full_int8": v.mixed.value_full_int8,
+                },
             }
             for v in report.variants
         ],
         "failed": [f.model_dump(mode="json") for f in getattr(report, "failed", [])],
+        "markdown": render_markdown(report),
     }
-    from engines.sweep import render_markdown
-
-    out["markdown"] = render_markdown(report)
     if not args.skip_amp and subject.key == args.amp_model:
         execution = QdqExecution(args.amp_execution)
-        if execution is not sweep_execution:
-            full, sqnr = full_int8_value(
-                subject, table, evaluation, subject.metric, execution, args.threads
-            )
+        full, sqnr = full_int8_value(subject, table, evaluation, execution, args.threads)
         amp_budget = pick_budget(subject.metric, full, sqnr, args.budget_fraction)
-        result = amp_run(subject, table, evaluation, amp_budget, execution, args)
-        out["amp"] = result
+        try:
+            out["amp"] = amp_run(subject, table, evaluation, amp_budget, execution, args)
+        except TrtforgeError as exc:  # e.g. AccuracyBudgetError: report it, keep the sweep
+            out["amp_error"] = f"{amp_budget}: {exc}"
     return out
+
+
+def check(key: str, out: dict[str, Any]) -> list[str]:
+    """What went wrong in one model's sweep: failed variants, an auto variant that does not
+    meet its budget or whose budget full INT8 already meets, a failed AMP run."""
+    problems = [f"MISSED: {key} variant {f['name']} failed: {f['message']}" for f in out["failed"]]
+    for v in out["summary"]:
+        mixed = v.get("mixed")
+        if mixed is None:
+            continue
+        budget = MetricBudget.model_validate(mixed["budget"])
+        if budget.met_by(mixed["value_full_int8"]):
+            problems.append(f"MISSED: {key} {v['variant']}: full INT8 already meets {budget}")
+        if not budget.met_by(v["budget_value"]):
+            problems.append(f"MISSED: {key} {v['variant']} does not meet {budget}")
+    if "amp_error" in out:
+        problems.append(f"MISSED: {key} automatic mixed precision failed: {out['amp_error']}")
+    return problems
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -395,17 +423,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{env['machine']['memory_gib']} GiB), {args.threads} threads, onnxruntime "
         f"{env['onnxruntime']}{' (--quick)' if args.quick else ''}."
     )
-    sections = [f"# trtforge sweeps\n\n{header}\n"]
+    sections: list[str] = []
     results: dict[str, Any] = {}
     amp: tuple[Subject, MixedPrecisionResult] | None = None
+    problems: list[str] = []
     for key in args.models:
         log(f"{key}: preparing data")
         subject = builders[key](args)
-        out = sweep_model(subject, args)
+        try:
+            out = sweep_model(subject, args)
+        except TrtforgeError as exc:  # keep going with the other model
+            problems.append(f"MISSED: the {key} sweep failed: {exc}")
+            log(problems[-1])
+            continue
+        problems += check(key, out)
+        title, _, rest = out.pop("markdown").partition("\n")
         md = (
-            f"{header}\n\n{subject.notes}. Full INT8 {subject.metric.value} measured first: "
-            f"{out['full_int8'][subject.metric.value]:.6g} ({out['full_int8']['execution']} "
-            f"execution); auto budget {out['auto_budget']}.\n\n{out.pop('markdown')}"
+            f"{title}\n\n{header} {subject.notes}. The full-INT8 artifact, measured first on the "
+            f"same split: {subject.metric.value} "
+            f"{out['full_int8_artifact'][subject.metric.value]:.6g}, so the auto variant's budget "
+            f"is {out['auto_budget']}.\n{rest}"
         )
         write_text(RESULTS / f"{args.output}_{key}.md", md)
         sections.append(md)
@@ -431,7 +468,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print("\n\n".join(sections))
     print(f"\n{seconds} s; results in {RESULTS}/{args.output}_*")
-    problems = []
     if amp is not None:
         _, result = amp
         if result.budget.met_by(result.value_full_int8):

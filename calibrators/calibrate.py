@@ -40,8 +40,9 @@ class MaxCollector:
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    """The sha256 hex digest of a file, read in ``chunk_bytes`` chunks (1 MiB)."""
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
+    with Path(path).open("rb") as fh:
         while chunk := fh.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()

@@ -27,10 +27,11 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from engines.backends.base import ProgressFn, Runner
 from engines.errors import RunError, SpecError
+from engines.frozen import FrozenReport
 
 if TYPE_CHECKING:
     from calibrators.data import CalibrationDataset
@@ -45,10 +46,6 @@ __all__ = [
 ]
 
 _REL_FLOOR = 1e-12
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="strings")
 
 
 class AccuracyMetric(StrEnum):
@@ -92,7 +89,7 @@ _FIELDS = {
 }
 
 
-class MetricBudget(_Frozen):
+class MetricBudget(FrozenReport):
     """An accuracy requirement such as ``cosine:0.999`` (at least) or ``accuracy_drop:0.005``
     (at most); the direction comes from the metric."""
 
@@ -131,14 +128,14 @@ class MetricBudget(_Frozen):
         )
 
 
-class Tolerance(_Frozen):
+class Tolerance(FrozenReport):
     """Element-wise tolerance: fail where ``|c - r| > atol + rtol * |r|`` (Polygraphy's defaults)."""
 
     atol: float = Field(default=1e-5, ge=0)
     rtol: float = Field(default=1e-5, ge=0)
 
 
-class OutputAccuracy(_Frozen):
+class OutputAccuracy(FrozenReport):
     """How one output of the candidate differs from the reference (module docstring)."""
 
     name: str
@@ -167,7 +164,7 @@ class OutputAccuracy(_Frozen):
     """Against ``tolerance``; ``None`` when none was given."""
 
 
-class AccuracyReport(_Frozen):
+class AccuracyReport(FrozenReport):
     """The candidate against the reference over ``samples`` held-out samples."""
 
     samples: int

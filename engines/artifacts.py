@@ -26,15 +26,16 @@ from typing import BinaryIO
 
 from pydantic import ValidationError
 
+from calibrators.calibrate import sha256_file
 from engines.backends.base import Artifact, ArtifactMetadata
 from engines.errors import BuildError, EngineError
 
 __all__ = [
     "read_metadata",
-    "sha256_file",
     "sidecar_path",
     "write_artifact",
     "write_metadata",
+    "write_text_atomically",
 ]
 
 _CHUNK_BYTES = 1024 * 1024
@@ -43,15 +44,6 @@ _CHUNK_BYTES = 1024 * 1024
 def sidecar_path(artifact_path: Path) -> Path:
     """Where the metadata of ``artifact_path`` lives: the same name with ``.json`` appended."""
     return artifact_path.with_name(artifact_path.name + ".json")
-
-
-def sha256_file(path: Path) -> str:
-    """The sha256 hex digest of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_artifact(data: bytes | Path, out_path: Path, metadata: ArtifactMetadata) -> Artifact:
@@ -111,6 +103,16 @@ def write_metadata(artifact_path: Path, metadata: ArtifactMetadata) -> Artifact:
     except OSError as exc:
         raise BuildError(f"Cannot write the metadata {str(sidecar)!r}: {exc}", field="out") from exc
     return Artifact(path=artifact_path, metadata_path=sidecar, metadata=metadata)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file beside it, flushed with
+    ``fsync`` and renamed into place, readable by all (0644): reports beside the artifacts."""
+    path = Path(path)
+    with _temp_file(path.parent, path.name) as (tmp, fh):
+        fh.write(text.encode("utf-8"))
+        _flush(fh)
+        tmp.replace(path)
 
 
 def read_metadata(path: Path) -> ArtifactMetadata:

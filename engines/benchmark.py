@@ -35,11 +35,12 @@ from fractions import Fraction
 from statistics import fmean, pstdev
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from calibrators.data import CalibrationDataset, TensorSpec
 from engines.backends.base import ProgressFn, QueryTiming, Runner
 from engines.errors import RunError, SpecError
+from engines.frozen import FrozenModel
 
 __all__ = [
     "CV_WARNING_PERCENT",
@@ -61,10 +62,6 @@ _ENQUEUE_BOUND_RATIO = 0.8
 _PROGRESS_EVERY_S = 0.1
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
 class InputSource(StrEnum):
     """Where benchmark inputs come from."""
 
@@ -74,7 +71,7 @@ class InputSource(StrEnum):
     """Seeded random data in the model's input shapes."""
 
 
-class BenchmarkOptions(_Frozen):
+class BenchmarkOptions(FrozenModel):
     """How to measure. Defaults are trtexec's (200 ms warm-up, 10 iterations, 3 s)."""
 
     warmup_ms: float = Field(default=200.0, ge=0)
@@ -96,7 +93,7 @@ class BenchmarkOptions(_Frozen):
     streams: int = Field(default=1, ge=1)
 
 
-class TimingStats(_Frozen):
+class TimingStats(FrozenModel):
     """Summary of one timing over the timed queries, in milliseconds (module docstring)."""
 
     min_ms: float
@@ -123,7 +120,7 @@ class TimingStats(_Frozen):
         )
 
 
-class PerfReport(_Frozen):
+class PerfReport(FrozenModel):
     """One benchmark's numbers, trtexec vocabulary, units in the field names."""
 
     throughput_qps: float

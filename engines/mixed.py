@@ -19,7 +19,7 @@ output SQNR while the budget is still judged in its own metric (:func:`ranking_m
 The kept nodes feed ``BuildSpec.keep.int8`` (:meth:`MixedPrecisionResult.apply_to`): the
 onnxruntime backend and TensorRT's explicit mode then put no Q/DQ on them, TensorRT's implicit
 mode gives them layer precision constraints. The search runs variants in ONNX Runtime on the CPU
-(see :class:`engines.sensitivity.QdqExecution` for how Q/DQ is executed).
+(see :class:`engines.variants.QdqExecution` for how Q/DQ is executed).
 """
 
 from __future__ import annotations
@@ -27,18 +27,13 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict
-
 from engines.accuracy import AccuracyMetric, AccuracyReport, MetricBudget
-from engines.backends.base import ProgressFn
+from engines.backends.base import ProgressFn, report_progress
 from engines.errors import AccuracyBudgetError
-from engines.sensitivity import (
-    QdqExecution,
-    SensitivityReport,
-    VariantEvaluator,
-    rank_sensitivity,
-)
+from engines.frozen import FrozenReport
+from engines.sensitivity import SensitivityReport, rank_sensitivity
 from engines.spec import BuildSpec, KeepRules
+from engines.variants import QdqExecution, VariantEvaluator
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -60,20 +55,18 @@ _CLASS_COUNT_METRICS = frozenset(
 )
 
 
-class MixedPrecisionResult(BaseModel):
+class MixedPrecisionResult(FrozenReport):
     """The nodes to keep out of INT8 so that the budget is met, and what that reaches."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="strings")
 
     budget: MetricBudget
     execution: QdqExecution
     weight_levels: int
-    """INT8 weight levels the search built variants with (:mod:`engines.sensitivity`)."""
+    """INT8 weight levels the search built variants with (:mod:`engines.variants`)."""
     kept_nodes: list[str]
     """Kept out of INT8, most sensitive first (beyond the spec's own ``keep.int8`` patterns)."""
     keep_patterns: list[str]
     """``kept_nodes`` as ``BuildSpec.keep`` patterns matching exactly those nodes
-    (:func:`engines.sensitivity.keep_patterns`)."""
+    (:func:`engines.variants.keep_patterns`)."""
     quantizable_nodes: int
     int8_nodes: int
     int8_share: float
@@ -148,7 +141,7 @@ def search_mixed_precision(
         threads=threads,
         execution=execution,
     ) as ev:
-        _report(progress, "evaluating full INT8", 0.0)
+        report_progress(progress, "evaluating full INT8", 0.0)
         report = ev.evaluate((), budget=budget)
         full_value = _budget_value(report)
         sensitivity = None
@@ -164,7 +157,7 @@ def search_mixed_precision(
             )
             kept, report = _bisect(ev, sensitivity.ranked_nodes, budget, full_value, progress)
         quantizable = ev.quantizable_count
-    _report(progress, "done", 1.0)
+    report_progress(progress, "done", 1.0)
     return MixedPrecisionResult(
         budget=budget,
         execution=ev.execution,
@@ -182,11 +175,6 @@ def search_mixed_precision(
         samples=ev.samples,
         seconds=time.perf_counter() - start,
     )
-
-
-def _report(progress: ProgressFn | None, stage: str, fraction: float) -> None:
-    if progress is not None:
-        progress(stage, fraction)
 
 
 def _scaled(progress: ProgressFn, low: float, high: float) -> ProgressFn:
@@ -214,7 +202,7 @@ def _bisect(
     lo, hi = 0, len(ranked)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        _report(progress, f"trying {mid} of {len(ranked)} nodes out of INT8", 0.85)
+        report_progress(progress, f"trying {mid} of {len(ranked)} nodes out of INT8", 0.85)
         report = ev.evaluate(ranked[:mid], budget=budget)
         if report.passed:
             hi, passing[mid] = mid, report

@@ -10,10 +10,11 @@ import re
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from calibrators.histogram import HistogramMode
 from calibrators.methods import MethodSpec, entropy
+from engines.frozen import FrozenModel
 
 __all__ = [
     "BackendName",
@@ -53,11 +54,7 @@ class TensorRTMode(StrEnum):
     IMPLICIT = "implicit"
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class ShapeProfile(_Frozen):
+class ShapeProfile(FrozenModel):
     """One optimization profile entry: min/opt/max shapes of one input."""
 
     min: tuple[int, ...]
@@ -89,7 +86,7 @@ class ShapeProfile(_Frozen):
         return cls(min=shapes[0], opt=shapes[1], max=shapes[2])
 
 
-class KeepRules(_Frozen):
+class KeepRules(FrozenModel):
     """Nodes kept out of a precision: exact ONNX node names, op types, or regexes over node names.
 
     A pattern matches a node when it equals the node's name or op type, or when it is written
@@ -122,7 +119,7 @@ def node_matches(patterns: tuple[str, ...], name: str, op_type: str) -> bool:
     return False
 
 
-class TensorRTOptions(_Frozen):
+class TensorRTOptions(FrozenModel):
     """TensorRT builder options; ``None`` means TensorRT's default."""
 
     workspace_bytes: Annotated[int, Field(gt=0)] | None = None
@@ -141,7 +138,7 @@ class TensorRTOptions(_Frozen):
         return v
 
 
-class BuildSpec(_Frozen):
+class BuildSpec(FrozenModel):
     """What to build. ``None`` fields mean "use the default"."""
 
     precision: Precision = Precision.INT8_FP16

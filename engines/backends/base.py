@@ -24,10 +24,17 @@ __all__ = [
     "ProgressFn",
     "QueryTiming",
     "Runner",
+    "report_progress",
 ]
 
 ProgressFn = Callable[[str, float], None]
 """Called with a short stage message and a fraction in [0, 1]."""
+
+
+def report_progress(progress: ProgressFn | None, stage: str, fraction: float) -> None:
+    """Call ``progress`` (when given) with ``stage`` and ``fraction``."""
+    if progress is not None:
+        progress(stage, fraction)
 
 
 @dataclass(frozen=True)

@@ -22,14 +22,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from calibrators.calibrate import sha256_file
 from calibrators.data import TensorSpec
-from engines.artifacts import sha256_file, write_artifact
+from engines.artifacts import write_artifact
 from engines.backends.base import (
     Artifact,
     ArtifactMetadata,
     Availability,
     ProgressFn,
     QueryTiming,
+    report_progress,
 )
 from engines.errors import BuildError, RunError, SpecError
 from engines.spec import BuildSpec
@@ -38,14 +40,16 @@ if TYPE_CHECKING:
     import onnx
 
     from calibrators.table import CalibrationTable
-    from engines.graph import PreparedModel
 
 __all__ = [
     "MAX_PROTOBUF_BYTES",
     "OnnxRuntimeBackend",
     "OnnxRuntimeRunner",
     "cpu_name",
+    "create_session_options",
     "default_providers",
+    "int8_weight_levels",
+    "tensor_specs",
 ]
 
 MAX_PROTOBUF_BYTES = 2**31 - 1
@@ -96,13 +100,17 @@ def _ort_version() -> str:
     return str(ort.__version__)
 
 
-def _session_options(threads: int) -> Any:
+def create_session_options(threads: int, *, optimize: bool = True) -> Any:
+    """``onnxruntime.SessionOptions``: errors-only log, ``threads`` intra-op threads, sequential
+    execution, and every graph optimization, or none with ``optimize=False`` (Q/DQ nodes are
+    then computed as written, in float, instead of fused into integer kernels)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    level = ort.GraphOptimizationLevel
+    options.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     return options
 
@@ -201,10 +209,6 @@ class OnnxRuntimeBackend:
         from engines.graph import prepare_model
         from engines.graph.inspect import load_model
 
-        def report(stage: str, fraction: float) -> None:
-            if progress is not None:
-                progress(stage, fraction)
-
         if spec.precision.uses_int8 and table is None:
             raise SpecError(
                 f"Precision {spec.precision.value} needs a calibration table.",
@@ -212,21 +216,20 @@ class OnnxRuntimeBackend:
                 field="table",
             )
         start = time.perf_counter()
-        report("loading model", 0.0)
+        report_progress(progress, "loading model", 0.0)
         model_path = Path(model_path)
         model_sha256 = sha256_file(model_path)
         model = load_model(model_path)
-        report("transforming graph", 0.1)
+        report_progress(progress, "transforming graph", 0.1)
         providers = self.providers
         levels, levels_reason = int8_weight_levels(providers)
         prepared = prepare_model(model, spec, table, weight_levels=levels)
         del model
-        report("checking with ONNX Runtime", 0.6)
+        report_progress(progress, "checking with ONNX Runtime", 0.6)
         data = _serialize(prepared.model, out_path)
-        options = _session_options(self.intra_op_threads)
+        options = create_session_options(self.intra_op_threads)
         _check_loads(data, options, providers, out_path)
-        report("writing artifact", 0.9)
-        quantized, kept, fp32 = _node_reports(prepared)
+        report_progress(progress, "writing artifact", 0.9)
         metadata = ArtifactMetadata(
             backend=self.name,
             backend_version=self.version(),
@@ -238,9 +241,9 @@ class OnnxRuntimeBackend:
                 for name, p in spec.profiles.items()
             },
             table_sha256=table.digest if table is not None else None,
-            quantized_nodes=quantized,
-            kept_nodes=kept,
-            fp32_nodes=fp32,
+            quantized_nodes=prepared.quantized_nodes,
+            kept_nodes=prepared.kept_nodes,
+            fp32_nodes=prepared.fp32_nodes,
             spec=spec,
             model_sha256=model_sha256,
             sha256="",
@@ -253,7 +256,7 @@ class OnnxRuntimeBackend:
             },
         )
         artifact = write_artifact(data, out_path, metadata)
-        report("done", 1.0)
+        report_progress(progress, "done", 1.0)
         return artifact
 
     def load(self, artifact_path: Path) -> OnnxRuntimeRunner:
@@ -289,13 +292,8 @@ def _check_loads(data: bytes, options: Any, providers: Sequence[str], out_path: 
         ) from exc
 
 
-def _node_reports(prepared: PreparedModel) -> tuple[list[str], dict[str, str], list[str]]:
-    """(quantized nodes, node -> why it stays out of the reduced precision, FP32 nodes)."""
-    fp32 = list(prepared.fp16.fp32_nodes) if prepared.fp16 is not None else []
-    return prepared.quantized_nodes, prepared.kept_nodes, fp32
-
-
-def _tensor_specs(args: Sequence[Any]) -> tuple[TensorSpec, ...]:
+def tensor_specs(args: Sequence[Any]) -> tuple[TensorSpec, ...]:
+    """The :class:`TensorSpec` of ONNX Runtime ``NodeArg`` s (``session.get_inputs()``)."""
     specs = []
     for arg in args:
         shape = tuple(d if isinstance(d, int | str) else None for d in (arg.shape or ()))
@@ -324,7 +322,7 @@ class OnnxRuntimeRunner:
         self.model_path = Path(model_path)
         self._threads = intra_op_threads or os.cpu_count() or 1
         self._providers = list(providers) if providers is not None else default_providers()
-        options = _session_options(self._threads)
+        options = create_session_options(self._threads)
         if not self.model_path.is_file():
             raise RunError(f"Artifact {str(self.model_path)!r} does not exist.", field="artifact")
         try:
@@ -338,7 +336,7 @@ class OnnxRuntimeRunner:
                 field="artifact",
             ) from exc
         self._options = _describe_options(options, self._session.get_providers())
-        self._inputs = _tensor_specs(self._session.get_inputs())
+        self._inputs = tensor_specs(self._session.get_inputs())
         self._outputs = tuple(o.name for o in self._session.get_outputs())
 
     @property

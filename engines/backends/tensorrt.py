@@ -18,7 +18,9 @@ and is parsed into a strongly typed network (``NetworkDefinitionCreationFlag.STR
 ``BuilderFlag.FP16``/``INT8``, trtforge's table served as the native calibrator's cache, and the
 layers of kept ONNX nodes pinned with ``layer.precision`` under ``OBEY_PRECISION_CONSTRAINTS``.
 Names of functions used only by the implicit path contain ``implicit``: the API-surface test
-checks everything else against the TensorRT 11 bindings too.
+checks everything else against the TensorRT 11 bindings too. The helpers that need no TensorRT
+(parser messages, the mode check, side-file names, layer pins) are in
+:mod:`engines.backends.tensorrt_support`.
 
 The timing cache is one file per GPU model + compute capability + TensorRT version, loaded before
 the build and merged back after it under a file lock, so concurrent builds share what they timed.
@@ -29,21 +31,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict
-
+from calibrators.calibrate import sha256_file
 from calibrators.errors import TensorRTUnavailableError, TrtforgeError
 from calibrators.table import CalibrationTable, trt_version_number
 from calibrators.tensorrt import native_calibrator, require_tensorrt, tensorrt_installed
-from engines.artifacts import sha256_file, write_artifact
+from engines.artifacts import write_artifact
 from engines.backends.base import Artifact, ArtifactMetadata, Availability, ProgressFn
 from engines.backends.tensorrt_job import (
     PROGRESS_PREFIX,
@@ -52,89 +52,30 @@ from engines.backends.tensorrt_job import (
     run_build_process,
 )
 from engines.backends.tensorrt_runner import TensorRTRunner
+from engines.backends.tensorrt_support import (
+    TRT11_VERSION,
+    NodeReports,
+    ParserProblem,
+    check_mode_supported,
+    layer_pins_implicit,
+    onnx_node_of_layer,
+    parser_error_message,
+    publish_build_inputs,
+    save_prepared_onnx,
+    side_files,
+    timing_cache_file,
+)
 from engines.errors import BackendUnavailableError, BuildError, EngineError, SpecError
-from engines.spec import BuildSpec, ShapeProfile, TensorRTMode, node_matches
+from engines.spec import BuildSpec, ShapeProfile, TensorRTMode
 
 if TYPE_CHECKING:
     from engines.gpu import GpuInfo
 
-__all__ = [
-    "DEFAULT_BUILD_TIMEOUT_S",
-    "ParserProblem",
-    "TensorRTBackend",
-    "TensorRTRunner",
-    "check_mode_supported",
-    "main",
-    "onnx_node_of_layer",
-    "parser_error_message",
-    "side_files",
-    "timing_cache_file",
-]
+__all__ = ["DEFAULT_BUILD_TIMEOUT_S", "TensorRTBackend", "TensorRTRunner", "main"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BUILD_TIMEOUT_S = 3600.0
-_TRT11 = 110000  # cache-header version number of TensorRT 11.0.0
-Pin = Literal["float32", "float16"]
-
-
-class ParserProblem(BaseModel):
-    """One ``trt.OnnxParser`` error, copied out of TensorRT."""
-
-    model_config = ConfigDict(frozen=True)
-
-    node: int
-    node_name: str
-    operator: str
-    code: str
-    description: str
-
-
-def parser_error_message(problems: Sequence[ParserProblem]) -> str:
-    """One message naming each failing ONNX node (name, op type, index) and TensorRT's reason."""
-    if not problems:
-        return "TensorRT's ONNX parser failed without reporting an error."
-    parts = []
-    for p in problems[:5]:
-        where = f"node {p.node_name!r}" if p.node_name else f"node #{p.node}"
-        op = f" ({p.operator})" if p.operator else ""
-        parts.append(f"{where}{op}: {p.description} [{p.code}]")
-    more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-    return "TensorRT cannot parse the ONNX model: " + "; ".join(parts) + more + "."
-
-
-def check_mode_supported(mode: TensorRTMode, trt_version: int) -> None:
-    """Implicit quantization exists only in TensorRT 10.x (``trt_version``: header number)."""
-    if mode is TensorRTMode.IMPLICIT and trt_version >= _TRT11:
-        raise EngineError(
-            "TensorRT 11 removed implicit quantization (calibrators, INT8/FP16 builder flags).",
-            hint="Build with --mode explicit: trtforge writes Q/DQ + FP16 ONNX that TensorRT 11 "
-            "builds strongly typed.",
-            field="mode",
-        )
-
-
-_ONNX_LAYER_RE = re.compile(r"\[ONNX Layer: (.*)\]")
-
-
-def onnx_node_of_layer(layer_name: str, metadata: str) -> str:
-    """The ONNX node a TensorRT layer came from: the parser's ``[ONNX Layer: NAME]`` metadata,
-    else the layer's own name (which the parser takes from the node)."""
-    match = _ONNX_LAYER_RE.search(metadata or "")
-    return match.group(1) if match else layer_name
-
-
-def timing_cache_file(folder: Path, gpu_key: str, trt_version: str) -> Path:
-    """``<folder>/<gpu key>-trt<version>.timing-cache``, odd characters replaced by ``-``."""
-    stem = re.sub(r"[^A-Za-z0-9.]+", "-", f"{gpu_key}-trt{trt_version}").strip("-")
-    return Path(folder) / f"{stem}.timing-cache"
-
-
-def side_files(artifact: Path) -> dict[str, Path]:
-    """The files written beside an artifact, by kind (module docstring)."""
-    artifact = Path(artifact)
-    kinds = ("layers.json", "reproduce.py", "build.log", "prepared.onnx", "calibration.cache")
-    return {kind: artifact.with_name(f"{artifact.name}.{kind}") for kind in kinds}
 
 
 # -- the parent: prepare, supervise, publish ------------------------------------------------------
@@ -223,7 +164,7 @@ class TensorRTBackend:
                 progress=progress,
             )
             Path(job.layers_path).replace(files["layers.json"])
-            published = _publish_inputs(job, files)
+            published = publish_build_inputs(job, files)
             script = render_reproduce_script(
                 job,
                 out_path.name,
@@ -277,7 +218,7 @@ class TensorRTBackend:
         work: Path,
         gpu: GpuInfo,
         artifact_name: str = "model.engine",
-    ) -> tuple[BuildJob, tuple[list[str], dict[str, str], list[str]]]:
+    ) -> tuple[BuildJob, NodeReports]:
         """The child's job; inputs are written in ``work`` under their final names."""
         from engines.graph.inspect import load_model
 
@@ -301,9 +242,10 @@ class TensorRTBackend:
 
             prepared = prepare_model(model, spec, table)
             onnx_path = work / f"{artifact_name}.prepared.onnx"
-            _save_onnx(prepared.model, onnx_path)
-            return BuildJob(onnx_path=str(onnx_path), **common), _explicit_reports(prepared)
-        pins = _layer_pins_implicit(model, spec)
+            save_prepared_onnx(prepared.model, onnx_path)
+            reports = (prepared.quantized_nodes, prepared.kept_nodes, prepared.fp32_nodes)
+            return BuildJob(onnx_path=str(onnx_path), **common), reports
+        pins = layer_pins_implicit(model, spec)
         cache_path = None
         if spec.precision.uses_int8 and table is not None:
             cache_path = table.save(work / f"{artifact_name}.calibration.cache")
@@ -320,64 +262,6 @@ class TensorRTBackend:
     def load(self, artifact_path: Path) -> TensorRTRunner:
         """Deserialize an engine for inference on this backend's device."""
         return TensorRTRunner(artifact_path, device=self.device)
-
-
-def _save_onnx(model: Any, path: Path) -> None:
-    import onnx
-
-    from engines.backends.onnxruntime import MAX_PROTOBUF_BYTES
-
-    large = model.ByteSize() > MAX_PROTOBUF_BYTES
-    location = f"{path.name}.data" if large else None
-    onnx.save_model(model, str(path), save_as_external_data=large, location=location)
-
-
-def _explicit_reports(prepared: Any) -> tuple[list[str], dict[str, str], list[str]]:
-    """(quantized nodes, node -> why it stays out of a reduced precision, FP32 nodes)."""
-    quantized: list[str] = []
-    kept: dict[str, str] = {}
-    fp32: list[str] = []
-    if prepared.quantization is not None:
-        quantized = list(prepared.quantization.quantized_nodes)
-        kept.update({n: f"not INT8: {why}" for n, why in prepared.quantization.skipped.items()})
-    if prepared.fp16 is not None:
-        for name, why in prepared.fp16.fp32_nodes.items():
-            fp32.append(name)
-            kept[name] = f"{kept[name]}; FP32: {why}" if name in kept else f"FP32: {why}"
-    return quantized, kept, fp32
-
-
-def _layer_pins_implicit(model: Any, spec: BuildSpec) -> dict[str, Pin]:
-    """Which ONNX nodes' layers to pin, and to what, from the spec's keep rules."""
-    fp16, int8 = spec.precision.uses_fp16, spec.precision.uses_int8
-    pins: dict[str, Pin] = {}
-    for node in model.graph.node:
-        no_fp16 = fp16 and node_matches(spec.keep.fp16, node.name, node.op_type)
-        no_int8 = int8 and node_matches(spec.keep.int8, node.name, node.op_type)
-        if node.name and (no_fp16 or (no_int8 and not fp16)):
-            pins[node.name] = "float32"
-        elif node.name and no_int8:
-            pins[node.name] = "float16"
-    return pins
-
-
-def _publish_inputs(job: BuildJob, files: dict[str, Path]) -> dict[str, str]:
-    """Move what TensorRT read (prepared ONNX + its external data, calibration cache) beside
-    the artifact; they were written under their final names, which the ONNX refers to."""
-    published: dict[str, str] = {}
-    folder = files["prepared.onnx"].parent
-    if job.mode is TensorRTMode.EXPLICIT:
-        source = Path(job.onnx_path)
-        data = source.with_name(source.name + ".data")
-        if data.exists():
-            data.replace(folder / data.name)
-        source.replace(folder / source.name)
-        published["prepared_onnx"] = source.name
-    if job.calibration_cache:
-        cache = Path(job.calibration_cache)
-        cache.replace(folder / cache.name)
-        published["calibration_cache"] = cache.name
-    return published
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -468,7 +352,7 @@ def _parser_problem(error: Any) -> ParserProblem:
 def _network_flags(mode: TensorRTMode, trt_version: int) -> int:
     import tensorrt as trt
 
-    if mode is TensorRTMode.EXPLICIT and trt_version < _TRT11:
+    if mode is TensorRTMode.EXPLICIT and trt_version < TRT11_VERSION:
         return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     return 0  # TensorRT 11: every network is strongly typed (the flag is deprecated and ignored)
 

@@ -59,6 +59,11 @@ class PreparedModel:
                 kept[name] = f"{kept[name]}; FP32: {why}" if name in kept else f"FP32: {why}"
         return kept
 
+    @property
+    def fp32_nodes(self) -> list[str]:
+        """Nodes the FP16 pass kept in FP32, in graph order."""
+        return list(self.fp16.fp32_nodes) if self.fp16 is not None else []
+
 
 def prepare_model(
     model: onnx.ModelProto,

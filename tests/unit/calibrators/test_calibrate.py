@@ -36,7 +36,9 @@ def _true_max_abs(model_path: Path, images: np.ndarray, names: list[str]) -> dic
 
 def test_minmax_table_is_the_true_max_of_every_activation(fashion: tuple[Path, np.ndarray]) -> None:
     path, images = fashion
-    table = calibrate(path, CalibrationDataset.from_arrays({"image": images}), minmax(), batch_size=32)
+    table = calibrate(
+        path, CalibrationDataset.from_arrays({"image": images}), minmax(), batch_size=32
+    )
     names = list(observable_tensors(onnx.load(str(path))).tensors)
     assert list(table.amax) == names
     truth = _true_max_abs(path, images, names)
@@ -47,8 +49,12 @@ def test_minmax_table_is_the_true_max_of_every_activation(fashion: tuple[Path, n
     assert table.model_sha256 == sha256_file(path)
 
 
-@pytest.mark.parametrize("method", [entropy(), percentile(99.9), mse()], ids=["entropy", "percentile", "mse"])
-def test_histogram_methods_clip_inside_the_range(fashion: tuple[Path, np.ndarray], method: object) -> None:
+@pytest.mark.parametrize(
+    "method", [entropy(), percentile(99.9), mse()], ids=["entropy", "percentile", "mse"]
+)
+def test_histogram_methods_clip_inside_the_range(
+    fashion: tuple[Path, np.ndarray], method: object
+) -> None:
     path, images = fashion
     dataset = CalibrationDataset.from_arrays({"image": images})
     table = calibrate(path, dataset, method, batch_size=32)  # type: ignore[arg-type]
@@ -61,18 +67,28 @@ def test_histogram_methods_clip_inside_the_range(fashion: tuple[Path, np.ndarray
     assert sum(table.amax[n] < 0.9 * ranges.amax[n] for n in table.amax) >= 1
 
 
-def test_exact_histogram_table_ignores_batch_order_and_size(fashion: tuple[Path, np.ndarray]) -> None:
+def test_exact_histogram_table_ignores_batch_order_and_size(
+    fashion: tuple[Path, np.ndarray],
+) -> None:
     path, images = fashion
     shuffled = images[np.random.default_rng(1).permutation(len(images))]
     a = calibrate(path, CalibrationDataset.from_arrays({"image": images}), entropy(), batch_size=32)
-    b = calibrate(path, CalibrationDataset.from_arrays({"image": shuffled}), entropy(), batch_size=7)
+    b = calibrate(
+        path, CalibrationDataset.from_arrays({"image": shuffled}), entropy(), batch_size=7
+    )
     assert a.amax == b.amax
     assert a.to_cache_text() == b.to_cache_text()
 
 
 def test_tensorrt_histogram_mode_is_recorded(fashion: tuple[Path, np.ndarray]) -> None:
     path, images = fashion
-    table = calibrate(path, CalibrationDataset.from_arrays({"image": images}), entropy(), histogram=HistogramMode.TENSORRT, batch_size=32)
+    table = calibrate(
+        path,
+        CalibrationDataset.from_arrays({"image": images}),
+        entropy(),
+        histogram=HistogramMode.TENSORRT,
+        batch_size=32,
+    )
     assert table.parameters["histogram"] == "tensorrt"
     assert CalibrationTable.from_cache_text(table.to_cache_text()).amax.keys() == table.amax.keys()
 

@@ -13,7 +13,21 @@ from calibrators.data import CalibrationDataset
 from calibrators.errors import ModelError
 from tests import zoo
 
-TINY_ACTIVATIONS = ["image", "c1", "r1", "c2", "res", "r2", "ap", "mp", "cat", "c3", "gap", "flat", "logits"]
+TINY_ACTIVATIONS = [
+    "image",
+    "c1",
+    "r1",
+    "c2",
+    "res",
+    "r2",
+    "ap",
+    "mp",
+    "cat",
+    "c3",
+    "gap",
+    "flat",
+    "logits",
+]
 
 
 class Recorder:
@@ -24,13 +38,19 @@ class Recorder:
         self.seen.setdefault(name, []).append(values.copy())
 
 
-def _reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+def _reference(
+    model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str]
+) -> dict[str, np.ndarray]:
     augmented = onnx.ModelProto()
     augmented.CopyFrom(model)
     for n in names:
-        if n not in {o.name for o in augmented.graph.output} and n not in {i.name for i in augmented.graph.input}:
+        if n not in {o.name for o in augmented.graph.output} and n not in {
+            i.name for i in augmented.graph.input
+        }:
             augmented.graph.output.append(onnx.ValueInfoProto(name=n))
-    session = ort.InferenceSession(augmented.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        augmented.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
     wanted = [n for n in names if n not in feeds]
     out = dict(zip(wanted, session.run(wanted, feeds), strict=True))
     out.update(feeds)
@@ -45,7 +65,9 @@ def test_observable_tensors_are_float_activations_in_graph_order() -> None:
     plan = observable_tensors(zoo.tiny_cnn())
     assert list(plan.tensors) == TINY_ACTIVATIONS
     # the batch axis is symbolic, the rest static: the per-sample size is known
-    assert plan.bytes_per_sample == 4 * (3 * 256 + 5 * 8 * 256 + 2 * 8 * 64 + 16 * 64 + 8 * 64 + 8 + 8 + 10)
+    assert plan.bytes_per_sample == 4 * (
+        3 * 256 + 5 * 8 * 256 + 2 * 8 * 64 + 16 * 64 + 8 * 64 + 8 + 8 + 10
+    )
     fixed = observable_tensors(zoo.tiny_cnn(batch=1))
     assert fixed.bytes_per_sample == plan.bytes_per_sample
     assert auto_batch_size(fixed, budget_bytes=fixed.bytes_per_sample * 5) == 5
@@ -62,19 +84,30 @@ def test_constant_subgraphs_and_integer_tensors_are_not_observed() -> None:
 def test_collect_streams_exact_activations_batch_by_batch(tiny_cnn_path: Path) -> None:
     images = _images(10)
     recorder = Recorder()
-    seen = collect(tiny_cnn_path, CalibrationDataset.from_arrays({"image": images}), recorder, batch_size=4)
+    seen = collect(
+        tiny_cnn_path, CalibrationDataset.from_arrays({"image": images}), recorder, batch_size=4
+    )
     assert seen == 10
     assert set(recorder.seen) == set(TINY_ACTIVATIONS)
     assert [a.shape[0] for a in recorder.seen["c1"]] == [4, 4, 2]
     reference = _reference(zoo.tiny_cnn(), {"image": images}, TINY_ACTIVATIONS)
     for name in TINY_ACTIVATIONS:
-        np.testing.assert_allclose(np.concatenate(recorder.seen[name]), reference[name], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            np.concatenate(recorder.seen[name]), reference[name], rtol=1e-5, atol=1e-5
+        )
 
 
 def test_collect_honours_max_samples_and_reports_progress(tiny_cnn_path: Path) -> None:
     calls: list[tuple[int, int]] = []
     recorder = Recorder()
-    seen = collect(tiny_cnn_path, CalibrationDataset.from_arrays({"image": _images(9)}), recorder, batch_size=2, max_samples=5, progress=lambda d, t: calls.append((d, t)))
+    seen = collect(
+        tiny_cnn_path,
+        CalibrationDataset.from_arrays({"image": _images(9)}),
+        recorder,
+        batch_size=2,
+        max_samples=5,
+        progress=lambda d, t: calls.append((d, t)),
+    )
     assert seen == 5
     assert calls == [(2, 5), (4, 5), (5, 5)]
     assert sum(a.shape[0] for a in recorder.seen["image"]) == 5
@@ -90,7 +123,9 @@ def test_collect_works_with_constant_nodes_and_external_data(tmp_path: Path) -> 
     external = zoo.save_with_external_data(zoo.tiny_cnn(), tmp_path / "ext")
     assert (tmp_path / "ext" / "weights.bin").stat().st_size > 0
     collect(external, CalibrationDataset.from_arrays({"image": images}), b, batch_size=3)
-    np.testing.assert_allclose(np.concatenate(a.seen["logits"]), np.concatenate(b.seen["logits"]), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.concatenate(a.seen["logits"]), np.concatenate(b.seen["logits"]), rtol=1e-5
+    )
 
 
 def test_external_data_escaping_the_model_folder_is_refused(tmp_path: Path) -> None:
@@ -113,9 +148,12 @@ def test_not_an_onnx_file_is_a_model_error(tmp_path: Path) -> None:
         collect(bad, CalibrationDataset.from_arrays({"image": _images(2)}), Recorder())
 
 
-def test_memory_does_not_grow_with_sample_count(tiny_cnn_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_memory_does_not_grow_with_sample_count(
+    tiny_cnn_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # validation streams in batches of at most _HASH_BATCH_BYTES; make that small so both runs stream
     monkeypatch.setattr("calibrators.data._HASH_BATCH_BYTES", 64 * 1024)
+
     class Peak:
         def observe(self, name: str, values: np.ndarray) -> None:
             pass

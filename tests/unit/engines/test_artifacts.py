@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from calibrators.calibrate import sha256_file
 from engines import artifacts
 from engines.artifacts import (
     read_metadata,
-    sha256_file,
     sidecar_path,
     write_artifact,
     write_metadata,

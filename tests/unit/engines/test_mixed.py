@@ -16,8 +16,8 @@ from engines.backends.onnxruntime import OnnxRuntimeRunner
 from engines.build import build_artifact
 from engines.errors import AccuracyBudgetError
 from engines.mixed import MixedPrecisionResult, ranking_metric, search_mixed_precision
-from engines.sensitivity import QdqExecution
 from engines.spec import BuildSpec
+from engines.variants import QdqExecution
 from tests import zoo
 from tests.unit.engines.test_sensitivity import INT8, Fashion, damaged, fashion  # noqa: F401
 

@@ -10,11 +10,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from calibrators.calibrate import calibrate
+from calibrators.calibrate import calibrate, sha256_file
 from calibrators.data import CalibrationDataset, TensorSpec
 from calibrators.methods import minmax
 from calibrators.table import CalibrationTable
-from engines.artifacts import read_metadata, sha256_file
+from engines.artifacts import read_metadata
 from engines.backends import onnxruntime as ort_backend
 from engines.backends.base import Runner
 from engines.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeRunner, cpu_name
@@ -207,7 +207,9 @@ def test_int8_weight_levels_follow_the_cpu(monkeypatch: pytest.MonkeyPatch) -> N
     assert ort_backend.int8_weight_levels(["CPUExecutionProvider"])[0] == 63
     monkeypatch.setattr(ort_backend, "_cpu_flags", lambda: {"avx2", "avx512_vnni"})
     assert ort_backend.int8_weight_levels(["CPUExecutionProvider"])[0] == 127
-    assert ort_backend.int8_weight_levels(["CUDAExecutionProvider", "CPUExecutionProvider"])[0] == 127
+    assert (
+        ort_backend.int8_weight_levels(["CUDAExecutionProvider", "CPUExecutionProvider"])[0] == 127
+    )
     monkeypatch.setattr(ort_backend.platform, "machine", lambda: "aarch64")
     assert ort_backend.int8_weight_levels(["CPUExecutionProvider"])[0] == 127
 
@@ -220,13 +222,22 @@ def test_seven_bit_weights_halve_the_weight_scales() -> None:
     from tests import zoo
 
     model = zoo.tiny_cnn()
-    table = CalibrationTable(amax={n: 4.0 for n in ["image", "r1", "res", "r2", "ap", "cat", "flat"]}, method="minmax", parameters={}, samples=1, model_sha256=None, dataset_sha256=None)
+    table = CalibrationTable(
+        amax={n: 4.0 for n in ["image", "r1", "res", "r2", "ap", "cat", "flat"]},
+        method="minmax",
+        parameters={},
+        samples=1,
+        model_sha256=None,
+        dataset_sha256=None,
+    )
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
     def conv1_weight_scale(levels: int) -> np.ndarray:
         out, _ = insert_qdq(model, table, weight_levels=levels)
         inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
-        q = next(n for n in out.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "conv1.w")
+        q = next(
+            n for n in out.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "conv1.w"
+        )
         return inits[q.input[1]]
 
     expected = np.abs(weights["conv1.w"]).reshape(8, -1).max(axis=1)

@@ -17,15 +17,9 @@ from engines.accuracy import AccuracyMetric
 from engines.backends.onnxruntime import OnnxRuntimeRunner, default_providers, int8_weight_levels
 from engines.errors import SpecError
 from engines.graph import prepare_model
-from engines.sensitivity import (
-    MemoizedRunner,
-    QdqExecution,
-    SensitivityReport,
-    default_execution,
-    keep_patterns,
-    node_sensitivity,
-)
+from engines.sensitivity import SensitivityReport, node_sensitivity
 from engines.spec import BackendName, BuildSpec, KeepRules, Precision, node_matches
+from engines.variants import MemoizedRunner, QdqExecution, default_execution, keep_patterns
 from tests import zoo
 
 INT8 = BuildSpec(precision=Precision.INT8, backend=BackendName.ONNXRUNTIME)

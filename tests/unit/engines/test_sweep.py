@@ -15,15 +15,8 @@ from engines.benchmark import BenchmarkOptions
 from engines.charts import nice_ticks
 from engines.errors import SpecError
 from engines.spec import BackendName, Precision
-from engines.sweep import (
-    SweepReport,
-    Variant,
-    _split_indices,
-    pareto_front,
-    parse_variants,
-    render_svg,
-    sweep,
-)
+from engines.sweep import Variant, _split_indices, parse_variants, sweep
+from engines.sweep_report import SweepReport, pareto_front, render_svg
 from tests import zoo
 
 SVG = "{http://www.w3.org/2000/svg}"

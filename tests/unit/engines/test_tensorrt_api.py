@@ -19,6 +19,7 @@ import engines.gpu
 from calibrators.table import CalibrationTable, TensorRTAlgorithm
 from calibrators.tensorrt import tensorrt_installed
 from engines.backends import tensorrt as backend
+from engines.backends import tensorrt_support as support
 from engines.backends.base import Backend
 from engines.backends.tensorrt_job import (
     BuildJob,
@@ -278,45 +279,45 @@ def test_implicit_reproduce_script_points_at_the_original_model_and_cache() -> N
 
 def test_implicit_mode_is_refused_on_tensorrt11() -> None:
     with pytest.raises(EngineError) as info:
-        backend.check_mode_supported(TensorRTMode.IMPLICIT, 110400)
+        support.check_mode_supported(TensorRTMode.IMPLICIT, 110400)
     assert "explicit" in info.value.hint
     assert info.value.field == "mode"
-    backend.check_mode_supported(TensorRTMode.IMPLICIT, 101601)
-    backend.check_mode_supported(TensorRTMode.EXPLICIT, 110400)
+    support.check_mode_supported(TensorRTMode.IMPLICIT, 101601)
+    support.check_mode_supported(TensorRTMode.EXPLICIT, 110400)
 
 
 def test_parser_errors_name_the_onnx_nodes() -> None:
     problems = [
-        backend.ParserProblem(
+        support.ParserProblem(
             node=7,
             node_name="/encoder/Attention_3",
             operator="Attention",
             code="ErrorCode.UNSUPPORTED_NODE",
             description="No importer registered for op: Attention",
         ),
-        backend.ParserProblem(node=9, node_name="", operator="", code="X", description="boom"),
+        support.ParserProblem(node=9, node_name="", operator="", code="X", description="boom"),
     ]
-    message = backend.parser_error_message(problems)
+    message = support.parser_error_message(problems)
     assert "node '/encoder/Attention_3' (Attention): No importer registered" in message
     assert "node #9: boom" in message
-    assert "without reporting" in backend.parser_error_message([])
+    assert "without reporting" in support.parser_error_message([])
 
 
 def test_layers_map_back_to_onnx_nodes() -> None:
-    assert backend.onnx_node_of_layer("/conv1/Conv", "[ONNX Layer: /conv1/Conv]") == "/conv1/Conv"
-    assert backend.onnx_node_of_layer("/fc/Gemm_1", "[ONNX Layer: /fc/Gemm]") == "/fc/Gemm"
-    assert backend.onnx_node_of_layer("conv1", "") == "conv1"
+    assert support.onnx_node_of_layer("/conv1/Conv", "[ONNX Layer: /conv1/Conv]") == "/conv1/Conv"
+    assert support.onnx_node_of_layer("/fc/Gemm_1", "[ONNX Layer: /fc/Gemm]") == "/fc/Gemm"
+    assert support.onnx_node_of_layer("conv1", "") == "conv1"
 
 
 def test_timing_cache_files_are_keyed_by_gpu_and_tensorrt_version(tmp_path: Path) -> None:
-    a = backend.timing_cache_file(tmp_path, "NVIDIA H100 80GB HBM3-sm9.0", "10.13.3.9")
+    a = support.timing_cache_file(tmp_path, "NVIDIA H100 80GB HBM3-sm9.0", "10.13.3.9")
     assert a == tmp_path / "NVIDIA-H100-80GB-HBM3-sm9.0-trt10.13.3.9.timing-cache"
-    assert a != backend.timing_cache_file(tmp_path, "NVIDIA H100 80GB HBM3-sm9.0", "10.16.1")
-    assert a != backend.timing_cache_file(tmp_path, "NVIDIA L4-sm8.9", "10.13.3.9")
+    assert a != support.timing_cache_file(tmp_path, "NVIDIA H100 80GB HBM3-sm9.0", "10.16.1")
+    assert a != support.timing_cache_file(tmp_path, "NVIDIA L4-sm8.9", "10.13.3.9")
 
 
 def test_side_files_sit_beside_the_artifact(tmp_path: Path) -> None:
-    files = backend.side_files(tmp_path / "m.engine")
+    files = support.side_files(tmp_path / "m.engine")
     assert files["reproduce.py"] == tmp_path / "m.engine.reproduce.py"
     assert files["layers.json"] == tmp_path / "m.engine.layers.json"
 
@@ -514,7 +515,7 @@ def test_inputs_are_published_beside_the_artifact_under_the_names_they_were_writ
     (work / "m.engine.prepared.onnx").write_bytes(b"model")
     (work / "m.engine.prepared.onnx.data").write_bytes(b"weights")  # external data keeps its name
     job = _job(TensorRTMode.EXPLICIT, onnx_path=str(work / "m.engine.prepared.onnx"))
-    published = backend._publish_inputs(job, backend.side_files(out / "m.engine"))
+    published = support.publish_build_inputs(job, support.side_files(out / "m.engine"))
     assert published == {"prepared_onnx": "m.engine.prepared.onnx"}
     assert sorted(p.name for p in out.iterdir()) == [
         "m.engine.prepared.onnx",

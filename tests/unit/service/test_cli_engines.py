@@ -16,12 +16,38 @@ def tiny_data(tmp_path: Path) -> Path:
     return path
 
 
-def test_build_int8_calibrates_and_writes_artifact_with_sidecar(tiny_cnn_path: Path, tiny_data: Path, tmp_path: Path) -> None:
+def test_build_int8_calibrates_and_writes_artifact_with_sidecar(
+    tiny_cnn_path: Path, tiny_data: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "tiny.int8.onnx"
-    result = trtforge("build", str(tiny_cnn_path), "--precision", "int8", "--method", "minmax", "--data", str(tiny_data), "--backend", "onnxruntime", "--keep", "fc", "--out", str(out), "--json")
+    result = trtforge(
+        "build",
+        str(tiny_cnn_path),
+        "--precision",
+        "int8",
+        "--method",
+        "minmax",
+        "--data",
+        str(tiny_data),
+        "--backend",
+        "onnxruntime",
+        "--keep",
+        "fc",
+        "--out",
+        str(out),
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert set(summary) >= {"artifact", "metadata", "backend", "precision", "seconds", "quantized_nodes", "kept_nodes"}
+    assert set(summary) >= {
+        "artifact",
+        "metadata",
+        "backend",
+        "precision",
+        "seconds",
+        "quantized_nodes",
+        "kept_nodes",
+    }
     assert summary["backend"] == "onnxruntime" and summary["precision"] == "int8"
     assert summary["quantized_nodes"] >= 3 and "fc" in summary["kept_nodes"]
     sidecar = json.loads(Path(summary["metadata"]).read_text())
@@ -29,45 +55,140 @@ def test_build_int8_calibrates_and_writes_artifact_with_sidecar(tiny_cnn_path: P
     assert out.stat().st_size == sidecar["size_bytes"]
 
 
-def test_bench_and_compare_report_in_json(tiny_cnn_path: Path, tiny_data: Path, tmp_path: Path) -> None:
+def test_bench_and_compare_report_in_json(
+    tiny_cnn_path: Path, tiny_data: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "tiny.fp16.onnx"
-    assert trtforge("build", str(tiny_cnn_path), "--precision", "fp16", "--out", str(out)).returncode == 0
-    bench = trtforge("bench", str(out), "--duration-s", "0.2", "--warmup-ms", "10", "--iterations", "5", "--json")
+    assert (
+        trtforge("build", str(tiny_cnn_path), "--precision", "fp16", "--out", str(out)).returncode
+        == 0
+    )
+    bench = trtforge(
+        "bench", str(out), "--duration-s", "0.2", "--warmup-ms", "10", "--iterations", "5", "--json"
+    )
     assert bench.returncode == 0, bench.stderr
     perf = json.loads(bench.stdout)
     assert perf["queries"] >= 5 and perf["throughput_qps"] > 0
-    assert perf["latency"]["min_ms"] <= perf["latency"]["median_ms"] <= perf["latency"]["p99_ms"] <= perf["latency"]["max_ms"]
-    compare = trtforge("compare", str(out), "--model", str(tiny_cnn_path), "--data", str(tiny_data), "--budget", "cosine:0.999", "--json")
+    assert (
+        perf["latency"]["min_ms"]
+        <= perf["latency"]["median_ms"]
+        <= perf["latency"]["p99_ms"]
+        <= perf["latency"]["max_ms"]
+    )
+    compare = trtforge(
+        "compare",
+        str(out),
+        "--model",
+        str(tiny_cnn_path),
+        "--data",
+        str(tiny_data),
+        "--budget",
+        "cosine:0.999",
+        "--json",
+    )
     assert compare.returncode == 0, compare.stderr
     report = json.loads(compare.stdout)
     assert report["samples"] == 40 and report["passed"] is True
     assert report["outputs"][0]["cosine_similarity"] > 0.999
 
 
-def test_compare_exits_one_when_the_budget_fails(tiny_cnn_path: Path, tiny_data: Path, tmp_path: Path) -> None:
+def test_compare_exits_one_when_the_budget_fails(
+    tiny_cnn_path: Path, tiny_data: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "tiny.int8.onnx"
-    assert trtforge("build", str(tiny_cnn_path), "--precision", "int8", "--data", str(tiny_data), "--backend", "onnxruntime", "--out", str(out)).returncode == 0
-    result = trtforge("compare", str(out), "--model", str(tiny_cnn_path), "--data", str(tiny_data), "--budget", "sqnr_db:200")
+    assert (
+        trtforge(
+            "build",
+            str(tiny_cnn_path),
+            "--precision",
+            "int8",
+            "--data",
+            str(tiny_data),
+            "--backend",
+            "onnxruntime",
+            "--out",
+            str(out),
+        ).returncode
+        == 0
+    )
+    result = trtforge(
+        "compare",
+        str(out),
+        "--model",
+        str(tiny_cnn_path),
+        "--data",
+        str(tiny_data),
+        "--budget",
+        "sqnr_db:200",
+    )
     assert result.returncode == 1
     assert "FAILED" in result.stdout and "sqnr_db" in result.stdout
 
 
-def test_build_errors_are_clear_and_leave_nothing(tiny_cnn_path: Path, tiny_data: Path, tmp_path: Path) -> None:
+def test_build_errors_are_clear_and_leave_nothing(
+    tiny_cnn_path: Path, tiny_data: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "x.onnx"
     no_data = trtforge("build", str(tiny_cnn_path), "--precision", "int8", "--out", str(out))
-    assert no_data.returncode != 0 and "--data" in no_data.stderr and "Traceback" not in no_data.stderr
-    bad_shape = trtforge("build", str(tiny_cnn_path), "--precision", "fp32", "--shapes", "image:1x3x32x32/2x3x32x32/4x3x32x32", "--out", str(out))
-    assert bad_shape.returncode != 0 and "image" in bad_shape.stderr and "Traceback" not in bad_shape.stderr
-    unknown_keep = trtforge("build", str(tiny_cnn_path), "--precision", "int8", "--data", str(tiny_data), "--keep", "no_such_node", "--out", str(out))
+    assert (
+        no_data.returncode != 0 and "--data" in no_data.stderr and "Traceback" not in no_data.stderr
+    )
+    bad_shape = trtforge(
+        "build",
+        str(tiny_cnn_path),
+        "--precision",
+        "fp32",
+        "--shapes",
+        "image:1x3x32x32/2x3x32x32/4x3x32x32",
+        "--out",
+        str(out),
+    )
+    assert (
+        bad_shape.returncode != 0
+        and "image" in bad_shape.stderr
+        and "Traceback" not in bad_shape.stderr
+    )
+    unknown_keep = trtforge(
+        "build",
+        str(tiny_cnn_path),
+        "--precision",
+        "int8",
+        "--data",
+        str(tiny_data),
+        "--keep",
+        "no_such_node",
+        "--out",
+        str(out),
+    )
     assert unknown_keep.returncode != 0 and "no_such_node" in unknown_keep.stderr
     assert not list(tmp_path.glob("x.onnx*"))
 
 
-def test_sweep_writes_markdown_json_and_svg(tiny_cnn_path: Path, tiny_data: Path, tmp_path: Path) -> None:
+def test_sweep_writes_markdown_json_and_svg(
+    tiny_cnn_path: Path, tiny_data: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "sweep"
-    result = trtforge("sweep", str(tiny_cnn_path), "--data", str(tiny_data), "--variants", "fp32,int8", "--backend", "onnxruntime", "--duration-s", "0.1", "--warmup-ms", "5", "--out", str(out), "--json")
+    result = trtforge(
+        "sweep",
+        str(tiny_cnn_path),
+        "--data",
+        str(tiny_data),
+        "--variants",
+        "fp32,int8",
+        "--backend",
+        "onnxruntime",
+        "--duration-s",
+        "0.1",
+        "--warmup-ms",
+        "5",
+        "--out",
+        str(out),
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert [v["name"] for v in report["variants"]] == ["fp32", "int8"]
     assert (out / "sweep.md").read_text().count("| fp32 |") == 1
-    assert (out / "sweep.svg").read_text().startswith("<svg") or "<svg" in (out / "sweep.svg").read_text()[:200]
+    assert (out / "sweep.svg").read_text().startswith("<svg") or "<svg" in (
+        out / "sweep.svg"
+    ).read_text()[:200]

@@ -12,7 +12,13 @@ from calibrators.table import CalibrationTable
 
 
 def trtforge(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", "from service.cli import main; main()", *args], capture_output=True, text=True, cwd=cwd, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", "from service.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        check=False,
+    )
 
 
 @pytest.fixture
@@ -22,12 +28,37 @@ def tiny_data(tmp_path: Path) -> Path:
     return path
 
 
-def test_calibrate_json_summary_and_cache_file(tiny_cnn_path: Path, tiny_data: Path, tmp_path: Path) -> None:
+def test_calibrate_json_summary_and_cache_file(
+    tiny_cnn_path: Path, tiny_data: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "tiny.cache"
-    result = trtforge("calibrate", str(tiny_cnn_path), "--data", str(tiny_data), "--method", "entropy", "--batch-size", "8", "--trt-version", "10.13.3", "--out", str(out), "--json")
+    result = trtforge(
+        "calibrate",
+        str(tiny_cnn_path),
+        "--data",
+        str(tiny_data),
+        "--method",
+        "entropy",
+        "--batch-size",
+        "8",
+        "--trt-version",
+        "10.13.3",
+        "--out",
+        str(out),
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert set(summary) == {"tensors", "samples", "seconds", "peak_rss_mb", "method", "table", "model_sha256", "dataset_sha256"}
+    assert set(summary) == {
+        "tensors",
+        "samples",
+        "seconds",
+        "peak_rss_mb",
+        "method",
+        "table",
+        "model_sha256",
+        "dataset_sha256",
+    }
     assert summary["samples"] == 20 and summary["tensors"] == 13 and summary["method"] == "entropy"
     text = out.read_text()
     assert text.startswith("TRT-101303-EntropyCalibration2\n")
@@ -35,9 +66,23 @@ def test_calibrate_json_summary_and_cache_file(tiny_cnn_path: Path, tiny_data: P
     assert len(table.amax) == 13
 
 
-def test_calibrate_json_table_and_convert_and_show(tiny_cnn_path: Path, tiny_data: Path, tmp_path: Path) -> None:
+def test_calibrate_json_table_and_convert_and_show(
+    tiny_cnn_path: Path, tiny_data: Path, tmp_path: Path
+) -> None:
     as_json = tmp_path / "t.json"
-    assert trtforge("calibrate", str(tiny_cnn_path), "--data", str(tiny_data), "--method", "minmax", "--out", str(as_json)).returncode == 0
+    assert (
+        trtforge(
+            "calibrate",
+            str(tiny_cnn_path),
+            "--data",
+            str(tiny_data),
+            "--method",
+            "minmax",
+            "--out",
+            str(as_json),
+        ).returncode
+        == 0
+    )
     table = CalibrationTable.load(as_json)
     assert table.samples == 20 and table.dataset_sha256
     cache = tmp_path / "t.cache"
@@ -54,7 +99,9 @@ def test_calibrate_json_table_and_convert_and_show(tiny_cnn_path: Path, tiny_dat
 def test_errors_are_one_line_without_traceback(tiny_cnn_path: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.npz"
     np.savez(bad, wrong_name=np.zeros((2, 3, 16, 16), np.float32))
-    result = trtforge("calibrate", str(tiny_cnn_path), "--data", str(bad), "--out", str(tmp_path / "x.cache"))
+    result = trtforge(
+        "calibrate", str(tiny_cnn_path), "--data", str(bad), "--out", str(tmp_path / "x.cache")
+    )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ") and "image" in result.stderr

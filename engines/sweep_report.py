@@ -1,0 +1,221 @@
+"""The report of a variant sweep (:func:`engines.sweep.sweep`): its values, the Pareto front, and
+its Markdown and SVG renderings.
+
+The report compares variants on one latency statistic (the median, p50) and one accuracy metric
+(the sweep chooses it). ``speedup_vs_fp32`` is the FP32 variant's median latency over the
+variant's. A variant is on the *Pareto front* when no other variant is at least as fast and at
+least as accurate, and strictly better in one of the two (:func:`pareto_front`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from pydantic import Field
+
+from calibrators.methods import MethodSpec
+from engines.accuracy import AccuracyMetric, AccuracyReport, MetricBudget
+from engines.benchmark import BenchmarkOptions, PerfReport
+from engines.charts import BarGroup, Box, ScatterPoint, bars_panel, scatter_panel, svg_document
+from engines.frozen import FrozenReport
+from engines.mixed import MixedPrecisionResult
+from engines.spec import Precision
+
+__all__ = [
+    "SweepReport",
+    "VariantFailure",
+    "VariantResult",
+    "pareto_front",
+    "render_markdown",
+    "render_svg",
+]
+
+
+class VariantResult(FrozenReport):
+    """One variant's artifact, speed and accuracy."""
+
+    name: str
+    precision: Precision
+    budget: MetricBudget | None = None
+    artifact: str
+    """The artifact's file name in the sweep's folder."""
+    artifact_sha256: str
+    size_bytes: int
+    build_seconds: float
+    search_seconds: float = 0.0
+    """Automatic mixed precision search (``auto`` variants), not included in ``build_seconds``."""
+    latency_mean_ms: float
+    latency_p50_ms: float
+    latency_p90_ms: float
+    latency_p95_ms: float
+    latency_p99_ms: float
+    throughput_qps: float
+    accuracy_value: float
+    """The sweep's :attr:`SweepReport.accuracy_metric` for this variant."""
+    speedup_vs_fp32: float | None
+    """FP32 median latency / this median latency; ``None`` without an fp32 variant."""
+    pareto: bool
+    kept_nodes: list[str] = Field(default_factory=list)
+    """Nodes kept out of INT8 by the automatic search."""
+    int8_share: float | None = None
+    """Share of quantizable nodes in INT8 (INT8 variants)."""
+    perf: PerfReport
+    accuracy: AccuracyReport
+    mixed: MixedPrecisionResult | None = None
+
+
+class VariantFailure(FrozenReport):
+    """A variant that could not be built or measured, with trtforge's error."""
+
+    name: str
+    code: str
+    message: str
+    hint: str
+
+
+class SweepReport(FrozenReport):
+    """Every variant of one model, measured the same way."""
+
+    model: str
+    model_sha256: str
+    dataset_sha256: str
+    calibration_samples: int
+    eval_samples: int
+    backend: str
+    backend_version: str
+    backend_reason: str
+    calibration: MethodSpec | None
+    table_sha256: str | None
+    accuracy_metric: AccuracyMetric
+    accuracy_higher_is_better: bool
+    latency_stat: str = "p50"
+    benchmark: BenchmarkOptions
+    environment: dict[str, str] = Field(default_factory=dict)
+    variants: list[VariantResult]
+    failed: list[VariantFailure] = Field(default_factory=list)
+    """Variants that raised a trtforge error (e.g. an unreachable ``auto`` budget)."""
+    created_at: str
+    seconds: float
+
+    def variant(self, name: str) -> VariantResult:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise KeyError(name)
+
+    @property
+    def pareto_front(self) -> list[str]:
+        """Names of the variants on the front, fastest first."""
+        front = [v for v in self.variants if v.pareto]
+        return [v.name for v in sorted(front, key=lambda v: v.latency_p50_ms)]
+
+
+def pareto_front(
+    latencies_ms: Sequence[float], accuracies: Sequence[float], *, higher_is_better: bool = True
+) -> list[bool]:
+    """Per point, whether no other point is at least as fast and as accurate and better in one.
+
+    NaN accuracy counts as the worst; equal points are all on the front.
+    """
+    if len(latencies_ms) != len(accuracies):
+        raise ValueError("one accuracy per latency")
+    sign = 1.0 if higher_is_better else -1.0
+    good = [-math.inf if math.isnan(a) else sign * a for a in accuracies]
+    lat = [math.inf if math.isnan(x) else x for x in latencies_ms]
+    front = []
+    for i in range(len(lat)):
+        dominated = any(
+            lat[j] <= lat[i] and good[j] >= good[i] and (lat[j] < lat[i] or good[j] > good[i])
+            for j in range(len(lat))
+        )
+        front.append(not dominated)
+    return front
+
+
+# --- rendering --------------------------------------------------------------------------------
+
+
+def _size(size_bytes: int) -> str:
+    return (
+        f"{size_bytes / 2**20:.2f} MiB" if size_bytes >= 2**20 else f"{size_bytes / 1024:.1f} KiB"
+    )
+
+
+def _opt(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def render_markdown(report: SweepReport) -> str:
+    """The report as a Markdown table (one row per variant) plus the kept nodes of auto variants."""
+    metric = report.accuracy_metric.value
+    lines = [
+        f"# Sweep of {report.model}",
+        "",
+        f"Backend {report.backend} {report.backend_version} ({report.backend_reason}); "
+        f"{report.calibration_samples} calibration and {report.eval_samples} held-out samples; "
+        f"latency = {report.latency_stat} over at least {report.benchmark.duration_s:g} s, "
+        f"batch {report.benchmark.batch_size or 1}.",
+        "",
+        f"| variant | size | build + search s | p50 ms | p90 ms | p99 ms | throughput qps | {metric} "
+        "| speedup vs fp32 | INT8 share | Pareto |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for v in report.variants:
+        lines.append(
+            f"| {v.name} | {_size(v.size_bytes)} | {v.build_seconds + v.search_seconds:.2f} "
+            f"| {v.latency_p50_ms:.3f} | {v.latency_p90_ms:.3f} | {v.latency_p99_ms:.3f} "
+            f"| {v.throughput_qps:.1f} | {v.accuracy_value:.6g} "
+            f"| {_opt(v.speedup_vs_fp32, '.2f')} | {_opt(v.int8_share, '.0%')} "
+            f"| {'yes' if v.pareto else ''} |"
+        )
+    lines += ["", f"Pareto front (fastest first): {', '.join(report.pareto_front)}.", ""]
+    if report.failed:
+        lines += ["## Failed variants", ""]
+        lines += [f"- {f.name}: {f.message} {f.hint}".rstrip() for f in report.failed]
+        lines.append("")
+    for v in report.variants:
+        if v.mixed is None:
+            continue
+        m = v.mixed
+        lines += [
+            f"## {v.name}",
+            "",
+            f"Budget {m.budget}: full INT8 gave {m.value_full_int8:.6g}; keeping "
+            f"{len(m.kept_nodes)} of {m.quantizable_nodes} quantizable nodes out of INT8 reaches "
+            f"{m.value_reached:.6g} ({m.evaluations} evaluations, {m.seconds:.1f} s).",
+            "",
+            *[f"- `{n}`" for n in m.kept_nodes],
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def render_svg(report: SweepReport) -> str:
+    """Latency against accuracy (front highlighted) and p50/p90/p99 latency per variant."""
+    width, height = 980.0, 420.0
+    points = [
+        ScatterPoint(v.name, v.latency_p50_ms, v.accuracy_value, highlighted=v.pareto)
+        for v in report.variants
+    ]
+    groups = [
+        BarGroup(v.name, (v.latency_p50_ms, v.latency_p90_ms, v.latency_p99_ms))
+        for v in report.variants
+    ]
+    body = [
+        *scatter_panel(
+            points,
+            Box(0, 0, width / 2, height),
+            title="Latency against accuracy (Pareto front in red)",
+            x_label="p50 latency (ms)",
+            y_label=report.accuracy_metric.value,
+        ),
+        *bars_panel(
+            groups,
+            ("p50", "p90", "p99"),
+            Box(width / 2, 0, width / 2, height),
+            title="Latency percentiles per variant",
+            y_label="latency (ms)",
+        ),
+    ]
+    return svg_document(width, height, body, title=f"Sweep of {report.model}")
