@@ -7,15 +7,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
 
 from calibrators.collect import COLLECTOR_VERSION, collect
 from calibrators.data import CalibrationDataset
 from calibrators.errors import CalibrationError
 from calibrators.histogram import HistogramCollector, HistogramMode
 from calibrators.methods import CalibrationMethod, MethodSpec
+from calibrators.onnxio import load_onnx
 from calibrators.table import CalibrationTable, algorithm_for_method
 
-__all__ = ["MaxCollector", "calibrate", "sha256_file", "table_cache_key"]
+__all__ = ["MaxCollector", "activation_bounds", "calibrate", "sha256_file", "table_cache_key"]
 
 
 class MaxCollector:
@@ -48,6 +51,55 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def activation_bounds(model: onnx.ModelProto) -> dict[str, float]:
+    """Output tensor -> the upper bound of |x| of bounded activations (Clip with constant bounds,
+    Sigmoid, HardSigmoid, Tanh)."""
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].HasField("t"):
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    bounds: dict[str, float] = {}
+    for node in model.graph.node:
+        if not node.output:
+            continue
+        if node.op_type in ("Sigmoid", "HardSigmoid", "Tanh"):
+            bounds[node.output[0]] = 1.0
+        elif node.op_type == "Clip":
+            limits = _clip_limits(node, constants)
+            if limits is not None:
+                bounds[node.output[0]] = max(abs(limits[0]), abs(limits[1]))
+    return bounds
+
+
+def _clip_limits(
+    node: onnx.NodeProto, constants: dict[str, np.ndarray]
+) -> tuple[float, float] | None:
+    attrs = {a.name: a.f for a in node.attribute}
+    if "min" in attrs or "max" in attrs:  # opset < 11
+        return attrs.get("min", -np.inf), attrs.get("max", np.inf)
+    names = list(node.input[1:3]) + [""] * (3 - len(node.input))
+    values = []
+    for name, default in zip(names[:2], (-np.inf, np.inf), strict=True):
+        if not name:
+            values.append(default)
+        elif name in constants and constants[name].size == 1:
+            values.append(float(constants[name].reshape(())))
+        else:
+            return None  # computed bounds: unknown here
+    low, high = values
+    return (low, high) if np.isfinite(low) and np.isfinite(high) else None
+
+
+def _keep_saturated_bounds(
+    amax: dict[str, float], peaks: dict[str, float], bounds: dict[str, float]
+) -> dict[str, float]:
+    out = dict(amax)
+    for name, bound in bounds.items():
+        if name in out and peaks.get(name, 0.0) >= bound * (1 - 1e-6):
+            out[name] = max(out[name], bound)
+    return out
+
+
 def table_cache_key(
     model_sha256: str, dataset_sha256: str, method: MethodSpec, histogram: HistogramMode
 ) -> str:
@@ -71,9 +123,17 @@ def calibrate(
     batch_size: int | None = None,
     max_samples: int | None = None,
     threads: int | None = None,
+    keep_activation_bounds: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> CalibrationTable:
-    """Compute a calibration table for every float activation of ``model_path``."""
+    """Compute a calibration table for every float activation of ``model_path``.
+
+    ``keep_activation_bounds``: a histogram method never clips the output of a bounded activation
+    (ReLU6-style Clip, Sigmoid, HardSigmoid, Tanh) below its bound when the data reaches it. Such
+    outputs pile up exactly at the bound (a ReLU6 saturates), and the KL criterion, which weighs
+    how often values move rather than how far, happily clips that spike: EfficientNet-Lite0's
+    late ReLU6 outputs get amax 3.4 instead of 6, mapping every saturated value to 3.4.
+    """
     use_histogram = method.method is not CalibrationMethod.MINMAX
     observer: HistogramCollector | MaxCollector = (
         HistogramCollector(mode=histogram) if use_histogram else MaxCollector()
@@ -87,13 +147,19 @@ def calibrate(
         threads=threads,
         progress=progress,
     )
+    params = dict(method.params)
     if isinstance(observer, HistogramCollector):
-        amax = {name: float(method.compute_amax(h)) for name, h in observer.histograms().items()}
+        histograms = observer.histograms()
+        amax = {name: float(method.compute_amax(h)) for name, h in histograms.items()}
+        params["histogram"] = str(histogram)
+        if keep_activation_bounds:
+            peaks = {name: h.max_abs for name, h in histograms.items()}
+            amax = _keep_saturated_bounds(
+                amax, peaks, activation_bounds(load_onnx(model_path, load_external_data=False))
+            )
+            params["keep_activation_bounds"] = "yes"
     else:
         amax = observer.amax()
-    params = dict(method.params)
-    if use_histogram:
-        params["histogram"] = str(histogram)
     return CalibrationTable(
         amax=amax,
         method=method.method,

@@ -35,7 +35,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-COLLECTOR_VERSION = "1"
+COLLECTOR_VERSION = "2"
 """Part of the calibration-table cache key: bump when collection changes what a table holds."""
 
 ProgressFn = Callable[[int, int], None]

@@ -104,3 +104,60 @@ def test_cache_key_changes_with_every_ingredient() -> None:
         table_cache_key("m", "d", entropy(), HistogramMode.TENSORRT),
     }
     assert base not in others and len(others) == 5
+
+
+def _relu6_model() -> onnx.ModelProto:
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.full((4, 1, 1, 1), 1.0, np.float32), "w")
+    w2 = numpy_helper.from_array(np.full((2, 4, 1, 1), 0.5, np.float32), "w2")
+    lo = numpy_helper.from_array(np.array(0.0, np.float32), "lo")
+    hi = numpy_helper.from_array(np.array(6.0, np.float32), "hi")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+            helper.make_node("Clip", ["c", "lo", "hi"], ["r6"], name="relu6"),
+            helper.make_node("Sigmoid", ["r6"], ["sig"], name="sigmoid"),
+            helper.make_node("Conv", ["r6", "w2"], ["y"], name="conv2"),
+        ],
+        "relu6",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 8, 8])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, 8, 8]),
+            helper.make_tensor_value_info("sig", TensorProto.FLOAT, ["n", 4, 8, 8]),
+        ],
+        [w, w2, lo, hi],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_bounded_activations_are_not_clipped_below_a_bound_the_data_reaches(tmp_path: Path) -> None:
+    from calibrators.calibrate import activation_bounds
+
+    model = _relu6_model()
+    assert activation_bounds(model) == {"r6": 6.0, "sig": 1.0}
+    path = tmp_path / "relu6.onnx"
+    onnx.save(model, path)
+    # mostly small values and a few saturated ones (0.2%): KL alone clips the spike away
+    rng = np.random.default_rng(0)
+    x = np.abs(rng.normal(0, 0.7, (64, 1, 8, 8))).astype(np.float32)
+    x[rng.random(x.shape) < 0.002] = 50.0
+    dataset = CalibrationDataset.from_arrays({"x": x})
+    plain = calibrate(path, dataset, entropy(), keep_activation_bounds=False)
+    kept = calibrate(path, dataset, entropy())
+    assert plain.amax["r6"] < 6.0
+    assert (
+        kept.amax["r6"] == 6.0 and kept.amax["sig"] == plain.amax["sig"]
+    )  # sigmoid never reaches 1
+    assert kept.parameters["keep_activation_bounds"] == "yes"
+    assert kept.amax["c"] == plain.amax["c"]  # unbounded tensors are untouched
+    # a bound the data never reaches changes nothing
+    small = CalibrationDataset.from_arrays(
+        {"x": np.abs(rng.normal(0, 0.5, (32, 1, 8, 8))).astype(np.float32)}
+    )
+    assert (
+        calibrate(path, small, entropy()).amax["r6"]
+        == calibrate(path, small, entropy(), keep_activation_bounds=False).amax["r6"]
+    )
