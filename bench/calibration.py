@@ -4,8 +4,11 @@ One run measures, at 256 and at 2048 samples of 224x224 real-photo crops, with 2
   floor    a plain FP32 ONNX Runtime forward pass over the same samples (same loader, same batches)
   ours     `trtforge calibrate --method entropy` (and minmax), end to end
   ort      onnxruntime.quantization.quantize_static with CalibrationMethod.Entropy and MinMax
-Each configuration runs in its own process so its peak RSS is its own; a watchdog stops a process
-whose RSS passes --rss-limit-gb and records that it ran out of memory.
+Each configuration runs in its own process and reports its own peak RSS (VmHWM, which restarts at
+exec, so memory inherited from this parent through fork does not count); a watchdog stops a process
+whose RSS passes --rss-limit-gb and records that it ran out of memory. The floor and ONNX Runtime
+run at --batch-size; trtforge uses its default batch size (as many samples as fit ~384 MB of
+activations: 8 for EfficientNet-Lite0).
 
     python bench/calibration.py [--samples 256 2048] [--threads 2] [--skip-ort]
 
@@ -45,7 +48,7 @@ s = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 t = time.perf_counter()
 for feeds in CalibrationDataset.open(data).batches(batch, max_samples=n):
     s.run(None, feeds)
-print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(time.perf_counter() - t, [int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")][0])
 """
 
 ORT = """
@@ -63,7 +66,7 @@ t = time.perf_counter()
 quantize_static(model, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
     calibrate_method=getattr(CalibrationMethod, method), extra_options={"ActivationSymmetric": True})
-print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(time.perf_counter() - t, [int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")][0])
 """
 
 
@@ -125,7 +128,7 @@ def main() -> None:
         row["floor"] = run_measured([sys.executable, "-c", FLOOR, str(model), str(data), str(n), str(args.threads), str(args.batch_size)], limit, env)
         for method in ("entropy", "minmax"):
             with tempfile.TemporaryDirectory() as tmp:
-                cmd = [sys.executable, "-c", "from service.cli import main; main()", "calibrate", str(model), "--data", str(data), "--method", method, "--max-samples", str(n), "--threads", str(args.threads), "--batch-size", str(args.batch_size), "--out", f"{tmp}/t.cache", "--json"]
+                cmd = [sys.executable, "-c", "from service.cli import main; main()", "calibrate", str(model), "--data", str(data), "--method", method, "--max-samples", str(n), "--threads", str(args.threads), "--out", f"{tmp}/t.cache", "--json"]
                 row[f"ours_{method}"] = run_measured(cmd, limit, env)
         if not args.skip_ort:
             for method in ("Entropy", "MinMax"):

@@ -22,6 +22,14 @@ __all__ = ["register"]
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, unlike ru_maxrss, restarts at exec, so a
+    parent's memory (inherited through fork) does not count."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
