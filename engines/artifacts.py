@@ -31,6 +31,7 @@ from engines.backends.base import Artifact, ArtifactMetadata
 from engines.errors import BuildError, EngineError
 
 __all__ = [
+    "fsync_dir",
     "read_metadata",
     "sidecar_path",
     "write_artifact",
@@ -99,7 +100,7 @@ def write_metadata(artifact_path: Path, metadata: ArtifactMetadata) -> Artifact:
             fh.write(metadata.model_dump_json(indent=2).encode())
             _flush(fh)
             tmp.replace(sidecar)
-            _fsync_dir(sidecar.parent)
+            fsync_dir(sidecar.parent)
     except OSError as exc:
         raise BuildError(f"Cannot write the metadata {str(sidecar)!r}: {exc}", field="out") from exc
     return Artifact(path=artifact_path, metadata_path=sidecar, metadata=metadata)
@@ -195,10 +196,10 @@ def _publish(tmp_artifact: Path, artifact: Path, tmp_sidecar: Path, sidecar: Pat
     except OSError as exc:
         artifact.unlink(missing_ok=True)
         raise BuildError(f"Cannot write the metadata {str(sidecar)!r}: {exc}", field="out") from exc
-    _fsync_dir(artifact.parent)
+    fsync_dir(artifact.parent)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Make the renames durable (POSIX); a no-op where directories cannot be opened."""
     try:
         fd = os.open(folder, os.O_RDONLY)

@@ -30,37 +30,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from calibrators.calibrate import sha256_file
+from engines.artifacts import fsync_dir
 from service.errors import PayloadTooLargeError, StorageError
 from service.processes import process_alive, process_tag
 
-__all__ = ["BlobRef", "PendingFile", "Storage", "fsync_dir", "sha256_path"]
+__all__ = ["BlobRef", "PendingFile", "Storage"]
 
 _CHUNK_BYTES = 1 << 20
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _ENTRY_RE = re.compile(r"^[0-9A-Za-z_-]{1,128}$")
-
-
-def sha256_path(path: Path) -> str:
-    """sha256 hex digest of a file."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make renames inside ``folder`` durable (POSIX; ignored where unsupported)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -241,7 +220,7 @@ class Storage:
 
     def adopt_blob(self, path: Path, sha256: str | None = None) -> BlobRef:
         """Move ``path`` (on this file system) into the blob store; hashed unless given."""
-        sha = sha256 or sha256_path(path)
+        sha = sha256 or sha256_file(path)
         dest = self.blob_path(sha)
         try:
             size = path.stat().st_size
