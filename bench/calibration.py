@@ -73,7 +73,9 @@ print(time.perf_counter() - t, [int(l.split()[1]) / 1024 for l in open("/proc/se
 def run_measured(cmd: list[str], rss_limit_bytes: int, env: dict[str, str]) -> dict[str, object]:
     """Run ``cmd``; its last stdout line is '<seconds> <peak_rss_mb>' or the CLI's JSON."""
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
+    )
     ps = psutil.Process(proc.pid)
     peak = 0
     while proc.poll() is None:
@@ -85,7 +87,11 @@ def run_measured(cmd: list[str], rss_limit_bytes: int, env: dict[str, str]) -> d
         if rss > rss_limit_bytes:
             proc.kill()
             proc.wait()
-            return {"out_of_memory": True, "rss_at_kill_mb": round(rss / 2**20), "seconds_until_kill": round(time.perf_counter() - started, 1)}
+            return {
+                "out_of_memory": True,
+                "rss_at_kill_mb": round(rss / 2**20),
+                "seconds_until_kill": round(time.perf_counter() - started, 1),
+            }
         time.sleep(0.2)
     out, err = proc.communicate()
     if proc.returncode != 0:
@@ -93,7 +99,11 @@ def run_measured(cmd: list[str], rss_limit_bytes: int, env: dict[str, str]) -> d
     last = out.strip().splitlines()[-1]
     if last.startswith("{"):
         info = json.loads(last)
-        return {"seconds": info["seconds"], "peak_rss_mb": info["peak_rss_mb"], "tensors": info["tensors"]}
+        return {
+            "seconds": info["seconds"],
+            "peak_rss_mb": info["peak_rss_mb"],
+            "tensors": info["tensors"],
+        }
     seconds, rss_mb = last.split()
     return {"seconds": round(float(seconds), 2), "peak_rss_mb": round(float(rss_mb), 1)}
 
@@ -101,7 +111,10 @@ def run_measured(cmd: list[str], rss_limit_bytes: int, env: dict[str, str]) -> d
 def make_dataset(n: int) -> Path:
     path = WORK / f"photos_{n}.npz"
     if not path.exists():
-        chunks = [zoo.preprocess_imagenet(zoo.photo_crops(min(256, n - i), seed=i)) for i in range(0, n, 256)]
+        chunks = [
+            zoo.preprocess_imagenet(zoo.photo_crops(min(256, n - i), seed=i))
+            for i in range(0, n, 256)
+        ]
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, input=np.concatenate(chunks))
         tmp.replace(path)
@@ -109,7 +122,9 @@ def make_dataset(n: int) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--samples", type=int, nargs="+", default=[256, 2048])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -125,20 +140,73 @@ def main() -> None:
     for n in args.samples:
         data = make_dataset(n)
         row: dict[str, object] = {"samples": n}
-        row["floor"] = run_measured([sys.executable, "-c", FLOOR, str(model), str(data), str(n), str(args.threads), str(args.batch_size)], limit, env)
+        row["floor"] = run_measured(
+            [
+                sys.executable,
+                "-c",
+                FLOOR,
+                str(model),
+                str(data),
+                str(n),
+                str(args.threads),
+                str(args.batch_size),
+            ],
+            limit,
+            env,
+        )
         for method in ("entropy", "minmax"):
             with tempfile.TemporaryDirectory() as tmp:
-                cmd = [sys.executable, "-c", "from service.cli import main; main()", "calibrate", str(model), "--data", str(data), "--method", method, "--max-samples", str(n), "--threads", str(args.threads), "--out", f"{tmp}/t.cache", "--json"]
+                cmd = [
+                    sys.executable,
+                    "-c",
+                    "from service.cli import main; main()",
+                    "calibrate",
+                    str(model),
+                    "--data",
+                    str(data),
+                    "--method",
+                    method,
+                    "--max-samples",
+                    str(n),
+                    "--threads",
+                    str(args.threads),
+                    "--out",
+                    f"{tmp}/t.cache",
+                    "--json",
+                ]
                 row[f"ours_{method}"] = run_measured(cmd, limit, env)
         if not args.skip_ort:
             for method in ("Entropy", "MinMax"):
                 with tempfile.TemporaryDirectory() as tmp:
-                    row[f"ort_{method.lower()}"] = run_measured([sys.executable, "-c", ORT, str(model), str(data), str(n), method, f"{tmp}/q.onnx", str(args.batch_size)], limit, env)
+                    row[f"ort_{method.lower()}"] = run_measured(
+                        [
+                            sys.executable,
+                            "-c",
+                            ORT,
+                            str(model),
+                            str(data),
+                            str(n),
+                            method,
+                            f"{tmp}/q.onnx",
+                            str(args.batch_size),
+                        ],
+                        limit,
+                        env,
+                    )
         rows.append(row)
         print(json.dumps(row), flush=True)
-    report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs, {round(psutil.virtual_memory().total / 2**30)} GiB", "threads": args.threads, "batch_size": args.batch_size, "rows": rows}
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs, {round(psutil.virtual_memory().total / 2**30)} GiB",
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+        "rows": rows,
+    }
     (RESULTS / "calibration.json").write_text(json.dumps(report, indent=2))
-    lines = ["| samples | floor s | ours entropy s | ratio to floor | ours RSS MB | ORT entropy s | speedup vs ORT | ORT entropy RSS MB | ours minmax s | ORT minmax s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| samples | floor s | ours entropy s | ratio to floor | ours RSS MB | ORT entropy s | speedup vs ORT | ORT entropy RSS MB | ours minmax s | ORT minmax s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         f, e, m = r["floor"], r["ours_entropy"], r["ours_minmax"]
         oe, om = r.get("ort_entropy", {}), r.get("ort_minmax", {})
@@ -146,13 +214,23 @@ def main() -> None:
         def show(x: dict[str, object], key: str) -> str:
             if not x:
                 return "-"
-            return f"OOM at {x['rss_at_kill_mb']} MB after {x['seconds_until_kill']} s" if x.get("out_of_memory") else str(x[key])
+            return (
+                f"OOM at {x['rss_at_kill_mb']} MB after {x['seconds_until_kill']} s"
+                if x.get("out_of_memory")
+                else str(x[key])
+            )
 
-        speed = f"{oe['seconds'] / e['seconds']:.2f}x" if oe and not oe.get("out_of_memory") else "-"
-        lines.append(f"| {r['samples']} | {f['seconds']} | {e['seconds']} | {e['seconds'] / f['seconds']:.2f}x | {e['peak_rss_mb']} | {show(oe, 'seconds')} | {speed} | {show(oe, 'peak_rss_mb')} | {m['seconds']} | {show(om, 'seconds')} |")
+        speed = (
+            f"{oe['seconds'] / e['seconds']:.2f}x" if oe and not oe.get("out_of_memory") else "-"
+        )
+        lines.append(
+            f"| {r['samples']} | {f['seconds']} | {e['seconds']} | {e['seconds'] / f['seconds']:.2f}x | {e['peak_rss_mb']} | {show(oe, 'seconds')} | {speed} | {show(oe, 'peak_rss_mb')} | {m['seconds']} | {show(om, 'seconds')} |"
+        )
     if len(rows) >= 2:
         a, b = rows[0]["ours_entropy"]["peak_rss_mb"], rows[-1]["ours_entropy"]["peak_rss_mb"]
-        lines.append(f"\nOur peak RSS from {rows[0]['samples']} to {rows[-1]['samples']} samples: {a} -> {b} MB ({(b - a) / a * 100:+.1f}%).")
+        lines.append(
+            f"\nOur peak RSS from {rows[0]['samples']} to {rows[-1]['samples']} samples: {a} -> {b} MB ({(b - a) / a * 100:+.1f}%)."
+        )
     md = "\n".join(lines)
     (RESULTS / "calibration.md").write_text(md + "\n")
     print(md)

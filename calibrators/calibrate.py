@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +14,7 @@ from calibrators.collect import COLLECTOR_VERSION, collect
 from calibrators.data import CalibrationDataset
 from calibrators.errors import CalibrationError
 from calibrators.histogram import HistogramCollector, HistogramMode
+from calibrators.kernels import abs_peak_bits, available_cpus, float_bits, for_each_tensor
 from calibrators.methods import CalibrationMethod, MethodSpec
 from calibrators.onnxio import load_onnx
 from calibrators.table import CalibrationTable, algorithm_for_method
@@ -24,19 +25,31 @@ __all__ = ["MaxCollector", "activation_bounds", "calibrate", "sha256_file", "tab
 class MaxCollector:
     """Observer keeping only max|x| per tensor: all the min-max method needs."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, workers: int | None = None) -> None:
         self._max: dict[str, float] = {}
+        self._workers = workers or available_cpus()
 
     def observe(self, name: str, values: np.ndarray) -> None:
         if values.size == 0:
             return
-        peak = float(max(np.max(values), -np.min(values)))
-        if not np.isfinite(peak):
+        flat = np.ascontiguousarray(values).reshape(-1)
+        if flat.dtype not in (np.float32, np.float64):
+            flat = flat.astype(np.float32)
+        bits, layout = float_bits(flat)
+        peak_bits = abs_peak_bits(bits, layout.abs_mask)
+        if not layout.is_finite(peak_bits):
             raise CalibrationError(
                 f"Tensor {name!r} produced NaN or Inf during calibration.",
                 hint="Check the dataset's preprocessing; the model overflows on these inputs.",
+                field=name,
             )
-        self._max[name] = max(self._max.get(name, 0.0), peak)
+        self._max[name] = max(self._max.get(name, 0.0), layout.to_float(peak_bits))
+
+    def observe_batch(self, tensors: Sequence[tuple[str, np.ndarray]]) -> None:
+        for name, values in tensors:  # keep graph order in the table
+            if values.size:
+                self._max.setdefault(name, 0.0)
+        for_each_tensor(self.observe, tensors, self._workers)
 
     def amax(self) -> dict[str, float]:
         return dict(self._max)
@@ -136,7 +149,9 @@ def calibrate(
     """
     use_histogram = method.method is not CalibrationMethod.MINMAX
     observer: HistogramCollector | MaxCollector = (
-        HistogramCollector(mode=histogram) if use_histogram else MaxCollector()
+        HistogramCollector(mode=histogram, workers=threads)
+        if use_histogram
+        else MaxCollector(workers=threads)
     )
     samples = collect(
         model_path,

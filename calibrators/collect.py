@@ -46,9 +46,11 @@ _DEFAULT_ACTIVATION_BUDGET_BYTES = 384 * 1024 * 1024
 
 
 class Observer(Protocol):
-    """Receives one tensor's values for one batch."""
+    """Receives the activations of one batch."""
 
-    def observe(self, name: str, values: np.ndarray) -> None: ...
+    def observe_batch(self, tensors: Sequence[tuple[str, np.ndarray]]) -> None:
+        """``(name, values)`` per observed tensor, in graph order. The arrays are reused for the
+        next batch: they are valid during the call only."""
 
 
 @dataclass(frozen=True)
@@ -218,9 +220,8 @@ def _run_batches(
             ) from exc
         values = {name: feeds[name] for name in observed_inputs}
         values.update(outputs)
-        for name in tensors:  # graph order, so tables list tensors as the model does
-            if name in values:
-                observer.observe(name, values[name])
+        # graph order, so tables list tensors as the model does
+        observer.observe_batch([(name, values[name]) for name in tensors if name in values])
         del values
         del outputs
         done += _batch_len(feeds)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import tracemalloc
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,9 @@ class Recorder:
     def __init__(self) -> None:
         self.seen: dict[str, list[np.ndarray]] = {}
 
-    def observe(self, name: str, values: np.ndarray) -> None:
-        self.seen.setdefault(name, []).append(values.copy())
+    def observe_batch(self, tensors: Sequence[tuple[str, np.ndarray]]) -> None:
+        for name, values in tensors:
+            self.seen.setdefault(name, []).append(values.copy())
 
 
 def _reference(
@@ -155,7 +157,7 @@ def test_memory_does_not_grow_with_sample_count(
     monkeypatch.setattr("calibrators.data._HASH_BATCH_BYTES", 64 * 1024)
 
     class Peak:
-        def observe(self, name: str, values: np.ndarray) -> None:
+        def observe_batch(self, tensors: Sequence[tuple[str, np.ndarray]]) -> None:
             pass
 
     def traced_peak(n: int) -> int:
