@@ -1,8 +1,9 @@
 """Variant comparison: build a model at several precisions, measure each, and report the trade-off.
 
 A sweep splits the dataset once into calibration and held-out evaluation samples (the same rule
-as :meth:`CalibrationDataset.split`), calibrates once on the first part and reuses the table for
-every INT8 variant, then per variant: builds the artifact (:func:`engines.build.build_artifact`),
+as :meth:`CalibrationDataset.split`), or takes a separate evaluation dataset and calibrates on all
+of the first; it calibrates once (or takes a given table) and reuses the table for every INT8
+variant, then per variant: builds the artifact (:func:`engines.build.build_artifact`),
 benchmarks it on held-out samples (:func:`engines.benchmark.benchmark`) and compares it with the
 FP32 model (ONNX Runtime on the original, run once per batch) on the held-out samples
 (:func:`engines.accuracy.compare`).
@@ -30,10 +31,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from calibrators.calibrate import calibrate, sha256_file
 from calibrators.data import CalibrationDataset, model_input_specs
 from calibrators.errors import TrtforgeError
+from calibrators.methods import MethodSpec, method_spec
 from calibrators.onnxio import load_onnx
 from calibrators.table import CalibrationTable
 from engines.accuracy import AccuracyMetric, AccuracyReport, MetricBudget, compare
@@ -161,6 +164,8 @@ def sweep(
     seed: int = 0,
     benchmark_options: BenchmarkOptions | None = None,
     labels: np.ndarray | None = None,
+    eval_dataset: CalibrationDataset | None = None,
+    table: CalibrationTable | None = None,
     base_spec: BuildSpec | None = None,
     accuracy_metric: AccuracyMetric | None = None,
     eval_batch_size: int = 16,
@@ -170,7 +175,9 @@ def sweep(
     """Build, benchmark and compare each variant; write the report files into ``out_dir``.
 
     ``labels[i]`` is the class of dataset sample ``i`` (all samples; the held-out ones are
-    picked out). ``base_spec`` supplies everything but the precision and backend (calibration
+    picked out), or of ``eval_dataset`` sample ``i`` when that is given. With ``eval_dataset``
+    every sample of ``dataset`` calibrates and ``eval_fraction`` is not used. ``table`` skips
+    calibration (it must name tensors of this model). ``base_spec`` supplies everything but the precision and backend (calibration
     method, keep rules, profiles). ``accuracy_metric`` overrides the module docstring's choice.
     ``mixed_max_nodes`` bounds the sensitivity evaluations of ``auto`` variants. A variant that
     raises a trtforge error is listed in :attr:`SweepReport.failed` and the others go on; when
@@ -181,26 +188,36 @@ def sweep(
     parsed = [v if isinstance(v, Variant) else Variant.parse(v) for v in variants]
     parse_variants([v.name for v in parsed])
     model = load_onnx(model_path, load_external_data=False)
-    data = dataset.validate(model_input_specs(model))
+    specs = model_input_specs(model)
+    data = dataset.validate(specs)
+    if table is not None:
+        _check_table(table, model)
     del model
-    cal_idx, eval_idx = _split_indices(data, eval_fraction, seed)
+    if eval_dataset is None:
+        cal_idx, eval_idx = _split_indices(data, eval_fraction, seed)
+        calibration, evaluation = data.subset(cal_idx), data.subset(eval_idx)
+    else:
+        calibration, evaluation = data, eval_dataset.validate(specs)
+        eval_idx = list(range(len(evaluation)))
     builder, reason = select_backend(backend)
     ctx = _Context(
         model_path=model_path,
         base=(base_spec or BuildSpec()).model_copy(update={"backend": backend}),
-        table=None,
-        evaluation=data.subset(eval_idx),
-        labels=None if labels is None else _eval_labels(labels, len(data), eval_idx),
+        table=table,
+        evaluation=evaluation,
+        labels=None
+        if labels is None
+        else _eval_labels(labels, len(data) if eval_dataset is None else len(evaluation), eval_idx),
         options=benchmark_options or BenchmarkOptions(),
         out_dir=Path(out_dir),
         suffix=".engine" if builder.name == "tensorrt" else ".onnx",
         batch_size=eval_batch_size,
         max_nodes=mixed_max_nodes,
     )
-    if any(v.precision.uses_int8 for v in parsed):
+    if ctx.table is None and any(v.precision.uses_int8 for v in parsed):
         report_progress(progress, "calibrating", 0.0)
         ctx.table = calibrate(
-            model_path, data.subset(cal_idx), ctx.base.calibration, histogram=ctx.base.histogram
+            model_path, calibration, ctx.base.calibration, histogram=ctx.base.histogram
         )
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     measured: list[_Measured] = []
@@ -219,13 +236,16 @@ def sweep(
         model=model_path.name,
         model_sha256=sha256_file(model_path),
         dataset_sha256=data.digest,
-        calibration_samples=len(cal_idx),
-        eval_samples=len(eval_idx),
+        calibration_samples=ctx.table.samples if ctx.table is not None else len(calibration),
+        eval_samples=len(evaluation),
         backend=builder.name,
         backend_version=builder.version(),
         backend_reason=reason,
-        calibration=ctx.base.calibration if ctx.table is not None else None,
+        calibration=_table_method(table)
+        if table is not None
+        else (ctx.base.calibration if ctx.table is not None else None),
         table_sha256=ctx.table.digest if ctx.table is not None else None,
+        table_given=table is not None,
         accuracy_metric=metric,
         accuracy_higher_is_better=metric.higher_is_better,
         benchmark=ctx.options,
@@ -259,6 +279,29 @@ class _Context:
     suffix: str
     batch_size: int
     max_nodes: int | None
+
+
+def _table_method(table: CalibrationTable) -> MethodSpec | None:
+    """The method a given table was computed with, when it says (TensorRT caches do not)."""
+    if table.method is None:
+        return None
+    percentile = table.parameters.get("percentile")
+    try:
+        return method_spec(
+            table.method, percentile=None if percentile is None else float(percentile)
+        )
+    except ValueError:
+        return method_spec(table.method)
+
+
+def _check_table(table: CalibrationTable, model: onnx.ModelProto) -> None:
+    names = [i.name for i in model.graph.input] + [o for n in model.graph.node for o in n.output]
+    if table.compare_with_model(names).matched_tensors == 0:
+        raise SpecError(
+            "No tensor of the calibration table exists in the model.",
+            hint="Pass the table calibrated for this model (trtforge calibrate MODEL ...).",
+            field="table",
+        )
 
 
 def _eval_labels(labels: np.ndarray, total: int, eval_idx: list[int]) -> np.ndarray:

@@ -81,12 +81,15 @@ class SweepReport(FrozenReport):
     model_sha256: str
     dataset_sha256: str
     calibration_samples: int
+    """Samples behind the table (for a given TensorRT cache, which does not record them: 0)."""
     eval_samples: int
     backend: str
     backend_version: str
     backend_reason: str
     calibration: MethodSpec | None
     table_sha256: str | None
+    table_given: bool = False
+    """The table was passed in (``--table``), not calibrated by this sweep."""
     accuracy_metric: AccuracyMetric
     accuracy_higher_is_better: bool
     latency_stat: str = "p50"
@@ -146,6 +149,13 @@ def _opt(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _calibration_words(report: SweepReport) -> str:
+    if not report.table_given:
+        return f"{report.calibration_samples} calibration"
+    samples = f"{report.calibration_samples} samples" if report.calibration_samples else "cache"
+    return f"a given calibration table ({samples}, sha256 {(report.table_sha256 or '')[:12]})"
+
+
 def render_markdown(report: SweepReport) -> str:
     """The report as a Markdown table (one row per variant) plus the kept nodes of auto variants."""
     metric = report.accuracy_metric.value
@@ -153,7 +163,7 @@ def render_markdown(report: SweepReport) -> str:
         f"# Sweep of {report.model}",
         "",
         f"Backend {report.backend} {report.backend_version} ({report.backend_reason}); "
-        f"{report.calibration_samples} calibration and {report.eval_samples} held-out samples; "
+        f"{_calibration_words(report)} and {report.eval_samples} held-out samples; "
         f"latency = {report.latency_stat} over at least {report.benchmark.duration_s:g} s, "
         f"batch {report.benchmark.batch_size or 1}.",
         "",

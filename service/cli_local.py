@@ -105,7 +105,10 @@ def _method(name: str, percentile: float | None) -> MethodSpec:
     "--trt-version", default=None, help="TensorRT version the cache is written for (e.g. 10.13.3)."
 )
 @click.option(
-    "--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads."
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads for ONNX Runtime and for binning activations (default: all available).",
 )
 @click.option(
     "--out",

@@ -241,12 +241,30 @@ def compare(
     default="auto",
     show_default=True,
 )
-@click.option("--eval-fraction", type=click.FloatRange(0.01, 0.9), default=0.2, show_default=True)
+@click.option(
+    "--eval-fraction",
+    type=click.FloatRange(0.01, 0.9),
+    default=0.2,
+    show_default=True,
+    help="Share of --data held out for evaluation (without --eval-data).",
+)
+@click.option(
+    "--eval-data",
+    type=click.Path(path_type=Path, exists=True),
+    default=None,
+    help="Separate evaluation samples (same --preprocess); then all of --data calibrates.",
+)
+@click.option(
+    "--table",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="A calibration table for this model (cache text or .json) instead of calibrating.",
+)
 @click.option(
     "--labels",
     type=click.Path(path_type=Path, exists=True, dir_okay=False),
     default=None,
-    help=".npy of int labels for every --data sample.",
+    help=".npy of int labels, one per --data sample (per --eval-data sample with --eval-data).",
 )
 @click.option(
     "--batch-size",
@@ -274,6 +292,8 @@ def sweep(
     method: str,
     backend: str,
     eval_fraction: float,
+    eval_data: Path | None,
+    table: Path | None,
     labels: Path | None,
     batch_size: int,
     duration_s: float,
@@ -283,6 +303,7 @@ def sweep(
 ) -> None:
     """Build, benchmark and compare precision variants of MODEL; report the Pareto front."""
     from calibrators.methods import method_spec
+    from calibrators.table import CalibrationTable
     from engines.benchmark import BenchmarkOptions
     from engines.spec import BackendName, BuildSpec
     from engines.sweep import render_markdown
@@ -298,6 +319,8 @@ def sweep(
             out_dir=out_dir,
             backend=BackendName(backend),
             eval_fraction=eval_fraction,
+            eval_dataset=dataset_from_options(eval_data, preprocess) if eval_data else None,
+            table=CalibrationTable.load(table) if table else None,
             benchmark_options=options,
             labels=labels_from_file(labels),
             base_spec=BuildSpec(calibration=method_spec(method)),

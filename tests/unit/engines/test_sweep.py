@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from calibrators.calibrate import calibrate
 from calibrators.data import CalibrationDataset
+from calibrators.methods import method_spec
 from engines.accuracy import AccuracyMetric
 from engines.benchmark import BenchmarkOptions
 from engines.charts import nice_ticks
@@ -125,6 +127,46 @@ def test_sweep_tiny_cnn(tiny_cnn_path: Path, tmp_path: Path) -> None:
     )
     assert [v.pareto for v in report.variants] == expected and any(expected)
     _check_files(report, tmp_path)
+
+
+def test_sweep_with_a_separate_eval_dataset_and_a_given_table(
+    tiny_cnn_path: Path, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(1)
+    calib = CalibrationDataset.from_arrays(
+        {"image": rng.normal(0, 1, (24, 3, 16, 16)).astype(np.float32)}
+    )
+    evaluation = CalibrationDataset.from_arrays(
+        {"image": rng.normal(0, 1, (10, 3, 16, 16)).astype(np.float32)}
+    )
+    table = calibrate(tiny_cnn_path, calib, method_spec("minmax"))
+    labels = np.arange(10) % 10
+    report = sweep(
+        tiny_cnn_path,
+        calib,
+        ["fp32", "int8"],
+        out_dir=tmp_path,
+        backend=BackendName.ONNXRUNTIME,
+        eval_dataset=evaluation,
+        table=table,
+        labels=labels,
+        benchmark_options=QUICK,
+    )
+    assert report.eval_samples == 10 and report.calibration_samples == 24
+    assert report.table_sha256 == table.digest  # the given table, not a fresh entropy one
+    assert report.calibration is not None and report.calibration.method == "minmax"
+    assert report.accuracy_metric is AccuracyMetric.ACCURACY  # labels of the eval samples
+    fp32, int8 = report.variants
+    assert fp32.accuracy.samples == int8.accuracy.samples == 10
+    assert fp32.accuracy.output("logits").accuracy_drop == 0.0
+
+    with pytest.raises(SpecError, match="10 labels for a dataset of 24") as too_few:
+        sweep(tiny_cnn_path, calib, ["fp32"], out_dir=tmp_path / "x", labels=labels)
+    assert too_few.value.field == "labels"
+    foreign = table.model_copy(update={"amax": {"not_in_model": 1.0}})
+    with pytest.raises(SpecError, match="No tensor of the calibration table") as bad:
+        sweep(tiny_cnn_path, calib, ["int8"], out_dir=tmp_path / "y", table=foreign)
+    assert bad.value.field == "table" and not (tmp_path / "y").exists()
 
 
 def test_sweep_with_automatic_mixed_precision(tmp_path: Path) -> None:

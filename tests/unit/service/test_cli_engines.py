@@ -192,3 +192,31 @@ def test_sweep_writes_markdown_json_and_svg(
     assert (out / "sweep.svg").read_text().startswith("<svg") or "<svg" in (
         out / "sweep.svg"
     ).read_text()[:200]
+
+
+def test_sweep_takes_a_table_and_a_separate_eval_dataset(
+    tiny_cnn_path: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    table = tmp_path / "tiny.cache"
+    calibrated = trtforge(
+        "calibrate", str(tiny_cnn_path), "--data", str(tiny_data), "--method", "minmax",
+        "--out", str(table),
+    )  # fmt: skip
+    assert calibrated.returncode == 0, calibrated.stderr
+    held_out = tmp_path / "eval.npz"
+    np.savez(
+        held_out, image=np.random.default_rng(5).normal(0, 1, (6, 3, 16, 16)).astype(np.float32)
+    )
+    out = tmp_path / "sweep"
+    result = trtforge(
+        "sweep", str(tiny_cnn_path), "--data", str(tiny_data), "--eval-data", str(held_out),
+        "--table", str(table), "--variants", "fp32,int8", "--backend", "onnxruntime",
+        "--duration-s", "0.1", "--warmup-ms", "5", "--out", str(out), "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["eval_samples"] == 6 and report["table_given"]
+    assert report["calibration_samples"] == 0  # a TensorRT cache does not record it
+    assert report["calibration"] is None  # a cache names TensorRT's algorithm, not our method
+    assert all(v["accuracy"]["samples"] == 6 for v in report["variants"])
+    assert "a given calibration table (cache" in (out / "sweep.md").read_text()
