@@ -28,6 +28,7 @@ __all__ = [
     "FloatBits",
     "abs_peak_bits",
     "available_cpus",
+    "binned_histogram",
     "fine_histogram",
     "float_bits",
     "for_each_tensor",
@@ -155,16 +156,7 @@ def fine_histogram(
             _fold(counts, steps)
             log2_range = needed
         typed_scale[0] = 2.0 ** (fine_log2 - log2_range)
-        scale = typed_scale[0]
-        top = fine - 1
-        quad = start + (stop - start) // _LANES * _LANES
-        for i in range(start, quad, _LANES):
-            lanes[0, min(int(abs(values[i]) * scale), top)] += 1
-            lanes[1, min(int(abs(values[i + 1]) * scale), top)] += 1
-            lanes[2, min(int(abs(values[i + 2]) * scale), top)] += 1
-            lanes[3, min(int(abs(values[i + 3]) * scale), top)] += 1
-        for i in range(quad, stop):
-            lanes[0, min(int(abs(values[i]) * scale), top)] += 1
+        _bin_chunk(values, start, stop, typed_scale[0], lanes)
         since_flush += stop - start
         if since_flush >= _FLUSH:
             _fold_lanes_into(lanes, counts)
@@ -172,6 +164,36 @@ def fine_histogram(
             since_flush = 0
     _fold_lanes_into(lanes, counts)
     return int(peak_all), log2_range, -1
+
+
+@numba.njit(nogil=True, cache=True)
+def binned_histogram(values: Any, scale: Any, counts: Any) -> None:
+    """Add ``min(floor(|x| * scale), B - 1)`` of every value to ``counts`` (``B`` bins, int64).
+
+    ``scale`` should be of the values' float type (``np.float32(...)`` for float32 values), so the
+    product is rounded as numpy rounds ``values * scale``. Values must be finite (check first with
+    :func:`abs_peak_bits`).
+    """
+    lanes = np.zeros((_LANES, counts.size), dtype=np.int32)
+    for start in range(0, values.size, _FLUSH):
+        stop = min(start + _FLUSH, values.size)
+        _bin_chunk(values, start, stop, scale, lanes)
+        _fold_lanes_into(lanes, counts)
+        lanes[:] = 0
+
+
+@numba.njit(nogil=True, cache=True)
+def _bin_chunk(values: Any, start: int, stop: int, scale: Any, lanes: Any) -> None:
+    """``lanes[k % LANES, min(floor(|values[k]| * scale), bins - 1)] += 1`` for k in [start, stop)."""
+    top = lanes.shape[1] - 1
+    quad = start + (stop - start) // _LANES * _LANES
+    for i in range(start, quad, _LANES):
+        lanes[0, min(int(abs(values[i]) * scale), top)] += 1
+        lanes[1, min(int(abs(values[i + 1]) * scale), top)] += 1
+        lanes[2, min(int(abs(values[i + 2]) * scale), top)] += 1
+        lanes[3, min(int(abs(values[i + 3]) * scale), top)] += 1
+    for i in range(quad, stop):
+        lanes[0, min(int(abs(values[i]) * scale), top)] += 1
 
 
 @numba.njit(nogil=True, cache=True)

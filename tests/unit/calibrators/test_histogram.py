@@ -311,3 +311,17 @@ def test_histogram_copies_its_counts() -> None:
     hist = Histogram(counts=counts, max_abs=1.0)
     counts[0] = 100.0
     assert hist.counts[0] == 1.0
+
+
+@pytest.mark.parametrize("mode", [EXACT, TENSORRT])
+def test_observe_batch_on_threads_equals_one_tensor_at_a_time(mode: HistogramMode) -> None:
+    acts = fashion_activations(64)
+    batches = split(acts, np.arange(64), 16)
+    threaded = HistogramCollector(mode, workers=2)
+    for batch in batches:
+        threaded.observe_batch(list(batch.items()))
+    sequential = collect(batches, mode)
+    assert threaded.tensor_names == tuple(acts)  # graph order, not largest-first
+    for name, hist in threaded.histograms().items():
+        assert hist.max_abs == sequential[name].max_abs
+        np.testing.assert_array_equal(hist.counts, sequential[name].counts)

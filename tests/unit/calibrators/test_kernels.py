@@ -9,6 +9,7 @@ import pytest
 from calibrators.kernels import (
     FloatBits,
     abs_peak_bits,
+    binned_histogram,
     fine_histogram,
     float_bits,
     for_each_tensor,
@@ -134,3 +135,15 @@ def test_for_each_tensor_runs_everything_and_reraises() -> None:
     with pytest.raises(ValueError, match="boom"):
         for_each_tensor(work, [*tensors, ("bad", np.zeros(2))], workers=2)
     assert "bad" in seen
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_binned_histogram_matches_numpy_and_clamps_the_top(dtype: type) -> None:
+    values = np.random.default_rng(3).uniform(-3, 3, 20_001).astype(dtype)
+    values[:3] = [3.0, -3.0, 0.0]
+    scale = dtype(2048 / 3.0)
+    counts = np.zeros(2048, dtype=np.int64)
+    binned_histogram(values, scale, counts)
+    index = np.minimum((np.abs(values) * scale).astype(np.int64), 2047)  # same rounding
+    np.testing.assert_array_equal(counts, np.bincount(index, minlength=2048))
+    assert counts[-1] >= 2  # |x| == range lands in the last bin
