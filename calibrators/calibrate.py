@@ -13,8 +13,7 @@ from onnx import numpy_helper
 from calibrators.collect import COLLECTOR_VERSION, collect
 from calibrators.data import CalibrationDataset
 from calibrators.errors import CalibrationError
-from calibrators.histogram import HistogramCollector, HistogramMode
-from calibrators.kernels import abs_peak_bits, available_cpus, float_bits, for_each_tensor
+from calibrators.histogram import HistogramCollector, HistogramMode, kernels
 from calibrators.methods import CalibrationMethod, MethodSpec
 from calibrators.onnxio import load_onnx
 from calibrators.table import CalibrationTable, algorithm_for_method
@@ -27,7 +26,7 @@ class MaxCollector:
 
     def __init__(self, *, workers: int | None = None) -> None:
         self._max: dict[str, float] = {}
-        self._workers = workers or available_cpus()
+        self._workers = workers or kernels().available_cpus()
 
     def observe(self, name: str, values: np.ndarray) -> None:
         if values.size == 0:
@@ -35,8 +34,9 @@ class MaxCollector:
         flat = np.ascontiguousarray(values).reshape(-1)
         if flat.dtype not in (np.float32, np.float64):
             flat = flat.astype(np.float32)
-        bits, layout = float_bits(flat)
-        peak_bits = abs_peak_bits(bits, layout.abs_mask)
+        k = kernels()
+        bits, layout = k.float_bits(flat)
+        peak_bits = k.abs_peak_bits(bits, layout.abs_mask)
         if not layout.is_finite(peak_bits):
             raise CalibrationError(
                 f"Tensor {name!r} produced NaN or Inf during calibration.",
@@ -49,7 +49,7 @@ class MaxCollector:
         for name, values in tensors:  # keep graph order in the table
             if values.size:
                 self._max.setdefault(name, 0.0)
-        for_each_tensor(self.observe, tensors, self._workers)
+        kernels().for_each_tensor(self.observe, tensors, self._workers)
 
     def amax(self) -> dict[str, float]:
         return dict(self._max)

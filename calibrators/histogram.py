@@ -44,22 +44,21 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from calibrators.errors import CalibrationError
-from calibrators.kernels import (
-    abs_peak_bits,
-    available_cpus,
-    binned_histogram,
-    fine_histogram,
-    float_bits,
-    for_each_tensor,
-)
 
-__all__ = ["DEFAULT_NUM_BINS", "Histogram", "HistogramCollector", "HistogramMode"]
+__all__ = [
+    "DEFAULT_NUM_BINS",
+    "Histogram",
+    "HistogramCollector",
+    "HistogramMode",
+    "kernels",
+]
 
 DEFAULT_NUM_BINS = 2048
 """Bins of the histograms handed to the methods (TensorRT's and pytorch-quantization's choice)."""
@@ -201,7 +200,7 @@ class HistogramCollector:
         if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
             raise ValueError(f"num_bins must be an integer >= 2, got {num_bins!r}.")
         self._mode = HistogramMode(mode)
-        self._workers = workers or available_cpus()
+        self._workers = workers or kernels().available_cpus()
         self._num_bins = num_bins
         self._fine_bins = 1 << (_FINE_FACTOR * num_bins - 1).bit_length()
         self._exact: dict[str, _ExactState] = {}
@@ -253,7 +252,7 @@ class HistogramCollector:
         for name, values in tensors:
             if np.size(values):
                 self._state(name)
-        for_each_tensor(self.observe, tensors, self._workers)
+        kernels().for_each_tensor(self.observe, tensors, self._workers)
 
     def _state(self, name: str) -> _ExactState | _TensorRTState:
         if self._mode is HistogramMode.EXACT:
@@ -284,8 +283,9 @@ class HistogramCollector:
         # (growing the range first if needed: growth mid-batch is fine, the fine counts only depend
         # on the final range), then bin = floor(|x| * 2**k) into the fine counts.
         flat = np.ascontiguousarray(flat)
-        bits, layout = float_bits(flat)
-        peak_bits, log2_range, bad = fine_histogram(
+        k = kernels()
+        bits, layout = k.float_bits(flat)
+        peak_bits, log2_range, bad = k.fine_histogram(
             flat,
             bits,
             layout.abs_mask,
@@ -328,8 +328,9 @@ class HistogramCollector:
 
     def _observe_tensorrt(self, name: str, state: _TensorRTState, flat: FloatArray) -> None:
         flat = np.ascontiguousarray(flat)
-        bits, layout = float_bits(flat)
-        peak_bits = abs_peak_bits(bits, layout.abs_mask)
+        k = kernels()
+        bits, layout = k.float_bits(flat)
+        peak_bits = k.abs_peak_bits(bits, layout.abs_mask)
         if not layout.is_finite(peak_bits):
             raise _non_finite(name, state.batches)
         peak = layout.to_float(peak_bits)
@@ -341,7 +342,15 @@ class HistogramCollector:
         elif peak > state.range_abs:
             state.grow_to(peak)
         # |x| == range (or rounding above it) lands in the last bin
-        binned_histogram(flat, flat.dtype.type(self._num_bins / state.range_abs), state.counts)
+        k.binned_histogram(flat, flat.dtype.type(self._num_bins / state.range_abs), state.counts)
+
+
+def kernels() -> ModuleType:
+    """:mod:`calibrators.kernels`, imported on first use: numba (0.3 s, ~100 MB) loads only in
+    processes that compute statistics, not in every importer of :class:`HistogramMode`."""
+    import calibrators.kernels
+
+    return calibrators.kernels
 
 
 def _as_float_vector(name: str, values: npt.ArrayLike) -> FloatArray:

@@ -90,3 +90,26 @@ def test_every_module_imports_without_gpu_libraries() -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"imported {len(names)}" in result.stdout
+
+
+def test_numba_only_behind_calibrators_kernels() -> None:
+    # numba costs 0.3 s and ~100 MB per process: only processes that compute statistics load it
+    offenders = [
+        rel
+        for path in _modules()
+        if (rel := path.relative_to(ROOT).as_posix()) != "calibrators/kernels.py"
+        and any(m.split(".")[0] == "numba" for m, _ in _imports(ast.parse(path.read_text(), rel)))
+    ]
+    assert not offenders, offenders
+    script = (
+        "import sys\n"
+        "import service.app, service.cli, calibrators.histogram, calibrators.calibrate, engines.build\n"
+        "assert 'numba' not in sys.modules, 'numba imported'\n"
+        "from calibrators.histogram import HistogramCollector\n"
+        "HistogramCollector().observe('t', [1.0, -2.0])\n"
+        "assert 'numba' in sys.modules\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
