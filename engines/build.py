@@ -92,12 +92,7 @@ def build_artifact(
     inputs and keep patterns that match no node; :class:`BackendUnavailableError` when the
     requested backend cannot run here.
     """
-    if spec.precision.uses_int8 and table is None:
-        raise SpecError(
-            f"Precision {spec.precision.value} needs INT8 ranges but no calibration table was given.",
-            hint="pass --data to calibrate or --table",
-            field="table",
-        )
+    spec.precision.require_table(table)
     model = load_onnx(Path(model_path), load_external_data=False)
     validate_profiles(model_input_specs(model), spec.profiles)
     validate_keep_patterns(model, spec)

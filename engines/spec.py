@@ -14,6 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from calibrators.histogram import HistogramMode
 from calibrators.methods import MethodSpec, entropy
+from engines.errors import SpecError
 from engines.frozen import FrozenModel
 
 __all__ = [
@@ -41,6 +42,17 @@ class Precision(StrEnum):
     @property
     def uses_fp16(self) -> bool:
         return self in (Precision.FP16, Precision.INT8_FP16)
+
+    def require_table(self, table: object | None) -> None:
+        """Raise :class:`SpecError` (field ``table``) when this precision needs INT8 ranges and
+        ``table`` is None: the one wording of that error for every builder."""
+        if self.uses_int8 and table is None:
+            raise SpecError(
+                f"Precision {self.value} needs INT8 ranges but no calibration table was given.",
+                hint="Pass --data to calibrate (or calibrate first with trtforge calibrate), "
+                "or pass --table.",
+                field="table",
+            )
 
 
 class BackendName(StrEnum):

@@ -33,7 +33,7 @@ from engines.backends.base import (
     QueryTiming,
     report_progress,
 )
-from engines.errors import BuildError, RunError, SpecError
+from engines.errors import BuildError, RunError
 from engines.spec import BuildSpec
 
 if TYPE_CHECKING:
@@ -209,12 +209,7 @@ class OnnxRuntimeBackend:
         from engines.graph import prepare_model
         from engines.graph.inspect import load_model
 
-        if spec.precision.uses_int8 and table is None:
-            raise SpecError(
-                f"Precision {spec.precision.value} needs a calibration table.",
-                hint="pass --data to calibrate or --table",
-                field="table",
-            )
+        spec.precision.require_table(table)
         start = time.perf_counter()
         report_progress(progress, "loading model", 0.0)
         model_path = Path(model_path)

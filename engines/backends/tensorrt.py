@@ -136,12 +136,7 @@ class TensorRTBackend:
     ) -> Artifact:
         """Build ``model_path`` per ``spec`` into an engine at ``out_path`` (module docstring)."""
         start = time.perf_counter()
-        if spec.precision.uses_int8 and table is None:
-            raise SpecError(
-                f"Precision {spec.precision.value} needs a calibration table.",
-                hint="Pass --data to calibrate or --table.",
-                field="table",
-            )
+        spec.precision.require_table(table)
         gpu = self._gpu()
         if not tensorrt_installed() or gpu is None:
             raise BackendUnavailableError(

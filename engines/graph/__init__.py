@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 import onnx
 
-from engines.errors import SpecError
 from engines.graph.fp16 import Fp16Report, convert_fp16
 from engines.graph.inspect import ModelInfo, TensorInfo, inspect_model, load_model, normalize
 from engines.graph.qdq import QuantizationReport, insert_qdq
@@ -79,12 +78,7 @@ def prepare_model(
     Raises :class:`SpecError` when INT8 is asked for without a calibration table.
     """
     precision = spec.precision
-    if precision.uses_int8 and table is None:
-        raise SpecError(
-            f"Precision {precision.value} needs a calibration table.",
-            hint="Calibrate first (trtforge calibrate, or pass --data) or pass --table.",
-            field="table",
-        )
+    precision.require_table(table)
     work = normalize(model)
     quantization: QuantizationReport | None = None
     fp16: Fp16Report | None = None

@@ -31,7 +31,7 @@ def test_fp32_only_normalizes(tiny_eval_images: np.ndarray) -> None:
 
 
 def test_int8_needs_a_table() -> None:
-    with pytest.raises(SpecError, match="needs a calibration table") as caught:
+    with pytest.raises(SpecError, match="needs INT8 ranges") as caught:
         prepare_model(zoo.tiny_cnn(), BuildSpec(precision=Precision.INT8), None)
     assert caught.value.field == "table"
 
