@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numba
 import numpy as np
@@ -44,6 +44,21 @@ measured 1.9 vs 3.6 ns per value) and flushed into the int64 counts every ``_FLU
 
 _FLUSH = 1 << 28
 """Values binned between flushes of the int32 lanes: a lane gets at most a quarter of them."""
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _compiled(function: F) -> F:
+    """``numba.njit(nogil=True)``, cached on disk where numba can write (the package's
+    ``__pycache__``, ``~/.cache`` or ``NUMBA_CACHE_DIR``). A read-only install without a writable
+    home has none: numba then refuses ``cache=True`` at decoration, so compile in memory (a few
+    seconds once per process) rather than fail to import."""
+    try:
+        compiled = numba.njit(nogil=True, cache=True)(function)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        compiled = numba.njit(nogil=True)(function)
+    return cast(F, compiled)
 
 
 class FloatBits:
@@ -92,7 +107,7 @@ def float_bits(
     return values.view(layout.uint), layout
 
 
-@numba.njit(nogil=True, cache=True)
+@_compiled
 def _peak(bits: Any, mask: Any, start: int, stop: int) -> Any:
     peak = mask ^ mask  # a zero of the bits' type
     for i in range(start, stop):
@@ -102,13 +117,13 @@ def _peak(bits: Any, mask: Any, start: int, stop: int) -> Any:
     return peak
 
 
-@numba.njit(nogil=True, cache=True)
+@_compiled
 def abs_peak_bits(bits: Any, mask: Any) -> int:
     """The bits of max|x| over ``bits`` (a float array viewed as unsigned ints); 0 when empty."""
     return int(_peak(bits, mask, 0, bits.size))
 
 
-@numba.njit(nogil=True, cache=True)
+@_compiled
 def fine_histogram(
     values: Any,
     bits: Any,
@@ -166,7 +181,7 @@ def fine_histogram(
     return int(peak_all), log2_range, -1
 
 
-@numba.njit(nogil=True, cache=True)
+@_compiled
 def binned_histogram(values: Any, scale: Any, counts: Any) -> None:
     """Add ``min(floor(|x| * scale), B - 1)`` of every value to ``counts`` (``B`` bins, int64).
 
@@ -182,7 +197,7 @@ def binned_histogram(values: Any, scale: Any, counts: Any) -> None:
         lanes[:] = 0
 
 
-@numba.njit(nogil=True, cache=True)
+@_compiled
 def _bin_chunk(values: Any, start: int, stop: int, scale: Any, lanes: Any) -> None:
     """``lanes[k % LANES, min(floor(|values[k]| * scale), bins - 1)] += 1`` for k in [start, stop)."""
     top = lanes.shape[1] - 1
@@ -196,7 +211,7 @@ def _bin_chunk(values: Any, start: int, stop: int, scale: Any, lanes: Any) -> No
         lanes[0, min(int(abs(values[i]) * scale), top)] += 1
 
 
-@numba.njit(nogil=True, cache=True)
+@_compiled
 def _fold(counts: Any, steps: int) -> None:
     """Double the range of a power-of-two histogram ``steps`` times, summing adjacent bins."""
     fine = counts.size
@@ -217,7 +232,7 @@ def _fold(counts: Any, steps: int) -> None:
     counts[kept:] = 0
 
 
-@numba.njit(nogil=True, cache=True)
+@_compiled
 def _fold_lanes_into(lanes: Any, counts: Any) -> None:
     for lane in range(lanes.shape[0]):
         for j in range(counts.size):

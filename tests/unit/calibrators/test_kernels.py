@@ -1,7 +1,11 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,3 +151,25 @@ def test_binned_histogram_matches_numpy_and_clamps_the_top(dtype: type) -> None:
     index = np.minimum((np.abs(values) * scale).astype(np.int64), 2047)  # same rounding
     np.testing.assert_array_equal(counts, np.bincount(index, minlength=2048))
     assert counts[-1] >= 2  # |x| == range lands in the last bin
+
+
+def test_kernels_work_where_numba_cannot_cache(tmp_path: Path) -> None:
+    # A read-only install without a writable home: numba finds no cache location. Simulated by
+    # allowing only the IPython-cell locator, which never serves a regular file.
+    script = (
+        "from calibrators.histogram import HistogramCollector\n"
+        "h = HistogramCollector(workers=2)\n"
+        "h.observe_batch([('a', [1.0, -3.0]), ('b', [0.5])])\n"
+        "print(h.histograms()['a'].max_abs, h.histograms()['b'].max_abs)\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_LOCATOR_CLASSES": "IPythonCacheLocator"}
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-c", script],
+        cwd=Path(__file__).resolve().parents[3],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["3.0", "0.5"]
