@@ -262,7 +262,7 @@ def for_each_tensor(
         for name, values in tensors:
             work(name, values)
         return
-    ordered = sorted(tensors, key=lambda item: item[1].size, reverse=True)
+    ordered = sorted(tensors, key=lambda item: np.size(item[1]), reverse=True)
     with ThreadPoolExecutor(max_workers=min(workers, len(ordered))) as pool:
         futures = [pool.submit(work, name, values) for name, values in ordered]
         errors = [f.exception() for f in futures]
