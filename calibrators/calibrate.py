@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,7 @@ from onnx import numpy_helper
 from calibrators.collect import COLLECTOR_VERSION, collect
 from calibrators.data import CalibrationDataset
 from calibrators.errors import CalibrationError
-from calibrators.histogram import HistogramCollector, HistogramMode, kernels
+from calibrators.histogram import HistogramCollector, HistogramMode, kernels, with_aliases
 from calibrators.methods import CalibrationMethod, MethodSpec
 from calibrators.onnxio import load_onnx
 from calibrators.table import CalibrationTable, algorithm_for_method
@@ -26,7 +26,12 @@ class MaxCollector:
 
     def __init__(self, *, workers: int | None = None) -> None:
         self._max: dict[str, float] = {}
+        self._order: tuple[str, ...] | None = None
+        self._aliases: dict[str, str] = {}
         self._workers = workers or kernels().available_cpus()
+
+    def begin(self, tensors: Sequence[str], aliases: Mapping[str, str]) -> None:
+        self._order, self._aliases = tuple(tensors), dict(aliases)
 
     def observe(self, name: str, values: np.ndarray) -> None:
         if values.size == 0:
@@ -52,7 +57,7 @@ class MaxCollector:
         kernels().for_each_tensor(self.observe, tensors, self._workers)
 
     def amax(self) -> dict[str, float]:
-        return dict(self._max)
+        return with_aliases(dict(self._max), self._order, self._aliases)
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
@@ -172,6 +177,9 @@ def calibrate(
             amax = _keep_saturated_bounds(
                 amax, peaks, activation_bounds(load_onnx(model_path, load_external_data=False))
             )
+            for alias, source in observer.aliases.items():  # an alias keeps its source's bound
+                if alias in amax and source in amax:
+                    amax[alias] = amax[source]
             params["keep_activation_bounds"] = "yes"
     else:
         amax = observer.amax()

@@ -2,15 +2,20 @@
 
 Every float activation (float graph inputs and every float node output that depends on a graph
 input) is exposed as an extra graph output of a private copy of the model; each batch's values are
-handed to the observer tensor by tensor and dropped before the next batch, so memory is bounded by
-one batch of activations plus the observer's state, whatever the number of samples.
+handed to the observer and dropped before the next batch, so memory is bounded by one batch of
+activations plus the observer's state, whatever the number of samples.
+
+A tensor whose values are exactly another's, rearranged (the output of Reshape, Flatten, Squeeze,
+Unsqueeze, Transpose or Identity), has the same histogram and range as its source: it is announced
+to the observer as an *alias* of that source and neither exposed nor observed. A BERT encoder has
+about a fifth of its activations of that kind (the attention heads' reshapes and transposes).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -23,6 +28,7 @@ from calibrators.errors import ModelError
 from calibrators.onnxio import load_onnx
 
 __all__ = [
+    "ALIAS_OPS",
     "COLLECTOR_VERSION",
     "ActivationPlan",
     "Observer",
@@ -35,7 +41,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-COLLECTOR_VERSION = "2"
+COLLECTOR_VERSION = "3"
 """Part of the calibration-table cache key: bump when collection changes what a table holds."""
 
 ProgressFn = Callable[[int, int], None]
@@ -45,8 +51,17 @@ _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, Tens
 _DEFAULT_ACTIVATION_BUDGET_BYTES = 384 * 1024 * 1024
 
 
+ALIAS_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity"})
+"""Ops whose first output holds exactly the values of their first input, rearranged."""
+
+
 class Observer(Protocol):
-    """Receives the activations of one batch."""
+    """Receives the activations of a calibration run, batch by batch."""
+
+    def begin(self, tensors: Sequence[str], aliases: Mapping[str, str]) -> None:
+        """Called once before the first batch: every tensor of the run in graph order, and the
+        aliases among them (alias -> the observed tensor whose statistics it shares). Aliases are
+        never passed to :meth:`observe_batch`."""
 
     def observe_batch(self, tensors: Sequence[tuple[str, np.ndarray]]) -> None:
         """``(name, values)`` per observed tensor, in graph order. The arrays are reused for the
@@ -55,11 +70,19 @@ class Observer(Protocol):
 
 @dataclass(frozen=True)
 class ActivationPlan:
-    """Which tensors a calibration run observes, and how many bytes one sample of them takes."""
+    """Which tensors a calibration run covers, and how many bytes one sample of them takes."""
 
     tensors: tuple[str, ...]
+    """Every float activation, in graph order (what a table lists)."""
     bytes_per_sample: int | None
     """Sum over observed tensors of their per-sample size, when shape inference knows it."""
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    """Tensor -> the tensor whose values it holds rearranged (see the module docstring)."""
+
+    @property
+    def observed(self) -> tuple[str, ...]:
+        """The tensors whose values are collected: all but the aliases."""
+        return tuple(name for name in self.tensors if name not in self.aliases)
 
 
 def _dependent_tensors(model: onnx.ModelProto) -> set[str]:
@@ -93,7 +116,7 @@ def observable_tensors(model: onnx.ModelProto) -> ActivationPlan:
     for node in inferred.graph.node:
         order.extend(o for o in node.output if o in live)
     chosen: list[str] = []
-    total: int | None = 0
+    sizes: dict[str, onnx.TypeProto.Tensor] = {}
     unknown = 0
     for name in order:
         vi = infos.get(name)
@@ -104,10 +127,30 @@ def observable_tensors(model: onnx.ModelProto) -> ActivationPlan:
         if ttype.elem_type not in _FLOAT_TYPES:
             continue
         chosen.append(name)
-        total = _add_sample_bytes(total, ttype)
+        sizes[name] = ttype
     if unknown:
         log.info("skipping %d tensors whose type shape inference could not tell", unknown)
-    return ActivationPlan(tensors=tuple(dict.fromkeys(chosen)), bytes_per_sample=total)
+    tensors = tuple(dict.fromkeys(chosen))
+    aliases = _aliases(inferred, set(tensors))
+    total: int | None = 0
+    for name in tensors:
+        if name not in aliases:
+            total = _add_sample_bytes(total, sizes[name])
+    return ActivationPlan(tensors=tensors, bytes_per_sample=total, aliases=aliases)
+
+
+def _aliases(model: onnx.ModelProto, tensors: set[str]) -> dict[str, str]:
+    """Outputs of :data:`ALIAS_OPS` -> the root tensor whose values they rearrange."""
+    aliases: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type not in ALIAS_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        if not node.input or not node.output or node.output[0] not in tensors:
+            continue
+        source = node.input[0]
+        if source in tensors and source != node.output[0]:
+            aliases[node.output[0]] = aliases.get(source, source)
+    return aliases
 
 
 def _add_sample_bytes(total: int | None, ttype: onnx.TypeProto.Tensor) -> int | None:
@@ -189,12 +232,13 @@ def collect(
     if not plan.tensors:
         raise ModelError("The model has no float activations to calibrate.", field="model")
     graph_inputs = {spec.name for spec in inputs}
-    computed = [name for name in plan.tensors if name not in graph_inputs]
+    computed = [name for name in plan.observed if name not in graph_inputs]
     session = _open_session(_with_outputs(model, computed), providers, threads)
     del model
     batch = batch_size or auto_batch_size(plan)
     total = min(len(data), max_samples) if max_samples is not None else len(data)
-    return _run_batches(session, data, plan.tensors, observer, batch, total, progress)
+    observer.begin(plan.tensors, plan.aliases)
+    return _run_batches(session, data, plan.observed, observer, batch, total, progress)
 
 
 def _run_batches(

@@ -41,11 +41,11 @@ does), never the same tensor.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -58,6 +58,7 @@ __all__ = [
     "HistogramCollector",
     "HistogramMode",
     "kernels",
+    "with_aliases",
 ]
 
 DEFAULT_NUM_BINS = 2048
@@ -75,6 +76,7 @@ Tensors whose max|x| is below 2**-100 (about 8e-31) get fewer than 4 fine bins p
 _MAX_LOG2_RANGE = 1000
 """Largest range 2**1000: a float64 tensor above it cannot be quantized to INT8 meaningfully."""
 
+T = TypeVar("T")
 FloatArray = npt.NDArray[np.floating]
 IntArray = npt.NDArray[np.int64]
 
@@ -200,6 +202,8 @@ class HistogramCollector:
         if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
             raise ValueError(f"num_bins must be an integer >= 2, got {num_bins!r}.")
         self._mode = HistogramMode(mode)
+        self._order: tuple[str, ...] | None = None
+        self._aliases: dict[str, str] = {}
         self._workers = workers or kernels().available_cpus()
         self._num_bins = num_bins
         self._fine_bins = 1 << (_FINE_FACTOR * num_bins - 1).bit_length()
@@ -223,9 +227,20 @@ class HistogramCollector:
 
     @property
     def tensor_names(self) -> tuple[str, ...]:
-        """Observed tensors, in first-observed order."""
+        """Tensors with a histogram: in :meth:`begin`'s order with its aliases when it was called,
+        else in first-observed order."""
         states = self._exact if self._mode is HistogramMode.EXACT else self._trt
-        return tuple(states)
+        return tuple(with_aliases(dict.fromkeys(states), self._order, self._aliases))
+
+    @property
+    def aliases(self) -> Mapping[str, str]:
+        """Alias -> source, as announced by :meth:`begin`."""
+        return dict(self._aliases)
+
+    def begin(self, tensors: Sequence[str], aliases: Mapping[str, str]) -> None:
+        """Announce the run's tensors (their order is the histograms' order) and the aliases,
+        which share their source's histogram (see :func:`calibrators.collect.collect`)."""
+        self._order, self._aliases = tuple(tensors), dict(aliases)
 
     def observe(self, name: str, values: npt.ArrayLike) -> None:
         """Add one batch of ``name``'s values (any shape; |x| is counted). Empty arrays are ignored.
@@ -267,14 +282,14 @@ class HistogramCollector:
 
     def histograms(self) -> dict[str, Histogram]:
         """One :class:`Histogram` per observed tensor, ``num_bins`` bins each (see the modes)."""
-        if self._mode is HistogramMode.EXACT:
-            return {name: self._rebin(state) for name, state in self._exact.items()}
         out: dict[str, Histogram] = {}
+        if self._mode is HistogramMode.EXACT:
+            out = {name: self._rebin(state) for name, state in self._exact.items()}
         for name, trt in self._trt.items():
             counts = trt.counts.copy()
             counts[0] += trt.pending_zeros
             out[name] = Histogram(counts=counts, max_abs=trt.range_abs)
-        return out
+        return with_aliases(out, self._order, self._aliases)
 
     # -- exact mode -------------------------------------------------------------------------
 
@@ -343,6 +358,21 @@ class HistogramCollector:
             state.grow_to(peak)
         # |x| == range (or rounding above it) lands in the last bin
         k.binned_histogram(flat, flat.dtype.type(self._num_bins / state.range_abs), state.counts)
+
+
+def with_aliases(
+    own: dict[str, T], order: Sequence[str] | None, aliases: Mapping[str, str]
+) -> dict[str, T]:
+    """``own`` (per observed tensor) in ``order`` with every alias given its source's value; as is
+    when there is no order. Tensors with no value (never observed, e.g. empty) are left out."""
+    if order is None:
+        return own
+    out: dict[str, T] = {}
+    for name in order:
+        source = aliases.get(name, name)
+        if source in own:
+            out[name] = own[source]
+    return out
 
 
 def kernels() -> ModuleType:

@@ -161,3 +161,56 @@ def test_bounded_activations_are_not_clipped_below_a_bound_the_data_reaches(tmp_
         calibrate(path, small, entropy()).amax["r6"]
         == calibrate(path, small, entropy(), keep_activation_bounds=False).amax["r6"]
     )
+
+
+def _alias_model(path: Path) -> Path:
+    """x -> Relu r -> Transpose t -> Reshape s -> Clip(0, 1) c -> Flatten f -> Add y."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 1]),
+        helper.make_node("Reshape", ["t", "shape"], ["s"]),
+        helper.make_node("Clip", ["s", "lo", "hi"], ["c"]),
+        helper.make_node("Flatten", ["c"], ["f"]),
+        helper.make_node("Add", ["f", "bias"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([-1, 6], np.int64), "shape"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "hi"),
+        numpy_helper.from_array(np.full((1, 6), 0.5, np.float32), "bias"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "aliases",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("method", [entropy(), minmax()], ids=["entropy", "minmax"])
+def test_aliases_share_their_source_range_and_keep_graph_order(
+    tmp_path: Path, method: object
+) -> None:
+    path = _alias_model(tmp_path / "aliases.onnx")
+    plan = observable_tensors(onnx.load(str(path)))
+    assert plan.aliases == {"t": "r", "s": "r", "f": "c"}  # chains resolve to the root
+    x = np.random.default_rng(0).normal(0, 2, (64, 2, 3)).astype(np.float32)
+    table = calibrate(
+        path,
+        CalibrationDataset.from_arrays({"x": x}),
+        method,  # type: ignore[arg-type]
+        batch_size=16,
+    )
+    assert list(table.amax) == ["x", "r", "t", "s", "c", "f", "y"]
+    assert table.amax["t"] == table.amax["s"] == table.amax["r"]
+    assert table.amax["f"] == table.amax["c"]
+    if method == minmax():
+        assert table.amax["r"] == pytest.approx(float(np.max(x)), rel=1e-6)
+    else:  # the Clip saturates at 1 and keeps that bound; its alias keeps it too
+        assert table.amax["c"] == table.amax["f"] == 1.0

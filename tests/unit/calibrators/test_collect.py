@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import tracemalloc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,11 @@ TINY_ACTIVATIONS = [
 class Recorder:
     def __init__(self) -> None:
         self.seen: dict[str, list[np.ndarray]] = {}
+        self.tensors: tuple[str, ...] = ()
+        self.aliases: dict[str, str] = {}
+
+    def begin(self, tensors: Sequence[str], aliases: Mapping[str, str]) -> None:
+        self.tensors, self.aliases = tuple(tensors), dict(aliases)
 
     def observe_batch(self, tensors: Sequence[tuple[str, np.ndarray]]) -> None:
         for name, values in tensors:
@@ -66,9 +71,12 @@ def _images(n: int, seed: int = 0) -> np.ndarray:
 def test_observable_tensors_are_float_activations_in_graph_order() -> None:
     plan = observable_tensors(zoo.tiny_cnn())
     assert list(plan.tensors) == TINY_ACTIVATIONS
-    # the batch axis is symbolic, the rest static: the per-sample size is known
+    # flat = Flatten(gap) holds gap's values: an alias, not observed
+    assert plan.aliases == {"flat": "gap"}
+    assert plan.observed == tuple(n for n in TINY_ACTIVATIONS if n != "flat")
+    # the batch axis is symbolic, the rest static: the per-sample size (observed tensors) is known
     assert plan.bytes_per_sample == 4 * (
-        3 * 256 + 5 * 8 * 256 + 2 * 8 * 64 + 16 * 64 + 8 * 64 + 8 + 8 + 10
+        3 * 256 + 5 * 8 * 256 + 2 * 8 * 64 + 16 * 64 + 8 * 64 + 8 + 10
     )
     fixed = observable_tensors(zoo.tiny_cnn(batch=1))
     assert fixed.bytes_per_sample == plan.bytes_per_sample
@@ -90,13 +98,16 @@ def test_collect_streams_exact_activations_batch_by_batch(tiny_cnn_path: Path) -
         tiny_cnn_path, CalibrationDataset.from_arrays({"image": images}), recorder, batch_size=4
     )
     assert seen == 10
-    assert set(recorder.seen) == set(TINY_ACTIVATIONS)
+    assert recorder.tensors == tuple(TINY_ACTIVATIONS) and recorder.aliases == {"flat": "gap"}
+    assert set(recorder.seen) == set(TINY_ACTIVATIONS) - {"flat"}  # aliases are not observed
     assert [a.shape[0] for a in recorder.seen["c1"]] == [4, 4, 2]
     reference = _reference(zoo.tiny_cnn(), {"image": images}, TINY_ACTIVATIONS)
-    for name in TINY_ACTIVATIONS:
+    for name in recorder.seen:
         np.testing.assert_allclose(
             np.concatenate(recorder.seen[name]), reference[name], rtol=1e-5, atol=1e-5
         )
+    # what makes it an alias: the same values, rearranged
+    np.testing.assert_array_equal(np.sort(reference["flat"], None), np.sort(reference["gap"], None))
 
 
 def test_collect_honours_max_samples_and_reports_progress(tiny_cnn_path: Path) -> None:
@@ -157,6 +168,9 @@ def test_memory_does_not_grow_with_sample_count(
     monkeypatch.setattr("calibrators.data._HASH_BATCH_BYTES", 64 * 1024)
 
     class Peak:
+        def begin(self, tensors: Sequence[str], aliases: Mapping[str, str]) -> None:
+            pass
+
         def observe_batch(self, tensors: Sequence[tuple[str, np.ndarray]]) -> None:
             pass
 
