@@ -38,7 +38,7 @@ import numpy as np
 from pydantic import Field
 
 from calibrators.data import CalibrationDataset, TensorSpec
-from engines.backends.base import ProgressFn, QueryTiming, Runner
+from engines.backends.base import ConfigurableTiming, ProgressFn, QueryTiming, Runner, TimingMode
 from engines.errors import RunError, SpecError
 from engines.frozen import FrozenModel
 
@@ -88,9 +88,13 @@ class BenchmarkOptions(FrozenModel):
     max_input_batches: int = Field(default=16, ge=1)
     """Distinct dataset batches held in memory and rotated through."""
     cuda_graph: bool = False
+    """TensorRT: launch a CUDA graph captured from the enqueue (trtexec ``--useCudaGraph``)."""
     spin_wait: bool = False
+    """TensorRT: poll for completion instead of a blocking wait (``--useSpinWait``)."""
     use_transfers: bool = True
+    """TensorRT: False leaves host/device copies out of timed queries (``--noDataTransfers``)."""
     streams: int = Field(default=1, ge=1)
+    """Only 1: queries are measured one at a time on one stream."""
 
 
 class TimingStats(FrozenModel):
@@ -144,6 +148,7 @@ class PerfReport(FrozenModel):
     input_source: InputSource
     seed: int
     cuda_graph: bool
+    """The timing mode in effect (a failed CUDA graph capture falls back to plain enqueues)."""
     spin_wait: bool
     use_transfers: bool
     streams: int
@@ -184,11 +189,53 @@ def benchmark(
     them) are loaded before timing and rotated. Random inputs follow :func:`random_feeds`.
     """
     options = options or BenchmarkOptions()
+    requested = _apply_timing_mode(runner, options)
     feeds, source, batch = _prepare_inputs(runner, inputs, options)
     rotation = _Rotation(feeds)
     warmup_queries = _warm_up(runner, rotation, options.warmup_ms / 1000.0, progress)
     timings, wall_s = _measure(runner, rotation, options, progress)
-    return _report(timings, wall_s, warmup_queries, batch, source, runner, options)
+    used = runner.timing_mode if isinstance(runner, ConfigurableTiming) else requested
+    notes = []
+    if requested.cuda_graph and not used.cuda_graph:
+        notes.append(
+            "CUDA graph capture failed for this engine; it was measured with plain enqueues."
+        )
+    return _report(timings, wall_s, warmup_queries, batch, source, runner, options, used, notes)
+
+
+def _apply_timing_mode(runner: Runner, options: BenchmarkOptions) -> TimingMode:
+    """Hand the options' timing mode to a runner that takes one; refuse what a runner cannot do."""
+    if options.streams != 1:
+        raise SpecError(
+            f"streams={options.streams}: trtforge measures one stream (one query at a time).",
+            hint="Leave streams at 1.",
+            field="streams",
+        )
+    mode = TimingMode(
+        cuda_graph=options.cuda_graph,
+        spin_wait=options.spin_wait,
+        use_transfers=options.use_transfers,
+    )
+    if isinstance(runner, ConfigurableTiming):
+        runner.set_timing_mode(mode)
+    elif mode != TimingMode():
+        field = next(
+            name
+            for name, asked in (
+                ("cuda_graph", mode.cuda_graph),
+                ("spin_wait", mode.spin_wait),
+                ("use_transfers", not mode.use_transfers),
+            )
+            if asked
+        )
+        backend = runner.describe().get("backend", "this")
+        raise SpecError(
+            f"The {backend} runner times each query's host wall-clock; CUDA graphs, spin-wait "
+            "and leaving out data transfers apply to TensorRT engines only.",
+            hint="Drop --cuda-graph, --spin-wait and --no-transfers for this artifact.",
+            field=field,
+        )
+    return mode
 
 
 def sweep_batch_sizes(
@@ -384,6 +431,8 @@ def _report(
     source: InputSource,
     runner: Runner,
     options: BenchmarkOptions,
+    mode: TimingMode,
+    notes: list[str],
 ) -> PerfReport:
     if wall_s <= 0:
         raise RunError("The benchmark measured no time.", hint="Increase --duration.")
@@ -412,12 +461,12 @@ def _report(
         iterations=options.iterations,
         input_source=source,
         seed=options.seed,
-        cuda_graph=options.cuda_graph,
-        spin_wait=options.spin_wait,
-        use_transfers=options.use_transfers,
+        cuda_graph=mode.cuda_graph,
+        spin_wait=mode.spin_wait,
+        use_transfers=mode.use_transfers,
         streams=options.streams,
         environment=dict(runner.describe()),
-        warnings=_warnings(stats, cv, check_enqueue=not same_enqueue),
+        warnings=notes + _warnings(stats, cv, check_enqueue=not same_enqueue),
         **stats,
     )
 

@@ -47,6 +47,15 @@ __all__ = ["register", "render_accuracy"]
     "--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads."
 )
 @click.option(
+    "--cuda-graph", is_flag=True, help="TensorRT: launch a CUDA graph of the enqueue (trtexec's)."
+)
+@click.option("--spin-wait", is_flag=True, help="TensorRT: poll for completion, no blocking wait.")
+@click.option(
+    "--no-transfers",
+    is_flag=True,
+    help="TensorRT: leave host<->device copies out of the timed queries.",
+)
+@click.option(
     "--out",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
@@ -66,6 +75,9 @@ def bench(
     shapes: tuple[str, ...],
     seed: int,
     threads: int | None,
+    cuda_graph: bool,
+    spin_wait: bool,
+    no_transfers: bool,
     out: Path | None,
     as_json: bool,
 ) -> None:
@@ -94,6 +106,9 @@ def bench(
                 batch_size=size,
                 seed=seed,
                 shapes=dims,
+                cuda_graph=cuda_graph,
+                spin_wait=spin_wait,
+                use_transfers=not no_transfers,
             )
             with stage_progress(f"benchmark batch {size}", enabled=not as_json) as progress:
                 reports.append(benchmark(runner, dataset, options, progress=progress))

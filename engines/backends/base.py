@@ -21,9 +21,11 @@ __all__ = [
     "ArtifactMetadata",
     "Availability",
     "Backend",
+    "ConfigurableTiming",
     "ProgressFn",
     "QueryTiming",
     "Runner",
+    "TimingMode",
     "report_progress",
 ]
 
@@ -91,6 +93,34 @@ class QueryTiming:
     h2d_ms: float
     gpu_compute_ms: float
     d2h_ms: float
+
+
+@dataclass(frozen=True)
+class TimingMode:
+    """How a GPU runner times queries: trtexec's ``--useCudaGraph``, ``--useSpinWait`` and
+    ``--noDataTransfers``. Host-side runners (ONNX Runtime) have only the default."""
+
+    cuda_graph: bool = False
+    """Capture the enqueue into a CUDA graph once per input shape and launch the graph."""
+    spin_wait: bool = False
+    """Wait for each query by polling its end event instead of a blocking synchronize."""
+    use_transfers: bool = True
+    """Copy inputs to and outputs from the device in every timed query."""
+
+
+@runtime_checkable
+class ConfigurableTiming(Protocol):
+    """A runner whose timing mode can be chosen (:class:`TimingMode`)."""
+
+    def set_timing_mode(self, mode: TimingMode) -> None:
+        """Use ``mode`` for later :meth:`Runner.timed_run` calls (``run`` always transfers)."""
+        ...
+
+    @property
+    def timing_mode(self) -> TimingMode:
+        """The mode in effect: a CUDA graph whose capture failed falls back to plain enqueue, as
+        trtexec does, and this then says ``cuda_graph=False``."""
+        ...
 
 
 @runtime_checkable

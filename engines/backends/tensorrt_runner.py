@@ -2,10 +2,24 @@
 inside functions.
 
 Runner timing (``timed_run``): four CUDA events on the runner's one stream bracket the
-host-to-device copies, ``execute_async_v3`` and the device-to-host copies, so ``h2d_ms``,
+host-to-device copies, the inference and the device-to-host copies, so ``h2d_ms``,
 ``gpu_compute_ms`` and ``d2h_ms`` are device-side times and ``latency_ms`` is their sum as the
 device saw it (first event to last), trtexec's definition. ``enqueue_ms`` is the host time spent
-in ``execute_async_v3``. Host arrays are ordinary (pageable) numpy memory, no CUDA graph.
+launching the inference. Host arrays are ordinary (pageable) numpy memory.
+
+Timing modes (:class:`engines.backends.base.TimingMode`, trtexec's flags):
+
+- ``cuda_graph``: per input shape, one plain ``execute_async_v3`` (TensorRT may allocate on its
+  first enqueue), then the enqueue is captured on the stream (``cudaStreamBeginCapture`` in
+  thread-local mode ... ``cudaStreamEndCapture``), instantiated and from then on launched with
+  ``cudaGraphLaunch``. Graphs are dropped when a device buffer moves. When capture fails (some
+  engines enqueue work that cannot be captured) the runner falls back to plain enqueues and
+  :attr:`TensorRTRunner.timing_mode` says so, as trtexec does.
+- ``spin_wait``: each query waits by polling its last event (``cudaEventQuery``) instead of a
+  blocking ``cudaStreamSynchronize``.
+- ``use_transfers=False``: timed queries leave out both copies (their events are back to back);
+  the inputs are copied once, untimed, when their shapes change. :meth:`TensorRTRunner.run`
+  always copies.
 """
 
 from __future__ import annotations
@@ -21,7 +35,7 @@ import numpy as np
 from calibrators.data import TensorSpec
 from calibrators.errors import TensorRTUnavailableError
 from calibrators.tensorrt import cuda_call, import_cudart, require_tensorrt, tensorrt_module
-from engines.backends.base import QueryTiming
+from engines.backends.base import QueryTiming, TimingMode
 from engines.errors import BackendUnavailableError, EngineError, RunError
 
 __all__ = ["TensorRTRunner"]
@@ -77,6 +91,11 @@ class TensorRTRunner:
                 field="artifact",
             )
         self._context = self._engine.create_execution_context()
+        self._mode = TimingMode()
+        self._graph_failed = False
+        self._graphs: dict[tuple[tuple[str, tuple[int, ...]], ...], tuple[Any, Any]] = {}
+        """Input shapes -> (graph, executable graph) captured for them."""
+        self._uploaded: tuple[tuple[str, tuple[int, ...]], ...] | None = None
         self._buffers: dict[str, tuple[int, int]] = {}
         self._events: list[Any] = []
         self._stream = self._cuda(self._cudart.cudaStreamCreate(), "cudaStreamCreate")
@@ -127,6 +146,8 @@ class TensorRTRunner:
     def _buffer(self, name: str, nbytes: int) -> int:
         ptr, capacity = self._buffers.get(name, (0, -1))
         if capacity < nbytes:
+            self._drop_graphs()  # captured graphs hold the old addresses
+            self._uploaded = None
             if ptr:
                 self._cuda(self._cudart.cudaFree(ptr), "cudaFree")
             ptr = int(self._cuda(self._cudart.cudaMalloc(max(nbytes, 1)), f"cudaMalloc {name!r}"))
@@ -174,40 +195,137 @@ class TensorRTRunner:
             self._context.set_tensor_address(name, self._buffer(name, array.nbytes))
         return hosts, outputs
 
-    def _execute(self, hosts: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> float:
-        """Copy in, run, copy out on the stream; returns the host enqueue time in ms."""
+    def set_timing_mode(self, mode: TimingMode) -> None:
+        """Use ``mode`` for later :meth:`timed_run` calls (module docstring)."""
+        self._mode = mode
+        self._graph_failed = False
+
+    @property
+    def timing_mode(self) -> TimingMode:
+        """The mode in effect: ``cuda_graph`` is False once a capture has failed."""
+        if self._graph_failed:
+            return TimingMode(
+                cuda_graph=False,
+                spin_wait=self._mode.spin_wait,
+                use_transfers=self._mode.use_transfers,
+            )
+        return self._mode
+
+    def _execute(
+        self,
+        hosts: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray],
+        mode: TimingMode,
+    ) -> float:
+        """Copy in, run, copy out on the stream as ``mode`` says; returns the enqueue time in ms."""
         cudart, stream, events = self._cudart, self._stream, self._events
-        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         cuda = self._cuda
+        if not mode.use_transfers:
+            self._upload_once(hosts)
+        graph = self._graph_for(hosts) if mode.cuda_graph else None  # captured before timing
         cuda(cudart.cudaEventRecord(events[0], stream), "cudaEventRecord")
-        for name, array in hosts.items():
-            ptr = self._buffers[name][0]
-            cuda(cudart.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes, h2d, stream), "H2D")
+        if mode.use_transfers:
+            self._copy(hosts, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice)
         cuda(cudart.cudaEventRecord(events[1], stream), "cudaEventRecord")
         start = time.perf_counter()
-        ok = self._context.execute_async_v3(int(stream))
-        enqueue_ms = (time.perf_counter() - start) * 1000.0
-        if not ok:
+        if graph is not None:
+            cuda(cudart.cudaGraphLaunch(graph, stream), "cudaGraphLaunch")
+        elif not self._context.execute_async_v3(int(stream)):
             raise RunError(f"TensorRT failed to enqueue {self.engine_path.name}; see its log.")
+        enqueue_ms = (time.perf_counter() - start) * 1000.0
         cuda(cudart.cudaEventRecord(events[2], stream), "cudaEventRecord")
-        for name, array in outputs.items():
-            ptr = self._buffers[name][0]
-            cuda(cudart.cudaMemcpyAsync(array.ctypes.data, ptr, array.nbytes, d2h, stream), "D2H")
+        if mode.use_transfers:
+            self._copy(outputs, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost)
         cuda(cudart.cudaEventRecord(events[3], stream), "cudaEventRecord")
-        cuda(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+        self._wait(events[3], spin=mode.spin_wait)
         return enqueue_ms
 
+    def _copy(self, arrays: dict[str, np.ndarray], kind: Any) -> None:
+        """Queue one copy per array between it and its device buffer, direction ``kind``."""
+        h2d = kind == self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        for name, array in arrays.items():
+            ptr = self._buffers[name][0]
+            dst, src = (ptr, array.ctypes.data) if h2d else (array.ctypes.data, ptr)
+            self._cuda(
+                self._cudart.cudaMemcpyAsync(dst, src, array.nbytes, kind, self._stream),
+                f"cudaMemcpyAsync {name!r}",
+            )
+
+    def _upload_once(self, hosts: dict[str, np.ndarray]) -> None:
+        """Without timed transfers: copy the inputs (untimed) when their shapes change."""
+        key = _shape_key(hosts)
+        if key != self._uploaded:
+            self._copy(hosts, self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice)
+            self._wait(None, spin=False)
+            self._uploaded = key
+
+    def _wait(self, event: Any, *, spin: bool) -> None:
+        cudart = self._cudart
+        if not spin or event is None:
+            self._cuda(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+            return
+        not_ready = cudart.cudaError_t.cudaErrorNotReady
+        while True:
+            (err,) = cudart.cudaEventQuery(event)
+            if err != not_ready:
+                self._cuda((err,), "cudaEventQuery")
+                return
+
+    def _graph_for(self, hosts: dict[str, np.ndarray]) -> Any:
+        """The executable graph for these input shapes, captured on first use; None when capture
+        failed (then plain enqueues are used from now on, see :attr:`timing_mode`)."""
+        if self._graph_failed:
+            return None
+        key = _shape_key(hosts)
+        if key not in self._graphs:
+            captured = self._capture()
+            if captured is None:
+                self._graph_failed = True
+                return None
+            self._graphs[key] = captured
+        return self._graphs[key][1]
+
+    def _capture(self) -> tuple[Any, Any] | None:
+        cudart, stream = self._cudart, self._stream
+        # a first, plain enqueue lets TensorRT allocate what it defers, outside the capture
+        if not self._context.execute_async_v3(int(stream)):
+            raise RunError(f"TensorRT failed to enqueue {self.engine_path.name}; see its log.")
+        self._cuda(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        (err,) = cudart.cudaStreamBeginCapture(stream, mode)
+        if int(err) != 0:
+            return None
+        enqueued = self._context.execute_async_v3(int(stream))
+        err, graph = cudart.cudaStreamEndCapture(stream)
+        if not enqueued or int(err) != 0:
+            cudart.cudaGetLastError()  # clear the capture's error so later calls start clean
+            if graph is not None and int(err) == 0:
+                cudart.cudaGraphDestroy(graph)
+            return None
+        err, executable = cudart.cudaGraphInstantiate(graph, 0)
+        if int(err) != 0:
+            cudart.cudaGetLastError()
+            cudart.cudaGraphDestroy(graph)
+            return None
+        return graph, executable
+
+    def _drop_graphs(self) -> None:
+        for graph, executable in self._graphs.values():
+            self._cudart.cudaGraphExecDestroy(executable)
+            self._cudart.cudaGraphDestroy(graph)
+        self._graphs = {}
+
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one query; returns every output by name."""
+        """Run one query; returns every output by name (always with both copies)."""
         hosts, outputs = self._stage(feeds)
-        self._execute(hosts, outputs)
+        self._execute(hosts, outputs, TimingMode())
         return outputs
 
     def timed_run(self, feeds: Mapping[str, np.ndarray]) -> QueryTiming:
-        """Run once; CUDA-event times per stage plus host enqueue time (module docstring)."""
+        """Run once in the current timing mode; CUDA-event times per stage plus host enqueue
+        time (module docstring)."""
         hosts, outputs = self._stage(feeds)
-        enqueue_ms = self._execute(hosts, outputs)
+        enqueue_ms = self._execute(hosts, outputs, self.timing_mode)
         e = self._events
 
         def elapsed(a: Any, b: Any) -> float:
@@ -237,7 +355,9 @@ class TensorRTRunner:
             "cuda_version": (gpu.cuda_version or "unknown") if gpu else "unknown",
             "timing": "CUDA events on one stream (h2d, compute, d2h); enqueue = host time",
             "host_memory": "pageable",
-            "cuda_graph": "no",
+            "cuda_graph": "yes" if self.timing_mode.cuda_graph else "no",
+            "spin_wait": "yes" if self.timing_mode.spin_wait else "no",
+            "data_transfers": "timed" if self.timing_mode.use_transfers else "left out",
             "platform": platform.platform(),
             "python": platform.python_version(),
         }
@@ -247,6 +367,7 @@ class TensorRTRunner:
         if self._stream is None:
             return
         cudart = self._cudart
+        self._drop_graphs()
         for ptr, _ in self._buffers.values():
             cudart.cudaFree(ptr)
         for event in self._events:
@@ -260,3 +381,7 @@ class TensorRTRunner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _shape_key(arrays: Mapping[str, np.ndarray]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple(sorted((name, tuple(a.shape)) for name, a in arrays.items()))

@@ -184,3 +184,39 @@ def test_build_timeout_is_a_build_error(model_path: Path, tmp_path: Path) -> Non
     with pytest.raises(BuildError, match="did not finish"):
         backend.build(model_path, spec, None, tmp_path / "slow.engine")
     assert not (tmp_path / "slow.engine").exists()
+
+
+def test_runner_timing_modes(model_path: Path, images: np.ndarray, tmp_path: Path) -> None:
+    from engines.backends.base import TimingMode
+    from engines.benchmark import BenchmarkOptions, benchmark
+
+    backend = TensorRTBackend(timing_cache_dir=tmp_path / "timing")
+    spec = BuildSpec(precision=Precision.FP16, profiles=PROFILE)
+    artifact = backend.build(model_path, spec, None, tmp_path / "m.engine")
+    quick = BenchmarkOptions(warmup_ms=50, iterations=20, duration_s=0.2, batch_size=4)
+    with backend.load(artifact.path) as runner:
+        plain = benchmark(runner, None, quick)
+        assert plain.h2d.median_ms > 0 and not plain.cuda_graph
+        graph = benchmark(
+            runner,
+            None,
+            quick.model_copy(
+                update={"cuda_graph": True, "spin_wait": True, "use_transfers": False}
+            ),
+        )
+        assert graph.spin_wait and not graph.use_transfers
+        assert graph.h2d.max_ms < plain.h2d.median_ms  # no copies inside the timed queries
+        assert graph.cuda_graph == runner.timing_mode.cuda_graph
+        if graph.cuda_graph:
+            assert runner.describe()["cuda_graph"] == "yes"
+        else:
+            assert any("CUDA graph capture failed" in w for w in graph.warnings)
+        # run() always copies and returns the right outputs whatever the timing mode
+        runner.set_timing_mode(TimingMode(cuda_graph=True, use_transfers=False))
+        out = runner.run({"image": images[:4]})["logits"]
+        np.testing.assert_allclose(out, _reference(model_path, images[:4]), atol=3e-2, rtol=3e-2)
+        # timed graph queries leave the runner usable for plain runs
+        runner.set_timing_mode(TimingMode(cuda_graph=True))
+        runner.timed_run({"image": images[4:8]})
+        again = runner.run({"image": images[4:8]})["logits"]
+        np.testing.assert_allclose(again, _reference(model_path, images[4:8]), atol=3e-2, rtol=3e-2)

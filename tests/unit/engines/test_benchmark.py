@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 from calibrators.data import CalibrationDataset, TensorSpec
-from engines.backends.base import QueryTiming, Runner
+from engines.backends.base import ConfigurableTiming, QueryTiming, Runner, TimingMode
 from engines.backends.onnxruntime import OnnxRuntimeRunner
 from engines.benchmark import (
     BenchmarkOptions,
@@ -228,7 +228,7 @@ def test_enqueue_bound_and_transfer_bound_warnings() -> None:
 
 def test_modes_and_environment_are_recorded() -> None:
     options = _fast(cuda_graph=True, spin_wait=True, use_transfers=False, seed=3)
-    report = benchmark(SleepRunner([0.1]), None, options)
+    report = benchmark(GraphRunner(capture_fails=False), None, options)
     assert (report.cuda_graph, report.spin_wait, report.use_transfers) == (True, True, False)
     assert report.environment == {"backend": "sleep", "device": "none"}
     assert report.input_source is InputSource.RANDOM
@@ -349,3 +349,59 @@ def test_sweep_batch_sizes_random_inputs(tiny_cnn_file: Path) -> None:
     assert all(r.input_source is InputSource.RANDOM for r in reports)
     assert any(s.startswith("batch 8:") for s in stages)
     assert all(math.isfinite(r.throughput_qps) and r.throughput_qps > 0 for r in reports)
+
+
+class GraphRunner(SleepRunner):
+    """A SleepRunner that takes a timing mode; its CUDA graph "capture" fails when told to."""
+
+    def __init__(self, *, capture_fails: bool) -> None:
+        super().__init__([1.0])
+        self.capture_fails = capture_fails
+        self.modes: list[TimingMode] = []
+        self._mode = TimingMode()
+
+    def set_timing_mode(self, mode: TimingMode) -> None:
+        self.modes.append(mode)
+        self._mode = mode
+
+    @property
+    def timing_mode(self) -> TimingMode:
+        if self.capture_fails and self._mode.cuda_graph:
+            return TimingMode(cuda_graph=False, spin_wait=self._mode.spin_wait)
+        return self._mode
+
+
+QUICK = BenchmarkOptions(warmup_ms=0, iterations=3, duration_s=0)
+
+
+@pytest.mark.parametrize("capture_fails", [False, True])
+def test_the_timing_mode_reaches_the_runner_and_the_report_says_what_was_used(
+    capture_fails: bool,
+) -> None:
+    runner = GraphRunner(capture_fails=capture_fails)
+    assert isinstance(runner, ConfigurableTiming)
+    options = QUICK.model_copy(update={"cuda_graph": True, "spin_wait": True})
+    report = benchmark(runner, None, options)
+    assert runner.modes == [TimingMode(cuda_graph=True, spin_wait=True, use_transfers=True)]
+    assert report.spin_wait is True and report.use_transfers is True
+    assert report.cuda_graph is (not capture_fails)
+    assert any("CUDA graph capture failed" in w for w in report.warnings) is capture_fails
+
+
+@pytest.mark.parametrize(
+    ("update", "field"),
+    [
+        ({"cuda_graph": True}, "cuda_graph"),
+        ({"spin_wait": True}, "spin_wait"),
+        ({"use_transfers": False}, "use_transfers"),
+        ({"streams": 2}, "streams"),
+    ],
+)
+def test_gpu_timing_modes_are_refused_by_host_runners(
+    tiny_cnn_path: Path, update: dict[str, object], field: str
+) -> None:
+    with OnnxRuntimeRunner(tiny_cnn_path) as runner, pytest.raises(SpecError) as info:
+        benchmark(runner, None, QUICK.model_copy(update=update))
+    assert info.value.field == field
+    report = benchmark(SleepRunner([0.1]), None, QUICK)  # the defaults are fine everywhere
+    assert (report.cuda_graph, report.spin_wait, report.use_transfers) == (False, False, True)

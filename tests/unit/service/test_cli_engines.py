@@ -69,6 +69,10 @@ def test_bench_and_compare_report_in_json(
     assert bench.returncode == 0, bench.stderr
     perf = json.loads(bench.stdout)
     assert perf["queries"] >= 5 and perf["throughput_qps"] > 0
+    assert (perf["cuda_graph"], perf["spin_wait"], perf["use_transfers"]) == (False, False, True)
+    graph = trtforge("bench", str(out), "--cuda-graph", "--duration-s", "0.1")
+    assert graph.returncode != 0 and "TensorRT engines only" in graph.stderr
+    assert "--cuda-graph" in graph.stderr and "Traceback" not in graph.stderr
     assert (
         perf["latency"]["min_ms"]
         <= perf["latency"]["median_ms"]
