@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,11 +151,11 @@ def bench(
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option(
     "--atol",
-    type=float,
-    default=None,
-    help="Fail an output when |candidate - reference| > atol + rtol*|reference| anywhere.",
+    multiple=True,
+    help="Fail an output when |candidate - reference| > atol + rtol*|reference| anywhere. "
+    "VALUE for every output, or OUTPUT:VALUE for one (repeatable, like Polygraphy).",
 )
-@click.option("--rtol", type=float, default=None)
+@click.option("--rtol", multiple=True, help="VALUE or OUTPUT:VALUE (repeatable).")
 @click.option(
     "--budget",
     default=None,
@@ -177,24 +178,20 @@ def compare(
     labels: Path | None,
     max_samples: int | None,
     batch_size: int,
-    atol: float | None,
-    rtol: float | None,
+    atol: tuple[str, ...],
+    rtol: tuple[str, ...],
     budget: str | None,
     threads: int | None,
     out: Path | None,
     as_json: bool,
 ) -> None:
     """Compare ARTIFACT's outputs with the FP32 model's; exit 1 when tolerances or budget fail."""
-    from engines.accuracy import MetricBudget, Tolerance
+    from engines.accuracy import MetricBudget
     from engines.accuracy import compare as compare_outputs
     from engines.backends.onnxruntime import OnnxRuntimeRunner
     from engines.errors import SpecError
 
-    tolerance = (
-        Tolerance(atol=atol or 0.0, rtol=rtol or 0.0)
-        if atol is not None or rtol is not None
-        else None
-    )
+    tolerance = tolerances_from_options(atol, rtol)
     try:
         parsed = MetricBudget.parse(budget) if budget else None
     except ValueError as exc:
@@ -205,6 +202,13 @@ def compare(
         load_runner(artifact, threads=threads) as cand,
         stage_progress("comparing", enabled=not as_json) as progress,
     ):
+        unknown = sorted(n for n in tolerance or {} if n != "*" and n not in cand.output_names)
+        if unknown:
+            raise SpecError(
+                f"--atol/--rtol name output(s) the artifact lacks: {', '.join(unknown)}.",
+                hint=f"Its outputs: {', '.join(cand.output_names)}.",
+                field="atol",
+            )
         report = compare_outputs(
             ref,
             cand,
@@ -348,6 +352,39 @@ def sweep(
         click.echo(
             f"\nwrote {out_dir / 'sweep.md'}, {out_dir / 'sweep.json'}, {out_dir / 'sweep.svg'}"
         )
+
+
+def tolerances_from_options(atol: Sequence[str], rtol: Sequence[str]) -> dict[str, Any] | None:
+    """``--atol``/``--rtol`` items (``VALUE`` or ``OUTPUT:VALUE``) -> output name (``*``: every
+    output not named) -> Tolerance; a bound not given is 0. None when neither option is given."""
+    from engines.accuracy import Tolerance
+    from engines.errors import SpecError
+
+    given: dict[str, dict[str, float]] = {"atol": {}, "rtol": {}}
+    for option, items in (("atol", atol), ("rtol", rtol)):
+        for item in items:
+            name, _, text = item.rpartition(":")
+            try:
+                value = float(text)
+            except ValueError:
+                value = float("nan")
+            if not value >= 0:  # also refuses NaN
+                raise SpecError(
+                    f"--{option} {item!r} needs a number >= 0, as VALUE or OUTPUT:VALUE.",
+                    hint=f"e.g. --{option} 1e-3 or --{option} logits:1e-3",
+                    field=option,
+                )
+            given[option][name or "*"] = value
+    names = set(given["atol"]) | set(given["rtol"])
+    if not names:
+        return None
+    return {
+        name: Tolerance(
+            atol=given["atol"].get(name, given["atol"].get("*", 0.0)),
+            rtol=given["rtol"].get(name, given["rtol"].get("*", 0.0)),
+        )
+        for name in names
+    }
 
 
 def render_accuracy(report: Any) -> str:

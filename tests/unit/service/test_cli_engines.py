@@ -224,3 +224,27 @@ def test_sweep_takes_a_table_and_a_separate_eval_dataset(
     assert report["calibration"] is None  # a cache names TensorRT's algorithm, not our method
     assert all(v["accuracy"]["samples"] == 6 for v in report["variants"])
     assert "a given calibration table (cache" in (out / "sweep.md").read_text()
+
+
+def test_compare_takes_polygraphy_style_per_output_tolerances(
+    tiny_cnn_path: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "tiny.fp16.onnx"
+    assert (
+        trtforge("build", str(tiny_cnn_path), "--precision", "fp16", "--out", str(out)).returncode
+        == 0
+    )
+    base = ("compare", str(out), "--model", str(tiny_cnn_path), "--data", str(tiny_data), "--json")
+    strict = trtforge(*base, "--atol", "logits:1e-9")
+    assert strict.returncode == 1, strict.stderr  # FP16 is not within 1e-9
+    [logits] = json.loads(strict.stdout)["outputs"]
+    assert logits["tolerance"] == {"atol": 1e-9, "rtol": 0.0} and logits["passed"] is False
+    loose = trtforge(*base, "--atol", "0.5", "--rtol", "logits:0.1")
+    assert loose.returncode == 0, loose.stderr
+    [logits] = json.loads(loose.stdout)["outputs"]
+    assert logits["tolerance"] == {"atol": 0.5, "rtol": 0.1} and logits["passed"] is True
+    unknown = trtforge(*base, "--atol", "nosuch:1")
+    assert unknown.returncode not in (0, 1) and "nosuch" in unknown.stderr
+    assert "logits" in unknown.stderr  # the hint lists the outputs there are
+    bad = trtforge(*base, "--rtol", "logits:lots")
+    assert bad.returncode not in (0, 1) and "--rtol 'logits:lots'" in bad.stderr
