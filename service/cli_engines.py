@@ -62,6 +62,23 @@ def labels_from_file(path: Path | None) -> np.ndarray | None:
     return np.asarray(labels, dtype=np.int64)
 
 
+_METRICS = (
+    "sqnr_db",
+    "cosine",
+    "min_cosine",
+    "top1_agreement",
+    "top5_agreement",
+    "accuracy",
+    "accuracy_drop",
+    "max_abs_error",
+    "mean_abs_error",
+    "max_rel_error",
+    "mean_rel_error",
+    "rel_l2_error",
+)
+"""engines.accuracy.AccuracyMetric's values (not imported here: the CLI starts fast)."""
+
+
 def _build_spec(
     precision: str,
     method: str,
@@ -320,6 +337,147 @@ def _search_budget(
     return new_spec, result.model_dump(mode="json")
 
 
+@click.command()
+@click.argument("model", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path, exists=True),
+    required=True,
+    help="Calibration samples; --eval-fraction of them are held out to measure on.",
+)
+@click.option("--preprocess", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option(
+    "--table",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="A calibration table for MODEL instead of calibrating on --data.",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["entropy", "minmax", "percentile", "mse"]),
+    default="entropy",
+    show_default=True,
+)
+@click.option("--eval-fraction", type=click.FloatRange(0.01, 0.9), default=0.2, show_default=True)
+@click.option(
+    "--metric",
+    type=click.Choice(_METRICS),
+    default="sqnr_db",
+    show_default=True,
+    help="Accuracy metric against FP32 (accuracy/accuracy_drop need --labels).",
+)
+@click.option(
+    "--labels",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help=".npy of int labels, one per --data sample.",
+)
+@click.option(
+    "--samples", type=click.IntRange(min=1), default=32, show_default=True, help="Held-out samples."
+)
+@click.option(
+    "--max-nodes",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Evaluate only the N nodes the cheap local-error proxy finds worst (default: all).",
+)
+@click.option(
+    "--only-this", is_flag=True, help="Skip the 'all but this node' variants (half the work)."
+)
+@click.option(
+    "--execution",
+    type=click.Choice(["reference", "onnxruntime"]),
+    default="reference",
+    show_default=True,
+    help="reference: Q/DQ computed as written (what TensorRT follows); onnxruntime: its integer kernels.",
+)
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None)
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def sensitivity(
+    model: Path,
+    data: Path,
+    preprocess: Path | None,
+    table: Path | None,
+    method: str,
+    eval_fraction: float,
+    metric: str,
+    labels: Path | None,
+    samples: int,
+    max_nodes: int | None,
+    only_this: bool,
+    execution: str,
+    threads: int | None,
+    out: Path | None,
+    as_json: bool,
+) -> None:
+    """Rank MODEL's quantizable nodes by how much their INT8 quantization costs (by ONNX name)."""
+    from engines.accuracy import AccuracyMetric
+    from engines.sensitivity import node_sensitivity
+    from engines.variants import QdqExecution
+
+    spec = _build_spec("int8", method, None, "onnxruntime", "explicit", (), (), ())
+    loaded, evaluation, positions = _table_for_build(
+        model, spec, table, data, preprocess, eval_fraction, as_json
+    )
+    if loaded is None or evaluation is None or len(evaluation) == 0:
+        from engines.errors import SpecError
+
+        raise SpecError(
+            "No held-out samples to measure sensitivity on.",
+            hint="Pass more --data samples or raise --eval-fraction.",
+            field="eval_fraction",
+        )
+    held_labels = labels_from_file(labels)
+    if held_labels is not None:
+        held_labels = held_labels[np.asarray(positions, dtype=np.int64)]
+    with stage_progress("ranking nodes", enabled=not as_json) as progress:
+        report = node_sensitivity(
+            model,
+            loaded,
+            spec,
+            evaluation,
+            metric=AccuracyMetric(metric),
+            labels=held_labels,
+            max_nodes=max_nodes,
+            all_but_this=not only_this,
+            samples=samples,
+            threads=threads,
+            execution=QdqExecution(execution),
+            progress=progress,
+        )
+    if out is not None:
+        out.write_text(report.model_dump_json(indent=2))
+    if as_json:
+        click.echo(report.model_dump_json())
+        return
+    click.echo(render_sensitivity(report))
+
+
+def render_sensitivity(report: Any) -> str:
+    """The ranked nodes as a readable table."""
+
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4g}"
+
+    metric = report.metric.value
+    lines = [
+        f"{report.quantizable_nodes} quantizable nodes, {report.evaluated_nodes} evaluated on "
+        f"{report.samples} held-out samples ({report.evaluations} variants, {report.seconds:.1f} s, "
+        f"Q/DQ {report.execution.value}); {metric} "
+        f"{'higher' if report.higher_is_better else 'lower'} is better",
+        f"{'rank':>4}  {'only this INT8':>14}  {'all but this':>12}  {'proxy dB':>8}  node (op)",
+    ]
+    for n in report.nodes:
+        lines.append(
+            f"{n.rank:>4}  {fmt(n.metric_only_this):>14}  {fmt(n.metric_all_but_this):>12}  "
+            f"{n.proxy_sqnr_db:>8.1f}  {n.node} ({n.op_type})"
+        )
+    return "\n".join(lines)
+
+
 def register(group: click.Group) -> None:
-    """Add the build command to the root group."""
+    """Add the build and sensitivity commands to the root group."""
     group.add_command(build)
+    group.add_command(sensitivity)

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from tests.unit.service.test_cli_local import trtforge
@@ -248,3 +249,32 @@ def test_compare_takes_polygraphy_style_per_output_tolerances(
     assert "logits" in unknown.stderr  # the hint lists the outputs there are
     bad = trtforge(*base, "--rtol", "logits:lots")
     assert bad.returncode not in (0, 1) and "--rtol 'logits:lots'" in bad.stderr
+
+
+def test_sensitivity_ranks_nodes_by_onnx_name(
+    tiny_cnn_path: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    from engines.accuracy import AccuracyMetric
+    from service.cli_engines import _METRICS
+
+    assert set(_METRICS) == {m.value for m in AccuracyMetric}
+    out = tmp_path / "sens.json"
+    args = ("sensitivity", str(tiny_cnn_path), "--data", str(tiny_data), "--samples", "8")
+    result = trtforge(*args, "--max-nodes", "2", "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert json.loads(out.read_text()) == report
+    nodes = report["nodes"]
+    assert [n["rank"] for n in nodes] == list(range(1, len(nodes) + 1))
+    assert len(nodes) == report["quantizable_nodes"] >= 2 and report["evaluated_nodes"] == 2
+    evaluated = [n for n in nodes if n["metric_only_this"] is not None]
+    assert len(evaluated) == 2 and all(n["metric_all_but_this"] is not None for n in evaluated)
+    names = {n["node"] for n in nodes}
+    model_nodes = {n.name for n in onnx.load(str(tiny_cnn_path)).graph.node}
+    assert names <= model_nodes  # ONNX node names, not layer indices
+    text = trtforge(*args, "--max-nodes", "1", "--only-this")
+    assert text.returncode == 0, text.stderr
+    assert "only this INT8" in text.stdout and "1 evaluated" in text.stdout
+    no_labels = trtforge(*args, "--metric", "accuracy", "--max-nodes", "1")
+    assert no_labels.returncode != 0 and "Traceback" not in no_labels.stderr
+    assert "label" in no_labels.stderr.lower()
