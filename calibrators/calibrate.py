@@ -170,17 +170,18 @@ def calibrate(
     params = dict(method.params)
     if isinstance(observer, HistogramCollector):
         histograms = observer.histograms()
-        amax = {name: float(method.compute_amax(h)) for name, h in histograms.items()}
+        aliases = observer.aliases
+        # ranges of the observed tensors only; an alias then takes its source's (bound included)
+        observed = {name: h for name, h in histograms.items() if name not in aliases}
+        amax = {name: float(method.compute_amax(h)) for name, h in observed.items()}
         params["histogram"] = str(histogram)
         if keep_activation_bounds:
-            peaks = {name: h.max_abs for name, h in histograms.items()}
+            peaks = {name: h.max_abs for name, h in observed.items()}
             amax = _keep_saturated_bounds(
                 amax, peaks, activation_bounds(load_onnx(model_path, load_external_data=False))
             )
-            for alias, source in observer.aliases.items():  # an alias keeps its source's bound
-                if alias in amax and source in amax:
-                    amax[alias] = amax[source]
             params["keep_activation_bounds"] = "yes"
+        amax = with_aliases(amax, list(histograms), aliases)
     else:
         amax = observer.amax()
     return CalibrationTable(
