@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from functools import wraps
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import click
@@ -25,6 +26,23 @@ def fail(message: str, hint: str = "") -> None:
     if hint:
         click.echo(f"hint: {hint}", err=True)
     raise SystemExit(2)
+
+
+method_option = click.option(
+    "--method",
+    type=click.Choice(["entropy", "minmax", "percentile", "mse"]),
+    default="entropy",
+    show_default=True,
+)
+"""``--method``: the calibration method, shared by every command that calibrates."""
+
+preprocess_option = click.option(
+    "--preprocess",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="JSON preprocessing spec for image zips.",
+)
+"""``--preprocess``: shared by every command that reads a dataset."""
 
 
 def handle_errors(func: Callable[P, R]) -> Callable[P, R]:

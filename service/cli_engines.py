@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import numpy as np
 
-from service.cli import handle_errors
+from service.cli import handle_errors, method_option, preprocess_option
 from service.progress import sample_progress, stage_progress
 
 if TYPE_CHECKING:
@@ -180,15 +180,8 @@ def _table_for_build(
     default=None,
     help="A calibration table (cache text or .json).",
 )
-@click.option(
-    "--preprocess", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None
-)
-@click.option(
-    "--method",
-    type=click.Choice(["entropy", "minmax", "percentile", "mse"]),
-    default="entropy",
-    show_default=True,
-)
+@preprocess_option
+@method_option
 @click.option("--percentile", type=float, default=None)
 @click.option(
     "--backend",
@@ -345,19 +338,14 @@ def _search_budget(
     required=True,
     help="Calibration samples; --eval-fraction of them are held out to measure on.",
 )
-@click.option("--preprocess", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@preprocess_option
 @click.option(
     "--table",
     type=click.Path(path_type=Path, exists=True, dir_okay=False),
     default=None,
     help="A calibration table for MODEL instead of calibrating on --data.",
 )
-@click.option(
-    "--method",
-    type=click.Choice(["entropy", "minmax", "percentile", "mse"]),
-    default="entropy",
-    show_default=True,
-)
+@method_option
 @click.option("--eval-fraction", type=click.FloatRange(0.01, 0.9), default=0.2, show_default=True)
 @click.option(
     "--metric",

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import numpy as np
 
-from service.cli import handle_errors
+from service.cli import handle_errors, method_option, preprocess_option
 
 if TYPE_CHECKING:
     from calibrators.data import CalibrationDataset
@@ -72,12 +72,7 @@ def _method(name: str, percentile: float | None) -> MethodSpec:
     required=True,
     help=".npz, directory or .zip of .npz shards, or .zip of images (with --preprocess).",
 )
-@click.option(
-    "--method",
-    type=click.Choice(["entropy", "minmax", "percentile", "mse"]),
-    default="entropy",
-    show_default=True,
-)
+@method_option
 @click.option(
     "--percentile", type=float, default=None, help="For --method percentile (default 99.99)."
 )
@@ -95,12 +90,7 @@ def _method(name: str, percentile: float | None) -> MethodSpec:
     help="Default: as many samples as fit a few hundred MB of activations.",
 )
 @click.option("--max-samples", type=click.IntRange(min=1), default=None)
-@click.option(
-    "--preprocess",
-    type=click.Path(path_type=Path, exists=True, dir_okay=False),
-    default=None,
-    help="JSON preprocessing spec for image zips.",
-)
+@preprocess_option
 @click.option(
     "--trt-version", default=None, help="TensorRT version the cache is written for (e.g. 10.13.3)."
 )

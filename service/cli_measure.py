@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from service.cli import handle_errors
+from service.cli import handle_errors, method_option, preprocess_option
 from service.cli_engines import dataset_from_options, labels_from_file, load_runner
 from service.progress import stage_progress
 
@@ -24,9 +24,7 @@ __all__ = ["register", "render_accuracy"]
     default=None,
     help="Real samples to rotate through (default: seeded random inputs).",
 )
-@click.option(
-    "--preprocess", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None
-)
+@preprocess_option
 @click.option(
     "--batch-size", type=click.IntRange(min=1), default=None, help="Samples per query (default 1)."
 )
@@ -138,9 +136,7 @@ def bench(
     required=True,
     help="Evaluation samples (not used for calibration).",
 )
-@click.option(
-    "--preprocess", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None
-)
+@preprocess_option
 @click.option(
     "--labels",
     type=click.Path(path_type=Path, exists=True, dir_okay=False),
@@ -239,21 +235,14 @@ def compare(
     required=True,
     help="Calibration + held-out evaluation samples.",
 )
-@click.option(
-    "--preprocess", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None
-)
+@preprocess_option
 @click.option(
     "--variants",
     default="fp32,fp16,int8,int8-fp16",
     show_default=True,
     help="Comma-separated: fp32, fp16, int8, int8-fp16, auto:METRIC:VALUE.",
 )
-@click.option(
-    "--method",
-    type=click.Choice(["entropy", "minmax", "percentile", "mse"]),
-    default="entropy",
-    show_default=True,
-)
+@method_option
 @click.option(
     "--backend",
     type=click.Choice(["auto", "tensorrt", "onnxruntime"]),

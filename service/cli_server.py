@@ -16,7 +16,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import click
 
-from service.cli import handle_errors
+from service.cli import handle_errors, method_option, preprocess_option
 from service.progress import sample_progress
 
 __all__ = ["register"]
@@ -269,12 +269,7 @@ def _spec(options: dict[str, Any]) -> Any:
     default="int8-fp16",
     show_default=True,
 )
-@click.option(
-    "--method",
-    type=click.Choice(["entropy", "minmax", "percentile", "mse"]),
-    default="entropy",
-    show_default=True,
-)
+@method_option
 @click.option("--percentile", type=float, default=None)
 @click.option(
     "--backend",
@@ -286,7 +281,7 @@ def _spec(options: dict[str, Any]) -> Any:
 @click.option("--keep", multiple=True, help="Node name, op type or re:REGEX kept out of INT8.")
 @click.option("--keep-fp16", multiple=True, help="Node name, op type or re:REGEX kept in FP32.")
 @click.option("--shapes", multiple=True, help="Optimization profile NAME:MIN/OPT/MAX.")
-@click.option("--preprocess", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@preprocess_option
 @click.option("--table", "table_id", default=None, help="Use this stored calibration table id.")
 @click.option("--wait", is_flag=True, help="Follow the build until it ends.")
 @click.option("--timeout", type=float, default=None, help="Seconds --wait waits at most.")
