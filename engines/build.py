@@ -85,20 +85,26 @@ def build_artifact(
     out_path: Path,
     *,
     progress: ProgressFn | None = None,
+    backend: tuple[Backend, str] | None = None,
+    checked: bool = False,
 ) -> Artifact:
     """Check ``spec`` against the model, then build ``out_path`` (+ sidecar) with its backend.
+
+    ``backend`` is the (backend, reason) already chosen by :func:`select_backend` (a workflow
+    chooses once); ``checked`` says the spec was already checked against the model.
 
     Raises :class:`SpecError` for INT8 without a table, profiles that do not fit the model's
     inputs and keep patterns that match no node; :class:`BackendUnavailableError` when the
     requested backend cannot run here.
     """
     spec.precision.require_table(table)
-    model = load_onnx(Path(model_path), load_external_data=False)
-    validate_profiles(model_input_specs(model), spec.profiles)
-    validate_keep_patterns(model, spec)
-    del model
-    backend, reason = select_backend(spec.backend)
-    artifact = backend.build(Path(model_path), spec, table, Path(out_path), progress=progress)
+    if not checked:
+        model = load_onnx(Path(model_path), load_external_data=False)
+        validate_profiles(model_input_specs(model), spec.profiles)
+        validate_keep_patterns(model, spec)
+        del model
+    chosen, reason = backend or select_backend(spec.backend)
+    artifact = chosen.build(Path(model_path), spec, table, Path(out_path), progress=progress)
     if artifact.metadata.backend_reason != reason:
         metadata = artifact.metadata.model_copy(update={"backend_reason": reason})
         artifact = write_metadata(artifact.path, metadata)

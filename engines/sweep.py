@@ -31,23 +31,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import onnx
 
-from calibrators.calibrate import calibrate, sha256_file
-from calibrators.data import CalibrationDataset, model_input_specs
+from calibrators.calibrate import sha256_file
+from calibrators.data import CalibrationDataset
 from calibrators.errors import TrtforgeError
 from calibrators.methods import MethodSpec, method_spec
-from calibrators.onnxio import load_onnx
 from calibrators.table import CalibrationTable
-from engines.accuracy import AccuracyMetric, AccuracyReport, MetricBudget, compare
+from engines.accuracy import AccuracyMetric, AccuracyReport, MetricBudget
 from engines.artifacts import write_text_atomically
 from engines.backends.base import ProgressFn, report_progress
 from engines.backends.onnxruntime import OnnxRuntimeRunner
-from engines.benchmark import BenchmarkOptions, PerfReport, benchmark
-from engines.build import build_artifact, select_backend
+from engines.benchmark import BenchmarkOptions, PerfReport
 from engines.errors import SpecError
 from engines.frozen import FrozenReport
-from engines.mixed import MixedPrecisionResult, search_mixed_precision
+from engines.mixed import MixedPrecisionResult
 from engines.spec import BackendName, BuildSpec, Precision
 from engines.sweep_report import (
     SweepReport,
@@ -58,6 +55,7 @@ from engines.sweep_report import (
     render_svg,
 )
 from engines.variants import MemoizedRunner
+from engines.workflow import Workflow
 
 __all__ = ["SweepReport", "Variant", "parse_variants", "render_markdown", "sweep"]
 """``SweepReport`` and ``render_markdown`` live in :mod:`engines.sweep_report`; they are
@@ -124,19 +122,6 @@ def parse_variants(texts: Sequence[str]) -> list[Variant]:
 # --- the sweep --------------------------------------------------------------------------------
 
 
-def _split_indices(
-    data: CalibrationDataset, eval_fraction: float, seed: int
-) -> tuple[list[int], list[int]]:
-    """(calibration, evaluation) sample positions; a sweep needs held-out samples."""
-    if not 0 < eval_fraction < 1:
-        raise SpecError(
-            f"eval_fraction must be in (0, 1), got {eval_fraction}.",
-            hint="A sweep needs held-out samples: e.g. --eval-fraction 0.2.",
-            field="eval_fraction",
-        )
-    return data.split_indices(eval_fraction, seed)
-
-
 @dataclass(frozen=True)
 class _Measured:
     """One variant before the cross-variant numbers (speedup, front) are known."""
@@ -187,38 +172,32 @@ def sweep(
     model_path = Path(model_path)
     parsed = [v if isinstance(v, Variant) else Variant.parse(v) for v in variants]
     parse_variants([v.name for v in parsed])
-    model = load_onnx(model_path, load_external_data=False)
-    specs = model_input_specs(model)
-    data = dataset.validate(specs)
-    if table is not None:
-        _check_table(table, model)
-    del model
-    if eval_dataset is None:
-        cal_idx, eval_idx = _split_indices(data, eval_fraction, seed)
-        calibration, evaluation = data.subset(cal_idx), data.subset(eval_idx)
-    else:
-        calibration, evaluation = data, eval_dataset.validate(specs)
-        eval_idx = list(range(len(evaluation)))
-    builder, reason = select_backend(backend)
+    if eval_dataset is None and not 0 < eval_fraction < 1:
+        raise SpecError(
+            f"eval_fraction must be in (0, 1), got {eval_fraction}.",
+            hint="A sweep needs held-out samples: e.g. --eval-fraction 0.2.",
+            field="eval_fraction",
+        )
+    base = (base_spec or BuildSpec()).model_copy(update={"backend": backend})
+    flow = Workflow(model_path, base)
+    split = flow.split(
+        dataset, eval_fraction=eval_fraction, seed=seed, eval_dataset=eval_dataset, labels=labels
+    )
+    needs_table = any(v.precision.uses_int8 for v in parsed)
+    calibrated = None
+    if table is not None or needs_table:
+        report_progress(progress, "calibrating", 0.0)
+        calibrated = flow.calibrate(split.calibration, table=table, force=True)
     ctx = _Context(
-        model_path=model_path,
-        base=(base_spec or BuildSpec()).model_copy(update={"backend": backend}),
-        table=table,
-        evaluation=evaluation,
-        labels=None
-        if labels is None
-        else _eval_labels(labels, len(data) if eval_dataset is None else len(evaluation), eval_idx),
+        flow=flow,
+        table=calibrated.table if calibrated is not None else None,
+        evaluation=split.evaluation,
+        labels=split.eval_labels,
         options=benchmark_options or BenchmarkOptions(),
         out_dir=Path(out_dir),
-        suffix=".engine" if builder.name == "tensorrt" else ".onnx",
         batch_size=eval_batch_size,
         max_nodes=mixed_max_nodes,
     )
-    if ctx.table is None and any(v.precision.uses_int8 for v in parsed):
-        report_progress(progress, "calibrating", 0.0)
-        ctx.table = calibrate(
-            model_path, calibration, ctx.base.calibration, histogram=ctx.base.histogram
-        )
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     measured: list[_Measured] = []
     failed: list[tuple[Variant, TrtforgeError]] = []
@@ -235,15 +214,15 @@ def sweep(
     report = SweepReport(
         model=model_path.name,
         model_sha256=sha256_file(model_path),
-        dataset_sha256=data.digest,
-        calibration_samples=ctx.table.samples if ctx.table is not None else len(calibration),
-        eval_samples=len(evaluation),
-        backend=builder.name,
-        backend_version=builder.version(),
-        backend_reason=reason,
+        dataset_sha256=dataset.digest,
+        calibration_samples=ctx.table.samples if ctx.table is not None else len(split.calibration),
+        eval_samples=len(split.evaluation),
+        backend=flow.backend.name,
+        backend_version=flow.backend.version(),
+        backend_reason=flow.backend_reason,
         calibration=_table_method(table)
         if table is not None
-        else (ctx.base.calibration if ctx.table is not None else None),
+        else (base.calibration if ctx.table is not None else None),
         table_sha256=ctx.table.digest if ctx.table is not None else None,
         table_given=table is not None,
         accuracy_metric=metric,
@@ -269,14 +248,12 @@ def sweep(
 class _Context:
     """What every variant of one sweep shares."""
 
-    model_path: Path
-    base: BuildSpec
+    flow: Workflow
     table: CalibrationTable | None
     evaluation: CalibrationDataset
     labels: np.ndarray | None
     options: BenchmarkOptions
     out_dir: Path
-    suffix: str
     batch_size: int
     max_nodes: int | None
 
@@ -294,57 +271,34 @@ def _table_method(table: CalibrationTable) -> MethodSpec | None:
         return method_spec(table.method)
 
 
-def _check_table(table: CalibrationTable, model: onnx.ModelProto) -> None:
-    names = [i.name for i in model.graph.input] + [o for n in model.graph.node for o in n.output]
-    if table.compare_with_model(names).matched_tensors == 0:
-        raise SpecError(
-            "No tensor of the calibration table exists in the model.",
-            hint="Pass the table calibrated for this model (trtforge calibrate MODEL ...).",
-            field="table",
-        )
-
-
-def _eval_labels(labels: np.ndarray, total: int, eval_idx: list[int]) -> np.ndarray:
-    array = np.asarray(labels)
-    if array.ndim != 1 or len(array) != total:
-        raise SpecError(
-            f"{len(array)} labels for a dataset of {total} samples.",
-            hint="Give one class index per dataset sample, in the dataset's order.",
-            field="labels",
-        )
-    return array[eval_idx]
-
-
 def _measure(variant: Variant, ctx: _Context, reference: MemoizedRunner) -> _Measured:
-    spec = ctx.base.model_copy(update={"precision": variant.precision})
+    flow = ctx.flow
+    spec = flow.spec.model_copy(update={"precision": variant.precision})
     table = ctx.table if spec.precision.uses_int8 else None
     mixed = None
     search_start = time.perf_counter()
     if variant.budget is not None and ctx.table is not None:
-        mixed = search_mixed_precision(
-            ctx.model_path,
+        mixed = flow.search_budget(
             ctx.table,
-            spec,
             ctx.evaluation,
             variant.budget,
             labels=ctx.labels,
             max_nodes=ctx.max_nodes,
+            spec=spec,
         )
         spec = mixed.apply_to(spec)
     search_seconds = time.perf_counter() - search_start if mixed is not None else 0.0
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", variant.name).strip("-") + ctx.suffix
-    artifact = build_artifact(ctx.model_path, spec, table, ctx.out_dir / name)
-    builder, _ = select_backend(spec.backend)
-    with builder.load(artifact.path) as runner:
-        perf = benchmark(runner, ctx.evaluation, ctx.options)
-        accuracy = compare(
-            reference,
-            runner,
-            ctx.evaluation,
-            batch_size=ctx.batch_size,
-            labels=ctx.labels,
-            budget=variant.budget,
-        )
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", variant.name).strip("-") + flow.artifact_suffix
+    artifact = flow.build(ctx.out_dir / name, table, spec=spec)
+    perf = flow.benchmark(artifact, ctx.evaluation, ctx.options)
+    accuracy = flow.evaluate(
+        artifact,
+        ctx.evaluation,
+        labels=ctx.labels,
+        budget=variant.budget,
+        batch_size=ctx.batch_size,
+        reference=reference,
+    )
     share = None
     if spec.precision.uses_int8:
         share = mixed.int8_share if mixed is not None else 1.0

@@ -12,13 +12,14 @@ import click
 import numpy as np
 
 from service.cli import handle_errors, method_option, preprocess_option
-from service.progress import sample_progress, stage_progress
+from service.progress import CliRecorder, stage_progress
 
 if TYPE_CHECKING:
     from calibrators.data import CalibrationDataset
     from calibrators.table import CalibrationTable
     from engines.backends.base import Runner
     from engines.spec import BuildSpec
+    from engines.workflow import Split, Workflow
 
 __all__ = ["dataset_from_options", "labels_from_file", "load_runner", "register"]
 
@@ -120,44 +121,44 @@ def _build_spec(
         raise SpecError(f"Invalid build options: {exc}", field="spec") from exc
 
 
-def _table_for_build(
-    model: Path,
-    spec: BuildSpec,
-    table: Path | None,
+def _workflow(model: Path, spec: BuildSpec, quiet: bool) -> Workflow:
+    from engines.workflow import Workflow
+
+    return Workflow(model, spec, recorder=CliRecorder(enabled=not quiet))
+
+
+def _split(
+    flow: Workflow,
     data: Path | None,
     preprocess: Path | None,
     eval_fraction: float,
-    quiet: bool,
-) -> tuple[CalibrationTable | None, CalibrationDataset | None, list[int]]:
-    """(table, held-out split, its sample positions) for a build: loaded or calibrated from --data.
+    labels: Path | None = None,
+) -> Split | None:
+    """--data validated and split once: calibration never sees the held-out samples, so an
+    accuracy budget or sensitivity is judged on unseen data."""
+    if data is None:
+        return None
+    return flow.split(
+        dataset_from_options(data, preprocess),
+        eval_fraction=eval_fraction,
+        labels=labels_from_file(labels),
+    )
 
-    Calibration never sees the held-out samples, so an accuracy budget is judged on unseen data.
-    """
-    from calibrators.calibrate import calibrate
+
+def _calibration(
+    flow: Workflow, split: Split | None, table: Path | None, *, force: bool = False
+) -> CalibrationTable | None:
     from calibrators.table import CalibrationTable
+    from engines.errors import SpecError
 
-    dataset = dataset_from_options(data, preprocess) if data is not None else None
-    evaluation = None
-    positions: list[int] = []
-    if dataset is not None and eval_fraction > 0:
-        calibration_idx, positions = dataset.split_indices(eval_fraction, seed=0)
-        dataset, evaluation = dataset.subset(calibration_idx), dataset.subset(positions)
-    if not spec.precision.uses_int8:
-        return None, evaluation, positions
-    if table is not None:
-        return CalibrationTable.load(table), evaluation, positions
-    if dataset is None:
-        from engines.errors import SpecError
-
+    if split is None and table is None and (force or flow.spec.precision.uses_int8):
         raise SpecError(
-            f"--precision {spec.precision.value} needs --data (to calibrate) or --table.",
+            f"--precision {flow.spec.precision.value} needs --data (to calibrate) or --table.",
             field="data",
         )
-    with sample_progress("calibrating", enabled=not quiet) as progress:
-        calibrated = calibrate(
-            model, dataset, spec.calibration, histogram=spec.histogram, progress=progress
-        )
-    return calibrated, evaluation, positions
+    given = CalibrationTable.load(table) if table is not None else None
+    result = flow.calibrate(split.calibration if split else None, table=given, force=force)
+    return result.table if result is not None else None
 
 
 @click.command()
@@ -250,23 +251,15 @@ def build(
     as_json: bool,
 ) -> None:
     """Build a deployable artifact (TensorRT engine or Q/DQ / FP16 ONNX) from MODEL."""
-    from engines.build import build_artifact
-
     started = time.perf_counter()
     spec = _build_spec(precision, method, percentile, backend, mode, keep, keep_fp16, shapes)
-    loaded, evaluation, positions = _table_for_build(
-        model, spec, table, data, preprocess, eval_fraction if accuracy_budget else 0.0, as_json
-    )
+    flow = _workflow(model, spec, as_json)
+    split = _split(flow, data, preprocess, eval_fraction if accuracy_budget else 0.0, labels)
+    loaded = _calibration(flow, split, table)
     mixed: dict[str, Any] | None = None
     if accuracy_budget is not None:
-        held_labels = labels_from_file(labels)
-        if held_labels is not None:
-            held_labels = held_labels[np.asarray(positions, dtype=np.int64)]
-        spec, mixed = _search_budget(
-            model, spec, loaded, evaluation, accuracy_budget, held_labels, as_json
-        )
-    with stage_progress("building", enabled=not as_json) as progress:
-        artifact = build_artifact(model, spec, loaded, out, progress=progress)
+        spec, mixed = _search_budget(flow, loaded, split, accuracy_budget)
+    artifact = flow.build(out, loaded, spec=spec)
     meta = artifact.metadata
     summary: dict[str, Any] = {
         "artifact": str(artifact.path),
@@ -297,24 +290,17 @@ def build(
 
 
 def _search_budget(
-    model: Path,
-    spec: BuildSpec,
-    table: CalibrationTable | None,
-    evaluation: CalibrationDataset | None,
-    budget_text: str,
-    labels: np.ndarray | None,
-    quiet: bool,
+    flow: Workflow, table: CalibrationTable | None, split: Split | None, budget_text: str
 ) -> tuple[BuildSpec, dict[str, Any]]:
     from engines.errors import SpecError
 
-    if table is None or evaluation is None or len(evaluation) == 0:
+    if table is None or split is None or not split.held_out:
         raise SpecError(
             "--accuracy-budget needs an INT8 precision and --data with held-out samples.",
             hint="Pass --data and keep --eval-fraction above 0.",
             field="accuracy_budget",
         )
     from engines.accuracy import MetricBudget
-    from engines.mixed import search_mixed_precision
 
     try:
         budget = MetricBudget.parse(budget_text)
@@ -322,12 +308,8 @@ def _search_budget(
         raise SpecError(
             f"--accuracy-budget {budget_text!r}: {exc}", field="accuracy_budget"
         ) from exc
-    with stage_progress("searching precision", enabled=not quiet) as progress:
-        result = search_mixed_precision(
-            model, table, spec, evaluation, budget, labels=labels, progress=progress
-        )
-    new_spec = result.apply_to(spec)
-    return new_spec, result.model_dump(mode="json")
+    result = flow.search_budget(table, split.evaluation, budget, labels=split.eval_labels)
+    return result.apply_to(flow.spec), result.model_dump(mode="json")
 
 
 @click.command()
@@ -406,10 +388,10 @@ def sensitivity(
     from engines.variants import QdqExecution
 
     spec = _build_spec("int8", method, None, "onnxruntime", "explicit", (), (), ())
-    loaded, evaluation, positions = _table_for_build(
-        model, spec, table, data, preprocess, eval_fraction, as_json
-    )
-    if loaded is None or evaluation is None or len(evaluation) == 0:
+    flow = _workflow(model, spec, as_json)
+    split = _split(flow, data, preprocess, eval_fraction, labels)
+    loaded = _calibration(flow, split, table)
+    if loaded is None or split is None or not split.held_out:
         from engines.errors import SpecError
 
         raise SpecError(
@@ -417,17 +399,14 @@ def sensitivity(
             hint="Pass more --data samples or raise --eval-fraction.",
             field="eval_fraction",
         )
-    held_labels = labels_from_file(labels)
-    if held_labels is not None:
-        held_labels = held_labels[np.asarray(positions, dtype=np.int64)]
     with stage_progress("ranking nodes", enabled=not as_json) as progress:
         report = node_sensitivity(
             model,
             loaded,
             spec,
-            evaluation,
+            split.evaluation,
             metric=AccuracyMetric(metric),
-            labels=held_labels,
+            labels=split.eval_labels,
             max_nodes=max_nodes,
             all_but_this=not only_this,
             samples=samples,

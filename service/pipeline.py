@@ -41,11 +41,11 @@ from service.settings import Settings
 from service.storage import Storage
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     from calibrators.data import CalibrationDataset
     from calibrators.table import CalibrationTable
-    from engines.accuracy import AccuracyReport
-    from engines.backends.base import Artifact
-    from engines.benchmark import PerfReport
+    from engines.workflow import Calibration, StageProgress
 
 __all__ = ["BuildPlan", "run_build"]
 
@@ -68,24 +68,10 @@ class BuildPlan:
     preprocess: dict[str, object] | None
     input_name: str | None
 
-    @property
-    def artifact_filename(self) -> str:
+    def artifact_filename(self, suffix: str) -> str:
+        """``<model stem>-<precision>-<build id prefix><suffix>``."""
         stem = Path(self.model_filename).stem or "model"
-        suffix = ".engine" if self.backend == "tensorrt" else ".onnx"
         return f"{stem}-{self.request.spec.precision.value}-{self.build_id[:8]}{suffix}"
-
-
-@dataclass(frozen=True)
-class _Data:
-    calibration: CalibrationDataset
-    evaluation: CalibrationDataset
-    total: int
-
-
-@dataclass(frozen=True)
-class _TableChoice:
-    table: CalibrationTable
-    summary: CalibrationSummary
 
 
 def load_plan(db: Database, storage: Storage, build_id: str) -> BuildPlan:
@@ -140,6 +126,48 @@ def run_build(
         shutil.rmtree(work, ignore_errors=True)
 
 
+class _ServiceTables:
+    """The workflow's table cache: calibration tables stored as blobs with a row each."""
+
+    def __init__(self, plan: BuildPlan, db: Database, storage: Storage) -> None:
+        self._plan, self._db, self._storage = plan, db, storage
+
+    def lookup(self, key: str) -> CalibrationTable | None:
+        with self._db.session() as session:
+            row = session.get(TableRow, key)
+            return load_table(self._storage, row) if row is not None else None
+
+    def store(self, key: str, table: CalibrationTable) -> None:
+        with self._db.session() as session:
+            store_table(
+                session,
+                self._storage,
+                key=key,
+                model_id=self._plan.model_id,
+                dataset_id=self._plan.dataset_id,
+                table=table,
+                source="calibrated",
+                missing=[],
+            )
+
+
+class _Stages:
+    """The build recorder seen as the workflow's :class:`~engines.workflow.Recorder`: a cancel
+    request stops the build at every stage boundary."""
+
+    def __init__(self, recorder: BuildRecorder) -> None:
+        self._recorder = recorder
+
+    def stage(self, stage: Stage) -> AbstractContextManager[StageProgress]:
+        return self._recorder.stage(stage)
+
+    def skip(self, stage: Stage, reason: str) -> None:
+        self._recorder.skip(stage, reason)
+
+    def log(self, message: str, *, level: str = "info", stage: Stage | None = None) -> None:
+        self._recorder.log(message, level=level, stage=stage)
+
+
 def _run_stages(
     plan: BuildPlan,
     recorder: BuildRecorder,
@@ -148,15 +176,48 @@ def _run_stages(
     storage: Storage,
     settings: Settings,
 ) -> None:
-    data = _open_data(plan, settings, recorder)
-    choice = _calibrate(plan, data, recorder, db, storage)
-    artifact = _build(plan, choice, recorder, work)
-    perf = _benchmark(plan, data, artifact, recorder)
-    accuracy = _evaluate(plan, data, artifact, recorder)
+    from engines.benchmark import BenchmarkOptions
+    from engines.workflow import Workflow
+
+    request = plan.request
+    flow = Workflow(
+        plan.model_path,
+        request.spec,
+        recorder=_Stages(recorder),
+        store=_ServiceTables(plan, db, storage),
+        model_sha256=plan.model_id,
+    )
+    split = flow.split(
+        _open_dataset(plan, settings),
+        eval_fraction=request.accuracy.eval_fraction if request.accuracy.enabled else 0.0,
+        seed=request.accuracy.seed,
+        max_calibration_samples=request.calibration.max_samples,
+    )
+    given = _given_table(plan, db, storage)
+    calibration = flow.calibrate(
+        split.calibration, table=given, batch_size=request.calibration.batch_size
+    )
+    summary = None
+    if calibration is not None:
+        summary = _summary(calibration.key or request.table_id, calibration, db, recorder)
+    filename = plan.artifact_filename(flow.artifact_suffix)
+    artifact = flow.build(work / filename, calibration.table if calibration else None)
+    perf = flow.benchmark(
+        artifact,
+        split.evaluation,
+        BenchmarkOptions(**request.benchmark.model_dump(exclude_none=True)),
+    )
+    accuracy = None
+    if request.accuracy.enabled:
+        accuracy = flow.evaluate(
+            artifact, split.evaluation, max_samples=request.accuracy.max_samples
+        )
+    else:
+        recorder.skip(Stage.EVALUATE, "accuracy check disabled in the request")
     recorder.check_cancel()
     artifact_blob = storage.adopt_blob(artifact.path, artifact.metadata.sha256)
     info = ArtifactInfo(
-        filename=plan.artifact_filename,
+        filename=filename,
         sha256=artifact_blob.sha256,
         size_bytes=artifact_blob.size_bytes,
         backend=artifact.metadata.backend,
@@ -168,12 +229,12 @@ def _run_stages(
         dataset={
             "id": plan.dataset_id,
             "filename": plan.dataset_filename,
-            "num_samples": data.total,
-            "calibration_samples": len(data.calibration),
-            "evaluation_samples": len(data.evaluation),
+            "num_samples": split.total,
+            "calibration_samples": len(split.calibration),
+            "evaluation_samples": len(split.evaluation),
         },
-        spec=plan.request.spec,
-        calibration=choice.summary if choice is not None else None,
+        spec=request.spec,
+        calibration=summary,
         artifact=info,
         artifact_metadata=artifact.metadata,
         quantized_nodes=list(artifact.metadata.quantized_nodes),
@@ -193,10 +254,9 @@ def _run_stages(
     )
 
 
-def _open_data(plan: BuildPlan, settings: Settings, recorder: BuildRecorder) -> _Data:
+def _open_dataset(plan: BuildPlan, settings: Settings) -> CalibrationDataset:
     from calibrators.archive import ArchiveLimits
-    from calibrators.data import CalibrationDataset, PreprocessSpec, model_input_specs
-    from calibrators.onnxio import load_onnx
+    from calibrators.data import CalibrationDataset, PreprocessSpec
 
     limits = ArchiveLimits(
         max_members=settings.max_archive_members,
@@ -204,156 +264,31 @@ def _open_data(plan: BuildPlan, settings: Settings, recorder: BuildRecorder) -> 
         max_member_bytes=settings.max_archive_member_bytes,
     )
     preprocess = PreprocessSpec.model_validate(plan.preprocess) if plan.preprocess else None
-    inputs = model_input_specs(load_onnx(plan.model_path, load_external_data=False))
-    dataset = CalibrationDataset.open(
+    return CalibrationDataset.open(
         plan.dataset_path, preprocess=preprocess, limits=limits, input_name=plan.input_name
-    ).validate(inputs)
-    options = plan.request.accuracy
-    if options.enabled and options.eval_fraction > 0 and len(dataset) >= 2:
-        calibration, evaluation = dataset.split(options.eval_fraction, seed=options.seed)
-    else:
-        calibration = evaluation = dataset
-        if options.enabled:
-            recorder.log("Evaluating on the calibration samples (no held-out split).")
-    limit = plan.request.calibration.max_samples
-    if limit is not None and limit < len(calibration):
-        calibration = calibration.subset(list(range(limit)))
-    recorder.log(
-        f"Dataset: {len(dataset)} samples; {len(calibration)} for calibration, "
-        f"{len(evaluation)} held out for benchmark and evaluation."
     )
-    return _Data(calibration=calibration, evaluation=evaluation, total=len(dataset))
 
 
-def _calibrate(
-    plan: BuildPlan, data: _Data, recorder: BuildRecorder, db: Database, storage: Storage
-) -> _TableChoice | None:
-    spec = plan.request.spec
-    if plan.request.table_id is None and not spec.precision.uses_int8:
-        recorder.skip(Stage.CALIBRATE, f"precision {spec.precision.value} needs no INT8 ranges")
+def _given_table(plan: BuildPlan, db: Database, storage: Storage) -> CalibrationTable | None:
+    if plan.request.table_id is None:
         return None
-    from calibrators.calibrate import calibrate, table_cache_key
+    with db.session() as session:
+        return load_table(storage, session.get_one(TableRow, plan.request.table_id))
 
-    with recorder.stage(Stage.CALIBRATE) as progress:
-        if plan.request.table_id is not None:
-            key, from_cache = plan.request.table_id, True
-        else:
-            key = table_cache_key(
-                plan.model_id, data.calibration.digest, spec.calibration, spec.histogram
-            )
-            with db.session() as session:
-                from_cache = session.get(TableRow, key) is not None
-        if not from_cache:
-            table = calibrate(
-                plan.model_path,
-                data.calibration,
-                spec.calibration,
-                histogram=spec.histogram,
-                batch_size=plan.request.calibration.batch_size,
-                progress=progress.samples,
-            )
-            table = table.model_copy(update={"model_sha256": plan.model_id})
-            with db.session() as session:
-                row, _created = store_table(
-                    session,
-                    storage,
-                    key=key,
-                    model_id=plan.model_id,
-                    dataset_id=plan.dataset_id,
-                    table=table,
-                    source="calibrated",
-                    missing=[],
-                )
-        with db.session() as session:
-            row = session.get_one(TableRow, key)
-            table = load_table(storage, row)
-            summary = CalibrationSummary(
-                table_id=row.id,
-                from_cache=from_cache,
-                source=row.source,
-                method=row.method,
-                samples=row.samples,
-                num_tensors=row.num_tensors,
-            )
-        recorder.set_table(row.id, from_cache)
-        recorder.log(
-            f"Calibration table {row.id[:12]}: {row.num_tensors} tensors"
-            + (" (reused from the cache)." if from_cache else f" from {row.samples} samples."),
-            stage=Stage.CALIBRATE,
+
+def _summary(
+    key: str | None, calibration: Calibration, db: Database, recorder: BuildRecorder
+) -> CalibrationSummary:
+    """The report's calibration summary, from the table row the workflow used or stored."""
+    with db.session() as session:
+        row = session.get_one(TableRow, key)
+        summary = CalibrationSummary(
+            table_id=row.id,
+            from_cache=calibration.from_cache,
+            source=row.source,
+            method=row.method,
+            samples=row.samples,
+            num_tensors=row.num_tensors,
         )
-    return _TableChoice(table=table, summary=summary)
-
-
-def _build(
-    plan: BuildPlan, choice: _TableChoice | None, recorder: BuildRecorder, work: Path
-) -> Artifact:
-    from engines.build import build_artifact
-
-    with recorder.stage(Stage.BUILD) as progress:
-        artifact = build_artifact(
-            plan.model_path,
-            plan.request.spec,
-            choice.table if choice is not None else None,
-            work / plan.artifact_filename,
-            progress=progress.message,
-        )
-        meta = artifact.metadata
-        recorder.log(
-            f"Built {meta.backend} {meta.backend_version} artifact ({meta.size_bytes} bytes, "
-            f"{len(meta.quantized_nodes)} INT8 nodes, {len(meta.kept_nodes)} kept): "
-            f"{meta.backend_reason}",
-            stage=Stage.BUILD,
-        )
-    return artifact
-
-
-def _benchmark(
-    plan: BuildPlan, data: _Data, artifact: Artifact, recorder: BuildRecorder
-) -> PerfReport:
-    from engines.benchmark import BenchmarkOptions, benchmark
-    from engines.build import select_backend
-
-    given = plan.request.benchmark.model_dump(exclude_none=True)
-    options = BenchmarkOptions(**given)
-    with recorder.stage(Stage.BENCHMARK) as progress:
-        backend, _reason = select_backend(plan.request.spec.backend)
-        with backend.load(artifact.path) as runner:
-            perf = benchmark(runner, data.evaluation, options, progress=progress.message)
-        recorder.log(
-            f"{perf.throughput_qps:.1f} qps, median latency {perf.latency.median_ms:.3f} ms, "
-            f"p99 {perf.latency.p99_ms:.3f} ms (batch {perf.batch_size}).",
-            stage=Stage.BENCHMARK,
-        )
-        for warning in perf.warnings:
-            recorder.log(warning, level="warning", stage=Stage.BENCHMARK)
-    return perf
-
-
-def _evaluate(
-    plan: BuildPlan, data: _Data, artifact: Artifact, recorder: BuildRecorder
-) -> AccuracyReport | None:
-    options = plan.request.accuracy
-    if not options.enabled:
-        recorder.skip(Stage.EVALUATE, "accuracy check disabled in the request")
-        return None
-    from engines.accuracy import compare
-    from engines.backends.onnxruntime import OnnxRuntimeRunner
-    from engines.build import select_backend
-
-    with recorder.stage(Stage.EVALUATE) as progress:
-        backend, _reason = select_backend(plan.request.spec.backend)
-        with OnnxRuntimeRunner(plan.model_path) as reference, backend.load(artifact.path) as cand:
-            report = compare(
-                reference,
-                cand,
-                data.evaluation,
-                max_samples=options.max_samples,
-                progress=progress.message,
-            )
-        for output in report.outputs:
-            recorder.log(
-                f"{output.name}: cosine {output.cosine_similarity:.6f}, "
-                f"SQNR {output.sqnr_db:.1f} dB, max abs error {output.max_abs_error:.4g}.",
-                stage=Stage.EVALUATE,
-            )
-    return report
+    recorder.set_table(row.id, calibration.from_cache)
+    return summary

@@ -5,8 +5,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-__all__ = ["sample_progress", "stage_progress"]
+if TYPE_CHECKING:
+    from engines.stages import Stage
+
+__all__ = ["CliRecorder", "sample_progress", "stage_progress"]
 
 
 @contextmanager
@@ -59,3 +63,44 @@ def stage_progress(
         yield update
     finally:
         bar.close()
+
+
+class _BarProgress:
+    """One stage's progress callbacks drawn as a percentage bar."""
+
+    def __init__(self, update: Callable[[str, float], None], stage: str) -> None:
+        self._update, self._stage = update, stage
+
+    def samples(self, done: int, total: int) -> None:
+        self._update(f"{done}/{total} samples", done / total if total else 0.0)
+
+    def message(self, message: str, done: float) -> None:
+        self._update(message, done)
+
+
+class CliRecorder:
+    """The workflow's recorder on a terminal: one progress bar per stage on stderr (TTY only),
+    warnings printed, nothing under ``--json``."""
+
+    def __init__(self, *, enabled: bool = True) -> None:
+        self._enabled = enabled
+
+    @contextmanager
+    def stage(self, stage: Stage) -> Iterator[_BarProgress]:
+        with stage_progress(_STAGE_WORDS.get(stage.value, stage.value), enabled=self._enabled) as bar:
+            yield _BarProgress(bar, stage.value)
+
+    def skip(self, stage: Stage, reason: str) -> None:
+        return None
+
+    def log(self, message: str, *, level: str = "info", stage: Stage | None = None) -> None:
+        if self._enabled and level in ("warning", "error"):
+            print(f"{level}: {message}", file=sys.stderr)
+
+
+_STAGE_WORDS = {
+    "calibrate": "calibrating",
+    "build": "building",
+    "benchmark": "benchmarking",
+    "evaluate": "evaluating",
+}

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from service.db import Database
 from service.db.models import BuildLogRow, BuildRow, utcnow
 from service.errors import BuildCancelledError
-from service.schemas import BuildStatus, Stage
+from service.schemas import BuildStatus, Stage, stage_status
 
 __all__ = ["STAGE_WEIGHTS", "BuildRecorder", "StageProgress", "add_log", "reset_for_retry"]
 
@@ -153,7 +153,7 @@ class BuildRecorder:
         """Run one stage: cancel check, status, timing, progress at both ends."""
         self.check_cancel()
         self._update(
-            status=stage.status.value, stage=stage.value, progress=round(_stage_start(stage), 4)
+            status=stage_status(stage).value, stage=stage.value, progress=round(_stage_start(stage), 4)
         )
         self.log(f"{stage.value}: started", stage=stage)
         started = time.perf_counter()

@@ -12,6 +12,7 @@ from engines.accuracy import AccuracyReport
 from engines.backends.base import ArtifactMetadata
 from engines.benchmark import PerfReport
 from engines.spec import BuildSpec
+from engines.stages import Stage
 
 __all__ = [
     "AccuracyOptions",
@@ -41,6 +42,7 @@ __all__ = [
     "TokenCreate",
     "TokenCreated",
     "TokenPublic",
+    "stage_status",
 ]
 
 
@@ -79,17 +81,9 @@ class BuildStatus(StrEnum):
         return not self.terminal and self is not BuildStatus.QUEUED
 
 
-class Stage(StrEnum):
-    """Pipeline stages, in order; each runs under the matching running status."""
-
-    CALIBRATE = "calibrate"
-    BUILD = "build"
-    BENCHMARK = "benchmark"
-    EVALUATE = "evaluate"
-
-    @property
-    def status(self) -> BuildStatus:
-        return _STAGE_STATUS[self]
+def stage_status(stage: Stage) -> BuildStatus:
+    """The running status a build has while ``stage`` runs."""
+    return _STAGE_STATUS[stage]
 
 
 _STAGE_STATUS = {

@@ -154,6 +154,8 @@ class Backend(Protocol):
     """Builds artifacts and loads them."""
 
     name: str
+    artifact_suffix: str
+    """The file suffix of its artifacts, e.g. ``.engine``."""
 
     def availability(self) -> Availability: ...
 

@@ -172,6 +172,7 @@ class OnnxRuntimeBackend:
     """
 
     name = "onnxruntime"
+    artifact_suffix = ".onnx"
 
     def __init__(
         self,

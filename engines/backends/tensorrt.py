@@ -90,6 +90,7 @@ class TensorRTBackend:
     """
 
     name = "tensorrt"
+    artifact_suffix = ".engine"
 
     def __init__(
         self,

@@ -16,9 +16,10 @@ from engines.accuracy import AccuracyMetric
 from engines.benchmark import BenchmarkOptions
 from engines.charts import nice_ticks
 from engines.errors import SpecError
-from engines.spec import BackendName, Precision
-from engines.sweep import Variant, _split_indices, parse_variants, sweep
+from engines.spec import BackendName, BuildSpec, Precision
+from engines.sweep import Variant, parse_variants, sweep
 from engines.sweep_report import SweepReport, pareto_front, render_svg
+from engines.workflow import Workflow
 from tests import zoo
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -58,13 +59,17 @@ def test_variant_parsing() -> None:
         parse_variants([])
 
 
-def test_split_matches_the_dataset_split() -> None:
-    data = CalibrationDataset.from_arrays({"x": np.arange(50, dtype=np.float32)[:, None]})
-    cal_idx, eval_idx = _split_indices(data, 0.2, seed=3)
+def test_the_sweep_holds_out_what_the_dataset_split_holds_out(
+    tiny_cnn_path: Path, tmp_path: Path
+) -> None:
+    data = CalibrationDataset.from_arrays(
+        {"image": np.random.default_rng(0).random((20, 3, 16, 16), dtype=np.float32)}
+    )
+    flow = Workflow(tiny_cnn_path, BuildSpec(precision="fp32", backend="onnxruntime"))
+    split = flow.split(data, eval_fraction=0.2, seed=3)
     cal, held = data.split(0.2, seed=3)
-    assert cal.digest == data.subset(cal_idx).digest
-    assert held.digest == data.subset(eval_idx).digest
-    assert len(eval_idx) == 10 and not set(cal_idx) & set(eval_idx)
+    assert split.held_out and split.total == 20
+    assert (split.calibration.digest, split.evaluation.digest) == (cal.digest, held.digest)
 
 
 def test_nice_ticks_cover_the_range() -> None:

@@ -1,0 +1,447 @@
+"""One build as data flows: open -> calibrate -> build -> benchmark -> evaluate.
+
+The service's worker (:mod:`service.pipeline`), ``trtforge build``, ``trtforge sensitivity`` and
+:func:`engines.sweep.sweep` all go through :class:`Workflow`, so a build is orchestrated once:
+
+- the model is read once (without its weights) and the spec checked against it (profiles, keep
+  patterns) before anything runs;
+- the backend is chosen once, where the build runs (:func:`engines.build.select_backend`), and the
+  same backend object builds, benchmarks and evaluates;
+- the dataset is validated once and split once: calibration samples never include the held-out
+  samples that benchmark and evaluation measure on;
+- stages report to a :class:`Recorder` (the service's writes the build row; the CLI's draws
+  progress bars; :class:`QuietRecorder` does nothing), which may stop the build between stages;
+- calibration tables go through an optional :class:`TableStore` under the cache key of
+  :func:`calibrators.calibrate.table_cache_key` (the service's stores them as blobs).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from calibrators.data import CalibrationDataset, TensorSpec, model_input_specs
+from calibrators.onnxio import load_onnx
+from engines.build import build_artifact, select_backend, validate_keep_patterns, validate_profiles
+from engines.errors import SpecError
+from engines.spec import BuildSpec
+from engines.stages import Stage
+
+if TYPE_CHECKING:
+    from calibrators.table import CalibrationTable
+    from engines.accuracy import AccuracyReport, MetricBudget
+    from engines.backends.base import Artifact, Backend, Runner
+    from engines.benchmark import BenchmarkOptions, PerfReport
+    from engines.mixed import MixedPrecisionResult
+
+__all__ = [
+    "Calibration",
+    "QuietRecorder",
+    "Recorder",
+    "Split",
+    "StageProgress",
+    "TableStore",
+    "Workflow",
+]
+
+log = logging.getLogger(__name__)
+
+
+class StageProgress(Protocol):
+    """Progress callbacks of one running stage."""
+
+    def samples(self, done: int, total: int) -> None:
+        """``done`` of ``total`` samples processed (calibration)."""
+
+    def message(self, message: str, done: float) -> None:
+        """What the stage is doing now and the fraction done (build, benchmark, evaluation)."""
+
+
+class Recorder(Protocol):
+    """Where a workflow reports: stage boundaries, progress, log lines, cancellation."""
+
+    def stage(self, stage: Stage) -> AbstractContextManager[StageProgress]:
+        """Enter a stage (may raise to stop the build, e.g. when it was cancelled)."""
+
+    def skip(self, stage: Stage, reason: str) -> None:
+        """A stage that does not apply to this build."""
+
+    def log(self, message: str, *, level: str = "info", stage: Stage | None = None) -> None:
+        """One log line."""
+
+
+class _NoProgress:
+    def samples(self, done: int, total: int) -> None:
+        return None
+
+    def message(self, message: str, done: float) -> None:
+        return None
+
+
+class QuietRecorder:
+    """A recorder that sends log lines to :mod:`logging` and draws nothing."""
+
+    @contextmanager
+    def stage(self, stage: Stage) -> Iterator[StageProgress]:
+        yield _NoProgress()
+
+    def skip(self, stage: Stage, reason: str) -> None:
+        log.info("%s: skipped (%s)", stage.value, reason)
+
+    def log(self, message: str, *, level: str = "info", stage: Stage | None = None) -> None:
+        log.log(logging.getLevelName(level.upper()), message)
+
+
+class TableStore(Protocol):
+    """A cache of calibration tables by key."""
+
+    def lookup(self, key: str) -> CalibrationTable | None:
+        """The table stored under ``key``, or None."""
+
+    def store(self, key: str, table: CalibrationTable) -> None:
+        """Keep ``table`` under ``key``."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """The samples of one build: calibration and held-out evaluation, never overlapping unless
+    there is a single sample or no split was asked for (``held_out`` False)."""
+
+    calibration: CalibrationDataset
+    evaluation: CalibrationDataset
+    total: int
+    held_out: bool
+    eval_labels: np.ndarray | None = None
+    """Labels of the evaluation samples, in their order, when labels were given."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The table a build uses and where it came from."""
+
+    table: CalibrationTable
+    key: str | None
+    """The cache key it was computed or found under; None for a table given by the caller."""
+    from_cache: bool
+    given: bool
+
+
+class Workflow:
+    """One model and one build spec, checked once; the stages run against them.
+
+    ``spec.backend`` is resolved here, once: :attr:`backend` builds, benchmarks and evaluates.
+    """
+
+    def __init__(
+        self,
+        model_path: Path,
+        spec: BuildSpec,
+        *,
+        recorder: Recorder | None = None,
+        store: TableStore | None = None,
+        model_sha256: str | None = None,
+    ) -> None:
+        self.model_path = Path(model_path)
+        self._model_sha256 = model_sha256
+        self.spec = spec
+        self.recorder: Recorder = recorder or QuietRecorder()
+        self.store = store
+        model = load_onnx(self.model_path, load_external_data=False)
+        self.inputs: list[TensorSpec] = model_input_specs(model)
+        validate_profiles(self.inputs, spec.profiles)
+        validate_keep_patterns(model, spec)
+        self._tensor_names = [i.name for i in model.graph.input] + [
+            o for n in model.graph.node for o in n.output
+        ]
+        del model
+        self.backend: Backend
+        self.backend, self.backend_reason = select_backend(spec.backend)
+
+    @property
+    def model_sha256(self) -> str:
+        """The model's identity in cache keys: given by the caller (the service's model id) or
+        the sha256 of the model file."""
+        if self._model_sha256 is None:
+            from calibrators.calibrate import sha256_file
+
+            self._model_sha256 = sha256_file(self.model_path)
+        return self._model_sha256
+
+    @property
+    def artifact_suffix(self) -> str:
+        """The file suffix of this workflow's artifacts (``.engine``, ``.onnx``)."""
+        return self.backend.artifact_suffix
+
+    # -- data ---------------------------------------------------------------------------------
+
+    def split(
+        self,
+        dataset: CalibrationDataset,
+        *,
+        eval_fraction: float = 0.2,
+        seed: int = 0,
+        eval_dataset: CalibrationDataset | None = None,
+        max_calibration_samples: int | None = None,
+        labels: np.ndarray | None = None,
+    ) -> Split:
+        """Validate ``dataset`` against the model once and split it.
+
+        With ``eval_dataset`` every sample of ``dataset`` calibrates and ``eval_dataset`` is held
+        out (``labels`` then label its samples); otherwise ``eval_fraction`` of ``dataset`` is
+        held out (``labels`` label ``dataset``'s samples, the held-out ones are picked out). An
+        ``eval_fraction`` of 0, or a single sample, measures on the calibration samples.
+        """
+        data = dataset.validate(self.inputs)
+        if eval_dataset is not None:
+            evaluation = eval_dataset.validate(self.inputs)
+            eval_labels = _checked_labels(labels, len(evaluation))
+            split = Split(data, evaluation, len(data), True, eval_labels)
+        elif eval_fraction > 0 and len(data) >= 2:
+            cal_idx, eval_idx = data.split_indices(eval_fraction, seed=seed)
+            all_labels = _checked_labels(labels, len(data))
+            split = Split(
+                data.subset(cal_idx),
+                data.subset(eval_idx),
+                len(data),
+                True,
+                None if all_labels is None else all_labels[np.asarray(eval_idx, dtype=np.int64)],
+            )
+        else:
+            split = Split(data, data, len(data), False, _checked_labels(labels, len(data)))
+        if max_calibration_samples is not None and max_calibration_samples < len(split.calibration):
+            limited = split.calibration.subset(list(range(max_calibration_samples)))
+            split = Split(limited, split.evaluation, split.total, split.held_out, split.eval_labels)
+        self.recorder.log(
+            f"Dataset: {split.total} samples; {len(split.calibration)} for calibration, "
+            + (
+                f"{len(split.evaluation)} held out for benchmark and evaluation."
+                if split.held_out
+                else "the same samples measured (no held-out split)."
+            )
+        )
+        return split
+
+    # -- calibrate ----------------------------------------------------------------------------
+
+    def check_table(self, table: CalibrationTable) -> None:
+        """Refuse a table that names no tensor of this model."""
+        if table.compare_with_model(self._tensor_names).matched_tensors == 0:
+            raise SpecError(
+                "No tensor of the calibration table exists in the model.",
+                hint="Pass the table calibrated for this model (trtforge calibrate MODEL ...).",
+                field="table",
+            )
+
+    def calibrate(
+        self,
+        calibration: CalibrationDataset | None,
+        *,
+        table: CalibrationTable | None = None,
+        batch_size: int | None = None,
+        threads: int | None = None,
+        force: bool = False,
+    ) -> Calibration | None:
+        """The INT8 table: ``table`` when given, else a stored one under the cache key, else one
+        computed from ``calibration``. None when the precision needs no INT8 ranges (unless
+        ``force``)."""
+        if table is None and not (force or self.spec.precision.uses_int8):
+            self.recorder.skip(
+                Stage.CALIBRATE, f"precision {self.spec.precision.value} needs no INT8 ranges"
+            )
+            return None
+        if table is not None:
+            self.check_table(table)
+            with self.recorder.stage(Stage.CALIBRATE):
+                self.recorder.log(
+                    f"Calibration table given: {len(table.amax)} tensors.", stage=Stage.CALIBRATE
+                )
+            return Calibration(table=table, key=None, from_cache=True, given=True)
+        if calibration is None:
+            raise SpecError(
+                f"Precision {self.spec.precision.value} needs INT8 ranges: give calibration data "
+                "or a calibration table.",
+                hint="Pass a dataset to calibrate on, or a calibration table.",
+                field="data",
+            )
+        return self._calibrate(calibration, batch_size=batch_size, threads=threads)
+
+    def _calibrate(
+        self, calibration: CalibrationDataset, *, batch_size: int | None, threads: int | None
+    ) -> Calibration:
+        from calibrators.calibrate import calibrate, table_cache_key
+
+        spec = self.spec
+        with self.recorder.stage(Stage.CALIBRATE) as progress:
+            key = table_cache_key(
+                self.model_sha256, calibration.digest, spec.calibration, spec.histogram
+            )
+            stored = self.store.lookup(key) if self.store is not None else None
+            if stored is not None:
+                self.recorder.log(
+                    f"Calibration table {key[:12]}: {len(stored.amax)} tensors (reused).",
+                    stage=Stage.CALIBRATE,
+                )
+                return Calibration(table=stored, key=key, from_cache=True, given=False)
+            table = calibrate(
+                self.model_path,
+                calibration,
+                spec.calibration,
+                histogram=spec.histogram,
+                batch_size=batch_size,
+                threads=threads,
+                progress=progress.samples,
+            )
+            table = table.model_copy(update={"model_sha256": self.model_sha256})
+            if self.store is not None:
+                self.store.store(key, table)
+            self.recorder.log(
+                f"Calibration table {key[:12]}: {len(table.amax)} tensors from "
+                f"{table.samples} samples ({spec.calibration.method.value}).",
+                stage=Stage.CALIBRATE,
+            )
+        return Calibration(table=table, key=key, from_cache=False, given=False)
+
+    # -- build --------------------------------------------------------------------------------
+
+    def search_budget(
+        self,
+        table: CalibrationTable,
+        evaluation: CalibrationDataset,
+        budget: MetricBudget,
+        *,
+        labels: np.ndarray | None = None,
+        max_nodes: int | None = None,
+        spec: BuildSpec | None = None,
+    ) -> MixedPrecisionResult:
+        """The fewest nodes to keep out of INT8 for ``budget``, searched on ``evaluation``."""
+        from engines.mixed import search_mixed_precision
+
+        if len(evaluation) == 0:
+            raise SpecError(
+                "An accuracy budget needs held-out samples to search on.",
+                hint="Give more samples, or a separate evaluation set.",
+                field="accuracy_budget",
+            )
+        with self.recorder.stage(Stage.BUILD) as progress:
+            return search_mixed_precision(
+                self.model_path,
+                table,
+                spec or self.spec,
+                evaluation,
+                budget,
+                labels=labels,
+                max_nodes=max_nodes,
+                progress=progress.message,
+            )
+
+    def build(
+        self,
+        out_path: Path,
+        table: CalibrationTable | None,
+        *,
+        spec: BuildSpec | None = None,
+    ) -> Artifact:
+        """Build ``out_path`` (+ sidecar) with this workflow's backend. ``spec`` overrides the
+        workflow's for one variant (its backend must be the same)."""
+        spec = spec or self.spec
+        with self.recorder.stage(Stage.BUILD) as progress:
+            artifact = build_artifact(
+                self.model_path,
+                spec,
+                table if spec.precision.uses_int8 else None,
+                out_path,
+                backend=(self.backend, self.backend_reason),
+                progress=progress.message,
+                checked=True,
+            )
+            meta = artifact.metadata
+            self.recorder.log(
+                f"Built {meta.backend} {meta.backend_version} artifact ({meta.size_bytes} bytes, "
+                f"{len(meta.quantized_nodes)} INT8 nodes, {len(meta.kept_nodes)} kept): "
+                f"{meta.backend_reason}",
+                stage=Stage.BUILD,
+            )
+        return artifact
+
+    def open(self, artifact: Artifact) -> Runner:
+        """A runner for an artifact this workflow built."""
+        return self.backend.load(artifact.path)
+
+    # -- measure ------------------------------------------------------------------------------
+
+    def benchmark(
+        self, artifact: Artifact, samples: CalibrationDataset, options: BenchmarkOptions
+    ) -> PerfReport:
+        """Latency and throughput of ``artifact`` on ``samples``."""
+        from engines.benchmark import benchmark
+
+        with self.recorder.stage(Stage.BENCHMARK) as progress, self.open(artifact) as runner:
+            perf = benchmark(runner, samples, options, progress=progress.message)
+            self.recorder.log(
+                f"{perf.throughput_qps:.1f} qps, median latency {perf.latency.median_ms:.3f} ms, "
+                f"p99 {perf.latency.p99_ms:.3f} ms (batch {perf.batch_size}).",
+                stage=Stage.BENCHMARK,
+            )
+            for warning in perf.warnings:
+                self.recorder.log(warning, level="warning", stage=Stage.BENCHMARK)
+        return perf
+
+    def evaluate(
+        self,
+        artifact: Artifact,
+        samples: CalibrationDataset,
+        *,
+        labels: np.ndarray | None = None,
+        budget: MetricBudget | None = None,
+        max_samples: int | None = None,
+        batch_size: int = 16,
+        reference: Runner | None = None,
+    ) -> AccuracyReport:
+        """``artifact``'s outputs against the FP32 model's on ``samples``. ``reference`` reuses an
+        open FP32 runner (a sweep compares many artifacts with one)."""
+        from engines.accuracy import compare
+        from engines.backends.onnxruntime import OnnxRuntimeRunner
+
+        with self.recorder.stage(Stage.EVALUATE) as progress:
+            ref = reference or OnnxRuntimeRunner(self.model_path)
+            try:
+                with self.open(artifact) as candidate:
+                    report = compare(
+                        ref,
+                        candidate,
+                        samples,
+                        max_samples=max_samples,
+                        labels=labels,
+                        budget=budget,
+                        progress=progress.message,
+                        batch_size=batch_size,
+                    )
+            finally:
+                if reference is None:
+                    ref.close()
+            for output in report.outputs:
+                self.recorder.log(
+                    f"{output.name}: cosine {output.cosine_similarity:.6f}, "
+                    f"SQNR {output.sqnr_db:.1f} dB, max abs error {output.max_abs_error:.4g}.",
+                    stage=Stage.EVALUATE,
+                )
+        return report
+
+
+def _checked_labels(labels: np.ndarray | None, count: int) -> np.ndarray | None:
+    if labels is None:
+        return None
+    if len(labels) != count:
+        raise SpecError(
+            f"{len(labels)} labels for a dataset of {count} samples.",
+            hint="Give one label per sample, in the dataset's order.",
+            field="labels",
+        )
+    return labels
+
