@@ -6,12 +6,11 @@ every stage boundary. Scratch files live in the build's work folder, which is re
 happens; the artifact, report and calibration table are published as content-addressed blobs,
 and the build row is linked to them only once they are in place.
 
-- calibrate (INT8 precisions): the table key is sha256(model) + sha256(calibration samples) +
-  method + params + collector version; a table stored under it is reused, otherwise one is
-  computed and stored. A table given in the request is used as it is.
-- build: :func:`engines.build.build_artifact` writes the artifact and its metadata sidecar.
-- benchmark: :func:`engines.benchmark.benchmark` on the held-out samples.
-- evaluate: :func:`engines.accuracy.compare` against the FP32 model on the held-out samples.
+The stages themselves are :class:`engines.workflow.Workflow`'s (the same flow as ``trtforge
+build`` and sweeps); this module feeds it the build's rows and blobs: the dataset opened with the
+server's archive limits, the table cache (:class:`_ServiceTables`, keyed by sha256(model) +
+sha256(calibration samples) + method + params + collector version), and the recorder. A table
+given in the request is used as it is.
 """
 
 from __future__ import annotations
@@ -41,11 +40,9 @@ from service.settings import Settings
 from service.storage import Storage
 
 if TYPE_CHECKING:
-    from contextlib import AbstractContextManager
-
     from calibrators.data import CalibrationDataset
     from calibrators.table import CalibrationTable
-    from engines.workflow import Calibration, StageProgress
+    from engines.workflow import Calibration
 
 __all__ = ["BuildPlan", "run_build"]
 
@@ -151,23 +148,6 @@ class _ServiceTables:
             )
 
 
-class _Stages:
-    """The build recorder seen as the workflow's :class:`~engines.workflow.Recorder`: a cancel
-    request stops the build at every stage boundary."""
-
-    def __init__(self, recorder: BuildRecorder) -> None:
-        self._recorder = recorder
-
-    def stage(self, stage: Stage) -> AbstractContextManager[StageProgress]:
-        return self._recorder.stage(stage)
-
-    def skip(self, stage: Stage, reason: str) -> None:
-        self._recorder.skip(stage, reason)
-
-    def log(self, message: str, *, level: str = "info", stage: Stage | None = None) -> None:
-        self._recorder.log(message, level=level, stage=stage)
-
-
 def _run_stages(
     plan: BuildPlan,
     recorder: BuildRecorder,
@@ -183,7 +163,7 @@ def _run_stages(
     flow = Workflow(
         plan.model_path,
         request.spec,
-        recorder=_Stages(recorder),
+        recorder=recorder,
         store=_ServiceTables(plan, db, storage),
         model_sha256=plan.model_id,
     )
