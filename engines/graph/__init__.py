@@ -14,6 +14,12 @@ import onnx
 
 from engines.graph.fp16 import Fp16Report, convert_fp16
 from engines.graph.inspect import ModelInfo, TensorInfo, inspect_model, load_model, normalize
+from engines.graph.prequantized import (
+    PrequantizedReport,
+    ScaleSource,
+    inspect_quantization,
+    is_prequantized,
+)
 from engines.graph.qdq import QuantizationReport, insert_qdq
 
 if TYPE_CHECKING:
@@ -24,11 +30,15 @@ __all__ = [
     "Fp16Report",
     "ModelInfo",
     "PreparedModel",
+    "PrequantizedReport",
     "QuantizationReport",
+    "ScaleSource",
     "TensorInfo",
     "convert_fp16",
     "insert_qdq",
     "inspect_model",
+    "inspect_quantization",
+    "is_prequantized",
     "load_model",
     "normalize",
     "prepare_model",
@@ -75,14 +85,18 @@ def prepare_model(
     int8-fp16), honouring ``spec.keep`` and ``spec.quantize_attention``. fp32 only normalizes.
     ``weight_levels`` is passed to :func:`insert_qdq` (127: full INT8; 63: 7-bit weights).
 
-    Raises :class:`SpecError` when INT8 is asked for without a calibration table.
+    A model that carries Q/DQ already (:func:`is_prequantized`) is built as it is: no table
+    needed, its scales kept (the quantization report says ``prequantized: scales from the
+    model``). Otherwise raises :class:`SpecError` when INT8 is asked for without a table.
     """
     precision = spec.precision
-    precision.require_table(table)
+    carried = is_prequantized(model)
+    if not carried:
+        precision.require_table(table)
     work = normalize(model)
     quantization: QuantizationReport | None = None
     fp16: Fp16Report | None = None
-    if precision.uses_int8 and table is not None:
+    if precision.uses_int8 and (table is not None or carried):
         work, quantization = insert_qdq(
             work,
             table,

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
+from calibrators.weights import WEIGHT_OPS, node_weight_axis
 from engines.graph._onnx import GraphIndex
 from engines.graph._patterns import attention_cores, gelu_nodes, is_gemv
 from engines.spec import node_matches
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = ["QdqKey", "QdqPlan", "plan_qdq"]
 
-_COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+_COMPUTE_OPS = WEIGHT_OPS
 _POOL_OPS = frozenset({"AveragePool", "GlobalAveragePool"})
 _FUSING_CONVS = frozenset({"Conv", "ConvTranspose"})
 
@@ -123,17 +124,12 @@ class _Planner:
         return QdqKey(tensor, weight=False)
 
     def _weight_axis(self, node: onnx.NodeProto, slot: int) -> int | None:
-        if slot != 1:
+        """The output-channel axis of a weight in ``slot`` (the rule of
+        :func:`calibrators.weights.weight_axis`); None for activation slots and per-tensor
+        weights."""
+        if slot != 1 or node.op_type not in WEIGHT_OPS:
             return None
-        if node.op_type == "Conv":
-            return 0
-        if node.op_type == "ConvTranspose":
-            return 1
-        if node.op_type == "Gemm":
-            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-            return 0 if trans_b else 1
-        # MatMul: a constant [K, N] B has its output channels on axis 1; other ranks get one scale.
-        return 1 if len(self.index.shape.get(node.input[1], ())) == 2 else None
+        return node_weight_axis(node, len(self.index.shape.get(node.input[1], ())))
 
     def _take(self, i: int, node: onnx.NodeProto, slots: dict[int, QdqKey]) -> None:
         self.plan.rewires.setdefault(i, {}).update(slots)

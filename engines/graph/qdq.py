@@ -5,8 +5,16 @@ point of 0, and an explicit ``axis`` on both nodes (TensorRT's ONNX importer ass
 missing, ONNX assumes 1). Activations are quantized per tensor with ``scale = amax / 127`` straight
 from the table (a TensorRT cache stores exactly this float). Weights stay FP32 initializers and
 go through ``QuantizeLinear -> DequantizeLinear`` per output channel with
-``scale_k = max|W_k| / 127``; TensorRT folds the pair into INT8 weights at build time. Where the
-pairs go is decided in :mod:`engines.graph._qdq_plan`.
+``scale_k = max(max|W_k| / 127, 2**-14)`` (:func:`calibrators.weights.weight_scales`, shared with
+the calibration methods that measure a layer's error); TensorRT folds the pair into INT8 weights at
+build time. A channel whose every weight quantizes to 0 under the floor (a max of 3.2e-40, a
+denormal, was seen in a real detector's 1x1 Conv) is written as exact zeros, so the FP32 weight,
+its INT8 copy and any float16 copy all agree. Where the pairs go is decided in
+:mod:`engines.graph._qdq_plan`.
+
+A model that already carries Q/DQ (quantization-aware training, Model Optimizer exports; see
+:mod:`engines.graph.prequantized`) is returned as it is: its scales are kept and nothing is
+quantized twice.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import onnx
 from onnx import helper, numpy_helper
 from pydantic import BaseModel, ConfigDict, Field
 
+from calibrators.weights import INT8_LEVELS, quantize_weight, weight_scales
 from engines.errors import GraphError
 from engines.graph._onnx import (
     GraphIndex,
@@ -29,6 +38,8 @@ from engines.graph._onnx import (
 )
 from engines.graph._qdq_plan import QdqKey, QdqPlan, plan_qdq, table_amax
 from engines.graph.inspect import normalize
+from engines.graph.prequantized import PrequantizedReport, ScaleSource, inspect_quantization
+from engines.spec import Precision
 
 if TYPE_CHECKING:
     from calibrators.table import CalibrationTable
@@ -38,9 +49,6 @@ __all__ = ["MIN_QDQ_OPSET", "QuantizationReport", "insert_qdq"]
 MIN_QDQ_OPSET = 13
 """Per-channel QuantizeLinear/DequantizeLinear (the ``axis`` attribute) exist since opset 13."""
 
-_INT8_MAX = 127.0
-_MIN_SCALE = 1e-12
-"""Scale given to an all-zero weight channel: any positive scale maps zeros to zero."""
 
 
 class QuantizationReport(BaseModel):
@@ -60,6 +68,13 @@ class QuantizationReport(BaseModel):
     """QuantizeLinear/DequantizeLinear pairs inserted (shared tensors are quantized once)."""
     opset: int = 0
     """Default-domain opset of the output model."""
+    scale_source: ScaleSource = ScaleSource.TABLE
+    """``calibration table``, or ``prequantized: scales from the model`` when the model carried
+    its own Q/DQ and was left as it is (then ``prequantized`` says what it holds)."""
+    prequantized: PrequantizedReport | None = None
+    zeroed_weight_channels: dict[str, int] = Field(default_factory=dict)
+    """Weight -> output channels written as exact zeros: every weight of the channel is below
+    half the scale floor (e.g. denormals), so INT8 holds them as 0 anyway."""
 
     @property
     def num_quantized(self) -> int:
@@ -68,11 +83,11 @@ class QuantizationReport(BaseModel):
 
 def insert_qdq(
     model: onnx.ModelProto,
-    table: CalibrationTable,
+    table: CalibrationTable | None,
     *,
     keep: tuple[str, ...] = (),
     quantize_attention: bool = False,
-    weight_levels: int = 127,
+    weight_levels: int = INT8_LEVELS,
 ) -> tuple[onnx.ModelProto, QuantizationReport]:
     """Insert Q/DQ pairs into a copy of ``model`` from ``table``'s ranges.
 
@@ -84,11 +99,21 @@ def insert_qdq(
     ``quantize_attention``: also quantize attention cores, GEMV MatMuls, LayerNormalization and
     GELU inputs (off by default: they lose accuracy and rarely gain speed in INT8).
 
+    A model that carries Q/DQ already (:func:`engines.graph.prequantized.is_prequantized`) is only
+    normalized: its pairs and scales are kept, ``table`` (which may then be None) is not used,
+    and the report's ``scale_source`` says ``prequantized: scales from the model``. Otherwise
+    ``table`` is required (:class:`SpecError`).
+
     The model is normalized first (:func:`engines.graph.inspect.normalize`) and raised to opset 13
     when it is older and something is quantized. The result passes
     ``onnx.checker.check_model(full_check=True)``; otherwise :class:`GraphError`.
     """
     work = normalize(model)
+    carried = inspect_quantization(work)
+    if carried.prequantized:
+        return work, _prequantized_report(work, carried)
+    Precision.INT8.require_table(table)
+    assert table is not None
     plan = plan_qdq(GraphIndex.build(work), table, keep=keep, quantize_attention=quantize_attention)
     if plan.rewires and default_opset(work) < MIN_QDQ_OPSET:
         work = normalize(_raise_opset(work, MIN_QDQ_OPSET))
@@ -97,7 +122,9 @@ def insert_qdq(
         )
     index = GraphIndex.build(work)
     scales = {key: _scale(index, table, plan, key, weight_levels) for key in plan.keys}
+    zeroed: dict[str, int] = {}
     if plan.rewires:
+        zeroed = _zero_dead_channels(work, index, plan, weight_levels)
         _emit(work, plan, scales)
         work = infer_shapes(work)
         check_model(work, "Q/DQ", original=model)
@@ -107,8 +134,19 @@ def insert_qdq(
         quantized_tensors={name: plan.tensors[name] for name in plan.quantized},
         qdq_pairs=len(scales),
         opset=default_opset(work),
+        zeroed_weight_channels=zeroed,
     )
     return work, report
+
+
+def _prequantized_report(work: onnx.ModelProto, carried: PrequantizedReport) -> QuantizationReport:
+    return QuantizationReport(
+        quantized_nodes=carried.quantized_nodes,
+        skipped={},
+        opset=default_opset(work),
+        scale_source=ScaleSource.MODEL,
+        prequantized=carried,
+    )
 
 
 def _raise_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
@@ -133,23 +171,13 @@ def _raise_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
     return converted
 
 
-def _weight_scale(values: np.ndarray, axis: int | None, levels: float = _INT8_MAX) -> np.ndarray:
-    magnitude = np.abs(values.astype(np.float64))
-    if axis is None:
-        amax = np.asarray(magnitude.max() if magnitude.size else 0.0)
-    else:
-        amax = np.moveaxis(magnitude, axis, 0).reshape(values.shape[axis], -1).max(axis=1)
-    scale = (amax / levels).astype(np.float32)
-    return np.where(scale > 0, scale, np.float32(_MIN_SCALE)).astype(np.float32)
-
-
 def _scale(
     index: GraphIndex, table: CalibrationTable, plan: QdqPlan, key: QdqKey, weight_levels: int
 ) -> np.ndarray:
     """The float32 scale of one pair: scalar per tensor, 1-D per channel."""
     values = index.array(key.tensor)
     if key.weight and values is not None:
-        return _weight_scale(values, key.axis, float(weight_levels))
+        return weight_scales(values, key.axis, weight_levels)
     root = plan.groups.get(key.tensor)
     members = [t for t, r in plan.groups.items() if r == root] if root is not None else []
     best: tuple[float, str] | None = None
@@ -162,7 +190,41 @@ def _scale(
     amax, tensor = best
     if tensor in table.amax:
         return np.asarray(table.scale(tensor), dtype=np.float32)
-    return _weight_scale(np.asarray([amax]), None)
+    return weight_scales(np.asarray([amax]), None)
+
+
+def _zero_dead_channels(
+    model: onnx.ModelProto, index: GraphIndex, plan: QdqPlan, weight_levels: int
+) -> dict[str, int]:
+    """Write exact zeros into weight channels that quantize to all zeros (under the scale floor).
+
+    Only weights that nothing reads but their Q/DQ pair are rewritten, so no unquantized reader
+    sees different values. Returns weight -> number of channels zeroed.
+    """
+    readers: dict[str, int] = {}
+    for slots in plan.rewires.values():
+        for key in slots.values():
+            readers[key.tensor] = readers.get(key.tensor, 0) + 1
+    zeroed: dict[str, int] = {}
+    for key in plan.keys:
+        values = index.array(key.tensor)
+        if not key.weight or key.axis is None or values is None or values.ndim == 0:
+            continue
+        if len(index.consumers.get(key.tensor, [])) != readers.get(key.tensor, 0):
+            continue
+        q, _ = quantize_weight(values, key.axis, weight_levels)
+        moved_q = np.moveaxis(q, key.axis, 0).reshape(q.shape[key.axis], -1)
+        moved_w = np.moveaxis(values, key.axis, 0).reshape(q.shape[key.axis], -1)
+        dead = ~np.any(moved_q, axis=1) & np.any(moved_w, axis=1)
+        if not np.any(dead):
+            continue
+        cleaned = np.array(values, dtype=np.float32, copy=True)
+        view = np.moveaxis(cleaned, key.axis, 0)
+        view[dead] = 0.0
+        initializer = next(t for t in model.graph.initializer if t.name == key.tensor)
+        initializer.CopyFrom(numpy_helper.from_array(cleaned, key.tensor))
+        zeroed[key.tensor] = int(dead.sum())
+    return zeroed
 
 
 def _member_amax(index: GraphIndex, table: CalibrationTable, tensor: str) -> float | None:

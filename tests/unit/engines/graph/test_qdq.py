@@ -351,12 +351,51 @@ def test_old_opsets_are_raised_to_13(
     )
 
 
-def test_an_already_quantized_model_gets_no_second_pairs(tiny_table: CalibrationTable) -> None:
-    once, _ = insert_qdq(zoo.tiny_cnn(), tiny_table)
-    twice, report = insert_qdq(once, tiny_table)
-    count = Counter(n.op_type for n in twice.graph.node)
-    assert count["QuantizeLinear"] == 12 and report.quantized_nodes == []
-    assert report.skipped["conv1"].endswith("is already dequantized (Q/DQ present)")
+def test_an_already_quantized_model_is_left_as_it_is(tiny_table: CalibrationTable) -> None:
+    once, first = insert_qdq(zoo.tiny_cnn(), tiny_table)
+    twice, report = insert_qdq(once, None)  # no table needed: the scales come from the model
+    assert twice.graph == once.graph
+    assert report.scale_source == "prequantized: scales from the model"
+    assert report.quantized_nodes == first.quantized_nodes and report.skipped == {}
+    assert report.qdq_pairs == 0 and report.prequantized is not None
+    again, _ = insert_qdq(once, tiny_table)  # a table is ignored, nothing quantized twice
+    assert Counter(n.op_type for n in again.graph.node)["QuantizeLinear"] == 12
+
+
+def _conv_with_denormal_channel() -> tuple[onnx.ModelProto, np.ndarray]:
+    rng = np.random.default_rng(3)
+    w = rng.normal(0, 0.2, (4, 3, 1, 1)).astype(np.float32)
+    w[2] = np.float32(3.2e-40)  # a denormal channel, as in a real detector's 1x1 Conv
+    w[2, 1] = -np.float32(1e-41)
+    bias = np.array([0.1, -0.2, 0.3, 0.05], np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv")],
+        "denormal",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return model, w
+
+
+def test_a_denormal_weight_channel_gets_the_floor_scale_and_exact_zeros() -> None:
+    model, w = _conv_with_denormal_channel()
+    x = np.random.default_rng(4).normal(size=(2, 3, 4, 4)).astype(np.float32)
+    quantized, report = insert_qdq(model, table_from_activations(model, {"x": x}))
+    onnx.checker.check_model(quantized, full_check=True)
+    _assert_symmetric_int8(quantized)
+    weight, axis, scale = _weight_pair(quantized, nodes_by_name(quantized)["conv"], 1)
+    assert (weight, axis) == ("w", 0)
+    assert scale[2] == np.float32(2.0**-14)  # float16's smallest normal, not a denormal
+    assert np.isfinite(scale.astype(np.float16)).all() and (scale.astype(np.float16) > 0).all()
+    np.testing.assert_allclose(scale[[0, 1, 3]], np.abs(w[[0, 1, 3]]).max(axis=(1, 2, 3)) / 127)
+    stored = initializer(quantized, "w")
+    assert not np.any(stored[2]) and np.array_equal(stored[[0, 1, 3]], w[[0, 1, 3]])
+    assert report.zeroed_weight_channels == {"w": 1}
+    y = run(quantized, {"x": x}, optimize=False)["y"]
+    assert np.all(y[:, 2] == np.float32(0.3))  # the bias alone, exactly
+    assert cosine_rows(run(model, {"x": x})["y"], y).min() > 0.999
 
 
 def test_integer_inputs_and_embeddings_are_left_alone() -> None:
