@@ -1,18 +1,34 @@
 """Compare a candidate (an artifact) with the FP32 reference on held-out samples.
 
 Both runners see the same batches; per output, sufficient statistics are accumulated batch by
-batch (sums, maxima, per-sample cosines, argmax agreement counts), so memory does not grow with
-the number of samples. Definitions, with r the reference and c the candidate output:
+batch (sums, maxima, counts; :mod:`engines._accuracy_stats`), so memory does not grow with the
+number of samples and no figure depends on the batch size. Definitions, with r the reference and
+c the candidate output, and a *sample* the output of one batch row, flattened:
 
 - absolute error ``|c - r|``; relative error ``|c - r| / max(|r|, 1e-12)`` (element-wise; the floor
   keeps exact zeros of the reference finite);
 - relative L2 error ``||c - r||_2 / ||r||_2`` over all samples;
-- cosine similarity ``<r, c> / (||r|| ||c||)`` per sample (the output row of one sample, flattened),
-  reported as the mean over samples and the minimum; two all-zero rows count as 1;
-- SQNR ``10 log10(sum r^2 / sum (c - r)^2)`` dB (infinite when c equals r);
-- for class-score outputs (2-D ``[N, C]`` float with C >= 2): top-1 agreement (same argmax) and,
-  when C > 5, top-5 agreement (the reference's top class is among the candidate's top 5); with
-  labels, the true top-1 accuracy of both and ``accuracy_drop`` = reference - candidate;
+- SQNR ``10 log10(sum r^2 / sum (c - r)^2)`` dB over all samples (infinite when c equals r);
+- ``cosine`` (field ``cosine_similarity``): the cosine of the whole output,
+  ``<r, c> / (||r|| ||c||)`` with every sample's values in one vector (1 when both are all
+  zeros, 0 when only one is). It is not a mean of per-sample cosines: a sample whose reference is
+  all zeros (a detector's empty image) has no direction, and would score 0 there however small
+  the candidate's error;
+- ``min_cosine`` (field ``min_cosine_similarity``): the smallest per-sample cosine, over the
+  samples whose reference is not all zeros (``zero_reference_samples`` counts the others; when
+  every sample is all zeros, the whole-output cosine);
+- class scores (agreement): float outputs whose *class axis* holds at least two scores. The axis
+  is the last one for ``[N, C]``, ``[N, T, C]`` (sequences: CTC, token classification) and
+  channels-last maps ``[N, H, W, C]`` (rank >= 4 when the last axis is the smallest);
+  ``class_axis`` names it otherwise (``1`` for ``[N, C, H, W]``). Every position (each sample,
+  time step or pixel) is one prediction: top-1 agreement is the fraction of positions where
+  both argmax agree, top-5 agreement (more than 5 classes) the fraction where the reference's
+  top class is among the candidate's top 5;
+- labels: one class per position, shaped like the output without its class axis (``[N]`` for
+  ``[N, C]``, ``[N, T]`` for ``[N, T, C]``, ``[N, H, W]`` for a segmentation map); negative labels
+  (padding such as -100) are not scored. Then the true top-1 accuracy of both and
+  ``accuracy_drop`` = reference - candidate. A CTC model's character accuracy needs decoding and
+  is not measured here: its agreement is per time step;
 - tolerances like Polygraphy's: an output fails when any element has ``|c - r| > atol + rtol|r|``
   (a non-finite candidate value always fails).
 
@@ -29,12 +45,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import Field
 
-from engines.backends.base import ProgressFn, Runner
+from engines._accuracy_stats import OutputStats
 from engines.errors import RunError, SpecError
 from engines.frozen import FrozenReport
 
 if TYPE_CHECKING:
     from calibrators.data import CalibrationDataset
+    from engines.backends.base import ProgressFn, Runner
 
 __all__ = [
     "AccuracyMetric",
@@ -43,10 +60,8 @@ __all__ = [
     "OutputAccuracy",
     "Tolerance",
     "compare",
+    "missing_metric_error",
 ]
-
-_REL_FLOOR = 1e-12
-
 
 class AccuracyMetric(StrEnum):
     """A metric an accuracy budget can be stated in."""
@@ -82,6 +97,8 @@ _HIGHER_IS_BETTER = {
     AccuracyMetric.SQNR_DB,
     AccuracyMetric.ACCURACY,
 }
+_CLASS_METRICS = {AccuracyMetric.TOP1_AGREEMENT, AccuracyMetric.TOP5_AGREEMENT}
+_LABEL_METRICS = {AccuracyMetric.ACCURACY, AccuracyMetric.ACCURACY_DROP}
 _FIELDS = {
     AccuracyMetric.COSINE: "cosine_similarity",
     AccuracyMetric.MIN_COSINE: "min_cosine_similarity",
@@ -139,6 +156,8 @@ class OutputAccuracy(FrozenReport):
     """How one output of the candidate differs from the reference (module docstring)."""
 
     name: str
+    dtype: str = ""
+    """The reference output's element type (``float32``...)."""
     sample_shape: list[int]
     samples: int
     elements: int
@@ -148,13 +167,24 @@ class OutputAccuracy(FrozenReport):
     mean_rel_error: float
     rel_l2_error: float
     cosine_similarity: float
+    """Cosine of the whole output (metric ``cosine``)."""
     min_cosine_similarity: float
+    """Smallest per-sample cosine over samples whose reference is not all zeros (``min_cosine``)."""
+    zero_reference_samples: int = 0
+    """Samples whose reference output is all zeros, left out of ``min_cosine_similarity``."""
     sqnr_db: float
     nonfinite_values: int
     """Candidate values that are NaN or infinite."""
     classifier: bool
+    """Whether the output holds class scores (``class_axis`` is set)."""
+    class_axis: int | None = None
+    """The axis of the class scores, counted with the batch axis as 0."""
+    class_positions: int | None = None
+    """Predictions compared: samples times positions per sample (time steps, pixels)."""
     top1_agreement: float | None = None
     top5_agreement: float | None = None
+    labelled_positions: int | None = None
+    """Positions with a label (>= 0) the accuracies are measured on."""
     reference_accuracy: float | None = None
     candidate_accuracy: float | None = None
     accuracy_drop: float | None = None
@@ -196,136 +226,6 @@ class AccuracyReport(FrozenReport):
         return min(present) if metric.higher_is_better else max(present)
 
 
-class _OutputStats:
-    """Sufficient statistics of one output, updated batch by batch."""
-
-    def __init__(self, name: str, tolerance: Tolerance | None) -> None:
-        self.name = name
-        self.tolerance = tolerance
-        self.sample_shape: tuple[int, ...] | None = None
-        self.samples = self.elements = self.nonfinite = self.violations = 0
-        self.max_abs = self.sum_abs = self.max_rel = self.sum_rel = 0.0
-        self.sum_sq_err = self.sum_sq_ref = self.sum_cos = 0.0
-        self.min_cos = math.inf
-        self.classifier = True
-        self.top1 = self.top5 = self.ref_correct = self.cand_correct = 0
-        self.top5_possible = True
-
-    def update(self, ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None) -> None:
-        if ref.shape != cand.shape:
-            raise RunError(
-                f"Output {self.name!r} has shape {list(cand.shape)} from the candidate but "
-                f"{list(ref.shape)} from the reference.",
-                hint="Compare artifacts built from the same model.",
-                field="outputs",
-            )
-        r = ref.astype(np.float64, copy=False)
-        c = cand.astype(np.float64, copy=False)
-        rows = r.reshape(r.shape[0], -1) if r.ndim else r.reshape(1, 1)
-        crow = c.reshape(rows.shape)
-        self.sample_shape = tuple(r.shape[1:])
-        self._errors(r, c)
-        self._cosines(rows, crow)
-        self.classifier = self.classifier and ref.ndim == 2 and ref.shape[1] >= 2
-        self.classifier = self.classifier and ref.dtype.kind == "f"
-        if self.classifier:
-            self._classes(r, c, labels)
-        self.samples += rows.shape[0]
-
-    def _errors(self, r: np.ndarray, c: np.ndarray) -> None:
-        err = np.abs(c - r)
-        rel = err / np.maximum(np.abs(r), _REL_FLOOR)
-        self.elements += err.size
-        self.nonfinite += int(np.count_nonzero(~np.isfinite(c)))
-        if err.size:
-            self.max_abs = _nanmax(self.max_abs, float(err.max()))
-            self.max_rel = _nanmax(self.max_rel, float(rel.max()))
-        self.sum_abs += float(err.sum())
-        self.sum_rel += float(rel.sum())
-        self.sum_sq_err += float(np.square(err).sum())
-        self.sum_sq_ref += float(np.square(r).sum())
-        if self.tolerance is not None:
-            bound = self.tolerance.atol + self.tolerance.rtol * np.abs(r)
-            self.violations += int(np.count_nonzero(~(err <= bound)))  # NaN counts as a violation
-
-    def _cosines(self, r: np.ndarray, c: np.ndarray) -> None:
-        dot = np.einsum("ij,ij->i", r, c)
-        norms = np.linalg.norm(r, axis=1) * np.linalg.norm(c, axis=1)
-        both_zero = (np.linalg.norm(r, axis=1) == 0) & (np.linalg.norm(c, axis=1) == 0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            cos = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 0.0)
-        cos = np.where(both_zero, 1.0, cos)
-        self.sum_cos += float(cos.sum())
-        if cos.size:
-            self.min_cos = _nanmin(self.min_cos, float(cos.min()))
-
-    def _classes(self, r: np.ndarray, c: np.ndarray, labels: np.ndarray | None) -> None:
-        ref_top = r.argmax(axis=1)
-        self.top1 += int(np.count_nonzero(ref_top == c.argmax(axis=1)))
-        if c.shape[1] > 5:
-            top5 = np.argpartition(-c, 5, axis=1)[:, :5]
-            self.top5 += int(np.count_nonzero((top5 == ref_top[:, None]).any(axis=1)))
-        else:
-            self.top5_possible = False
-        if labels is not None:
-            self.ref_correct += int(np.count_nonzero(ref_top == labels))
-            self.cand_correct += int(np.count_nonzero(c.argmax(axis=1) == labels))
-
-    def result(self, with_labels: bool) -> OutputAccuracy:
-        n = max(self.samples, 1)
-        sqnr = (
-            10.0 * math.log10(self.sum_sq_ref / self.sum_sq_err)
-            if self.sum_sq_err > 0 and self.sum_sq_ref > 0
-            else (math.inf if self.sum_sq_err == 0 else -math.inf)
-        )
-        if math.isnan(self.sum_sq_err):
-            sqnr = math.nan
-        rel_l2 = (
-            math.sqrt(self.sum_sq_err / self.sum_sq_ref)
-            if self.sum_sq_ref > 0
-            else (0.0 if self.sum_sq_err == 0 else math.inf)
-        )
-        classes: dict[str, float | None] = {}
-        if self.classifier:
-            classes["top1_agreement"] = self.top1 / n
-            classes["top5_agreement"] = self.top5 / n if self.top5_possible else None
-            if with_labels:
-                ref_acc, cand_acc = self.ref_correct / n, self.cand_correct / n
-                classes |= {
-                    "reference_accuracy": ref_acc,
-                    "candidate_accuracy": cand_acc,
-                    "accuracy_drop": ref_acc - cand_acc,
-                }
-        return OutputAccuracy(
-            name=self.name,
-            sample_shape=list(self.sample_shape or ()),
-            samples=self.samples,
-            elements=self.elements,
-            max_abs_error=self.max_abs,
-            mean_abs_error=self.sum_abs / max(self.elements, 1),
-            max_rel_error=self.max_rel,
-            mean_rel_error=self.sum_rel / max(self.elements, 1),
-            rel_l2_error=rel_l2,
-            cosine_similarity=self.sum_cos / n,
-            min_cosine_similarity=self.min_cos if self.samples else 1.0,
-            sqnr_db=sqnr,
-            nonfinite_values=self.nonfinite,
-            classifier=self.classifier,
-            tolerance=self.tolerance,
-            tolerance_violations=self.violations,
-            passed=None if self.tolerance is None else self.violations == 0,
-            **classes,
-        )
-
-
-def _nanmax(a: float, b: float) -> float:
-    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
-
-
-def _nanmin(a: float, b: float) -> float:
-    return math.nan if math.isnan(a) or math.isnan(b) else min(a, b)
-
-
 def compare(
     reference: Runner,
     candidate: Runner,
@@ -336,13 +236,18 @@ def compare(
     labels: np.ndarray | None = None,
     tolerances: Tolerance | Mapping[str, Tolerance] | None = None,
     budget: MetricBudget | None = None,
+    class_axis: int | Mapping[str, int] | None = None,
     progress: ProgressFn | None = None,
 ) -> AccuracyReport:
     """Run both runners over ``dataset`` (first ``max_samples`` samples) and compare outputs.
 
-    ``labels[i]`` is the class of sample ``i``. ``tolerances`` is one :class:`Tolerance` for
-    every output, or one per output name (key ``"*"``: the rest). ``budget`` is checked against
-    the worst output that reports its metric; :class:`SpecError` if none does.
+    ``labels[i]`` is the class of sample ``i``, or of each of its positions (``[N, T]`` for a
+    ``[N, T, C]`` output; module docstring). ``tolerances`` is one :class:`Tolerance` for every
+    output, or one per output name (key ``"*"``: the rest). ``budget`` is checked against the
+    worst output that reports its metric; :class:`SpecError` if none does. ``class_axis``: the
+    axis of the class scores, for every output (an int) or per output name (``"*"``: the rest);
+    outputs not given one are detected (module docstring). :class:`SpecError` for an output
+    without that axis.
     """
     if batch_size < 1:
         raise SpecError(f"batch_size must be >= 1, got {batch_size}.", field="batch_size")
@@ -358,7 +263,11 @@ def compare(
             hint="Compare an artifact built from the reference model.",
             field="outputs",
         )
-    stats = {n: _OutputStats(n, _tolerance_for(tolerances, n)) for n in names}
+    axes = _class_axes(class_axis, names)
+    stats = {
+        n: OutputStats(n, _tolerance_pair(_tolerance_for(tolerances, n)), axes.get(n))
+        for n in names
+    }
     done = 0
     for feeds in data.batches(batch_size, max_samples=total):
         ref_out = reference.run(feeds)
@@ -370,13 +279,16 @@ def compare(
         done += count
         if progress is not None:
             progress("comparing outputs", done / max(total, 1))
-    outputs = [s.result(label_array is not None) for s in stats.values()]
-    if label_array is not None and not any(o.classifier for o in outputs):
-        raise SpecError(
-            "Labels were given but no output looks like class scores (a 2-D [N, C] float output).",
-            hint="Drop --labels, or compare a classifier.",
-            field="labels",
+    if label_array is not None:
+        _check_label_shape(label_array, list(stats.values()))
+    outputs = [
+        OutputAccuracy(
+            **s.fields(label_array is not None),
+            tolerance=_tolerance_for(tolerances, s.name),
+            passed=None if s.tolerance is None else s.violations == 0,
         )
+        for s in stats.values()
+    ]
     return _judge(outputs, done, batch_size, budget, reference, candidate)
 
 
@@ -388,14 +300,37 @@ def _tolerance_for(
     return tolerances.get(name, tolerances.get("*"))
 
 
+def _tolerance_pair(tolerance: Tolerance | None) -> tuple[float, float] | None:
+    return None if tolerance is None else (tolerance.atol, tolerance.rtol)
+
+
+def _class_axes(class_axis: int | Mapping[str, int] | None, names: list[str]) -> dict[str, int]:
+    if class_axis is None:
+        return {}
+    if isinstance(class_axis, int):
+        return dict.fromkeys(names, class_axis)
+    unknown = sorted(set(class_axis) - {*names, "*"})
+    if unknown:
+        raise SpecError(
+            f"class_axis names output(s) {', '.join(unknown)} the model does not have.",
+            hint=f"The outputs are {', '.join(names)}.",
+            field="class_axis",
+        )
+    rest = class_axis.get("*")
+    found = {n: class_axis.get(n, rest) for n in names}
+    return {n: axis for n, axis in found.items() if axis is not None}
+
+
 def _check_labels(labels: np.ndarray | None, total: int) -> np.ndarray | None:
     if labels is None:
         return None
     array = np.asarray(labels)
-    if array.ndim != 1 or array.dtype.kind not in "iu":
+    if array.ndim < 1 or array.dtype.kind not in "iu":
         raise SpecError(
-            f"Labels must be a 1-D integer array, got {array.dtype} with shape {list(array.shape)}.",
-            hint="Give one class index per sample.",
+            f"Labels must be an integer array with one row per sample, got {array.dtype} with "
+            f"shape {list(array.shape)}.",
+            hint="Give one class index per sample ([N]), or per position ([N, T] for a "
+            "[N, T, C] output).",
             field="labels",
         )
     if len(array) < total:
@@ -405,6 +340,43 @@ def _check_labels(labels: np.ndarray | None, total: int) -> np.ndarray | None:
             field="labels",
         )
     return array[:total]
+
+
+def _check_label_shape(labels: np.ndarray, stats: list[OutputStats]) -> None:
+    """Labels must fit at least one class-score output: shaped like it without its class axis."""
+    wanted = tuple(labels.shape[1:])
+    shapes = {s.name: s.label_shape() for s in stats if s.classifier}
+    if any(shape == wanted for shape in shapes.values()):
+        return
+    if not shapes:
+        raise SpecError(
+            "Labels were given but no output holds class scores (a float output whose last "
+            "axis holds them: [N, C], [N, T, C], [N, H, W, C]).",
+            hint="Drop the labels, or name the class axis (class_axis, e.g. 1 for [N, C, H, W]).",
+            field="labels",
+        )
+    expected = "; ".join(f"{n}: [N{''.join(f', {d}' for d in v or ())}]" for n, v in shapes.items())
+    raise SpecError(
+        f"Labels of shape [N{''.join(f', {d}' for d in wanted)}] fit no class-score output "
+        f"(expected {expected}).",
+        hint="Give one class index per sample or per position of a class-score output.",
+        field="labels",
+    )
+
+
+def missing_metric_error(metric: AccuracyMetric, field: str) -> SpecError:
+    """The error for a budget or gate in ``metric`` that no output of the model reports."""
+    if metric in _LABEL_METRICS:
+        hint = "Give labels (one class per sample or per position), or choose cosine or sqnr_db."
+    elif metric in _CLASS_METRICS:
+        hint = (
+            "No output holds class scores on its last axis; name the axis with class_axis "
+            "(e.g. 1 for [N, C, H, W]), or choose cosine or sqnr_db."
+        )
+    else:
+        hint = "Choose a metric the outputs have, e.g. cosine or sqnr_db."
+    needs = " (labels are needed)" if metric in _LABEL_METRICS else ""
+    return SpecError(f"No output reports {metric.value}{needs}.", hint=hint, field=field)
 
 
 def _judge(
@@ -427,13 +399,7 @@ def _judge(
         report = AccuracyReport(samples=samples, batch_size=batch_size, outputs=outputs)
         budget_value = report.metric(budget.metric)
         if budget_value is None:
-            raise SpecError(
-                f"No output reports {budget.metric.value}"
-                + (" (labels are needed)" if "accuracy" in budget.metric.value else "")
-                + ".",
-                hint="Choose a metric the outputs have, e.g. cosine or sqnr_db.",
-                field="budget",
-            )
+            raise missing_metric_error(budget.metric, "budget")
         judged = True
         if not budget.met_by(budget_value):
             failures.append(f"budget {budget} not met: {budget_value:.6g}")

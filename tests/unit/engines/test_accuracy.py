@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -21,6 +22,7 @@ from engines.accuracy import (
 )
 from engines.backends.onnxruntime import OnnxRuntimeRunner
 from engines.errors import RunError, SpecError
+from engines.variants import InMemoryRunner
 from tests import zoo
 
 SHIFT = np.array([0.5, -0.25, 0.0, 1.0, 0.125, -0.5, 0.0, 0.0, 0.75, -1.0], dtype=np.float32)
@@ -91,9 +93,11 @@ def test_known_bias_shift_gives_known_errors(models: tuple[Path, Path], images: 
     )
     expected_sqnr = 10 * math.log10(float(np.square(r).sum()) / (n * float(np.square(SHIFT).sum())))
     assert out.sqnr_db == pytest.approx(expected_sqnr, abs=1e-3)
+    whole = float((r * c).sum() / (np.linalg.norm(r) * np.linalg.norm(c)))
+    assert out.cosine_similarity == pytest.approx(whole, abs=1e-9)
     cos = (r * c).sum(1) / (np.linalg.norm(r, axis=1) * np.linalg.norm(c, axis=1))
-    assert out.cosine_similarity == pytest.approx(float(cos.mean()), abs=1e-6)
-    assert out.min_cosine_similarity == pytest.approx(float(cos.min()), abs=1e-6)
+    assert out.min_cosine_similarity == pytest.approx(float(cos.min()), abs=1e-9)
+    assert out.zero_reference_samples == 0
     rel = np.abs(c - r) / np.maximum(np.abs(r), 1e-12)
     assert out.max_rel_error == pytest.approx(float(rel.max()), rel=1e-3)
     agree = float((r.argmax(1) == c.argmax(1)).mean())
@@ -118,6 +122,7 @@ def test_statistics_do_not_depend_on_batching(
         "mean_abs_error",
         "rel_l2_error",
         "cosine_similarity",
+        "min_cosine_similarity",
         "sqnr_db",
         "top1_agreement",
     ):
@@ -159,7 +164,7 @@ def test_labels_are_checked(models: tuple[Path, Path], images: np.ndarray) -> No
     with OnnxRuntimeRunner(models[0]) as ref:
         with pytest.raises(SpecError, match="37 samples"):
             compare(ref, ref, data, labels=np.zeros(5, np.int64))
-        with pytest.raises(SpecError, match="1-D integer"):
+        with pytest.raises(SpecError, match="integer array"):
             compare(ref, ref, data, labels=np.zeros(37, np.float32))
 
 
@@ -175,22 +180,154 @@ def test_mismatched_outputs_are_refused(models: tuple[Path, Path], tmp_path: Pat
         compare(ref, cand, data)
 
 
-def test_embedding_outputs_are_not_classifiers(tmp_path: Path) -> None:
-    """A [N, 4, ...] float output that is not 2-D gets no top-k metrics."""
-    path = tmp_path / "id.onnx"
-    graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("Identity", ["x"], ["y"], name="id")],
-        "id",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 4, 2])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 4, 2])],
+def _model(shape: list[int | str], delta: np.ndarray | None = None) -> onnx.ModelProto:
+    """``y = x`` (the reference) or ``y = x + delta`` (a candidate with a known error)."""
+    helper = onnx.helper
+    nodes = [helper.make_node("Identity", ["x"], ["y"], name="id")]
+    inits = []
+    if delta is not None:
+        nodes = [helper.make_node("Add", ["x", "delta"], ["y"], name="add")]
+        inits = [numpy_helper.from_array(delta.astype(np.float32), "delta")]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, shape)],
+        inits,
     )
-    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
-    data = CalibrationDataset.from_arrays({"x": np.zeros((3, 4, 2), np.float32)})
-    with OnnxRuntimeRunner(path) as runner:
-        out = compare(runner, runner, data).output("y")
-    assert not out.classifier and out.top1_agreement is None
-    assert out.cosine_similarity == 1.0  # all-zero rows on both sides agree
-    assert out.sqnr_db == math.inf
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _compare_arrays(
+    x: np.ndarray, delta: np.ndarray, **options: Any
+) -> tuple[AccuracyReport, np.ndarray, np.ndarray]:
+    """Compare ``x + delta`` with ``x``: (report, reference, candidate as ONNX Runtime gives it)."""
+    shape: list[int | str] = ["n", *x.shape[1:]]
+    data = CalibrationDataset.from_arrays({"x": x})
+    with (
+        InMemoryRunner(_model(shape), "reference", 1) as ref,
+        InMemoryRunner(_model(shape, delta), "candidate", 1) as cand,
+    ):
+        report = compare(ref, cand, data, batch_size=3, **options)
+        c = cand.run({"x": x})["y"].astype(np.float64)
+    return report, x.astype(np.float64), c
+
+
+def test_cosine_is_of_the_whole_output_and_skips_all_zero_samples() -> None:
+    """A detector-like output: some samples are all zeros in the reference; the candidate adds a
+    tiny offset everywhere. Their per-sample cosine is 0, the output's cosine stays ~1."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(10, 32)).astype(np.float32)
+    x[[1, 4, 7]] = 0.0
+    delta = np.full((1, 32), 1e-3, np.float32)
+    report, r, c = _compare_arrays(x, delta)
+    out = report.output("y")
+    whole = float((r * c).sum() / (np.linalg.norm(r) * np.linalg.norm(c)))
+    assert out.cosine_similarity == pytest.approx(whole, abs=1e-12)
+    assert out.cosine_similarity > 0.9999
+    live = np.linalg.norm(r, axis=1) > 0
+    per_sample = (r * c).sum(1)[live] / (
+        np.linalg.norm(r, axis=1)[live] * np.linalg.norm(c, axis=1)[live]
+    )
+    assert out.min_cosine_similarity == pytest.approx(float(per_sample.min()), abs=1e-12)
+    assert out.min_cosine_similarity > 0.999
+    assert out.zero_reference_samples == 3
+    assert out.sqnr_db == pytest.approx(
+        10 * math.log10(float((r**2).sum()) / float(((c - r) ** 2).sum())), abs=1e-9
+    )
+    assert report.metric(AccuracyMetric.COSINE) == out.cosine_similarity
+    assert report.metric(AccuracyMetric.MIN_COSINE) == out.min_cosine_similarity
+
+
+def test_cosine_of_all_zero_outputs() -> None:
+    x = np.zeros((4, 8), np.float32)
+    same = _compare_arrays(x, np.zeros((1, 8), np.float32))[0].output("y")
+    assert same.cosine_similarity == same.min_cosine_similarity == 1.0
+    assert same.zero_reference_samples == 4 and same.sqnr_db == math.inf
+    off = _compare_arrays(x, np.full((1, 8), 0.5, np.float32))[0].output("y")
+    assert off.cosine_similarity == off.min_cosine_similarity == 0.0
+    assert off.sqnr_db == -math.inf
+
+
+def _agreement(r: np.ndarray, c: np.ndarray, axis: int) -> tuple[float, float]:
+    """(top-1, top-5) agreement over ``axis``, counted per position, written out with argsort."""
+    r2 = np.moveaxis(r, axis, -1).reshape(-1, r.shape[axis])
+    c2 = np.moveaxis(c, axis, -1).reshape(-1, c.shape[axis])
+    ref_top = r2.argmax(1)
+    top5 = np.argsort(-c2, axis=1)[:, :5]
+    return float((ref_top == c2.argmax(1)).mean()), float((top5 == ref_top[:, None]).any(1).mean())
+
+
+def test_sequence_outputs_report_agreement_per_time_step() -> None:
+    """[N, T, C] (a CTC recognizer's softmax): agreement over the last axis, per time step;
+    per-position labels with padding; a top1_agreement budget works."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(7, 12, 9)).astype(np.float32)
+    shift = (rng.normal(size=9) * 0.8).astype(np.float32)
+    labels = rng.integers(0, 9, size=(7, 12))
+    labels[:, -3:] = -100  # padding is not scored
+    report, r, c = _compare_arrays(
+        x, shift, labels=labels, budget=MetricBudget.parse("top1_agreement:0.5")
+    )
+    out = report.output("y")
+    top1, top5 = _agreement(r, c, 2)
+    assert 0.3 < top1 < 0.95  # the shift flips some predictions, not all
+    assert out.classifier and out.class_axis == 2 and out.class_positions == 7 * 12
+    assert out.top1_agreement == pytest.approx(top1) and out.top5_agreement == pytest.approx(top5)
+    valid = labels >= 0
+    ref_acc = float((r.argmax(2) == labels)[valid].mean())
+    cand_acc = float((c.argmax(2) == labels)[valid].mean())
+    assert out.labelled_positions == int(valid.sum()) == 7 * 9
+    assert out.reference_accuracy == pytest.approx(ref_acc)
+    assert out.candidate_accuracy == pytest.approx(cand_acc)
+    assert out.accuracy_drop == pytest.approx(ref_acc - cand_acc)
+    assert report.budget_value == pytest.approx(top1) and report.passed is (top1 >= 0.5)
+
+
+def test_channels_last_maps_are_detected_and_channels_first_need_class_axis() -> None:
+    rng = np.random.default_rng(3)
+    nhwc = rng.normal(size=(4, 5, 6, 3)).astype(np.float32)
+    shift = np.array([0.3, -0.2, 0.1], np.float32)
+    report, r, c = _compare_arrays(nhwc, shift)
+    out = report.output("y")
+    assert out.class_axis == 3 and out.class_positions == 4 * 5 * 6
+    assert out.top1_agreement == pytest.approx(_agreement(r, c, 3)[0])
+    assert out.top5_agreement is None  # three classes
+
+    nchw = np.ascontiguousarray(nhwc.transpose(0, 3, 1, 2))
+    chw_shift = shift.reshape(3, 1, 1)
+    plain = _compare_arrays(nchw, chw_shift)[0].output("y")
+    assert not plain.classifier and plain.top1_agreement is None
+    labels = rng.integers(0, 3, size=(4, 5, 6))
+    named, r, c = _compare_arrays(nchw, chw_shift, class_axis={"y": 1}, labels=labels)
+    out = named.output("y")
+    assert out.class_axis == 1 and out.top1_agreement == pytest.approx(_agreement(r, c, 1)[0])
+    assert out.top1_agreement == report.output("y").top1_agreement  # same predictions
+    assert out.reference_accuracy == pytest.approx(float((r.argmax(1) == labels).mean()))
+
+
+def test_class_axis_and_label_shapes_are_checked() -> None:
+    x = np.zeros((2, 3, 4, 5), np.float32)
+    delta = np.zeros((1,), np.float32)
+    for bad in (0, 4, -5):
+        with pytest.raises(SpecError, match="no class axis") as info:
+            _compare_arrays(x, delta, class_axis=bad)
+        assert info.value.field == "class_axis"
+    with pytest.raises(SpecError, match="does not have"):
+        _compare_arrays(x, delta, class_axis={"logits": 1})
+    assert _compare_arrays(x, delta, class_axis=-3)[0].output("y").class_axis == 1
+    with pytest.raises(SpecError, match="no output holds class scores"):
+        _compare_arrays(x, delta, labels=np.zeros(2, np.int64))
+    seq = np.zeros((2, 6, 4), np.float32)
+    with pytest.raises(SpecError, match=r"fit no class-score output \(expected y: \[N, 6\]\)"):
+        _compare_arrays(seq, delta, labels=np.zeros(2, np.int64))
+
+
+def test_budget_on_a_metric_no_output_reports_names_the_class_axis() -> None:
+    x = np.zeros((2, 3, 4, 5), np.float32)
+    with pytest.raises(SpecError, match="top1_agreement") as info:
+        _compare_arrays(x, np.zeros(1, np.float32), budget=MetricBudget.parse("top1_agreement:0.9"))
+    assert info.value.hint is not None and "class_axis" in info.value.hint
 
 
 @pytest.mark.slow
