@@ -9,7 +9,8 @@
         ├── BackendUnavailableError  the chosen backend is not installed or has no device here
         ├── BuildError            the backend failed to build an artifact (log attached)
         ├── RunError              running an artifact failed
-        └── AccuracyBudgetError   no precision mix meets the requested accuracy budget
+        ├── AccuracyBudgetError   no precision mix meets the requested accuracy budget
+        └── AccuracyGateFailedError  a built artifact misses the accuracy gate against FP32
 
 Each class's docstring is its default message.
 """
@@ -20,6 +21,7 @@ from calibrators.errors import TrtforgeError
 
 __all__ = [
     "AccuracyBudgetError",
+    "AccuracyGateFailedError",
     "BackendUnavailableError",
     "BuildError",
     "EngineError",
@@ -84,3 +86,24 @@ class AccuracyBudgetError(EngineError):
     default_hint = (
         "Loosen the budget, or calibrate with more representative data or another method."
     )
+
+
+class AccuracyGateFailedError(EngineError):
+    """The build does not reach the accuracy gate against the FP32 model."""
+
+    code = "accuracy_gate_failed"
+    default_hint = (
+        "Try another calibration method (--method), an accuracy budget (--accuracy-budget), "
+        "or keep rules (--keep); --gate none accepts the build as it is."
+    )
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        hint: str | None = None,
+        field: str | None = None,
+        failed_outputs: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(message, hint=hint, field=field)
+        self.failed_outputs = failed_outputs

@@ -16,6 +16,7 @@ from calibrators.histogram import HistogramMode
 from calibrators.methods import MethodSpec, entropy
 from engines.errors import SpecError
 from engines.frozen import FrozenModel
+from engines.gate import AccuracyGate
 
 __all__ = [
     "BackendName",
@@ -162,6 +163,9 @@ class BuildSpec(FrozenModel):
     keep: KeepRules = Field(default_factory=KeepRules)
     tensorrt: TensorRTOptions = Field(default_factory=TensorRTOptions)
     quantize_attention: bool = False
+    gate: AccuracyGate | None = None
+    """Accuracy gate against FP32 (:mod:`engines.gate`; ``"none"``: off); None: the precision's
+    default (:func:`engines.gate.resolve_gate`)."""
 
     def canonical_json(self) -> str:
         """JSON with sorted keys and no whitespace: the text the digest is taken over."""
