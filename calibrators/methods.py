@@ -1,11 +1,15 @@
 """Calibration methods: from a |x| histogram to amax, the range quantized to +-127 (scale = amax/127).
 
+``auto``        per tensor, the candidate below with the least error where it matters: at the
+                output of the Conv/Gemm/MatMul nodes reading the tensor (measured on a few
+                samples by :mod:`calibrators.auto`), else in the tensor itself. The default.
 ``entropy``     TensorRT's EntropyCalibration2 criterion (KL divergence), vectorized.
 ``minmax``      max|x| over the dataset.
 ``percentile``  the value below which ``percentile`` % of |x| falls (default 99.99).
 ``mse``         the amax minimizing the squared error of INT8 fake quantization (clip + round).
 
-Presets (:func:`entropy`, :func:`minmax`, :func:`percentile`, :func:`mse`, :func:`method_spec`)
+Presets (:func:`auto`, :func:`entropy`, :func:`minmax`, :func:`percentile`, :func:`mse`,
+:func:`method_spec`)
 validate their parameters and raise ``ValueError`` (pydantic's ``ValidationError``) when they are
 out of range.
 
@@ -29,10 +33,15 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from calibrators.histogram import Histogram
 
 __all__ = [
+    "AUTO_PERCENTILES",
+    "DEFAULT_AUTO_SAMPLES",
     "DEFAULT_NUM_QUANT_BINS",
     "DEFAULT_PERCENTILE",
     "CalibrationMethod",
     "MethodSpec",
+    "auto",
+    "auto_candidates",
+    "choose_by_tensor_error",
     "entropy",
     "entropy_amax",
     "entropy_bin",
@@ -44,12 +53,22 @@ __all__ = [
     "mse_amax",
     "percentile",
     "percentile_amax",
+    "quantization_error",
 ]
 
 DEFAULT_NUM_QUANT_BINS = 128
 """Quantization levels of |x| for signed INT8 (0..127, plus the sign)."""
 
 DEFAULT_PERCENTILE = 99.99
+
+AUTO_PERCENTILES = (99.9, 99.99, 99.999)
+"""The percentiles among ``auto``'s candidates."""
+
+DEFAULT_AUTO_SAMPLES = 16
+"""Samples on which ``auto`` measures each consumer's error (see :mod:`calibrators.auto`)."""
+
+_ERROR_SUBPOINTS = 8
+"""Points per bin at which :func:`quantization_error` evaluates the quantizer."""
 
 _MSE_CHUNK = 128
 """Candidates evaluated at once by :func:`mse_amax` (bounds its scratch to ~2 MB)."""
@@ -63,6 +82,7 @@ Float64Array = npt.NDArray[np.float64]
 class CalibrationMethod(StrEnum):
     """How a histogram becomes an amax."""
 
+    AUTO = "auto"
     ENTROPY = "entropy"
     MINMAX = "minmax"
     PERCENTILE = "percentile"
@@ -250,6 +270,65 @@ def mse_amax(hist: Histogram, num_quant_bins: int = DEFAULT_NUM_QUANT_BINS) -> f
 
 
 # ---------------------------------------------------------------------------------------------
+# auto: the candidates, and the tensor's own quantization error
+
+
+def auto_candidates(
+    hist: Histogram, num_quant_bins: int = DEFAULT_NUM_QUANT_BINS
+) -> dict[str, float]:
+    """``auto``'s candidate ranges for ``hist``, by label: ``entropy``, ``minmax``,
+    ``percentile:99.9``, ``percentile:99.99``, ``percentile:99.999`` and ``mse``."""
+    candidates = {
+        "entropy": entropy_amax(hist, num_quant_bins),
+        "minmax": minmax_amax(hist),
+    }
+    for p in AUTO_PERCENTILES:
+        candidates[f"percentile:{p}"] = percentile_amax(hist, p)
+    candidates["mse"] = mse_amax(hist, num_quant_bins)
+    return candidates
+
+
+def quantization_error(
+    hist: Histogram, amax: float, num_quant_bins: int = DEFAULT_NUM_QUANT_BINS
+) -> float:
+    """The squared error of per-tensor INT8 fake quantization with range ``amax``, relative to the
+    tensor's energy: ``sum (x - Q(x))^2 / sum x^2`` (1 / SQNR), estimated from the histogram.
+
+    ``Q(x) = min(round(|x| / s), qmax) * s`` with ``s = float32(amax / qmax)`` and
+    ``qmax = num_quant_bins - 1``. Within a bin the values are taken as spread evenly (evaluated
+    at 8 points per bin): a bin's centre alone would misjudge the rounding error of a range whose
+    step is finer than the bins (a low percentile of a spiky tensor). 0 for an all-zero tensor.
+    """
+    counts = np.asarray(hist.counts, dtype=np.float64)
+    nonempty = np.flatnonzero(counts)
+    if hist.max_abs == 0.0 or nonempty.size == 0:
+        return 0.0
+    offsets = (np.arange(_ERROR_SUBPOINTS) + 0.5) / _ERROR_SUBPOINTS
+    points = ((nonempty[:, None] + offsets[None, :]) * hist.bin_width).reshape(-1)
+    weights = np.repeat(counts[nonempty] / _ERROR_SUBPOINTS, _ERROR_SUBPOINTS)
+    energy = float(weights @ (points * points))
+    if not energy > 0.0:
+        return 0.0
+    qmax = num_quant_bins - 1
+    step = float(np.float32(amax / qmax))
+    if not step > 0.0:
+        return 1.0  # everything quantizes to 0
+    diff = points - np.minimum(np.rint(points / step), qmax) * step
+    return float(weights @ (diff * diff)) / energy
+
+
+def choose_by_tensor_error(
+    hist: Histogram, candidates: dict[str, float], num_quant_bins: int = DEFAULT_NUM_QUANT_BINS
+) -> tuple[str, dict[str, float]]:
+    """The candidate with the least :func:`quantization_error` (the first listed on ties), and
+    every candidate's error."""
+    errors = {
+        label: quantization_error(hist, amax, num_quant_bins) for label, amax in candidates.items()
+    }
+    return min(errors, key=errors.__getitem__), errors
+
+
+# ---------------------------------------------------------------------------------------------
 # MethodSpec and presets
 
 
@@ -262,17 +341,20 @@ class MethodSpec(BaseModel):
     percentile: float | None = None
     """Percent of |x| kept below amax, in (0, 100]; only for ``percentile`` (default 99.99)."""
     num_quant_bins: int = DEFAULT_NUM_QUANT_BINS
-    """Quantization levels of |x| (128 for INT8); only for ``entropy`` and ``mse``."""
+    """Quantization levels of |x| (128 for INT8); only for ``entropy``, ``mse`` and ``auto``."""
+    samples: int | None = None
+    """Samples on which consumers' errors are measured, 1..4096; only for ``auto`` (default 16)."""
 
     @model_validator(mode="before")
     @classmethod
-    def _default_percentile(cls, data: Any) -> Any:
-        if (
-            isinstance(data, dict)
-            and data.get("percentile") is None
-            and str(data.get("method", "")) == CalibrationMethod.PERCENTILE.value
-        ):
+    def _default_params(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        method = str(data.get("method", ""))
+        if data.get("percentile") is None and method == CalibrationMethod.PERCENTILE.value:
             return {**data, "percentile": DEFAULT_PERCENTILE}
+        if data.get("samples") is None and method == CalibrationMethod.AUTO.value:
+            return {**data, "samples": DEFAULT_AUTO_SAMPLES}
         return data
 
     @field_validator("percentile")
@@ -289,18 +371,27 @@ class MethodSpec(BaseModel):
             raise ValueError(f"num_quant_bins must be between 2 and 65536, got {value}")
         return value
 
+    @field_validator("samples")
+    @classmethod
+    def _check_samples(cls, value: int | None) -> int | None:
+        if value is not None and not 1 <= value <= 4096:
+            raise ValueError(f"samples must be between 1 and 4096, got {value}")
+        return value
+
     @model_validator(mode="after")
     def _check_applicable(self) -> MethodSpec:
         if self.percentile is not None and self.method is not CalibrationMethod.PERCENTILE:
             raise ValueError(
                 f"percentile applies only to method 'percentile', not {self.method.value!r}"
             )
-        uses_levels = self.method in (CalibrationMethod.ENTROPY, CalibrationMethod.MSE)
+        uses_levels = self.method in _LEVEL_METHODS
         if self.num_quant_bins != DEFAULT_NUM_QUANT_BINS and not uses_levels:
             raise ValueError(
-                f"num_quant_bins applies only to methods 'entropy' and 'mse', "
+                f"num_quant_bins applies only to methods 'entropy', 'mse' and 'auto', "
                 f"not {self.method.value!r}"
             )
+        if self.samples is not None and self.method is not CalibrationMethod.AUTO:
+            raise ValueError(f"samples applies only to method 'auto', not {self.method.value!r}")
         return self
 
     @property
@@ -311,10 +402,22 @@ class MethodSpec(BaseModel):
             return {"percentile": self.percentile}
         if self.method is CalibrationMethod.MINMAX:
             return {}
+        if self.method is CalibrationMethod.AUTO:
+            assert self.samples is not None  # filled in by the validator
+            return {"num_quant_bins": self.num_quant_bins, "samples": self.samples}
         return {"num_quant_bins": self.num_quant_bins}
 
     def compute_amax(self, hist: Histogram) -> float:
-        """amax for ``hist`` with this method (``>= 0``; 0 only for an all-zero tensor)."""
+        """amax for ``hist`` with this method (``>= 0``; 0 only for an all-zero tensor).
+
+        ``auto`` from a histogram alone is the candidate with the least error in the tensor itself
+        (:func:`choose_by_tensor_error`); :func:`calibrators.calibrate.calibrate` does better
+        where the tensor feeds a Conv, Gemm or MatMul (see :mod:`calibrators.auto`).
+        """
+        if self.method is CalibrationMethod.AUTO:
+            candidates = auto_candidates(hist, self.num_quant_bins)
+            label, _ = choose_by_tensor_error(hist, candidates, self.num_quant_bins)
+            return candidates[label]
         if self.method is CalibrationMethod.ENTROPY:
             return entropy_amax(hist, self.num_quant_bins)
         if self.method is CalibrationMethod.MINMAX:
@@ -323,6 +426,17 @@ class MethodSpec(BaseModel):
             assert self.percentile is not None
             return percentile_amax(hist, self.percentile)
         return mse_amax(hist, self.num_quant_bins)
+
+
+_LEVEL_METHODS = (CalibrationMethod.ENTROPY, CalibrationMethod.MSE, CalibrationMethod.AUTO)
+
+
+def auto(
+    samples: int = DEFAULT_AUTO_SAMPLES, num_quant_bins: int = DEFAULT_NUM_QUANT_BINS
+) -> MethodSpec:
+    """Per tensor, the best of entropy, minmax, percentile 99.9/99.99/99.999 and mse, judged by
+    the error of the nodes reading it on ``samples`` samples (see :mod:`calibrators.auto`)."""
+    return MethodSpec(method=CalibrationMethod.AUTO, samples=samples, num_quant_bins=num_quant_bins)
 
 
 def entropy(num_quant_bins: int = DEFAULT_NUM_QUANT_BINS) -> MethodSpec:

@@ -27,7 +27,10 @@ times a 7-bit integer fits in float64), and ``float32(amax / 127)`` gives back t
 float32, so a cache read and written back is byte-identical.
 
 The JSON twin (``.json``) carries the same ranges as amax plus the method, its parameters, the
-sample count, the model and dataset digests, the algorithm and the TensorRT version.
+sample count, the model and dataset digests, the algorithm and the TensorRT version. A table of
+method ``auto`` also records, per tensor, which candidate range was chosen, by which criterion,
+and every candidate's range and error (``range_choices``, :class:`RangeChoice`); other tables
+leave that field out, so their JSON and digest are what they were. The cache text never holds it.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ __all__ = [
     "DEFAULT_TRT_VERSION",
     "JSON_FORMAT",
     "CalibrationTable",
+    "RangeChoice",
+    "RangeCriterion",
     "TableMatch",
     "TensorRTAlgorithm",
     "algorithm_for_method",
@@ -82,6 +87,7 @@ _METHOD_ALGORITHMS = {
     CalibrationMethod.MINMAX: TensorRTAlgorithm.MINMAX,
     CalibrationMethod.PERCENTILE: TensorRTAlgorithm.ENTROPY2,
     CalibrationMethod.MSE: TensorRTAlgorithm.ENTROPY2,
+    CalibrationMethod.AUTO: TensorRTAlgorithm.ENTROPY2,
 }
 
 
@@ -92,8 +98,8 @@ def algorithm_for_method(
 
     ``calibrator``, when given, wins: it is the native calibrator class the table will be served
     through. Otherwise entropy -> EntropyCalibration2, minmax -> MinMaxCalibration, and
-    percentile/mse (no TensorRT counterpart) -> EntropyCalibration2, the class ``trtexec --calib``
-    uses. A table of unknown method gets EntropyCalibration2 too.
+    percentile/mse/auto (no TensorRT counterpart) -> EntropyCalibration2, the class
+    ``trtexec --calib`` uses. A table of unknown method gets EntropyCalibration2 too.
     """
     if calibrator is not None:
         return TensorRTAlgorithm(calibrator)
@@ -171,6 +177,44 @@ class TableMatch(BaseModel):
         return not self.unknown_tensors and not self.missing_tensors
 
 
+class RangeCriterion(StrEnum):
+    """What decided an ``auto`` range."""
+
+    CONSUMER_OUTPUT = "consumer_output"
+    """The least error at the outputs of the Conv/ConvTranspose/Gemm/MatMul nodes reading the
+    tensor, their weights quantized per channel (plus the tensor's own error when an Add, pool or
+    Concat reads it too)."""
+    TENSOR = "tensor"
+    """The least quantization error of the tensor itself (no weighted node reads it)."""
+    ACTIVATION_BOUND = "activation_bound"
+    """A bounded activation (ReLU6, Sigmoid, ...) that reaches its bound keeps it."""
+
+
+class RangeChoice(BaseModel):
+    """How ``auto`` chose one tensor's range (an alias records its source's choice)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: str
+    """The chosen candidate: ``entropy``, ``minmax``, ``percentile:99.9``, ..., ``mse``."""
+    criterion: RangeCriterion
+    candidates: dict[str, float] = Field(default_factory=dict)
+    """Candidate -> its amax."""
+    errors: dict[str, float] = Field(default_factory=dict)
+    """Candidate -> its error: squared error over reference energy (1 / SQNR), averaged over the
+    consumers for ``consumer_output``; empty for ``activation_bound``."""
+    consumers: tuple[str, ...] = ()
+    """The nodes whose outputs were measured (``consumer_output`` only)."""
+
+    @field_validator("candidates", "errors")
+    @classmethod
+    def _finite(cls, values: dict[str, float]) -> dict[str, float]:
+        for label, value in values.items():
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{label!r} must be finite and >= 0, got {value!r}")
+        return values
+
+
 def _scale_bits(amax: float) -> int:
     """The float32 bit pattern of ``amax / 127``, rounded once to float32 (as struct does)."""
     return int(struct.unpack(">I", struct.pack(">f", amax / _INT8_MAX))[0])
@@ -198,6 +242,8 @@ class CalibrationTable(BaseModel):
     dataset_sha256: str | None = None
     algorithm: TensorRTAlgorithm = TensorRTAlgorithm.ENTROPY2
     trt_version: int | None = Field(default=None, gt=0)
+    range_choices: dict[str, RangeChoice] | None = None
+    """Per tensor, how ``auto`` chose its range (``None`` for other methods and for caches)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -283,9 +329,14 @@ class CalibrationTable(BaseModel):
 
     # -- JSON twin -----------------------------------------------------------------------------
 
+    def _dump(self, exclude: set[str]) -> dict[str, Any]:
+        if self.range_choices is None:
+            exclude = exclude | {"range_choices"}  # tables without choices read as before
+        return self.model_dump(mode="json", exclude=exclude)
+
     def to_json(self) -> str:
         """The JSON twin: ranges as amax plus all metadata (amax order kept)."""
-        payload = {"format": JSON_FORMAT, **self.model_dump(mode="json")}
+        payload = {"format": JSON_FORMAT, **self._dump(set())}
         return json.dumps(payload, indent=2) + "\n"
 
     @classmethod
@@ -357,7 +408,7 @@ class CalibrationTable(BaseModel):
     def digest(self) -> str:
         """sha256 of the canonical JSON of every field (ranges in table order)."""
         canonical = json.dumps(
-            {"amax": list(self.amax.items()), **self.model_dump(mode="json", exclude={"amax"})},
+            {"amax": list(self.amax.items()), **self._dump({"amax"})},
             sort_keys=True,
             separators=(",", ":"),
         )

@@ -12,6 +12,8 @@ from calibrators.methods import CalibrationMethod
 from calibrators.table import (
     DEFAULT_TRT_VERSION,
     CalibrationTable,
+    RangeChoice,
+    RangeCriterion,
     TensorRTAlgorithm,
     algorithm_for_method,
     is_tensorrt_internal_name,
@@ -222,6 +224,7 @@ def test_methods_map_to_the_calibrator_that_will_read_the_table() -> None:
     # no TensorRT counterpart: served through IInt8EntropyCalibrator2 (what trtexec --calib uses)
     assert algorithm_for_method(CalibrationMethod.PERCENTILE) is TensorRTAlgorithm.ENTROPY2
     assert algorithm_for_method("mse") is TensorRTAlgorithm.ENTROPY2
+    assert algorithm_for_method(CalibrationMethod.AUTO) is TensorRTAlgorithm.ENTROPY2
     assert algorithm_for_method("mse", calibrator="MinMaxCalibration") is TensorRTAlgorithm.MINMAX
     assert algorithm_for_method(None) is TensorRTAlgorithm.ENTROPY2
     table = CalibrationTable(amax={"a": 1.0}, method=CalibrationMethod.MINMAX)
@@ -328,3 +331,53 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:
     table.save(target, trt_version=101303)
     assert target.read_text() == "TRT-101303-EntropyCalibration2\na: 3c010204\n"
     assert [p.name for p in target.parent.iterdir()] == ["t.cache"]
+
+
+def _auto_table() -> CalibrationTable:
+    choice = RangeChoice(
+        method="minmax",
+        criterion=RangeCriterion.CONSUMER_OUTPUT,
+        candidates={"entropy": 0.045, "minmax": 0.415},
+        errors={"entropy": 0.9, "minmax": 0.01},
+        consumers=("conv_1",),
+    )
+    return CalibrationTable(
+        amax={"x": 0.415, "y": 6.0},
+        method=CalibrationMethod.AUTO,
+        parameters={"num_quant_bins": 128, "samples": 16},
+        samples=64,
+        range_choices={"x": choice},
+    )
+
+
+def test_auto_choices_round_trip_in_the_json_twin_and_stay_out_of_the_cache(
+    tmp_path: Path,
+) -> None:
+    table = _auto_table()
+    back = CalibrationTable.load(table.save(tmp_path / "auto.json"))
+    assert back == table
+    assert back.range_choices is not None
+    assert back.range_choices["x"].criterion is RangeCriterion.CONSUMER_OUTPUT
+    assert back.range_choices["x"].consumers == ("conv_1",)
+    plain = table.model_copy(update={"range_choices": None})
+    assert table.to_cache_text(101303) == plain.to_cache_text(101303)
+    assert table.to_cache_text(101303).splitlines()[0] == "TRT-101303-EntropyCalibration2"
+    assert table.digest != plain.digest
+
+
+def test_tables_without_choices_keep_their_json_and_digest() -> None:
+    table = CalibrationTable(
+        amax={"x": 1.0, "y": 2.0},
+        method=CalibrationMethod.ENTROPY,
+        parameters={"num_quant_bins": 128},
+        samples=8,
+    )
+    assert "range_choices" not in json.loads(table.to_json())
+    # the digest this table had before choices existed (computed with the previous table.py)
+    assert table.digest == "3f1698a334698bb4bb6da52704d1ebfa135ffdd5dfaf27455989711a4ba96ffb"
+
+
+def test_range_choice_errors_must_be_finite() -> None:
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="finite"):
+            RangeChoice(method="mse", criterion=RangeCriterion.TENSOR, errors={"mse": bad})
