@@ -24,6 +24,7 @@ __all__ = [
     "KeepRules",
     "Precision",
     "ShapeProfile",
+    "TechniqueMode",
     "TensorRTMode",
     "TensorRTOptions",
     "node_matches",
@@ -54,6 +55,15 @@ class Precision(StrEnum):
                 "or pass --table.",
                 field="table",
             )
+
+
+class TechniqueMode(StrEnum):
+    """Whether a post-training technique runs: ``auto`` on the layers where it lowers the INT8
+    error measured on the calibration data, ``on`` wherever it applies, ``off`` never."""
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
 
 
 class BackendName(StrEnum):
@@ -166,6 +176,12 @@ class BuildSpec(FrozenModel):
     gate: AccuracyGate | None = None
     """Accuracy gate against FP32 (:mod:`engines.gate`; ``"none"``: off); None: the precision's
     default (:func:`engines.gate.resolve_gate`)."""
+    smoothing: TechniqueMode = TechniqueMode.AUTO
+    """INT8: SmoothQuant-style migration of activation outliers into the weights, before
+    calibration (:func:`engines.graph.smoothing.smooth`)."""
+    bias_correction: TechniqueMode = TechniqueMode.AUTO
+    """INT8: shift biases by the expected output error of the quantized weights, after
+    calibration (:func:`engines.graph.bias.correct_biases`)."""
 
     def canonical_json(self) -> str:
         """JSON with sorted keys and no whitespace: the text the digest is taken over."""
