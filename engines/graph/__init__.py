@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import onnx
 
+from engines.graph._kept import kept_nodes
 from engines.graph.fp16 import Fp16Report, convert_fp16
 from engines.graph.inspect import ModelInfo, TensorInfo, inspect_model, load_model, normalize
 from engines.graph.prequantized import (
@@ -59,14 +60,10 @@ class PreparedModel:
 
     @property
     def kept_nodes(self) -> dict[str, str]:
-        """Node -> why it stays out of the reduced precision (INT8 first, then FP16 reasons)."""
-        kept: dict[str, str] = {}
-        if self.quantization is not None:
-            kept.update({n: f"not INT8: {why}" for n, why in self.quantization.skipped.items()})
-        if self.fp16 is not None:
-            for name, why in self.fp16.fp32_nodes.items():
-                kept[name] = f"{kept[name]}; FP32: {why}" if name in kept else f"FP32: {why}"
-        return kept
+        """Node -> why it stays out of the reduced precision (INT8 first, then FP16 reasons),
+        for the nodes a user would expect there (:mod:`engines.graph._kept`), not every node
+        without Q/DQ."""
+        return kept_nodes(self.model, self.quantization, self.fp16)
 
     @property
     def fp32_nodes(self) -> list[str]:
