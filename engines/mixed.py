@@ -16,6 +16,18 @@ The ranking metric is the budget's own when it is continuous; class-count metric
 agreement, accuracy, accuracy drop) tie on most single-node changes, so nodes are then ranked by
 output SQNR while the budget is still judged in its own metric (:func:`ranking_metric`).
 
+**Two splits, so the figure is not the search's own.** A search that judges candidates on the
+samples it reports on overfits them: it stops at the first keep list that happens to pass there
+(one build found cosine 0.998 on its search samples and 0.885 on others, worse than plain INT8).
+So the held-out samples are split in two disjoint sets: the *search split* ranks the nodes and
+decides every pass/fail of the bisection; the *report split* is used once, at the end, to measure
+full INT8 and the chosen mix. ``value_full_int8``, ``value_reached``, ``budget_met`` and
+``accuracy`` are report-split figures; ``search_value_full_int8``, ``search_value_reached`` and
+``search_accuracy`` are the search split's. The chosen mix always meets the budget on the search
+split; on the report split it may not (``budget_met`` says so; nothing is searched again). The
+caller gives the two sets as positions in the held-out dataset (:func:`search_split` is the
+default: a seeded half/half permutation).
+
 The kept nodes feed ``BuildSpec.keep.int8`` (:meth:`MixedPrecisionResult.apply_to`): the
 onnxruntime backend and TensorRT's explicit mode then put no Q/DQ on them, TensorRT's implicit
 mode gives them layer precision constraints. The search runs variants in ONNX Runtime on the CPU
@@ -25,11 +37,14 @@ mode gives them layer precision constraints. The search runs variants in ONNX Ru
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from engines.accuracy import AccuracyMetric, AccuracyReport, MetricBudget
 from engines.backends.base import ProgressFn, report_progress
-from engines.errors import AccuracyBudgetError
+from engines.errors import AccuracyBudgetError, SpecError
 from engines.frozen import FrozenReport
 from engines.sensitivity import SensitivityReport, rank_sensitivity
 from engines.spec import BuildSpec, KeepRules
@@ -38,12 +53,10 @@ from engines.variants import QdqExecution, VariantEvaluator
 if TYPE_CHECKING:
     from pathlib import Path
 
-    import numpy as np
-
     from calibrators.data import CalibrationDataset
     from calibrators.table import CalibrationTable
 
-__all__ = ["MixedPrecisionResult", "ranking_metric", "search_mixed_precision"]
+__all__ = ["MixedPrecisionResult", "ranking_metric", "search_mixed_precision", "search_split"]
 
 _CLASS_COUNT_METRICS = frozenset(
     {
@@ -72,16 +85,31 @@ class MixedPrecisionResult(FrozenReport):
     int8_share: float
     """``int8_nodes / quantizable_nodes`` (1.0 when nothing is quantizable)."""
     value_full_int8: float
-    """The budget's metric with every quantizable node in INT8."""
+    """The budget's metric with every quantizable node in INT8, on the report split."""
     value_reached: float
-    """The budget's metric of the chosen mix (it meets the budget)."""
+    """The budget's metric of the chosen mix on the report split (may miss the budget)."""
+    budget_met: bool
+    """Whether ``value_reached`` meets the budget (the report split's verdict)."""
+    search_value_full_int8: float
+    """Full INT8 on the search split."""
+    search_value_reached: float
+    """The chosen mix on the search split (it meets the budget there)."""
     accuracy: AccuracyReport
-    """The chosen mix against the FP32 reference."""
+    """The chosen mix against the FP32 reference on the report split."""
+    search_accuracy: AccuracyReport
+    """The chosen mix on the search split."""
     sensitivity: SensitivityReport | None
-    """``None`` when full INT8 already met the budget."""
+    """``None`` when full INT8 already met the budget on the search split."""
     evaluations: int
-    """Model variants built and compared, sensitivity included."""
+    """Model variants built and compared, sensitivity and the report split included."""
     samples: int
+    """Samples of the report split the reported figures were measured on."""
+    search_samples: int
+    """Samples of the search split the nodes were chosen on."""
+    search_indices: list[int]
+    """Positions in the held-out dataset of the search split (before ``max_samples``)."""
+    report_indices: list[int]
+    """Positions of the report split."""
     seconds: float
 
     def apply_to(self, spec: BuildSpec) -> BuildSpec:
@@ -90,10 +118,37 @@ class MixedPrecisionResult(FrozenReport):
         keep = KeepRules(int8=(*spec.keep.int8, *extra), fp16=spec.keep.fp16)
         return spec.model_copy(update={"keep": keep})
 
+    def label_kept_nodes(self, kept_nodes: Mapping[str, str]) -> dict[str, str]:
+        """An artifact's ``kept_nodes`` (node -> reason) with the reason of the nodes this
+        search kept saying so: its keep patterns reach the build as keep rules, which the Q/DQ
+        pass reports as ``kept by user``. Nodes the search did not keep are unchanged."""
+        ours = set(self.kept_nodes)
+        why = f"not INT8: accuracy budget search ({self.budget})"
+        labelled: dict[str, str] = {}
+        for node, reason in kept_nodes.items():
+            if node in ours and reason.startswith("not INT8: kept by user"):
+                reason = why + reason[len("not INT8: kept by user") :]
+            labelled[node] = reason
+        return labelled
+
 
 def ranking_metric(metric: AccuracyMetric) -> AccuracyMetric:
     """The metric nodes are ranked by for a budget in ``metric`` (module docstring)."""
     return AccuracyMetric.SQNR_DB if metric in _CLASS_COUNT_METRICS else metric
+
+
+def search_split(samples: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """The default (search, report) split of ``samples`` held-out samples: a seeded permutation
+    cut in two halves (the search split gets the odd one), each sorted."""
+    if samples < 2:
+        raise SpecError(
+            f"An accuracy budget search needs at least 2 held-out samples, got {samples}.",
+            hint="Hold out more samples (--eval-fraction) or give more data.",
+            field="budget",
+        )
+    order = np.random.default_rng(seed).permutation(samples)
+    cut = (samples + 1) // 2
+    return sorted(int(i) for i in order[:cut]), sorted(int(i) for i in order[cut:])
 
 
 def search_mixed_precision(
@@ -104,6 +159,8 @@ def search_mixed_precision(
     budget: MetricBudget | str,
     *,
     labels: np.ndarray | None = None,
+    search_indices: Sequence[int] | None = None,
+    report_indices: Sequence[int] | None = None,
     max_nodes: int | None = None,
     all_but_this: bool = False,
     max_samples: int | None = 256,
@@ -116,37 +173,50 @@ def search_mixed_precision(
     """The fewest most sensitive nodes to keep out of INT8 so that ``budget`` is met.
 
     ``budget`` is a :class:`MetricBudget` or its text (``cosine:0.999``), judged against the FP32
-    model on the first ``max_samples`` samples of ``eval_dataset`` (held in memory; ``None``:
-    all). ``labels[i]`` is the class of sample ``i``, needed for the accuracy metrics. Nodes are
-    ranked on the first ``sensitivity_samples`` of those samples, evaluating at most
-    ``max_nodes`` nodes (0: rank by the cheap proxy alone), each alone in INT8 and, with
-    ``all_but_this``, alone out of it (:func:`engines.sensitivity.node_sensitivity`). The second
-    variant only breaks ties of the first, so it is off by default: it doubles the ranking cost.
+    model. ``eval_dataset`` holds the held-out samples; ``search_indices`` and
+    ``report_indices`` are disjoint positions in it: the nodes are chosen on the first (the
+    search split) and the reported figures measured on the second (module docstring). Give
+    one and the other is the rest; give neither and :func:`search_split` halves the dataset.
+    ``max_samples`` caps each split (its first samples; ``None``: all), held in memory.
+    ``labels[i]`` is the class of sample ``i`` (or of its positions), needed for the accuracy
+    metrics. Nodes are ranked on the first ``sensitivity_samples`` of the search split,
+    evaluating at most ``max_nodes`` nodes (0: rank by the cheap proxy alone), each alone in
+    INT8 and, with ``all_but_this``, alone out of it (:func:`engines.sensitivity.node_sensitivity`).
+    The second variant only breaks ties of the first, so it is off by default: it doubles the
+    ranking cost.
 
-    Raises :class:`AccuracyBudgetError` when even no INT8 at all misses the budget, and
-    :class:`SpecError` for a spec without INT8 or a metric the model's outputs do not report.
+    Raises :class:`AccuracyBudgetError` when even no INT8 at all misses the budget on the
+    search split, and :class:`SpecError` for a spec without INT8, a metric the model's outputs
+    do not report, or splits that overlap, are empty or fall outside the dataset.
     """
     from engines.graph.inspect import load_model
 
     start = time.perf_counter()
     budget = MetricBudget.parse(budget) if isinstance(budget, str) else budget
-    with VariantEvaluator(
-        load_model(model_path),
-        spec,
-        table,
-        eval_dataset,
-        labels=labels,
-        max_samples=max_samples,
-        batch_size=batch_size,
-        threads=threads,
-        execution=execution,
-    ) as ev:
+    search_idx, report_idx = _splits(len(eval_dataset), search_indices, report_indices)
+    label_array = _labels(labels, len(eval_dataset))
+    model = load_model(model_path)
+
+    def evaluator(indices: list[int]) -> VariantEvaluator:
+        return VariantEvaluator(
+            model,
+            spec,
+            table,
+            eval_dataset.subset(indices),
+            labels=None if label_array is None else label_array[indices],
+            max_samples=max_samples,
+            batch_size=batch_size,
+            threads=threads,
+            execution=execution,
+        )
+
+    with evaluator(search_idx) as ev:
         report_progress(progress, "evaluating full INT8", 0.0)
-        report = ev.evaluate((), budget=budget)
-        full_value = _budget_value(report)
+        search_full = ev.evaluate((), budget=budget)
         sensitivity = None
         kept: list[str] = []
-        if not report.passed:
+        search_report = search_full
+        if not search_full.passed:
             sensitivity = rank_sensitivity(
                 ev,
                 ranking_metric(budget.metric),
@@ -155,8 +225,14 @@ def search_mixed_precision(
                 samples=sensitivity_samples,
                 progress=None if progress is None else _scaled(progress, 0.05, 0.8),
             )
-            kept, report = _bisect(ev, sensitivity.ranked_nodes, budget, full_value, progress)
+            kept, search_report = _bisect(
+                ev, sensitivity.ranked_nodes, budget, _budget_value(search_full), progress
+            )
         quantizable = ev.quantizable_count
+    report_progress(progress, "measuring on the report split", 0.95)
+    with evaluator(report_idx) as holdout:
+        report_full = holdout.evaluate((), budget=budget)
+        report = holdout.evaluate(kept, budget=budget) if kept else report_full
     report_progress(progress, "done", 1.0)
     return MixedPrecisionResult(
         budget=budget,
@@ -167,14 +243,67 @@ def search_mixed_precision(
         quantizable_nodes=quantizable,
         int8_nodes=quantizable - len(kept),
         int8_share=(quantizable - len(kept)) / quantizable if quantizable else 1.0,
-        value_full_int8=full_value,
+        value_full_int8=_budget_value(report_full),
         value_reached=_budget_value(report),
+        budget_met=bool(report.passed),
+        search_value_full_int8=_budget_value(search_full),
+        search_value_reached=_budget_value(search_report),
         accuracy=report,
+        search_accuracy=search_report,
         sensitivity=sensitivity,
-        evaluations=ev.evaluations,
-        samples=ev.samples,
+        evaluations=ev.evaluations + holdout.evaluations,
+        samples=holdout.samples,
+        search_samples=ev.samples,
+        search_indices=search_idx,
+        report_indices=report_idx,
         seconds=time.perf_counter() - start,
     )
+
+
+def _splits(
+    total: int, search: Sequence[int] | None, report: Sequence[int] | None
+) -> tuple[list[int], list[int]]:
+    """Validated (search, report) positions; a missing one is the complement of the other."""
+    if search is None and report is None:
+        return search_split(total)
+    everything = set(range(total))
+    found = [None if s is None else [int(i) for i in s] for s in (search, report)]
+    first = found[0] if found[0] is not None else sorted(everything - set(found[1] or ()))
+    second = found[1] if found[1] is not None else sorted(everything - set(first))
+    for name, split in (("search", first), ("report", second)):
+        if not split:
+            raise SpecError(
+                f"The {name} split of the accuracy budget search is empty.",
+                hint="Give both splits at least one held-out sample.",
+                field="budget",
+            )
+        if not set(split) <= everything or len(set(split)) != len(split):
+            raise SpecError(
+                f"The {name} split must list distinct sample positions in [0, {total}).",
+                hint="Give positions in the held-out dataset, each once.",
+                field="budget",
+            )
+    if set(first) & set(second):
+        raise SpecError(
+            "The search and report splits of the accuracy budget search overlap.",
+            hint="Give disjoint sample positions: the figure must come from samples the search "
+            "did not choose on.",
+            field="budget",
+        )
+    return first, second
+
+
+def _labels(labels: np.ndarray | None, total: int) -> np.ndarray | None:
+    if labels is None:
+        return None
+    array = np.asarray(labels)
+    if array.ndim < 1 or len(array) < total:
+        raise SpecError(
+            f"{len(array) if array.ndim else 0} labels for {total} held-out samples.",
+            hint="Give one label (or one row of labels) per held-out sample, in order.",
+            field="labels",
+        )
+    return array
 
 
 def _scaled(progress: ProgressFn, low: float, high: float) -> ProgressFn:

@@ -14,9 +14,15 @@ from calibrators.table import CalibrationTable
 from engines.accuracy import AccuracyMetric, MetricBudget, compare
 from engines.backends.onnxruntime import OnnxRuntimeRunner
 from engines.build import build_artifact
-from engines.errors import AccuracyBudgetError
-from engines.mixed import MixedPrecisionResult, ranking_metric, search_mixed_precision
-from engines.spec import BuildSpec
+from engines.errors import AccuracyBudgetError, SpecError
+from engines.graph import load_model, prepare_model
+from engines.mixed import (
+    MixedPrecisionResult,
+    ranking_metric,
+    search_mixed_precision,
+    search_split,
+)
+from engines.spec import BuildSpec, KeepRules
 from engines.variants import QdqExecution
 from tests import zoo
 from tests.unit.engines.test_sensitivity import INT8, Fashion, damaged, fashion  # noqa: F401
@@ -54,23 +60,30 @@ def test_search_keeps_exactly_the_damaged_nodes(fashion: Fashion, tmp_path: Path
         path, bad, INT8, held_out, budget, labels=labels, max_samples=None
     )
     assert isinstance(result, MixedPrecisionResult)
-    assert result.value_full_int8 < 0.97  # full INT8 with the damaged table misses
+    assert result.search_value_full_int8 < 0.97  # full INT8 with the damaged table misses
     assert result.sensitivity is not None
     assert set(result.kept_nodes) == {"/3/Conv", "/9/Gemm"}
     assert result.kept_nodes == result.sensitivity.ranked_nodes[:2]
     assert result.quantizable_nodes == 4 and result.int8_nodes == 2
     assert result.int8_share == pytest.approx(0.5)
-    assert result.value_reached >= 0.97 and result.accuracy.passed is True
-    assert result.accuracy.samples == result.samples == 300
-    # full INT8, one "only this" variant per node, and a bisection over 4 nodes (k = 2, then 1)
-    assert result.evaluations == 1 + result.sensitivity.evaluations + 2
-    # The real artifact with the kept nodes meets the budget on re-evaluation...
+    assert result.search_value_reached >= 0.97 and result.search_accuracy.passed is True
+    # The default split halves the 300 held-out samples; the figures come from the other half.
+    search, report = result.search_indices, result.report_indices
+    assert (len(search), len(report)) == (150, 150) and not set(search) & set(report)
+    assert result.search_samples == result.search_accuracy.samples == 150
+    assert result.samples == result.accuracy.samples == 150
+    assert result.budget_met is (result.value_reached >= 0.97)
+    # full INT8, one "only this" variant per node, a bisection over 4 nodes (k = 2, then 1),
+    # then full INT8 and the chosen mix on the report split
+    assert result.evaluations == 1 + result.sensitivity.evaluations + 2 + 2
+    # The real artifact with the kept nodes measures the reported figure on the report split...
     spec = result.apply_to(INT8)
     assert spec.keep.int8 == tuple(result.kept_nodes) == tuple(result.keep_patterns)
-    value, passed = artifact_value(path, spec, bad, held_out, labels, budget, tmp_path / "a.onnx")
+    split, split_labels = held_out.subset(report), labels[report]
+    value, passed = artifact_value(path, spec, bad, split, split_labels, budget, tmp_path / "a.onnx")
     assert passed and value == pytest.approx(result.value_reached, abs=0.01)
-    # ...and full INT8 with the same table does not.
-    value, passed = artifact_value(path, INT8, bad, held_out, labels, budget, tmp_path / "b.onnx")
+    # ...and full INT8 with the same table does not meet it.
+    value, passed = artifact_value(path, INT8, bad, split, split_labels, budget, tmp_path / "b.onnx")
     assert not passed and value == pytest.approx(result.value_full_int8, abs=0.01)
 
 
@@ -79,12 +92,96 @@ def test_met_budget_keeps_nothing(fashion: Fashion) -> None:  # noqa: F811
     result = search_mixed_precision(
         path, table, INT8, held_out, "accuracy_drop:0.02", labels=labels
     )
-    assert result.kept_nodes == [] and result.sensitivity is None and result.evaluations == 1
-    assert result.samples == result.accuracy.samples == 256  # the default cap of held-out samples
+    assert result.kept_nodes == [] and result.sensitivity is None
+    assert result.evaluations == 2  # full INT8 on each split
+    assert result.search_samples == result.samples == 150
     assert result.int8_share == 1.0 and result.int8_nodes == result.quantizable_nodes == 4
-    assert result.value_reached == result.value_full_int8 <= 0.02
+    assert result.search_value_reached == result.search_value_full_int8 <= 0.02
+    assert result.value_reached == result.value_full_int8
     assert result.accuracy.output("logits").reference_accuracy is not None
     assert MixedPrecisionResult.model_validate_json(result.model_dump_json()) == result
+
+
+def test_the_reported_figure_comes_from_the_report_split(fashion: Fashion) -> None:  # noqa: F811
+    """Search on ordinary images, report on images 6x brighter than anything calibrated: the
+    mix that meets the budget where it was chosen misses it where it is reported, and the
+    result says so instead of repeating the search's own figure."""
+    path, held_out, _, table = fashion
+    bad = damaged(path, table, ["/3/Conv", "/9/Gemm"])
+    images = np.concatenate([b["image"] for b in held_out.batches(100, max_samples=200)])
+    images[100:] *= 6.0
+    data = CalibrationDataset.from_arrays({"image": images})
+    result = search_mixed_precision(
+        path,
+        bad,
+        INT8,
+        data,
+        "sqnr_db:20",
+        search_indices=range(100),
+        report_indices=range(100, 200),
+    )
+    assert set(result.kept_nodes) == {"/3/Conv", "/9/Gemm"}
+    assert result.search_value_reached >= 20 > result.value_reached
+    assert result.budget_met is False and result.accuracy.passed is False
+    assert result.search_indices == list(range(100)) and result.samples == 100
+
+
+def test_splits_are_checked(fashion: Fashion) -> None:  # noqa: F811
+    path, held_out, labels, table = fashion
+    cases = {
+        "overlap": ([0, 1, 2], [2, 3]),
+        "distinct sample positions": ([0, 0, 1], [5]),
+        r"\[0, 300\)": ([0, 300], [5]),
+        "empty": ([], [5]),
+    }
+    for message, (search, report) in cases.items():
+        with pytest.raises(SpecError, match=message) as info:
+            search_mixed_precision(
+                path,
+                table,
+                INT8,
+                held_out,
+                "cosine:0.9",
+                search_indices=search,
+                report_indices=report,
+            )
+        assert info.value.field == "budget"
+    with pytest.raises(SpecError, match="at least 2 held-out samples"):
+        search_mixed_precision(path, table, INT8, held_out.subset([0]), "cosine:0.9")
+    with pytest.raises(SpecError, match="labels") as bad_labels:
+        search_mixed_precision(path, table, INT8, held_out, "cosine:0.9", labels=labels[:10])
+    assert bad_labels.value.field == "labels"
+    # One split given: the other is the rest.
+    result = search_mixed_precision(
+        path, table, INT8, held_out, "cosine:0.5", search_indices=range(0, 300, 3), max_samples=20
+    )
+    assert result.search_indices == list(range(0, 300, 3))
+    assert result.report_indices == [i for i in range(300) if i % 3]
+    assert result.search_samples == result.samples == 20  # max_samples caps each split
+
+
+def test_search_split_is_a_seeded_half() -> None:
+    search, report = search_split(9)
+    assert len(search) == 5 and len(report) == 4
+    assert sorted(search + report) == list(range(9)) and search == sorted(search)
+    assert search_split(9) == (search, report) and search_split(9, seed=1) != (search, report)
+
+
+def test_kept_nodes_of_the_search_are_labelled(fashion: Fashion) -> None:  # noqa: F811
+    path, held_out, _, table = fashion
+    bad = damaged(path, table, ["/3/Conv", "/9/Gemm"])
+    result = search_mixed_precision(path, bad, INT8, held_out, "sqnr_db:20", max_samples=64)
+    assert set(result.kept_nodes) == {"/3/Conv", "/9/Gemm"}
+    spec = result.apply_to(INT8.model_copy(update={"keep": KeepRules(int8=("/0/Conv",))}))
+    artifact_kept = prepare_model(load_model(path), spec, bad).kept_nodes
+    labelled = result.label_kept_nodes(artifact_kept)
+    why = "not INT8: accuracy budget search (sqnr_db >= 20)"
+    assert labelled == {"/3/Conv": why, "/9/Gemm": why, "/0/Conv": "not INT8: kept by user"}
+    fp32 = {"/3/Conv": "not INT8: kept by user; FP32: kept by user", "x": "FP32: range"}
+    assert result.label_kept_nodes(fp32) == {
+        "/3/Conv": f"{why}; FP32: kept by user",
+        "x": "FP32: range",
+    }
 
 
 def test_impossible_budget_raises(fashion: Fashion) -> None:  # noqa: F811
@@ -120,11 +217,12 @@ def test_efficientnet_search_with_a_bounded_number_of_evaluations() -> None:
         sensitivity_samples=8,
         execution=QdqExecution.REFERENCE,
     )
-    assert result.value_full_int8 < 0.995 <= result.value_reached
+    assert result.search_value_full_int8 < 0.995 <= result.search_value_reached
     assert result.sensitivity is not None and result.sensitivity.quantizable_nodes == 60
     ranked = result.sensitivity.nodes
     assert [n.metric_only_this is not None for n in ranked] == [True] * 4 + [False] * 56
-    # full INT8 + 4 ranked nodes + a bisection over 60 (at most 6 steps, plus "no INT8")
-    assert result.evaluations <= 1 + 4 + 7
+    # full INT8 + 4 ranked nodes + a bisection over 60 (at most 6 steps, plus "no INT8"), then
+    # full INT8 and the chosen mix on the report split
+    assert result.evaluations <= 1 + 4 + 7 + 2
     assert result.kept_nodes == [n.node for n in ranked[: len(result.kept_nodes)]]
     assert 0 < result.int8_share < 1
