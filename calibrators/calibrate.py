@@ -10,13 +10,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from calibrators.auto import choose_ranges
 from calibrators.collect import COLLECTOR_VERSION, collect
 from calibrators.data import CalibrationDataset
 from calibrators.errors import CalibrationError
 from calibrators.histogram import HistogramCollector, HistogramMode, kernels, with_aliases
 from calibrators.methods import CalibrationMethod, MethodSpec
 from calibrators.onnxio import load_onnx
-from calibrators.table import CalibrationTable, algorithm_for_method
+from calibrators.table import CalibrationTable, RangeChoice, algorithm_for_method
 
 __all__ = ["MaxCollector", "activation_bounds", "calibrate", "sha256_file", "table_cache_key"]
 
@@ -108,12 +109,21 @@ def _clip_limits(
     return (low, high) if np.isfinite(low) and np.isfinite(high) else None
 
 
+def _saturated_bounds(peaks: dict[str, float], bounds: dict[str, float]) -> dict[str, float]:
+    """The bounded activations whose data reaches the bound: tensor -> bound."""
+    return {
+        name: bound
+        for name, bound in bounds.items()
+        if name in peaks and peaks[name] >= bound * (1 - 1e-6)
+    }
+
+
 def _keep_saturated_bounds(
     amax: dict[str, float], peaks: dict[str, float], bounds: dict[str, float]
 ) -> dict[str, float]:
     out = dict(amax)
-    for name, bound in bounds.items():
-        if name in out and peaks.get(name, 0.0) >= bound * (1 - 1e-6):
+    for name, bound in _saturated_bounds(peaks, bounds).items():
+        if name in out:
             out[name] = max(out[name], bound)
     return out
 
@@ -146,6 +156,10 @@ def calibrate(
 ) -> CalibrationTable:
     """Compute a calibration table for every float activation of ``model_path``.
 
+    ``method`` ``auto`` (the default everywhere) runs one more, short pass over the dataset's
+    first samples to judge its candidate ranges at the outputs of the weighted nodes reading each
+    tensor, and records every choice in ``range_choices`` (see :mod:`calibrators.auto`).
+
     ``keep_activation_bounds``: a histogram method never clips the output of a bounded activation
     (ReLU6-style Clip, Sigmoid, HardSigmoid, Tanh) below its bound when the data reaches it. Such
     outputs pile up exactly at the bound (a ReLU6 saturates), and the KL criterion, which weighs
@@ -168,18 +182,36 @@ def calibrate(
         progress=progress,
     )
     params = dict(method.params)
+    choices: dict[str, RangeChoice] | None = None
     if isinstance(observer, HistogramCollector):
         histograms = observer.histograms()
         aliases = observer.aliases
         # ranges of the observed tensors only; an alias then takes its source's (bound included)
         observed = {name: h for name, h in histograms.items() if name not in aliases}
-        amax = {name: float(method.compute_amax(h)) for name, h in observed.items()}
+        peaks = {name: h.max_abs for name, h in observed.items()}
+        bounds = (
+            activation_bounds(load_onnx(model_path, load_external_data=False))
+            if keep_activation_bounds
+            else {}
+        )
+        if method.method is CalibrationMethod.AUTO:
+            ranges = choose_ranges(
+                model_path,
+                dataset,
+                observed,
+                aliases,
+                method,
+                bounds=_saturated_bounds(peaks, bounds),
+                batch_size=batch_size,
+                threads=threads,
+            )
+            amax = ranges.amax
+            choices = with_aliases(ranges.choices, list(histograms), aliases)
+        else:
+            amax = {name: float(method.compute_amax(h)) for name, h in observed.items()}
         params["histogram"] = str(histogram)
         if keep_activation_bounds:
-            peaks = {name: h.max_abs for name, h in observed.items()}
-            amax = _keep_saturated_bounds(
-                amax, peaks, activation_bounds(load_onnx(model_path, load_external_data=False))
-            )
+            amax = _keep_saturated_bounds(amax, peaks, bounds)
             params["keep_activation_bounds"] = "yes"
         amax = with_aliases(amax, list(histograms), aliases)
     else:
@@ -193,4 +225,5 @@ def calibrate(
         dataset_sha256=dataset.digest,
         algorithm=algorithm_for_method(method.method),
         trt_version=None,
+        range_choices=choices,
     )

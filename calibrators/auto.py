@@ -1,0 +1,457 @@
+"""``auto``: per activation, the candidate range with the least error where the error matters.
+
+The single methods each fail somewhere: entropy (KL) clips tensors with many near-zero values far
+too hard (a CTC recognizer's 1x1 Conv input: amax 0.045 where the tensor reaches 0.415, output
+cosine 0.58), min-max wastes levels on long tails, a percentile or MSE of the tensor itself ignores
+that a few wide channels may carry the weights that matter. ``auto`` computes every candidate from
+the histogram already collected (entropy, minmax, percentile 99.9 / 99.99 / 99.999, mse; see
+:func:`calibrators.methods.auto_candidates`) and keeps, per tensor, the one whose quantization
+hurts least *at the output of the nodes that read it*, in the manner of AIMET's per-layer
+SQNR-based range setting:
+
+- A tensor read by Conv, ConvTranspose, Gemm or MatMul with a constant weight (through
+  Reshape-like aliases, or a zero Pad that the Q/DQ pass moves its pair above) is judged by each
+  such consumer's output error: ``||Q(W) * Q_a(x) - W * x||^2 / ||W * x||^2`` (1 / SQNR), with the
+  weights quantized as the Q/DQ pass does (symmetric INT8 per output channel,
+  :mod:`calibrators.weights`), ``Q_a`` the per-tensor Q/DQ with candidate range ``a``, and the
+  bias left out of the reference energy. Errors are averaged over the consumers; when an Add,
+  pooling, Concat or LayerNormalization reads the tensor too, the tensor's own error (below) is
+  one more term of that average.
+- Any other tensor is judged by its own quantization error, ``||x - Q_a(x)||^2 / ||x||^2``,
+  computed from its histogram (:func:`calibrators.methods.quantization_error`).
+- A bounded activation that reaches its bound keeps it (see :func:`calibrators.calibrate.calibrate`)
+  and is not measured.
+
+Measuring streams and keeps nothing: a copy of the model gets, after each measured consumer, one
+branch per distinct candidate (QuantizeLinear -> DequantizeLinear with that candidate's scale,
+the consumer again with fake-quantized weights, Sub from the original output, ReduceSumSquare)
+plus the reference energy, and its only outputs are those scalars. ONNX Runtime runs it over the
+first ``samples`` samples (16 by default) in small batches; the squared errors add up in float64.
+So memory stays that of one forward pass of a small batch, whatever the activations' size, and
+the cost is about ``1 + candidates`` forward passes of the weighted layers on those samples.
+
+If ONNX Runtime cannot run the measuring copy (an opset before 10 has no QuantizeLinear; an
+exotic model may fail), every tensor falls back to its own error, with a warning in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from calibrators.collect import session_providers
+from calibrators.data import CalibrationDataset, model_input_specs
+from calibrators.histogram import Histogram
+from calibrators.methods import MethodSpec, auto_candidates, choose_by_tensor_error
+from calibrators.onnxio import load_onnx
+from calibrators.table import RangeChoice, RangeCriterion
+from calibrators.weights import INT8_LEVELS, WEIGHT_OPS, fake_quantize_weight, node_weight_axis
+
+__all__ = ["AutoRanges", "Consumer", "choose_ranges", "weighted_consumers"]
+
+log = logging.getLogger(__name__)
+
+_MIN_QDQ_OPSET = 10
+"""QuantizeLinear/DequantizeLinear exist from opset 10 (per tensor, which is all we need)."""
+
+_DEFAULT_BATCH = 8
+
+_SELF_READERS = frozenset(
+    {"Add", "Sum", "AveragePool", "GlobalAveragePool", "Concat", "LayerNormalization"}
+)
+"""Readers through which the Q/DQ pass may quantize a tensor with no weight in between."""
+
+_PREFIX = "trtforge_auto/"
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A node with a constant weight reading a calibrated tensor."""
+
+    node: str
+    """The node's name (``<op_type>_<position>`` when unnamed)."""
+    position: int
+    """Index in the graph's node list."""
+    tensor: str
+    """The tensor the node reads (its input 0): the root, an alias of it, or a zero-padded root."""
+    root: str
+    """The observed tensor whose range quantizes ``tensor``."""
+
+
+@dataclass(frozen=True)
+class AutoRanges:
+    """What ``auto`` chose: amax and the record of the choice, per observed tensor."""
+
+    amax: dict[str, float]
+    choices: dict[str, RangeChoice]
+    measured_samples: int = 0
+    """Samples the consumers' errors were measured on (0 when nothing was measured)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# which nodes judge which tensor
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    found = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].HasField("t"):
+            found[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return found
+
+
+def _is_zero_pad(node: onnx.NodeProto, constants: Mapping[str, np.ndarray]) -> bool:
+    """A constant-mode Pad filling with 0: Q/DQ commute with it (0 quantizes to 0)."""
+    attrs = {a.name: a for a in node.attribute}
+    if "mode" in attrs and attrs["mode"].s != b"constant":
+        return False
+    if len(node.input) > 2 and node.input[2]:
+        value = constants.get(node.input[2])
+        return value is not None and not np.any(value)
+    return "value" not in attrs or attrs["value"].f == 0.0
+
+
+def weighted_consumers(
+    model: onnx.ModelProto, observed: Collection[str], aliases: Mapping[str, str]
+) -> list[Consumer]:
+    """Conv/ConvTranspose/Gemm/MatMul nodes with a constant float32 weight (input 1) whose input 0
+    is quantized with the range of an ``observed`` tensor, the way the Q/DQ pass places pairs."""
+    constants = _constants(model)
+    graph = model.graph
+    producers = {o: node for node in graph.node for o in node.output if o}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in set(node.input):
+            readers[name] = readers.get(name, 0) + 1
+    outputs = {o.name for o in graph.output}
+    found: list[Consumer] = []
+    for position, node in enumerate(graph.node):
+        if node.op_type not in WEIGHT_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        if len(node.input) < 2 or not node.input[0]:
+            continue
+        weight = constants.get(node.input[1])
+        if weight is None or weight.dtype != np.float32 or not np.all(np.isfinite(weight)):
+            continue
+        tensor = source = node.input[0]
+        pad = producers.get(tensor)
+        if (
+            node.op_type in ("Conv", "ConvTranspose")
+            and pad is not None
+            and pad.op_type == "Pad"
+            and _is_zero_pad(pad, constants)
+            and readers.get(tensor, 0) == 1
+            and tensor not in outputs
+        ):
+            source = pad.input[0]
+        root = aliases.get(source, source)
+        if root in observed:
+            found.append(Consumer(node.name or f"{node.op_type}_{position}", position, tensor, root))
+    return found
+
+
+def _self_read(model: onnx.ModelProto, aliases: Mapping[str, str]) -> set[str]:
+    """Roots read (directly or through an alias) by an Add, pool, Concat or LayerNormalization."""
+    roots: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type in _SELF_READERS:
+            roots.update(aliases.get(name, name) for name in node.input if name)
+    return roots
+
+
+# ---------------------------------------------------------------------------------------------
+# the measuring copy of the model
+
+
+@dataclass
+class _Probe:
+    """Output names of one consumer's branches: squared error per candidate, reference energy."""
+
+    consumer: Consumer
+    errors: list[str] = field(default_factory=list)
+    energy: str = ""
+
+
+class _Names:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, what: str) -> str:
+        self.count += 1
+        return f"{_PREFIX}{self.count}/{what}"
+
+
+def _bias_term(
+    node: onnx.NodeProto, constants: Mapping[str, np.ndarray], weight_rank: int
+) -> np.ndarray | None:
+    """The constant the node adds to ``W * x`` (Conv bias, Gemm ``beta * C``), shaped to broadcast."""
+    if len(node.input) < 3 or not node.input[2]:
+        return None
+    bias = constants.get(node.input[2])
+    if bias is None:
+        return None
+    if node.op_type == "Gemm":
+        beta = next((a.f for a in node.attribute if a.name == "beta"), 1.0)
+        return (np.float32(beta) * bias).astype(np.float32)
+    return bias.astype(np.float32).reshape([-1] + [1] * max(weight_rank - 2, 0))
+
+
+def _branches(
+    node: onnx.NodeProto,
+    consumer: Consumer,
+    amaxes: Sequence[float],
+    constants: Mapping[str, np.ndarray],
+    names: _Names,
+    initializers: list[onnx.TensorProto],
+) -> tuple[list[onnx.NodeProto], _Probe]:
+    weight = constants[node.input[1]]
+    quantized = names("weight")
+    axis = node_weight_axis(node, weight.ndim)
+    initializers.append(numpy_helper.from_array(fake_quantize_weight(weight, axis), quantized))
+    zero = names("zero_point")
+    initializers.append(numpy_helper.from_array(np.zeros((), np.int8), zero))
+    probe = _Probe(consumer)
+    nodes: list[onnx.NodeProto] = []
+    output = node.output[0]
+    for amax in amaxes:
+        scale = names("scale")
+        initializers.append(
+            numpy_helper.from_array(np.asarray(np.float32(amax / INT8_LEVELS)), scale)
+        )
+        q, dq, y, diff, err = (names(w) for w in ("q", "dq", "y", "diff", "sq_error"))
+        again = onnx.NodeProto()
+        again.CopyFrom(node)
+        again.name = names("node")
+        again.input[0], again.input[1] = dq, quantized
+        del again.output[:]
+        again.output.append(y)
+        nodes += [
+            helper.make_node("QuantizeLinear", [consumer.tensor, scale, zero], [q], names("Q")),
+            helper.make_node("DequantizeLinear", [q, scale, zero], [dq], names("DQ")),
+            again,
+            helper.make_node("Sub", [y, output], [diff], names("Sub")),
+            helper.make_node("ReduceSumSquare", [diff], [err], names("Sum"), keepdims=0),
+        ]
+        probe.errors.append(err)
+    reference = output
+    bias = _bias_term(node, constants, weight.ndim)
+    if bias is not None:
+        bias_name, reference = names("bias"), names("reference")
+        initializers.append(numpy_helper.from_array(bias, bias_name))
+        nodes.append(helper.make_node("Sub", [output, bias_name], [reference], names("Sub")))
+    probe.energy = names("energy")
+    nodes.append(
+        helper.make_node("ReduceSumSquare", [reference], [probe.energy], names("Sum"), keepdims=0)
+    )
+    return nodes, probe
+
+
+def _measuring_model(
+    model: onnx.ModelProto,
+    consumers: Sequence[Consumer],
+    amaxes: Mapping[str, Sequence[float]],
+) -> tuple[onnx.ModelProto, list[_Probe]]:
+    """A copy of ``model`` whose only outputs are each consumer's squared errors and energy."""
+    constants = _constants(model)
+    names = _Names()
+    initializers: list[onnx.TensorProto] = []
+    by_position = {c.position: c for c in consumers}
+    nodes: list[onnx.NodeProto] = []
+    probes: list[_Probe] = []
+    for position, node in enumerate(model.graph.node):
+        nodes.append(node)
+        consumer = by_position.get(position)
+        if consumer is not None:
+            added, probe = _branches(
+                node, consumer, amaxes[consumer.root], constants, names, initializers
+            )
+            nodes += added
+            probes.append(probe)
+    measuring = onnx.ModelProto()
+    measuring.CopyFrom(model)
+    graph = measuring.graph
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(initializers)
+    del graph.output[:]
+    for probe in probes:
+        for name in (*probe.errors, probe.energy):
+            graph.output.append(onnx.ValueInfoProto(name=name))
+    return measuring, probes
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _measure(
+    measuring: onnx.ModelProto,
+    probes: Sequence[_Probe],
+    data: CalibrationDataset,
+    samples: int,
+    batch_size: int,
+    threads: int | None,
+) -> tuple[dict[str, np.ndarray], dict[str, float], int]:
+    """Per consumer: summed squared error per candidate, and summed reference energy."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(
+        measuring.SerializeToString(), options, providers=session_providers()
+    )
+    wanted = [name for probe in probes for name in (*probe.errors, probe.energy)]
+    sums = dict.fromkeys(wanted, 0.0)
+    done = 0
+    for feeds in data.batches(batch_size, max_samples=samples):
+        for name, value in zip(wanted, session.run(wanted, feeds), strict=True):
+            sums[name] += float(np.asarray(value, dtype=np.float64))
+        done += int(next(iter(feeds.values())).shape[0])
+    errors = {p.consumer.node: np.array([sums[e] for e in p.errors]) for p in probes}
+    energy = {p.consumer.node: sums[p.energy] for p in probes}
+    return errors, energy, done
+
+
+# ---------------------------------------------------------------------------------------------
+# the choice
+
+
+def _distinct(candidates: Mapping[str, float]) -> list[float]:
+    return sorted(set(candidates.values()))
+
+
+def _consumer_choice(
+    candidates: dict[str, float],
+    own_errors: dict[str, float] | None,
+    measured: Iterable[tuple[str, dict[float, float], float]],
+) -> RangeChoice | None:
+    """The candidate with the least mean relative error over the consumers (and the tensor itself
+    when ``own_errors`` is given); None when no consumer had any output energy."""
+    terms: list[dict[str, float]] = []
+    judged: list[str] = []
+    for node, by_amax, energy in measured:
+        if energy > 0.0:
+            terms.append({label: by_amax[a] / energy for label, a in candidates.items()})
+            judged.append(node)
+    if not terms:
+        return None
+    if own_errors is not None:
+        terms.append(own_errors)
+    errors = {label: float(np.mean([t[label] for t in terms])) for label in candidates}
+    best = min(errors, key=errors.__getitem__)
+    return RangeChoice(
+        method=best,
+        criterion=RangeCriterion.CONSUMER_OUTPUT,
+        candidates=candidates,
+        errors=errors,
+        consumers=tuple(judged),
+    )
+
+
+def choose_ranges(
+    model_path: Path,
+    dataset: CalibrationDataset,
+    histograms: Mapping[str, Histogram],
+    aliases: Mapping[str, str],
+    method: MethodSpec,
+    *,
+    bounds: Mapping[str, float] | None = None,
+    batch_size: int | None = None,
+    threads: int | None = None,
+) -> AutoRanges:
+    """``auto``'s range for every tensor of ``histograms`` (the observed ones, aliases excluded).
+
+    ``bounds``: tensor -> the bound of a saturated bounded activation, kept as its range (and
+    not measured). ``method`` is an ``auto`` spec (``samples``, ``num_quant_bins``). The error
+    of candidates on the consumers is measured on the dataset's first ``method.samples`` samples,
+    ``batch_size`` (8 by default) at a time.
+    """
+    levels = method.num_quant_bins
+    bounds = bounds or {}
+    candidates = {
+        name: auto_candidates(hist, levels)
+        for name, hist in histograms.items()
+        if name not in bounds and hist.max_abs > 0.0
+    }
+    model = load_onnx(model_path)
+    consumers = weighted_consumers(model, candidates, aliases)
+    self_read = _self_read(model, aliases)
+    samples = method.samples or 1
+    measured: dict[str, list[tuple[str, dict[float, float], float]]] = {}
+    done = 0
+    opset = _default_opset(model)
+    if consumers and opset >= _MIN_QDQ_OPSET:
+        amaxes = {c.root: _distinct(candidates[c.root]) for c in consumers}
+        measuring, probes = _measuring_model(model, consumers, amaxes)
+        del model
+        data = dataset.validate(model_input_specs(measuring))
+        batch = max(1, min(batch_size or _DEFAULT_BATCH, samples))
+        try:
+            errors, energy, done = _measure(measuring, probes, data, samples, batch, threads)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/RuntimeException
+            log.warning("auto: measuring the consumers failed (%s); ranges by tensor error", exc)
+        else:
+            for probe in probes:
+                c = probe.consumer
+                by_amax = dict(zip(amaxes[c.root], errors[c.node].tolist(), strict=True))
+                measured.setdefault(c.root, []).append((c.node, by_amax, energy[c.node]))
+    elif consumers:
+        log.warning("auto: opset %d has no QuantizeLinear; ranges by tensor error", opset)
+    return _choose(histograms, candidates, measured, self_read, bounds, levels, done)
+
+
+def _choose(
+    histograms: Mapping[str, Histogram],
+    candidates: Mapping[str, dict[str, float]],
+    measured: Mapping[str, list[tuple[str, dict[float, float], float]]],
+    self_read: set[str],
+    bounds: Mapping[str, float],
+    levels: int,
+    done: int,
+) -> AutoRanges:
+    amax: dict[str, float] = {}
+    choices: dict[str, RangeChoice] = {}
+    for name, hist in histograms.items():
+        if name in bounds:
+            amax[name] = max(hist.max_abs, bounds[name])
+            choices[name] = RangeChoice(
+                method="minmax", criterion=RangeCriterion.ACTIVATION_BOUND
+            )
+            continue
+        if name not in candidates:  # all zeros: a zero scale, nothing to choose
+            amax[name] = hist.max_abs
+            choices[name] = RangeChoice(method="minmax", criterion=RangeCriterion.TENSOR)
+            continue
+        options = candidates[name]
+        label, own = choose_by_tensor_error(hist, options, levels)
+        choice: RangeChoice | None = None
+        if name in measured:
+            choice = _consumer_choice(options, own if name in self_read else None, measured[name])
+        if choice is None:
+            choice = RangeChoice(
+                method=label, criterion=RangeCriterion.TENSOR, candidates=options, errors=own
+            )
+        amax[name] = options[choice.method]
+        choices[name] = choice
+    _log_summary(choices)
+    return AutoRanges(amax=amax, choices=choices, measured_samples=done)
+
+
+def _log_summary(choices: Mapping[str, RangeChoice]) -> None:
+    counts: dict[tuple[str, str], int] = {}
+    for choice in choices.values():
+        key = (choice.criterion.value, choice.method)
+        counts[key] = counts.get(key, 0) + 1
+    log.info(
+        "auto: %s",
+        ", ".join(f"{n} by {crit} -> {label}" for (crit, label), n in sorted(counts.items())),
+    )
+
