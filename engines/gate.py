@@ -172,6 +172,8 @@ class GateResult(FrozenReport):
     """The gate checked against one accuracy report."""
 
     gate: AccuracyGate
+    gate_text: str
+    """The gate as text: ``sqnr_db >= 12, cosine >= 0.9``, or ``none``."""
     passed: bool
     checked_outputs: list[str]
     """Float outputs the budgets were checked on."""
@@ -212,6 +214,7 @@ def evaluate_gate(report: AccuracyReport, gate: AccuracyGate) -> GateResult:
         )
     return GateResult(
         gate=gate,
+        gate_text=str(gate),
         passed=not failures,
         checked_outputs=[o.name for o in outputs] if gate.enabled else [],
         failures=failures,
