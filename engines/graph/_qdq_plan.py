@@ -35,7 +35,7 @@ from engines.spec import node_matches
 if TYPE_CHECKING:
     from calibrators.table import CalibrationTable
 
-__all__ = ["QdqKey", "QdqPlan", "plan_qdq"]
+__all__ = ["QdqKey", "QdqPlan", "plan_qdq", "table_amax", "zero_constant_pad"]
 
 _COMPUTE_OPS = WEIGHT_OPS
 _POOL_OPS = frozenset({"AveragePool", "GlobalAveragePool"})
@@ -186,7 +186,7 @@ class _Planner:
         if node.op_type not in _FUSING_CONVS or j is None:
             return
         pad = index.node(j)
-        if pad.op_type != "Pad" or not _zero_constant_pad(index, pad):
+        if pad.op_type != "Pad" or not zero_constant_pad(index, pad):
             return
         if len(index.consumers.get(padded, [])) != 1 or padded in index.graph_outputs:
             return
@@ -339,7 +339,7 @@ class _Planner:
         return self.plan
 
 
-def _zero_constant_pad(index: GraphIndex, pad: onnx.NodeProto) -> bool:
+def zero_constant_pad(index: GraphIndex, pad: onnx.NodeProto) -> bool:
     """A Pad in constant mode filling with 0 (the default), the only Pad Q/DQ commute with."""
     mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
     if mode != b"constant":

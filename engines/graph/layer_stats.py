@@ -14,6 +14,8 @@ size: at most ``max_rows`` rows and about ``row_budget_bytes`` per distinct (ten
 The collector does not hand over tensors that merely rearrange another (the outputs of Reshape,
 Transpose, ...: *aliases*); a layer reading one gets its values by replaying those ops on the
 observed source. A layer whose input cannot be replayed is listed in ``missing`` with the reason.
+The observer needs one pass over the data and works with tensors handed over in groups (each
+group over the whole dataset) or in micro-batches.
 """
 
 from __future__ import annotations
@@ -146,9 +148,13 @@ class LayerStatsObserver:
         self._replays: dict[str, tuple[str, list[onnx.NodeProto]]] = {}
         self._missing: dict[str, str] = {}
         self._samples = 0
+        self._counter: str | None = None
 
     def begin(self, tensors: Sequence[str], aliases: Mapping[str, str]) -> None:
         known = set(tensors)
+        # Samples are counted on one tensor: the collector may hand the tensors over in groups,
+        # each group over the whole dataset.
+        self._counter = next((t for t in tensors if t not in aliases), None)
         for layer in self._layers:
             x = layer.activation
             if x not in known:
@@ -173,8 +179,8 @@ class LayerStatsObserver:
 
     def observe_batch(self, tensors: Sequence[tuple[str, np.ndarray]]) -> None:
         values = dict(tensors)
-        if values:
-            self._samples += int(next(iter(values.values())).shape[0])
+        if self._counter in values:
+            self._samples += int(values[self._counter].shape[0])
         for name, (source, chain) in self._replays.items():
             if source in values:
                 values[name] = _replay(values[source], chain, self._index)
