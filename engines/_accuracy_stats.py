@@ -1,8 +1,9 @@
 """Sufficient statistics of one output compared batch by batch (the arithmetic behind
 :func:`engines.accuracy.compare`; definitions in :mod:`engines.accuracy`).
 
-Everything is accumulated in float64 sums, maxima and counts, so memory does not grow with the
-number of samples and the results do not depend on the batch size.
+Everything is accumulated in float64 sums, maxima and counts, so the results do not depend on the
+batch size; per sample only two floats are kept (reference energy and cosine), for the minimum
+cosine over the samples that are not negligible, which is only known at the end.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from engines.errors import RunError, SpecError
 __all__ = ["OutputStats", "auto_class_axis"]
 
 _REL_FLOOR = 1e-12
+NEGLIGIBLE_SAMPLE_DB = 60.0
+"""A sample whose reference energy is this far below the mean sample's has no direction worth
+a cosine (:mod:`engines.accuracy`)."""
 
 
 def auto_class_axis(shape: tuple[int, ...], dtype: np.dtype[Any]) -> int | None:
@@ -67,8 +71,8 @@ class OutputStats:
         self.samples = self.elements = self.nonfinite = self.violations = 0
         self.max_abs = self.sum_abs = self.max_rel = self.sum_rel = 0.0
         self.sum_sq_err = self.sum_sq_ref = self.sum_sq_cand = self.sum_dot = 0.0
-        self.min_cos = math.inf
-        self.zero_reference = 0
+        self.sample_energy: list[np.ndarray] = []
+        self.sample_cos: list[np.ndarray] = []
         self.positions = self.top1 = self.top5 = 0
         self.top5_possible = True
         self.labelled = self.ref_correct = self.cand_correct = 0
@@ -136,15 +140,35 @@ class OutputStats:
         self.sum_dot += float(dot.sum())
         self.sum_sq_ref += float(ref_sq.sum())
         self.sum_sq_cand += float(cand_sq.sum())
-        # Samples whose reference is all zeros have no direction to agree with: skipped here,
-        # their error still counts in the whole-output cosine, SQNR and absolute errors.
-        live = ref_sq > 0
-        self.zero_reference += int(np.count_nonzero(~live))
-        if np.any(live):
-            with np.errstate(divide="ignore", invalid="ignore"):
-                cos = dot[live] / np.sqrt(ref_sq[live] * cand_sq[live])
-            cos = np.where(cand_sq[live] == 0, 0.0, cos)  # NaN stays NaN
-            self.min_cos = _nanmin(self.min_cos, float(cos.min()))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cos = dot / np.sqrt(ref_sq * cand_sq)
+        # Undefined where a side is all zeros: 1 when both are, 0 when one is (NaN stays NaN).
+        cos = np.where((ref_sq == 0) & (cand_sq == 0), 1.0, cos)
+        cos = np.where((ref_sq == 0) ^ (cand_sq == 0), 0.0, cos)
+        self.sample_energy.append(ref_sq)
+        self.sample_cos.append(cos)
+
+    def _min_cosine(self, whole: float) -> tuple[float, int]:
+        """(smallest per-sample cosine over the samples that are not negligible, how many are).
+
+        A sample is negligible when its reference is all zeros or its energy is more than
+        ``NEGLIGIBLE_SAMPLE_DB`` below the mean sample's (a detector's empty image, whose
+        sigmoid outputs sit at 1e-8: any rounding turns its direction around). Their error
+        still counts in the whole-output cosine, the SQNR and the absolute errors. When every
+        sample is negligible, the whole-output cosine.
+        """
+        if not self.sample_energy:
+            return whole, 0
+        energy = np.concatenate(self.sample_energy)
+        cos = np.concatenate(self.sample_cos)
+        floor = float(energy.mean()) * 10 ** (-NEGLIGIBLE_SAMPLE_DB / 10)
+        live = (energy > 0) & (energy >= floor)
+        skipped = int(np.count_nonzero(~live))
+        if not np.any(live):
+            return whole, skipped
+        if np.any(np.isnan(cos[live])):
+            return math.nan, skipped
+        return float(cos[live].min()), skipped
 
     def _classes(
         self, axis: int, r: np.ndarray, c: np.ndarray, labels: np.ndarray | None
@@ -211,6 +235,7 @@ class OutputStats:
         else:
             rel_l2 = 0.0 if self.sum_sq_err == 0 else math.inf
         cosine = self._cosine()
+        min_cosine, negligible = self._min_cosine(cosine)
         return {
             "name": self.name,
             "dtype": self.dtype,
@@ -223,8 +248,8 @@ class OutputStats:
             "mean_rel_error": self.sum_rel / max(self.elements, 1),
             "rel_l2_error": rel_l2,
             "cosine_similarity": cosine,
-            "min_cosine_similarity": cosine if math.isinf(self.min_cos) else self.min_cos,
-            "zero_reference_samples": self.zero_reference,
+            "min_cosine_similarity": min_cosine,
+            "negligible_reference_samples": negligible,
             "sqnr_db": self._sqnr(),
             "nonfinite_values": self.nonfinite,
             "classifier": self.classifier,
@@ -237,5 +262,3 @@ def _nanmax(a: float, b: float) -> float:
     return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
-def _nanmin(a: float, b: float) -> float:
-    return math.nan if math.isnan(a) or math.isnan(b) else min(a, b)

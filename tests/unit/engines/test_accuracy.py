@@ -97,7 +97,7 @@ def test_known_bias_shift_gives_known_errors(models: tuple[Path, Path], images: 
     assert out.cosine_similarity == pytest.approx(whole, abs=1e-9)
     cos = (r * c).sum(1) / (np.linalg.norm(r, axis=1) * np.linalg.norm(c, axis=1))
     assert out.min_cosine_similarity == pytest.approx(float(cos.min()), abs=1e-9)
-    assert out.zero_reference_samples == 0
+    assert out.negligible_reference_samples == 0
     rel = np.abs(c - r) / np.maximum(np.abs(r), 1e-12)
     assert out.max_rel_error == pytest.approx(float(rel.max()), rel=1e-3)
     agree = float((r.argmax(1) == c.argmax(1)).mean())
@@ -213,25 +213,28 @@ def _compare_arrays(
     return report, x.astype(np.float64), c
 
 
-def test_cosine_is_of_the_whole_output_and_skips_all_zero_samples() -> None:
-    """A detector-like output: some samples are all zeros in the reference; the candidate adds a
-    tiny offset everywhere. Their per-sample cosine is 0, the output's cosine stays ~1."""
+def test_cosine_is_of_the_whole_output_and_skips_negligible_samples() -> None:
+    """A detector-like output: some samples are all zeros or nearly (1e-6) in the reference; the
+    candidate adds a tiny offset everywhere. Their per-sample cosines are noise, the output's
+    cosine stays ~1, the minimum is taken over the others."""
     rng = np.random.default_rng(1)
     x = rng.normal(size=(10, 32)).astype(np.float32)
     x[[1, 4, 7]] = 0.0
-    delta = np.full((1, 32), 1e-3, np.float32)
+    x[8] *= 1e-6  # 120 dB below the mean sample: negligible
+    x[9] *= 3e-3  # 50 dB below: still counted
+    delta = np.full((1, 32), 1e-4, np.float32)
     report, r, c = _compare_arrays(x, delta)
     out = report.output("y")
     whole = float((r * c).sum() / (np.linalg.norm(r) * np.linalg.norm(c)))
     assert out.cosine_similarity == pytest.approx(whole, abs=1e-12)
     assert out.cosine_similarity > 0.9999
-    live = np.linalg.norm(r, axis=1) > 0
-    per_sample = (r * c).sum(1)[live] / (
-        np.linalg.norm(r, axis=1)[live] * np.linalg.norm(c, axis=1)[live]
-    )
-    assert out.min_cosine_similarity == pytest.approx(float(per_sample.min()), abs=1e-12)
-    assert out.min_cosine_similarity > 0.999
-    assert out.zero_reference_samples == 3
+    with np.errstate(invalid="ignore"):  # 0 / 0 for the all-zero samples, left out below
+        per_sample = (r * c).sum(1) / (np.linalg.norm(r, axis=1) * np.linalg.norm(c, axis=1))
+    assert per_sample[8] < 0.5  # the negligible sample's direction is the offset's
+    counted = [0, 2, 3, 5, 6, 9]
+    assert out.min_cosine_similarity == pytest.approx(float(per_sample[counted].min()), abs=1e-12)
+    assert out.min_cosine_similarity == pytest.approx(float(per_sample[9]), abs=1e-12)
+    assert out.negligible_reference_samples == 4
     assert out.sqnr_db == pytest.approx(
         10 * math.log10(float((r**2).sum()) / float(((c - r) ** 2).sum())), abs=1e-9
     )
@@ -239,11 +242,20 @@ def test_cosine_is_of_the_whole_output_and_skips_all_zero_samples() -> None:
     assert report.metric(AccuracyMetric.MIN_COSINE) == out.min_cosine_similarity
 
 
+def test_min_cosine_is_nan_when_a_counted_sample_is() -> None:
+    x = np.random.default_rng(4).normal(size=(4, 8)).astype(np.float32)
+    delta = np.zeros((1, 8), np.float32)
+    delta[0, 3] = np.nan
+    out = _compare_arrays(x, delta)[0].output("y")
+    assert math.isnan(out.min_cosine_similarity) and math.isnan(out.cosine_similarity)
+    assert out.nonfinite_values == 4
+
+
 def test_cosine_of_all_zero_outputs() -> None:
     x = np.zeros((4, 8), np.float32)
     same = _compare_arrays(x, np.zeros((1, 8), np.float32))[0].output("y")
     assert same.cosine_similarity == same.min_cosine_similarity == 1.0
-    assert same.zero_reference_samples == 4 and same.sqnr_db == math.inf
+    assert same.negligible_reference_samples == 4 and same.sqnr_db == math.inf
     off = _compare_arrays(x, np.full((1, 8), 0.5, np.float32))[0].output("y")
     assert off.cosine_similarity == off.min_cosine_similarity == 0.0
     assert off.sqnr_db == -math.inf
