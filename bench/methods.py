@@ -78,12 +78,14 @@ def time_collector(
 ) -> tuple[dict[str, Histogram], float]:
     """Histograms and the collector's cost in ns per observed value."""
     collector = HistogramCollector(mode)
-    values = 0
+    values = sum(array.size for batch in batches for array in batch.values())
     start = time.perf_counter()
-    for batch in batches:
-        for name, array in batch.items():
-            collector.observe(name, array)
-            values += array.size
+    for index in range(collector.passes(split_batches=False)):  # exact mode: max, then counts
+        collector.begin_pass(index)
+        for batch in batches:
+            for name, array in batch.items():
+                collector.observe(name, array)
+            collector.end_batch()
     seconds = time.perf_counter() - start
     return collector.histograms(), seconds / values * 1e9
 

@@ -153,8 +153,13 @@ def calibrate(
     threads: int | None = None,
     keep_activation_bounds: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    memory_limit_bytes: int | None = None,
 ) -> CalibrationTable:
     """Compute a calibration table for every float activation of ``model_path``.
+
+    Collection keeps its activations within ``memory_limit_bytes`` (``None``: 1 GiB) whatever
+    ``batch_size`` is (:mod:`calibrators.memory`); histogram methods pass over the data twice in
+    ``exact`` mode (the range, then numpy's exact counts; :mod:`calibrators.histogram`).
 
     ``method`` ``auto`` (the default everywhere) runs one more, short pass over the dataset's
     first samples to judge its candidate ranges at the outputs of the weighted nodes reading each
@@ -180,6 +185,7 @@ def calibrate(
         max_samples=max_samples,
         threads=threads,
         progress=progress,
+        memory_limit_bytes=memory_limit_bytes,
     )
     params = dict(method.params)
     choices: dict[str, RangeChoice] | None = None

@@ -1,58 +1,70 @@
 """Run an FP32 ONNX model over a dataset with ONNX Runtime and stream its activations to observers.
 
 Every float activation (float graph inputs and every float node output that depends on a graph
-input) is exposed as an extra graph output of a private copy of the model; each batch's values are
-handed to the observer and dropped before the next batch, so memory is bounded by one batch of
-activations plus the observer's state, whatever the number of samples.
+input) is exposed as an extra graph output of a private copy of the model; each run's values are
+handed to the observer and dropped before the next run, so memory does not grow with the number of
+samples. It is bounded by a byte budget (``memory_limit_bytes``, :mod:`calibrators.memory`), not
+by the batch: ONNX Runtime runs micro-batches that fit it, and where one sample's activations do
+not, the tensors are observed in groups, one pass over the data per group.
 
-A tensor whose values are exactly another's, rearranged (the output of Reshape, Flatten, Squeeze,
-Unsqueeze, Transpose or Identity), has the same histogram and range as its source: it is announced
-to the observer as an *alias* of that source and neither exposed nor observed. A BERT encoder has
-about a fifth of its activations of that kind (the attention heads' reshapes and transposes).
+Aliases (tensors holding another's values rearranged, :mod:`calibrators.activations`) are announced
+to the observer and neither exposed nor observed.
+
+Observers (:class:`Observer`) see one call per run. Those that need more than one look at the
+data (exact histograms: the range first, then the counts) or the batch boundaries implement
+:class:`MultiPassObserver` too; :func:`collect` then runs every group's passes in order and says
+when each batch ends.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import onnx
-from onnx import TensorProto
 
+from calibrators.activations import ALIAS_OPS, ActivationPlan, observable_tensors
 from calibrators.data import CalibrationDataset, TensorSpec, model_input_specs
 from calibrators.errors import ModelError
+from calibrators.memory import (
+    DEFAULT_MEMORY_LIMIT_BYTES,
+    CollectionPlan,
+    estimate_unknown,
+    plan_collection,
+)
 from calibrators.onnxio import load_onnx
 
 __all__ = [
     "ALIAS_OPS",
     "COLLECTOR_VERSION",
     "ActivationPlan",
+    "MultiPassObserver",
     "Observer",
     "ProgressFn",
     "auto_batch_size",
     "collect",
+    "collection_plan",
     "observable_tensors",
     "session_providers",
 ]
 
 log = logging.getLogger(__name__)
 
-COLLECTOR_VERSION = "3"
-"""Part of the calibration-table cache key: bump when collection changes what a table holds."""
+COLLECTOR_VERSION = "4"
+"""Part of the calibration-table cache key: bump when collection changes what a table holds.
+4: exact histograms are numpy's two-pass histograms (integer counts), not re-binned fine ones."""
 
 ProgressFn = Callable[[int, int], None]
-"""Called with (samples done, samples in total) after every batch."""
+"""Called with (samples run, samples to run) after every run; a run of several passes or groups
+counts each sample once per pass."""
 
-_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 _DEFAULT_ACTIVATION_BUDGET_BYTES = 384 * 1024 * 1024
-
-
-ALIAS_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity"})
-"""Ops whose first output holds exactly the values of their first input, rearranged."""
+_ORT_CPU_ARENA = True
+"""ONNX Runtime's CPU arena: the outputs are allocated once per input shape and rebound, so the
+arena only ever holds the working tensors of one run (bench/collect_memory.py measures both)."""
 
 
 class Observer(Protocol):
@@ -64,105 +76,31 @@ class Observer(Protocol):
         never passed to :meth:`observe_batch`."""
 
     def observe_batch(self, tensors: Sequence[tuple[str, np.ndarray]]) -> None:
-        """``(name, values)`` per observed tensor, in graph order. The arrays are reused for the
-        next batch: they are valid during the call only."""
+        """``(name, values)`` per observed tensor of one run (a micro-batch), in graph order; when
+        the memory limit splits the tensors into groups, each call holds one group's tensors and
+        every group sees the whole dataset. The arrays are reused for the next run: they are
+        valid during the call only."""
 
 
-@dataclass(frozen=True)
-class ActivationPlan:
-    """Which tensors a calibration run covers, and how many bytes one sample of them takes."""
+@runtime_checkable
+class MultiPassObserver(Observer, Protocol):
+    """An :class:`Observer` that passes over the data more than once, or cares where batches end.
 
-    tensors: tuple[str, ...]
-    """Every float activation, in graph order (what a table lists)."""
-    bytes_per_sample: int | None
-    """Sum over observed tensors of their per-sample size, when shape inference knows it."""
-    aliases: Mapping[str, str] = field(default_factory=dict)
-    """Tensor -> the tensor whose values it holds rearranged (see the module docstring)."""
-
-    @property
-    def observed(self) -> tuple[str, ...]:
-        """The tensors whose values are collected: all but the aliases."""
-        return tuple(name for name in self.tensors if name not in self.aliases)
-
-
-def _dependent_tensors(model: onnx.ModelProto) -> set[str]:
-    """Tensors computed (directly or not) from a graph input; the rest are constants."""
-    initializers = {t.name for t in model.graph.initializer}
-    live = {i.name for i in model.graph.input if i.name not in initializers}
-    for node in model.graph.node:  # nodes are topologically sorted in a valid model
-        if any(name in live for name in node.input if name):
-            live.update(o for o in node.output if o)
-    return live
-
-
-def observable_tensors(model: onnx.ModelProto) -> ActivationPlan:
-    """Float activations of ``model``: float graph inputs and float node outputs fed by an input.
-
-    Types come from ONNX shape inference; tensors whose type it cannot infer are skipped (logged).
+    :func:`collect` calls :meth:`passes` once after :meth:`Observer.begin`, then for every group
+    of tensors and every pass ``index`` in ``range(passes)``: :meth:`begin_pass`, the runs of the
+    whole dataset (:meth:`Observer.observe_batch`), and :meth:`end_batch` after the last run of
+    each batch. A tensor thus sees all of its passes in order, each over every sample.
     """
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    except Exception as exc:  # inference errors are ModelErrors, not crashes
-        raise ModelError(f"ONNX shape inference failed: {exc}", field="model") from exc
-    infos = {
-        vi.name: vi
-        for vi in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
-    }
-    live = _dependent_tensors(inferred)
-    order: list[str] = []
-    for vi in inferred.graph.input:
-        if vi.name in live:
-            order.append(vi.name)
-    for node in inferred.graph.node:
-        order.extend(o for o in node.output if o in live)
-    chosen: list[str] = []
-    sizes: dict[str, onnx.TypeProto.Tensor] = {}
-    unknown = 0
-    for name in order:
-        vi = infos.get(name)
-        if vi is None or not vi.type.HasField("tensor_type"):
-            unknown += 1
-            continue
-        ttype = vi.type.tensor_type
-        if ttype.elem_type not in _FLOAT_TYPES:
-            continue
-        chosen.append(name)
-        sizes[name] = ttype
-    if unknown:
-        log.info("skipping %d tensors whose type shape inference could not tell", unknown)
-    tensors = tuple(dict.fromkeys(chosen))
-    aliases = _aliases(inferred, set(tensors))
-    total: int | None = 0
-    for name in tensors:
-        if name not in aliases:
-            total = _add_sample_bytes(total, sizes[name])
-    return ActivationPlan(tensors=tensors, bytes_per_sample=total, aliases=aliases)
 
+    def passes(self, split_batches: bool) -> int:
+        """How many passes over the data the observer needs; ``split_batches`` says whether a
+        batch (``batch_size`` samples) reaches it in several runs."""
 
-def _aliases(model: onnx.ModelProto, tensors: set[str]) -> dict[str, str]:
-    """Outputs of :data:`ALIAS_OPS` -> the root tensor whose values they rearrange."""
-    aliases: dict[str, str] = {}
-    for node in model.graph.node:
-        if node.op_type not in ALIAS_OPS or node.domain not in ("", "ai.onnx"):
-            continue
-        if not node.input or not node.output or node.output[0] not in tensors:
-            continue
-        source = node.input[0]
-        if source in tensors and source != node.output[0]:
-            aliases[node.output[0]] = aliases.get(source, source)
-    return aliases
+    def begin_pass(self, index: int, tensors: Sequence[str]) -> None:
+        """Pass ``index`` over the whole dataset starts, for the observed ``tensors``."""
 
-
-def _add_sample_bytes(total: int | None, ttype: onnx.TypeProto.Tensor) -> int | None:
-    if total is None or not ttype.HasField("shape"):
-        return None
-    dims = list(ttype.shape.dim)[1:]  # the first axis is the batch
-    size = 1
-    for d in dims:
-        if not d.HasField("dim_value"):
-            return None
-        size *= d.dim_value
-    return total + 4 * size
+    def end_batch(self) -> None:
+        """The runs of one batch are over (the last batch may be short)."""
 
 
 def auto_batch_size(
@@ -174,6 +112,51 @@ def auto_batch_size(
     return int(max(1, min(64, budget_bytes // plan.bytes_per_sample)))
 
 
+def collection_plan(
+    model: onnx.ModelProto,
+    plan: ActivationPlan,
+    inputs: Sequence[TensorSpec],
+    *,
+    memory_limit_bytes: int,
+    batch_size: int,
+) -> CollectionPlan:
+    """The micro-batch and tensor groups of a run of ``model`` (see :mod:`calibrators.memory`).
+
+    ``inputs`` are the dataset's per-sample specs (validated against the model).
+    """
+    graph_inputs = {spec.name for spec in inputs}
+    producers = {
+        out: tuple(i for i in node.input if i) for node in model.graph.node for out in node.output
+    }
+    sizes = estimate_unknown(plan.tensor_bytes, producers)
+    observed = {name: 0 if name in graph_inputs else sizes[name] for name in plan.observed}
+    input_bytes = sum(
+        np.dtype(spec.dtype).itemsize * int(np.prod(_sample_shape(spec))) for spec in inputs
+    )
+    return plan_collection(
+        observed,
+        input_bytes=input_bytes,
+        working_bytes=2 * max(sizes.values(), default=0),
+        memory_limit_bytes=memory_limit_bytes,
+        batch_size=batch_size,
+        max_micro_batch=_fixed_batch(model, graph_inputs),
+    )
+
+
+def _sample_shape(spec: TensorSpec) -> tuple[int, ...]:
+    """A dataset spec's per-sample shape (static: a dataset's samples have one)."""
+    return tuple(d if isinstance(d, int) else 1 for d in spec.shape)
+
+
+def _fixed_batch(model: onnx.ModelProto, inputs: set[str]) -> int | None:
+    """The static first axis of the model's inputs, when one has it."""
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim if vi.type.HasField("tensor_type") else []
+        if vi.name in inputs and dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            return int(dims[0].dim_value)
+    return None
+
+
 def session_providers() -> list[str]:
     """CUDA first when this onnxruntime build has it, then CPU."""
     import onnxruntime as ort
@@ -183,22 +166,52 @@ def session_providers() -> list[str]:
 
 
 def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(model)
-    existing = {o.name for o in augmented.graph.output}
-    for name in names:
-        if name not in existing:
-            augmented.graph.output.append(onnx.ValueInfoProto(name=name))
-    return augmented
+    """A copy of ``model`` whose outputs are ``names``, without the nodes they do not need."""
+    needed = set(names)
+    kept: list[onnx.NodeProto] = []
+    for node in reversed(model.graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+            needed.update(_outer_names(node))
+    graph = model.graph
+    pruned = onnx.GraphProto(
+        name=graph.name,
+        node=reversed(kept),
+        input=graph.input,
+        output=[onnx.ValueInfoProto(name=name) for name in names],
+        value_info=graph.value_info,
+        initializer=[t for t in graph.initializer if t.name in needed],
+        sparse_initializer=graph.sparse_initializer,
+    )
+    return onnx.ModelProto(
+        ir_version=model.ir_version,
+        opset_import=model.opset_import,
+        functions=model.functions,
+        domain=model.domain,
+        graph=pruned,
+    )
+
+
+def _outer_names(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs (If, Loop, Scan bodies) read from the enclosing graph."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
+            for inner in sub.node:
+                names.update(i for i in inner.input if i)
+                names.update(_outer_names(inner))
+    return names
 
 
 def _open_session(
     model: onnx.ModelProto, providers: Sequence[str] | None, threads: int | None
-) -> object:
+) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = _ORT_CPU_ARENA
     if threads:
         options.intra_op_num_threads = threads
     try:
@@ -219,106 +232,149 @@ def collect(
     providers: Sequence[str] | None = None,
     threads: int | None = None,
     progress: ProgressFn | None = None,
+    memory_limit_bytes: int | None = None,
 ) -> int:
     """Stream every float activation of ``model_path`` over ``dataset`` to ``observer``.
 
     The dataset is validated against the model's inputs first. Returns the number of samples seen.
-    ``batch_size=None`` picks one that keeps a batch of activations within a few hundred MB.
+    ``batch_size`` is the batch the observer sees (``None``: one that keeps a batch of activations
+    within a few hundred MB); ONNX Runtime runs micro-batches of it, and groups of tensors, that fit
+    ``memory_limit_bytes`` (``None``: :data:`calibrators.memory.DEFAULT_MEMORY_LIMIT_BYTES`).
     """
     model = load_onnx(model_path)
-    inputs: list[TensorSpec] = model_input_specs(model)
-    data = dataset.validate(inputs)
-    plan = observable_tensors(model)
+    data = dataset.validate(model_input_specs(model))
+    inputs = list(data.specs)
+    plan = observable_tensors(model, {spec.name: _sample_shape(spec) for spec in inputs})
     if not plan.tensors:
         raise ModelError("The model has no float activations to calibrate.", field="model")
-    graph_inputs = {spec.name for spec in inputs}
-    computed = [name for name in plan.observed if name not in graph_inputs]
-    session = _open_session(_with_outputs(model, computed), providers, threads)
-    del model
-    batch = batch_size or auto_batch_size(plan)
+    schedule = collection_plan(
+        model,
+        plan,
+        inputs,
+        memory_limit_bytes=memory_limit_bytes or DEFAULT_MEMORY_LIMIT_BYTES,
+        batch_size=batch_size or auto_batch_size(plan),
+    )
     total = min(len(data), max_samples) if max_samples is not None else len(data)
     observer.begin(plan.tensors, plan.aliases)
-    return _run_batches(session, data, plan.observed, observer, batch, total, progress)
+    multi = observer if isinstance(observer, MultiPassObserver) else None
+    passes = multi.passes(schedule.split_batches) if multi is not None else 1
+    graph_inputs = {spec.name for spec in inputs}
+    run = _Progress(progress, total * passes * len(schedule.groups))
+    for group in schedule.groups:
+        computed = [name for name in group if name not in graph_inputs]
+        session = (
+            _open_session(_with_outputs(model, computed), providers, threads) if computed else None
+        )
+        runner = _BoundRunner(session, computed)
+        for index in range(passes):
+            if multi is not None:
+                multi.begin_pass(index, group)
+            for feeds, last_of_batch in _runs(data, schedule, total, batches=multi is not None):
+                values = dict(runner.run(feeds, run.done))
+                values.update((name, feeds[name]) for name in group if name in feeds)
+                # graph order, so tables list tensors as the model does
+                observer.observe_batch([(name, values[name]) for name in group if name in values])
+                del values
+                if last_of_batch and multi is not None:
+                    multi.end_batch()
+                run.advance(_batch_len(feeds))
+        del runner, session
+    return total
 
 
-def _run_batches(
-    session: object,
-    data: CalibrationDataset,
-    tensors: Sequence[str],
-    observer: Observer,
-    batch_size: int,
-    total: int,
-    progress: ProgressFn | None,
-) -> int:
-    inputs = {i.name for i in session.get_inputs()}  # type: ignore[attr-defined]
-    observed_inputs = [name for name in tensors if name in inputs]
-    runner = _BoundRunner(session, [name for name in tensors if name not in inputs])
-    done = 0
-    for feeds in data.batches(batch_size, max_samples=total):
+class _Progress:
+    def __init__(self, callback: ProgressFn | None, total: int) -> None:
+        self.callback, self.total, self.done = callback, total, 0
+
+    def advance(self, samples: int) -> None:
+        self.done += samples
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+
+
+def _runs(
+    data: CalibrationDataset, schedule: CollectionPlan, total: int, *, batches: bool
+) -> Iterator[tuple[dict[str, np.ndarray], bool]]:
+    """(feeds of one run, whether it ends a batch): micro-batches that never straddle a batch."""
+    micro = schedule.micro_batch
+    if not (batches and schedule.split_batches):
+        for feeds in data.batches(micro, max_samples=total):
+            yield feeds, True
+        return
+    for start in range(0, total, schedule.batch_size):
+        stop = min(start + schedule.batch_size, total)
+        chunk = data.subset(range(start, stop))
+        done = start
+        for feeds in chunk.batches(micro):
+            done += _batch_len(feeds)
+            yield feeds, done == stop
+
+
+class _BoundRunner:
+    """Runs one session with its outputs in buffers ONNX Runtime allocated, reused run to run.
+
+    The first run of each input shape lets ONNX Runtime allocate the outputs through an
+    :class:`onnxruntime.IOBinding`; their numpy views share that memory, and the same OrtValues are
+    bound as the outputs of the next runs, so a run neither allocates (a CNN's ~20 M activation
+    values per sample cost more in page faults than in the forward pass) nor copies. A new input
+    shape (the last, short batch) releases them first: memory never holds two sets.
+    """
+
+    def __init__(self, session: Any, tensors: Sequence[str]) -> None:
+        self._session = session
+        self._names = list(tensors)
+        self._key: tuple[tuple[str, tuple[int, ...]], ...] | None = None
+        self._binding: Any = None
+        self._values: list[Any] = []
+        self._views: list[np.ndarray] = []
+        self._shared = False
+
+    def run(self, feeds: dict[str, np.ndarray], done: int) -> list[tuple[str, np.ndarray]]:
+        if self._session is None:
+            return []
+        key = tuple((name, tuple(a.shape)) for name, a in sorted(feeds.items()))
+        inputs = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
         try:
-            outputs = runner.run(feeds)
+            if key != self._key:
+                self._key, self._values, self._views, self._binding = None, [], [], None
+                self._first_run(inputs)
+                self._key = key
+            else:
+                for name, array in inputs.items():
+                    self._binding.bind_cpu_input(name, array)
+                self._session.run_with_iobinding(self._binding)
+                if not self._shared:
+                    self._views = [v.numpy() for v in self._binding.get_outputs()]
         except Exception as exc:
             raise ModelError(
                 f"ONNX Runtime failed on samples {done}..{done + _batch_len(feeds) - 1}: {exc}",
                 field="dataset",
             ) from exc
-        values = {name: feeds[name] for name in observed_inputs}
-        values.update(outputs)
-        # graph order, so tables list tensors as the model does
-        observer.observe_batch([(name, values[name]) for name in tensors if name in values])
-        del values
-        del outputs
-        done += _batch_len(feeds)
-        if progress is not None:
-            progress(done, total)
-    return done
-
-
-class _BoundRunner:
-    """Runs the augmented model writing every output into buffers reused from batch to batch.
-
-    With plain ``session.run`` ONNX Runtime allocates fresh output arrays each batch, and for a
-    CNN's ~20 M activation values per sample the page faults cost more than the forward pass.
-    The first batch of each input shape runs normally and its outputs become the bound buffers.
-    """
-
-    def __init__(self, session: object, tensors: Sequence[str]) -> None:
-        self._session = session
-        self._wanted = set(tensors)
-        self._names = [o.name for o in session.get_outputs()]  # type: ignore[attr-defined]
-        self._key: tuple[tuple[str, tuple[int, ...]], ...] | None = None
-        self._buffers: list[np.ndarray] = []
-        self._binding: object | None = None
-
-    def run(self, feeds: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
-        key = tuple((name, tuple(a.shape)) for name, a in sorted(feeds.items()))
-        if key != self._key:
-            values = self._session.run(self._names, feeds)  # type: ignore[attr-defined]
-            self._key, self._buffers, self._binding = key, list(values), None
-            if all(isinstance(v, np.ndarray) and v.flags.c_contiguous for v in values):
-                self._binding = self._bind()
-        else:
-            self._run_bound(feeds)
         return [
-            (name, array)
-            for name, array in zip(self._names, self._buffers, strict=True)
-            if name in self._wanted and isinstance(array, np.ndarray) and array.dtype.kind == "f"
+            (name, view)
+            for name, view in zip(self._names, self._views, strict=True)
+            if isinstance(view, np.ndarray) and view.dtype.kind == "f"
         ]
 
-    def _bind(self) -> object:
-        binding = self._session.io_binding()  # type: ignore[attr-defined]
-        for name, array in zip(self._names, self._buffers, strict=True):
-            binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
-        return binding
-
-    def _run_bound(self, feeds: dict[str, np.ndarray]) -> None:
-        if self._binding is None:
-            self._buffers = list(self._session.run(self._names, feeds))  # type: ignore[attr-defined]
-            return
-        inputs = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
+    def _first_run(self, inputs: dict[str, np.ndarray]) -> None:
+        binding = self._session.io_binding()
         for name, array in inputs.items():
-            self._binding.bind_cpu_input(name, array)  # type: ignore[attr-defined]
-        self._session.run_with_iobinding(self._binding)  # type: ignore[attr-defined]
+            binding.bind_cpu_input(name, array)
+        for name in self._names:
+            binding.bind_output(name, "cpu")
+        self._session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        views = [v.numpy() for v in values]
+        # numpy() shares the OrtValue's memory (onnxruntime >= 1.16); where it copies, the
+        # outputs are read again after every run instead
+        self._shared = all(
+            view.size == 0 or view.ctypes.data == value.data_ptr()
+            for view, value in zip(views, values, strict=True)
+        )
+        if self._shared:
+            for name, value in zip(self._names, values, strict=True):
+                binding.bind_ortvalue_output(name, value)
+        self._binding, self._values, self._views = binding, values, views
 
 
 def _batch_len(feeds: dict[str, np.ndarray]) -> int:

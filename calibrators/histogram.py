@@ -1,29 +1,20 @@
-"""Streaming histograms of |x| per tensor, for the histogram-based calibration methods.
+"""Histograms of |x| per tensor, for the histogram-based calibration methods.
 
 Two modes (:class:`HistogramMode`):
 
 ``exact`` (default)
-    The histogram the methods see is ``num_bins`` bins over exactly ``[0, max|x|]`` of the whole
-    dataset, as if the data had been collected in two passes (one for the maximum, one for the
-    counts), so the table depends neither on batch order nor on batch size.
-
-    Streaming, it keeps per tensor a *fine* histogram of ``F`` bins (``F`` = the power of two at or
-    above ``8 * num_bins``; 16384 for 2048 bins) over ``[0, R)``, ``R`` a power of two strictly
-    greater than the running max|x|. The bin of a value is ``floor(|x| * (F / R))``, and because
-    ``F / R`` is a power of two that product is exact in float32 and float64, so the bin is exact.
-    When a value reaches ``R``, ``R`` doubles (``k`` times at once if needed) and adjacent bin pairs
-    fold together: the bins stay aligned (``floor(floor(y) / 2) == floor(y / 2)``), so folding loses
-    nothing and the fine counts at the end are exactly those a single pass at the final ``R`` would
-    give. They depend only on the global max, hence not on order or batch size. The exact max|x| is
-    kept beside them.
-
-    :meth:`HistogramCollector.histograms` then re-bins the fine histogram to ``num_bins`` bins over
-    ``[0, max|x|]``, splitting each fine bin across target edges in proportion to the overlap
-    (linear interpolation of the cumulative counts; the fine bin holding the max is taken to end at
-    the max). Counts become float64. This is the one approximation: within a fine bin the values are
-    assumed spread evenly. Since ``R <= 2 * max|x|``, every target bin spans at least 4 fine bins
-    (8 when max|x| is a power of two), so at most a quarter of a target bin's width is blurred at
-    each of its edges.
+    The histogram the methods see is exactly ``numpy.histogram(np.abs(x), num_bins, (0, M))``,
+    ``x`` every value of the tensor over the whole dataset and ``M`` their max|x|: integer counts,
+    bit for bit, whatever the batch order or size. The bins depend on ``M``, which is known only
+    once every value has been seen, so the collector takes two passes over the data
+    (:meth:`HistogramCollector.passes`): the first keeps max|x| per tensor, the second bins every
+    value into the ``num_bins`` bins over ``[0, M]`` as numpy does (the float bin index
+    ``(|x| / M) * num_bins`` truncated, then corrected against numpy's float edges, the last bin
+    closed; :func:`calibrators.kernels.numpy_histogram`). Memory is ``num_bins`` counts per tensor.
+    Two deliberate differences from numpy, neither of which real data meets: an all-zero tensor
+    (``M == 0``; numpy would bin it over ``[-0.5, 0.5]``) counts everything in bin 0, and where
+    ``M`` is so small that numpy refuses ("Too many bins for data range": float32 edges collide)
+    the edges are float64.
 
 ``tensorrt``
     TensorRT's own behaviour, for users who must match a TensorRT 10 table: the range is set by the
@@ -31,11 +22,19 @@ Two modes (:class:`HistogramMode`):
     range doubles (repeatedly) by merging adjacent bin pairs into the lower half, then the batch is
     binned in the current range. The result depends on batch order and batch size (that is the
     point): a run whose first batch has a small range keeps finer bins than one that starts wide.
-    Here ``Histogram.max_abs`` is the final range, which may exceed the data's max|x|.
+    Here ``Histogram.max_abs`` is the final range, which may exceed the data's max|x|. One pass;
+    two when a batch reaches the collector in several micro-batches (a memory limit smaller than a
+    batch's activations): the first records each batch's max|x|, the second takes each batch's
+    range decision before its first micro-batch, so the counts are those of whole batches.
 
 Values are observed as |x|; NaN or Inf refuses the tensor with a :class:`CalibrationError` naming it.
 A collector may observe different tensors from different threads at once (:meth:`observe_batch`
 does), never the same tensor.
+
+Passes: :meth:`HistogramCollector.begin_pass` starts pass ``index`` (0 on construction) and
+:meth:`HistogramCollector.end_batch` marks the end of a batch (tensorrt mode's unit);
+:func:`calibrators.collect.collect` calls both, and :func:`histograms_of` runs the passes over
+batches held in memory.
 """
 
 from __future__ import annotations
@@ -57,24 +56,17 @@ __all__ = [
     "Histogram",
     "HistogramCollector",
     "HistogramMode",
+    "histograms_of",
     "kernels",
+    "numpy_bins",
     "with_aliases",
 ]
 
 DEFAULT_NUM_BINS = 2048
 """Bins of the histograms handed to the methods (TensorRT's and pytorch-quantization's choice)."""
 
-_FINE_FACTOR = 8
-"""Fine bins per output bin in exact mode (at least; rounded up to a power of two)."""
-
-_MIN_LOG2_RANGE = -100
-"""Exact mode's smallest fine range, 2**-100: keeps ``F / R`` a normal float32 (<= 2**127).
-
-Tensors whose max|x| is below 2**-100 (about 8e-31) get fewer than 4 fine bins per output bin.
-"""
-
-_MAX_LOG2_RANGE = 1000
-"""Largest range 2**1000: a float64 tensor above it cannot be quantized to INT8 meaningfully."""
+_MAX_ABS_LIMIT = 2.0**1000
+"""A tensor above it (float64 only) cannot be quantized to INT8 meaningfully: refused."""
 
 T = TypeVar("T")
 FloatArray = npt.NDArray[np.floating]
@@ -82,10 +74,10 @@ IntArray = npt.NDArray[np.int64]
 
 
 class HistogramMode(StrEnum):
-    """How a streaming histogram's range follows the data."""
+    """How a histogram's range is chosen."""
 
     EXACT = "exact"
-    """Order- and batch-size-independent: 2048 bins over exactly [0, max|x| of the dataset]."""
+    """numpy's histogram of |x|: 2048 bins over exactly [0, max|x| of the dataset] (two passes)."""
     TENSORRT = "tensorrt"
     """TensorRT's: range from the first batch, doubled by merging bin pairs when exceeded."""
 
@@ -94,8 +86,8 @@ class HistogramMode(StrEnum):
 class Histogram:
     """Counts of |x| in ``num_bins`` equal bins over ``[0, max_abs]`` (read-only).
 
-    ``counts`` is int64 (tensorrt mode) or float64 (exact mode, re-binned); bin ``k`` spans
-    ``[k * bin_width, (k + 1) * bin_width)``, the last one closed at ``max_abs``.
+    ``counts`` is int64 as both modes produce it (float64 is accepted for synthetic histograms);
+    bin ``k`` spans ``[k * bin_width, (k + 1) * bin_width)``, the last one closed at ``max_abs``.
     """
 
     counts: npt.NDArray[np.int64] | npt.NDArray[np.float64]
@@ -134,32 +126,39 @@ class Histogram:
 
     @property
     def total(self) -> float:
-        """Sum of the counts: the number of values observed (up to float rounding in exact mode)."""
+        """Sum of the counts: the number of values observed."""
         return float(self.counts.sum())
+
+
+def numpy_bins(
+    max_abs: float, dtype: npt.DTypeLike, num_bins: int = DEFAULT_NUM_BINS
+) -> tuple[FloatArray, FloatArray]:
+    """numpy.histogram's bin edges for ``num_bins`` bins over ``[0, max_abs]`` of ``dtype`` values,
+    and ``[max_abs - 0, num_bins]`` in the dtype numpy computes bin indices in.
+
+    Both come from numpy itself (``histogram_bin_edges`` and its type promotion), so the kernel
+    reproduces whichever numpy is installed. Where numpy refuses the range (float32 edges that
+    collide below ~1e-35) the edges are float64.
+    """
+    probe = np.empty(0, dtype=dtype)
+    try:
+        edges = np.histogram_bin_edges(probe, num_bins, (0.0, max_abs))
+    except ValueError:
+        edges = np.linspace(0.0, max_abs, num_bins + 1)
+    # numpy.histogram: f = ((a - first) / (last - first)) * bins, last - first in the range's type
+    denominator = np.subtract(max_abs, 0.0)
+    index_dtype = (probe.astype(edges.dtype) / denominator).dtype
+    return edges, np.array([denominator, num_bins], dtype=index_dtype)
 
 
 @dataclass
 class _ExactState:
-    """Fine histogram over [0, 2**log2_range) plus the exact max|x|."""
+    """max|x| (first pass), then numpy's counts over [0, max|x|] (second pass)."""
 
-    counts: IntArray
-    log2_range: int = _MIN_LOG2_RANGE
     max_abs: float = 0.0
+    counts: IntArray | None = None
+    bins: dict[np.dtype[Any], tuple[FloatArray, FloatArray]] = field(default_factory=dict)
     batches: int = 0
-
-    def grow(self, log2_range: int) -> None:
-        """Double the range ``log2_range - self.log2_range`` times, folding bins (exactly)."""
-        steps = log2_range - self.log2_range
-        fine = self.counts.size
-        if steps >= fine.bit_length() - 1:  # everything lands in bin 0
-            total = self.counts.sum()
-            self.counts[:] = 0
-            self.counts[0] = total
-        else:
-            kept = fine >> steps
-            self.counts[:kept] = self.counts.reshape(kept, 1 << steps).sum(axis=1)
-            self.counts[kept:] = 0
-        self.log2_range = log2_range
 
 
 @dataclass
@@ -169,7 +168,11 @@ class _TensorRTState:
     counts: IntArray
     range_abs: float = 0.0
     batches: int = 0
-    pending_zeros: int = field(default=0)
+    pending_zeros: int = 0
+    batch_peaks: dict[int, float] = field(default_factory=dict)
+    """max|x| per batch, from the first pass when batches arrive split into micro-batches."""
+    ranged_batch: int = -1
+    """The last batch whose range decision was taken (second pass of split batches)."""
 
     def grow_to(self, peak: float) -> None:
         """Double the range until it covers ``peak``, merging adjacent bin pairs each time."""
@@ -182,14 +185,28 @@ class _TensorRTState:
             self.counts[:half] = merged
             self.range_abs *= 2.0
 
+    def take_range(self, peak: float) -> bool:
+        """TensorRT's per-batch range decision; False while the range is unset and ``peak`` is 0
+        (the batch's zeros then wait for the first batch that sets one)."""
+        if self.range_abs == 0.0:
+            if peak == 0.0:
+                return False
+            self.range_abs = peak
+        elif peak > self.range_abs:
+            self.grow_to(peak)
+        return True
+
 
 class HistogramCollector:
     """Observer building one |x| histogram per tensor (see the module docstring for the modes).
 
     >>> collector = HistogramCollector()
-    >>> collector.observe("relu1", np.array([0.0, -1.0, 0.5], dtype=np.float32))
-    >>> collector.histograms()["relu1"].max_abs
-    1.0
+    >>> for index in range(collector.passes(split_batches=False)):
+    ...     collector.begin_pass(index, ["relu1"])
+    ...     collector.observe("relu1", np.array([0.0, -1.0, 0.5], dtype=np.float32))
+    >>> hist = collector.histograms()["relu1"]
+    >>> hist.max_abs, int(hist.counts[0]), int(hist.counts[1024]), int(hist.counts[2047])
+    (1.0, 1, 1, 1)
     """
 
     def __init__(
@@ -206,7 +223,9 @@ class HistogramCollector:
         self._aliases: dict[str, str] = {}
         self._workers = workers or kernels().available_cpus()
         self._num_bins = num_bins
-        self._fine_bins = 1 << (_FINE_FACTOR * num_bins - 1).bit_length()
+        self._pass = 0
+        self._batch = 0
+        self._split = False
         self._exact: dict[str, _ExactState] = {}
         self._trt: dict[str, _TensorRTState] = {}
 
@@ -219,11 +238,6 @@ class HistogramCollector:
     def num_bins(self) -> int:
         """Bins of the histograms :meth:`histograms` returns."""
         return self._num_bins
-
-    @property
-    def fine_bins(self) -> int:
-        """Bins of the streaming histogram kept per tensor in exact mode."""
-        return self._fine_bins
 
     @property
     def tensor_names(self) -> tuple[str, ...]:
@@ -242,8 +256,33 @@ class HistogramCollector:
         which share their source's histogram (see :func:`calibrators.collect.collect`)."""
         self._order, self._aliases = tuple(tensors), dict(aliases)
 
+    def passes(self, split_batches: bool) -> int:
+        """Passes over the data this collector needs: 2 in exact mode; in tensorrt mode 1, or 2
+        when ``split_batches`` (a batch arrives in several micro-batches, each followed by
+        :meth:`observe_batch` and the batch by :meth:`end_batch`)."""
+        self._split = bool(split_batches)
+        if self._mode is HistogramMode.EXACT:
+            return 2
+        return 2 if self._split else 1
+
+    def begin_pass(self, index: int, tensors: Sequence[str] = ()) -> None:
+        """Start pass ``index`` over the whole dataset for ``tensors`` (informative: a run whose
+        activations exceed its memory limit passes over the data once per group of tensors)."""
+        if index < 0 or index >= self.passes(self._split):
+            raise ValueError(f"pass index must be in [0, {self.passes(self._split)}), got {index}")
+        self._pass, self._batch = index, 0
+        for exact in self._exact.values():
+            exact.batches = 0
+        for trt in self._trt.values():
+            trt.batches = 0
+
+    def end_batch(self) -> None:
+        """The batch (tensorrt mode's unit: TensorRT's calibration batch) is complete."""
+        self._batch += 1
+
     def observe(self, name: str, values: npt.ArrayLike) -> None:
-        """Add one batch of ``name``'s values (any shape; |x| is counted). Empty arrays are ignored.
+        """Add ``name``'s values of the current batch (any shape; |x| is counted). Empty arrays are
+        ignored. In exact mode the first pass keeps max|x| and the second counts.
 
         Raises:
             CalibrationError: the values hold NaN or Inf, are not real numbers, or overflow.
@@ -273,7 +312,9 @@ class HistogramCollector:
         if self._mode is HistogramMode.EXACT:
             state = self._exact.get(name)
             if state is None:
-                state = self._exact[name] = _ExactState(np.zeros(self._fine_bins, dtype=np.int64))
+                if self._pass > 0:
+                    raise _unseen(name)
+                state = self._exact[name] = _ExactState()
             return state
         trt = self._trt.get(name)
         if trt is None:
@@ -281,10 +322,16 @@ class HistogramCollector:
         return trt
 
     def histograms(self) -> dict[str, Histogram]:
-        """One :class:`Histogram` per observed tensor, ``num_bins`` bins each (see the modes)."""
+        """One :class:`Histogram` per observed tensor, ``num_bins`` bins each (see the modes).
+
+        Raises:
+            CalibrationError: exact mode before the second pass counted a tensor.
+        """
         out: dict[str, Histogram] = {}
-        if self._mode is HistogramMode.EXACT:
-            out = {name: self._rebin(state) for name, state in self._exact.items()}
+        for name, state in self._exact.items():
+            if state.counts is None:
+                raise _unseen(name)
+            out[name] = Histogram(counts=state.counts.copy(), max_abs=state.max_abs)
         for name, trt in self._trt.items():
             counts = trt.counts.copy()
             counts[0] += trt.pending_zeros
@@ -294,50 +341,31 @@ class HistogramCollector:
     # -- exact mode -------------------------------------------------------------------------
 
     def _observe_exact(self, name: str, state: _ExactState, flat: FloatArray) -> None:
-        # One compiled pass (calibrators.kernels.fine_histogram): per L1-sized chunk, its max|x|
-        # (growing the range first if needed: growth mid-batch is fine, the fine counts only depend
-        # on the final range), then bin = floor(|x| * 2**k) into the fine counts.
         flat = np.ascontiguousarray(flat)
         k = kernels()
         bits, layout = k.float_bits(flat)
-        peak_bits, log2_range, bad = k.fine_histogram(
-            flat,
-            bits,
-            layout.abs_mask,
-            layout.inf_bits,
-            layout.mantissa_bits,
-            layout.bias,
-            state.log2_range,
-            _MIN_LOG2_RANGE,
-            state.counts,
+        if self._pass == 0:
+            peak_bits = k.abs_peak_bits(bits, layout.abs_mask)
+            if not layout.is_finite(peak_bits):
+                raise _non_finite(name, state.batches)
+            peak = layout.to_float(peak_bits)
+            if peak > _MAX_ABS_LIMIT:
+                raise _overflow(name, peak)
+            state.max_abs = max(state.max_abs, peak)
+            return
+        if state.counts is None:
+            state.counts = np.zeros(self._num_bins, dtype=np.int64)
+        if state.max_abs == 0.0:  # numpy would bin over [-0.5, 0.5]; every value is 0 here
+            state.counts[0] += flat.size
+            return
+        bins = state.bins.get(flat.dtype)
+        if bins is None:
+            bins = state.bins[flat.dtype] = numpy_bins(state.max_abs, flat.dtype, self._num_bins)
+        _, bad = k.numpy_histogram(
+            flat, bits, layout.abs_mask, layout.inf_bits, bins[0], bins[1], state.counts
         )
-        state.log2_range = log2_range
         if bad >= 0:
             raise _non_finite(name, state.batches)
-        if log2_range > _MAX_LOG2_RANGE:
-            raise _overflow(name, layout.to_float(peak_bits))
-        state.max_abs = max(state.max_abs, layout.to_float(peak_bits))
-
-    def _rebin(self, state: _ExactState) -> Histogram:
-        total = float(state.counts.sum())
-        out = np.zeros(self._num_bins, dtype=np.float64)
-        if state.max_abs == 0.0:
-            out[0] = total
-            return Histogram(counts=out, max_abs=0.0)
-        # Positions in fine-bin units: fine bin j spans [j, j + 1), except the one holding the max,
-        # which ends at the max (every value is <= max). Cumulative counts at those edges,
-        # interpolated linearly at the target edges, give each target bin its share.
-        top = state.max_abs * math.ldexp(1.0, self._fine_bins.bit_length() - 1 - state.log2_range)
-        last = min(int(top), self._fine_bins - 1)
-        edges = np.arange(last + 2, dtype=np.float64)
-        edges[-1] = top
-        cumulative = np.zeros(last + 2, dtype=np.float64)
-        np.cumsum(state.counts[: last + 1], out=cumulative[1:])
-        at_targets = np.interp(np.linspace(0.0, top, self._num_bins + 1), edges, cumulative)
-        at_targets[0] = 0.0
-        at_targets[-1] = total
-        np.maximum(np.diff(at_targets), 0.0, out=out)
-        return Histogram(counts=out, max_abs=state.max_abs)
 
     # -- tensorrt mode ----------------------------------------------------------------------
 
@@ -349,15 +377,39 @@ class HistogramCollector:
         if not layout.is_finite(peak_bits):
             raise _non_finite(name, state.batches)
         peak = layout.to_float(peak_bits)
-        if state.range_abs == 0.0:
-            if peak == 0.0:  # no range yet: zeros wait for the first batch that sets one
-                state.pending_zeros += flat.size
-                return
-            state.range_abs = peak
-        elif peak > state.range_abs:
-            state.grow_to(peak)
+        if self._split and self._pass == 0:  # only the batch's max: its range decision comes next
+            state.batch_peaks[self._batch] = max(state.batch_peaks.get(self._batch, 0.0), peak)
+            return
+        if self._split:
+            if state.ranged_batch != self._batch:
+                state.ranged_batch = self._batch
+                state.take_range(state.batch_peaks.pop(self._batch, peak))
+            ranged = state.range_abs > 0.0
+        else:
+            ranged = state.take_range(peak)
+        if not ranged:
+            state.pending_zeros += flat.size
+            return
         # |x| == range (or rounding above it) lands in the last bin
         k.binned_histogram(flat, flat.dtype.type(self._num_bins / state.range_abs), state.counts)
+
+
+def histograms_of(
+    batches: Sequence[Mapping[str, npt.ArrayLike]],
+    mode: HistogramMode = HistogramMode.EXACT,
+    num_bins: int = DEFAULT_NUM_BINS,
+    *,
+    workers: int | None = None,
+) -> dict[str, Histogram]:
+    """Histograms of batches held in memory (``name -> values`` per batch), after as many passes
+    over them as ``mode`` needs. Tensors keep their first-seen order."""
+    collector = HistogramCollector(mode, num_bins, workers=workers)
+    for index in range(collector.passes(split_batches=False)):
+        collector.begin_pass(index)
+        for batch in batches:
+            collector.observe_batch([(name, np.asarray(v)) for name, v in batch.items()])
+            collector.end_batch()
+    return collector.histograms()
 
 
 def with_aliases(
@@ -403,6 +455,16 @@ def _overflow(name: str, peak: float) -> CalibrationError:
     return CalibrationError(
         f"Tensor {name!r} has |x| up to {peak:g}, beyond any INT8 range.",
         hint="Check the model and the dataset's preprocessing; the activations overflow.",
+        field=name,
+    )
+
+
+def _unseen(name: str) -> CalibrationError:
+    return CalibrationError(
+        f"Tensor {name!r} has no exact histogram: exact mode counts in a second pass over the data, "
+        "after a first one has seen every value of the tensor.",
+        hint="Run both passes (collector.passes(), begin_pass(0) and begin_pass(1), each over the "
+        "whole dataset), as calibrators.collect.collect and histograms_of do.",
         field=name,
     )
 

@@ -2,15 +2,17 @@
 
 A CNN's activations are tens of millions of values per sample, far beyond the caches, so what a
 statistic costs is mostly how many times it walks them. numpy needs several passes and scratch
-arrays per statistic (abs, max, multiply, bincount); these kernels read each value once and
+arrays per statistic (abs, max, divide, compare, bincount); these kernels read each value once and
 release the GIL, so :class:`calibrators.histogram.HistogramCollector` can bin several tensors on
 several cores at the same time.
 
-Both kernels work on the IEEE-754 bits (``values.view(uint32)`` for float32, ``uint64`` for
-float64): ``bits & ~sign`` orders non-negative floats like the floats themselves, so max|x| is an
-integer max that vectorizes without fast-math, and a result at or above the infinity pattern
-means the tensor holds NaN or Inf. The exponent field of max|x| gives the smallest power of two
-strictly above it, which is all the exact histogram needs to choose its range.
+max|x| works on the IEEE-754 bits (``values.view(uint32)`` for float32, ``uint64`` for float64):
+``bits & ~sign`` orders non-negative floats like the floats themselves, so max|x| is an integer
+max that vectorizes without fast-math, and a result at or above the infinity pattern means the
+tensor holds NaN or Inf.
+
+:func:`numpy_histogram` bins |x| exactly as ``numpy.histogram(np.abs(x), bins, (0, top))`` does,
+bit for bit: the same float bin index, truncated, then corrected against the same float edges.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ __all__ = [
     "abs_peak_bits",
     "available_cpus",
     "binned_histogram",
-    "fine_histogram",
     "float_bits",
     "for_each_tensor",
+    "numpy_histogram",
 ]
 
 _CHUNK = 4096
@@ -86,15 +88,6 @@ class FloatBits:
         """The float whose bits are ``peak_bits``."""
         return float(np.array([peak_bits], dtype=self.uint).view(_FLOAT_OF[self.uint])[0])
 
-    def log2_range_above(self, peak_bits: int) -> int:
-        """The exponent ``e`` of the smallest power of two strictly above the float ``peak_bits``.
-
-        A normal float with exponent field ``E`` lies in ``[2**(E - bias), 2**(E - bias + 1))``;
-        subnormals (``E == 0``) lie below ``2**(1 - bias)``.
-        """
-        field = max(peak_bits >> self.mantissa_bits, 1)
-        return field - self.bias + 1
-
 
 _FLOAT_OF = {np.uint32: np.float32, np.uint64: np.float64}
 
@@ -121,64 +114,6 @@ def _peak(bits: Any, mask: Any, start: int, stop: int) -> Any:
 def abs_peak_bits(bits: Any, mask: Any) -> int:
     """The bits of max|x| over ``bits`` (a float array viewed as unsigned ints); 0 when empty."""
     return int(_peak(bits, mask, 0, bits.size))
-
-
-@_compiled
-def fine_histogram(
-    values: Any,
-    bits: Any,
-    mask: Any,
-    inf_bits: int,
-    mantissa_bits: int,
-    bias: int,
-    log2_range: int,
-    min_log2_range: int,
-    counts: Any,
-) -> tuple[int, int, int]:
-    """Add ``floor(|x| * F / 2**log2_range)`` of every value to ``counts`` (``F`` bins, int64).
-
-    ``values`` and ``bits`` are the same 1-D memory as floats and as unsigned ints. Chunk by chunk,
-    the chunk's max|x| comes first; when it reaches ``2**log2_range`` the range grows to the next
-    power of two above it and ``counts`` fold (adjacent bins summed ``2**steps`` at a time, exact).
-    Returns ``(peak_bits, log2_range, bad)``: the bits of max|x|, the final range exponent, and the
-    index of the first chunk holding NaN or Inf (``-1`` when all are finite; nothing of that chunk
-    or later is counted).
-    """
-    fine = counts.size
-    fine_log2 = 0
-    while (1 << fine_log2) < fine:
-        fine_log2 += 1
-    lanes = np.zeros((_LANES, fine), dtype=np.int32)
-    n = values.size
-    since_flush = 0
-    peak_all = mask ^ mask
-    typed_scale = np.empty_like(values[:1])  # the scale in the values' own float type
-    for start in range(0, n, _CHUNK):
-        stop = min(start + _CHUNK, n)
-        peak = _peak(bits, mask, start, stop)
-        if peak >= inf_bits:
-            _fold_lanes_into(lanes, counts)
-            return int(peak_all), log2_range, start
-        if peak > peak_all:
-            peak_all = peak
-        # the sign is masked off, so the bits fit an int64 (numba mixes uint64 and int64 as floats)
-        exponent_field = max(int(np.int64(peak) >> np.int64(mantissa_bits)), 1)
-        needed = max(exponent_field - bias + 1, min_log2_range)
-        if needed > log2_range:
-            steps = needed - log2_range
-            for lane in range(_LANES):
-                _fold(lanes[lane], steps)
-            _fold(counts, steps)
-            log2_range = needed
-        typed_scale[0] = 2.0 ** (fine_log2 - log2_range)
-        _bin_chunk(values, start, stop, typed_scale[0], lanes)
-        since_flush += stop - start
-        if since_flush >= _FLUSH:
-            _fold_lanes_into(lanes, counts)
-            lanes[:] = 0
-            since_flush = 0
-    _fold_lanes_into(lanes, counts)
-    return int(peak_all), log2_range, -1
 
 
 @_compiled
@@ -212,24 +147,67 @@ def _bin_chunk(values: Any, start: int, stop: int, scale: Any, lanes: Any) -> No
 
 
 @_compiled
-def _fold(counts: Any, steps: int) -> None:
-    """Double the range of a power-of-two histogram ``steps`` times, summing adjacent bins."""
-    fine = counts.size
-    if steps <= 0:
-        return
-    if (1 << min(steps, 62)) >= fine:
-        total = counts.sum()
-        counts[:] = 0
-        counts[0] = total
-        return
-    group = 1 << steps
-    kept = fine // group
-    for j in range(kept):
-        acc = 0
-        for k in range(j * group, (j + 1) * group):
-            acc += counts[k]
-        counts[j] = acc
-    counts[kept:] = 0
+def numpy_histogram(
+    values: Any, bits: Any, mask: Any, inf_bits: int, edges: Any, scale: Any, counts: Any
+) -> tuple[int, int]:
+    """Add the ``numpy.histogram`` bin of every |x| over ``[0, edges[-1]]`` to ``counts`` (int64).
+
+    ``edges`` are numpy's (``numpy.histogram_bin_edges(..., B, (0, top))``, ``B + 1`` floats of
+    the dtype numpy bins in) and ``scale`` is ``[top - 0, B]`` in the dtype numpy computes bin
+    indices in (float64 with numpy 2); ``values`` and ``bits`` are the same 1-D memory as floats
+    and as unsigned ints. Per value, as numpy: ``i = int((|x| / (top - 0)) * B)``, ``B`` becomes
+    ``B - 1``, then ``i -= 1`` where ``|x| < edges[i]`` and ``i += 1`` where ``|x| >= edges[i + 1]``
+    (except in the last bin, which is closed). numpy drops values above ``top``; here they count in
+    the last bin (a second pass that sees a larger value than the first is the runtime's rounding,
+    not data to lose). Returns ``(peak_bits, bad)``: the bits of max|x| and the index of the first
+    chunk holding NaN or Inf (``-1`` when all are finite; nothing from that chunk on is counted).
+    """
+    lanes = np.zeros((_LANES, counts.size), dtype=np.int32)
+    n = values.size
+    since_flush = 0
+    peak_all = mask ^ mask  # a zero of the bits' type
+    for start in range(0, n, _CHUNK):
+        stop = min(start + _CHUNK, n)
+        peak = _peak(bits, mask, start, stop)
+        if peak >= inf_bits:
+            _fold_lanes_into(lanes, counts)
+            return int(peak_all), start
+        if peak > peak_all:
+            peak_all = peak
+        _numpy_bin_chunk(values, start, stop, edges, scale, lanes)
+        since_flush += stop - start
+        if since_flush >= _FLUSH:
+            _fold_lanes_into(lanes, counts)
+            lanes[:] = 0
+            since_flush = 0
+    _fold_lanes_into(lanes, counts)
+    return int(peak_all), -1
+
+
+@_compiled
+def _numpy_bin_chunk(
+    values: Any, start: int, stop: int, edges: Any, scale: Any, lanes: Any
+) -> None:
+    """``lanes[k % LANES, numpy's bin of |values[k]|] += 1`` for k in [start, stop).
+
+    Written out in one loop: a helper taking ``edges`` would pass the array (and count its
+    references) per value, ten times the cost of the binning itself.
+    """
+    last = lanes.shape[1] - 1
+    top = edges[last + 1]
+    denominator = scale[0]
+    bins = scale[1]
+    for i in range(start, stop):
+        a = abs(values[i])
+        if a >= top:  # the max (numpy's last bin is closed), or a later pass's rounding above it
+            index = last
+        else:
+            index = min(int((a / denominator) * bins), last)  # promoted to the scale's dtype
+            if a < edges[index]:
+                index -= 1
+            if index != last and a >= edges[index + 1]:
+                index += 1
+        lanes[i & (_LANES - 1), index] += 1
 
 
 @_compiled

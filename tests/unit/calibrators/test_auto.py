@@ -13,7 +13,7 @@ from calibrators.auto import weighted_consumers
 from calibrators.calibrate import calibrate
 from calibrators.collect import observable_tensors
 from calibrators.data import CalibrationDataset
-from calibrators.histogram import HistogramCollector
+from calibrators.histogram import histograms_of
 from calibrators.methods import CalibrationMethod, auto, entropy, minmax, quantization_error
 from calibrators.table import CalibrationTable, RangeCriterion
 from calibrators.weights import fake_quantize, fake_quantize_weight
@@ -191,9 +191,7 @@ def test_the_tensor_itself_counts_when_an_add_reads_it_too(tmp_path: Path) -> No
     both = calibrate(_square_conv_model(tmp_path, True), dataset, auto(16)).range_choices
     conv = calibrate(_square_conv_model(tmp_path, False), dataset, auto(16)).range_choices
     assert both is not None and conv is not None
-    collector = HistogramCollector()
-    collector.observe("x", x)
-    hist = collector.histograms()["x"]
+    hist = histograms_of([{"x": x}])["x"]
     assert both["x"].candidates == conv["x"].candidates
     for label, amax in both["x"].candidates.items():
         own = quantization_error(hist, amax)

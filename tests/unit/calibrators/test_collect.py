@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from calibrators.collect import auto_batch_size, collect, observable_tensors
+from calibrators.collect import _with_outputs, auto_batch_size, collect, observable_tensors
 from calibrators.data import CalibrationDataset
 from calibrators.errors import ModelError
 from tests import zoo
@@ -185,3 +185,129 @@ def test_memory_does_not_grow_with_sample_count(
 
     small, large = traced_peak(32), traced_peak(512)
     assert large < small * 1.5 + 256 * 1024, (small, large)
+
+
+# --------------------------------------------------------------------------------------------
+# passes, micro-batches and groups within a memory limit
+
+
+class Passes(Recorder):
+    """A multi-pass observer: records every call, and the values of each pass separately."""
+
+    def __init__(self, passes: int = 2) -> None:
+        super().__init__()
+        self.count = passes
+        self.calls: list[tuple[object, ...]] = []
+        self.by_pass: dict[int, dict[str, list[np.ndarray]]] = {}
+        self.index = -1
+
+    def passes(self, split_batches: bool) -> int:
+        self.calls.append(("passes", split_batches))
+        return self.count
+
+    def begin_pass(self, index: int, tensors: Sequence[str]) -> None:
+        self.calls.append(("begin_pass", index, tuple(tensors)))
+        self.index = index
+
+    def observe_batch(self, tensors: Sequence[tuple[str, np.ndarray]]) -> None:
+        self.calls.append(("observe", tuple(n for n, _ in tensors), len(tensors[0][1])))
+        for name, values in tensors:
+            self.by_pass.setdefault(self.index, {}).setdefault(name, []).append(values.copy())
+
+    def end_batch(self) -> None:
+        self.calls.append(("end_batch",))
+
+
+def test_plain_observers_get_micro_batches_that_fit_the_memory_limit(tiny_cnn_path: Path) -> None:
+    plan = observable_tensors(zoo.tiny_cnn())
+    assert plan.bytes_per_sample is not None
+    largest = max(size or 0 for size in plan.tensor_bytes.values())
+    # observed activations + the input + ONNX Runtime's working tensors (twice the largest)
+    one_sample = plan.bytes_per_sample + 3 * 16 * 16 * 4 + 2 * largest
+    recorder = Recorder()
+    images = _images(10)
+    seen = collect(
+        tiny_cnn_path,
+        CalibrationDataset.from_arrays({"image": images}),
+        recorder,
+        batch_size=8,
+        memory_limit_bytes=3 * one_sample,
+    )
+    assert seen == 10
+    assert [a.shape[0] for a in recorder.seen["c1"]] == [3, 3, 3, 1]  # not the batch of 8
+    reference = _reference(zoo.tiny_cnn(), {"image": images}, TINY_ACTIVATIONS)
+    for name in recorder.seen:
+        np.testing.assert_allclose(
+            np.concatenate(recorder.seen[name]), reference[name], rtol=1e-5, atol=1e-5
+        )
+
+
+def test_tensors_are_observed_in_groups_when_one_sample_exceeds_the_limit(
+    tiny_cnn_path: Path,
+) -> None:
+    observer = Passes()
+    images = _images(5)
+    progress: list[tuple[int, int]] = []
+    collect(
+        tiny_cnn_path,
+        CalibrationDataset.from_arrays({"image": images}),
+        observer,
+        batch_size=4,
+        memory_limit_bytes=48 * 1024,  # below one sample's ~60 KB of activations and overhead
+        progress=lambda d, t: progress.append((d, t)),
+    )
+    starts = [c for c in observer.calls if c[0] == "begin_pass"]
+    groups = [c[2] for c in starts if c[1] == 0]
+    assert len(groups) > 1
+    # every observed tensor in exactly one group, the groups in graph order
+    observed = [n for n in TINY_ACTIVATIONS if n != "flat"]
+    assert [n for g in groups for n in g] == observed
+    # each group: pass 0 then pass 1, each over every sample, in micro-batches within batches
+    assert [c[1] for c in starts] == [0, 1] * len(groups)
+    assert observer.calls[0] == ("passes", True)
+    per_pass = observer.calls[1 : 1 + len(observer.calls) // (2 * len(groups))]
+    sizes = [c[2] for c in per_pass if c[0] == "observe"]
+    assert sum(sizes) == 5 and max(sizes) < 4
+    ends = [i for i, c in enumerate(per_pass) if c[0] == "end_batch"]
+    seen_at_ends = [sum(c[2] for c in per_pass[:i] if c[0] == "observe") for i in ends]
+    assert seen_at_ends == [4, 5]  # batch boundaries, not micro-batch ones
+    reference = _reference(zoo.tiny_cnn(), {"image": images}, TINY_ACTIVATIONS)
+    for index in (0, 1):
+        assert set(observer.by_pass[index]) == set(observed)
+        for name, values in observer.by_pass[index].items():
+            np.testing.assert_allclose(
+                np.concatenate(values), reference[name], rtol=1e-5, atol=1e-5
+            )
+    assert progress[-1] == (5 * 2 * len(groups), 5 * 2 * len(groups))
+
+
+def test_a_model_with_a_fixed_batch_of_one_runs_one_sample_at_a_time(tmp_path: Path) -> None:
+    path = tmp_path / "fixed.onnx"
+    onnx.save(zoo.tiny_cnn(batch=1), path)
+    recorder = Recorder()
+    collect(path, CalibrationDataset.from_arrays({"image": _images(3)}), recorder, batch_size=8)
+    assert [a.shape[0] for a in recorder.seen["logits"]] == [1, 1, 1]
+
+
+def test_sample_shapes_make_dynamic_spatial_axes_concrete() -> None:
+    model = zoo.tiny_cnn()
+    for dim, name in zip(model.graph.input[0].type.tensor_type.shape.dim[2:], "hw", strict=True):
+        dim.dim_param = name
+    assert observable_tensors(model).bytes_per_sample is None
+    concrete = observable_tensors(model, {"image": (3, 16, 16)})
+    assert concrete.bytes_per_sample == observable_tensors(zoo.tiny_cnn()).bytes_per_sample
+    assert concrete.tensor_bytes["c1"] == 4 * 8 * 16 * 16
+    larger = observable_tensors(model, {"image": (3, 32, 64)})
+    assert larger.tensor_bytes["c1"] == 4 * 8 * 32 * 64
+
+
+def test_a_group_session_computes_only_what_its_tensors_need() -> None:
+    pruned = _with_outputs(zoo.tiny_cnn(), ["c2"])
+    assert [n.name for n in pruned.graph.node] == ["conv1", "relu1", "conv2"]
+    assert {t.name for t in pruned.graph.initializer} == {
+        "conv1.w",
+        "conv1.b",
+        "conv2.w",
+        "conv2.b",
+    }
+    assert [o.name for o in pruned.graph.output] == ["c2"]

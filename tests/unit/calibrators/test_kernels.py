@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -10,89 +9,84 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from calibrators.histogram import numpy_bins
 from calibrators.kernels import (
     FloatBits,
     abs_peak_bits,
     binned_histogram,
-    fine_histogram,
     float_bits,
     for_each_tensor,
+    numpy_histogram,
 )
 
-FINE = 1 << 14
 
-
-def _reference(values: np.ndarray, log2_range: int) -> np.ndarray:
-    """floor(|x| * F / 2**log2_range), counted in float64 by numpy."""
-    index = np.floor(np.abs(values.astype(np.float64)) * math.ldexp(FINE, -log2_range))
-    return np.bincount(index.astype(np.int64), minlength=FINE)
-
-
-def _run(values: np.ndarray, log2_range: int = -100) -> tuple[np.ndarray, int, int, int]:
-    counts = np.zeros(FINE, dtype=np.int64)
+def _run(
+    values: np.ndarray, top: float | None = None, bins: int = 2048
+) -> tuple[np.ndarray, int, int]:
+    """numpy_histogram over [0, top] (default max|x|) with numpy's edges and index dtype."""
+    top = float(np.abs(values).max()) if top is None else top
+    edges, scale = numpy_bins(top, values.dtype, bins)
+    counts = np.zeros(bins, dtype=np.int64)
     bits, layout = float_bits(values)
-    peak, log2, bad = fine_histogram(
-        values,
-        bits,
-        layout.abs_mask,
-        layout.inf_bits,
-        layout.mantissa_bits,
-        layout.bias,
-        log2_range,
-        -100,
-        counts,
+    peak, bad = numpy_histogram(
+        values, bits, layout.abs_mask, layout.inf_bits, edges, scale, counts
     )
-    return counts, peak, log2, bad
+    return counts, peak, bad
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_fine_histogram_matches_numpy_at_the_final_range(dtype: type) -> None:
+def test_numpy_histogram_is_numpys_histogram_bit_for_bit(dtype: type) -> None:
     rng = np.random.default_rng(0)
-    values = rng.uniform(-5, 5, 50_001).astype(dtype)
+    values = (rng.standard_t(2, 50_001) * 3).astype(dtype)
     values[::3] = 0.0  # a ReLU's zeros hammer bin 0
-    values[-1] = -7.5  # the max arrives in the last (partial) chunk: the range grows late
-    counts, peak, log2, bad = _run(values)
+    values[-1] = -np.abs(values).max() * 1.5  # the max in the last (partial) chunk
+    mags = np.abs(values)
+    top = float(mags.max())
+    edges = np.histogram_bin_edges(mags, 2048, (0, top))
+    # every edge, and one float either side of it: where numpy's corrections decide
+    on_edges = np.concatenate([edges, np.nextafter(edges, 0), np.nextafter(edges, np.inf)])
+    values = np.concatenate([values, on_edges[on_edges <= top].astype(dtype)])
+    counts, peak, bad = _run(values)
     assert bad == -1
-    assert log2 == 3  # 7.5 < 2**3
-    assert FloatBits(np.dtype(dtype)).to_float(peak) == 7.5
-    np.testing.assert_array_equal(counts, _reference(values, 3))
-    assert counts.sum() == values.size
+    assert FloatBits(np.dtype(dtype)).to_float(peak) == top
+    np.testing.assert_array_equal(counts, np.histogram(np.abs(values), 2048, (0, top))[0])
 
 
-def test_fine_histogram_powers_of_two_and_subnormals_land_in_exact_bins() -> None:
-    values = np.array([1.0, 2.0, 0.5, 1e-40, -4.0, 3.999999], dtype=np.float32)
-    counts, _, log2, _ = _run(values)
-    assert log2 == 3  # 4.0 needs a range strictly above it
-    np.testing.assert_array_equal(counts, _reference(values, 3))
-    assert counts[FINE // 2] == 1  # 4.0 is exactly half of 8
+def test_numpy_histogram_on_awkward_ranges_and_bin_counts() -> None:
+    rng = np.random.default_rng(1)
+    cases = [(3.0, 2048), (0.1, 2048), (1e-30, 2048), (7.77e20, 2048), (1.0, 3), (5.5, 1000)]
+    for top, bins in cases:
+        values = (rng.uniform(-top, top, 20_000)).astype(np.float32)
+        values[0] = top
+        counts, _, _ = _run(values, bins=bins)
+        expected = np.histogram(np.abs(values), bins, (0, float(np.abs(values).max())))[0]
+        np.testing.assert_array_equal(counts, expected, err_msg=f"{top} {bins}")
 
 
-def test_fine_histogram_keeps_a_wider_starting_range() -> None:
-    values = np.linspace(-1, 1, 10_000, dtype=np.float32)
-    counts, _, log2, _ = _run(values, log2_range=5)
-    assert log2 == 5
-    np.testing.assert_array_equal(counts, _reference(values, 5))
+def test_numpy_histogram_counts_values_above_the_range_in_the_last_bin() -> None:
+    values = np.array([0.5, 1.0, 1.0000001, 30.0, -2.0], dtype=np.float32)
+    counts, peak, bad = _run(values, top=1.0, bins=4)
+    assert bad == -1 and FloatBits(np.dtype(np.float32)).to_float(peak) == 30.0
+    assert counts.tolist() == [0, 0, 1, 4]
 
 
-def test_fine_histogram_folds_existing_counts_when_the_range_grows() -> None:
-    small = np.full(5000, 0.01, dtype=np.float32)
-    large = np.array([1000.0], dtype=np.float32)
-    counts, _, first, _ = _run(small)
-    bits, layout = float_bits(large)
-    _, log2, _ = fine_histogram(
-        large, bits, layout.abs_mask, layout.inf_bits, layout.mantissa_bits, layout.bias,
-        first, -100, counts,
-    )  # fmt: skip
-    assert log2 == 10
-    np.testing.assert_array_equal(counts, _reference(np.concatenate([small, large]), 10))
+def test_numpy_bins_fall_back_to_float64_where_numpy_refuses_the_range() -> None:
+    tiny = float(np.finfo(np.float32).smallest_subnormal) * 100
+    with pytest.raises(ValueError, match="Too many bins"):
+        np.histogram(np.array([tiny], np.float32), 2048, (0, tiny))
+    edges, _ = numpy_bins(tiny, np.float32)
+    assert edges.dtype == np.float64 and bool(np.all(np.diff(edges) > 0))
+    counts, _, _ = _run(np.array([tiny, 0.0, -tiny / 2], np.float32))
+    assert counts.sum() == 3 and counts[0] == 1 and counts[-1] == 1
 
 
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
-def test_fine_histogram_reports_the_chunk_holding_a_non_finite_value(bad_value: float) -> None:
+def test_numpy_histogram_reports_the_chunk_holding_a_non_finite_value(bad_value: float) -> None:
     values = np.ones(10_000, dtype=np.float32)
     values[9000] = bad_value
-    _, _, _, bad = _run(values)
+    counts, _, bad = _run(values, top=1.0)
     assert bad == 8192  # the start of the third 4096-value chunk
+    assert counts.sum() == 8192  # nothing of it or after is counted
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -105,17 +99,6 @@ def test_abs_peak_bits_is_max_abs_and_flags_non_finite(dtype: type) -> None:
         values[1] = bad
         assert not layout.is_finite(abs_peak_bits(bits, layout.abs_mask))
     assert abs_peak_bits(bits[:0], layout.abs_mask) == 0
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_log2_range_above_is_the_power_of_two_strictly_above(dtype: type) -> None:
-    layout = FloatBits(np.dtype(dtype))
-    tiny = np.finfo(dtype).smallest_subnormal
-    for value in (1.0, 0.75, 3.0, 4.0, 1e-3, 123456.0, float(tiny), float(np.finfo(dtype).max)):
-        bits = int(np.array([value], dtype=dtype).view(layout.uint)[0])
-        expected = math.frexp(value)[1]  # value < 2**e, and 2**(e-1) <= value
-        assert layout.log2_range_above(bits) >= expected
-        assert layout.log2_range_above(bits) == expected or value < np.finfo(dtype).tiny
 
 
 def test_float_bits_refuses_other_dtypes() -> None:
@@ -157,10 +140,9 @@ def test_kernels_work_where_numba_cannot_cache(tmp_path: Path) -> None:
     # A read-only install without a writable home: numba finds no cache location. Simulated by
     # allowing only the IPython-cell locator, which never serves a regular file.
     script = (
-        "from calibrators.histogram import HistogramCollector\n"
-        "h = HistogramCollector(workers=2)\n"
-        "h.observe_batch([('a', [1.0, -3.0]), ('b', [0.5])])\n"
-        "print(h.histograms()['a'].max_abs, h.histograms()['b'].max_abs)\n"
+        "from calibrators.histogram import histograms_of\n"
+        "h = histograms_of([{'a': [1.0, -3.0], 'b': [0.5]}], workers=2)\n"
+        "print(h['a'].max_abs, h['b'].max_abs)\n"
     )
     env = {**os.environ, "NUMBA_CACHE_LOCATOR_CLASSES": "IPythonCacheLocator"}
     result = subprocess.run(

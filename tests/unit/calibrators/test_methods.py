@@ -15,7 +15,7 @@ import pydantic
 import pytest
 from scipy.stats import entropy as scipy_entropy
 
-from calibrators.histogram import Histogram, HistogramCollector, HistogramMode
+from calibrators.histogram import Histogram, HistogramMode, histograms_of
 from calibrators.methods import (
     AUTO_PERCENTILES,
     CalibrationMethod,
@@ -46,9 +46,7 @@ def scale_hex(amax: float) -> str:
 
 
 def histogram_of(values: np.ndarray, mode: HistogramMode = HistogramMode.EXACT) -> Histogram:
-    collector = HistogramCollector(mode)
-    collector.observe("t", values)
-    return collector.histograms()["t"]
+    return histograms_of([{"t": values}], mode)["t"]
 
 
 def real_histograms(
@@ -56,11 +54,11 @@ def real_histograms(
 ) -> dict[str, Histogram]:
     """Histograms of the Fashion-MNIST CNN's activations on real images."""
     acts = fashion_activations(samples)
-    collector = HistogramCollector(mode)
-    for start in range(0, samples, batch):
-        for name, values in acts.items():
-            collector.observe(name, values[start : start + batch])
-    return collector.histograms()
+    batches = [
+        {name: values[start : start + batch] for name, values in acts.items()}
+        for start in range(0, samples, batch)
+    ]
+    return histograms_of(batches, mode)
 
 
 def direct_divergences(counts: np.ndarray, levels: int = 128) -> np.ndarray:
