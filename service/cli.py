@@ -45,6 +45,27 @@ preprocess_option = click.option(
 """``--preprocess``: shared by every command that reads a dataset."""
 
 
+def _byte_size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    from calibrators.memory import parse_byte_size
+
+    try:
+        return None if value is None else parse_byte_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+memory_limit_option = click.option(
+    "--memory-limit",
+    "memory_limit_bytes",
+    default="1GiB",
+    show_default=True,
+    callback=_byte_size,
+    help="Memory for calibration activations (1GiB, 512MiB, 2GB or bytes): ONNX Runtime runs "
+    "micro-batches, and groups of tensors, that fit it whatever --batch-size is.",
+)
+"""``--memory-limit``: shared by every command that collects calibration statistics."""
+
+
 def handle_errors(func: Callable[P, R]) -> Callable[P, R]:
     """Turn trtforge errors (and the usual OS errors) into one line on stderr, no traceback."""
 

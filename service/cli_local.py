@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import numpy as np
 
-from service.cli import handle_errors, method_option, preprocess_option
+from service.cli import handle_errors, memory_limit_option, method_option, preprocess_option
 
 if TYPE_CHECKING:
     from calibrators.data import CalibrationDataset
@@ -90,6 +90,7 @@ def _method(name: str, percentile: float | None) -> MethodSpec:
     help="Default: as many samples as fit a few hundred MB of activations.",
 )
 @click.option("--max-samples", type=click.IntRange(min=1), default=None)
+@memory_limit_option
 @preprocess_option
 @click.option(
     "--trt-version", default=None, help="TensorRT version the cache is written for (e.g. 10.13.3)."
@@ -117,6 +118,7 @@ def calibrate(
     histogram: str,
     batch_size: int | None,
     max_samples: int | None,
+    memory_limit_bytes: int | None,
     preprocess: Path | None,
     trt_version: str | None,
     threads: int | None,
@@ -141,6 +143,7 @@ def calibrate(
             max_samples=max_samples,
             threads=threads,
             progress=progress,
+            memory_limit_bytes=memory_limit_bytes,
         )
     seconds = time.perf_counter() - started
     if version is not None:

@@ -96,6 +96,28 @@ def test_calibrate_json_table_and_convert_and_show(
     assert info["widest"][0]["amax"] == pytest.approx(max(table.amax.values()), rel=1e-6)
 
 
+def test_calibrate_memory_limit_changes_the_runs_not_the_table(
+    tiny_cnn_path: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    tables = []
+    for limit in ("1GiB", "40KiB"):  # 40 KiB: below one sample, tensors observed in groups
+        out = tmp_path / f"{limit}.json"
+        result = trtforge(
+            "calibrate", str(tiny_cnn_path), "--data", str(tiny_data), "--batch-size", "8",
+            "--memory-limit", limit, "--out", str(out),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        tables.append(CalibrationTable.load(out))
+    assert list(tables[0].amax) == list(tables[1].amax)
+    for name, amax in tables[0].amax.items():
+        assert tables[1].amax[name] == pytest.approx(amax, rel=1e-5), name
+    bad = trtforge(
+        "calibrate", str(tiny_cnn_path), "--data", str(tiny_data), "--memory-limit", "lots",
+        "--out", str(tmp_path / "x.json"),
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--memory-limit" in bad.stderr and "1GiB" in bad.stderr
+
+
 def test_errors_are_one_line_without_traceback(tiny_cnn_path: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.npz"
     np.savez(bad, wrong_name=np.zeros((2, 3, 16, 16), np.float32))
