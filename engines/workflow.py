@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from engines.accuracy import AccuracyReport, MetricBudget
     from engines.backends.base import Artifact, Backend, Runner
     from engines.benchmark import BenchmarkOptions, PerfReport
+    from engines.gate import GateResult
     from engines.mixed import MixedPrecisionResult
 
 __all__ = [
@@ -432,6 +433,31 @@ class Workflow:
                     stage=Stage.EVALUATE,
                 )
         return report
+
+
+    def gate(self, accuracy: AccuracyReport, *, spec: BuildSpec | None = None) -> GateResult:
+        """Check ``accuracy`` against the spec's accuracy gate (the precision's default when the
+        spec names none); the result says which outputs failed. The caller decides what a
+        failure means (the service fails the build and keeps its artifact; the CLI exits 1)."""
+        from engines.gate import evaluate_gate, resolve_gate
+
+        spec = spec or self.spec
+        result = evaluate_gate(accuracy, resolve_gate(spec.gate, spec.precision))
+        if not result.gate.enabled:
+            self.recorder.log("Accuracy gate: none.", stage=Stage.EVALUATE)
+        elif result.passed:
+            self.recorder.log(
+                f"Accuracy gate ({result.gate_text}) passed on {result.samples} held-out samples.",
+                stage=Stage.EVALUATE,
+            )
+        else:
+            failures = "; ".join(str(f) for f in result.failures)
+            self.recorder.log(
+                f"Accuracy gate ({result.gate_text}) FAILED: {failures}.",
+                level="error",
+                stage=Stage.EVALUATE,
+            )
+        return result
 
 
 def _checked_labels(labels: np.ndarray | None, count: int) -> np.ndarray | None:

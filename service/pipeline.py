@@ -20,7 +20,7 @@ import shutil
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from calibrators.errors import TrtforgeError
 from service.catalog import dataset_path, load_table, model_path, store_table
@@ -102,8 +102,7 @@ def run_build(
     try:
         plan = load_plan(db, storage, build_id)
         recorder.start(attempt)
-        _run_stages(plan, recorder, work, db, storage, settings)
-        return BuildStatus.SUCCEEDED
+        return _run_stages(plan, recorder, work, db, storage, settings)
     except BuildCancelledError:
         recorder.cancelled()
         return BuildStatus.CANCELLED
@@ -155,8 +154,9 @@ def _run_stages(
     db: Database,
     storage: Storage,
     settings: Settings,
-) -> None:
+) -> BuildStatus:
     from engines.benchmark import BenchmarkOptions
+    from engines.gate import gate_error
     from engines.workflow import Workflow
 
     request = plan.request
@@ -187,13 +187,16 @@ def _run_stages(
         split.evaluation,
         BenchmarkOptions(**request.benchmark.model_dump(exclude_none=True)),
     )
-    accuracy = None
+    accuracy = gate = None
     if request.accuracy.enabled:
         accuracy = flow.evaluate(
             artifact, split.evaluation, max_samples=request.accuracy.max_samples
         )
+        gate = flow.gate(accuracy)
     else:
-        recorder.skip(Stage.EVALUATE, "accuracy check disabled in the request")
+        recorder.skip(
+            Stage.EVALUATE, "accuracy check disabled in the request: the accuracy gate is not checked"
+        )
     recorder.check_cancel()
     artifact_blob = storage.adopt_blob(artifact.path, artifact.metadata.sha256)
     info = ArtifactInfo(
@@ -221,17 +224,37 @@ def _run_stages(
         kept_nodes=dict(artifact.metadata.kept_nodes),
         performance=perf,
         accuracy=accuracy,
+        gate=gate,
         environment=dict(perf.environment),
         stage_seconds=dict(recorder.stage_seconds),
     )
     report_blob = storage.put_bytes(report.model_dump_json(indent=2).encode("utf-8"))
-    recorder.succeed(
-        artifact_sha256=info.sha256,
-        artifact_filename=info.filename,
-        artifact_size_bytes=info.size_bytes,
-        artifact_metadata=artifact.metadata.model_dump(mode="json"),
-        report_sha256=report_blob.sha256,
-    )
+    published: dict[str, Any] = {
+        "artifact_sha256": info.sha256,
+        "artifact_filename": info.filename,
+        "artifact_size_bytes": info.size_bytes,
+        "artifact_metadata": artifact.metadata.model_dump(mode="json"),
+        "report_sha256": report_blob.sha256,
+    }
+    if gate is not None and not gate.passed:
+        error = gate_error(gate, request.spec.precision)
+        recorder.fail(error.code, error.message, _rest_hint(error.hint), **published)
+        return BuildStatus.FAILED
+    recorder.succeed(**published)
+    return BuildStatus.SUCCEEDED
+
+
+def _rest_hint(hint: str) -> str:
+    """The gate's hint in the words of a build request rather than the CLI's flags."""
+    for flag, field in (
+        ("--method ", "spec.calibration.method "),
+        ("--accuracy-budget ", "an accuracy budget "),
+        ("--keep-fp16 ", "spec.keep.fp16 "),
+        ("--keep ", "spec.keep.int8 "),
+        ("--gate none", 'spec.gate "none"'),
+    ):
+        hint = hint.replace(flag, field)
+    return hint
 
 
 def _open_dataset(plan: BuildPlan, settings: Settings) -> CalibrationDataset:

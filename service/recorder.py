@@ -182,7 +182,11 @@ class BuildRecorder:
             **artifact,
         )
 
-    def fail(self, code: str, message: str, hint: str = "", details: str = "") -> None:
+    def fail(
+        self, code: str, message: str, hint: str = "", details: str = "", **artifact: Any
+    ) -> None:
+        """End the build as failed. ``artifact`` links what it did publish (a build that failed
+        its accuracy gate keeps its artifact and report for inspection)."""
         if details:
             self.log(details, level="error")
         self._update(
@@ -193,6 +197,7 @@ class BuildRecorder:
             error_code=code,
             error_message=message,
             error_hint=hint,
+            **artifact,
         )
 
     def cancelled(self) -> None:

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from engines.accuracy import AccuracyReport
 from engines.backends.base import ArtifactMetadata
 from engines.benchmark import PerfReport
+from engines.gate import GateResult
 from engines.spec import BuildSpec
 from engines.stages import Stage
 
@@ -349,5 +350,7 @@ class BuildReport(_Answer):
     """ONNX node -> why it stays in higher precision."""
     performance: PerfReport
     accuracy: AccuracyReport | None
+    gate: GateResult | None = None
+    """The accuracy gate checked against ``accuracy`` (None when evaluation was disabled)."""
     environment: dict[str, str]
     stage_seconds: dict[str, float]
