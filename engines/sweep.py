@@ -44,6 +44,7 @@ from engines.backends.onnxruntime import OnnxRuntimeRunner
 from engines.benchmark import BenchmarkOptions, PerfReport
 from engines.errors import SpecError
 from engines.frozen import FrozenReport
+from engines.gate import GateResult
 from engines.mixed import MixedPrecisionResult
 from engines.spec import BackendName, BuildSpec, Precision
 from engines.sweep_report import (
@@ -136,6 +137,7 @@ class _Measured:
     accuracy: AccuracyReport
     mixed: MixedPrecisionResult | None
     int8_share: float | None
+    gate: GateResult | None
 
 
 def sweep(
@@ -299,6 +301,7 @@ def _measure(variant: Variant, ctx: _Context, reference: MemoizedRunner) -> _Mea
         batch_size=ctx.batch_size,
         reference=reference,
     )
+    gate = flow.gate(accuracy, spec=spec) if spec.precision is not Precision.FP32 else None
     share = None
     if spec.precision.uses_int8:
         share = mixed.int8_share if mixed is not None else 1.0
@@ -313,6 +316,7 @@ def _measure(variant: Variant, ctx: _Context, reference: MemoizedRunner) -> _Mea
         accuracy=accuracy,
         mixed=mixed,
         int8_share=share,
+        gate=gate,
     )
 
 
@@ -368,6 +372,7 @@ def _results(measured: list[_Measured], metric: AccuracyMetric) -> list[VariantR
                 perf=m.perf,
                 accuracy=m.accuracy,
                 mixed=m.mixed,
+                gate=m.gate,
             )
         )
     return results

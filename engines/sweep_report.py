@@ -19,6 +19,7 @@ from engines.accuracy import AccuracyMetric, AccuracyReport, MetricBudget
 from engines.benchmark import BenchmarkOptions, PerfReport
 from engines.charts import BarGroup, Box, ScatterPoint, bars_panel, scatter_panel, svg_document
 from engines.frozen import FrozenReport
+from engines.gate import GateResult
 from engines.mixed import MixedPrecisionResult
 from engines.spec import Precision
 
@@ -63,6 +64,9 @@ class VariantResult(FrozenReport):
     perf: PerfReport
     accuracy: AccuracyReport
     mixed: MixedPrecisionResult | None = None
+    gate: GateResult | None = None
+    """The accuracy gate this variant's precision gets by default (or the spec's), checked on
+    the held-out samples; a sweep lists a failing variant rather than stopping."""
 
 
 class VariantFailure(FrozenReport):
@@ -168,8 +172,8 @@ def render_markdown(report: SweepReport) -> str:
         f"batch {report.benchmark.batch_size or 1}.",
         "",
         f"| variant | size | build + search s | p50 ms | p90 ms | p99 ms | throughput qps | {metric} "
-        "| speedup vs fp32 | INT8 share | Pareto |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
+        "| speedup vs fp32 | INT8 share | Pareto | accuracy gate |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---|",
     ]
     for v in report.variants:
         lines.append(
@@ -177,7 +181,7 @@ def render_markdown(report: SweepReport) -> str:
             f"| {v.latency_p50_ms:.3f} | {v.latency_p90_ms:.3f} | {v.latency_p99_ms:.3f} "
             f"| {v.throughput_qps:.1f} | {v.accuracy_value:.6g} "
             f"| {_opt(v.speedup_vs_fp32, '.2f')} | {_opt(v.int8_share, '.0%')} "
-            f"| {'yes' if v.pareto else ''} |"
+            f"| {'yes' if v.pareto else ''} | {_gate_words(v)} |"
         )
     lines += ["", f"Pareto front (fastest first): {', '.join(report.pareto_front)}.", ""]
     if report.failed:
@@ -199,6 +203,15 @@ def render_markdown(report: SweepReport) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def _gate_words(variant: VariantResult) -> str:
+    gate = variant.gate
+    if gate is None or not gate.gate.enabled:
+        return "-"
+    if gate.passed:
+        return f"passed ({gate.gate_text})"
+    return "FAILED: " + "; ".join(str(f) for f in gate.failures)
 
 
 def render_svg(report: SweepReport) -> str:

@@ -246,6 +246,7 @@ class Workflow:
         table: CalibrationTable | None = None,
         batch_size: int | None = None,
         threads: int | None = None,
+        memory_limit_bytes: int | None = None,
         force: bool = False,
     ) -> Calibration | None:
         """The INT8 table: ``table`` when given, else a stored one under the cache key, else one
@@ -270,10 +271,17 @@ class Workflow:
                 hint="Pass a dataset to calibrate on, or a calibration table.",
                 field="data",
             )
-        return self._calibrate(calibration, batch_size=batch_size, threads=threads)
+        return self._calibrate(
+            calibration, batch_size=batch_size, threads=threads, memory_limit_bytes=memory_limit_bytes
+        )
 
     def _calibrate(
-        self, calibration: CalibrationDataset, *, batch_size: int | None, threads: int | None
+        self,
+        calibration: CalibrationDataset,
+        *,
+        batch_size: int | None,
+        threads: int | None,
+        memory_limit_bytes: int | None,
     ) -> Calibration:
         from calibrators.calibrate import calibrate, table_cache_key
 
@@ -297,6 +305,7 @@ class Workflow:
                 batch_size=batch_size,
                 threads=threads,
                 progress=progress.samples,
+                memory_limit_bytes=memory_limit_bytes,
             )
             table = table.model_copy(update={"model_sha256": self.model_sha256})
             if self.store is not None:

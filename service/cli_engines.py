@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING, Any
 import click
 import numpy as np
 
-from service.cli import handle_errors, method_option, preprocess_option
+from service.cli import handle_errors, memory_limit_option, method_option, preprocess_option
 from service.progress import CliRecorder, stage_progress
 
 if TYPE_CHECKING:
     from calibrators.data import CalibrationDataset
     from calibrators.table import CalibrationTable
-    from engines.backends.base import Runner
+    from engines.backends.base import Artifact, Runner
+    from engines.gate import GateResult
     from engines.spec import BuildSpec
     from engines.workflow import Split, Workflow
 
@@ -146,7 +147,12 @@ def _split(
 
 
 def _calibration(
-    flow: Workflow, split: Split | None, table: Path | None, *, force: bool = False
+    flow: Workflow,
+    split: Split | None,
+    table: Path | None,
+    *,
+    force: bool = False,
+    memory_limit_bytes: int | None = None,
 ) -> CalibrationTable | None:
     from calibrators.table import CalibrationTable
     from engines.errors import SpecError
@@ -157,7 +163,12 @@ def _calibration(
             field="data",
         )
     given = CalibrationTable.load(table) if table is not None else None
-    result = flow.calibrate(split.calibration if split else None, table=given, force=force)
+    result = flow.calibrate(
+        split.calibration if split else None,
+        table=given,
+        force=force,
+        memory_limit_bytes=memory_limit_bytes,
+    )
     return result.table if result is not None else None
 
 
@@ -228,6 +239,13 @@ def _calibration(
     default=None,
     help=".npy of int labels for --data (accuracy_drop budgets).",
 )
+@click.option(
+    "--gate",
+    multiple=True,
+    help="Accuracy gate METRIC:VALUE against FP32 on the held-out samples (repeatable), or "
+    "'none'. Default: the precision's (INT8: sqnr_db:12, FP16: sqnr_db:25).",
+)
+@memory_limit_option
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True)
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
@@ -247,19 +265,29 @@ def build(
     accuracy_budget: str | None,
     eval_fraction: float,
     labels: Path | None,
+    gate: tuple[str, ...],
+    memory_limit_bytes: int | None,
     out: Path,
     as_json: bool,
 ) -> None:
-    """Build a deployable artifact (TensorRT engine or Q/DQ / FP16 ONNX) from MODEL."""
+    """Build a deployable artifact (TensorRT engine or Q/DQ / FP16 ONNX) from MODEL.
+
+    With --data, a reduced-precision build is compared with FP32 on the held-out samples
+    (--eval-fraction) and must pass the accuracy gate: a build that misses it exits 1 (errors exit 2),
+    its artifact kept for inspection.
+    """
     started = time.perf_counter()
     spec = _build_spec(precision, method, percentile, backend, mode, keep, keep_fp16, shapes)
+    spec = _with_gate(spec, gate)
     flow = _workflow(model, spec, as_json)
-    split = _split(flow, data, preprocess, eval_fraction if accuracy_budget else 0.0, labels)
-    loaded = _calibration(flow, split, table)
+    gated = _gate_enabled(spec)
+    split = _split(flow, data, preprocess, eval_fraction if accuracy_budget or gated else 0.0, labels)
+    loaded = _calibration(flow, split, table, memory_limit_bytes=memory_limit_bytes)
     mixed: dict[str, Any] | None = None
     if accuracy_budget is not None:
         spec, mixed = _search_budget(flow, loaded, split, accuracy_budget)
     artifact = flow.build(out, loaded, spec=spec)
+    gate_result = _check_gate(flow, artifact, split, spec, as_json) if gated else None
     meta = artifact.metadata
     summary: dict[str, Any] = {
         "artifact": str(artifact.path),
@@ -272,9 +300,25 @@ def build(
     }
     if mixed is not None:
         summary["mixed_precision"] = mixed
+    if gate_result is not None:
+        summary["gate"] = gate_result.model_dump(mode="json")
     if as_json:
         click.echo(json.dumps(summary))
-        return
+    else:
+        _print_build(artifact, summary, mixed, accuracy_budget)
+    if gate_result is not None and not gate_result.passed:
+        from engines.gate import gate_error
+
+        error = gate_error(gate_result, spec.precision)
+        click.echo(f"error: {error.message}", err=True)
+        click.echo(f"hint: {error.hint}", err=True)
+        raise SystemExit(1)  # built, but not good enough: 1 like compare's failed budget
+
+
+def _print_build(
+    artifact: Artifact, summary: dict[str, Any], mixed: dict[str, Any] | None, budget: str | None
+) -> None:
+    meta = artifact.metadata
     click.echo(
         f"wrote {artifact.path} ({meta.size_bytes / 1e6:.1f} MB, {meta.backend} {meta.backend_version}, {meta.precision}) in {summary['seconds']} s"
     )
@@ -284,9 +328,47 @@ def build(
             f"INT8 nodes: {len(meta.quantized_nodes)}; kept in higher precision: {len(meta.kept_nodes)}"
         )
     if mixed is not None:
+        met = "met" if mixed.get("budget_met", True) else "NOT met"
         click.echo(
-            f"accuracy budget {accuracy_budget}: reached {mixed['value_reached']} (full INT8: {mixed['value_full_int8']}), kept {len(mixed['kept_nodes'])} node(s) out of INT8, {mixed['int8_share']:.0%} of quantizable nodes still INT8"
+            f"accuracy budget {budget}: {met} on the report split: {mixed['value_reached']} "
+            f"(full INT8: {mixed['value_full_int8']}; search split: "
+            f"{mixed.get('search_value_reached')}), kept {len(mixed['kept_nodes'])} node(s) out "
+            f"of INT8, {mixed['int8_share']:.0%} of quantizable nodes still INT8"
         )
+    gate = summary.get("gate")
+    if gate is not None:
+        verdict = "passed" if gate["passed"] else "FAILED"
+        click.echo(f"accuracy gate ({gate['gate_text']}): {verdict} on {gate['samples']} held-out samples")
+    elif summary["precision"] != "fp32":
+        click.echo("accuracy gate: not checked (pass --data to compare with FP32)")
+
+
+def _with_gate(spec: BuildSpec, texts: tuple[str, ...]) -> BuildSpec:
+    if not texts:
+        return spec
+    from engines.errors import SpecError
+    from engines.gate import AccuracyGate
+
+    try:
+        return spec.model_copy(update={"gate": AccuracyGate.parse(list(texts))})
+    except ValueError as exc:
+        raise SpecError(f"--gate {' '.join(texts)!r}: {exc}", field="gate") from exc
+
+
+def _gate_enabled(spec: BuildSpec) -> bool:
+    from engines.gate import resolve_gate
+
+    return resolve_gate(spec.gate, spec.precision).enabled
+
+
+def _check_gate(
+    flow: Workflow, artifact: Artifact, split: Split | None, spec: BuildSpec, quiet: bool
+) -> GateResult | None:
+    """Compare with FP32 on the held-out samples and check the gate; None without --data."""
+    if split is None:
+        return None
+    accuracy = flow.evaluate(artifact, split.evaluation, labels=split.eval_labels)
+    return flow.gate(accuracy, spec=spec)
 
 
 def _search_budget(
