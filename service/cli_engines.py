@@ -351,6 +351,8 @@ def _with_gate(spec: BuildSpec, texts: tuple[str, ...]) -> BuildSpec:
 
     try:
         return spec.model_copy(update={"gate": AccuracyGate.parse(list(texts))})
+    except SpecError as exc:
+        raise SpecError(f"--gate: {exc.message}", hint=exc.hint, field="gate") from exc
     except ValueError as exc:
         raise SpecError(f"--gate {' '.join(texts)!r}: {exc}", field="gate") from exc
 

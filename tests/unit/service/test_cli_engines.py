@@ -278,3 +278,70 @@ def test_sensitivity_ranks_nodes_by_onnx_name(
     no_labels = trtforge(*args, "--metric", "accuracy", "--max-nodes", "1")
     assert no_labels.returncode != 0 and "Traceback" not in no_labels.stderr
     assert "label" in no_labels.stderr.lower()
+
+
+def _sequence_model(path: Path) -> Path:
+    """x [N, 8, 16] -> MatMul -> Relu -> MatMul -> Softmax over classes: an [N, T, C] output
+    like a CTC recognizer's or a token classifier's."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    w1 = numpy_helper.from_array(rng.normal(0, 0.4, (16, 32)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.normal(0, 0.4, (32, 12)).astype(np.float32), "w2")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+            helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            helper.make_node("MatMul", ["r", "w2"], ["z"], name="fc2"),
+            helper.make_node("Softmax", ["z"], ["probs"], name="softmax", axis=-1),
+        ],
+        "seq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, 16])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["n", 8, 12])],
+        [w1, w2],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_accuracy_budget_on_a_sequence_output(tmp_path: Path) -> None:
+    model = _sequence_model(tmp_path / "seq.onnx")
+    data = tmp_path / "seq.npz"
+    np.savez(data, x=np.random.default_rng(2).normal(0, 1, (48, 8, 16)).astype(np.float32))
+    result = trtforge(
+        "build",
+        str(model),
+        "--precision",
+        "int8",
+        "--data",
+        str(data),
+        "--backend",
+        "onnxruntime",
+        "--accuracy-budget",
+        "top1_agreement:0.99",
+        "--out",
+        str(tmp_path / "seq.int8.onnx"),
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    mixed = json.loads(result.stdout)["mixed_precision"]
+    assert mixed["budget"]["metric"] == "top1_agreement"
+    assert mixed["search_value_reached"] >= 0.99
+    assert 0 <= mixed["value_reached"] <= 1
+
+
+def test_build_exits_one_when_the_gate_fails_and_keeps_the_artifact(
+    tiny_cnn_path: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "gated.onnx"
+    base = ["build", str(tiny_cnn_path), "--precision", "int8", "--data", str(tiny_data)]
+    gated = trtforge(*base, "--backend", "onnxruntime", "--gate", "sqnr_db:200", "--out", str(out))
+    assert gated.returncode == 1, gated.stderr
+    assert "accuracy gate" in gated.stderr and "logits" in gated.stderr
+    assert "hint:" in gated.stderr and "--method" in gated.stderr
+    assert out.exists() and "FAILED" in gated.stdout
+    passed = trtforge(*base, "--backend", "onnxruntime", "--gate", "cosine:0.5", "--out", str(out))
+    assert passed.returncode == 0, passed.stderr
+    assert "accuracy gate (cosine >= 0.5): passed" in passed.stdout
+    bad = trtforge(*base, "--gate", "nonsense:1", "--out", str(out))
+    assert bad.returncode == 2 and "--gate" in bad.stderr

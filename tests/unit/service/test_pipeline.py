@@ -144,3 +144,42 @@ def test_failures_are_recorded_with_the_error_envelope(
     assert done["artifact"] is None
     assert "Build failed" in client.get(done["links"]["logs"]).json()[-1]["message"]
     assert not (settings.data_dir / "work" / build["id"]).exists()
+
+
+def test_a_build_that_misses_its_accuracy_gate_fails_and_keeps_its_artifact(
+    client: TestClient, settings: Settings, ids: dict[str, str]
+) -> None:
+    # 200 dB is out of any INT8 build's reach: the gate must fail, whatever the ranges
+    spec = {"precision": "int8", "gate": "sqnr_db:200"}
+    build = client.post("/v1/builds", json={**ids, **FAST, "spec": spec}).json()
+    assert _run(settings, build["id"]) is BuildStatus.FAILED
+    done = client.get(f"/v1/builds/{build['id']}").json()
+    assert done["error"]["code"] == "accuracy_gate_failed"
+    assert "logits" in done["error"]["message"] and "sqnr_db" in done["error"]["message"]
+    assert "--" not in done["error"]["hint"]  # REST words, not CLI flags
+    assert "spec.calibration.method" in done["error"]["hint"]
+    import hashlib
+
+    artifact = client.get(done["links"]["artifact"])
+    assert artifact.status_code == 200
+    assert hashlib.sha256(artifact.content).hexdigest() == done["artifact"]["sha256"]
+    report = BuildReport.model_validate(client.get(done["links"]["report"]).json())
+    assert report.gate is not None and not report.gate.passed
+    assert report.gate.failed_outputs == ["logits"]
+    assert "gated" in client.get("/").text
+
+
+def test_the_default_gate_passes_a_sound_build_and_none_turns_it_off(
+    client: TestClient, settings: Settings, ids: dict[str, str]
+) -> None:
+    sound = client.post("/v1/builds", json={**ids, **FAST}).json()
+    assert _run(settings, sound["id"]) is BuildStatus.SUCCEEDED
+    report = BuildReport.model_validate(client.get(f"/v1/builds/{sound['id']}/report").json())
+    assert report.gate is not None and report.gate.passed
+    assert report.gate.gate_text == "sqnr_db >= 12"
+    off = client.post(
+        "/v1/builds", json={**ids, **FAST, "spec": {"precision": "int8", "gate": "none"}}
+    ).json()
+    assert _run(settings, off["id"]) is BuildStatus.SUCCEEDED
+    report = BuildReport.model_validate(client.get(f"/v1/builds/{off['id']}/report").json())
+    assert report.gate is not None and report.gate.passed and not report.gate.gate.enabled
