@@ -5,7 +5,7 @@ too hard (a CTC recognizer's 1x1 Conv input: amax 0.045 where the tensor reaches
 cosine 0.58), min-max wastes levels on long tails, a percentile or MSE of the tensor itself ignores
 that a few wide channels may carry the weights that matter. ``auto`` computes every candidate from
 the histogram already collected (entropy, minmax, percentile 99.9 / 99.99 / 99.999, mse; see
-:func:`calibrators.methods.auto_candidates`) and keeps, per tensor, the one whose quantization
+:func:`calibrators.candidates.auto_candidates`) and keeps, per tensor, the one whose quantization
 hurts least *at the output of the nodes that read it*, in the manner of AIMET's per-layer
 SQNR-based range setting:
 
@@ -18,7 +18,7 @@ SQNR-based range setting:
   pooling, Concat or LayerNormalization reads the tensor too, the tensor's own error (below) is
   one more term of that average.
 - Any other tensor is judged by its own quantization error, ``||x - Q_a(x)||^2 / ||x||^2``,
-  computed from its histogram (:func:`calibrators.methods.quantization_error`).
+  computed from its histogram (:func:`calibrators.candidates.quantization_error`).
 - A bounded activation that reaches its bound keeps it (see :func:`calibrators.calibrate.calibrate`)
   and is not measured.
 
@@ -37,6 +37,7 @@ exotic model may fail), every tensor falls back to its own error, with a warning
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,10 +46,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from calibrators.candidates import auto_candidates, choose_by_tensor_error
 from calibrators.collect import session_providers
 from calibrators.data import CalibrationDataset, model_input_specs
 from calibrators.histogram import Histogram
-from calibrators.methods import MethodSpec, auto_candidates, choose_by_tensor_error
+from calibrators.methods import MethodSpec
 from calibrators.onnxio import load_onnx
 from calibrators.table import RangeChoice, RangeCriterion
 from calibrators.weights import INT8_LEVELS, WEIGHT_OPS, fake_quantize_weight, node_weight_axis
@@ -68,6 +70,11 @@ _SELF_READERS = frozenset(
 """Readers through which the Q/DQ pass may quantize a tensor with no weight in between."""
 
 _PREFIX = "trtforge_auto/"
+
+_MIN_CHANNELS = 16
+_CHANNEL_FRACTION = 8
+"""A layer's error is measured on every 8th output channel (evenly spread, at least 16): the
+candidates are compared on the same channels, and the branches cost an eighth of the layer."""
 
 
 @dataclass(frozen=True)
@@ -152,7 +159,8 @@ def weighted_consumers(
             source = pad.input[0]
         root = aliases.get(source, source)
         if root in observed:
-            found.append(Consumer(node.name or f"{node.op_type}_{position}", position, tensor, root))
+            name = node.name or f"{node.op_type}_{position}"
+            found.append(Consumer(name, position, tensor, root))
     return found
 
 
@@ -187,19 +195,59 @@ class _Names:
         return f"{_PREFIX}{self.count}/{what}"
 
 
-def _bias_term(
-    node: onnx.NodeProto, constants: Mapping[str, np.ndarray], weight_rank: int
-) -> np.ndarray | None:
-    """The constant the node adds to ``W * x`` (Conv bias, Gemm ``beta * C``), shaped to broadcast."""
-    if len(node.input) < 3 or not node.input[2]:
+@dataclass(frozen=True)
+class _Layer:
+    """What a consumer's branches compute with: its quantized weight, possibly on a subset of
+    its output channels, and the constant it adds to ``W * x``."""
+
+    weight: np.ndarray
+    """Fake-quantized weight (output channels ``channels`` only, when set)."""
+    channels: np.ndarray | None
+    """Output channels measured (int64), None for all."""
+    bias: np.ndarray | None
+    """Input 2 of the branch (the subset of the node's constant bias); None keeps the node's."""
+    offset: np.ndarray | None
+    """The constant added to ``W * x`` on the measured channels (Conv bias, Gemm ``beta * C``),
+    shaped to broadcast against the output; None when there is none or it is not constant."""
+    out_axis: int
+    """The output's channel axis."""
+
+
+def _spread(count: int) -> np.ndarray | None:
+    """Evenly spread output channels to measure, or None to measure all ``count``."""
+    keep = max(_MIN_CHANNELS, -(-count // _CHANNEL_FRACTION))
+    if keep >= count:
         return None
-    bias = constants.get(node.input[2])
-    if bias is None:
-        return None
-    if node.op_type == "Gemm":
-        beta = next((a.f for a in node.attribute if a.name == "beta"), 1.0)
-        return (np.float32(beta) * bias).astype(np.float32)
-    return bias.astype(np.float32).reshape([-1] + [1] * max(weight_rank - 2, 0))
+    return np.unique(np.round(np.linspace(0, count - 1, keep))).astype(np.int64)
+
+
+def _layer(node: onnx.NodeProto, constants: Mapping[str, np.ndarray]) -> _Layer:
+    weight = constants[node.input[1]]
+    axis = node_weight_axis(node, weight.ndim)
+    quantized = fake_quantize_weight(weight, axis)
+    attrs = {a.name: a for a in node.attribute}
+    has_bias = len(node.input) > 2 and bool(node.input[2])
+    bias = constants.get(node.input[2]) if has_bias else None
+    grouped = "group" in attrs and attrs["group"].i != 1
+    out_axis = -1 if node.op_type == "MatMul" else 1
+    channels = None
+    count = weight.shape[axis] if axis is not None else 0
+    if axis is not None and not grouped and (bias is not None or not has_bias):
+        channels = _spread(count)
+    replaced = None
+    if channels is not None:
+        quantized = np.take(quantized, channels, axis=axis)
+        if bias is not None and bias.ndim >= 1 and bias.shape[-1] == count:
+            replaced = bias = np.take(bias, channels, axis=-1)
+    offset = None
+    if bias is not None:
+        bias = bias.astype(np.float32)
+        if node.op_type == "Gemm":
+            beta = attrs["beta"].f if "beta" in attrs else 1.0
+            offset = (np.float32(beta) * bias).astype(np.float32)
+        else:
+            offset = bias.reshape([-1] + [1] * max(weight.ndim - 2, 0))
+    return _Layer(quantized, channels, replaced, offset, out_axis)
 
 
 def _branches(
@@ -210,41 +258,48 @@ def _branches(
     names: _Names,
     initializers: list[onnx.TensorProto],
 ) -> tuple[list[onnx.NodeProto], _Probe]:
-    weight = constants[node.input[1]]
-    quantized = names("weight")
-    axis = node_weight_axis(node, weight.ndim)
-    initializers.append(numpy_helper.from_array(fake_quantize_weight(weight, axis), quantized))
-    zero = names("zero_point")
-    initializers.append(numpy_helper.from_array(np.zeros((), np.int8), zero))
-    probe = _Probe(consumer)
+    layer = _layer(node, constants)
     nodes: list[onnx.NodeProto] = []
-    output = node.output[0]
-    for amax in amaxes:
-        scale = names("scale")
-        initializers.append(
-            numpy_helper.from_array(np.asarray(np.float32(amax / INT8_LEVELS)), scale)
+
+    def constant(what: str, value: np.ndarray) -> str:
+        name = names(what)
+        initializers.append(numpy_helper.from_array(value, name))
+        return name
+
+    weight, zero = constant("weight", layer.weight), constant("zero", np.zeros((), np.int8))
+    bias = constant("bias", layer.bias) if layer.bias is not None else None
+    reference = node.output[0]
+    if layer.channels is not None:  # the original output on the measured channels
+        index, reference = constant("channels", layer.channels), names("reference")
+        nodes.append(
+            helper.make_node(
+                "Gather", [node.output[0], index], [reference], names("G"), axis=layer.out_axis
+            )
         )
+    probe = _Probe(consumer)
+    for amax in amaxes:
+        scale = constant("scale", np.asarray(np.float32(amax / INT8_LEVELS)))
         q, dq, y, diff, err = (names(w) for w in ("q", "dq", "y", "diff", "sq_error"))
         again = onnx.NodeProto()
         again.CopyFrom(node)
         again.name = names("node")
-        again.input[0], again.input[1] = dq, quantized
+        again.input[0], again.input[1] = dq, weight
+        if bias is not None:
+            again.input[2] = bias
         del again.output[:]
         again.output.append(y)
         nodes += [
             helper.make_node("QuantizeLinear", [consumer.tensor, scale, zero], [q], names("Q")),
             helper.make_node("DequantizeLinear", [q, scale, zero], [dq], names("DQ")),
             again,
-            helper.make_node("Sub", [y, output], [diff], names("Sub")),
+            helper.make_node("Sub", [y, reference], [diff], names("Sub")),
             helper.make_node("ReduceSumSquare", [diff], [err], names("Sum"), keepdims=0),
         ]
         probe.errors.append(err)
-    reference = output
-    bias = _bias_term(node, constants, weight.ndim)
-    if bias is not None:
-        bias_name, reference = names("bias"), names("reference")
-        initializers.append(numpy_helper.from_array(bias, bias_name))
-        nodes.append(helper.make_node("Sub", [output, bias_name], [reference], names("Sub")))
+    if layer.offset is not None:
+        offset, pure = constant("offset", layer.offset), names("pure")
+        nodes.append(helper.make_node("Sub", [reference, offset], [pure], names("Sub")))
+        reference = pure
     probe.energy = names("energy")
     nodes.append(
         helper.make_node("ReduceSumSquare", [reference], [probe.energy], names("Sum"), keepdims=0)
@@ -374,6 +429,7 @@ def choose_ranges(
     of candidates on the consumers is measured on the dataset's first ``method.samples`` samples,
     ``batch_size`` (8 by default) at a time.
     """
+    started = time.perf_counter()
     levels = method.num_quant_bins
     bounds = bounds or {}
     candidates = {
@@ -381,10 +437,10 @@ def choose_ranges(
         for name, hist in histograms.items()
         if name not in bounds and hist.max_abs > 0.0
     }
+    computed = time.perf_counter()
     model = load_onnx(model_path)
     consumers = weighted_consumers(model, candidates, aliases)
     self_read = _self_read(model, aliases)
-    samples = method.samples or 1
     measured: dict[str, list[tuple[str, dict[float, float], float]]] = {}
     done = 0
     opset = _default_opset(model)
@@ -393,6 +449,7 @@ def choose_ranges(
         measuring, probes = _measuring_model(model, consumers, amaxes)
         del model
         data = dataset.validate(model_input_specs(measuring))
+        samples = method.samples or 1
         batch = max(1, min(batch_size or _DEFAULT_BATCH, samples))
         try:
             errors, energy, done = _measure(measuring, probes, data, samples, batch, threads)
@@ -405,7 +462,16 @@ def choose_ranges(
                 measured.setdefault(c.root, []).append((c.node, by_amax, energy[c.node]))
     elif consumers:
         log.warning("auto: opset %d has no QuantizeLinear; ranges by tensor error", opset)
-    return _choose(histograms, candidates, measured, self_read, bounds, levels, done)
+    ranges = _choose(histograms, candidates, measured, self_read, bounds, levels, done)
+    log.info(
+        "auto: candidates of %d tensors in %.2f s; %d consumers measured on %d samples in %.2f s",
+        len(candidates),
+        computed - started,
+        len(consumers),
+        done,
+        time.perf_counter() - computed,
+    )
+    return ranges
 
 
 def _choose(

@@ -33,15 +33,12 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from calibrators.histogram import Histogram
 
 __all__ = [
-    "AUTO_PERCENTILES",
     "DEFAULT_AUTO_SAMPLES",
     "DEFAULT_NUM_QUANT_BINS",
     "DEFAULT_PERCENTILE",
     "CalibrationMethod",
     "MethodSpec",
     "auto",
-    "auto_candidates",
-    "choose_by_tensor_error",
     "entropy",
     "entropy_amax",
     "entropy_bin",
@@ -53,7 +50,6 @@ __all__ = [
     "mse_amax",
     "percentile",
     "percentile_amax",
-    "quantization_error",
 ]
 
 DEFAULT_NUM_QUANT_BINS = 128
@@ -61,14 +57,9 @@ DEFAULT_NUM_QUANT_BINS = 128
 
 DEFAULT_PERCENTILE = 99.99
 
-AUTO_PERCENTILES = (99.9, 99.99, 99.999)
-"""The percentiles among ``auto``'s candidates."""
-
 DEFAULT_AUTO_SAMPLES = 16
 """Samples on which ``auto`` measures each consumer's error (see :mod:`calibrators.auto`)."""
 
-_ERROR_SUBPOINTS = 8
-"""Points per bin at which :func:`quantization_error` evaluates the quantizer."""
 
 _MSE_CHUNK = 128
 """Candidates evaluated at once by :func:`mse_amax` (bounds its scratch to ~2 MB)."""
@@ -270,65 +261,6 @@ def mse_amax(hist: Histogram, num_quant_bins: int = DEFAULT_NUM_QUANT_BINS) -> f
 
 
 # ---------------------------------------------------------------------------------------------
-# auto: the candidates, and the tensor's own quantization error
-
-
-def auto_candidates(
-    hist: Histogram, num_quant_bins: int = DEFAULT_NUM_QUANT_BINS
-) -> dict[str, float]:
-    """``auto``'s candidate ranges for ``hist``, by label: ``entropy``, ``minmax``,
-    ``percentile:99.9``, ``percentile:99.99``, ``percentile:99.999`` and ``mse``."""
-    candidates = {
-        "entropy": entropy_amax(hist, num_quant_bins),
-        "minmax": minmax_amax(hist),
-    }
-    for p in AUTO_PERCENTILES:
-        candidates[f"percentile:{p}"] = percentile_amax(hist, p)
-    candidates["mse"] = mse_amax(hist, num_quant_bins)
-    return candidates
-
-
-def quantization_error(
-    hist: Histogram, amax: float, num_quant_bins: int = DEFAULT_NUM_QUANT_BINS
-) -> float:
-    """The squared error of per-tensor INT8 fake quantization with range ``amax``, relative to the
-    tensor's energy: ``sum (x - Q(x))^2 / sum x^2`` (1 / SQNR), estimated from the histogram.
-
-    ``Q(x) = min(round(|x| / s), qmax) * s`` with ``s = float32(amax / qmax)`` and
-    ``qmax = num_quant_bins - 1``. Within a bin the values are taken as spread evenly (evaluated
-    at 8 points per bin): a bin's centre alone would misjudge the rounding error of a range whose
-    step is finer than the bins (a low percentile of a spiky tensor). 0 for an all-zero tensor.
-    """
-    counts = np.asarray(hist.counts, dtype=np.float64)
-    nonempty = np.flatnonzero(counts)
-    if hist.max_abs == 0.0 or nonempty.size == 0:
-        return 0.0
-    offsets = (np.arange(_ERROR_SUBPOINTS) + 0.5) / _ERROR_SUBPOINTS
-    points = ((nonempty[:, None] + offsets[None, :]) * hist.bin_width).reshape(-1)
-    weights = np.repeat(counts[nonempty] / _ERROR_SUBPOINTS, _ERROR_SUBPOINTS)
-    energy = float(weights @ (points * points))
-    if not energy > 0.0:
-        return 0.0
-    qmax = num_quant_bins - 1
-    step = float(np.float32(amax / qmax))
-    if not step > 0.0:
-        return 1.0  # everything quantizes to 0
-    diff = points - np.minimum(np.rint(points / step), qmax) * step
-    return float(weights @ (diff * diff)) / energy
-
-
-def choose_by_tensor_error(
-    hist: Histogram, candidates: dict[str, float], num_quant_bins: int = DEFAULT_NUM_QUANT_BINS
-) -> tuple[str, dict[str, float]]:
-    """The candidate with the least :func:`quantization_error` (the first listed on ties), and
-    every candidate's error."""
-    errors = {
-        label: quantization_error(hist, amax, num_quant_bins) for label, amax in candidates.items()
-    }
-    return min(errors, key=errors.__getitem__), errors
-
-
-# ---------------------------------------------------------------------------------------------
 # MethodSpec and presets
 
 
@@ -411,10 +343,12 @@ class MethodSpec(BaseModel):
         """amax for ``hist`` with this method (``>= 0``; 0 only for an all-zero tensor).
 
         ``auto`` from a histogram alone is the candidate with the least error in the tensor itself
-        (:func:`choose_by_tensor_error`); :func:`calibrators.calibrate.calibrate` does better
+        (:func:`calibrators.candidates.choose_by_tensor_error`); :func:`calibrators.calibrate.calibrate` does better
         where the tensor feeds a Conv, Gemm or MatMul (see :mod:`calibrators.auto`).
         """
         if self.method is CalibrationMethod.AUTO:
+            from calibrators.candidates import auto_candidates, choose_by_tensor_error
+
             candidates = auto_candidates(hist, self.num_quant_bins)
             label, _ = choose_by_tensor_error(hist, candidates, self.num_quant_bins)
             return candidates[label]

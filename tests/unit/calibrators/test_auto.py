@@ -9,12 +9,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from calibrators.auto import weighted_consumers
+from calibrators.auto import _spread, weighted_consumers
 from calibrators.calibrate import calibrate
+from calibrators.candidates import quantization_error
 from calibrators.collect import observable_tensors
 from calibrators.data import CalibrationDataset
 from calibrators.histogram import histograms_of
-from calibrators.methods import CalibrationMethod, auto, entropy, minmax, quantization_error
+from calibrators.methods import CalibrationMethod, auto, entropy, minmax
 from calibrators.table import CalibrationTable, RangeCriterion
 from calibrators.weights import fake_quantize, fake_quantize_weight
 
@@ -203,3 +204,75 @@ def test_other_methods_record_no_choices(tmp_path: Path) -> None:
     dataset = CalibrationDataset.from_arrays({"x": _wide_channel_data(4)})
     assert calibrate(path, dataset, minmax()).range_choices is None
     assert calibrate(path, dataset, entropy()).range_choices is None
+
+
+def test_wide_layers_are_measured_exactly_on_a_spread_of_output_channels(tmp_path: Path) -> None:
+    """1x1 Conv with bias, MatMul on [n, T, K], Gemm with transB, alpha, beta and C: the recorded
+    error of every candidate is the layer's true relative error on the measured channels."""
+    rng = np.random.default_rng(9)
+    w = (rng.standard_normal((64, 8, 1, 1)) * 0.2).astype(np.float32)
+    bias = rng.standard_normal(64).astype(np.float32)
+    m = (rng.standard_normal((32, 48)) * 0.2).astype(np.float32)
+    g = (rng.standard_normal((40, 32)) * 0.2).astype(np.float32)
+    c = rng.standard_normal(40).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w", "bias"], ["y"], name="conv"),
+            helper.make_node("MatMul", ["v", "m"], ["mv"], name="matmul"),
+            helper.make_node(
+                "Gemm", ["u", "g", "c"], ["gu"], name="gemm", transB=1, alpha=0.5, beta=2.0
+            ),
+        ],
+        "wide",
+        [
+            helper.make_tensor_value_info("x", F, ["n", 8, 4, 4]),
+            helper.make_tensor_value_info("v", F, ["n", 5, 32]),
+            helper.make_tensor_value_info("u", F, ["n", 32]),
+        ],
+        [
+            helper.make_tensor_value_info("y", F, ["n", 64, 4, 4]),
+            helper.make_tensor_value_info("mv", F, ["n", 5, 48]),
+            helper.make_tensor_value_info("gu", F, ["n", 40]),
+        ],
+        [
+            numpy_helper.from_array(array, name)
+            for array, name in ((w, "w"), (bias, "bias"), (m, "m"), (g, "g"), (c, "c"))
+        ],
+    )
+    path = _save(tmp_path, graph)
+    n = 12
+    data = {
+        "x": (rng.standard_t(3, (n, 8, 4, 4))).astype(np.float32),
+        "v": (rng.standard_t(3, (n, 5, 32))).astype(np.float32),
+        "u": (rng.standard_t(3, (n, 32))).astype(np.float32),
+    }
+    table = calibrate(path, CalibrationDataset.from_arrays(data), auto(samples=n), batch_size=5)
+    choices = table.range_choices
+    assert choices is not None
+    f64 = np.float64
+
+    def relative(got: np.ndarray, ref: np.ndarray) -> float:
+        return float(np.sum((got - ref) ** 2) / np.sum(ref**2))
+
+    keep = _spread(64)
+    assert keep is not None and keep.size == 16  # every 8th channel, at least 16
+    wq = fake_quantize_weight(w, 0)[keep, :, 0, 0].astype(f64)
+    for label, amax in choices["x"].candidates.items():
+        xq = fake_quantize(data["x"], amax).astype(f64)
+        ref = np.einsum("oc,nchw->nohw", w[keep, :, 0, 0].astype(f64), data["x"].astype(f64))
+        got = np.einsum("oc,nchw->nohw", wq, xq)
+        assert choices["x"].errors[label] == pytest.approx(relative(got, ref), rel=1e-3)
+    keep = _spread(48)
+    assert keep is not None
+    mq = fake_quantize_weight(m, 1)[:, keep].astype(f64)
+    for label, amax in choices["v"].candidates.items():
+        ref = data["v"].astype(f64) @ m[:, keep].astype(f64)
+        got = fake_quantize(data["v"], amax).astype(f64) @ mq
+        assert choices["v"].errors[label] == pytest.approx(relative(got, ref), rel=1e-3)
+    keep = _spread(40)
+    assert keep is not None
+    gq = fake_quantize_weight(g, 0)[keep].astype(f64)
+    for label, amax in choices["u"].candidates.items():
+        ref = 0.5 * data["u"].astype(f64) @ g[keep].T.astype(f64)
+        got = 0.5 * fake_quantize(data["u"], amax).astype(f64) @ gq.T
+        assert choices["u"].errors[label] == pytest.approx(relative(got, ref), rel=1e-3)

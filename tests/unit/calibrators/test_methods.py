@@ -15,14 +15,12 @@ import pydantic
 import pytest
 from scipy.stats import entropy as scipy_entropy
 
+from calibrators.candidates import auto_candidates, choose_by_tensor_error
 from calibrators.histogram import Histogram, HistogramMode, histograms_of
 from calibrators.methods import (
-    AUTO_PERCENTILES,
     CalibrationMethod,
     MethodSpec,
     auto,
-    auto_candidates,
-    choose_by_tensor_error,
     entropy,
     entropy_amax,
     entropy_bin,
@@ -34,9 +32,7 @@ from calibrators.methods import (
     mse_amax,
     percentile,
     percentile_amax,
-    quantization_error,
 )
-from calibrators.weights import fake_quantize
 from tests.unit.calibrators.test_histogram import fashion_activations
 
 
@@ -321,6 +317,14 @@ def test_presets_and_params() -> None:
     assert MethodSpec.model_validate_json(auto(4).model_dump_json()) == auto(4)
 
 
+def test_auto_from_a_histogram_alone_is_the_least_error_of_the_tensor() -> None:
+    values = np.abs(np.random.default_rng(7).standard_t(2, 300_000)).astype(np.float32)
+    hist = histogram_of(values)
+    candidates = auto_candidates(hist)
+    label, _ = choose_by_tensor_error(hist, candidates)
+    assert auto().compute_amax(hist) == candidates[label]
+
+
 def test_compute_amax_dispatches_to_the_method() -> None:
     values = np.abs(np.random.default_rng(4).standard_t(3, 100_000)).astype(np.float32)
     hist = histogram_of(values)
@@ -371,59 +375,3 @@ def test_method_spec_is_frozen_and_round_trips_json() -> None:
     assert MethodSpec.model_validate_json(spec.model_dump_json()) == spec
     assert hash(spec) == hash(percentile(99.9))
 
-
-# --------------------------------------------------------------------------------------------
-# auto: candidates and the tensor's own quantization error
-
-
-def _direct_error(values: np.ndarray, amax: float) -> float:
-    """1 / SQNR of per-tensor fake quantization, on the samples themselves."""
-    diff = values.astype(np.float64) - fake_quantize(values, amax).astype(np.float64)
-    return float(np.sum(diff * diff) / np.sum(values.astype(np.float64) ** 2))
-
-
-def test_auto_candidates_are_the_single_methods() -> None:
-    values = np.abs(np.random.default_rng(5).standard_t(3, 200_000)).astype(np.float32)
-    hist = histogram_of(values)
-    candidates = auto_candidates(hist)
-    assert list(candidates) == [
-        "entropy",
-        "minmax",
-        *(f"percentile:{p}" for p in AUTO_PERCENTILES),
-        "mse",
-    ]
-    assert candidates["entropy"] == entropy_amax(hist)
-    assert candidates["minmax"] == hist.max_abs
-    assert candidates["percentile:99.99"] == percentile_amax(hist, 99.99)
-    assert candidates["mse"] == mse_amax(hist)
-
-
-@pytest.mark.parametrize("fraction", [0.002, 0.03, 0.2, 1.0])
-def test_quantization_error_matches_fake_quantizing_the_samples(fraction: float) -> None:
-    # a spiky tensor: most values near 0, a long tail; fraction 0.002 makes the step finer than
-    # a histogram bin, where evaluating bins at their centres only would be far off
-    rng = np.random.default_rng(6)
-    values = np.abs(rng.standard_t(2, 400_000) * 0.05).astype(np.float32)
-    hist = histogram_of(values)
-    amax = fraction * hist.max_abs
-    assert quantization_error(hist, amax) == pytest.approx(_direct_error(values, amax), rel=0.03)
-
-
-def test_quantization_error_degenerate_cases() -> None:
-    empty = Histogram(counts=np.zeros(2048), max_abs=0.0)
-    assert quantization_error(empty, 1.0) == 0.0
-    hist = histogram_of(np.linspace(0.0, 1.0, 1000, dtype=np.float32))
-    assert quantization_error(hist, 0.0) == 1.0
-
-
-def test_choose_by_tensor_error_picks_the_least_error_and_auto_uses_it() -> None:
-    values = np.abs(np.random.default_rng(7).standard_t(2, 300_000)).astype(np.float32)
-    hist = histogram_of(values)
-    candidates = auto_candidates(hist)
-    label, errors = choose_by_tensor_error(hist, candidates)
-    assert set(errors) == set(candidates)
-    assert errors[label] == min(errors.values())
-    assert label != "minmax"  # a long tail: the full range wastes the levels
-    direct = {name: _direct_error(values, amax) for name, amax in candidates.items()}
-    assert min(direct, key=direct.__getitem__) == label
-    assert auto().compute_amax(hist) == candidates[label]
