@@ -47,9 +47,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from calibrators.candidates import auto_candidates, choose_by_tensor_error
-from calibrators.collect import session_providers
+from calibrators.collect import observable_tensors, session_providers
 from calibrators.data import CalibrationDataset, model_input_specs
 from calibrators.histogram import Histogram
+from calibrators.memory import DEFAULT_MEMORY_LIMIT_BYTES
 from calibrators.methods import MethodSpec
 from calibrators.onnxio import load_onnx
 from calibrators.table import RangeChoice, RangeCriterion
@@ -63,6 +64,10 @@ _MIN_QDQ_OPSET = 10
 """QuantizeLinear/DequantizeLinear exist from opset 10 (per tensor, which is all we need)."""
 
 _DEFAULT_BATCH = 8
+
+_WORKING_COPIES = 6
+"""Activations of a batch alive at once in the measuring copy, in units of the largest one: the
+node's input and output, and a branch's quantized input, its output and their difference."""
 
 _SELF_READERS = frozenset(
     {"Add", "Sum", "AveragePool", "GlobalAveragePool", "Concat", "LayerNormalization"}
@@ -341,6 +346,19 @@ def _measuring_model(
     return measuring, probes
 
 
+def _measuring_batch(
+    model: onnx.ModelProto, samples: int, batch_size: int | None, memory_limit_bytes: int | None
+) -> int:
+    """Samples per run of the measuring copy: ``batch_size`` (8 by default), fewer where
+    :data:`_WORKING_COPIES` copies of the largest activation of a batch exceed the memory limit."""
+    batch = min(samples, batch_size or _DEFAULT_BATCH)
+    largest = max((size or 0 for size in observable_tensors(model).tensor_bytes.values()), default=0)
+    if largest:
+        limit = memory_limit_bytes or DEFAULT_MEMORY_LIMIT_BYTES
+        batch = min(batch, limit // (_WORKING_COPIES * largest))
+    return max(1, batch)
+
+
 def _default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
@@ -421,13 +439,15 @@ def choose_ranges(
     bounds: Mapping[str, float] | None = None,
     batch_size: int | None = None,
     threads: int | None = None,
+    memory_limit_bytes: int | None = None,
 ) -> AutoRanges:
     """``auto``'s range for every tensor of ``histograms`` (the observed ones, aliases excluded).
 
     ``bounds``: tensor -> the bound of a saturated bounded activation, kept as its range (and
     not measured). ``method`` is an ``auto`` spec (``samples``, ``num_quant_bins``). The error
     of candidates on the consumers is measured on the dataset's first ``method.samples`` samples,
-    ``batch_size`` (8 by default) at a time.
+    ``batch_size`` (8 by default) at a time, fewer where a batch's working tensors would not fit
+    in ``memory_limit_bytes`` (1 GiB by default).
     """
     started = time.perf_counter()
     levels = method.num_quant_bins
@@ -446,11 +466,11 @@ def choose_ranges(
     opset = _default_opset(model)
     if consumers and opset >= _MIN_QDQ_OPSET:
         amaxes = {c.root: _distinct(candidates[c.root]) for c in consumers}
+        samples = method.samples or 1
+        batch = _measuring_batch(model, samples, batch_size, memory_limit_bytes)
         measuring, probes = _measuring_model(model, consumers, amaxes)
         del model
         data = dataset.validate(model_input_specs(measuring))
-        samples = method.samples or 1
-        batch = max(1, min(batch_size or _DEFAULT_BATCH, samples))
         try:
             errors, energy, done = _measure(measuring, probes, data, samples, batch, threads)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/RuntimeException

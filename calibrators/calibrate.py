@@ -210,6 +210,7 @@ def calibrate(
                 bounds=_saturated_bounds(peaks, bounds),
                 batch_size=batch_size,
                 threads=threads,
+                memory_limit_bytes=memory_limit_bytes,
             )
             amax = ranges.amax
             choices = with_aliases(ranges.choices, list(histograms), aliases)

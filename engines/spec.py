@@ -13,7 +13,7 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 
 from calibrators.histogram import HistogramMode
-from calibrators.methods import MethodSpec, entropy
+from calibrators.methods import MethodSpec, auto
 from engines.errors import SpecError
 from engines.frozen import FrozenModel
 from engines.gate import AccuracyGate
@@ -165,7 +165,7 @@ class BuildSpec(FrozenModel):
     """What to build. ``None`` fields mean "use the default"."""
 
     precision: Precision = Precision.INT8_FP16
-    calibration: MethodSpec = Field(default_factory=entropy)
+    calibration: MethodSpec = Field(default_factory=auto)
     histogram: HistogramMode = HistogramMode.EXACT
     backend: BackendName = BackendName.AUTO
     mode: TensorRTMode = TensorRTMode.EXPLICIT

@@ -30,9 +30,11 @@ def fail(message: str, hint: str = "") -> None:
 
 method_option = click.option(
     "--method",
-    type=click.Choice(["entropy", "minmax", "percentile", "mse"]),
-    default="entropy",
+    type=click.Choice(["auto", "entropy", "minmax", "percentile", "mse"]),
+    default="auto",
     show_default=True,
+    help="Calibration method; auto picks per tensor the candidate range (entropy, minmax, "
+    "percentiles, mse) with the least error at the layers reading it.",
 )
 """``--method``: the calibration method, shared by every command that calibrates."""
 
