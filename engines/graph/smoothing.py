@@ -234,17 +234,23 @@ def _search(
         grouped = np.abs(matrix).reshape(layer.groups, k // layer.groups, per_group, -1)
         wmax = np.maximum(wmax, grouped.max(axis=(1, 3)).reshape(channels))
 
+    references = [
+        layer_output(stat.rows, matrix, layer.groups)
+        for layer, stat, matrix in zip(layers, inputs, matrices, strict=True)
+    ]
+    signals = [float(np.sum(np.square(r, dtype=np.float64))) for r in references]
+
     def error(scales: np.ndarray) -> float:
         amax = float(np.max(absmax / scales))
         total = 0.0
-        for layer, stat, matrix in zip(layers, inputs, matrices, strict=True):
+        for layer, stat, matrix, reference, signal in zip(
+            layers, inputs, matrices, references, signals, strict=True
+        ):
             rows = stat.rows / scales.astype(np.float32)[None, :, None]
             smoothed = _scale_matrix(matrix, scales, layer.groups)
-            reference = layer_output(stat.rows, matrix, layer.groups)
             quantized = layer_output(
                 fake_quantize(rows, amax), fake_quantize_weight(smoothed, 0, levels), layer.groups
             )
-            signal = float(np.sum(np.square(reference, dtype=np.float64)))
             noise = float(np.sum(np.square(reference - quantized, dtype=np.float64)))
             total += noise / max(signal, 1e-30)
         return total / len(layers)

@@ -8,11 +8,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from calibrators.data import CalibrationDataset
+from engines.graph import prepare_model
 from engines.graph.bias import sqnr_db
 from engines.graph.layer_stats import LayerStats, collect_layer_stats
 from engines.graph.qdq import insert_qdq
 from engines.graph.smoothing import smooth
-from engines.spec import TechniqueMode
+from engines.spec import BuildSpec, Precision, TechniqueMode
 from tests.unit.engines.graph.helpers import nodes_by_name, run, table_from_activations
 
 WIDE = (1, 5)  # channels an order of magnitude wider than the rest
@@ -200,3 +201,20 @@ def test_off_changes_nothing_and_auto_applies_where_the_gain_is_enough(tmp_path:
             assert record.applied == (record.folded_into is not None)
     kept = smooth(model, stats, keep=("conv2",))
     assert kept.report.skipped == {"conv2": "kept by user"}
+
+
+def test_a_smoothed_model_builds_int8_fp16(tmp_path: Path) -> None:
+    model = _layer_norm_qkv(residual=True)
+    rng = np.random.default_rng(6)
+    calib = {"x": rng.normal(size=(24, 10, 16)).astype(np.float32)}
+    result = smooth(model, _stats(model, calib, tmp_path), mode=TechniqueMode.ON)
+    table = table_from_activations(result.model, calib)
+    prepared = prepare_model(result.model, BuildSpec(precision=Precision.INT8_FP16), table)
+    onnx.checker.check_model(prepared.model, full_check=True)
+    assert set(prepared.quantized_nodes) >= {"q", "k", "v"}
+    (mul,) = [n for n in result.model.graph.node if n.op_type == "Mul"]
+    for name in ("q", "k", "v"):  # each quantized layer reads the Mul's output through Q/DQ
+        assert nodes_by_name(prepared.model)[name].input[0] != mul.output[0]
+    reference = run(model, calib)["y"]
+    out = run(prepared.model, calib, optimize=False)["y"]
+    assert sqnr_db(reference, out) > 25.0
