@@ -226,9 +226,11 @@ def collect_layer_stats(
     max_rows: int = _DEFAULT_MAX_ROWS,
     seed: int = 0,
     progress: ProgressFn | None = None,
+    memory_limit_bytes: int | None = None,
 ) -> LayerStats:
-    """One ONNX Runtime pass over ``dataset`` (:func:`calibrators.collect.collect`) collecting
-    :class:`LayerStats` of the FP32 model at ``model_path``."""
+    """One ONNX Runtime pass over ``dataset`` (:func:`calibrators.collect.collect`, within
+    ``memory_limit_bytes`` as calibration) collecting :class:`LayerStats` of the FP32 model at
+    ``model_path``."""
     from calibrators.onnxio import load_onnx
 
     observer = LayerStatsObserver(
@@ -242,6 +244,7 @@ def collect_layer_stats(
         max_samples=max_samples,
         threads=threads,
         progress=progress,
+        memory_limit_bytes=memory_limit_bytes,
     )
     return observer.result()
 

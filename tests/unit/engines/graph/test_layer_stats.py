@@ -121,3 +121,18 @@ def test_collect_layer_stats_bounds_the_rows_of_wide_layers(tmp_path: Path) -> N
     scaled = stats.inputs["conv"].divided(np.full(6, 2.0))
     np.testing.assert_allclose(scaled.rows, rows / 2)
     np.testing.assert_allclose(scaled.absmax, stats.inputs["conv"].absmax / 2)
+
+
+def test_grouped_collection_gives_the_same_statistics(tmp_path: Path) -> None:
+    model = _mlp()
+    path = tmp_path / "mlp.onnx"
+    onnx.save(model, path)
+    data = CalibrationDataset.from_arrays(
+        {"x": np.random.default_rng(6).normal(size=(12, 2, 4)).astype(np.float32)}
+    )
+    whole = collect_layer_stats(path, data, batch_size=4)
+    grouped = collect_layer_stats(path, data, batch_size=4, memory_limit_bytes=64)
+    assert grouped.samples == whole.samples == 12
+    for name in ("mm", "gemm"):
+        np.testing.assert_array_equal(grouped.inputs[name].absmax, whole.inputs[name].absmax)
+        np.testing.assert_allclose(grouped.inputs[name].mean, whole.inputs[name].mean)
