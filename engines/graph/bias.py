@@ -38,6 +38,7 @@ from engines.graph._layers import LinearLayer, layer_output, linear_layers
 from engines.graph._onnx import GraphIndex, NameAllocator
 from engines.graph._qdq_plan import plan_qdq, table_amax
 from engines.graph.inspect import normalize
+from engines.graph.prequantized import PREQUANTIZED_REASON, is_prequantized
 from engines.spec import TechniqueMode
 
 if TYPE_CHECKING:
@@ -72,6 +73,8 @@ class BiasCorrectionReport(BaseModel):
     layers: list[BiasCorrection] = Field(default_factory=list)
     skipped: dict[str, str] = Field(default_factory=dict)
     """Quantized layer -> why its bias was not considered (no bias, no statistics)."""
+    not_run: str = ""
+    """Why the pass did nothing at all (``off``; a prequantized model)."""
 
     @property
     def corrected(self) -> list[str]:
@@ -104,8 +107,9 @@ def correct_biases(
     """
     mode = TechniqueMode(mode)
     work = normalize(model)
-    if mode is TechniqueMode.OFF:
-        return work, BiasCorrectionReport(mode=mode)
+    if mode is TechniqueMode.OFF or is_prequantized(work):
+        why = "off" if mode is TechniqueMode.OFF else PREQUANTIZED_REASON
+        return work, BiasCorrectionReport(mode=mode, not_run=why)
     index = GraphIndex.build(work)
     plan = plan_qdq(index, table, keep=keep, quantize_attention=quantize_attention)
     quantized = set(plan.quantized)

@@ -21,7 +21,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engines.graph._onnx import GraphIndex
 
-__all__ = ["PrequantizedReport", "ScaleSource", "inspect_quantization", "is_prequantized"]
+__all__ = [
+    "PREQUANTIZED_REASON",
+    "PrequantizedReport",
+    "ScaleSource",
+    "inspect_quantization",
+    "is_prequantized",
+]
+
+PREQUANTIZED_REASON = "prequantized model: scales from the model, nothing re-quantized"
+"""Why calibration, smoothing and bias correction do not run on a prequantized model."""
 
 _QDQ_DOMAINS = frozenset({"", "ai.onnx", "com.microsoft"})
 _INTEGER_OPS = frozenset(

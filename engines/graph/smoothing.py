@@ -54,6 +54,7 @@ from engines.graph._onnx import (
 from engines.graph._patterns import is_gemv
 from engines.graph._smooth_fold import Edit, fold_plan
 from engines.graph.inspect import normalize
+from engines.graph.prequantized import PREQUANTIZED_REASON, is_prequantized
 from engines.spec import TechniqueMode, node_matches
 
 if TYPE_CHECKING:
@@ -97,6 +98,8 @@ class SmoothingReport(BaseModel):
     tensors: list[SmoothedTensor] = Field(default_factory=list)
     skipped: dict[str, str] = Field(default_factory=dict)
     """Layer -> why it was not considered (kept, GEMV, no statistics)."""
+    not_run: str = ""
+    """Why the pass did nothing at all (``off``; a prequantized model)."""
 
     @property
     def applied(self) -> list[SmoothedTensor]:
@@ -141,8 +144,9 @@ def smooth(
     """
     mode = TechniqueMode(mode)
     work = normalize(model)
-    if mode is TechniqueMode.OFF:
-        return SmoothingResult(work, SmoothingReport(mode=mode), stats)
+    if mode is TechniqueMode.OFF or is_prequantized(work):
+        why = "off" if mode is TechniqueMode.OFF else PREQUANTIZED_REASON
+        return SmoothingResult(work, SmoothingReport(mode=mode, not_run=why), stats)
     index = GraphIndex.build(work)
     groups, skipped = _groups(index, stats, keep, quantize_attention)
     writer = _Writer(work, index)

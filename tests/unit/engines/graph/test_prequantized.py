@@ -4,6 +4,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from calibrators.methods import CalibrationMethod
 from calibrators.table import CalibrationTable
 from engines.graph import prepare_model
 from engines.graph.fp16 import convert_fp16
@@ -126,3 +127,18 @@ def test_int8_fp16_of_a_prequantized_model_keeps_its_scales() -> None:
     prepared = prepare_model(model, BuildSpec(precision=Precision.INT8_FP16), None)
     assert _qdq_nodes(prepared.model) == _qdq_nodes(model)
     assert prepared.fp16 is not None and "conv" in prepared.fp16.fp16_nodes
+
+
+def test_smoothing_and_bias_correction_leave_a_prequantized_model_alone() -> None:
+    from engines.graph.bias import correct_biases
+    from engines.graph.layer_stats import LayerStats
+    from engines.graph.smoothing import smooth
+
+    model = _modelopt_style_conv()
+    result = smooth(model, LayerStats())
+    assert result.report.not_run.startswith("prequantized") and result.report.tensors == []
+    assert _qdq_nodes(result.model) == _qdq_nodes(model)
+    table = CalibrationTable(amax={"x": 1.0}, method=CalibrationMethod.MINMAX, samples=1)
+    corrected, report = correct_biases(model, LayerStats(), table)
+    assert report.not_run.startswith("prequantized") and report.layers == []
+    np.testing.assert_array_equal(initializer(corrected, "b"), initializer(model, "b"))
