@@ -10,12 +10,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from calibrators.auto import _spread, weighted_consumers
-from calibrators.calibrate import calibrate
+from calibrators.calibrate import calibrate, table_cache_key
 from calibrators.candidates import quantization_error
 from calibrators.collect import observable_tensors
 from calibrators.data import CalibrationDataset
-from calibrators.histogram import histograms_of
-from calibrators.methods import CalibrationMethod, auto, entropy, minmax
+from calibrators.histogram import HistogramMode, histograms_of
+from calibrators.methods import CalibrationMethod, auto, entropy, method_spec, minmax
 from calibrators.table import CalibrationTable, RangeCriterion
 from calibrators.weights import fake_quantize, fake_quantize_weight
 
@@ -276,3 +276,11 @@ def test_wide_layers_are_measured_exactly_on_a_spread_of_output_channels(tmp_pat
         ref = 0.5 * data["u"].astype(f64) @ g[keep].T.astype(f64)
         got = 0.5 * fake_quantize(data["u"], amax).astype(f64) @ gq.T
         assert choices["u"].errors[label] == pytest.approx(relative(got, ref), rel=1e-3)
+
+
+def test_the_table_cache_key_tells_auto_and_its_samples_apart() -> None:
+    keys = {
+        table_cache_key("m" * 64, "d" * 64, spec, HistogramMode.EXACT)
+        for spec in (auto(), auto(samples=8), entropy(), method_spec("auto"))
+    }
+    assert len(keys) == 3  # method_spec("auto") is auto()
