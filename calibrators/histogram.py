@@ -132,13 +132,15 @@ class Histogram:
 
 def numpy_bins(
     max_abs: float, dtype: npt.DTypeLike, num_bins: int = DEFAULT_NUM_BINS
-) -> tuple[FloatArray, FloatArray]:
-    """numpy.histogram's bin edges for ``num_bins`` bins over ``[0, max_abs]`` of ``dtype`` values,
-    and ``[max_abs - 0, num_bins]`` in the dtype numpy computes bin indices in.
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """What :func:`calibrators.kernels.numpy_histogram` needs to bin ``dtype`` values as
+    ``numpy.histogram(|x|, num_bins, (0, max_abs))``: numpy's bin edges, ``[max_abs - 0,
+    num_bins]`` in the dtype numpy computes bin indices in, and ``[num_bins / max_abs, guard]``.
 
-    Both come from numpy itself (``histogram_bin_edges`` and its type promotion), so the kernel
-    reproduces whichever numpy is installed. Where numpy refuses the range (float32 edges that
-    collide below ~1e-35) the edges are float64.
+    The first two come from numpy itself (``histogram_bin_edges`` and its type promotion), so the
+    kernel reproduces whichever numpy is installed. Where numpy refuses the range (float32 edges
+    that collide below ~1e-35) the edges are float64. ``guard`` (in bins) bounds the rounding of a
+    value's position and of the edges, beyond which the kernel needs no edge (1: always compare).
     """
     probe = np.empty(0, dtype=dtype)
     try:
@@ -148,7 +150,10 @@ def numpy_bins(
     # numpy.histogram: f = ((a - first) / (last - first)) * bins, last - first in the range's type
     denominator = np.subtract(max_abs, 0.0)
     index_dtype = (probe.astype(edges.dtype) / denominator).dtype
-    return edges, np.array([denominator, num_bins], dtype=index_dtype)
+    unit = max(float(np.finfo(edges.dtype).eps), float(np.finfo(index_dtype).eps))
+    guard = 4.0 * num_bins * unit
+    fast = np.array([num_bins / max_abs, guard if guard < 0.25 else 1.0], dtype=np.float64)
+    return edges, np.array([denominator, num_bins], dtype=index_dtype), fast
 
 
 @dataclass
@@ -157,7 +162,9 @@ class _ExactState:
 
     max_abs: float = 0.0
     counts: IntArray | None = None
-    bins: dict[np.dtype[Any], tuple[FloatArray, FloatArray]] = field(default_factory=dict)
+    bins: dict[np.dtype[Any], tuple[FloatArray, FloatArray, FloatArray]] = field(
+        default_factory=dict
+    )
     batches: int = 0
 
 
@@ -362,7 +369,7 @@ class HistogramCollector:
         if bins is None:
             bins = state.bins[flat.dtype] = numpy_bins(state.max_abs, flat.dtype, self._num_bins)
         _, bad = k.numpy_histogram(
-            flat, bits, layout.abs_mask, layout.inf_bits, bins[0], bins[1], state.counts
+            flat, bits, layout.abs_mask, layout.inf_bits, *bins, state.counts
         )
         if bad >= 0:
             raise _non_finite(name, state.batches)

@@ -148,19 +148,39 @@ def _bin_chunk(values: Any, start: int, stop: int, scale: Any, lanes: Any) -> No
 
 @_compiled
 def numpy_histogram(
-    values: Any, bits: Any, mask: Any, inf_bits: int, edges: Any, scale: Any, counts: Any
+    values: Any,
+    bits: Any,
+    mask: Any,
+    inf_bits: int,
+    edges: Any,
+    scale: Any,
+    fast: Any,
+    counts: Any,
 ) -> tuple[int, int]:
     """Add the ``numpy.histogram`` bin of every |x| over ``[0, edges[-1]]`` to ``counts`` (int64).
 
     ``edges`` are numpy's (``numpy.histogram_bin_edges(..., B, (0, top))``, ``B + 1`` floats of
-    the dtype numpy bins in) and ``scale`` is ``[top - 0, B]`` in the dtype numpy computes bin
-    indices in (float64 with numpy 2); ``values`` and ``bits`` are the same 1-D memory as floats
-    and as unsigned ints. Per value, as numpy: ``i = int((|x| / (top - 0)) * B)``, ``B`` becomes
-    ``B - 1``, then ``i -= 1`` where ``|x| < edges[i]`` and ``i += 1`` where ``|x| >= edges[i + 1]``
-    (except in the last bin, which is closed). numpy drops values above ``top``; here they count in
-    the last bin (a second pass that sees a larger value than the first is the runtime's rounding,
-    not data to lose). Returns ``(peak_bits, bad)``: the bits of max|x| and the index of the first
-    chunk holding NaN or Inf (``-1`` when all are finite; nothing from that chunk on is counted).
+    the dtype numpy bins in), ``scale`` is ``[top - 0, B]`` in the dtype numpy computes bin indices
+    in (float64 with numpy 2) and ``fast`` is ``[B / top, guard]`` in float64
+    (:func:`calibrators.histogram.numpy_bins` makes all three); ``values`` and ``bits`` are the same
+    1-D memory as floats and as unsigned ints.
+
+    numpy's binning, per value: ``i = int((|x| / (top - 0)) * B)``, ``B`` becomes ``B - 1``, then
+    ``i -= 1`` where ``|x| < edges[i]`` and ``i += 1`` where ``|x| >= edges[i + 1]`` (except in the
+    last bin, which is closed). Its first guess is within one bin of the bin ``c`` whose float edges
+    hold the value (``edges[c] <= |x| < edges[c + 1]``; the guess errs by rounding only, far less
+    than a bin), and from ``c - 1``, ``c`` or ``c + 1`` the two corrections land on ``c``: numpy's
+    bin *is* ``c``. So a value whose position ``f = |x| * B / top`` lies further than ``guard``
+    (in bins) from the nearest integer is in bin ``int(f)`` with no edge to compare: ``guard``
+    bounds the rounding of ``f`` and of the float edges (``4 B`` units in the last place of the
+    edges' dtype). Only the others, about ``2 guard`` of the values (0.05% for 2048 float32 bins),
+    take numpy's exact path; the multiply-and-truncate path costs about 20% less than a division
+    and two edge loads per value.
+
+    numpy drops values above ``top``; here they count in the last bin (a second pass that sees a
+    larger value than the first is the runtime's rounding, not data to lose). Returns
+    ``(peak_bits, bad)``: the bits of max|x| and the index of the first chunk holding NaN or Inf
+    (``-1`` when all are finite; nothing from that chunk on is counted).
     """
     lanes = np.zeros((_LANES, counts.size), dtype=np.int32)
     n = values.size
@@ -174,7 +194,7 @@ def numpy_histogram(
             return int(peak_all), start
         if peak > peak_all:
             peak_all = peak
-        _numpy_bin_chunk(values, start, stop, edges, scale, lanes)
+        _numpy_bin_chunk(values, start, stop, edges, scale, fast, lanes)
         since_flush += stop - start
         if since_flush >= _FLUSH:
             _fold_lanes_into(lanes, counts)
@@ -186,28 +206,35 @@ def numpy_histogram(
 
 @_compiled
 def _numpy_bin_chunk(
-    values: Any, start: int, stop: int, edges: Any, scale: Any, lanes: Any
+    values: Any, start: int, stop: int, edges: Any, scale: Any, fast: Any, lanes: Any
 ) -> None:
-    """``lanes[k % LANES, numpy's bin of |values[k]|] += 1`` for k in [start, stop).
-
-    Written out in one loop: a helper taking ``edges`` would pass the array (and count its
-    references) per value, ten times the cost of the binning itself.
-    """
+    """``lanes[k % LANES, numpy's bin of |values[k]|] += 1`` for k in [start, stop)."""
     last = lanes.shape[1] - 1
-    top = edges[last + 1]
-    denominator = scale[0]
-    bins = scale[1]
+    reciprocal = fast[0]
+    guard = fast[1]
+    upper = 1.0 - guard
     for i in range(start, stop):
         a = abs(values[i])
-        if a >= top:  # the max (numpy's last bin is closed), or a later pass's rounding above it
-            index = last
-        else:
-            index = min(int((a / denominator) * bins), last)  # promoted to the scale's dtype
-            if a < edges[index]:
-                index -= 1
-            if index != last and a >= edges[index + 1]:
-                index += 1
+        f = a * reciprocal
+        index = int(f)
+        frac = f - index
+        # bin 0 starts at exactly 0; the last bin is closed, and holds values above the range
+        if not (index < last and frac < upper and (frac >= guard or index == 0)):
+            index = _numpy_bin(a, edges, scale, last)
         lanes[i & (_LANES - 1), index] += 1
+
+
+@_compiled
+def _numpy_bin(a: Any, edges: Any, scale: Any, last: int) -> int:
+    """numpy.histogram's bin of ``a >= 0``, computed as numpy does (see :func:`numpy_histogram`)."""
+    if a >= edges[last + 1]:
+        return last
+    index = min(int((a / scale[0]) * scale[1]), last)  # in the scale's dtype, as numpy promotes
+    if a < edges[index]:
+        index -= 1
+    if index != last and a >= edges[index + 1]:
+        index += 1
+    return index
 
 
 @_compiled

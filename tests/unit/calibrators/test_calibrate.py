@@ -93,6 +93,27 @@ def test_tensorrt_histogram_mode_is_recorded(fashion: tuple[Path, np.ndarray]) -
     assert CalibrationTable.from_cache_text(table.to_cache_text()).amax.keys() == table.amax.keys()
 
 
+@pytest.mark.parametrize("histogram", list(HistogramMode))
+def test_a_memory_limit_below_a_batch_changes_the_runs_not_the_table(
+    fashion: tuple[Path, np.ndarray], histogram: HistogramMode
+) -> None:
+    # 64 KiB: less than one sample's activations (~110 KB), so ONNX Runtime runs one sample at a
+    # time and the tensors come in groups; tensorrt mode still decides its ranges per batch of 32.
+    path, images = fashion
+    data = CalibrationDataset.from_arrays({"image": images})
+    runs = [
+        calibrate(
+            path, data, entropy(), histogram=histogram, batch_size=32, memory_limit_bytes=limit
+        )
+        for limit in (None, 64 * 1024)
+    ]
+    assert runs[0].amax == runs[1].amax
+    assert runs[0].to_cache_text() == runs[1].to_cache_text()
+    if histogram is HistogramMode.TENSORRT:  # the batch matters in tensorrt mode, and is kept
+        other = calibrate(path, data, entropy(), histogram=histogram, batch_size=1)
+        assert other.amax != runs[0].amax
+
+
 def test_cache_key_changes_with_every_ingredient() -> None:
     base = table_cache_key("m", "d", entropy(), HistogramMode.EXACT)
     assert base == table_cache_key("m", "d", entropy(), HistogramMode.EXACT)

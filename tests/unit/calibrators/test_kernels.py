@@ -25,11 +25,11 @@ def _run(
 ) -> tuple[np.ndarray, int, int]:
     """numpy_histogram over [0, top] (default max|x|) with numpy's edges and index dtype."""
     top = float(np.abs(values).max()) if top is None else top
-    edges, scale = numpy_bins(top, values.dtype, bins)
+    edges, scale, fast = numpy_bins(top, values.dtype, bins)
     counts = np.zeros(bins, dtype=np.int64)
     bits, layout = float_bits(values)
     peak, bad = numpy_histogram(
-        values, bits, layout.abs_mask, layout.inf_bits, edges, scale, counts
+        values, bits, layout.abs_mask, layout.inf_bits, edges, scale, fast, counts
     )
     return counts, peak, bad
 
@@ -54,7 +54,10 @@ def test_numpy_histogram_is_numpys_histogram_bit_for_bit(dtype: type) -> None:
 
 def test_numpy_histogram_on_awkward_ranges_and_bin_counts() -> None:
     rng = np.random.default_rng(1)
+    # 2**20 float32 bins: the rounding guard would span half a bin, so every value compares edges
+    assert numpy_bins(3.0, np.float32, 1 << 20)[2][1] == 1.0
     cases = [(3.0, 2048), (0.1, 2048), (1e-30, 2048), (7.77e20, 2048), (1.0, 3), (5.5, 1000)]
+    cases.append((3.0, 1 << 20))
     for top, bins in cases:
         values = (rng.uniform(-top, top, 20_000)).astype(np.float32)
         values[0] = top
@@ -74,7 +77,7 @@ def test_numpy_bins_fall_back_to_float64_where_numpy_refuses_the_range() -> None
     tiny = float(np.finfo(np.float32).smallest_subnormal) * 100
     with pytest.raises(ValueError, match="Too many bins"):
         np.histogram(np.array([tiny], np.float32), 2048, (0, tiny))
-    edges, _ = numpy_bins(tiny, np.float32)
+    edges, _, _ = numpy_bins(tiny, np.float32)
     assert edges.dtype == np.float64 and bool(np.all(np.diff(edges) > 0))
     counts, _, _ = _run(np.array([tiny, 0.0, -tiny / 2], np.float32))
     assert counts.sum() == 3 and counts[0] == 1 and counts[-1] == 1
