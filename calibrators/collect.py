@@ -175,13 +175,16 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPro
             needed.update(i for i in node.input if i)
             needed.update(_outer_names(node))
     graph = model.graph
+    initializers = [t for t in graph.initializer if t.name in needed]
+    # an input that only names a dropped initializer (IR < 4 lists them) would need a feed
+    constants = {t.name for t in graph.initializer}
     pruned = onnx.GraphProto(
         name=graph.name,
         node=reversed(kept),
-        input=graph.input,
+        input=[vi for vi in graph.input if vi.name not in constants or vi.name in needed],
         output=[onnx.ValueInfoProto(name=name) for name in names],
         value_info=graph.value_info,
-        initializer=[t for t in graph.initializer if t.name in needed],
+        initializer=initializers,
         sparse_initializer=graph.sparse_initializer,
     )
     return onnx.ModelProto(

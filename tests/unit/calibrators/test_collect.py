@@ -311,3 +311,11 @@ def test_a_group_session_computes_only_what_its_tensors_need() -> None:
         "conv2.b",
     }
     assert [o.name for o in pruned.graph.output] == ["c2"]
+    # a model that lists its initializers as inputs (IR < 4) keeps only those still used
+    legacy = zoo.tiny_cnn()
+    legacy.graph.input.extend(
+        onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+        for t in legacy.graph.initializer
+    )
+    inputs = [i.name for i in _with_outputs(legacy, ["c2"]).graph.input]
+    assert inputs == ["image", "conv1.w", "conv1.b", "conv2.w", "conv2.b"]
