@@ -207,6 +207,7 @@ def calibrate(
                 observed,
                 aliases,
                 method,
+                calibration_samples=samples,
                 bounds=_saturated_bounds(peaks, bounds),
                 batch_size=batch_size,
                 threads=threads,
@@ -214,6 +215,7 @@ def calibrate(
             )
             amax = ranges.amax
             choices = with_aliases(ranges.choices, list(histograms), aliases)
+            params["measured_samples"] = ranges.measured_samples
         else:
             amax = {name: float(method.compute_amax(h)) for name, h in observed.items()}
         params["histogram"] = str(histogram)

@@ -33,7 +33,8 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from calibrators.histogram import Histogram
 
 __all__ = [
-    "DEFAULT_AUTO_SAMPLES",
+    "AUTO_SAMPLES_FRACTION",
+    "AUTO_SAMPLES_RANGE",
     "DEFAULT_NUM_QUANT_BINS",
     "DEFAULT_PERCENTILE",
     "CalibrationMethod",
@@ -57,8 +58,10 @@ DEFAULT_NUM_QUANT_BINS = 128
 
 DEFAULT_PERCENTILE = 99.99
 
-DEFAULT_AUTO_SAMPLES = 16
-"""Samples on which ``auto`` measures each consumer's error (see :mod:`calibrators.auto`)."""
+AUTO_SAMPLES_FRACTION = 8
+AUTO_SAMPLES_RANGE = (4, 16)
+"""By default ``auto`` measures each consumer's error on an eighth of the calibration samples,
+at least 4 and at most 16 (see :mod:`calibrators.auto`): a fixed share of the collection's cost."""
 
 
 _MSE_CHUNK = 128
@@ -275,19 +278,27 @@ class MethodSpec(BaseModel):
     num_quant_bins: int = DEFAULT_NUM_QUANT_BINS
     """Quantization levels of |x| (128 for INT8); only for ``entropy``, ``mse`` and ``auto``."""
     samples: int | None = None
-    """Samples on which consumers' errors are measured, 1..4096; only for ``auto`` (default 16)."""
+    """Samples on which consumers' errors are measured, 1..4096; only for ``auto`` (``None``: an
+    eighth of the calibration samples, between 4 and 16)."""
 
     @model_validator(mode="before")
     @classmethod
-    def _default_params(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        method = str(data.get("method", ""))
-        if data.get("percentile") is None and method == CalibrationMethod.PERCENTILE.value:
+    def _default_percentile(cls, data: Any) -> Any:
+        if (
+            isinstance(data, dict)
+            and data.get("percentile") is None
+            and str(data.get("method", "")) == CalibrationMethod.PERCENTILE.value
+        ):
             return {**data, "percentile": DEFAULT_PERCENTILE}
-        if data.get("samples") is None and method == CalibrationMethod.AUTO.value:
-            return {**data, "samples": DEFAULT_AUTO_SAMPLES}
         return data
+
+    def auto_samples(self, calibration_samples: int) -> int:
+        """Samples ``auto`` measures on, given the number of calibration samples."""
+        if self.samples is not None:
+            return min(self.samples, max(calibration_samples, 1))
+        low, high = AUTO_SAMPLES_RANGE
+        share = calibration_samples // AUTO_SAMPLES_FRACTION
+        return max(1, min(calibration_samples, max(low, min(high, share))))
 
     @field_validator("percentile")
     @classmethod
@@ -335,16 +346,16 @@ class MethodSpec(BaseModel):
         if self.method is CalibrationMethod.MINMAX:
             return {}
         if self.method is CalibrationMethod.AUTO:
-            assert self.samples is not None  # filled in by the validator
-            return {"num_quant_bins": self.num_quant_bins, "samples": self.samples}
+            samples = {} if self.samples is None else {"samples": self.samples}
+            return {"num_quant_bins": self.num_quant_bins, **samples}
         return {"num_quant_bins": self.num_quant_bins}
 
     def compute_amax(self, hist: Histogram) -> float:
         """amax for ``hist`` with this method (``>= 0``; 0 only for an all-zero tensor).
 
         ``auto`` from a histogram alone is the candidate with the least error in the tensor itself
-        (:func:`calibrators.candidates.choose_by_tensor_error`); :func:`calibrators.calibrate.calibrate` does better
-        where the tensor feeds a Conv, Gemm or MatMul (see :mod:`calibrators.auto`).
+        (:func:`calibrators.candidates.choose_by_tensor_error`); ``calibrate`` does better where
+        the tensor feeds a Conv, Gemm or MatMul (see :mod:`calibrators.auto`).
         """
         if self.method is CalibrationMethod.AUTO:
             from calibrators.candidates import auto_candidates, choose_by_tensor_error
@@ -366,10 +377,11 @@ _LEVEL_METHODS = (CalibrationMethod.ENTROPY, CalibrationMethod.MSE, CalibrationM
 
 
 def auto(
-    samples: int = DEFAULT_AUTO_SAMPLES, num_quant_bins: int = DEFAULT_NUM_QUANT_BINS
+    samples: int | None = None, num_quant_bins: int = DEFAULT_NUM_QUANT_BINS
 ) -> MethodSpec:
     """Per tensor, the best of entropy, minmax, percentile 99.9/99.99/99.999 and mse, judged by
-    the error of the nodes reading it on ``samples`` samples (see :mod:`calibrators.auto`)."""
+    the error of the nodes reading it on ``samples`` samples (``None``: an eighth of the
+    calibration samples, 4 to 16; see :mod:`calibrators.auto`)."""
     return MethodSpec(method=CalibrationMethod.AUTO, samples=samples, num_quant_bins=num_quant_bins)
 
 

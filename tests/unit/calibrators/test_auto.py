@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from calibrators.auto import _spread, weighted_consumers
+from calibrators.auto import _spread, choose_ranges, weighted_consumers
 from calibrators.calibrate import calibrate, table_cache_key
 from calibrators.candidates import quantization_error
 from calibrators.collect import observable_tensors
@@ -97,6 +97,7 @@ def test_auto_table_round_trips_and_its_cache_holds_only_scales(tmp_path: Path) 
     dataset = CalibrationDataset.from_arrays({"x": _wide_channel_data(8)})
     table = calibrate(path, dataset, auto(samples=4), batch_size=4)
     assert table.parameters["samples"] == 4
+    assert table.parameters["measured_samples"] == 4
     assert table.parameters["num_quant_bins"] == 128
     assert set(table.range_choices or {}) == set(table.amax)
     back = CalibrationTable.load(table.save(tmp_path / "t.json"))
@@ -284,3 +285,21 @@ def test_the_table_cache_key_tells_auto_and_its_samples_apart() -> None:
         for spec in (auto(), auto(samples=8), entropy(), method_spec("auto"))
     }
     assert len(keys) == 3  # method_spec("auto") is auto()
+
+
+def test_the_measuring_pass_fits_a_small_memory_limit_with_the_same_result(tmp_path: Path) -> None:
+    path = _conv_model(tmp_path)
+    x = _wide_channel_data(12)
+    dataset = CalibrationDataset.from_arrays({"x": x})
+    hists = histograms_of([{"x": x}])
+    results = []
+    for limit in (1 << 30, 4096):  # 4 KiB: less than one sample's activations, so 1 at a time
+        ranges = choose_ranges(
+            path, dataset, hists, {}, auto(12), calibration_samples=12, memory_limit_bytes=limit
+        )
+        assert ranges.measured_samples == 12
+        results.append(ranges.choices["x"])
+    big, small = results
+    assert small.method == big.method
+    for label, error in big.errors.items():
+        assert small.errors[label] == pytest.approx(error, rel=1e-4)

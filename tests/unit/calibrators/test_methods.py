@@ -310,11 +310,19 @@ def test_presets_and_params() -> None:
     assert method_spec(CalibrationMethod.PERCENTILE, percentile=99.5) == percentile(99.5)
     assert method_spec("percentile", percentile="99.9").percentile == 99.9
     assert method_spec("mse", num_quant_bins=None) == mse()
-    assert auto().params == {"num_quant_bins": 128, "samples": 16}
+    assert auto().params == {"num_quant_bins": 128}
+    assert auto(8).params == {"num_quant_bins": 128, "samples": 8}
     assert method_spec("auto") == auto()
     assert method_spec("auto", samples=8) == auto(samples=8)
-    assert method_spec("auto", num_quant_bins=64).params == {"num_quant_bins": 64, "samples": 16}
+    assert method_spec("auto", num_quant_bins=64).params == {"num_quant_bins": 64}
     assert MethodSpec.model_validate_json(auto(4).model_dump_json()) == auto(4)
+
+
+def test_auto_measures_an_eighth_of_the_calibration_samples_from_4_to_16() -> None:
+    assert [auto().auto_samples(n) for n in (1, 3, 16, 64, 100, 128, 2048)] == [
+        1, 3, 4, 8, 12, 16, 16,
+    ]
+    assert [auto(32).auto_samples(n) for n in (8, 64)] == [8, 32]  # as asked, within the data
 
 
 def test_auto_from_a_histogram_alone_is_the_least_error_of_the_tensor() -> None:
