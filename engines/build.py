@@ -19,6 +19,7 @@ from engines.artifacts import write_metadata
 from engines.backends.base import Artifact, Backend, ProgressFn
 from engines.backends.onnxruntime import OnnxRuntimeBackend
 from engines.errors import BackendUnavailableError, SpecError
+from engines.graph.prequantized import is_prequantized
 from engines.spec import BackendName, BuildSpec, ShapeProfile, node_matches
 
 if TYPE_CHECKING:
@@ -97,9 +98,10 @@ def build_artifact(
     inputs and keep patterns that match no node; :class:`BackendUnavailableError` when the
     requested backend cannot run here.
     """
-    spec.precision.require_table(table)
     if not checked:
         model = load_onnx(Path(model_path), load_external_data=False)
+        if table is None and not is_prequantized(model):
+            spec.precision.require_table(table)
         validate_profiles(model_input_specs(model), spec.profiles)
         validate_keep_patterns(model, spec)
         del model

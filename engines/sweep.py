@@ -56,7 +56,7 @@ from engines.sweep_report import (
     render_svg,
 )
 from engines.variants import MemoizedRunner
-from engines.workflow import Workflow
+from engines.workflow import Split, Workflow
 
 __all__ = ["SweepReport", "Variant", "parse_variants", "render_markdown", "sweep"]
 """``SweepReport`` and ``render_markdown`` live in :mod:`engines.sweep_report`; they are
@@ -200,6 +200,27 @@ def sweep(
         batch_size=eval_batch_size,
         max_nodes=mixed_max_nodes,
     )
+    try:
+        return _sweep_variants(
+            parsed, ctx, split, model_path, dataset, table, base, start, progress, accuracy_metric
+        )
+    finally:
+        flow.close()
+
+
+def _sweep_variants(
+    parsed: list[Variant],
+    ctx: _Context,
+    split: Split,
+    model_path: Path,
+    dataset: CalibrationDataset,
+    table: CalibrationTable | None,
+    base: BuildSpec,
+    start: float,
+    progress: ProgressFn | None,
+    accuracy_metric: AccuracyMetric | None,
+) -> SweepReport:
+    flow = ctx.flow
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     measured: list[_Measured] = []
     failed: list[tuple[Variant, TrtforgeError]] = []

@@ -18,18 +18,21 @@ The service's worker (:mod:`service.pipeline`), ``trtforge build``, ``trtforge s
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+import onnx
 
 from calibrators.data import CalibrationDataset, TensorSpec, model_input_specs
 from calibrators.onnxio import load_onnx
 from engines.build import build_artifact, select_backend, validate_keep_patterns, validate_profiles
 from engines.errors import SpecError
+from engines.graph.prequantized import is_prequantized
 from engines.spec import BuildSpec
 from engines.stages import Stage
 
@@ -39,7 +42,13 @@ if TYPE_CHECKING:
     from engines.backends.base import Artifact, Backend, Runner
     from engines.benchmark import BenchmarkOptions, PerfReport
     from engines.gate import GateResult
+    from engines.graph.bias import BiasCorrectionReport
+    from engines.graph.layer_stats import LayerStats
+    from engines.graph.smoothing import SmoothingReport
     from engines.mixed import MixedPrecisionResult
+
+_INLINE_LIMIT_BYTES = 1 << 30
+"""Prepared models above 1 GiB keep their weights in a file beside them (protobuf's 2 GiB cap)."""
 
 __all__ = [
     "Calibration",
@@ -131,6 +140,8 @@ class Calibration:
     """The cache key it was computed or found under; None for a table given by the caller."""
     from_cache: bool
     given: bool
+    smoothing: SmoothingReport | None = None
+    """SmoothQuant / cross-layer equalization on the FP32 model before calibration."""
 
 
 class Workflow:
@@ -147,9 +158,21 @@ class Workflow:
         recorder: Recorder | None = None,
         store: TableStore | None = None,
         model_sha256: str | None = None,
+        work_dir: Path | None = None,
     ) -> None:
         self.model_path = Path(model_path)
         self._model_sha256 = model_sha256
+        self._work_dir = work_dir
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        self.int8_model_path = self.model_path
+        """The FP32 model INT8 builds start from: the model, or its smoothed and bias-corrected
+        copy once :meth:`calibrate` prepared one."""
+        self._stats: LayerStats | None = None
+        self.bias_correction: BiasCorrectionReport | None = None
+        """What bias correction did in the last INT8 build (None when it did not run)."""
+        self.preparation: dict[str, Any] = {}
+        """What the graph techniques did before the backend saw the model (the sidecar's
+        ``preparation``)."""
         self.spec = spec
         self.recorder: Recorder = recorder or QuietRecorder()
         self.store = store
@@ -157,6 +180,8 @@ class Workflow:
         self.inputs: list[TensorSpec] = model_input_specs(model)
         validate_profiles(self.inputs, spec.profiles)
         validate_keep_patterns(model, spec)
+        self.prequantized = is_prequantized(model)
+        """The model carries its own Q/DQ (QAT, Model Optimizer): built as it is, no table."""
         self._tensor_names = [i.name for i in model.graph.input] + [
             o for n in model.graph.node for o in n.output
         ]
@@ -257,6 +282,12 @@ class Workflow:
                 Stage.CALIBRATE, f"precision {self.spec.precision.value} needs no INT8 ranges"
             )
             return None
+        if self.prequantized:
+            self.recorder.skip(
+                Stage.CALIBRATE,
+                "the model carries its own Q/DQ: its scales are kept, nothing is re-quantized",
+            )
+            return None
         if table is not None:
             self.check_table(table)
             with self.recorder.stage(Stage.CALIBRATE):
@@ -287,8 +318,9 @@ class Workflow:
 
         spec = self.spec
         with self.recorder.stage(Stage.CALIBRATE) as progress:
+            stats, smoothing = self._smooth(calibration, batch_size, threads, memory_limit_bytes)
             key = table_cache_key(
-                self.model_sha256, calibration.digest, spec.calibration, spec.histogram
+                self._int8_model_sha256(), calibration.digest, spec.calibration, spec.histogram
             )
             stored = self.store.lookup(key) if self.store is not None else None
             if stored is not None:
@@ -296,9 +328,10 @@ class Workflow:
                     f"Calibration table {key[:12]}: {len(stored.amax)} tensors (reused).",
                     stage=Stage.CALIBRATE,
                 )
-                return Calibration(table=stored, key=key, from_cache=True, given=False)
+                self._stats = stats
+                return Calibration(stored, key, True, False, smoothing)
             table = calibrate(
-                self.model_path,
+                self.int8_model_path,
                 calibration,
                 spec.calibration,
                 histogram=spec.histogram,
@@ -315,7 +348,135 @@ class Workflow:
                 f"{table.samples} samples ({spec.calibration.method.value}).",
                 stage=Stage.CALIBRATE,
             )
-        return Calibration(table=table, key=key, from_cache=False, given=False)
+            self._stats = stats
+        return Calibration(table, key, False, False, smoothing)
+
+    # -- graph techniques around calibration (engines.graph.smoothing, engines.graph.bias) ----
+
+    def _smooth(
+        self,
+        calibration: CalibrationDataset,
+        batch_size: int | None,
+        threads: int | None,
+        memory_limit_bytes: int | None,
+    ) -> tuple[LayerStats | None, SmoothingReport | None]:
+        """Layer statistics (when smoothing or bias correction may run) and the smoothed FP32
+        model, which becomes :attr:`int8_model_path` (the table is computed on it)."""
+        from engines.spec import TechniqueMode
+
+        spec = self.spec
+        if spec.smoothing is TechniqueMode.OFF and spec.bias_correction is TechniqueMode.OFF:
+            return None, None
+        from engines.graph.layer_stats import collect_layer_stats
+
+        stats = collect_layer_stats(
+            self.model_path,
+            calibration,
+            batch_size=batch_size,
+            threads=threads,
+            memory_limit_bytes=memory_limit_bytes,
+        )
+        if spec.smoothing is TechniqueMode.OFF:
+            return stats, None
+        from engines.graph.smoothing import smooth
+
+        result = smooth(
+            load_onnx(self.model_path),
+            stats,
+            mode=spec.smoothing,
+            keep=spec.keep.int8,
+            quantize_attention=spec.quantize_attention,
+            weight_levels=self.backend.int8_weight_levels(),
+        )
+        applied = result.report.applied
+        self.recorder.log(
+            f"Smoothing ({spec.smoothing.value}): {len(applied)} of {len(result.report.tensors)} "
+            "activation(s) smoothed"
+            + (f", {sum(t.inserted_mul for t in applied)} with an inserted Mul." if applied else "."),
+            stage=Stage.CALIBRATE,
+        )
+        self.preparation["smoothing"] = {
+            "mode": spec.smoothing.value,
+            "smoothed": [t.tensor for t in applied],
+            "inserted_mul": [t.tensor for t in applied if t.inserted_mul],
+            "considered": len(result.report.tensors),
+        }
+        if applied:
+            self.int8_model_path = self._save(result.model, "smoothed.onnx")
+        return result.stats, result.report
+
+    def _correct_biases(self, spec: BuildSpec, table: CalibrationTable) -> Path:
+        """The model an INT8 build of ``spec`` starts from: :attr:`int8_model_path` with the
+        biases of the layers ``spec`` quantizes shifted by their weights' mean error. Done per
+        build, with the build's own keep rules (a budget search keeps nodes in FP32, whose
+        biases must stay as they were)."""
+        from engines.spec import TechniqueMode
+
+        if self._stats is None or spec.bias_correction is TechniqueMode.OFF:
+            self.bias_correction = None
+            return self.int8_model_path
+        from engines.graph.bias import correct_biases
+
+        model, report = correct_biases(
+            load_onnx(self.int8_model_path),
+            self._stats,
+            table,
+            mode=spec.bias_correction,
+            keep=spec.keep.int8,
+            quantize_attention=spec.quantize_attention,
+            weight_levels=self.backend.int8_weight_levels(),
+        )
+        self.bias_correction = report
+        self.recorder.log(
+            f"Bias correction ({spec.bias_correction.value}): {len(report.corrected)} of "
+            f"{len(report.layers)} quantized layer bias(es) corrected.",
+            stage=Stage.BUILD,
+        )
+        self.preparation["bias_correction"] = {
+            "mode": spec.bias_correction.value,
+            "corrected": report.corrected,
+            "considered": len(report.layers),
+        }
+        if not report.corrected:
+            return self.int8_model_path
+        return self._save(model, f"bias-corrected-{spec.digest[:12]}.onnx")
+
+    def _int8_model_sha256(self) -> str:
+        if self.int8_model_path == self.model_path:
+            return self.model_sha256
+        from calibrators.calibrate import sha256_file
+
+        return sha256_file(self.int8_model_path)
+
+    def _save(self, model: onnx.ModelProto, name: str) -> Path:
+        """Write a prepared model into the work folder (weights beside it when large)."""
+        if self._work_dir is None:
+            self._scratch = self._scratch or tempfile.TemporaryDirectory(prefix="trtforge-")
+            self._work_dir = Path(self._scratch.name)
+        folder = Path(self._work_dir) / "prepared"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / name
+        large = model.ByteSize() > _INLINE_LIMIT_BYTES
+        onnx.save_model(
+            model,
+            path,
+            save_as_external_data=large,
+            all_tensors_to_one_file=True,
+            location=f"{path.stem}.data" if large else None,
+        )
+        return path
+
+    def close(self) -> None:
+        """Remove the scratch folder of prepared models (when the workflow made one)."""
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
+
+    def __enter__(self) -> Workflow:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- build --------------------------------------------------------------------------------
 
@@ -340,7 +501,7 @@ class Workflow:
             )
         with self.recorder.stage(Stage.BUILD) as progress:
             return search_mixed_precision(
-                self.model_path,
+                self.int8_model_path,
                 table,
                 spec or self.spec,
                 evaluation,
@@ -360,9 +521,13 @@ class Workflow:
         """Build ``out_path`` (+ sidecar) with this workflow's backend. ``spec`` overrides the
         workflow's for one variant (its backend must be the same)."""
         spec = spec or self.spec
+        self.preparation.pop("bias_correction", None)
         with self.recorder.stage(Stage.BUILD) as progress:
+            source = self.model_path
+            if spec.precision.uses_int8:
+                source = self._correct_biases(spec, table) if table else self.int8_model_path
             artifact = build_artifact(
-                self.model_path,
+                source,
                 spec,
                 table if spec.precision.uses_int8 else None,
                 out_path,
@@ -370,6 +535,8 @@ class Workflow:
                 progress=progress.message,
                 checked=True,
             )
+            if spec.precision.uses_int8 and (self.preparation or self.prequantized):
+                artifact = self._record_preparation(artifact)
             meta = artifact.metadata
             self.recorder.log(
                 f"Built {meta.backend} {meta.backend_version} artifact ({meta.size_bytes} bytes, "
@@ -378,6 +545,19 @@ class Workflow:
                 stage=Stage.BUILD,
             )
         return artifact
+
+    def _record_preparation(self, artifact: Artifact) -> Artifact:
+        """The sidecar names the model the user gave (not the prepared copy) and what was done
+        to it before the backend built it."""
+        from engines.artifacts import write_metadata
+
+        preparation = dict(self.preparation)
+        if self.prequantized:
+            preparation["prequantized"] = "scales from the model"
+        metadata = artifact.metadata.model_copy(
+            update={"model_sha256": self.model_sha256, "preparation": preparation}
+        )
+        return write_metadata(artifact.path, metadata)
 
     def open(self, artifact: Artifact) -> Runner:
         """A runner for an artifact this workflow built."""

@@ -125,7 +125,9 @@ def _build_spec(
 def _workflow(model: Path, spec: BuildSpec, quiet: bool) -> Workflow:
     from engines.workflow import Workflow
 
-    return Workflow(model, spec, recorder=CliRecorder(enabled=not quiet))
+    flow = Workflow(model, spec, recorder=CliRecorder(enabled=not quiet))
+    click.get_current_context().call_on_close(flow.close)  # its prepared models' scratch folder
+    return flow
 
 
 def _split(

@@ -166,6 +166,7 @@ def _run_stages(
         recorder=recorder,
         store=_ServiceTables(plan, db, storage),
         model_sha256=plan.model_id,
+        work_dir=work,
     )
     split = flow.split(
         _open_dataset(plan, settings),
@@ -218,6 +219,8 @@ def _run_stages(
         },
         spec=request.spec,
         calibration=summary,
+        smoothing=calibration.smoothing if calibration else None,
+        bias_correction=flow.bias_correction,
         artifact=info,
         artifact_metadata=artifact.metadata,
         quantized_nodes=list(artifact.metadata.quantized_nodes),

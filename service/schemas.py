@@ -12,6 +12,8 @@ from engines.accuracy import AccuracyReport
 from engines.backends.base import ArtifactMetadata
 from engines.benchmark import PerfReport
 from engines.gate import GateResult
+from engines.graph.bias import BiasCorrectionReport
+from engines.graph.smoothing import SmoothingReport
 from engines.spec import BuildSpec
 from engines.stages import Stage
 
@@ -343,6 +345,10 @@ class BuildReport(_Answer):
     """id, filename, num_samples, calibration_samples, evaluation_samples."""
     spec: BuildSpec
     calibration: CalibrationSummary | None
+    smoothing: SmoothingReport | None = None
+    """SmoothQuant / cross-layer equalization before calibration, tensor by tensor."""
+    bias_correction: BiasCorrectionReport | None = None
+    """Bias correction of the quantized layers, layer by layer."""
     artifact: ArtifactInfo
     artifact_metadata: ArtifactMetadata
     quantized_nodes: list[str]

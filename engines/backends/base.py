@@ -75,6 +75,9 @@ class ArtifactMetadata(BaseModel):
     created_at: str
     options: dict[str, Any] = Field(default_factory=dict)
     """Backend-specific settings (ONNX Runtime session options, TensorRT builder flags)."""
+    preparation: dict[str, Any] = Field(default_factory=dict)
+    """What was done to the FP32 model before the backend built it (smoothing, bias
+    correction; ``prequantized`` when the model's own Q/DQ scales were kept)."""
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,10 @@ class Backend(Protocol):
     def availability(self) -> Availability: ...
 
     def version(self) -> str: ...
+
+    def int8_weight_levels(self) -> int:
+        """Levels of its INT8 weights: 127, or 63 where the hardware saturates 8-bit weights."""
+        ...
 
     def build(
         self,

@@ -114,6 +114,10 @@ class TensorRTBackend:
             return Availability(False, f"NVML finds no NVIDIA GPU with index {self.device}")
         return Availability(True, f"tensorrt installed; {gpu.name} (sm {gpu.compute_capability})")
 
+    def int8_weight_levels(self) -> int:
+        """TensorRT's INT8 kernels take full 8-bit weights."""
+        return 127
+
     def version(self) -> str:
         """The installed TensorRT's version (imports it)."""
         try:
@@ -137,7 +141,8 @@ class TensorRTBackend:
     ) -> Artifact:
         """Build ``model_path`` per ``spec`` into an engine at ``out_path`` (module docstring)."""
         start = time.perf_counter()
-        spec.precision.require_table(table)
+        if spec.mode is TensorRTMode.IMPLICIT:
+            spec.precision.require_table(table)  # explicit: prepare_model (prequantized models)
         gpu = self._gpu()
         if not tensorrt_installed() or gpu is None:
             raise BackendUnavailableError(

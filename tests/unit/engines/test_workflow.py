@@ -1,0 +1,142 @@
+"""The one build workflow: smoothing and bias correction around calibration, prequantized models,
+the accuracy gate, and what the sidecar says about them (tiny in-process models, ONNX Runtime)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from calibrators.data import CalibrationDataset
+from calibrators.methods import method_spec
+from engines.accuracy import AccuracyMetric
+from engines.gate import AccuracyGate
+from engines.spec import BuildSpec, KeepRules, TechniqueMode
+from engines.workflow import Workflow
+from tests.unit.engines.graph.test_prequantized import _modelopt_style_conv
+from tests.unit.engines.graph.test_smoothing import _conv_relu_conv, _images
+
+
+@pytest.fixture
+def wide_model(tmp_path: Path) -> Path:
+    """Conv -> Relu -> 1x1 Conv where the first conv makes a few wide channels."""
+    path = tmp_path / "wide.onnx"
+    onnx.save(_conv_relu_conv(), path)
+    return path
+
+
+def _data(count: int = 48) -> CalibrationDataset:
+    return CalibrationDataset.from_arrays({"x": _images(count, seed=1)})
+
+
+def _build(path: Path, spec: BuildSpec, out: Path) -> tuple[Workflow, float]:
+    flow = Workflow(path, spec)
+    split = flow.split(_data())
+    calibration = flow.calibrate(split.calibration)
+    assert calibration is not None
+    artifact = flow.build(out, calibration.table)
+    sqnr = flow.evaluate(artifact, split.evaluation).metric(AccuracyMetric.SQNR_DB)
+    assert sqnr is not None
+    return flow, sqnr
+
+
+def test_smoothing_prepares_the_model_calibration_and_build_use(
+    wide_model: Path, tmp_path: Path
+) -> None:
+    spec = BuildSpec(
+        precision="int8",
+        backend="onnxruntime",
+        calibration=method_spec("minmax"),
+        smoothing=TechniqueMode.ON,
+        bias_correction=TechniqueMode.OFF,
+    )
+    with Workflow(wide_model, spec) as flow:
+        split = flow.split(_data())
+        calibration = flow.calibrate(split.calibration)
+        assert calibration is not None and calibration.smoothing is not None
+        assert calibration.smoothing.applied, calibration.smoothing
+        assert flow.int8_model_path != wide_model and flow.int8_model_path.exists()
+        artifact = flow.build(tmp_path / "smoothed.onnx", calibration.table)
+        meta = artifact.metadata
+        assert meta.preparation["smoothing"]["smoothed"]
+        assert meta.model_sha256 == flow.model_sha256  # the user's model, not the copy
+        prepared = flow.int8_model_path
+    assert not prepared.exists()  # the scratch folder goes with the workflow
+    plain_flow, plain = _build(
+        wide_model,
+        spec.model_copy(update={"smoothing": TechniqueMode.OFF}),
+        tmp_path / "plain.onnx",
+    )
+    smoothed_flow, smoothed = _build(wide_model, spec, tmp_path / "smoothed2.onnx")
+    plain_flow.close()
+    smoothed_flow.close()
+    assert smoothed > plain + 1.0  # the wide channels no longer eat the activation's levels
+
+
+def test_off_leaves_the_model_alone(wide_model: Path, tmp_path: Path) -> None:
+    spec = BuildSpec(
+        precision="int8",
+        backend="onnxruntime",
+        smoothing=TechniqueMode.OFF,
+        bias_correction=TechniqueMode.OFF,
+    )
+    flow, _ = _build(wide_model, spec, tmp_path / "m.onnx")
+    assert flow.int8_model_path == wide_model and flow.preparation == {}
+    assert flow.bias_correction is None
+
+
+def test_bias_correction_runs_per_build_and_respects_its_keep_rules(
+    wide_model: Path, tmp_path: Path
+) -> None:
+    spec = BuildSpec(
+        precision="int8",
+        backend="onnxruntime",
+        smoothing=TechniqueMode.OFF,
+        bias_correction=TechniqueMode.ON,
+    )
+    with Workflow(wide_model, spec) as flow:
+        split = flow.split(_data())
+        calibration = flow.calibrate(split.calibration)
+        assert calibration is not None
+        flow.build(tmp_path / "all.onnx", calibration.table)
+        assert flow.bias_correction is not None
+        assert set(flow.bias_correction.corrected) == {"conv1", "conv2"}
+        kept = spec.model_copy(update={"keep": KeepRules(int8=("conv2",))})
+        artifact = flow.build(tmp_path / "kept.onnx", calibration.table, spec=kept)
+        assert flow.bias_correction.corrected == ["conv1"]  # a kept layer keeps its bias
+        assert artifact.metadata.preparation["bias_correction"]["corrected"] == ["conv1"]
+
+
+def test_a_prequantized_model_builds_without_data_or_table(tmp_path: Path) -> None:
+    path = tmp_path / "qat.onnx"
+    onnx.save(_modelopt_style_conv(), path)
+    flow = Workflow(path, BuildSpec(precision="int8", backend="onnxruntime"))
+    assert flow.prequantized
+    assert flow.calibrate(None) is None  # nothing to calibrate: the model's scales are kept
+    artifact = flow.build(tmp_path / "qat.int8.onnx", None)
+    assert artifact.metadata.preparation == {"prequantized": "scales from the model"}
+    samples = CalibrationDataset.from_arrays(
+        {"x": np.random.default_rng(0).normal(0, 1, (4, 3, 8, 8)).astype(np.float32)}
+    )
+    report = flow.evaluate(artifact, samples)
+    assert report.outputs[0].cosine_similarity > 0.999  # built as it is: same Q/DQ, same outputs
+
+
+def test_the_gate_uses_the_spec_or_the_precision_default(wide_model: Path, tmp_path: Path) -> None:
+    spec = BuildSpec(precision="int8", backend="onnxruntime")
+    flow = Workflow(wide_model, spec)
+    split = flow.split(_data())
+    calibration = flow.calibrate(split.calibration)
+    assert calibration is not None
+    artifact = flow.build(tmp_path / "m.onnx", calibration.table)
+    accuracy = flow.evaluate(artifact, split.evaluation)
+    default = flow.gate(accuracy)
+    assert default.gate_text == "sqnr_db >= 12"
+    assert default.passed == ((accuracy.metric(AccuracyMetric.SQNR_DB) or 0) >= 12)
+    strict = flow.gate(
+        accuracy, spec=spec.model_copy(update={"gate": AccuracyGate.parse("sqnr_db:300")})
+    )
+    assert not strict.passed and strict.failed_outputs == ["y"]
+    flow.close()
