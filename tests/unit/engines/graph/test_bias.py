@@ -104,7 +104,7 @@ def test_auto_keeps_only_corrections_that_help_and_off_changes_nothing(tmp_path:
     _, report = correct_biases(model, stats, table, weight_levels=LEVELS)
     assert report.mode == "auto"
     for layer in report.layers:
-        assert layer.applied == (layer.sqnr_after_db > layer.sqnr_before_db)
+        assert layer.applied == (layer.sqnr_after_db >= layer.sqnr_before_db + 0.1)
     assert report.corrected  # the weight error is large: some layer gains
     unchanged, off = correct_biases(model, stats, table, mode=TechniqueMode.OFF)
     assert off.layers == [] and off.corrected == []
