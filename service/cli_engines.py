@@ -242,6 +242,21 @@ def _calibration(
     help=".npy of int labels for --data (accuracy_drop budgets).",
 )
 @click.option(
+    "--smoothing",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="SmoothQuant / cross-layer equalization before calibration (auto: where it lowers the "
+    "INT8 error).",
+)
+@click.option(
+    "--bias-correction",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="Shift quantized layers' biases by their weights' mean error (auto: where it helps).",
+)
+@click.option(
     "--gate",
     multiple=True,
     help="Accuracy gate METRIC:VALUE against FP32 on the held-out samples (repeatable), or "
@@ -267,6 +282,8 @@ def build(
     accuracy_budget: str | None,
     eval_fraction: float,
     labels: Path | None,
+    smoothing: str,
+    bias_correction: str,
     gate: tuple[str, ...],
     memory_limit_bytes: int | None,
     out: Path,
@@ -280,7 +297,14 @@ def build(
     """
     started = time.perf_counter()
     spec = _build_spec(precision, method, percentile, backend, mode, keep, keep_fp16, shapes)
-    spec = _with_gate(spec, gate)
+    from engines.spec import TechniqueMode
+
+    spec = _with_gate(spec, gate).model_copy(
+        update={
+            "smoothing": TechniqueMode(smoothing),
+            "bias_correction": TechniqueMode(bias_correction),
+        }
+    )
     flow = _workflow(model, spec, as_json)
     gated = _gate_enabled(spec)
     split = _split(flow, data, preprocess, eval_fraction if accuracy_budget or gated else 0.0, labels)
@@ -299,6 +323,7 @@ def build(
         "seconds": round(time.perf_counter() - started, 3),
         "quantized_nodes": len(meta.quantized_nodes),
         "kept_nodes": meta.kept_nodes,
+        "preparation": meta.preparation,
     }
     if mixed is not None:
         summary["mixed_precision"] = mixed
@@ -325,6 +350,13 @@ def _print_build(
         f"wrote {artifact.path} ({meta.size_bytes / 1e6:.1f} MB, {meta.backend} {meta.backend_version}, {meta.precision}) in {summary['seconds']} s"
     )
     click.echo(f"backend: {meta.backend_reason}")
+    prep = meta.preparation
+    if "smoothing" in prep or "bias_correction" in prep:
+        smoothed = len(prep.get("smoothing", {}).get("smoothed", []))
+        corrected = len(prep.get("bias_correction", {}).get("corrected", []))
+        click.echo(f"smoothed activations: {smoothed}; bias-corrected layers: {corrected}")
+    if "prequantized" in prep:
+        click.echo("prequantized model: its own Q/DQ scales kept, nothing re-quantized")
     if meta.quantized_nodes or meta.kept_nodes:
         click.echo(
             f"INT8 nodes: {len(meta.quantized_nodes)}; kept in higher precision: {len(meta.kept_nodes)}"
