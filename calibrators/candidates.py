@@ -1,4 +1,5 @@
-"""``auto``'s candidate ranges for a tensor and the tensor's own quantization error, from histograms.
+"""``auto``'s candidate ranges for a tensor, and the tensor's own quantization error, from its
+histogram.
 
 Candidates (:func:`auto_candidates`): the single methods' ranges, ``entropy``, ``minmax``,
 ``percentile:99.9``, ``percentile:99.99``, ``percentile:99.999`` and ``mse``, the last searched

@@ -47,7 +47,7 @@ INT8_LEVELS = 127
 comes from their own max)."""
 
 WEIGHT_SCALE_FLOOR = float(np.finfo(np.float16).tiny)
-"""The smallest weight scale written, 2**-14: float16's smallest normal (see the module docstring)."""
+"""The smallest weight scale written: 2**-14, float16's smallest normal (see the module doc)."""
 
 WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 """Ops whose input 1 is a weight the Q/DQ pass quantizes per output channel when constant."""

@@ -1,4 +1,5 @@
-"""auto: per tensor, the candidate range with the least error at the outputs of the nodes reading it."""
+"""auto: per tensor, the candidate range with the least error at the outputs of the nodes reading
+it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Weight quantization shared by the Q/DQ pass and the auto method: axes, scales, floor, fake quant."""
+"""Weight quantization shared by the Q/DQ pass and auto: axes, scales, floor, fake quantization."""
 
 from __future__ import annotations
 
