@@ -304,3 +304,24 @@ def test_the_measuring_pass_fits_a_small_memory_limit_with_the_same_result(tmp_p
     assert small.method == big.method
     for label, error in big.errors.items():
         assert small.errors[label] == pytest.approx(error, rel=1e-4)
+
+
+def test_without_quantize_linear_every_tensor_falls_back_to_its_own_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    w, b = _conv_weights()
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv")],
+        "old",
+        [helper.make_tensor_value_info("x", F, ["n", 16, 8, 8])],
+        [helper.make_tensor_value_info("y", F, ["n", 8, 8, 8])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    path = _save(tmp_path, graph, opset=9)  # QuantizeLinear arrived in opset 10
+    dataset = CalibrationDataset.from_arrays({"x": _wide_channel_data(8)})
+    with caplog.at_level("WARNING", logger="calibrators.auto"):
+        table = calibrate(path, dataset, auto())
+    assert table.range_choices is not None
+    assert table.range_choices["x"].criterion is RangeCriterion.TENSOR
+    assert table.parameters["measured_samples"] == 0
+    assert "opset 9 has no QuantizeLinear" in caplog.text
