@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import onnx
 from onnx.external_data_helper import uses_external_data
@@ -13,7 +13,12 @@ __all__ = ["check_external_data_paths", "load_onnx"]
 
 
 def check_external_data_paths(model: onnx.ModelProto, folder: Path) -> None:
-    """Refuse external-data locations that are absolute or resolve outside ``folder``."""
+    """Refuse external-data locations that are not plain relative paths inside ``folder``.
+
+    The one rule, at upload and at build alike: a ``location`` must be relative (POSIX and
+    Windows spellings), have no drive and no ``..`` part, and resolve (links followed) inside
+    ``folder``, to a file that exists. Checked before anything outside is opened.
+    """
     root = folder.resolve()
     for tensor in _all_tensors(model):
         if not uses_external_data(tensor):
@@ -21,11 +26,12 @@ def check_external_data_paths(model: onnx.ModelProto, folder: Path) -> None:
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
         candidate = Path(location)
         resolved = (root / candidate).resolve()
-        if not location or candidate.is_absolute() or not resolved.is_relative_to(root):
+        if not _plain_relative(location) or not resolved.is_relative_to(root):
             raise ModelError(
                 f"Initializer {tensor.name!r} points its external data at {location!r}, "
-                "outside the model's folder.",
-                hint="Keep external data files beside the .onnx file and refer to them by relative name.",
+                "outside the model's folder (it must be a plain relative path inside it).",
+                hint="Keep external data files beside the .onnx file and refer to them by relative "
+                "name (no absolute paths, no '..').",
                 field="model",
             )
         if not resolved.is_file():
@@ -34,6 +40,18 @@ def check_external_data_paths(model: onnx.ModelProto, folder: Path) -> None:
                 hint="Upload the .onnx together with its data files (for the service: as one .zip).",
                 field="model",
             )
+
+
+def _plain_relative(location: str) -> bool:
+    posix, windows = PurePosixPath(location), PureWindowsPath(location)
+    return not (
+        not location
+        or posix.is_absolute()
+        or windows.is_absolute()
+        or windows.drive
+        or ".." in posix.parts
+        or ".." in windows.parts
+    )
 
 
 def _all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:

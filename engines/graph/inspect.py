@@ -6,16 +6,14 @@ nodes named, ONNX shape inference run.
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from onnx.external_data_helper import uses_external_data
 from pydantic import BaseModel, ConfigDict
 
-from calibrators.errors import ModelError
-from calibrators.onnxio import check_external_data_paths
+from calibrators.onnxio import load_onnx
 from engines.graph._onnx import default_opset, infer_shapes
 
 __all__ = ["ModelInfo", "TensorInfo", "inspect_model", "load_model", "normalize"]
@@ -165,59 +163,11 @@ def _constant_value_attr(node: onnx.NodeProto) -> bool:
     )
 
 
-def _check_locations(model: onnx.ModelProto, path: Path) -> None:
-    """Refuse external-data locations that are absolute or climb with ``..`` (any separator)."""
-    tensors = list(model.graph.initializer)
-    tensors += [a.t for n in model.graph.node for a in n.attribute if a.HasField("t")]
-    for tensor in tensors:
-        if not uses_external_data(tensor):
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        posix, windows = PurePosixPath(location), PureWindowsPath(location)
-        if (
-            not location
-            or posix.is_absolute()
-            or windows.is_absolute()
-            or windows.drive
-            or ".." in posix.parts
-            or ".." in windows.parts
-        ):
-            raise ModelError(
-                f"{path.name}: initializer {tensor.name!r} points its external data at "
-                f"{location!r}, which is not a plain relative path inside the model's folder.",
-                hint="Keep external data files beside the .onnx file and refer to them by relative "
-                "name (no absolute paths, no '..').",
-                field="model",
-            )
-
-
 def load_model(path: Path) -> onnx.ModelProto:
-    """Load an ONNX model; external data must live inside the model's folder.
-
-    Every external-data ``location`` must be a relative path without ``..`` that resolves (links
-    followed) inside the folder of ``path``; otherwise :class:`ModelError`, before anything outside
-    is opened.
-    """
-    path = Path(path)
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except FileNotFoundError as exc:
-        raise ModelError(f"Model file {str(path)!r} does not exist.", field="model") from exc
-    except Exception as exc:  # DecodeError, ValueError, ... for non-ONNX bytes
-        raise ModelError(f"{path.name} is not a readable ONNX model: {exc}", field="model") from exc
-    if not model.graph.node:
-        raise ModelError(f"{path.name} has an empty graph (no nodes).", field="model")
-    _check_locations(model, path)
-    check_external_data_paths(model, path.parent)  # resolved (links followed) inside the folder
-    try:
-        onnx.load_external_data_for_model(model, str(path.parent))
-    except Exception as exc:
-        raise ModelError(
-            f"Cannot read the external data of {path.name}: {exc}",
-            hint="Upload the .onnx together with its data files, unchanged.",
-            field="model",
-        ) from exc
-    return model
+    """Load an ONNX model with its weights: :func:`calibrators.onnxio.load_onnx`, the one safe
+    loader (external data only as plain relative paths inside the model's folder), so a model
+    accepted at upload is accepted at build and the other way round."""
+    return load_onnx(Path(path))
 
 
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from calibrators.errors import ModelError
 from tests.unit.service.support import (
     dataset_bytes,
     external_data_zip,
@@ -97,6 +98,41 @@ def test_external_data_escaping_its_folder_is_refused(
     response = _upload(client, payload, "m.zip")
     assert response.status_code == 422
     assert "outside the model's folder" in response.json()["error"]["message"]
+    assert stored_files(data_dir) == []
+
+
+@pytest.mark.parametrize("location", ["sub/../weights.bin", "..\\weights.bin", "C:weights.bin"])
+def test_a_location_the_build_refuses_is_refused_at_upload(
+    make_client: Callable[..., TestClient], data_dir: Path, tmp_path: Path, location: str
+) -> None:
+    """One loader: what a build would refuse never gets in (these resolve inside the folder
+    on Linux, yet are not plain relative paths)."""
+    import onnx
+
+    from engines.graph.inspect import load_model
+    from tests import zoo
+
+    client = make_client()
+    path = zoo.save_with_external_data(zoo.tiny_cnn(), tmp_path / "m")
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(model, path)
+    (path.parent / "sub").mkdir()
+    with pytest.raises(ModelError):
+        load_model(path)
+    payload = zip_bytes(
+        {
+            "model.onnx": model.SerializeToString(),
+            "weights.bin": (path.parent / "weights.bin").read_bytes(),
+            "sub/keep.txt": b"",
+        }
+    )
+    response = _upload(client, payload, "m.zip")
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["field"] == "model"
     assert stored_files(data_dir) == []
 
 
