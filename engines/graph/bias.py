@@ -100,6 +100,7 @@ def correct_biases(
     quantize_attention: bool = False,
     weight_levels: int = INT8_LEVELS,
     min_gain_db: float = 0.1,
+    sequence_layers: bool = False,
 ) -> tuple[onnx.ModelProto, BiasCorrectionReport]:
     """A copy of ``model`` whose quantized layers' biases absorb their weights' mean error.
 
@@ -108,6 +109,13 @@ def correct_biases(
     correction that raises the layer's SQNR by at least ``min_gain_db``: smaller gains (a
     transformer's layers gain 0.01-0.1 dB) are within what the sampled rows can tell, and did
     not carry to MiniLM's output.
+
+    ``sequence_layers``: whether ``auto`` also corrects MatMul/Gemm layers reading ``[N, T, C]``
+    activations (``on`` always does). Off by default: the means are taken over every position,
+    padding included, and a padded batch's positions are mostly padding (63% of MiniLM's
+    calibration tokens), whose mean is not the real tokens'. Measured on MiniLM after smoothing:
+    corrected with all positions 22.88 -> 22.56 dB output SQNR, with pad-free statistics
+    22.88 -> 23.78 dB.
     """
     mode = TechniqueMode(mode)
     work = normalize(model)
@@ -129,6 +137,10 @@ def correct_biases(
         target = _bias_target(index, layer, weight.shape[layer.output_axis()])
         if stat is None:
             skipped[layer.node] = stats.missing.get(layer.node, "no statistics")
+        elif mode is TechniqueMode.AUTO and not sequence_layers and _sequence(index, layer):
+            skipped[layer.node] = (
+                "reads a sequence [N, T, C] whose positions may be padding (sequence_layers=False)"
+            )
         elif isinstance(target, str):
             skipped[layer.node] = target
         else:
@@ -138,6 +150,12 @@ def correct_biases(
                          min_gain_db)
             )
     return work, BiasCorrectionReport(mode=mode, layers=layers, skipped=skipped)
+
+
+def _sequence(index: GraphIndex, layer: LinearLayer) -> bool:
+    """A MatMul/Gemm whose activation has positions besides the batch ([N, T, C] and up)."""
+    rank = len(index.shape.get(layer.activation, ()))
+    return layer.op_type != "Conv" and rank >= 3
 
 
 def _bias_target(

@@ -125,3 +125,31 @@ def test_kept_layers_and_shared_biases(tmp_path: Path) -> None:
     mm = next(c for c in report.layers if c.node == "mm")
     assert mm.bias != "b3"  # b3 is read by another node too: the shift goes into a copy
     np.testing.assert_array_equal(initializer(corrected, "b3"), initializer(model, "b3"))
+
+
+def test_auto_leaves_sequence_layers_unless_asked(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+            helper.make_node("Add", ["m", "b"], ["y"], name="bias_add"),
+        ],
+        "sequence",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 5, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5, 4])],
+        [
+            numpy_helper.from_array(rng.normal(0, 0.3, (6, 4)).astype(np.float32), "w"),
+            numpy_helper.from_array(np.zeros(4, np.float32), "b"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = rng.normal(1.0, 0.5, (16, 5, 6)).astype(np.float32)
+    path = tmp_path / "seq.onnx"
+    onnx.save(model, path)
+    stats = collect_layer_stats(path, CalibrationDataset.from_arrays({"x": x}))
+    table = table_from_activations(model, {"x": x})
+    _, auto = correct_biases(model, stats, table, weight_levels=LEVELS)
+    assert auto.layers == [] and auto.skipped["mm"].startswith("reads a sequence")
+    _, asked = correct_biases(model, stats, table, weight_levels=LEVELS, sequence_layers=True)
+    _, forced = correct_biases(model, stats, table, mode=TechniqueMode.ON, weight_levels=LEVELS)
+    assert [c.node for c in asked.layers] == [c.node for c in forced.layers] == ["mm"]
