@@ -157,6 +157,12 @@ def bench(
     default=None,
     help="METRIC:VALUE that must hold, e.g. top1_agreement:0.99, cosine:0.999, sqnr_db:30.",
 )
+@click.option(
+    "--class-axis",
+    multiple=True,
+    help="AXIS or OUTPUT:AXIS holding class scores (repeatable), e.g. 1 for [N, C, H, W]; "
+    "default: the last axis of [N, C], [N, T, C] and channels-last outputs.",
+)
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option(
     "--out",
@@ -177,6 +183,7 @@ def compare(
     atol: tuple[str, ...],
     rtol: tuple[str, ...],
     budget: str | None,
+    class_axis: tuple[str, ...],
     threads: int | None,
     out: Path | None,
     as_json: bool,
@@ -215,6 +222,7 @@ def compare(
             tolerances=tolerance,
             budget=parsed,
             progress=progress,
+            class_axis=_class_axes(class_axis),
         )
     text = report.model_dump_json(indent=2)
     if out is not None:
@@ -225,6 +233,26 @@ def compare(
         click.echo(render_accuracy(report))
     if report.passed is False:
         raise SystemExit(1)
+
+
+def _class_axes(texts: tuple[str, ...]) -> int | dict[str, int] | None:
+    """``--class-axis``: one AXIS for every output, or OUTPUT:AXIS per output."""
+    from engines.errors import SpecError
+
+    if not texts:
+        return None
+    axes: dict[str, int] = {}
+    for text in texts:
+        name, _, axis = text.rpartition(":")
+        try:
+            axes[name or "*"] = int(axis)
+        except ValueError as exc:
+            raise SpecError(
+                f"--class-axis {text!r} is not AXIS or OUTPUT:AXIS.",
+                hint="e.g. --class-axis 1 or --class-axis logits:1",
+                field="class_axis",
+            ) from exc
+    return axes["*"] if list(axes) == ["*"] else axes
 
 
 @click.command()

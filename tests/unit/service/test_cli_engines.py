@@ -345,3 +345,30 @@ def test_build_exits_one_when_the_gate_fails_and_keeps_the_artifact(
     assert "accuracy gate (cosine >= 0.5): passed" in passed.stdout
     bad = trtforge(*base, "--gate", "nonsense:1", "--out", str(out))
     assert bad.returncode == 2 and "--gate" in bad.stderr
+
+
+def test_compare_takes_the_class_axis_of_an_nchw_output(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(
+        np.random.default_rng(3).normal(0, 1, (5, 2, 1, 1)).astype(np.float32), "w"
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["scores"], name="head")],
+        "seg",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 4, 4])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 5, 4, 4])],
+        [w],
+    )
+    model = tmp_path / "seg.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    data = tmp_path / "seg.npz"
+    np.savez(data, x=np.random.default_rng(4).normal(0, 1, (6, 2, 4, 4)).astype(np.float32))
+    args = ["compare", str(model), "--model", str(model), "--data", str(data), "--json"]
+    result = trtforge(*args, "--class-axis", "scores:1")
+    assert result.returncode == 0, result.stderr
+    output = json.loads(result.stdout)["outputs"][0]
+    assert output["class_axis"] == 1 and output["class_positions"] == 6 * 4 * 4
+    assert output["top1_agreement"] == 1.0
+    bad = trtforge(*args, "--class-axis", "scores:x")
+    assert bad.returncode == 2 and "--class-axis" in bad.stderr
