@@ -137,7 +137,7 @@ def correct_biases(
         target = _bias_target(index, layer, weight.shape[layer.output_axis()])
         if stat is None:
             skipped[layer.node] = stats.missing.get(layer.node, "no statistics")
-        elif mode is TechniqueMode.AUTO and not sequence_layers and _sequence(index, layer):
+        elif mode is TechniqueMode.AUTO and not sequence_layers and _sequence(layer, stat):
             skipped[layer.node] = (
                 "reads a sequence [N, T, C] whose positions may be padding (sequence_layers=False)"
             )
@@ -152,10 +152,9 @@ def correct_biases(
     return work, BiasCorrectionReport(mode=mode, layers=layers, skipped=skipped)
 
 
-def _sequence(index: GraphIndex, layer: LinearLayer) -> bool:
+def _sequence(layer: LinearLayer, stat: LayerInput) -> bool:
     """A MatMul/Gemm whose activation has positions besides the batch ([N, T, C] and up)."""
-    rank = len(index.shape.get(layer.activation, ()))
-    return layer.op_type != "Conv" and rank >= 3
+    return layer.op_type != "Conv" and stat.rank >= 3
 
 
 def _bias_target(

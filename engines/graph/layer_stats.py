@@ -55,6 +55,8 @@ class LayerInput:
     """``[C]`` float64: E[x_j] over every sample and position."""
     rows: np.ndarray
     """``[R, C, P]`` float32: a uniform sample of the rows the layer reads (module docstring)."""
+    rank: int = 0
+    """The activation's number of dimensions, as observed (3 for ``[N, T, C]`` sequences)."""
 
     def divided(self, scales: np.ndarray, activation: str | None = None) -> LayerInput:
         """These statistics after input channel ``j`` was divided by ``scales[j]`` (smoothing);
@@ -66,6 +68,7 @@ class LayerInput:
             absmax=self.absmax / s,
             mean=self.mean / s,
             rows=(self.rows / s.astype(np.float32)[None, :, None]).astype(np.float32),
+            rank=self.rank,
         )
 
 
@@ -88,8 +91,10 @@ class _Channels:
     absmax: np.ndarray | None = None
     total: np.ndarray | None = None
     count: int = 0
+    rank: int = 0
 
     def update(self, values: np.ndarray) -> None:
+        self.rank = values.ndim
         axis = self.axis % values.ndim
         others = tuple(a for a in range(values.ndim) if a != axis)
         peak = np.abs(values).max(axis=others).astype(np.float64)
@@ -212,6 +217,7 @@ class LayerStatsObserver:
                 absmax=channels.absmax,
                 mean=channels.total / max(channels.count, 1),
                 rows=reservoir.rows,
+                rank=channels.rank,
             )
         return LayerStats(inputs=inputs, missing=missing, samples=self._samples)
 

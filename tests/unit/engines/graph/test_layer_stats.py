@@ -102,6 +102,7 @@ def test_observer_streams_channel_statistics_and_replays_aliases(tmp_path: Path)
     np.testing.assert_allclose(mm.absmax, np.abs(x).max(axis=(0, 1)), rtol=1e-6)
     np.testing.assert_allclose(mm.mean, x.mean(axis=(0, 1)), rtol=1e-5, atol=1e-7)
     assert mm.rows.shape == (32, 4, 1)  # 80 rows seen, 32 kept
+    assert (mm.rank, gemm.rank) == (3, 2)
     flat = x.reshape(-1, 4)
     assert all(any(np.array_equal(r, f) for f in flat) for r in mm.rows[:, :, 0])
     h = (x @ numpy_helper.to_array(model.graph.initializer[0])).reshape(40, 10)
