@@ -128,13 +128,14 @@ def correct_biases(
     names = NameAllocator(work)
     layers: list[BiasCorrection] = []
     skipped: dict[str, str] = {}
+    nodes = {n.name: n for n in work.graph.node}
     for layer in linear_layers(work):
         if layer.node not in quantized:
             continue
         stat = stats.inputs.get(layer.node)
         weight = index.array(layer.weight)
         assert weight is not None
-        target = _bias_target(index, layer, weight.shape[layer.output_axis()])
+        target = _bias_target(index, nodes[layer.node], layer, weight.shape[layer.output_axis()])
         if stat is None:
             skipped[layer.node] = stats.missing.get(layer.node, "no statistics")
         elif mode is TechniqueMode.AUTO and not sequence_layers and _sequence(layer, stat):
@@ -158,10 +159,9 @@ def _sequence(layer: LinearLayer, stat: LayerInput) -> bool:
 
 
 def _bias_target(
-    index: GraphIndex, layer: LinearLayer, channels: int
+    index: GraphIndex, node: onnx.NodeProto, layer: LinearLayer, channels: int
 ) -> tuple[onnx.NodeProto, int, float] | str:
     """(node holding the bias, its input slot, alpha / beta for a Gemm) or why none."""
-    node = next(n for n in index.nodes if n.name == layer.node)
     if layer.op_type in ("Conv", "Gemm"):
         bias = index.array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         if bias is None:

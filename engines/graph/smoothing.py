@@ -202,8 +202,9 @@ def _groups(
     """Layers by the tensor they read (graph order), and the layers left out with the reason."""
     groups: dict[str, list[LinearLayer]] = {}
     skipped: dict[str, str] = {}
+    nodes = {n.name: n for n in index.nodes}
     for layer in linear_layers(index.model):
-        node = next(n for n in index.nodes if n.name == layer.node)
+        node = nodes[layer.node]
         if node_matches(keep, layer.node, layer.op_type):
             skipped[layer.node] = "kept by user"
         elif not quantize_attention and is_gemv(index, node):
