@@ -56,7 +56,7 @@ from bench.common import (
     write_text,
 )
 from bench.int8_quality_report import gate_table, render, update_readme
-from bench.realmodels import MODELS, RealModel, load
+from bench.realmodels import IN_DOMAIN, MODELS, RealModel, load
 from calibrators.calibrate import calibrate
 from calibrators.data import CalibrationDataset
 from calibrators.methods import CalibrationMethod, MethodSpec, entropy, minmax, mse, percentile
@@ -158,7 +158,7 @@ def engines_figures(report: AccuracyReport) -> dict[str, float]:
 
 def build_model(
     model: RealModel, precision: Precision, method: MethodSpec | None, table: Any, out: Path
-) -> tuple[Path, dict[str, Any]]:
+) -> tuple[Path, dict[str, Any], int]:
     """The Q/DQ (or FP16) graph trtforge gives TensorRT, 8-bit weights, saved at ``out``."""
     import onnx
 
@@ -171,7 +171,7 @@ def build_model(
     prepared = prepare_model(load_model(model.path), spec, table, weight_levels=127)
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(prepared.model, str(out))
-    return out, spec.model_dump(mode="json")
+    return out, spec.model_dump(mode="json"), len(prepared.quantized_nodes)
 
 
 def evaluate(
@@ -232,6 +232,7 @@ def measure_model(key: str, args: argparse.Namespace) -> dict[str, Any]:
         "calibration_samples": model.calibration_count,
         "evaluation_samples": model.evaluation_count,
         "notes": model.notes,
+        "in_domain": model.in_domain,
         "variants": rows,
     }
 
@@ -260,8 +261,15 @@ def measure_variant(
         row["calibration_seconds"] = round(time.perf_counter() - start, 2)
     log(f"{model.key}: building {name}")
     stem = f"{model.key}-{name.replace(' ', '-')}"
-    path, spec = build_model(model, precision, method, table, OUT / f"{stem}.onnx")
+    path, spec, quantized = build_model(model, precision, method, table, OUT / f"{stem}.onnx")
     row["spec"] = spec
+    row["quantized_nodes"] = quantized
+    choices = getattr(table, "range_choices", None)
+    if choices:
+        chosen: dict[str, int] = {}
+        for choice in choices.values():
+            chosen[choice.method] = chosen.get(choice.method, 0) + 1
+        row["auto_choices"] = dict(sorted(chosen.items(), key=lambda kv: -kv[1]))
     log(f"{model.key}: evaluating {name}")
     start = time.perf_counter()
     row.update(evaluate(model, path, reference, ref_out, args.threads))
@@ -281,7 +289,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     add = parser.add_argument
     specs = method_specs()
-    add("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    add("--models", nargs="+", default=list(IN_DOMAIN), choices=list(MODELS))
     add("--methods", nargs="+", default=list(specs), choices=list(specs))
     add("--calibration", type=int, default=64, help="calibration samples per model")
     add("--evaluation", type=int, default=128, help="evaluation samples per model")
@@ -290,9 +298,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--keep-models", action="store_true", help="keep the built .onnx under bench/work")
     add("--output", default="int8_quality", help="result stem under bench/results")
     add("--readme", action="store_true", help="rewrite the README section from this run")
+    add("--render", metavar="JSON", help="only re-render a saved result (tables, gate, README)")
     args = parser.parse_args(argv)
     args.specs = {m: specs[m] for m in args.methods}
     return args
+
+
+def render_saved(path: Path, args: argparse.Namespace) -> int:
+    """Recompute the gate table of a saved result and write its .json, .md (and README)."""
+    import json
+
+    result = json.loads(path.read_text(encoding="utf-8"))
+    result["gate"] = gate_table(result["models"], SINGLE_METHODS)
+    write_json(path, result)
+    markdown = render(result)
+    write_text(path.with_suffix(".md"), markdown)
+    if args.readme:
+        update_readme(ROOT / "bench" / "README.md", markdown)
+    print(markdown)
+    return 0
 
 
 def source_state() -> dict[str, Any]:
@@ -309,6 +333,8 @@ def source_state() -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        return render_saved(Path(args.render), args)
     seed_everything(args.seed)
     started = time.perf_counter()
     env = environment(args.threads)

@@ -1,9 +1,16 @@
 """The gate table and the Markdown of ``bench/int8_quality.py`` (kept apart to keep both short).
 
-Sound vs collapsed (issue 9): a build is sound when its task metric is within 1 point of FP32's
-or its SQNR is within 3 dB of the best single calibration method's on the same model; otherwise
-collapsed. For each candidate gate metric the table gives the worst sound build and the best
-collapsed one: a default threshold separates them when it lies strictly between.
+Classes of a build (issue 9):
+
+- *sound*: its task metric is within 1 point of FP32's, or its SQNR within 3 dB of the best
+  single calibration method's on the same model (the issue's acceptance rule);
+- *collapsed*: not sound, and its task metric lost more than 10 points (a recognizer reading
+  nothing, a classifier far off): what a default gate must stop;
+- *degraded*: neither (a method measurably worse than the best one, the task still working).
+
+For each candidate gate metric the table gives the worst sound build, the lowest degraded and
+the best collapsed one: a default threshold separates sound from collapsed when it lies strictly
+between them. Out-of-domain evaluations (``in_domain`` false) are left out.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ __all__ = ["GATE_METRICS", "gate_table", "render", "update_readme"]
 TASK_POINTS = 0.01
 """Within 1 point of FP32's task metric (metrics are fractions)."""
 SQNR_MARGIN_DB = 3.0
+COLLAPSE_POINTS = 0.10
+"""Not sound and more than 10 points of the task metric lost: collapsed."""
 GATE_METRICS = (
     "sqnr_db",
     "cosine",
@@ -45,7 +54,7 @@ def _ok(row: Mapping[str, Any]) -> bool:
 
 
 def classify(model: Mapping[str, Any], single_methods: Sequence[str]) -> list[dict[str, Any]]:
-    """One entry per built variant of ``model``: sound or collapsed, and why."""
+    """One entry per built variant of ``model``: its class (sound, degraded, collapsed) and why."""
     rows = model["variants"]
     metric = model["metric"]
     fp32 = float(rows["fp32"]["task"][metric])
@@ -60,17 +69,24 @@ def classify(model: Mapping[str, Any], single_methods: Sequence[str]) -> list[di
         task = float(row["task"][metric])
         by_task = task >= fp32 - TASK_POINTS - 1e-12
         by_sqnr = bool(singles) and row["sqnr_db"] >= best - SQNR_MARGIN_DB
+        sound = by_task or by_sqnr
+        collapsed = not sound and task < fp32 - COLLAPSE_POINTS
         reasons = []
         if by_task:
             reasons.append(f"{metric} within 1 point")
         if by_sqnr:
             reasons.append(f"SQNR within {SQNR_MARGIN_DB:g} dB of best ({best:.1f})")
+        if not reasons:
+            reasons.append(
+                f"{metric} {task:.3f} vs FP32 {fp32:.3f}, "
+                f"SQNR {row['sqnr_db']:.1f} < {best - SQNR_MARGIN_DB:.1f}"
+            )
         out.append(
             {
                 "variant": name,
-                "sound": by_task or by_sqnr,
-                "why": "; ".join(reasons)
-                or f"{metric} {task:.3f} vs FP32 {fp32:.3f}, SQNR {row['sqnr_db']:.1f} < {best - SQNR_MARGIN_DB:.1f}",
+                "sound": sound,
+                "class": "sound" if sound else ("collapsed" if collapsed else "degraded"),
+                "why": "; ".join(reasons),
                 "task": task,
                 "fp32_task": fp32,
                 "best_single_sqnr_db": best,
@@ -80,39 +96,45 @@ def classify(model: Mapping[str, Any], single_methods: Sequence[str]) -> list[di
     return out
 
 
+def _extreme(builds: list[dict[str, Any]], metric: str, cls: str) -> tuple[Any, Any]:
+    """(value, "model variant") of the build of class ``cls`` nearest the boundary on ``metric``:
+    the highest collapsed build; the lowest sound or degraded one."""
+    found = [(b[metric], b) for b in builds if b["class"] == cls and b.get(metric) is not None]
+    if not found:
+        return None, None
+    value, build = (max if cls == "collapsed" else min)(found, key=lambda p: p[0])
+    return value, f"{build['model']} {build['variant']}"
+
+
 def gate_table(
     models: Mapping[str, Mapping[str, Any]], single_methods: Sequence[str]
 ) -> dict[str, Any]:
-    """Every build classified, and per gate metric the worst sound and best collapsed value."""
+    """Every in-domain build classified, and per gate metric the worst sound, best degraded and
+    collapsed value, and the lowest degraded one."""
     builds = [
         {"model": key, **entry}
         for key, model in models.items()
+        if model.get("in_domain", True)
         for entry in classify(model, single_methods)
     ]
     metrics: dict[str, Any] = {}
     for metric in GATE_METRICS:
-        sound = [(b[metric], b) for b in builds if b["sound"] and b.get(metric) is not None]
-        bad = [(b[metric], b) for b in builds if not b["sound"] and b.get(metric) is not None]
-        worst = min(sound, key=lambda p: p[0]) if sound else None
-        best = max(bad, key=lambda p: p[0]) if bad else None
-        entry: dict[str, Any] = {
-            "note": GATE_NOTES[metric],
-            "worst_sound": None if worst is None else worst[0],
-            "worst_sound_build": None
-            if worst is None
-            else f"{worst[1]['model']} {worst[1]['variant']}",
-            "best_collapsed": None if best is None else best[0],
-            "best_collapsed_build": None
-            if best is None
-            else f"{best[1]['model']} {best[1]['variant']}",
-        }
+        entry: dict[str, Any] = {"note": GATE_NOTES[metric]}
+        for cls, label in (
+            ("sound", "worst_sound"),
+            ("degraded", "lowest_degraded"),
+            ("collapsed", "best_collapsed"),
+        ):
+            entry[label], entry[f"{label}_build"] = _extreme(builds, metric, cls)
+        worst, best = entry["worst_sound"], entry["best_collapsed"]
         if worst is not None and best is not None:
-            entry["separates"] = worst[0] > best[0]
-            entry["midpoint"] = (worst[0] + best[0]) / 2 if entry["separates"] else None
+            entry["separates"] = worst > best
+            entry["midpoint"] = (worst + best) / 2 if entry["separates"] else None
         metrics[metric] = entry
     return {
         "rule": f"sound: task metric >= FP32 - {TASK_POINTS:g} or SQNR >= best single method - "
-        f"{SQNR_MARGIN_DB:g} dB; collapsed otherwise",
+        f"{SQNR_MARGIN_DB:g} dB; collapsed: not sound and task metric < FP32 - "
+        f"{COLLAPSE_POINTS:g}; degraded: the rest",
         "builds": builds,
         "metrics": metrics,
     }
@@ -132,7 +154,7 @@ def _f(value: Any, digits: int = 4) -> str:
 
 
 def _model_table(key: str, model: Mapping[str, Any], gate: Mapping[str, Any]) -> str:
-    sound = {b["variant"]: b["sound"] for b in gate["builds"] if b["model"] == key}
+    classes = {b["variant"]: b["class"] for b in gate["builds"] if b["model"] == key}
     metric = model["metric"]
     headers = [
         "build",
@@ -150,7 +172,8 @@ def _model_table(key: str, model: Mapping[str, Any], gate: Mapping[str, Any]) ->
             rows.append([name, f"error: {row['error'][:80]}", *["-"] * 6])
             continue
         task = row["task"][metric]
-        cls = "FP32" if name == "fp32" else ("sound" if sound.get(name) else "**collapsed**")
+        found = classes.get(name, "-")
+        cls = "FP32" if name == "fp32" else ("**collapsed**" if found == "collapsed" else found)
         rows.append(
             [
                 name,
@@ -183,6 +206,7 @@ def _gate_markdown(gate: Mapping[str, Any]) -> str:
             [
                 f"`{metric}`",
                 f"{_f(e['worst_sound'])} ({e['worst_sound_build']})",
+                f"{_f(e['lowest_degraded'])} ({e['lowest_degraded_build']})",
                 f"{_f(e['best_collapsed'])} ({e['best_collapsed_build']})",
                 "-" if sep is None else ("yes" if sep else "**no**"),
                 _f(e.get("midpoint")),
@@ -193,8 +217,9 @@ def _gate_markdown(gate: Mapping[str, Any]) -> str:
         [
             "metric",
             "worst sound (build)",
+            "lowest degraded (build)",
             "best collapsed (build)",
-            "separates",
+            "separates sound / collapsed",
             "midpoint",
             "definition",
         ],
@@ -202,22 +227,37 @@ def _gate_markdown(gate: Mapping[str, Any]) -> str:
     )
 
 
-def _collapsed_markdown(gate: Mapping[str, Any]) -> str:
+def _unsound_markdown(gate: Mapping[str, Any]) -> str:
     rows = [
         [
             f"{b['model']} {b['variant']}",
+            b["class"],
             _f(b["task"], 3),
             _f(b["fp32_task"], 3),
             _f(b["sqnr_db"], 1),
             _f(b["best_single_sqnr_db"], 1),
+            _f(b["cosine"]),
         ]
         for b in gate["builds"]
         if not b["sound"]
     ]
     if not rows:
-        return "No collapsed build."
+        return "Every build is sound."
     return markdown_table(
-        ["collapsed build", "task", "FP32 task", "SQNR dB", "best single SQNR dB"], rows
+        ["build", "class", "task", "FP32 task", "SQNR dB", "best single SQNR dB", "cosine"], rows
+    )
+
+
+def _fp16_line(gate: Mapping[str, Any]) -> str:
+    """FP16 builds have their own default gate: their lowest figures."""
+    fp16 = [b for b in gate["builds"] if b["variant"] == "fp16"]
+    if not fp16:
+        return "No FP16 build."
+    low = min(fp16, key=lambda b: b["sqnr_db"])
+    cos = min(fp16, key=lambda b: b["cosine"])
+    return (
+        f"FP16 ({sum(b['sound'] for b in fp16)} of {len(fp16)} in-domain builds sound): lowest SQNR {low['sqnr_db']:.1f} dB ({low['model']}), "
+        f"lowest whole-output cosine {cos['cosine']:.5f} ({cos['model']})."
     )
 
 
@@ -248,11 +288,15 @@ def render(result: Mapping[str, Any]) -> str:
         "### Gate thresholds",
         "",
         f"Rule: {result['gate']['rule']}. A default gate threshold on a metric is sound when it "
-        "lies between the worst sound build and the best collapsed one (`separates`: yes).",
+        "lies between the worst sound build and the best collapsed one (`separates`: yes); "
+        "degraded builds are shown to say which side of it they fall. Out-of-domain "
+        "evaluations are left out.",
         "",
         _gate_markdown(result["gate"]),
         "",
-        _collapsed_markdown(result["gate"]),
+        _fp16_line(result["gate"]),
+        "",
+        _unsound_markdown(result["gate"]),
     ]
     return "\n".join(parts)
 
