@@ -159,6 +159,7 @@ class Workflow:
         store: TableStore | None = None,
         model_sha256: str | None = None,
         work_dir: Path | None = None,
+        int8_weight_levels: int | None = None,
     ) -> None:
         self.model_path = Path(model_path)
         self._model_sha256 = model_sha256
@@ -188,6 +189,10 @@ class Workflow:
         del model
         self.backend: Backend
         self.backend, self.backend_reason = select_backend(spec.backend)
+        self.int8_weight_levels = int8_weight_levels or self.backend.int8_weight_levels()
+        """INT8 weight levels smoothing and bias correction tune the model for: the backend's
+        (127; 63 for ONNX Runtime on x86 CPUs without VNNI) unless given (127 to measure in
+        TensorRT's arithmetic on such a CPU, as bench/ does)."""
 
     @property
     def model_sha256(self) -> str:
@@ -386,7 +391,7 @@ class Workflow:
             mode=spec.smoothing,
             keep=spec.keep.int8,
             quantize_attention=spec.quantize_attention,
-            weight_levels=self.backend.int8_weight_levels(),
+            weight_levels=self.int8_weight_levels,
         )
         applied = result.report.applied
         self.recorder.log(
@@ -405,7 +410,7 @@ class Workflow:
             self.int8_model_path = self._save(result.model, "smoothed.onnx")
         return result.stats, result.report
 
-    def _correct_biases(self, spec: BuildSpec, table: CalibrationTable) -> Path:
+    def int8_source(self, spec: BuildSpec, table: CalibrationTable) -> Path:
         """The model an INT8 build of ``spec`` starts from: :attr:`int8_model_path` with the
         biases of the layers ``spec`` quantizes shifted by their weights' mean error. Done per
         build, with the build's own keep rules (a budget search keeps nodes in FP32, whose
@@ -424,7 +429,7 @@ class Workflow:
             mode=spec.bias_correction,
             keep=spec.keep.int8,
             quantize_attention=spec.quantize_attention,
-            weight_levels=self.backend.int8_weight_levels(),
+            weight_levels=self.int8_weight_levels,
         )
         self.bias_correction = report
         self.recorder.log(
@@ -525,7 +530,7 @@ class Workflow:
         with self.recorder.stage(Stage.BUILD) as progress:
             source = self.model_path
             if spec.precision.uses_int8:
-                source = self._correct_biases(spec, table) if table else self.int8_model_path
+                source = self.int8_source(spec, table) if table else self.int8_model_path
             artifact = build_artifact(
                 source,
                 spec,
