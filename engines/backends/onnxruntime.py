@@ -213,8 +213,11 @@ class OnnxRuntimeBackend:
         """Transform the model per ``spec.precision``, check it loads in ONNX Runtime, write it."""
         from engines.graph import prepare_model
         from engines.graph.inspect import load_model
+        from engines.graph.prequantized import file_is_prequantized
 
-        start = time.perf_counter()  # prepare_model refuses INT8 without a table (prequantized aside)
+        if table is None and not file_is_prequantized(model_path):
+            spec.precision.require_table(table)  # a model with its own Q/DQ needs none
+        start = time.perf_counter()
         report_progress(progress, "loading model", 0.0)
         model_path = Path(model_path)
         model_sha256 = sha256_file(model_path)

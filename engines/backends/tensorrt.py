@@ -66,6 +66,7 @@ from engines.backends.tensorrt_support import (
     timing_cache_file,
 )
 from engines.errors import BackendUnavailableError, BuildError, EngineError, SpecError
+from engines.graph.prequantized import file_is_prequantized
 from engines.spec import BuildSpec, ShapeProfile, TensorRTMode
 
 if TYPE_CHECKING:
@@ -141,8 +142,10 @@ class TensorRTBackend:
     ) -> Artifact:
         """Build ``model_path`` per ``spec`` into an engine at ``out_path`` (module docstring)."""
         start = time.perf_counter()
-        if spec.mode is TensorRTMode.IMPLICIT:
-            spec.precision.require_table(table)  # explicit: prepare_model (prequantized models)
+        if table is None and (
+            spec.mode is TensorRTMode.IMPLICIT or not file_is_prequantized(model_path)
+        ):
+            spec.precision.require_table(table)  # a model with its own Q/DQ needs none
         gpu = self._gpu()
         if not tensorrt_installed() or gpu is None:
             raise BackendUnavailableError(

@@ -14,6 +14,7 @@ but TensorRT cannot parse it: :attr:`PrequantizedReport.integer_ops` names those
 from __future__ import annotations
 
 from enum import StrEnum
+from pathlib import Path
 
 import onnx
 from onnx import TensorProto
@@ -157,3 +158,15 @@ def is_prequantized(model: onnx.ModelProto) -> bool:
         or n.op_type in _INTEGER_OPS
         for n in model.graph.node
     )
+
+
+def file_is_prequantized(path: Path) -> bool:
+    """:func:`is_prequantized` of the model at ``path`` (read without its weights); False when
+    it cannot be read (the build's own loading then says why)."""
+    from calibrators.errors import ModelError
+    from calibrators.onnxio import load_onnx
+
+    try:
+        return is_prequantized(load_onnx(Path(path), load_external_data=False))
+    except ModelError:
+        return False

@@ -152,7 +152,7 @@ def test_gate_error_names_outputs_and_what_to_try() -> None:
     assert isinstance(error, EngineError) and error.code == "accuracy_gate_failed"
     assert error.failed_outputs == ("logits",) and error.field == "gate"
     assert "'logits'" in error.message and "sqnr_db 6.8" in error.message
-    assert "sqnr_db >= 12" in error.message and "20 held-out" in error.message
+    assert "sqnr_db >= 10" in error.message and "20 held-out" in error.message
     for option in ("--method", "--accuracy-budget", "--keep", "--gate none"):
         assert option in error.hint
     fp16_result = evaluate_gate(_report({"logits": 6.8}), default_gate(Precision.FP16))

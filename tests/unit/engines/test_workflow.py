@@ -133,8 +133,8 @@ def test_the_gate_uses_the_spec_or_the_precision_default(wide_model: Path, tmp_p
     artifact = flow.build(tmp_path / "m.onnx", calibration.table)
     accuracy = flow.evaluate(artifact, split.evaluation)
     default = flow.gate(accuracy)
-    assert default.gate_text == "sqnr_db >= 12"
-    assert default.passed == ((accuracy.metric(AccuracyMetric.SQNR_DB) or 0) >= 12)
+    assert default.gate_text == "sqnr_db >= 10"
+    assert default.passed == ((accuracy.metric(AccuracyMetric.SQNR_DB) or 0) >= 10)
     strict = flow.gate(
         accuracy, spec=spec.model_copy(update={"gate": AccuracyGate.parse("sqnr_db:300")})
     )

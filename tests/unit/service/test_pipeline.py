@@ -176,7 +176,7 @@ def test_the_default_gate_passes_a_sound_build_and_none_turns_it_off(
     assert _run(settings, sound["id"]) is BuildStatus.SUCCEEDED
     report = BuildReport.model_validate(client.get(f"/v1/builds/{sound['id']}/report").json())
     assert report.gate is not None and report.gate.passed
-    assert report.gate.gate_text == "sqnr_db >= 12"
+    assert report.gate.gate_text == "sqnr_db >= 10"
     off = client.post(
         "/v1/builds", json={**ids, **FAST, "spec": {"precision": "int8", "gate": "none"}}
     ).json()
