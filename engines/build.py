@@ -1,9 +1,9 @@
-"""Build an artifact: pick a backend, check the spec against the model, let the backend build.
+"""Build an artifact: check the spec against the model, let the chosen backend build.
 
-``auto`` picks TensorRT when the ``tensorrt`` package is installed (checked with
-``importlib.util.find_spec``, never by importing it; ``tensorrt-stubs`` alone does not count)
-and NVML finds an NVIDIA GPU, else ONNX Runtime; the reason is returned and recorded in the
-artifact's metadata (``backend_reason``).
+The backend comes from :func:`engines.backends.registry.select_backend`: ``auto`` picks TensorRT
+when the ``tensorrt`` package is installed (checked with ``importlib.util.find_spec``, never by
+importing it; ``tensorrt-stubs`` alone does not count) and NVML finds an NVIDIA GPU, else ONNX
+Runtime; the reason is recorded in the artifact's metadata (``backend_reason``).
 """
 
 from __future__ import annotations
@@ -14,13 +14,12 @@ from typing import TYPE_CHECKING
 
 from calibrators.data import TensorSpec, model_input_specs
 from calibrators.onnxio import load_onnx
-from calibrators.tensorrt import tensorrt_installed
 from engines.artifacts import write_metadata
 from engines.backends.base import Artifact, Backend, ProgressFn
-from engines.backends.onnxruntime import OnnxRuntimeBackend
-from engines.errors import BackendUnavailableError, SpecError
+from engines.backends.registry import select_backend
+from engines.errors import SpecError
 from engines.graph.prequantized import is_prequantized
-from engines.spec import BackendName, BuildSpec, ShapeProfile, node_matches
+from engines.spec import BuildSpec, ShapeProfile, node_matches
 
 if TYPE_CHECKING:
     import onnx
@@ -29,54 +28,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "build_artifact",
-    "select_backend",
     "validate_keep_patterns",
     "validate_profiles",
 ]
-
-
-def _tensorrt_missing_reason() -> str | None:
-    """Why TensorRT cannot be used here, or None when it can."""
-    if not tensorrt_installed():
-        return "tensorrt not installed"
-    from engines.gpu import discover_gpus
-
-    if not discover_gpus():
-        return "no NVIDIA GPU found"
-    return None
-
-
-def _tensorrt_backend(reason: str) -> Backend:
-    from engines.backends.tensorrt import TensorRTBackend
-
-    backend: Backend = TensorRTBackend(reason=reason)
-    return backend
-
-
-def select_backend(name: BackendName) -> tuple[Backend, str]:
-    """The backend to build with, and why it was chosen.
-
-    Raises :class:`BackendUnavailableError` when TensorRT is asked for explicitly but is not
-    installed or finds no GPU.
-    """
-    name = BackendName(name)
-    if name is BackendName.ONNXRUNTIME:
-        reason = "onnxruntime requested"
-        return OnnxRuntimeBackend(reason=reason), reason
-    missing = _tensorrt_missing_reason()
-    if name is BackendName.TENSORRT:
-        if missing is not None:
-            raise BackendUnavailableError(
-                f"The tensorrt backend was requested but cannot run here: {missing}.",
-                field="backend",
-            )
-        reason = "tensorrt requested"
-        return _tensorrt_backend(reason), reason
-    if missing is not None:
-        reason = f"auto: {missing}, using onnxruntime"
-        return OnnxRuntimeBackend(reason=reason), reason
-    reason = "auto: tensorrt installed and an NVIDIA GPU found"
-    return _tensorrt_backend(reason), reason
 
 
 def build_artifact(

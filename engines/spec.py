@@ -17,6 +17,7 @@ from calibrators.methods import MethodSpec, auto
 from engines.errors import SpecError
 from engines.frozen import FrozenModel
 from engines.gate import AccuracyGate
+from engines.names import BackendName
 
 __all__ = [
     "BackendName",
@@ -64,12 +65,6 @@ class TechniqueMode(StrEnum):
     AUTO = "auto"
     ON = "on"
     OFF = "off"
-
-
-class BackendName(StrEnum):
-    AUTO = "auto"
-    TENSORRT = "tensorrt"
-    ONNXRUNTIME = "onnxruntime"
 
 
 class TensorRTMode(StrEnum):

@@ -41,7 +41,7 @@ from engines.backends.onnxruntime import (
     tensor_specs,
 )
 from engines.errors import RunError, SpecError
-from engines.spec import BuildSpec, KeepRules, Precision
+from engines.spec import BackendName, BuildSpec, KeepRules, Precision
 
 if TYPE_CHECKING:
     import onnx
@@ -73,10 +73,15 @@ class QdqExecution(StrEnum):
 
 def default_execution(spec: BuildSpec) -> QdqExecution:
     """``onnxruntime`` when ``spec.backend`` resolves to the onnxruntime backend, else ``reference``."""
-    from engines.build import select_backend
+    from engines.backends.registry import select_backend
 
     backend, _ = select_backend(spec.backend)
-    return QdqExecution.ONNXRUNTIME if backend.name == "onnxruntime" else QdqExecution.REFERENCE
+    # ONNX Runtime artifacts run its integer kernels; everything else follows Q/DQ as written
+    return (
+        QdqExecution.ONNXRUNTIME
+        if backend.name == BackendName.ONNXRUNTIME.value
+        else QdqExecution.REFERENCE
+    )
 
 
 def _execution_setup(execution: QdqExecution) -> tuple[tuple[str, ...], int]:

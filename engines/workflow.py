@@ -5,7 +5,7 @@ The service's worker (:mod:`service.pipeline`), ``trtforge build``, ``trtforge s
 
 - the model is read once (without its weights) and the spec checked against it (profiles, keep
   patterns) before anything runs;
-- the backend is chosen once, where the build runs (:func:`engines.build.select_backend`), and the
+- the backend is chosen once, where the build runs (:func:`engines.backends.registry.select_backend`), and the
   same backend object builds, benchmarks and evaluates;
 - the dataset is validated once and split once: calibration samples never include the held-out
   samples that benchmark and evaluation measure on;
@@ -30,7 +30,8 @@ import onnx
 
 from calibrators.data import CalibrationDataset, TensorSpec, model_input_specs
 from calibrators.onnxio import load_onnx
-from engines.build import build_artifact, select_backend, validate_keep_patterns, validate_profiles
+from engines.backends.registry import select_backend
+from engines.build import build_artifact, validate_keep_patterns, validate_profiles
 from engines.errors import SpecError
 from engines.graph.prequantized import is_prequantized
 from engines.spec import BuildSpec

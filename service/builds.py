@@ -63,11 +63,11 @@ def resolve_target(backend: BackendName) -> Target:
 
     Raises :class:`engines.errors.BackendUnavailableError` for TensorRT without TensorRT.
     """
-    from engines.build import select_backend
+    from engines.backends.registry import BACKENDS, select_backend
 
     chosen, _reason = select_backend(backend)
     capability = "cpu"
-    if chosen.name == "tensorrt":
+    if BACKENDS[BackendName(chosen.name)].targets_gpu:
         from engines.gpu import discover_gpus
 
         gpus = discover_gpus()

@@ -13,6 +13,7 @@ from typing import Any, ParamSpec, TypeVar
 import click
 
 from calibrators.errors import TrtforgeError
+from engines.names import BackendName
 
 __all__ = ["fail", "handle_errors", "main"]
 
@@ -27,6 +28,15 @@ def fail(message: str, hint: str = "") -> None:
         click.echo(f"hint: {hint}", err=True)
     raise SystemExit(2)
 
+
+backend_option = click.option(
+    "--backend",
+    type=click.Choice([name.value for name in BackendName]),
+    default=BackendName.AUTO.value,
+    show_default=True,
+    help="auto: TensorRT where it can run (installed, NVIDIA GPU), else ONNX Runtime.",
+)
+"""``--backend``: the backend registry's names (:mod:`engines.backends.registry`)."""
 
 method_option = click.option(
     "--method",

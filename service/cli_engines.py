@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING, Any
 import click
 import numpy as np
 
-from service.cli import handle_errors, memory_limit_option, method_option, preprocess_option
+from service.cli import (
+    backend_option,
+    handle_errors,
+    memory_limit_option,
+    method_option,
+    preprocess_option,
+)
 from service.progress import CliRecorder, stage_progress
 
 if TYPE_CHECKING:
@@ -27,14 +33,9 @@ __all__ = ["dataset_from_options", "labels_from_file", "load_runner", "register"
 
 def load_runner(path: Path, *, threads: int | None = None) -> Runner:
     """Open an artifact with the backend its sidecar names; a bare .onnx opens in ONNX Runtime."""
-    from engines.artifacts import read_metadata, sidecar_path
-    from engines.backends.onnxruntime import OnnxRuntimeRunner
+    from engines.backends.registry import open_artifact
 
-    if sidecar_path(path).exists() and read_metadata(path).backend == "tensorrt":
-        from engines.backends.tensorrt import TensorRTBackend
-
-        return TensorRTBackend().load(path)
-    return OnnxRuntimeRunner(path, intra_op_threads=threads)
+    return open_artifact(path, threads=threads)
 
 
 def dataset_from_options(data: Path, preprocess: Path | None) -> CalibrationDataset:
@@ -197,12 +198,7 @@ def _calibration(
 @preprocess_option
 @method_option
 @click.option("--percentile", type=float, default=None)
-@click.option(
-    "--backend",
-    type=click.Choice(["auto", "tensorrt", "onnxruntime"]),
-    default="auto",
-    show_default=True,
-)
+@backend_option
 @click.option(
     "--mode",
     type=click.Choice(["explicit", "implicit"]),

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from service.cli import handle_errors, method_option, preprocess_option
+from service.cli import backend_option, handle_errors, method_option, preprocess_option
 from service.cli_engines import dataset_from_options, labels_from_file, load_runner
 from service.progress import stage_progress
 
@@ -271,12 +271,7 @@ def _class_axes(texts: tuple[str, ...]) -> int | dict[str, int] | None:
     help="Comma-separated: fp32, fp16, int8, int8-fp16, auto:METRIC:VALUE.",
 )
 @method_option
-@click.option(
-    "--backend",
-    type=click.Choice(["auto", "tensorrt", "onnxruntime"]),
-    default="auto",
-    show_default=True,
-)
+@backend_option
 @click.option(
     "--eval-fraction",
     type=click.FloatRange(0.01, 0.9),

@@ -16,7 +16,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import click
 
-from service.cli import handle_errors, method_option, preprocess_option
+from service.cli import backend_option, handle_errors, method_option, preprocess_option
 from service.progress import sample_progress
 
 __all__ = ["register"]
@@ -271,12 +271,7 @@ def _spec(options: dict[str, Any]) -> Any:
 )
 @method_option
 @click.option("--percentile", type=float, default=None)
-@click.option(
-    "--backend",
-    type=click.Choice(["auto", "tensorrt", "onnxruntime"]),
-    default="auto",
-    show_default=True,
-)
+@backend_option
 @click.option("--mode", type=click.Choice(["explicit", "implicit"]), default="explicit")
 @click.option("--keep", multiple=True, help="Node name, op type or re:REGEX kept out of INT8.")
 @click.option("--keep-fp16", multiple=True, help="Node name, op type or re:REGEX kept in FP32.")

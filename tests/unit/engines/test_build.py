@@ -14,7 +14,8 @@ from calibrators.methods import minmax
 from calibrators.tensorrt import tensorrt_installed
 from engines.artifacts import read_metadata
 from engines.backends.onnxruntime import OnnxRuntimeBackend
-from engines.build import build_artifact, select_backend, validate_profiles
+from engines.backends.registry import select_backend
+from engines.build import build_artifact, validate_profiles
 from engines.errors import BackendUnavailableError, SpecError
 from engines.graph import normalize
 from engines.spec import BackendName, BuildSpec, KeepRules, Precision, ShapeProfile
