@@ -214,9 +214,15 @@ def table_show(source: Path, top: int, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info))
         return
-    click.echo(
-        f"{source.name}: {info['tensors']} tensors, {info['algorithm']}, TensorRT {info['trt_version'] or '-'}, method {info['method'] or '-'}, samples {info['samples']}"
-    )
+    click.echo(f"{source.name}: {info['tensors']} tensors, {info['algorithm']}")
+    if info["method"] is None and not info["samples"]:
+        # a TensorRT cache holds the header and the scales only
+        click.echo(
+            f"TensorRT {info['trt_version'] or '-'} cache: method and sample count not recorded "
+            "(a TensorRT cache stores scales only; trtforge's .json twin keeps them)"
+        )
+    else:
+        click.echo(f"method {info['method'] or '-'}, samples {info['samples']}")
     click.echo(f"zero ranges: {info['zero_ranges']}; median amax: {info['median_amax']}")
     click.echo(f"{'amax':>12}  {'scale':>12}  tensor")
     for row in info["widest"]:

@@ -94,6 +94,9 @@ def test_calibrate_json_table_and_convert_and_show(
     info = json.loads(shown.stdout)
     assert info["tensors"] == 13 and len(info["widest"]) == 3
     assert info["widest"][0]["amax"] == pytest.approx(max(table.amax.values()), rel=1e-6)
+    text = trtforge("table", "show", str(cache)).stdout
+    assert "not recorded" in text and "samples 0" not in text
+    assert "method minmax, samples 20" in trtforge("table", "show", str(as_json)).stdout
 
 
 def test_calibrate_memory_limit_changes_the_runs_not_the_table(
