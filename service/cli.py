@@ -38,6 +38,26 @@ backend_option = click.option(
 )
 """``--backend``: the backend registry's names (:mod:`engines.backends.registry`)."""
 
+calibration_batch_option = click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Calibration batch (default: what fits --memory-limit).",
+)
+max_samples_option = click.option(
+    "--max-samples",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Calibrate on the first N samples only.",
+)
+threads_option = click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads for ONNX Runtime and for binning activations (default: all available).",
+)
+"""The dataset options every command that calibrates shares (with --memory-limit, --preprocess)."""
+
 method_option = click.option(
     "--method",
     type=click.Choice(["auto", "entropy", "minmax", "percentile", "mse"]),

@@ -13,10 +13,13 @@ import numpy as np
 
 from service.cli import (
     backend_option,
+    calibration_batch_option,
     handle_errors,
+    max_samples_option,
     memory_limit_option,
     method_option,
     preprocess_option,
+    threads_option,
 )
 from service.progress import CliRecorder, stage_progress
 
@@ -137,6 +140,8 @@ def _split(
     preprocess: Path | None,
     eval_fraction: float,
     labels: Path | None = None,
+    *,
+    max_samples: int | None = None,
 ) -> Split | None:
     """--data validated and split once: calibration never sees the held-out samples, so an
     accuracy budget or sensitivity is judged on unseen data."""
@@ -146,6 +151,7 @@ def _split(
         dataset_from_options(data, preprocess),
         eval_fraction=eval_fraction,
         labels=labels_from_file(labels),
+        max_calibration_samples=max_samples,
     )
 
 
@@ -156,6 +162,8 @@ def _calibration(
     *,
     force: bool = False,
     memory_limit_bytes: int | None = None,
+    batch_size: int | None = None,
+    threads: int | None = None,
 ) -> CalibrationTable | None:
     from calibrators.table import CalibrationTable
     from engines.errors import SpecError
@@ -171,6 +179,8 @@ def _calibration(
         table=given,
         force=force,
         memory_limit_bytes=memory_limit_bytes,
+        batch_size=batch_size,
+        threads=threads,
     )
     return result.table if result is not None else None
 
@@ -259,6 +269,9 @@ def _calibration(
     "'none'. Default: the precision's (INT8: sqnr_db:12, FP16: sqnr_db:25).",
 )
 @memory_limit_option
+@calibration_batch_option
+@max_samples_option
+@threads_option
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True)
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
@@ -282,6 +295,9 @@ def build(
     bias_correction: str,
     gate: tuple[str, ...],
     memory_limit_bytes: int | None,
+    batch_size: int | None,
+    max_samples: int | None,
+    threads: int | None,
     out: Path,
     as_json: bool,
 ) -> None:
@@ -303,8 +319,22 @@ def build(
     )
     flow = _workflow(model, spec, as_json)
     gated = _gate_enabled(spec)
-    split = _split(flow, data, preprocess, eval_fraction if accuracy_budget or gated else 0.0, labels)
-    loaded = _calibration(flow, split, table, memory_limit_bytes=memory_limit_bytes)
+    split = _split(
+        flow,
+        data,
+        preprocess,
+        eval_fraction if accuracy_budget or gated else 0.0,
+        labels,
+        max_samples=max_samples,
+    )
+    loaded = _calibration(
+        flow,
+        split,
+        table,
+        memory_limit_bytes=memory_limit_bytes,
+        batch_size=batch_size,
+        threads=threads,
+    )
     mixed: dict[str, Any] | None = None
     if accuracy_budget is not None:
         spec, mixed = _search_budget(flow, loaded, split, accuracy_budget)
@@ -320,6 +350,7 @@ def build(
         "quantized_nodes": len(meta.quantized_nodes),
         "kept_nodes": meta.kept_nodes,
         "preparation": meta.preparation,
+        "calibration_samples": loaded.samples if loaded is not None else None,
     }
     if mixed is not None:
         summary["mixed_precision"] = mixed

@@ -11,7 +11,15 @@ from typing import TYPE_CHECKING, Any
 import click
 import numpy as np
 
-from service.cli import handle_errors, memory_limit_option, method_option, preprocess_option
+from service.cli import (
+    calibration_batch_option,
+    handle_errors,
+    max_samples_option,
+    memory_limit_option,
+    method_option,
+    preprocess_option,
+    threads_option,
+)
 
 if TYPE_CHECKING:
     from calibrators.data import CalibrationDataset
@@ -83,24 +91,14 @@ def _method(name: str, percentile: float | None) -> MethodSpec:
     show_default=True,
     help="exact: independent of batch order; tensorrt: TensorRT's range-doubling histogram.",
 )
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Default: as many samples as fit a few hundred MB of activations.",
-)
-@click.option("--max-samples", type=click.IntRange(min=1), default=None)
+@calibration_batch_option
+@max_samples_option
 @memory_limit_option
 @preprocess_option
 @click.option(
     "--trt-version", default=None, help="TensorRT version the cache is written for (e.g. 10.13.3)."
 )
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=None,
-    help="CPU threads for ONNX Runtime and for binning activations (default: all available).",
-)
+@threads_option
 @click.option(
     "--out",
     "out",

@@ -372,3 +372,30 @@ def test_compare_takes_the_class_axis_of_an_nchw_output(tmp_path: Path) -> None:
     assert output["top1_agreement"] == 1.0
     bad = trtforge(*args, "--class-axis", "scores:x")
     assert bad.returncode == 2 and "--class-axis" in bad.stderr
+
+
+def test_build_takes_the_dataset_options_calibrate_takes(
+    tiny_cnn_path: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "few.onnx"
+    args = ["build", str(tiny_cnn_path), "--precision", "int8", "--data", str(tiny_data)]
+    result = trtforge(
+        *args,
+        "--backend",
+        "onnxruntime",
+        "--max-samples",
+        "7",
+        "--batch-size",
+        "3",
+        "--threads",
+        "1",
+        "--memory-limit",
+        "256MiB",
+        "--out",
+        str(out),
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["calibration_samples"] == 7  # --max-samples of the calibration split
+    assert "--max-samples" in trtforge("build", "--help").stdout
