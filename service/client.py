@@ -335,7 +335,8 @@ class TrtforgeClient:
     def download_artifact(
         self, build_id: str, dest: Path, *, progress: ProgressFn | None = None
     ) -> Path:
-        """Download the artifact to ``dest`` (a file, or a folder to put it in).
+        """Download the artifact to ``dest`` (a file, or a folder to put it in), and its metadata
+        sidecar beside it as ``<file>.json`` (what built it, for which GPU, with which table).
 
         An interrupted download leaves ``<file>.part`` and the next call resumes it with a Range
         request; the result is checked against the artifact's sha256 before it is renamed.
@@ -360,7 +361,11 @@ class TrtforgeClient:
                 if attempt == _DOWNLOAD_RETRIES - 1:
                     raise ClientError(f"The download of build {build_id} broke: {exc}") from exc
         _verify(part, build.artifact.sha256, build.artifact.size_bytes)
+        sidecar = target.with_name(target.name + ".json")
+        sidecar_part = sidecar.with_name(sidecar.name + ".part")
+        sidecar_part.write_text(json.dumps(self.artifact_metadata(build_id), indent=2))
         part.replace(target)
+        sidecar_part.replace(sidecar)
         return target
 
     def _fetch(

@@ -60,6 +60,8 @@ def test_submit_wait_download_then_status_and_report(
     artifact = Path(build["downloaded"])
     assert artifact.parent == out
     assert hashlib.sha256(artifact.read_bytes()).hexdigest() == build["artifact"]["sha256"]
+    sidecar = json.loads(artifact.with_name(artifact.name + ".json").read_text())
+    assert sidecar["sha256"] == build["artifact"]["sha256"] and sidecar["precision"] == "fp16"
 
     status = runner.invoke(cli, ["status", build["id"], "--server", server.url])
     assert status.exit_code == 0
