@@ -507,6 +507,7 @@ def _search_budget(
     help="reference: Q/DQ computed as written (what TensorRT follows); onnxruntime: its integer kernels.",
 )
 @click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--all", "show_all", is_flag=True, help="Also list the nodes not evaluated.")
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None)
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
@@ -524,6 +525,7 @@ def sensitivity(
     only_this: bool,
     execution: str,
     threads: int | None,
+    show_all: bool,
     out: Path | None,
     as_json: bool,
 ) -> None:
@@ -564,11 +566,11 @@ def sensitivity(
     if as_json:
         click.echo(report.model_dump_json())
         return
-    click.echo(render_sensitivity(report))
+    click.echo(render_sensitivity(report, show_all=show_all))
 
 
-def render_sensitivity(report: Any) -> str:
-    """The ranked nodes as a readable table."""
+def render_sensitivity(report: Any, *, show_all: bool = False) -> str:
+    """The ranked nodes as a readable table: the evaluated ones (all with ``show_all``)."""
 
     def fmt(value: float | None) -> str:
         return "-" if value is None else f"{value:.4g}"
@@ -581,11 +583,18 @@ def render_sensitivity(report: Any) -> str:
         f"{'higher' if report.higher_is_better else 'lower'} is better",
         f"{'rank':>4}  {'only this INT8':>14}  {'all but this':>12}  {'proxy dB':>8}  node (op)",
     ]
-    for n in report.nodes:
+    evaluated = [
+        n for n in report.nodes if n.metric_only_this is not None or n.metric_all_but_this is not None
+    ]
+    shown = report.nodes if show_all or len(evaluated) == len(report.nodes) else evaluated
+    for n in shown:
         lines.append(
             f"{n.rank:>4}  {fmt(n.metric_only_this):>14}  {fmt(n.metric_all_but_this):>12}  "
             f"{n.proxy_sqnr_db:>8.1f}  {n.node} ({n.op_type})"
         )
+    hidden = len(report.nodes) - len(shown)
+    if hidden:
+        lines.append(f"... {hidden} node(s) not evaluated (ranked by proxy); --all lists them")
     return "\n".join(lines)
 
 

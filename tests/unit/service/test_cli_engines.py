@@ -275,6 +275,12 @@ def test_sensitivity_ranks_nodes_by_onnx_name(
     text = trtforge(*args, "--max-nodes", "1", "--only-this")
     assert text.returncode == 0, text.stderr
     assert "only this INT8" in text.stdout and "1 evaluated" in text.stdout
+    rows = [line for line in text.stdout.splitlines()[2:] if line.strip()[:1].isdigit()]
+    assert len(rows) == 1  # the evaluated node only, then a line for the rest
+    assert "not evaluated" in text.stdout and "--all" in text.stdout
+    everything = trtforge(*args, "--max-nodes", "1", "--only-this", "--all")
+    every_row = [line for line in everything.stdout.splitlines()[2:] if line.strip()[:1].isdigit()]
+    assert len(every_row) == len(nodes) and "not evaluated" not in everything.stdout
     no_labels = trtforge(*args, "--metric", "accuracy", "--max-nodes", "1")
     assert no_labels.returncode != 0 and "Traceback" not in no_labels.stderr
     assert "label" in no_labels.stderr.lower()
