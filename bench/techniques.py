@@ -114,6 +114,8 @@ def measure(key: str, args: argparse.Namespace) -> dict[str, Any]:
     mode = TechniqueMode.ON if args.force else TechniqueMode.AUTO
     for method in args.methods:
         for name, smoothing, bias in VARIANTS:
+            if name not in args.variants:
+                continue
             label = f"{method} {name}"
             log(f"{key}: {label}")
             path, info = build(model, method, smoothing, bias, mode, args)
@@ -158,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--calibration", type=int, default=64)
     parser.add_argument("--evaluation", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", default=[v[0] for v in VARIANTS])
     parser.add_argument("--force", action="store_true", help="techniques 'on' instead of 'auto'")
     parser.add_argument("--output", default="techniques")
     args = parser.parse_args(argv)
