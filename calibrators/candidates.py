@@ -21,6 +21,7 @@ from calibrators.methods import (
     DEFAULT_NUM_QUANT_BINS,
     entropy_amax,
     minmax_amax,
+    mse_problem,
     percentile_amax,
 )
 
@@ -137,17 +138,10 @@ def mse_amax_coarse_to_fine(hist: Histogram, num_quant_bins: int = DEFAULT_NUM_Q
     EfficientNet-Lite0, the orientation classifier) it returned ``mse_amax``'s value for all
     but 1 of 726 tensors, and that one within 1 %. ``auto``'s ``mse`` candidate.
     """
-    nbins = hist.num_bins
-    qmax = num_quant_bins - 1
-    if qmax < 1:
-        raise ValueError(f"num_quant_bins must be >= 2, got {num_quant_bins}.")
-    counts = np.asarray(hist.counts, dtype=np.float64)
-    if hist.max_abs == 0.0 or not float(counts.sum()) > 0.0:
+    problem = mse_problem(hist, num_quant_bins)
+    if problem is None:
         return hist.max_abs
-    nonempty = np.flatnonzero(counts)
-    centres = nonempty + 0.5
-    weights = counts[nonempty]
-    cand = np.arange(min(num_quant_bins, nbins), nbins + 1, dtype=np.float64)
+    centres, weights, cand, qmax = problem
     coarse = np.unique(np.append(np.arange(0, cand.size, _MSE_STRIDE), cand.size - 1))
     coarse_errors = _mse_errors(centres, weights, cand[coarse], qmax)
     best = coarse[np.argsort(coarse_errors, kind="stable")[:_MSE_REFINE]]

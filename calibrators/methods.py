@@ -232,6 +232,24 @@ def percentile_amax(hist: Histogram, percentile: float = DEFAULT_PERCENTILE) -> 
     return min((k + min(within, 1.0)) * hist.bin_width, hist.max_abs)
 
 
+def mse_problem(
+    hist: Histogram, num_quant_bins: int
+) -> tuple[Float64Array, Float64Array, Float64Array, int] | None:
+    """The MSE search's inputs in bin units (width 1: the argmin does not depend on it): the
+    non-empty bins' centres and counts, the candidate amaxes (``num_quant_bins`` .. all bins) and
+    ``qmax``; None for a degenerate histogram (all zeros), whose answer is ``max_abs``."""
+    qmax = num_quant_bins - 1
+    if qmax < 1:
+        raise ValueError(f"num_quant_bins must be >= 2, got {num_quant_bins}.")
+    counts = np.asarray(hist.counts, dtype=np.float64)
+    if hist.max_abs == 0.0 or not float(counts.sum()) > 0.0:
+        return None
+    nonempty = np.flatnonzero(counts)
+    cand = np.arange(min(num_quant_bins, hist.num_bins), hist.num_bins + 1, dtype=np.float64)
+    centres: Float64Array = nonempty.astype(np.float64) + 0.5
+    return centres, counts[nonempty], cand, qmax
+
+
 def mse_amax(hist: Histogram, num_quant_bins: int = DEFAULT_NUM_QUANT_BINS) -> float:
     """The amax minimizing the expected squared error of symmetric INT8 fake quantization.
 
@@ -241,18 +259,10 @@ def mse_amax(hist: Histogram, num_quant_bins: int = DEFAULT_NUM_QUANT_BINS) -> f
     ``a``) and clipping (above). All candidates are evaluated, in chunks; the smallest amax wins
     ties. Degenerate histograms give ``max_abs``.
     """
-    nbins = hist.num_bins
-    qmax = num_quant_bins - 1
-    if qmax < 1:
-        raise ValueError(f"num_quant_bins must be >= 2, got {num_quant_bins}.")
-    counts = np.asarray(hist.counts, dtype=np.float64)
-    if hist.max_abs == 0.0 or not float(counts.sum()) > 0.0:
+    problem = mse_problem(hist, num_quant_bins)
+    if problem is None:
         return hist.max_abs
-    # Work in bin units (width 1): the argmin does not depend on the width.
-    nonempty = np.flatnonzero(counts)
-    centres = nonempty + 0.5
-    weights = counts[nonempty]
-    cand = np.arange(min(num_quant_bins, nbins), nbins + 1, dtype=np.float64)
+    centres, weights, cand, qmax = problem
     errors = np.empty(cand.size, dtype=np.float64)
     for start in range(0, cand.size, _MSE_CHUNK):
         amax = cand[start : start + _MSE_CHUNK, None]
