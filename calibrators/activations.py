@@ -18,6 +18,7 @@ import onnx
 from onnx import TensorProto
 
 from calibrators.errors import ModelError
+from calibrators.onnxio import with_graph
 
 __all__ = ["ALIAS_OPS", "ActivationPlan", "observable_tensors"]
 
@@ -147,20 +148,8 @@ def _shape_model(
                 )
         else:
             initializers.append(tensor)
-    light = onnx.GraphProto(
-        name=graph.name,
-        node=graph.node,
-        input=inputs,
-        output=graph.output,
-        value_info=graph.value_info,
-        initializer=initializers,
-        sparse_initializer=graph.sparse_initializer,
-    )
-    return onnx.ModelProto(
-        ir_version=model.ir_version,
-        opset_import=model.opset_import,
-        functions=model.functions,
-        graph=light,
+    return with_graph(
+        model, node=graph.node, input=inputs, output=graph.output, initializer=initializers
     )
 
 

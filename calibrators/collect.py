@@ -35,7 +35,7 @@ from calibrators.memory import (
     estimate_unknown,
     plan_collection,
 )
-from calibrators.onnxio import load_onnx
+from calibrators.onnxio import load_onnx, with_graph
 
 __all__ = [
     "ALIAS_OPS",
@@ -178,21 +178,12 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPro
     initializers = [t for t in graph.initializer if t.name in needed]
     # an input that only names a dropped initializer (IR < 4 lists them) would need a feed
     constants = {t.name for t in graph.initializer}
-    pruned = onnx.GraphProto(
-        name=graph.name,
-        node=reversed(kept),
+    return with_graph(
+        model,
+        node=list(reversed(kept)),
         input=[vi for vi in graph.input if vi.name not in constants or vi.name in needed],
         output=[onnx.ValueInfoProto(name=name) for name in names],
-        value_info=graph.value_info,
         initializer=initializers,
-        sparse_initializer=graph.sparse_initializer,
-    )
-    return onnx.ModelProto(
-        ir_version=model.ir_version,
-        opset_import=model.opset_import,
-        functions=model.functions,
-        domain=model.domain,
-        graph=pruned,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import onnx
@@ -9,7 +10,7 @@ from onnx.external_data_helper import uses_external_data
 
 from calibrators.errors import ModelError
 
-__all__ = ["check_external_data_paths", "load_onnx"]
+__all__ = ["check_external_data_paths", "load_onnx", "with_graph"]
 
 
 def check_external_data_paths(model: onnx.ModelProto, folder: Path) -> None:
@@ -82,3 +83,32 @@ def load_onnx(path: Path, *, load_external_data: bool = True) -> onnx.ModelProto
                 f"Cannot read the external data of {path.name}: {exc}", field="model"
             ) from exc
     return model
+
+
+def with_graph(
+    model: onnx.ModelProto,
+    *,
+    node: Sequence[onnx.NodeProto],
+    input: Sequence[onnx.ValueInfoProto],
+    output: Sequence[onnx.ValueInfoProto],
+    initializer: Sequence[onnx.TensorProto],
+) -> onnx.ModelProto:
+    """A model like ``model`` (IR version, opsets, functions, domain) whose graph keeps its name,
+    value_info and sparse initializers but has these nodes, inputs, outputs and initializers.
+    Built without copying ``model`` whole (a large model's weights are not duplicated)."""
+    graph = model.graph
+    return onnx.ModelProto(
+        ir_version=model.ir_version,
+        opset_import=model.opset_import,
+        functions=model.functions,
+        domain=model.domain,
+        graph=onnx.GraphProto(
+            name=graph.name,
+            node=node,
+            input=input,
+            output=output,
+            value_info=graph.value_info,
+            initializer=initializer,
+            sparse_initializer=graph.sparse_initializer,
+        ),
+    )
