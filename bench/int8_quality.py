@@ -3,12 +3,19 @@
 For every model of ``bench/realmodels.py`` (three OCR models from the rapidocr-onnxruntime wheel,
 EfficientNet-Lite0, MiniLM, the Fashion-MNIST CNN) this builds FP16 and INT8 under each method
 (entropy, minmax, percentile 99.99, mse, and ``auto`` where ``CalibrationMethod.AUTO`` exists),
-calibrated on the model's calibration set with ``calibrators.calibrate`` and evaluated on its
-separate evaluation set against FP32:
+calibrated on the model's calibration set and evaluated on its separate evaluation set against
+FP32:
 
-- build: ``engines.graph.prepare_model`` with the spec's defaults and full 8-bit weights, the
-  Q/DQ graph trtforge hands TensorRT, run with ONNX Runtime's Q/DQ fusions off
-  (``bench.common.QdqEmulationRunner``): "TensorRT arithmetic", as in bench/accuracy.py;
+- INT8 build: as a user gets it with no flags but the method, through
+  ``engines.workflow.Workflow`` (ONNX Runtime backend, full 8-bit weights): SmoothQuant /
+  cross-layer equalization on the FP32 model before calibration (``smoothing``, ``auto``), the
+  table computed on the smoothed model, bias correction per build (``bias_correction``,
+  ``auto``), then ``engines.graph.prepare_model`` on that prepared model: the Q/DQ graph
+  trtforge hands TensorRT, run with ONNX Runtime's Q/DQ fusions off
+  (``bench.common.QdqEmulationRunner``): "TensorRT arithmetic", as in bench/accuracy.py.
+  ``plain`` rows (``--plain``, default auto and entropy) turn both techniques off;
+- every build is compared with the ORIGINAL FP32 model, and checked against the product's
+  default gate for its precision (``Workflow.gate``, ``engines.gate``);
 - ``engines.accuracy.compare`` for its figures, plus figures computed here on whole outputs:
   ``sqnr_db`` = 10 log10(sum r^2 / sum (c - r)^2) per output, minimum over outputs;
   ``cosine`` = cosine of the whole output (all samples flattened), minimum over outputs;
@@ -22,17 +29,20 @@ SQNR within 3 dB of the best single method's, *collapsed* otherwise; for each ca
 metric, the worst sound and the best collapsed value, so that a default threshold can sit
 between them.
 
-    python bench/int8_quality.py [--models ...] [--methods ...] [--calibration 64]
-        [--evaluation 128] [--threads 2] [--output int8_quality] [--readme]
+    python bench/int8_quality.py [--models ...] [--methods ...] [--plain auto entropy]
+        [--calibration 64] [--evaluation 128] [--threads 2] [--output int8_quality] [--readme]
+    python bench/int8_quality.py --merge A.json B.json ... --output int8_quality [--readme]
 
 Writes bench/results/<output>.json and .md; ``--readme`` also replaces the section
-"INT8 on real models" of bench/README.md (between its markers).
+"INT8 on real models" of bench/README.md (between its markers). ``--merge`` joins runs of one
+model each (run one at a time on a small machine) into one result.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import time
 import traceback
@@ -57,16 +67,18 @@ from bench.common import (
 )
 from bench.int8_quality_report import gate_table, render, update_readme
 from bench.realmodels import IN_DOMAIN, MODELS, RealModel, load
-from calibrators.calibrate import calibrate
 from calibrators.data import CalibrationDataset
 from calibrators.methods import CalibrationMethod, MethodSpec, entropy, minmax, mse, percentile
 from engines.accuracy import AccuracyReport, compare
 from engines.backends.onnxruntime import OnnxRuntimeBackend
-from engines.spec import BackendName, BuildSpec, Precision
+from engines.spec import BackendName, BuildSpec, Precision, TechniqueMode
 from engines.variants import MemoizedRunner
+from engines.workflow import Workflow
 
 OUT = WORK / "int8_quality"
 SINGLE_METHODS = ("entropy", "minmax", "percentile", "mse")
+PLAIN = " plain"
+"""Suffix of the rows with smoothing and bias correction off."""
 
 
 def method_specs() -> dict[str, MethodSpec]:
@@ -156,22 +168,79 @@ def engines_figures(report: AccuracyReport) -> dict[str, float]:
     return out
 
 
+def build_spec(precision: Precision, method: MethodSpec | None, techniques: bool) -> BuildSpec:
+    """The spec a user gives: the precision and method, everything else default (``techniques``
+    False: smoothing and bias correction off)."""
+    spec = BuildSpec(precision=precision, backend=BackendName.ONNXRUNTIME)
+    if method is not None:
+        spec = spec.model_copy(update={"calibration": method})
+    if not techniques:
+        off = TechniqueMode.OFF
+        spec = spec.model_copy(update={"smoothing": off, "bias_correction": off})
+    return spec
+
+
 def build_model(
-    model: RealModel, precision: Precision, method: MethodSpec | None, table: Any, out: Path
-) -> tuple[Path, dict[str, Any], int]:
-    """The Q/DQ (or FP16) graph trtforge gives TensorRT, 8-bit weights, saved at ``out``."""
+    flow: Workflow, model: RealModel, out: Path, threads: int
+) -> tuple[Path, dict[str, Any]]:
+    """The Q/DQ (or FP16) graph trtforge gives TensorRT, 8-bit weights, saved at ``out``: for
+    INT8, calibrated through ``flow`` (smoothing before calibration, bias correction per build,
+    as the spec says) and prepared from the model ``flow`` made of the FP32 one."""
     import onnx
 
     from engines.graph import prepare_model
     from engines.graph.inspect import load_model
 
-    spec = BuildSpec(precision=precision, backend=BackendName.ONNXRUNTIME)
-    if method is not None:
-        spec = spec.model_copy(update={"calibration": method})
-    prepared = prepare_model(load_model(model.path), spec, table, weight_levels=127)
+    spec = flow.spec
+    row: dict[str, Any] = {"spec": spec.model_dump(mode="json")}
+    table = None
+    source = flow.model_path
+    if spec.precision.uses_int8:
+        data = CalibrationDataset.from_arrays(model.calibration)
+        split = flow.split(data, eval_fraction=0)
+        start = time.perf_counter()
+        calibration = flow.calibrate(
+            split.calibration, batch_size=model.calibration_batch_size, threads=threads
+        )
+        if calibration is None:
+            raise RuntimeError(f"{model.key}: the workflow computed no calibration table")
+        row["calibration_seconds"] = round(time.perf_counter() - start, 2)
+        table = calibration.table
+        start = time.perf_counter()
+        source = flow.int8_source(spec, table)
+        row["bias_correction_seconds"] = round(time.perf_counter() - start, 2)
+        row["smoothing"] = smoothing_record(calibration.smoothing)
+        row["bias_correction"] = bias_record(flow.bias_correction)
+        choices = getattr(table, "range_choices", None)
+        if choices:
+            chosen: dict[str, int] = {}
+            for choice in choices.values():
+                chosen[choice.method] = chosen.get(choice.method, 0) + 1
+            row["auto_choices"] = dict(sorted(chosen.items(), key=lambda kv: -kv[1]))
+    prepared = prepare_model(load_model(source), spec, table, weight_levels=127)
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(prepared.model, str(out))
-    return out, spec.model_dump(mode="json"), len(prepared.quantized_nodes)
+    row["quantized_nodes"] = len(prepared.quantized_nodes)
+    return out, row
+
+
+def smoothing_record(report: Any) -> dict[str, int] | None:
+    """How many activations SmoothQuant / CLE smoothed (None: smoothing off)."""
+    if report is None:
+        return None
+    applied = report.applied
+    return {
+        "smoothed": len(applied),
+        "considered": len(report.tensors),
+        "inserted_mul": sum(bool(t.inserted_mul) for t in applied),
+    }
+
+
+def bias_record(report: Any) -> dict[str, int] | None:
+    """How many quantized layers' biases were corrected (None: bias correction off)."""
+    if report is None:
+        return None
+    return {"corrected": len(report.corrected), "considered": len(report.layers)}
 
 
 def evaluate(
@@ -180,7 +249,7 @@ def evaluate(
     reference: MemoizedRunner,
     reference_outputs: Mapping[str, np.ndarray],
     threads: int,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], AccuracyReport]:
     labels = model.labels if model.key in ("ocr_cls", "fashion_cnn") else None
     with QdqEmulationRunner(path, threads=threads) as runner:
         recorder = Recorder(runner)
@@ -192,11 +261,12 @@ def evaluate(
             labels=labels,
         )
     outputs = recorder.outputs()
-    return {
+    figures = {
         "task": model.evaluate(outputs, reference_outputs),
         **output_metrics(outputs, reference_outputs, model.class_scores),
         **engines_figures(report),
     }
+    return figures, report
 
 
 def measure_model(key: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -212,13 +282,17 @@ def measure_model(key: str, args: argparse.Namespace) -> dict[str, Any]:
             recorder.run(feeds)
         ref_out = recorder.outputs()
         rows["fp32"] = {"task": model.evaluate(ref_out, ref_out)}
-        variants: list[tuple[str, Precision, MethodSpec | None]] = [("fp16", Precision.FP16, None)]
-        variants += [(f"int8 {m}", Precision.INT8, s) for m, s in args.specs.items()]
-        for name, precision, method in variants:
+        variants: list[tuple[str, BuildSpec]] = [("fp16", build_spec(Precision.FP16, None, True))]
+        variants += [
+            (f"int8 {m}", build_spec(Precision.INT8, s, True)) for m, s in args.specs.items()
+        ]
+        variants += [
+            (f"int8 {m}{PLAIN}", build_spec(Precision.INT8, method_specs()[m], False))
+            for m in args.plain
+        ]
+        for name, spec in variants:
             try:
-                rows[name] = measure_variant(
-                    model, name, precision, method, reference, ref_out, args
-                )
+                rows[name] = measure_variant(model, name, spec, reference, ref_out, args)
             except Exception as exc:  # record it, go on with the other variants
                 log(f"{key}: {name} FAILED: {exc!r}")
                 traceback.print_exc()
@@ -240,43 +314,40 @@ def measure_model(key: str, args: argparse.Namespace) -> dict[str, Any]:
 def measure_variant(
     model: RealModel,
     name: str,
-    precision: Precision,
-    method: MethodSpec | None,
+    spec: BuildSpec,
     reference: MemoizedRunner,
     ref_out: Mapping[str, np.ndarray],
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    row: dict[str, Any] = {}
-    table = None
-    if method is not None:
-        log(f"{model.key}: calibrating {name} on {model.calibration_count} samples")
+    """Build ``spec`` through a Workflow, evaluate it against FP32, check the default gate."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{model.key}-{name}")
+    log(f"{model.key}: building {name} (calibration on {model.calibration_count} samples)")
+    with Workflow(model.path, spec, int8_weight_levels=127) as flow:
+        path, row = build_model(flow, model, OUT / f"{stem}.onnx", args.threads)
+        log(f"{model.key}: evaluating {name}")
         start = time.perf_counter()
-        table = calibrate(
-            model.path,
-            CalibrationDataset.from_arrays(model.calibration),
-            method,
-            batch_size=model.calibration_batch_size,
-            threads=args.threads,
-        )
-        row["calibration_seconds"] = round(time.perf_counter() - start, 2)
-    log(f"{model.key}: building {name}")
-    stem = f"{model.key}-{name.replace(' ', '-')}"
-    path, spec, quantized = build_model(model, precision, method, table, OUT / f"{stem}.onnx")
-    row["spec"] = spec
-    row["quantized_nodes"] = quantized
-    choices = getattr(table, "range_choices", None)
-    if choices:
-        chosen: dict[str, int] = {}
-        for choice in choices.values():
-            chosen[choice.method] = chosen.get(choice.method, 0) + 1
-        row["auto_choices"] = dict(sorted(chosen.items(), key=lambda kv: -kv[1]))
-    log(f"{model.key}: evaluating {name}")
-    start = time.perf_counter()
-    row.update(evaluate(model, path, reference, ref_out, args.threads))
-    row["evaluation_seconds"] = round(time.perf_counter() - start, 2)
+        figures, report = evaluate(model, path, reference, ref_out, args.threads)
+        row.update(figures)
+        row["evaluation_seconds"] = round(time.perf_counter() - start, 2)
+        try:
+            gate = flow.gate(report)
+            row["default_gate"] = {
+                "gate": gate.gate_text,
+                "passed": gate.passed,
+                "failures": [str(f) for f in gate.failures],
+            }
+        except Exception as exc:  # a gate the report cannot answer: recorded, not fatal
+            row["default_gate"] = {"error": repr(exc)}
     if not args.keep_models:
         path.unlink(missing_ok=True)
-    log(f"{model.key}: {name}: {row['task']} sqnr {row['sqnr_db']:.2f} dB cos {row['cosine']:.4f}")
+    techniques = [
+        f"smoothed {r['smoothed']}/{r['considered']}" if (r := row.get("smoothing")) else "",
+        f"biases {r['corrected']}/{r['considered']}" if (r := row.get("bias_correction")) else "",
+    ]
+    log(
+        f"{model.key}: {name}: {row['task']} sqnr {row['sqnr_db']:.2f} dB cos "
+        f"{row['cosine']:.4f} {' '.join(t for t in techniques if t)}"
+    )
     return row
 
 
@@ -291,6 +362,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     specs = method_specs()
     add("--models", nargs="+", default=list(IN_DOMAIN), choices=list(MODELS))
     add("--methods", nargs="+", default=list(specs), choices=list(specs))
+    add(
+        "--plain",
+        nargs="*",
+        default=[m for m in ("auto", "entropy") if m in specs],
+        choices=list(specs),
+        help="methods also built with smoothing and bias correction off",
+    )
     add("--calibration", type=int, default=64, help="calibration samples per model")
     add("--evaluation", type=int, default=128, help="evaluation samples per model")
     add("--threads", type=int, default=2)
@@ -299,6 +377,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--output", default="int8_quality", help="result stem under bench/results")
     add("--readme", action="store_true", help="rewrite the README section from this run")
     add("--render", metavar="JSON", help="only re-render a saved result (tables, gate, README)")
+    add("--merge", nargs="+", metavar="JSON", help="join saved results into --output")
     args = parser.parse_args(argv)
     args.specs = {m: specs[m] for m in args.methods}
     return args
@@ -319,6 +398,32 @@ def render_saved(path: Path, args: argparse.Namespace) -> int:
     return 0
 
 
+def merge_saved(paths: Sequence[Path], args: argparse.Namespace) -> int:
+    """Join results of separate runs (one model each) into ``--output``: models in the order
+    given, seconds summed, each run's settings kept under ``runs``."""
+    import json
+
+    runs = [json.loads(p.read_text(encoding="utf-8")) for p in paths]
+    models = {k: v for run in runs for k, v in run["models"].items()}
+    settings = dict(runs[0]["settings"])
+    settings["models"] = list(models)
+    settings["evaluation"] = sorted({run["settings"]["evaluation"] for run in runs})
+    result = {
+        "environment": runs[0]["environment"],
+        "settings": settings,
+        "seconds": round(sum(run["seconds"] for run in runs), 1),
+        "runs": [
+            {"file": p.name, "models": list(r["models"]), "seconds": r["seconds"],
+             "settings": r["settings"], "trtforge": r["environment"].get("trtforge")}
+            for p, r in zip(paths, runs, strict=True)
+        ],
+        "models": models,
+    }
+    path = RESULTS / f"{args.output}.json"
+    write_json(path, result)
+    return render_saved(path, args)
+
+
 def source_state() -> dict[str, Any]:
     """The commit measured, and the files of the packages that differed from it (shared tree)."""
     import subprocess
@@ -335,6 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render:
         return render_saved(Path(args.render), args)
+    if args.merge:
+        return merge_saved([Path(p) for p in args.merge], args)
     seed_everything(args.seed)
     started = time.perf_counter()
     env = environment(args.threads)
