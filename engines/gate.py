@@ -27,7 +27,8 @@ sound, worst FP16: PP-OCRv4 recognizer (bench)         32.9       0.9997
 
 - INT8 and INT8-FP16: SQNR >= 10 dB, between the best collapsed build (6.8 dB) and the worst
   sound one (12.4 dB), more than 2 dB from each; degraded-but-usable builds (MiniLM entropy,
-  10.9 dB) pass, and the defaults (``auto`` with smoothing) reach 14-20 dB on the same models.
+  10.9 dB) pass, and the default builds (``auto`` with smoothing and bias correction) reach
+  16.6-34.2 dB on the same models.
 - FP16: SQNR >= 25 dB: the worst sound FP16 build measured 32.9 dB; FP16 overflow gives NaN or
   infinity (which fails any budget) or loses far more.
 - FP32: no gate (the build is the reference).
