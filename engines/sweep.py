@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 
-from calibrators.calibrate import sha256_file
 from calibrators.data import CalibrationDataset
 from calibrators.errors import TrtforgeError
 from calibrators.methods import MethodSpec, method_spec
@@ -202,7 +201,7 @@ def sweep(
     )
     try:
         return _sweep_variants(
-            parsed, ctx, split, model_path, dataset, table, base, start, progress, accuracy_metric
+            parsed, ctx, split, dataset, table, start, progress, accuracy_metric
         )
     finally:
         flow.close()
@@ -212,15 +211,14 @@ def _sweep_variants(
     parsed: list[Variant],
     ctx: _Context,
     split: Split,
-    model_path: Path,
     dataset: CalibrationDataset,
     table: CalibrationTable | None,
-    base: BuildSpec,
     start: float,
     progress: ProgressFn | None,
     accuracy_metric: AccuracyMetric | None,
 ) -> SweepReport:
     flow = ctx.flow
+    model_path, base = flow.model_path, flow.spec
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     measured: list[_Measured] = []
     failed: list[tuple[Variant, TrtforgeError]] = []
@@ -236,7 +234,7 @@ def _sweep_variants(
     metric = accuracy_metric or _default_metric(measured[0].accuracy, ctx.labels is not None)
     report = SweepReport(
         model=model_path.name,
-        model_sha256=sha256_file(model_path),
+        model_sha256=flow.model_sha256,  # hashed once, for the table key too
         dataset_sha256=dataset.digest,
         calibration_samples=ctx.table.samples if ctx.table is not None else len(split.calibration),
         eval_samples=len(split.evaluation),

@@ -213,10 +213,9 @@ class OnnxRuntimeBackend:
         """Transform the model per ``spec.precision``, check it loads in ONNX Runtime, write it."""
         from engines.graph import prepare_model
         from engines.graph.inspect import load_model
-        from engines.graph.prequantized import file_is_prequantized
 
-        if table is None and not file_is_prequantized(model_path):
-            spec.precision.require_table(table)  # a model with its own Q/DQ needs none
+        # INT8 without a table: prepare_model refuses it (unless the model carries its own Q/DQ)
+        # after the one load below
         start = time.perf_counter()
         report_progress(progress, "loading model", 0.0)
         model_path = Path(model_path)
