@@ -26,19 +26,12 @@ from service.progress import CliRecorder, stage_progress
 if TYPE_CHECKING:
     from calibrators.data import CalibrationDataset
     from calibrators.table import CalibrationTable
-    from engines.backends.base import Artifact, Runner
+    from engines.backends.base import Artifact
     from engines.gate import GateResult
     from engines.spec import BuildSpec
     from engines.workflow import Split, Workflow
 
-__all__ = ["dataset_from_options", "labels_from_file", "load_runner", "register"]
-
-
-def load_runner(path: Path, *, threads: int | None = None) -> Runner:
-    """Open an artifact with the backend its sidecar names; a bare .onnx opens in ONNX Runtime."""
-    from engines.backends.registry import open_artifact
-
-    return open_artifact(path, threads=threads)
+__all__ = ["dataset_from_options", "labels_from_file", "register"]
 
 
 def dataset_from_options(data: Path, preprocess: Path | None) -> CalibrationDataset:

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from service.cli import backend_option, handle_errors, method_option, preprocess_option
-from service.cli_engines import dataset_from_options, labels_from_file, load_runner
+from service.cli_engines import dataset_from_options, labels_from_file
 from service.progress import stage_progress
 
 __all__ = ["register", "render_accuracy"]
@@ -81,6 +81,7 @@ def bench(
     as_json: bool,
 ) -> None:
     """Measure latency and throughput of ARTIFACT (trtexec's procedure and vocabulary)."""
+    from engines.backends.registry import open_artifact
     from engines.benchmark import BenchmarkOptions, benchmark, render_perf_table
     from engines.errors import SpecError
 
@@ -96,7 +97,7 @@ def bench(
     sizes = [int(b) for b in batch_sweep.split(",")] if batch_sweep else [batch_size or 1]
     dataset = dataset_from_options(data, preprocess) if data is not None else None
     reports = []
-    with load_runner(artifact, threads=threads) as runner:
+    with open_artifact(artifact, threads=threads) as runner:
         for size in sizes:
             options = BenchmarkOptions(
                 warmup_ms=warmup_ms,
@@ -192,6 +193,7 @@ def compare(
     from engines.accuracy import MetricBudget
     from engines.accuracy import compare as compare_outputs
     from engines.backends.onnxruntime import OnnxRuntimeRunner
+    from engines.backends.registry import open_artifact
     from engines.errors import SpecError
 
     tolerance = tolerances_from_options(atol, rtol)
@@ -202,7 +204,7 @@ def compare(
     dataset = dataset_from_options(data, preprocess)
     with (
         OnnxRuntimeRunner(reference, intra_op_threads=threads) as ref,
-        load_runner(artifact, threads=threads) as cand,
+        open_artifact(artifact, threads=threads) as cand,
         stage_progress("comparing", enabled=not as_json) as progress,
     ):
         unknown = sorted(n for n in tolerance or {} if n != "*" and n not in cand.output_names)
@@ -425,3 +427,4 @@ def register(group: click.Group) -> None:
     """Add the measurement commands to the root group."""
     for command in (bench, compare, sweep):
         group.add_command(command)
+
