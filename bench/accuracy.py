@@ -73,9 +73,9 @@ from bench.common import (
 )
 from calibrators.calibrate import calibrate
 from calibrators.data import CalibrationDataset
-from calibrators.errors import TrtforgeError
 from calibrators.methods import MethodSpec, entropy, minmax, percentile
 from calibrators.table import CalibrationTable
+from core.errors import TrtforgeError
 from engines.accuracy import AccuracyMetric, AccuracyReport, compare
 from engines.backends.onnxruntime import OnnxRuntimeBackend
 from engines.benchmark import BenchmarkOptions, benchmark

@@ -225,7 +225,7 @@ class QdqEmulationRunner:
     def __init__(self, model_path: Path, *, threads: int) -> None:
         import onnxruntime as ort
 
-        from calibrators.data import TensorSpec
+        from core.tensors import TensorSpec
 
         options = ort.SessionOptions()
         options.log_severity_level = 3

@@ -51,9 +51,9 @@ from bench.common import (
 )
 from calibrators.calibrate import calibrate
 from calibrators.data import CalibrationDataset
-from calibrators.errors import TrtforgeError
 from calibrators.methods import entropy
 from calibrators.table import CalibrationTable
+from core.errors import TrtforgeError
 from engines.accuracy import AccuracyMetric, AccuracyReport, MetricBudget, compare
 from engines.backends.onnxruntime import OnnxRuntimeBackend
 from engines.benchmark import BenchmarkOptions

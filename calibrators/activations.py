@@ -17,8 +17,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from calibrators.errors import ModelError
-from calibrators.onnxio import with_graph
+from core.errors import ModelError
+from core.onnxio import with_graph
 
 __all__ = ["ALIAS_OPS", "ActivationPlan", "observable_tensors"]
 

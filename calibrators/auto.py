@@ -50,13 +50,14 @@ from onnx import helper, numpy_helper
 
 from calibrators.candidates import auto_candidates, choose_by_tensor_error
 from calibrators.collect import observable_tensors, session_providers
-from calibrators.data import CalibrationDataset, model_input_specs
+from calibrators.data import CalibrationDataset
 from calibrators.histogram import Histogram
 from calibrators.memory import DEFAULT_MEMORY_LIMIT_BYTES
 from calibrators.methods import MethodSpec
-from calibrators.onnxio import load_onnx
 from calibrators.table import RangeChoice, RangeCriterion
 from calibrators.weights import INT8_LEVELS, WEIGHT_OPS, fake_quantize_weight, node_weight_axis
+from core.onnxio import load_onnx
+from core.tensors import model_input_specs
 
 __all__ = ["AutoRanges", "Consumer", "choose_ranges", "weighted_consumers"]
 

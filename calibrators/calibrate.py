@@ -16,10 +16,11 @@ from calibrators.data import CalibrationDataset
 from calibrators.errors import CalibrationError
 from calibrators.histogram import HistogramCollector, HistogramMode, kernels, with_aliases
 from calibrators.methods import CalibrationMethod, MethodSpec
-from calibrators.onnxio import load_onnx
 from calibrators.table import CalibrationTable, RangeChoice, algorithm_for_method
+from core.hashing import sha256_file
+from core.onnxio import load_onnx
 
-__all__ = ["MaxCollector", "activation_bounds", "calibrate", "sha256_file", "table_cache_key"]
+__all__ = ["MaxCollector", "activation_bounds", "calibrate", "table_cache_key"]
 
 
 class MaxCollector:
@@ -59,15 +60,6 @@ class MaxCollector:
 
     def amax(self) -> dict[str, float]:
         return with_aliases(dict(self._max), self._order, self._aliases)
-
-
-def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    """The sha256 hex digest of a file, read in ``chunk_bytes`` chunks (1 MiB)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while chunk := fh.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def activation_bounds(model: onnx.ModelProto) -> dict[str, float]:

@@ -27,15 +27,16 @@ import numpy as np
 import onnx
 
 from calibrators.activations import ALIAS_OPS, ActivationPlan, observable_tensors
-from calibrators.data import CalibrationDataset, TensorSpec, model_input_specs
-from calibrators.errors import ModelError
+from calibrators.data import CalibrationDataset
 from calibrators.memory import (
     DEFAULT_MEMORY_LIMIT_BYTES,
     CollectionPlan,
     estimate_unknown,
     plan_collection,
 )
-from calibrators.onnxio import load_onnx, with_graph
+from core.errors import ModelError
+from core.onnxio import load_onnx, with_graph
+from core.tensors import TensorSpec, model_input_specs
 
 __all__ = [
     "ALIAS_OPS",

@@ -20,16 +20,14 @@ import hashlib
 import math
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import onnx
 
 from calibrators.archive import ArchiveLimits, file_members, open_zip
-from calibrators.errors import DatasetError, ModelError
+from calibrators.errors import DatasetError
 from calibrators.images import IMAGE_SUFFIXES, PreprocessSpec
 from calibrators.sources import (
     LAYOUT_HINT,
@@ -44,56 +42,16 @@ from calibrators.sources import (
     npz_container,
     zip_shards,
 )
+from core.tensors import TensorSpec
 
 __all__ = [
     "ArchiveLimits",
     "CalibrationDataset",
     "PreprocessSpec",
-    "TensorSpec",
-    "model_input_specs",
 ]
 
 Array = npt.NDArray[Any]
 _HASH_BATCH_BYTES = 16 << 20
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A tensor's name, numpy dtype name and shape (int = static, str = symbolic, None = unknown)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int | str | None, ...]
-
-    @classmethod
-    def from_value_info(cls, value_info: onnx.ValueInfoProto) -> TensorSpec:
-        """The spec of an ONNX graph input/output; :class:`ModelError` if it is not a plain tensor."""
-        if not value_info.type.HasField("tensor_type"):
-            raise ModelError(f"Graph value {value_info.name!r} is not a tensor.", field="model")
-        tensor_type = value_info.type.tensor_type
-        try:
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelError(
-                f"Graph value {value_info.name!r} has ONNX element type {tensor_type.elem_type}, "
-                "which has no numpy equivalent.",
-                field="model",
-            ) from exc
-        dims: list[int | str | None] = []
-        for dim in tensor_type.shape.dim:
-            if dim.HasField("dim_value"):
-                dims.append(int(dim.dim_value))
-            else:
-                dims.append(dim.dim_param or None)
-        return cls(value_info.name, dtype, tuple(dims))
-
-
-def model_input_specs(model: onnx.ModelProto) -> list[TensorSpec]:
-    """The graph inputs a caller must feed (those that are not initializers), in graph order."""
-    initializers = {init.name for init in model.graph.initializer}
-    return [
-        TensorSpec.from_value_info(vi) for vi in model.graph.input if vi.name not in initializers
-    ]
 
 
 # --- opening files ---------------------------------------------------------------------------------

@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import struct
-import tempfile
 from collections.abc import Collection, Iterable
 from enum import StrEnum
 from hashlib import sha256
@@ -51,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from calibrators.errors import TableError
 from calibrators.methods import CalibrationMethod
+from core.files import write_atomically
 
 __all__ = [
     "DEFAULT_TRT_VERSION",
@@ -488,28 +487,13 @@ def _unique(names: Iterable[str]) -> list[str]:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, fsync, rename: never a half-written table."""
+    """Never a half-written table: see :func:`core.files.write_atomically`."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, raw = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        write_atomically(path, data)
     except OSError as exc:
         raise TableError(
             f"Cannot write the calibration table {str(path)!r}: {exc.strerror or exc}.",
-            hint="Choose a path in a writable folder.",
+            hint="Choose a path in a writable folder with free space.",
             field="out",
         ) from exc
-    tmp = Path(raw)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-    except OSError as exc:
-        raise TableError(
-            f"Cannot write the calibration table {str(path)!r}: {exc.strerror or exc}.",
-            hint="Check free space and permissions.",
-            field="out",
-        ) from exc
-    finally:
-        tmp.unlink(missing_ok=True)

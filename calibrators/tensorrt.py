@@ -17,7 +17,6 @@ by :meth:`CalibratorCore.raise_error`, which builders call after ``build_seriali
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,103 +25,31 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from calibrators.data import TensorSpec
-from calibrators.errors import CalibrationError, DatasetError, TensorRTUnavailableError
+from calibrators.errors import CalibrationError, DatasetError
 from calibrators.methods import CalibrationMethod
 from calibrators.table import CalibrationTable, TensorRTAlgorithm, trt_version_number
+from core.cuda import cuda_call, import_cudart
+from core.errors import TensorRTUnavailableError
+from core.tensorrt import require_tensorrt, tensorrt_module
+from core.tensors import TensorSpec
 
 if TYPE_CHECKING:
     from calibrators.data import CalibrationDataset
 
 __all__ = [
-    "CUDA_PYTHON_HINT",
     "BatchFeeder",
     "CalibratorCore",
     "DeviceBatchFeeder",
     "NativeCalibrator",
-    "cuda_call",
-    "import_cudart",
     "native_calibrator",
-    "require_tensorrt",
-    "tensorrt_installed",
-    "tensorrt_module",
 ]
 
 log = logging.getLogger(__name__)
-
-CUDA_PYTHON_HINT = "Install cuda-python: pip install 'trtforge[gpu]' (or pip install cuda-python)."
 
 _ALGORITHM_METHODS = {
     TensorRTAlgorithm.ENTROPY2: CalibrationMethod.ENTROPY,
     TensorRTAlgorithm.MINMAX: CalibrationMethod.MINMAX,
 }
-
-
-def tensorrt_installed() -> bool:
-    """Whether a real ``tensorrt`` package is installed (found without importing it).
-
-    ``tensorrt-stubs`` installs a bare ``tensorrt/__init__.pyi``, which Python finds as a
-    namespace package; that is not TensorRT, so a spec without an origin does not count.
-    """
-    try:
-        spec = importlib.util.find_spec("tensorrt")
-    except (ImportError, ValueError):
-        return False
-    return spec is not None and spec.origin is not None
-
-
-def require_tensorrt() -> str:
-    """Import TensorRT or raise :class:`TensorRTUnavailableError`; returns its version."""
-    if not tensorrt_installed():
-        raise TensorRTUnavailableError("TensorRT (the `tensorrt` Python package) is not installed.")
-    try:
-        import tensorrt as trt
-    except (ImportError, OSError) as exc:  # the bindings without their native libraries
-        raise TensorRTUnavailableError(
-            f"The `tensorrt` package is installed but cannot load TensorRT's libraries: {exc}"
-        ) from exc
-    return str(trt.__version__)
-
-
-def tensorrt_module() -> Any:
-    """The ``tensorrt`` module, imported here so that this file and the backend stay its only doors."""
-    require_tensorrt()
-    import tensorrt as trt
-
-    return trt
-
-
-def import_cudart() -> Any:
-    """cuda-python's CUDA runtime module (``cuda.bindings.runtime``, or ``cuda.cudart`` < 12.6)."""
-    if importlib.util.find_spec("cuda") is None:
-        raise TensorRTUnavailableError("cuda-python is not installed.", hint=CUDA_PYTHON_HINT)
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart
-        except ImportError as exc:
-            raise TensorRTUnavailableError(
-                f"cuda-python cannot be imported: {exc}", hint=CUDA_PYTHON_HINT
-            ) from exc
-    return cudart
-
-
-def cuda_call(result: Any, what: str, error: Callable[..., Exception] = CalibrationError) -> Any:
-    """Check one cuda-python call: every runtime call returns ``(err, *values)``.
-
-    Returns the single value (or the tuple of values, or None); raises ``error`` naming the call
-    and CUDA's error name otherwise.
-    """
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        raise error(
-            f"CUDA call {what} failed: {getattr(err, 'name', err)} ({int(err)}).",
-            hint="Check that an NVIDIA GPU is visible (nvidia-smi) and has free memory.",
-        )
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else tuple(values)
 
 
 class DeviceBatchFeeder:
@@ -400,8 +327,7 @@ def native_calibrator(
             f"TensorRT {version} has no native INT8 calibrators (removed in TensorRT 11).",
             hint="Calibrate with trtforge (`trtforge calibrate`) and build in explicit mode.",
         )
-    import tensorrt as trt
-
+    trt = tensorrt_module()
     algorithm = TensorRTAlgorithm(algorithm)
     bases: dict[TensorRTAlgorithm, Any] = {
         TensorRTAlgorithm.ENTROPY2: trt.IInt8EntropyCalibrator2,

@@ -16,27 +16,22 @@ artifact already renamed whose sidecar could not follow, are removed.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from pydantic import ValidationError
 
-from calibrators.calibrate import sha256_file
+from core.files import flush, fsync_dir, temp_file
+from core.hashing import sha256_file
 from engines.backends.base import Artifact, ArtifactMetadata
 from engines.errors import BuildError, EngineError
 
 __all__ = [
-    "fsync_dir",
     "read_metadata",
     "sidecar_path",
     "write_artifact",
     "write_metadata",
-    "write_text_atomically",
 ]
 
 _CHUNK_BYTES = 1024 * 1024
@@ -66,12 +61,12 @@ def write_artifact(data: bytes | Path, out_path: Path, metadata: ArtifactMetadat
         ) from exc
     sidecar = sidecar_path(out_path)
     try:
-        with _temp_file(folder, out_path.name) as (tmp_artifact, fh):
+        with temp_file(folder, out_path.name) as (tmp_artifact, fh):
             sha256, size = _copy_hashing(data, fh)
             final = metadata.model_copy(update={"sha256": sha256, "size_bytes": size})
-            with _temp_file(folder, sidecar.name) as (tmp_sidecar, sfh):
+            with temp_file(folder, sidecar.name) as (tmp_sidecar, sfh):
                 sfh.write(final.model_dump_json(indent=2).encode())
-                _flush(sfh)
+                flush(sfh)
                 _publish(tmp_artifact, out_path, tmp_sidecar, sidecar)
     except OSError as exc:
         raise BuildError(
@@ -96,24 +91,14 @@ def write_metadata(artifact_path: Path, metadata: ArtifactMetadata) -> Artifact:
         )
     sidecar = sidecar_path(artifact_path)
     try:
-        with _temp_file(artifact_path.parent, sidecar.name) as (tmp, fh):
+        with temp_file(artifact_path.parent, sidecar.name) as (tmp, fh):
             fh.write(metadata.model_dump_json(indent=2).encode())
-            _flush(fh)
+            flush(fh)
             tmp.replace(sidecar)
             fsync_dir(sidecar.parent)
     except OSError as exc:
         raise BuildError(f"Cannot write the metadata {str(sidecar)!r}: {exc}", field="out") from exc
     return Artifact(path=artifact_path, metadata_path=sidecar, metadata=metadata)
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file beside it, flushed with
-    ``fsync`` and renamed into place, readable by all (0644): reports beside the artifacts."""
-    path = Path(path)
-    with _temp_file(path.parent, path.name) as (tmp, fh):
-        fh.write(text.encode("utf-8"))
-        _flush(fh)
-        tmp.replace(path)
 
 
 def read_metadata(path: Path) -> ArtifactMetadata:
@@ -140,22 +125,6 @@ def read_metadata(path: Path) -> ArtifactMetadata:
         ) from exc
 
 
-@contextlib.contextmanager
-def _temp_file(folder: Path, name: str) -> Iterator[tuple[Path, BinaryIO]]:
-    """A temporary file next to its destination (same file system, so rename is atomic).
-
-    Removed on exit unless it was renamed away.
-    """
-    fd, raw = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    tmp = Path(raw)
-    tmp.chmod(0o644)  # mkstemp makes 0600; artifacts are meant to be read by deploy jobs
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            yield tmp, fh
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _copy_hashing(data: bytes | Path, fh: BinaryIO) -> tuple[str, int]:
     digest = hashlib.sha256()
     size = 0
@@ -173,13 +142,8 @@ def _copy_hashing(data: bytes | Path, fh: BinaryIO) -> tuple[str, int]:
                     size += len(chunk)
         except FileNotFoundError as exc:
             raise BuildError(f"The built file {str(data)!r} does not exist.") from exc
-    _flush(fh)
+    flush(fh)
     return digest.hexdigest(), size
-
-
-def _flush(fh: BinaryIO) -> None:
-    fh.flush()
-    os.fsync(fh.fileno())
 
 
 def _publish(tmp_artifact: Path, artifact: Path, tmp_sidecar: Path, sidecar: Path) -> None:
@@ -199,15 +163,3 @@ def _publish(tmp_artifact: Path, artifact: Path, tmp_sidecar: Path, sidecar: Pat
     fsync_dir(artifact.parent)
 
 
-def fsync_dir(folder: Path) -> None:
-    """Make the renames durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

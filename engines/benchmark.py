@@ -37,7 +37,8 @@ from statistics import fmean, pstdev
 import numpy as np
 from pydantic import Field
 
-from calibrators.data import CalibrationDataset, TensorSpec
+from calibrators.data import CalibrationDataset
+from core.tensors import TensorSpec
 from engines.backends.base import ConfigurableTiming, ProgressFn, QueryTiming, Runner, TimingMode
 from engines.errors import RunError, SpecError
 from engines.frozen import FrozenModel

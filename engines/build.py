@@ -12,8 +12,8 @@ import difflib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from calibrators.data import TensorSpec, model_input_specs
-from calibrators.onnxio import load_onnx
+from core.onnxio import load_onnx
+from core.tensors import TensorSpec, model_input_specs
 from engines.artifacts import write_metadata
 from engines.backends.base import Artifact, Backend, ProgressFn
 from engines.backends.registry import select_backend

@@ -17,7 +17,7 @@ Each class's docstring is its default message.
 
 from __future__ import annotations
 
-from calibrators.errors import TrtforgeError
+from core.errors import TrtforgeError
 
 __all__ = [
     "AccuracyBudgetError",

@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 
 from calibrators.data import CalibrationDataset
-from calibrators.errors import TrtforgeError
 from calibrators.methods import MethodSpec, method_spec
 from calibrators.table import CalibrationTable
+from core.errors import TrtforgeError
+from core.files import write_atomically
 from engines.accuracy import AccuracyMetric, AccuracyReport, MetricBudget
-from engines.artifacts import write_text_atomically
 from engines.backends.base import ProgressFn, report_progress
 from engines.backends.onnxruntime import OnnxRuntimeRunner
 from engines.benchmark import BenchmarkOptions, PerfReport
@@ -258,9 +258,9 @@ def _sweep_variants(
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         seconds=time.perf_counter() - start,
     )
-    write_text_atomically(ctx.out_dir / "sweep.json", report.model_dump_json(indent=2))
-    write_text_atomically(ctx.out_dir / "sweep.md", render_markdown(report))
-    write_text_atomically(ctx.out_dir / "sweep.svg", render_svg(report))
+    write_atomically(ctx.out_dir / "sweep.json", report.model_dump_json(indent=2))
+    write_atomically(ctx.out_dir / "sweep.md", render_markdown(report))
+    write_atomically(ctx.out_dir / "sweep.svg", render_svg(report))
     report_progress(progress, "done", 1.0)
     return report
 

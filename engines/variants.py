@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from calibrators.data import CalibrationDataset, TensorSpec, model_input_specs
+from calibrators.data import CalibrationDataset
+from core.tensors import TensorSpec, model_input_specs
 from engines.accuracy import AccuracyMetric, AccuracyReport, MetricBudget, compare
 from engines.backends.base import QueryTiming, Runner
 from engines.backends.onnxruntime import (

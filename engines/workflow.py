@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import onnx
 
-from calibrators.data import CalibrationDataset, TensorSpec, model_input_specs
-from calibrators.onnxio import load_onnx
+from calibrators.data import CalibrationDataset
+from core.onnxio import load_onnx
+from core.tensors import TensorSpec, model_input_specs
 from engines.backends.registry import select_backend
 from engines.build import build_artifact, validate_keep_patterns, validate_profiles
 from engines.errors import SpecError
@@ -200,7 +201,7 @@ class Workflow:
         """The model's identity in cache keys: given by the caller (the service's model id) or
         the sha256 of the model file."""
         if self._model_sha256 is None:
-            from calibrators.calibrate import sha256_file
+            from core.hashing import sha256_file
 
             self._model_sha256 = sha256_file(self.model_path)
         return self._model_sha256
@@ -450,7 +451,7 @@ class Workflow:
     def _int8_model_sha256(self) -> str:
         if self.int8_model_path == self.model_path:
             return self.model_sha256
-        from calibrators.calibrate import sha256_file
+        from core.hashing import sha256_file
 
         return sha256_file(self.int8_model_path)
 

@@ -11,6 +11,6 @@ if url=$(bash scripts/postgres.sh 2>.cache/postgres-start.log); then
   # stop the cluster on exit (failures too), unless it was already running before this run
   if grep -q started .cache/postgres-start.log; then trap 'bash scripts/postgres.sh stop' EXIT; fi
 fi
-ruff check calibrators engines service tests bench
+ruff check core calibrators engines service tests bench
 mypy
 python -m pytest "$@"

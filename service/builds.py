@@ -161,7 +161,7 @@ def get_build(session: Session, build_id: str) -> BuildRow:
 
 def _check_request(session: Session, storage: Storage, request: BuildCreate) -> None:
     """Refuse requests that cannot build, before anything is queued."""
-    from calibrators.onnxio import load_onnx
+    from core.onnxio import load_onnx
     from engines.build import validate_keep_patterns, validate_profiles
 
     model = get_model(session, request.model_id)
@@ -176,7 +176,7 @@ def _check_request(session: Session, storage: Storage, request: BuildCreate) -> 
                 field="table_id",
             )
     onnx_model = load_onnx(model_path(storage, model), load_external_data=False)
-    from calibrators.data import model_input_specs
+    from core.tensors import model_input_specs
 
     inputs = model_input_specs(onnx_model)
     validate_profiles(inputs, dict(request.spec.profiles))

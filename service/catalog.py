@@ -18,9 +18,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from calibrators.archive import ArchiveLimits
-from calibrators.data import PreprocessSpec, TensorSpec
+from calibrators.data import PreprocessSpec
 from calibrators.errors import TableError
 from calibrators.table import CalibrationTable
+from core.tensors import TensorSpec
 from service.db.models import BuildRow, DatasetRow, ModelRow, TableRow
 from service.errors import InUseError, NotFoundError
 from service.ingest import dataset_id, stage_dataset, stage_model
@@ -108,8 +109,8 @@ def model_path(storage: Storage, row: ModelRow) -> Path:
 
 def model_input_specs_of(storage: Storage, row: ModelRow) -> list[TensorSpec]:
     """The model's graph inputs, read from the stored file."""
-    from calibrators.data import model_input_specs
-    from calibrators.onnxio import load_onnx
+    from core.onnxio import load_onnx
+    from core.tensors import model_input_specs
 
     return model_input_specs(load_onnx(model_path(storage, row), load_external_data=False))
 

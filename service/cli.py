@@ -12,7 +12,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import click
 
-from calibrators.errors import TrtforgeError
+from core.errors import TrtforgeError
 from engines.names import BackendName
 
 __all__ = ["fail", "handle_errors", "main"]

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from calibrators.archive import ZIP_READ_ERRORS, ArchiveLimits, file_members, open_zip
-from calibrators.data import CalibrationDataset, PreprocessSpec, TensorSpec
-from calibrators.errors import ArchiveError, DatasetError, ModelError
+from calibrators.data import CalibrationDataset, PreprocessSpec
+from calibrators.errors import ArchiveError, DatasetError
+from core.errors import ModelError
+from core.tensors import TensorSpec
 
 __all__ = [
     "DATASET_SUFFIXES",
@@ -145,7 +147,7 @@ def _check_model(path: Path, label: str) -> tuple[Any, bool]:
     import onnx
     from onnx.external_data_helper import uses_external_data
 
-    from calibrators.onnxio import load_onnx
+    from core.onnxio import load_onnx
 
     model = load_onnx(path, load_external_data=False)  # also refuses escaping data paths
     try:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from calibrators.errors import TrtforgeError
+from core.errors import TrtforgeError
 from service.catalog import dataset_path, load_table, model_path, store_table
 from service.db import Database
 from service.db.models import BuildRow, DatasetRow, ModelRow, TableRow, utcnow

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from calibrators.calibrate import sha256_file
-from engines.artifacts import fsync_dir
+from core.files import fsync_dir
+from core.hashing import sha256_file
 from service.errors import PayloadTooLargeError, StorageError
 from service.processes import process_alive, process_tag
 

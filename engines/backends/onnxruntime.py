@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from calibrators.calibrate import sha256_file
-from calibrators.data import TensorSpec
+from core.hashing import sha256_file
+from core.tensors import TensorSpec
 from engines.artifacts import write_artifact
 from engines.backends.base import (
     Artifact,

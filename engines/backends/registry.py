@@ -52,7 +52,7 @@ def _make_tensorrt(reason: str) -> Backend:
 
 
 def _tensorrt_missing() -> str | None:
-    from calibrators.tensorrt import tensorrt_installed
+    from core.tensorrt import tensorrt_installed
 
     if not tensorrt_installed():
         return "tensorrt not installed"

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -39,10 +38,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from calibrators.calibrate import sha256_file
-from calibrators.errors import TensorRTUnavailableError, TrtforgeError
 from calibrators.table import CalibrationTable, trt_version_number
-from calibrators.tensorrt import native_calibrator, require_tensorrt, tensorrt_installed
+from calibrators.tensorrt import native_calibrator
+from core.errors import TensorRTUnavailableError, TrtforgeError
+from core.files import write_atomically
+from core.hashing import sha256_file
+from core.tensorrt import require_tensorrt, tensorrt_installed
 from engines.artifacts import write_artifact
 from engines.backends.base import Artifact, ArtifactMetadata, Availability, ProgressFn
 from engines.backends.tensorrt_job import (
@@ -175,7 +176,7 @@ class TensorRTBackend:
                 onnx_name=published.get("prepared_onnx"),
                 cache_name=published.get("calibration_cache"),
             )
-            _write_text(files["reproduce.py"], script)
+            write_atomically(files["reproduce.py"], script)
             options = {
                 "builder": spec.tensorrt.model_dump(mode="json"),
                 "strongly_typed": spec.mode is TensorRTMode.EXPLICIT,
@@ -268,10 +269,6 @@ class TensorRTBackend:
         return TensorRTRunner(artifact_path, device=self.device)
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 # -- the child: TensorRT itself -------------------------------------------------------------------
@@ -288,7 +285,7 @@ def _build_engine(job: BuildJob) -> dict[str, Any]:
     import tensorrt as trt
 
     if job.device:
-        from calibrators.tensorrt import cuda_call, import_cudart
+        from core.cuda import cuda_call, import_cudart
 
         cuda_call(import_cudart().cudaSetDevice(job.device), f"cudaSetDevice({job.device})")
     logger = trt.Logger(trt.Logger.INFO)
@@ -458,9 +455,7 @@ def _save_timing_cache(config: Any, path: Path) -> None:
         merged = config.create_timing_cache(path.read_bytes() if path.exists() else b"")
         if not merged.combine(built, False):
             merged = built
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(memoryview(merged.serialize()))
-        tmp.replace(path)
+        write_atomically(path, bytes(memoryview(merged.serialize())))
 
 
 def _layer_information(logger: Any, serialized: Any, job: BuildJob) -> str:

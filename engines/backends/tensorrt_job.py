@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from calibrators.errors import TrtforgeError
 from calibrators.table import TensorRTAlgorithm
+from core.errors import TrtforgeError
 from engines.backends.base import ProgressFn
 from engines.errors import BackendUnavailableError, BuildError, EngineError, SpecError
 from engines.spec import Precision, ShapeProfile, TensorRTMode, TensorRTOptions

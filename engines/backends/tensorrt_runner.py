@@ -32,9 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from calibrators.data import TensorSpec
-from calibrators.errors import TensorRTUnavailableError
-from calibrators.tensorrt import cuda_call, import_cudart, require_tensorrt, tensorrt_module
+from core.cuda import cuda_call, import_cudart
+from core.errors import TensorRTUnavailableError
+from core.tensorrt import require_tensorrt, tensorrt_module
+from core.tensors import TensorSpec
 from engines.backends.base import QueryTiming, TimingMode
 from engines.errors import BackendUnavailableError, EngineError, RunError
 

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from calibrators.errors import ModelError
+from core.errors import ModelError
 from engines.errors import GraphError
 
 __all__ = [

@@ -13,7 +13,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from pydantic import BaseModel, ConfigDict
 
-from calibrators.onnxio import load_onnx
+from core.onnxio import load_onnx
 from engines.graph._onnx import default_opset, infer_shapes
 
 __all__ = ["ModelInfo", "TensorInfo", "inspect_model", "load_model", "normalize"]
@@ -164,7 +164,7 @@ def _constant_value_attr(node: onnx.NodeProto) -> bool:
 
 
 def load_model(path: Path) -> onnx.ModelProto:
-    """Load an ONNX model with its weights: :func:`calibrators.onnxio.load_onnx`, the one safe
+    """Load an ONNX model with its weights: :func:`core.onnxio.load_onnx`, the one safe
     loader (external data only as plain relative paths inside the model's folder), so a model
     accepted at upload is accepted at build and the other way round."""
     return load_onnx(Path(path))

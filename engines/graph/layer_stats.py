@@ -237,7 +237,7 @@ def collect_layer_stats(
     """One ONNX Runtime pass over ``dataset`` (:func:`calibrators.collect.collect`, within
     ``memory_limit_bytes`` as calibration) collecting :class:`LayerStats` of the FP32 model at
     ``model_path``."""
-    from calibrators.onnxio import load_onnx
+    from core.onnxio import load_onnx
 
     observer = LayerStatsObserver(
         load_onnx(Path(model_path), load_external_data=False), max_rows=max_rows, seed=seed

@@ -163,8 +163,8 @@ def is_prequantized(model: onnx.ModelProto) -> bool:
 def file_is_prequantized(path: Path) -> bool:
     """:func:`is_prequantized` of the model at ``path`` (read without its weights); False when
     it cannot be read (the build's own loading then says why)."""
-    from calibrators.errors import ModelError
-    from calibrators.onnxio import load_onnx
+    from core.errors import ModelError
+    from core.onnxio import load_onnx
 
     try:
         return is_prequantized(load_onnx(Path(path), load_external_data=False))

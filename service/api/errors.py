@@ -15,7 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from calibrators.errors import CalibrationError, TrtforgeError
+from calibrators.errors import CalibrationError
+from core.errors import ModelError, TensorRTUnavailableError, TrtforgeError
 from engines.errors import EngineError, GraphError, SpecError
 from service.errors import (
     AuthenticationError,
@@ -49,6 +50,8 @@ STATUS_BY_ERROR: tuple[tuple[type[TrtforgeError], int], ...] = (
     (GraphError, 422),
     (EngineError, 422),
     (CalibrationError, 422),
+    (ModelError, 422),
+    (TensorRTUnavailableError, 422),
     (TrtforgeError, 500),
 )
 """Checked in order: the first class the error is an instance of decides."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from calibrators.errors import TrtforgeError
+from core.errors import TrtforgeError
 from service.api.deps import AppState, ReadAccess, SessionDep, StateDep
 from service.metrics import render_metrics
 from service.schemas import CheckResult, Readiness

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from calibrators.errors import TrtforgeError
+from core.errors import TrtforgeError
 from service import builds
 from service.api.deps import TOKEN_COOKIE, StateDep
 from service.auth import authenticate

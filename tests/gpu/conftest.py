@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from calibrators.errors import TensorRTUnavailableError
-from calibrators.tensorrt import import_cudart
+from core.cuda import import_cudart
+from core.errors import TensorRTUnavailableError
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from calibrators.data import TensorSpec
 from calibrators.errors import CalibrationError, DatasetError
-from calibrators.tensorrt import DeviceBatchFeeder, cuda_call
+from calibrators.tensorrt import DeviceBatchFeeder
+from core.cuda import cuda_call
+from core.tensors import TensorSpec
 
 pytestmark = pytest.mark.gpu
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from calibrators.tensorrt import cuda_call
+from core.cuda import cuda_call
 from engines.gpu import discover_gpus
 
 pytestmark = pytest.mark.gpu

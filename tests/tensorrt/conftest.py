@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from calibrators.errors import TensorRTUnavailableError
 from calibrators.table import trt_version_number
-from calibrators.tensorrt import require_tensorrt
+from core.errors import TensorRTUnavailableError
+from core.tensorrt import require_tensorrt
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -8,11 +8,12 @@ import numpy as np
 import onnx
 import pytest
 
-from calibrators.data import CalibrationDataset, model_input_specs
-from calibrators.errors import TensorRTUnavailableError
+from calibrators.data import CalibrationDataset
 from calibrators.methods import CalibrationMethod
 from calibrators.table import CalibrationTable, TensorRTAlgorithm
 from calibrators.tensorrt import native_calibrator
+from core.errors import TensorRTUnavailableError
+from core.tensors import model_input_specs
 from tests import zoo
 
 pytestmark = [pytest.mark.tensorrt, pytest.mark.gpu]

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("calibrators", "engines", "service")
-TENSORRT_DOORS = {"calibrators/tensorrt.py", "engines/backends/tensorrt.py"}
-GPU_DOORS = TENSORRT_DOORS | {"engines/gpu.py"}
+PACKAGES = ("core", "calibrators", "engines", "service")
+TENSORRT_DOORS = {"core/tensorrt.py", "engines/backends/tensorrt.py"}
+GPU_DOORS = TENSORRT_DOORS | {"core/cuda.py", "engines/gpu.py"}
 GPU_LIBS = ("tensorrt", "cuda", "pynvml")
 
 

@@ -7,12 +7,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from calibrators.calibrate import calibrate, sha256_file, table_cache_key
+from calibrators.calibrate import calibrate, table_cache_key
 from calibrators.collect import observable_tensors
 from calibrators.data import CalibrationDataset
 from calibrators.histogram import HistogramMode
 from calibrators.methods import CalibrationMethod, entropy, minmax, mse, percentile
 from calibrators.table import CalibrationTable
+from core.hashing import sha256_file
 from tests import zoo
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from calibrators.collect import _with_outputs, auto_batch_size, collect, observable_tensors
 from calibrators.data import CalibrationDataset
-from calibrators.errors import ModelError
+from core.errors import ModelError
 from tests import zoo
 
 TINY_ACTIVATIONS = [

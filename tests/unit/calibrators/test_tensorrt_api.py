@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 
 from calibrators import tensorrt as native
-from calibrators.errors import CalibrationError, DatasetError, TableError, TensorRTUnavailableError
+from calibrators.errors import CalibrationError, DatasetError, TableError
 from calibrators.methods import CalibrationMethod
 from calibrators.table import CalibrationTable, TensorRTAlgorithm
+from core import cuda
+from core import tensorrt as trt_door
+from core.errors import CudaError, TensorRTUnavailableError
 from tests import trt_surface
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -98,14 +101,14 @@ def test_stub_namespace_package_is_not_tensorrt(monkeypatch: pytest.MonkeyPatch)
     # tensorrt-stubs installs tensorrt/__init__.pyi: Python finds a namespace package, no origin
     namespace = importlib.machinery.ModuleSpec("tensorrt", None, is_package=True)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, package=None: namespace)
-    assert native.tensorrt_installed() is False
+    assert trt_door.tensorrt_installed() is False
     with pytest.raises(TensorRTUnavailableError):
-        native.require_tensorrt()
+        trt_door.require_tensorrt()
 
 
 def test_missing_tensorrt_gives_the_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
     _without(monkeypatch, "tensorrt")
-    assert native.tensorrt_installed() is False
+    assert trt_door.tensorrt_installed() is False
     with pytest.raises(TensorRTUnavailableError) as info:
         native.native_calibrator(None, table=CalibrationTable(amax={"x": 1.0}))
     assert "pypi.nvidia.com" in info.value.hint
@@ -115,16 +118,16 @@ def test_missing_tensorrt_gives_the_install_hint(monkeypatch: pytest.MonkeyPatch
 def test_missing_cuda_python_gives_the_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
     _without(monkeypatch, "cuda")
     with pytest.raises(TensorRTUnavailableError) as info:
-        native.import_cudart()
+        cuda.import_cudart()
     assert "trtforge[gpu]" in info.value.hint
 
 
 def test_cuda_call_unpacks_results_and_names_the_failing_call() -> None:
-    assert native.cuda_call((0,), "cudaFree") is None
-    assert native.cuda_call((0, 1234), "cudaMalloc") == 1234
-    assert native.cuda_call((0, 5, 80), "cudaMemGetInfo") == (5, 80)
-    with pytest.raises(CalibrationError, match=r"cudaMalloc\(64\) failed: 2 \(2\)"):
-        native.cuda_call((2, None), "cudaMalloc(64)")
+    assert cuda.cuda_call((0,), "cudaFree") is None
+    assert cuda.cuda_call((0, 1234), "cudaMalloc") == 1234
+    assert cuda.cuda_call((0, 5, 80), "cudaMemGetInfo") == (5, 80)
+    with pytest.raises(CudaError, match=r"cudaMalloc\(64\) failed: 2 \(2\)"):
+        cuda.cuda_call((2, None), "cudaMalloc(64)")
 
 
 # -- the calibrator's logic (no GPU needed) ----------------------------------------------------

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from calibrators.calibrate import sha256_file
-from engines import artifacts
+from core.hashing import sha256_file
 from engines.artifacts import (
     read_metadata,
     sidecar_path,
@@ -95,7 +94,7 @@ def test_failure_while_writing_leaves_nothing(
     def no_space(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(artifacts.os, "fsync", no_space)
+    monkeypatch.setattr(os, "fsync", no_space)
     with pytest.raises(BuildError, match="No space left"):
         write_artifact(b"data", tmp_path / "model.onnx", _metadata())
     assert _listing(tmp_path) == []

@@ -11,7 +11,8 @@ import numpy as np
 import onnx
 import pytest
 
-from calibrators.data import CalibrationDataset, TensorSpec
+from calibrators.data import CalibrationDataset
+from core.tensors import TensorSpec
 from engines.backends.base import ConfigurableTiming, QueryTiming, Runner, TimingMode
 from engines.backends.onnxruntime import OnnxRuntimeRunner
 from engines.benchmark import (

@@ -9,9 +9,10 @@ import onnx
 import pytest
 
 from calibrators.calibrate import calibrate
-from calibrators.data import CalibrationDataset, TensorSpec
+from calibrators.data import CalibrationDataset
 from calibrators.methods import minmax
-from calibrators.tensorrt import tensorrt_installed
+from core.tensorrt import tensorrt_installed
+from core.tensors import TensorSpec
 from engines.artifacts import read_metadata
 from engines.backends.onnxruntime import OnnxRuntimeBackend
 from engines.backends.registry import select_backend

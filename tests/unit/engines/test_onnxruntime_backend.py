@@ -10,10 +10,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from calibrators.calibrate import calibrate, sha256_file
-from calibrators.data import CalibrationDataset, TensorSpec
+from calibrators.calibrate import calibrate
+from calibrators.data import CalibrationDataset
 from calibrators.methods import minmax
 from calibrators.table import CalibrationTable
+from core.hashing import sha256_file
+from core.tensors import TensorSpec
 from engines.artifacts import read_metadata
 from engines.backends import onnxruntime as ort_backend
 from engines.backends.base import Runner

@@ -17,7 +17,7 @@ import pytest
 
 import engines.gpu
 from calibrators.table import CalibrationTable, TensorRTAlgorithm
-from calibrators.tensorrt import tensorrt_installed
+from core.tensorrt import tensorrt_installed
 from engines.backends import tensorrt as backend
 from engines.backends import tensorrt_support as support
 from engines.backends.base import Backend

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from calibrators.errors import ModelError
+from core.errors import ModelError
 from tests.unit.service.support import (
     dataset_bytes,
     external_data_zip,

@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from calibrators.errors import ModelError
+from core.errors import ModelError
 from engines.graph.inspect import inspect_model, load_model, normalize
 from tests import zoo
 from tests.unit.engines.graph.helpers import run

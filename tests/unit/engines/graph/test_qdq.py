@@ -8,8 +8,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from calibrators.errors import ModelError
 from calibrators.table import CalibrationTable
+from core.errors import ModelError
 from engines.graph.qdq import insert_qdq
 from tests import zoo
 from tests.unit.engines.graph.helpers import (

@@ -8,7 +8,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import onnx
 from onnx.external_data_helper import uses_external_data
 
-from calibrators.errors import ModelError
+from core.errors import ModelError
 
 __all__ = ["check_external_data_paths", "load_onnx", "with_graph"]
 
