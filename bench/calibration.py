@@ -159,7 +159,7 @@ def main() -> None:
                 cmd = [
                     sys.executable,
                     "-c",
-                    "from service.cli import main; main()",
+                    "from service.cli.main import main; main()",
                     "calibrate",
                     str(model),
                     "--data",

@@ -64,7 +64,7 @@ from bench.realmodels import OCR_FILES, ocr_models_dir  # noqa: E402
 OLD_COMMIT = "5030972"
 """The last commit with the single-pass collector (fine histograms re-binned, batch-sized runs)."""
 
-CLI = "from service.cli import main; main()"
+CLI = "from service.cli.main import main; main()"
 NO_ARENA = "import calibrators.collect as c; c._ORT_CPU_ARENA = False; " + CLI
 PLAN_LINE = re.compile(r"activations take (.*) per sample: (\d+) sample\(s\) per run, (\d+) group")
 

@@ -1,6 +1,6 @@
 """One build as data flows: open -> calibrate -> build -> benchmark -> evaluate.
 
-The service's worker (:mod:`service.pipeline`), ``trtforge build``, ``trtforge sensitivity`` and
+The service's worker (:mod:`service.worker.pipeline`), ``trtforge build``, ``trtforge sensitivity`` and
 :func:`engines.sweep.sweep` all go through :class:`Workflow`, so a build is orchestrated once:
 
 - the model is read once (without its weights) and the spec checked against it (profiles, keep

@@ -13,9 +13,9 @@ from fastapi import APIRouter, Header, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from service import builds
 from service.api.deps import AppState, ReadAccess, SessionDep, StateDep
 from service.errors import NotReadyError, RangeNotSatisfiableError
+from service.store import builds
 
 __all__ = ["content_disposition", "parse_range", "router"]
 

@@ -13,9 +13,9 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from service import builds
 from service.api.deps import AppState, BuildAccess, Paging, ReadAccess, SessionDep, StateDep
 from service.schemas import BuildCreate, BuildPage, BuildPublic, BuildStatus, LogLine
+from service.store import builds
 
 __all__ = ["router"]
 

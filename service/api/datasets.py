@@ -10,11 +10,11 @@ from starlette.concurrency import run_in_threadpool
 
 from calibrators.data import PreprocessSpec
 from calibrators.errors import DatasetError
-from service import catalog
 from service.api.deps import AppState, BuildAccess, Paging, ReadAccess, SessionDep, StateDep
+from service.api.limits import archive_limits
 from service.api.uploads import ReceivedUpload, multipart_openapi, receive_upload
-from service.limits import archive_limits
 from service.schemas import DatasetPage, DatasetPublic
+from service.store import catalog
 
 __all__ = ["router"]
 

@@ -9,14 +9,14 @@ from typing import Annotated
 from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session
 
-from service.auth import Principal, authenticate
+from service.api.auth import Principal, authenticate
+from service.api.metrics import Counters
 from service.db import Database
-from service.jobs.base import JobQueue
-from service.jobs.worker import Worker
-from service.metrics import Counters
+from service.queue.base import JobQueue
 from service.schemas import Scope
 from service.settings import Settings
-from service.storage import Storage
+from service.store.storage import Storage
+from service.worker.slots import Worker
 
 __all__ = [
     "TOKEN_COOKIE",

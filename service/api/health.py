@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from core.errors import TrtforgeError
 from service.api.deps import AppState, ReadAccess, SessionDep, StateDep
-from service.metrics import render_metrics
+from service.api.metrics import render_metrics
 from service.schemas import CheckResult, Readiness
 
 __all__ = ["router"]

@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from service import catalog
 from service.api.deps import AppState, BuildAccess, Paging, ReadAccess, SessionDep, StateDep
+from service.api.limits import archive_limits
 from service.api.uploads import ReceivedUpload, multipart_openapi, receive_upload
-from service.limits import archive_limits
 from service.schemas import ModelPage, ModelPublic
+from service.store import catalog
 
 __all__ = ["router"]
 

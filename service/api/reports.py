@@ -8,11 +8,11 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import HTMLResponse
 
-from service import builds
 from service.api.deps import ReadAccess, SessionDep, StateDep
 from service.dashboard.render import render_report
 from service.errors import NotReadyError
 from service.schemas import BuildReport
+from service.store import builds
 
 __all__ = ["router"]
 

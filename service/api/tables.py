@@ -11,11 +11,11 @@ from starlette.concurrency import run_in_threadpool
 
 from calibrators.errors import TableError
 from calibrators.table import trt_version_number
-from service import catalog
 from service.api.deps import AppState, BuildAccess, Paging, ReadAccess, SessionDep, StateDep
 from service.api.uploads import ReceivedUpload, multipart_openapi, receive_upload
 from service.errors import UploadError
 from service.schemas import TablePage, TablePublic
+from service.store import catalog
 
 __all__ = ["router"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from service import auth
+from service.api import auth
 from service.api.deps import AdminAccess, SessionDep
 from service.schemas import TokenCreate, TokenCreated, TokenPublic
 

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from service.errors import PayloadTooLargeError, UploadError
-from service.storage import PendingFile, Storage
+from service.store.storage import PendingFile, Storage
 
 __all__ = ["ReceivedUpload", "multipart_openapi", "receive_upload"]
 

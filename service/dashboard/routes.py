@@ -9,11 +9,11 @@ from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from core.errors import TrtforgeError
-from service import builds
+from service.api.auth import authenticate
 from service.api.deps import TOKEN_COOKIE, StateDep
-from service.auth import authenticate
 from service.dashboard.render import render
 from service.schemas import BuildStatus, Scope
+from service.store import builds
 
 __all__ = ["router"]
 

@@ -61,7 +61,7 @@ class Server:
             [
                 sys.executable,
                 "-c",
-                "from service.cli import main; main()",
+                "from service.cli.main import main; main()",
                 "serve",
                 "--log-level",
                 "warning",

@@ -11,7 +11,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from service.cli_server import register
+from service.cli.server import register
 from tests.integration.conftest import Server, running_server
 from tests.unit.service.support import dataset_bytes, model_bytes
 

@@ -57,7 +57,7 @@ def test_builds_run_in_a_separate_worker_process(tmp_path: Path) -> None:
                         [
                             sys.executable,
                             "-c",
-                            "from service.cli import main; main()",
+                            "from service.cli.main import main; main()",
                             "worker",
                             "--slots",
                             "1",

@@ -105,7 +105,7 @@ def test_numba_only_behind_calibrators_kernels() -> None:
     assert not offenders, offenders
     script = (
         "import sys\n"
-        "import service.app, service.cli, calibrators.histogram, calibrators.calibrate, engines.build\n"
+        "import service.api.app, service.cli.options, calibrators.histogram, calibrators.calibrate, engines.build\n"
         "assert 'numba' not in sys.modules, 'numba imported'\n"
         "from calibrators.histogram import HistogramCollector\n"
         "HistogramCollector().observe('t', [1.0, -2.0])\n"

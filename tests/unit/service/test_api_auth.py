@@ -5,7 +5,7 @@ from collections.abc import Callable
 import pytest
 from fastapi.testclient import TestClient
 
-from service.auth import create_token
+from service.api.auth import create_token
 from service.db import Database
 from service.schemas import Scope
 from tests.unit.service.support import model_bytes

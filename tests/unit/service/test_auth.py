@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from service.auth import (
+from service.api.auth import (
     ANONYMOUS,
     authenticate,
     create_token,

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from service.cleanup import remove_orphans
 from service.db import Database
 from service.settings import Settings
-from service.storage import Storage
+from service.store.cleanup import remove_orphans
+from service.store.storage import Storage
 from tests.unit.service.support import dataset_bytes, model_bytes
 
 

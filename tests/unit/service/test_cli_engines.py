@@ -255,7 +255,7 @@ def test_sensitivity_ranks_nodes_by_onnx_name(
     tiny_cnn_path: Path, tiny_data: Path, tmp_path: Path
 ) -> None:
     from engines.accuracy import AccuracyMetric
-    from service.cli_engines import _METRICS
+    from service.cli.engines import _METRICS
 
     assert set(_METRICS) == {m.value for m in AccuracyMetric}
     out = tmp_path / "sens.json"

@@ -13,7 +13,7 @@ from calibrators.table import CalibrationTable
 
 def trtforge(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", "from service.cli import main; main()", *args],
+        [sys.executable, "-c", "from service.cli.main import main; main()", *args],
         capture_output=True,
         text=True,
         cwd=cwd,

@@ -7,8 +7,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from service.auth import authenticate
-from service.cli_server import register
+from service.api.auth import authenticate
+from service.cli.server import register
 from service.db import Database
 from service.schemas import Scope
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from calibrators.data import PreprocessSpec
-from service.ingest import dataset_id, safe_filename
+from service.store.ingest import dataset_id, safe_filename
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,8 @@ from sqlalchemy import update
 
 from service.db import Database
 from service.db.models import BuildLogRow, BuildRow, JobRow, WorkerRow, utcnow
-from service.jobs.base import JobState
-from service.jobs.database import DatabaseQueue
+from service.queue.base import JobState
+from service.queue.database import DatabaseQueue
 from service.schemas import BuildStatus
 from service.settings import Settings
 from tests.unit.service.support import insert_build, make_settings

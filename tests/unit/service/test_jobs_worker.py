@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
+from service.api.app import create_app
 from service.db import Database
-from service.jobs.database import DatabaseQueue
-from service.jobs.worker import Worker
+from service.queue.database import DatabaseQueue
 from service.settings import Settings
-from service.storage import Storage
+from service.store.storage import Storage
+from service.worker.slots import Worker
 from tests.unit.service.support import dataset_bytes, make_settings, model_bytes
 
 SLOW = {"benchmark": {"warmup_ms": 0, "iterations": 1, "duration_s": 60}}

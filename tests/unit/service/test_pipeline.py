@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
+from service.api.app import create_app
 from service.db import Database
-from service.pipeline import run_build
 from service.schemas import BuildReport, BuildStatus
 from service.settings import Settings
-from service.storage import Storage
+from service.store.storage import Storage
+from service.worker.pipeline import run_build
 from tests.unit.service.support import dataset_bytes, make_settings, model_bytes, stored_files
 
 FAST = {"benchmark": {"warmup_ms": 0, "iterations": 3, "duration_s": 0}}

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from service.errors import PayloadTooLargeError, StorageError
-from service.processes import process_alive, process_tag
-from service.storage import Storage
+from service.store.storage import Storage
+from service.worker.processes import process_alive, process_tag
 
 
 @pytest.fixture

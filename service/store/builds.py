@@ -18,11 +18,9 @@ from sqlalchemy.orm import Session, selectinload
 
 from calibrators.errors import DatasetError
 from engines.spec import BackendName
-from service.catalog import Page, get_dataset, get_model, get_table, model_path, release_blob
 from service.db.models import BuildLogRow, BuildRow, DatasetRow, JobRow, ModelRow, utcnow
 from service.errors import ConflictError, NotFoundError
-from service.jobs.base import JobQueue, JobState
-from service.recorder import add_log, reset_for_retry
+from service.queue.base import JobQueue, JobState
 from service.schemas import (
     ArtifactInfo,
     BuildCreate,
@@ -32,7 +30,9 @@ from service.schemas import (
     LogLine,
     Stage,
 )
-from service.storage import Storage
+from service.store.catalog import Page, get_dataset, get_model, get_table, model_path, release_blob
+from service.store.storage import Storage
+from service.worker.recorder import add_log, reset_for_retry
 
 __all__ = [
     "Target",

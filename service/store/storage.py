@@ -33,7 +33,7 @@ from typing import BinaryIO
 from core.files import fsync_dir
 from core.hashing import sha256_file
 from service.errors import PayloadTooLargeError, StorageError
-from service.processes import process_alive, process_tag
+from service.worker.processes import process_alive, process_tag
 
 __all__ = ["BlobRef", "PendingFile", "Storage"]
 

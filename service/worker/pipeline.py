@@ -1,7 +1,7 @@
 """One build: calibrate -> build -> benchmark -> compare -> report.
 
-Runs in the build's own child process (:mod:`service.jobs.runner`), recording stage, progress
-and log lines through :class:`~service.recorder.BuildRecorder`. A cancel request is honoured at
+Runs in the build's own child process (:mod:`service.worker.runner`), recording stage, progress
+and log lines through :class:`~service.worker.recorder.BuildRecorder`. A cancel request is honoured at
 every stage boundary. Scratch files live in the build's work folder, which is removed whatever
 happens; the artifact, report and calibration table are published as content-addressed blobs,
 and the build row is linked to them only once they are in place.
@@ -23,11 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.errors import TrtforgeError
-from service.catalog import dataset_path, load_table, model_path, store_table
 from service.db import Database
 from service.db.models import BuildRow, DatasetRow, ModelRow, TableRow, utcnow
 from service.errors import BuildCancelledError
-from service.recorder import BuildRecorder
 from service.schemas import (
     ArtifactInfo,
     BuildCreate,
@@ -37,7 +35,9 @@ from service.schemas import (
     Stage,
 )
 from service.settings import Settings
-from service.storage import Storage
+from service.store.catalog import dataset_path, load_table, model_path, store_table
+from service.store.storage import Storage
+from service.worker.recorder import BuildRecorder
 
 if TYPE_CHECKING:
     from calibrators.data import CalibrationDataset

@@ -25,13 +25,13 @@ from enum import StrEnum
 
 from service.db import Database
 from service.db.models import BuildRow, utcnow
-from service.jobs.base import Job, JobQueue
-from service.jobs.runner import RunnerInput
-from service.processes import process_tag
-from service.recorder import add_log
+from service.queue.base import Job, JobQueue
 from service.schemas import BuildStatus
 from service.settings import Settings, hostname
-from service.storage import Storage
+from service.store.storage import Storage
+from service.worker.processes import process_tag
+from service.worker.recorder import add_log
+from service.worker.runner import RunnerInput
 
 __all__ = ["Worker", "default_slots"]
 
@@ -193,7 +193,7 @@ class Worker:
             gpu_index=gpu,
         )
         process = subprocess.Popen(
-            [sys.executable, "-m", "service.jobs.runner"],
+            [sys.executable, "-m", "service.worker.runner"],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             start_new_session=True,

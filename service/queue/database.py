@@ -16,11 +16,11 @@ from sqlalchemy.orm import Session
 
 from service.db import Database
 from service.db.models import BuildRow, JobRow, WorkerRow, utcnow
-from service.jobs.base import Job, JobState, Recovered
-from service.processes import process_alive, process_tag
-from service.recorder import add_log, reset_for_retry
+from service.queue.base import Job, JobState, Recovered
 from service.schemas import BuildStatus
 from service.settings import Settings, hostname
+from service.worker.processes import process_alive, process_tag
+from service.worker.recorder import add_log, reset_for_retry
 
 __all__ = ["DatabaseQueue"]
 
@@ -28,7 +28,7 @@ _CLAIM_RETRIES = 5
 
 
 class DatabaseQueue:
-    """:class:`~service.jobs.base.JobQueue` on the service database."""
+    """:class:`~service.queue.base.JobQueue` on the service database."""
 
     def __init__(self, db: Database, settings: Settings) -> None:
         self._db = db

@@ -16,8 +16,8 @@ from typing import Any, ParamSpec, TypeVar
 
 import click
 
-from service.cli import backend_option, handle_errors, method_option, preprocess_option
-from service.progress import sample_progress
+from service.cli.options import backend_option, handle_errors, method_option, preprocess_option
+from service.cli.progress import sample_progress
 
 __all__ = ["register"]
 
@@ -93,7 +93,7 @@ def serve(
     """Start the API server (and, by default, its build workers)."""
     import uvicorn
 
-    from service.app import create_app
+    from service.api.app import create_app
     from service.settings import load_settings
 
     settings = load_settings(
@@ -124,10 +124,10 @@ def serve(
 def worker(slots: int | None, data_dir: Path | None, database_url: str | None) -> None:
     """Run build workers against the server's database (until Ctrl-C or SIGTERM)."""
     from service.db import Database
-    from service.jobs.database import DatabaseQueue
-    from service.jobs.worker import Worker
+    from service.queue.database import DatabaseQueue
     from service.settings import load_settings
-    from service.storage import Storage
+    from service.store.storage import Storage
+    from service.worker.slots import Worker
 
     settings = load_settings(data_dir=data_dir, database_url=database_url, workers=slots)
     db = Database(settings.resolved_database_url)
@@ -173,7 +173,7 @@ def tokens_create(
     name: str, scope: str, as_json: bool, data_dir: Path | None, database_url: str | None
 ) -> None:
     """Create a token and print it once (only its hash is stored)."""
-    from service.auth import create_token
+    from service.api.auth import create_token
     from service.schemas import Scope
 
     db = _token_db(data_dir, database_url)
@@ -193,7 +193,7 @@ def tokens_create(
 @handle_errors
 def tokens_list(as_json: bool, data_dir: Path | None, database_url: str | None) -> None:
     """List tokens (never their secrets)."""
-    from service.auth import list_tokens, token_public
+    from service.api.auth import list_tokens, token_public
 
     db = _token_db(data_dir, database_url)
     with db.session() as session:
@@ -213,7 +213,7 @@ def tokens_list(as_json: bool, data_dir: Path | None, database_url: str | None) 
 @handle_errors
 def tokens_revoke(token_id: str, data_dir: Path | None, database_url: str | None) -> None:
     """Revoke a token by id."""
-    from service.auth import revoke_token
+    from service.api.auth import revoke_token
 
     db = _token_db(data_dir, database_url)
     with db.session() as session:

@@ -19,14 +19,14 @@ from starlette.concurrency import run_in_threadpool
 from service.api import artifacts, builds, datasets, health, models, reports, tables, tokens
 from service.api.deps import AppState
 from service.api.errors import install_error_handlers
-from service.cleanup import remove_orphans
+from service.api.metrics import Counters
 from service.dashboard import routes as dashboard
 from service.db import Database
-from service.jobs.database import DatabaseQueue
-from service.jobs.worker import Worker
-from service.metrics import Counters
+from service.queue.database import DatabaseQueue
 from service.settings import Settings
-from service.storage import Storage
+from service.store.cleanup import remove_orphans
+from service.store.storage import Storage
+from service.worker.slots import Worker
 
 __all__ = ["create_app", "shutdown", "startup"]
 

@@ -4,7 +4,7 @@ child process (:mod:`.runner`)."""
 
 from __future__ import annotations
 
-from service.jobs.base import Job, JobQueue, JobState, Recovered
-from service.jobs.database import DatabaseQueue
+from service.queue.base import Job, JobQueue, JobState, Recovered
+from service.queue.database import DatabaseQueue
 
 __all__ = ["DatabaseQueue", "Job", "JobQueue", "JobState", "Recovered"]

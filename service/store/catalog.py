@@ -24,14 +24,14 @@ from calibrators.table import CalibrationTable
 from core.tensors import TensorSpec
 from service.db.models import BuildRow, DatasetRow, ModelRow, TableRow
 from service.errors import InUseError, NotFoundError
-from service.ingest import dataset_id, stage_dataset, stage_model
 from service.schemas import (
     DatasetPublic,
     ModelPublic,
     TablePublic,
     TensorInfo,
 )
-from service.storage import PendingFile, Storage
+from service.store.ingest import dataset_id, stage_dataset, stage_model
+from service.store.storage import PendingFile, Storage
 
 __all__ = [
     "Page",

@@ -1,21 +1,28 @@
-"""`trtforge`: the command line. Local commands live in cli_local, service commands in cli_server."""
+"""What every `trtforge` command shares: the error handler and the options defined once."""
 
 from __future__ import annotations
 
-import importlib.util
-import logging
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 import click
 
 from core.errors import TrtforgeError
 from engines.names import BackendName
 
-__all__ = ["fail", "handle_errors", "main"]
+__all__ = [
+    "backend_option",
+    "calibration_batch_option",
+    "fail",
+    "handle_errors",
+    "max_samples_option",
+    "memory_limit_option",
+    "method_option",
+    "preprocess_option",
+    "threads_option",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -114,31 +121,3 @@ def handle_errors(func: Callable[P, R]) -> Callable[P, R]:
         raise AssertionError("unreachable")
 
     return wrapper
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-@click.version_option(package_name="trtforge")
-def cli(verbose: int) -> None:
-    """trtforge: calibrate, build, benchmark and serve INT8/FP16 TensorRT engines."""
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(
-        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-
-
-def _register() -> None:
-    from service import cli_engines, cli_local, cli_measure
-
-    cli_local.register(cli)
-    cli_engines.register(cli)
-    cli_measure.register(cli)
-    if importlib.util.find_spec("service.cli_server") is not None:
-        cli_server = importlib.import_module("service.cli_server")
-        cli_server.register(cli)
-
-
-def main(argv: Sequence[str] | None = None) -> Any:
-    """Console-script entry point."""
-    _register()
-    return cli.main(args=list(argv) if argv is not None else None, prog_name="trtforge")

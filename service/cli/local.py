@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import numpy as np
 
-from service.cli import (
+from service.cli.options import (
     calibration_batch_option,
     handle_errors,
     max_samples_option,
@@ -24,7 +24,7 @@ from service.cli import (
 if TYPE_CHECKING:
     from calibrators.data import CalibrationDataset
     from calibrators.methods import MethodSpec
-from service.progress import sample_progress
+from service.cli.progress import sample_progress
 
 __all__ = ["register"]
 

@@ -1,4 +1,4 @@
-"""The child process that runs one build: ``python -m service.jobs.runner`` (JSON on stdin).
+"""The child process that runs one build: ``python -m service.worker.runner`` (JSON on stdin).
 
 A build runs in its own process group so a cancel or a timeout can kill it, and whatever it
 started, without touching the worker; and it dies with its worker (``PR_SET_PDEATHSIG`` on Linux,
@@ -66,8 +66,8 @@ def main() -> int:
     )
     settings = Settings.model_validate(payload.settings)
     from service.db import Database
-    from service.pipeline import run_build
-    from service.storage import Storage
+    from service.store.storage import Storage
+    from service.worker.pipeline import run_build
 
     db = Database(settings.resolved_database_url)
     storage = Storage(settings.data_dir)

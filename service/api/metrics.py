@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.db.models import BuildRow, DatasetRow, ModelRow
-from service.jobs.base import JobQueue
+from service.queue.base import JobQueue
 from service.schemas import BuildStatus, Stage
 
 __all__ = ["Counters", "render_metrics"]

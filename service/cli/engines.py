@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import numpy as np
 
-from service.cli import (
+from service.cli.options import (
     backend_option,
     calibration_batch_option,
     handle_errors,
@@ -21,7 +21,7 @@ from service.cli import (
     preprocess_option,
     threads_option,
 )
-from service.progress import CliRecorder, stage_progress
+from service.cli.progress import CliRecorder, stage_progress
 
 if TYPE_CHECKING:
     from calibrators.data import CalibrationDataset

@@ -9,9 +9,9 @@ from typing import Any
 
 import click
 
-from service.cli import backend_option, handle_errors, method_option, preprocess_option
-from service.cli_engines import dataset_from_options, labels_from_file
-from service.progress import stage_progress
+from service.cli.engines import dataset_from_options, labels_from_file
+from service.cli.options import backend_option, handle_errors, method_option, preprocess_option
+from service.cli.progress import stage_progress
 
 __all__ = ["register", "render_accuracy"]
 

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from service.db import Database
 from service.db.models import BuildRow, DatasetRow, ModelRow, TableRow
 from service.schemas import BuildStatus
-from service.storage import Storage
+from service.store.storage import Storage
 
 __all__ = ["remove_orphans"]
 

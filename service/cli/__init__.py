@@ -1,0 +1,1 @@
+"""The `trtforge` command line (entry point :func:`service.cli.main.main`)."""
