@@ -16,6 +16,8 @@ import pytest
 
 from tests import zoo
 
+pytest_plugins = ("pytester",)  # tests/unit/test_unit_tier_is_light.py runs the guard
+
 
 def _tensorrt_importable() -> bool:
     from core.errors import TensorRTUnavailableError

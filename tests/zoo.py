@@ -272,7 +272,8 @@ def small_images(count: int, *, seed: int = 0) -> np.ndarray:
     coarse = rng.random((count, 1, 7, 7), dtype=np.float32)
     shape = coarse.repeat(4, axis=2).repeat(4, axis=3)
     texture = rng.normal(0, 0.08, shape.shape).astype(np.float32)
-    images = np.where(shape > 0.4, np.clip(shape + texture, 0.0, 1.0), 0.0)
+    # intensities rise from 0 at the shape's edge (no gap above the background), some saturate
+    images = np.where(shape > 0.4, np.clip((shape - 0.4) * 2 + texture, 0.0, 1.0), 0.0)
     return images.astype(np.float32)
 
 

@@ -10,17 +10,15 @@ import pytest
 from calibrators.calibrate import calibrate, table_cache_key
 from calibrators.collect import observable_tensors
 from calibrators.data import CalibrationDataset
-from calibrators.histogram import HistogramMode
-from calibrators.methods import CalibrationMethod, entropy, minmax, mse, percentile
+from calibrators.spec import CalibrationMethod, HistogramMode, entropy, minmax, mse, percentile
 from calibrators.table import CalibrationTable
 from core.hashing import sha256_file
 from tests import zoo
 
 
 @pytest.fixture(scope="module")
-def fashion() -> tuple[Path, np.ndarray]:
-    images, _ = zoo.fashion_mnist("test")
-    return zoo.fashion_cnn(), images[:96]
+def cnn(small_cnn_path: Path) -> tuple[Path, np.ndarray]:
+    return small_cnn_path, zoo.small_images(96)
 
 
 def _true_max_abs(model_path: Path, images: np.ndarray, names: list[str]) -> dict[str, float]:
@@ -35,8 +33,8 @@ def _true_max_abs(model_path: Path, images: np.ndarray, names: list[str]) -> dic
     return {n: float(np.max(np.abs(v))) for n, v in out.items()}
 
 
-def test_minmax_table_is_the_true_max_of_every_activation(fashion: tuple[Path, np.ndarray]) -> None:
-    path, images = fashion
+def test_minmax_table_is_the_true_max_of_every_activation(cnn: tuple[Path, np.ndarray]) -> None:
+    path, images = cnn
     table = calibrate(
         path, CalibrationDataset.from_arrays({"image": images}), minmax(), batch_size=32
     )
@@ -54,9 +52,9 @@ def test_minmax_table_is_the_true_max_of_every_activation(fashion: tuple[Path, n
     "method", [entropy(), percentile(99.9), mse()], ids=["entropy", "percentile", "mse"]
 )
 def test_histogram_methods_clip_inside_the_range(
-    fashion: tuple[Path, np.ndarray], method: object
+    cnn: tuple[Path, np.ndarray], method: object
 ) -> None:
-    path, images = fashion
+    path, images = cnn
     dataset = CalibrationDataset.from_arrays({"image": images})
     table = calibrate(path, dataset, method, batch_size=32)  # type: ignore[arg-type]
     ranges = calibrate(path, dataset, minmax(), batch_size=32)
@@ -64,14 +62,14 @@ def test_histogram_methods_clip_inside_the_range(
     for name, amax in table.amax.items():
         # entropy reports the chosen bin's centre, up to half a bin (of 2048) above max|x|
         assert 0 < amax <= ranges.amax[name] * (2048.5 / 2048) * (1 + 1e-6), name
-    # a real CNN's activations have long tails: some ranges must actually be clipped
+    # a CNN's activations have long tails: some ranges must actually be clipped
     assert sum(table.amax[n] < 0.9 * ranges.amax[n] for n in table.amax) >= 1
 
 
 def test_exact_histogram_table_ignores_batch_order_and_size(
-    fashion: tuple[Path, np.ndarray],
+    cnn: tuple[Path, np.ndarray],
 ) -> None:
-    path, images = fashion
+    path, images = cnn
     shuffled = images[np.random.default_rng(1).permutation(len(images))]
     a = calibrate(path, CalibrationDataset.from_arrays({"image": images}), entropy(), batch_size=32)
     b = calibrate(
@@ -81,8 +79,8 @@ def test_exact_histogram_table_ignores_batch_order_and_size(
     assert a.to_cache_text() == b.to_cache_text()
 
 
-def test_tensorrt_histogram_mode_is_recorded(fashion: tuple[Path, np.ndarray]) -> None:
-    path, images = fashion
+def test_tensorrt_histogram_mode_is_recorded(cnn: tuple[Path, np.ndarray]) -> None:
+    path, images = cnn
     table = calibrate(
         path,
         CalibrationDataset.from_arrays({"image": images}),
@@ -96,11 +94,11 @@ def test_tensorrt_histogram_mode_is_recorded(fashion: tuple[Path, np.ndarray]) -
 
 @pytest.mark.parametrize("histogram", list(HistogramMode))
 def test_a_memory_limit_below_a_batch_changes_the_runs_not_the_table(
-    fashion: tuple[Path, np.ndarray], histogram: HistogramMode
+    cnn: tuple[Path, np.ndarray], histogram: HistogramMode
 ) -> None:
     # 64 KiB: less than one sample's activations (~110 KB), so ONNX Runtime runs one sample at a
     # time and the tensors come in groups; tensorrt mode still decides its ranges per batch of 32.
-    path, images = fashion
+    path, images = cnn
     data = CalibrationDataset.from_arrays({"image": images})
     runs = [
         calibrate(

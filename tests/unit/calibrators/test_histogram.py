@@ -14,8 +14,9 @@ import pytest
 from calibrators.collect import collect as run_collect
 from calibrators.data import CalibrationDataset
 from calibrators.errors import CalibrationError
-from calibrators.histogram import Histogram, HistogramCollector, HistogramMode, histograms_of
+from calibrators.histogram import Histogram, HistogramCollector, histograms_of
 from calibrators.methods import entropy_amax, minmax_amax, mse_amax, percentile_amax
+from calibrators.spec import HistogramMode
 from tests import zoo
 
 EXACT = HistogramMode.EXACT
@@ -23,19 +24,19 @@ TENSORRT = HistogramMode.TENSORRT
 
 
 @functools.cache
-def fashion_activations(samples: int = 256) -> dict[str, np.ndarray]:
-    """Every intermediate tensor of the trained Fashion-MNIST CNN on real test images, [N, ...]."""
-    model = onnx.load(zoo.fashion_cnn())
+def cnn_activations(samples: int = 256) -> dict[str, np.ndarray]:
+    """Every intermediate tensor of the small CNN on its Fashion-MNIST-like images, [N, ...]."""
+    model = zoo.small_cnn()
     known = {o.name for o in model.graph.output}
     for node in model.graph.node:
         model.graph.output.extend(
             onnx.ValueInfoProto(name=o) for o in node.output if o not in known
         )
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    images, _ = zoo.fashion_mnist("test")
+    images = zoo.small_images(samples)
     names = [o.name for o in session.get_outputs()]
-    values = session.run(None, {"image": images[:samples]})
-    return {"image": images[:samples], **dict(zip(names, values, strict=True))}
+    values = session.run(None, {"image": images})
+    return {"image": images, **dict(zip(names, values, strict=True))}
 
 
 def collect(
@@ -76,7 +77,7 @@ def all_amax(hist: Histogram) -> tuple[float, ...]:
 
 
 def test_exact_is_independent_of_batch_order_and_size() -> None:
-    acts = fashion_activations()
+    acts = cnn_activations()
     n = len(acts["image"])
     rng = np.random.default_rng(0)
     runs = [
@@ -98,7 +99,7 @@ def test_exact_is_independent_of_batch_order_and_size() -> None:
 
 
 def test_exact_is_numpys_two_pass_histogram_of_every_activation() -> None:
-    acts = fashion_activations()
+    acts = cnn_activations()
     hists = collect(split(acts, np.arange(len(acts["image"])), 32))
     for name, values in acts.items():
         hist = hists[name]
@@ -400,7 +401,7 @@ def test_histogram_copies_its_counts() -> None:
 
 @pytest.mark.parametrize("mode", [EXACT, TENSORRT])
 def test_observe_batch_on_threads_equals_one_tensor_at_a_time(mode: HistogramMode) -> None:
-    acts = fashion_activations(64)
+    acts = cnn_activations(64)
     batches = split(acts, np.arange(64), 16)
     threaded = histograms_of(batches, mode, workers=2)
     sequential = collect(batches, mode)
@@ -446,15 +447,15 @@ def _two_input(tmp: Path) -> tuple[Path, dict[str, np.ndarray]]:
     return tmp / "two.onnx", {"x": x, "ids": rng.integers(0, 20, (50, 3))}
 
 
-def _fashion(tmp: Path) -> tuple[Path, dict[str, np.ndarray]]:
-    images, _ = zoo.fashion_mnist("test")
-    return zoo.fashion_cnn(), {"image": images[:200]}
+def _small_cnn(tmp: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    onnx.save(zoo.small_cnn(), tmp / "small.onnx")
+    return tmp / "small.onnx", {"image": zoo.small_images(200, seed=3)}
 
 
-MODELS = [_tiny_cnn, _two_input, _fashion]
+MODELS = [_tiny_cnn, _two_input, _small_cnn]
 
 
-@pytest.mark.parametrize("model", MODELS, ids=["tiny_cnn", "two_input", "fashion_cnn"])
+@pytest.mark.parametrize("model", MODELS, ids=["tiny_cnn", "two_input", "small_cnn"])
 @pytest.mark.parametrize("memory_limit_bytes", [None, 40 * 1024], ids=["default", "groups"])
 def test_exact_histograms_of_a_calibration_run_are_numpys_two_pass_histograms(
     tmp_path: Path,

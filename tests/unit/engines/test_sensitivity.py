@@ -1,4 +1,4 @@
-"""Per-node INT8 sensitivity on real models (the Fashion-MNIST CNN, the tiny CNN)."""
+"""Per-node INT8 sensitivity on the small (Fashion-MNIST-shaped) CNN and the tiny CNN."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from calibrators.calibrate import calibrate
 from calibrators.data import CalibrationDataset
-from calibrators.methods import entropy
+from calibrators.spec import entropy
 from calibrators.table import CalibrationTable
 from engines.accuracy import AccuracyMetric
 from engines.backends.onnxruntime import OnnxRuntimeRunner, default_providers, int8_weight_levels
@@ -23,18 +23,16 @@ from engines.variants import MemoizedRunner, QdqExecution, default_execution, ke
 from tests import zoo
 
 INT8 = BuildSpec(precision=Precision.INT8, backend=BackendName.ONNXRUNTIME)
-Fashion = tuple[Path, CalibrationDataset, np.ndarray, CalibrationTable]
+Small = tuple[Path, CalibrationDataset, CalibrationTable]
 
 
 @pytest.fixture(scope="module")
-def fashion() -> Fashion:
-    """The trained Fashion-MNIST CNN, 300 held-out test images and their labels, a table
-    calibrated on 512 other test images."""
-    path = zoo.fashion_cnn()
-    images, labels = zoo.fashion_mnist("test")
-    table = calibrate(path, CalibrationDataset.from_arrays({"image": images[:512]}), entropy())
-    held_out = CalibrationDataset.from_arrays({"image": images[512:812]})
-    return path, held_out, labels[512:812], table
+def small(small_cnn_path: Path) -> Small:
+    """The small CNN, 300 held-out images, a table calibrated on 512 other images."""
+    calibration = CalibrationDataset.from_arrays({"image": zoo.small_images(512, seed=1)})
+    table = calibrate(small_cnn_path, calibration, entropy())
+    held_out = CalibrationDataset.from_arrays({"image": zoo.small_images(300, seed=2)})
+    return small_cnn_path, held_out, table
 
 
 def quantized_activations(model: onnx.ModelProto, node: str) -> list[str]:
@@ -63,22 +61,22 @@ def damaged(
     return table.model_copy(update={"amax": amax})
 
 
-def test_damaged_nodes_rank_first(fashion: Fashion) -> None:
-    path, held_out, _, table = fashion
-    bad = damaged(path, table, ["/3/Conv", "/9/Gemm"])
+def test_damaged_nodes_rank_first(small: Small) -> None:
+    path, held_out, table = small
+    bad = damaged(path, table, ["conv2", "fc1"])
     report = node_sensitivity(path, bad, INT8, held_out, samples=64)
     assert report.metric is AccuracyMetric.SQNR_DB and report.higher_is_better
     assert report.execution is QdqExecution.ONNXRUNTIME
     assert report.quantizable_nodes == len(report.nodes) == report.evaluated_nodes == 4
     assert report.evaluations == 8 and report.samples == 64  # two variants per node
     assert [n.rank for n in report.nodes] == [1, 2, 3, 4]
-    assert set(report.ranked_nodes[:2]) == {"/3/Conv", "/9/Gemm"}
+    assert set(report.ranked_nodes[:2]) == {"conv2", "fc1"}
     by_name = {n.node: n for n in report.nodes}
     assert {n: by_name[n].op_type for n in by_name} == {
-        "/0/Conv": "Conv",
-        "/3/Conv": "Conv",
-        "/7/Gemm": "Gemm",
-        "/9/Gemm": "Gemm",
+        "conv1": "Conv",
+        "conv2": "Conv",
+        "fc1": "Gemm",
+        "fc2": "Gemm",
     }
     only = {n: v.metric_only_this for n, v in by_name.items()}
     all_but = {n: v.metric_all_but_this for n, v in by_name.items()}
@@ -86,23 +84,23 @@ def test_damaged_nodes_rank_first(fashion: Fashion) -> None:
     # Quantizing a damaged node alone costs much more SQNR than quantizing a healthy one alone;
     # keeping a damaged node out of INT8 helps more than keeping a healthy one; and the cheap
     # proxy (local quantization SQNR) sees the damage too.
-    for bad_node in ("/3/Conv", "/9/Gemm"):
-        for good_node in ("/0/Conv", "/7/Gemm"):
+    for bad_node in ("conv2", "fc1"):
+        for good_node in ("conv1", "fc2"):
             assert only[bad_node] < only[good_node] - 6  # type: ignore[operator]
             assert all_but[bad_node] > all_but[good_node]  # type: ignore[operator]
             assert proxy[bad_node] < proxy[good_node] - 6
     assert SensitivityReport.model_validate_json(report.model_dump_json()) == report
 
 
-def test_max_nodes_evaluates_the_proxy_worst_first(fashion: Fashion) -> None:
-    path, held_out, _, table = fashion
-    bad = damaged(path, table, ["/7/Gemm"])
+def test_max_nodes_evaluates_the_proxy_worst_first(small: Small) -> None:
+    path, held_out, table = small
+    bad = damaged(path, table, ["fc1"])
     report = node_sensitivity(
         path, bad, INT8, held_out, samples=32, max_nodes=1, all_but_this=False
     )
     assert report.evaluated_nodes == 1 and report.evaluations == 1
     first, *rest = report.nodes
-    assert first.node == "/7/Gemm"
+    assert first.node == "fc1"
     assert first.metric_only_this is not None and first.metric_all_but_this is None
     assert all(n.metric_only_this is None and n.metric_all_but_this is None for n in rest)
     proxies = [n.proxy_sqnr_db for n in report.nodes]
@@ -110,9 +108,9 @@ def test_max_nodes_evaluates_the_proxy_worst_first(fashion: Fashion) -> None:
 
 
 def test_onnxruntime_execution_mirrors_the_backend_and_reference_is_full_int8(
-    fashion: Fashion,
+    small: Small,
 ) -> None:
-    path, held_out, _, table = fashion
+    path, held_out, table = small
     fused = node_sensitivity(path, table, INT8, held_out, samples=32, all_but_this=False)
     exact = node_sensitivity(
         path,
@@ -143,15 +141,15 @@ def test_default_execution_follows_the_backend() -> None:
     assert default_execution(tensorrt) is QdqExecution.ONNXRUNTIME
 
 
-def test_user_keep_rules_shrink_the_quantizable_set(fashion: Fashion) -> None:
-    path, held_out, _, table = fashion
-    spec = INT8.model_copy(update={"keep": KeepRules(int8=("/0/Conv",))})
+def test_user_keep_rules_shrink_the_quantizable_set(small: Small) -> None:
+    path, held_out, table = small
+    spec = INT8.model_copy(update={"keep": KeepRules(int8=("conv1",))})
     report = node_sensitivity(path, table, spec, held_out, samples=16, all_but_this=False)
-    assert "/0/Conv" not in report.ranked_nodes and report.quantizable_nodes == 3
+    assert "conv1" not in report.ranked_nodes and report.quantizable_nodes == 3
 
 
-def test_spec_errors(fashion: Fashion) -> None:
-    path, held_out, _, table = fashion
+def test_spec_errors(small: Small) -> None:
+    path, held_out, table = small
     fp16 = INT8.model_copy(update={"precision": Precision.FP16})
     with pytest.raises(SpecError, match="INT8 precision"):
         node_sensitivity(path, table, fp16, held_out)
