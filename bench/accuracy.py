@@ -73,13 +73,15 @@ from bench.common import (
 )
 from calibrators.calibrate import calibrate
 from calibrators.data import CalibrationDataset
-from calibrators.methods import MethodSpec, entropy, minmax, percentile
+from calibrators.spec import MethodSpec, entropy, minmax, percentile
 from calibrators.table import CalibrationTable
 from core.errors import TrtforgeError
-from engines.accuracy import AccuracyMetric, AccuracyReport, compare
+from engines.accuracy import compare
+from engines.accuracy_report import AccuracyMetric, AccuracyReport
 from engines.backends.onnxruntime import OnnxRuntimeBackend
-from engines.benchmark import BenchmarkOptions, benchmark
+from engines.benchmark import benchmark
 from engines.build import build_artifact
+from engines.perf_report import BenchmarkOptions
 from engines.spec import BackendName, BuildSpec, Precision
 from engines.variants import MemoizedRunner
 from tests import zoo

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from bench.common import fmt_bytes, fmt_pct, markdown_table
-from engines.accuracy import AccuracyMetric
+from engines.accuracy_report import AccuracyMetric
 
-if TYPE_CHECKING:
-    from bench.accuracy import Case
+
+class Case(Protocol):
+    """What the report reads of a benchmark case (``bench.accuracy.Case``)."""
+
+    key: str
+    title: str
+    notes: str
+    metric: AccuracyMetric
+    batch: int
+
+    @property
+    def eval_count(self) -> int: ...
 
 TRT, ORT, BUILT_EMULATED = "tensorrt_arithmetic", "as_built_ort", "as_built_emulated"
 LABELS = {

@@ -34,7 +34,7 @@ from bench.common import RESULTS, environment, log, markdown_table, write_json, 
 from bench.realmodels import load
 from calibrators.calibrate import calibrate
 from calibrators.data import CalibrationDataset
-from calibrators.methods import MethodSpec, auto, entropy
+from calibrators.spec import MethodSpec, auto, entropy
 from calibrators.table import CalibrationTable
 
 _AUTO_LINE = re.compile(

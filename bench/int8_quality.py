@@ -68,8 +68,9 @@ from bench.common import (
 from bench.int8_quality_report import gate_table, render, update_readme
 from bench.realmodels import IN_DOMAIN, MODELS, RealModel, load
 from calibrators.data import CalibrationDataset
-from calibrators.methods import CalibrationMethod, MethodSpec, entropy, minmax, mse, percentile
-from engines.accuracy import AccuracyReport, compare
+from calibrators.spec import CalibrationMethod, MethodSpec, entropy, minmax, mse, percentile
+from engines.accuracy import compare
+from engines.accuracy_report import AccuracyReport
 from engines.backends.onnxruntime import OnnxRuntimeBackend
 from engines.spec import BackendName, BuildSpec, Precision, TechniqueMode
 from engines.variants import MemoizedRunner

@@ -29,13 +29,9 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from calibrators.histogram import Histogram, HistogramCollector, HistogramMode  # noqa: E402
-from calibrators.methods import (  # noqa: E402
-    entropy_amax,
-    minmax_amax,
-    mse_amax,
-    percentile_amax,
-)
+from calibrators.histogram import Histogram, HistogramCollector  # noqa: E402
+from calibrators.methods import entropy_amax, minmax_amax, mse_amax, percentile_amax  # noqa: E402
+from calibrators.spec import HistogramMode  # noqa: E402
 from tests import zoo  # noqa: E402
 
 METHODS: dict[str, Callable[[Histogram], float]] = {

@@ -51,14 +51,15 @@ from bench.common import (
 )
 from calibrators.calibrate import calibrate
 from calibrators.data import CalibrationDataset
-from calibrators.methods import entropy
+from calibrators.spec import entropy
 from calibrators.table import CalibrationTable
 from core.errors import TrtforgeError
-from engines.accuracy import AccuracyMetric, AccuracyReport, MetricBudget, compare
+from engines.accuracy import compare
+from engines.accuracy_report import AccuracyMetric, AccuracyReport, MetricBudget
 from engines.backends.onnxruntime import OnnxRuntimeBackend
-from engines.benchmark import BenchmarkOptions
 from engines.build import build_artifact
 from engines.mixed import MixedPrecisionResult, search_mixed_precision
+from engines.perf_report import BenchmarkOptions
 from engines.spec import BackendName, BuildSpec, Precision
 from engines.sweep import sweep
 from engines.sweep_report import SweepReport, render_markdown

@@ -53,7 +53,7 @@ from calibrators.collect import observable_tensors, session_providers
 from calibrators.data import CalibrationDataset
 from calibrators.histogram import Histogram
 from calibrators.memory import DEFAULT_MEMORY_LIMIT_BYTES
-from calibrators.methods import MethodSpec
+from calibrators.spec import MethodSpec
 from calibrators.table import RangeChoice, RangeCriterion
 from calibrators.weights import INT8_LEVELS, WEIGHT_OPS, fake_quantize_weight, node_weight_axis
 from core.onnxio import load_onnx

@@ -10,12 +10,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from calibrators.amax import compute_amax
 from calibrators.auto import choose_ranges
 from calibrators.collect import COLLECTOR_VERSION, collect
 from calibrators.data import CalibrationDataset
 from calibrators.errors import CalibrationError
-from calibrators.histogram import HistogramCollector, HistogramMode, kernels, with_aliases
-from calibrators.methods import CalibrationMethod, MethodSpec
+from calibrators.histogram import HistogramCollector, kernels, with_aliases
+from calibrators.spec import CalibrationMethod, HistogramMode, MethodSpec
 from calibrators.table import CalibrationTable, RangeChoice, algorithm_for_method
 from core.hashing import sha256_file
 from core.onnxio import load_onnx
@@ -209,7 +210,7 @@ def calibrate(
             choices = with_aliases(ranges.choices, list(histograms), aliases)
             params["measured_samples"] = ranges.measured_samples
         else:
-            amax = {name: float(method.compute_amax(h)) for name, h in observed.items()}
+            amax = {name: float(compute_amax(method, h)) for name, h in observed.items()}
         params["histogram"] = str(histogram)
         if keep_activation_bounds:
             amax = _keep_saturated_bounds(amax, peaks, bounds)

@@ -17,13 +17,8 @@ import numpy as np
 import numpy.typing as npt
 
 from calibrators.histogram import Histogram
-from calibrators.methods import (
-    DEFAULT_NUM_QUANT_BINS,
-    entropy_amax,
-    minmax_amax,
-    mse_problem,
-    percentile_amax,
-)
+from calibrators.methods import entropy_amax, minmax_amax, mse_problem, percentile_amax
+from calibrators.spec import DEFAULT_NUM_QUANT_BINS
 
 __all__ = [
     "AUTO_PERCENTILES",

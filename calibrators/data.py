@@ -28,7 +28,7 @@ import numpy.typing as npt
 
 from calibrators.archive import ArchiveLimits, file_members, open_zip
 from calibrators.errors import DatasetError
-from calibrators.images import IMAGE_SUFFIXES, PreprocessSpec
+from calibrators.images import IMAGE_SUFFIXES
 from calibrators.sources import (
     LAYOUT_HINT,
     PICKLE_HINT,
@@ -42,6 +42,7 @@ from calibrators.sources import (
     npz_container,
     zip_shards,
 )
+from calibrators.spec import PreprocessSpec
 from core.tensors import TensorSpec
 
 __all__ = [

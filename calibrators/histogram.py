@@ -42,7 +42,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from types import ModuleType
 from typing import Any, TypeVar
 
@@ -50,12 +49,12 @@ import numpy as np
 import numpy.typing as npt
 
 from calibrators.errors import CalibrationError
+from calibrators.spec import HistogramMode
 
 __all__ = [
     "DEFAULT_NUM_BINS",
     "Histogram",
     "HistogramCollector",
-    "HistogramMode",
     "histograms_of",
     "kernels",
     "numpy_bins",
@@ -71,15 +70,6 @@ _MAX_ABS_LIMIT = 2.0**1000
 T = TypeVar("T")
 FloatArray = npt.NDArray[np.floating]
 IntArray = npt.NDArray[np.int64]
-
-
-class HistogramMode(StrEnum):
-    """How a histogram's range is chosen."""
-
-    EXACT = "exact"
-    """numpy's histogram of |x|: 2048 bins over exactly [0, max|x| of the dataset] (two passes)."""
-    TENSORRT = "tensorrt"
-    """TensorRT's: range from the first batch, doubled by merging bin pairs when exceeded."""
 
 
 @dataclass(frozen=True, eq=False)

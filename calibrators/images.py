@@ -9,101 +9,20 @@ from __future__ import annotations
 
 import io
 import warnings
-from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from calibrators.errors import ArchiveError, DatasetError
+from calibrators.spec import PreprocessSpec
 
-__all__ = ["IMAGE_SUFFIXES", "MAX_IMAGE_PIXELS", "PreprocessSpec", "decode_image"]
+__all__ = ["IMAGE_SUFFIXES", "MAX_IMAGE_PIXELS", "decode_image"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 """Member suffixes (lower case) read as images."""
 
 MAX_IMAGE_PIXELS = 50_000_000
 """Images with more pixels are refused before they are decoded (decompression bombs)."""
-
-
-class PreprocessSpec(BaseModel):
-    """How images become model input; read from JSON with :meth:`load`.
-
-    ``center_crop`` is a side length or ``(height, width)``. ``mean`` and ``std`` have one value
-    or one per channel, in the output channel order (so BGR means are given B, G, R).
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    resize_shorter: int | None = Field(default=None, gt=0)
-    center_crop: int | tuple[int, int] | None = None
-    color: Literal["RGB", "BGR"] = "RGB"
-    scale: float = Field(default=1 / 255.0, gt=0)
-    mean: tuple[float, ...] = (0.0,)
-    std: tuple[float, ...] = (1.0,)
-    layout: Literal["NCHW", "NHWC"] = "NCHW"
-    dtype: Literal["float32", "float16"] = "float32"
-
-    @field_validator("center_crop")
-    @classmethod
-    def _positive_crop(cls, value: int | tuple[int, int] | None) -> int | tuple[int, int] | None:
-        sides = (value,) if isinstance(value, int) else (value or ())
-        if any(side <= 0 for side in sides):
-            raise ValueError("center_crop sides must be positive")
-        return value
-
-    @field_validator("mean", "std")
-    @classmethod
-    def _per_channel(cls, value: tuple[float, ...]) -> tuple[float, ...]:
-        if len(value) not in (1, 3):
-            raise ValueError("give one value or three (one per channel)")
-        return value
-
-    @field_validator("std")
-    @classmethod
-    def _nonzero_std(cls, value: tuple[float, ...]) -> tuple[float, ...]:
-        if any(v == 0 for v in value):
-            raise ValueError("std values must be non-zero")
-        return value
-
-    @classmethod
-    def load(cls, path: Path) -> PreprocessSpec:
-        """Read a spec from a JSON file; a bad file raises :class:`DatasetError` naming it."""
-        try:
-            return cls.model_validate_json(Path(path).read_bytes())
-        except OSError as exc:
-            raise DatasetError(
-                f"Cannot read preprocessing spec {str(path)!r}: {exc.strerror or exc}.",
-                hint="Pass the path of an existing JSON file.",
-                field="preprocess",
-            ) from exc
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or '(file)'}: {err['msg']}"
-                for err in exc.errors()
-            )
-            raise DatasetError(
-                f"Preprocessing spec {Path(path).name!r} is invalid: {problems}.",
-                hint=(
-                    "Fields: resize_shorter, center_crop, color (RGB|BGR), scale, mean, std, "
-                    "layout (NCHW|NHWC), dtype (float32|float16)."
-                ),
-                field="preprocess",
-            ) from exc
-
-    @property
-    def crop_hw(self) -> tuple[int, int] | None:
-        """The crop as ``(height, width)``, or None."""
-        if self.center_crop is None:
-            return None
-        if isinstance(self.center_crop, int):
-            return (self.center_crop, self.center_crop)
-        return self.center_crop
-
-    def sample_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        """The per-sample output shape for an image of ``height x width`` after resizing/cropping."""
-        return (3, height, width) if self.layout == "NCHW" else (height, width, 3)
 
 
 def _open(data: bytes, label: str) -> Image.Image:

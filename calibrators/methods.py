@@ -22,46 +22,21 @@ that clips observed data.
 from __future__ import annotations
 
 import functools
-import math
-from enum import StrEnum
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from calibrators.histogram import Histogram
+from calibrators.spec import DEFAULT_NUM_QUANT_BINS, DEFAULT_PERCENTILE
 
 __all__ = [
-    "AUTO_SAMPLES_FRACTION",
-    "AUTO_SAMPLES_RANGE",
-    "DEFAULT_NUM_QUANT_BINS",
-    "DEFAULT_PERCENTILE",
-    "CalibrationMethod",
-    "MethodSpec",
-    "auto",
-    "entropy",
     "entropy_amax",
     "entropy_bin",
     "entropy_divergences",
-    "method_spec",
-    "minmax",
     "minmax_amax",
-    "mse",
     "mse_amax",
-    "percentile",
     "percentile_amax",
 ]
-
-DEFAULT_NUM_QUANT_BINS = 128
-"""Quantization levels of |x| for signed INT8 (0..127, plus the sign)."""
-
-DEFAULT_PERCENTILE = 99.99
-
-AUTO_SAMPLES_FRACTION = 8
-AUTO_SAMPLES_RANGE = (4, 16)
-"""By default ``auto`` measures each consumer's error on an eighth of the calibration samples,
-at least 4 and at most 16 (see :mod:`calibrators.auto`): a fixed share of the collection's cost."""
 
 
 _MSE_CHUNK = 128
@@ -71,16 +46,6 @@ _KL_TIE_NATS = 1e-12
 """Divergences this close to the minimum count as ties (see :func:`entropy_bin`)."""
 
 Float64Array = npt.NDArray[np.float64]
-
-
-class CalibrationMethod(StrEnum):
-    """How a histogram becomes an amax."""
-
-    AUTO = "auto"
-    ENTROPY = "entropy"
-    MINMAX = "minmax"
-    PERCENTILE = "percentile"
-    MSE = "mse"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,155 +240,3 @@ def mse_amax(hist: Histogram, num_quant_bins: int = DEFAULT_NUM_QUANT_BINS) -> f
 
 # ---------------------------------------------------------------------------------------------
 # MethodSpec and presets
-
-
-class MethodSpec(BaseModel):
-    """A calibration method and its parameters (validated; frozen; ``None`` = the default)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    method: CalibrationMethod
-    percentile: float | None = None
-    """Percent of |x| kept below amax, in (0, 100]; only for ``percentile`` (default 99.99)."""
-    num_quant_bins: int = DEFAULT_NUM_QUANT_BINS
-    """Quantization levels of |x| (128 for INT8); only for ``entropy``, ``mse`` and ``auto``."""
-    samples: int | None = None
-    """Samples on which consumers' errors are measured, 1..4096; only for ``auto`` (``None``: an
-    eighth of the calibration samples, between 4 and 16)."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_percentile(cls, data: Any) -> Any:
-        if (
-            isinstance(data, dict)
-            and data.get("percentile") is None
-            and str(data.get("method", "")) == CalibrationMethod.PERCENTILE.value
-        ):
-            return {**data, "percentile": DEFAULT_PERCENTILE}
-        return data
-
-    def auto_samples(self, calibration_samples: int) -> int:
-        """Samples ``auto`` measures on, given the number of calibration samples."""
-        if self.samples is not None:
-            return min(self.samples, max(calibration_samples, 1))
-        low, high = AUTO_SAMPLES_RANGE
-        share = calibration_samples // AUTO_SAMPLES_FRACTION
-        return max(1, min(calibration_samples, max(low, min(high, share))))
-
-    @field_validator("percentile")
-    @classmethod
-    def _check_percentile(cls, value: float | None) -> float | None:
-        if value is not None and not (math.isfinite(value) and 0.0 < value <= 100.0):
-            raise ValueError(f"percentile must be in (0, 100], got {value}")
-        return value
-
-    @field_validator("num_quant_bins")
-    @classmethod
-    def _check_num_quant_bins(cls, value: int) -> int:
-        if not 2 <= value <= 1 << 16:
-            raise ValueError(f"num_quant_bins must be between 2 and 65536, got {value}")
-        return value
-
-    @field_validator("samples")
-    @classmethod
-    def _check_samples(cls, value: int | None) -> int | None:
-        if value is not None and not 1 <= value <= 4096:
-            raise ValueError(f"samples must be between 1 and 4096, got {value}")
-        return value
-
-    @model_validator(mode="after")
-    def _check_applicable(self) -> MethodSpec:
-        if self.percentile is not None and self.method is not CalibrationMethod.PERCENTILE:
-            raise ValueError(
-                f"percentile applies only to method 'percentile', not {self.method.value!r}"
-            )
-        uses_levels = self.method in _LEVEL_METHODS
-        if self.num_quant_bins != DEFAULT_NUM_QUANT_BINS and not uses_levels:
-            raise ValueError(
-                f"num_quant_bins applies only to methods 'entropy', 'mse' and 'auto', "
-                f"not {self.method.value!r}"
-            )
-        if self.samples is not None and self.method is not CalibrationMethod.AUTO:
-            raise ValueError(f"samples applies only to method 'auto', not {self.method.value!r}")
-        return self
-
-    @property
-    def params(self) -> dict[str, float | int | str]:
-        """The parameters that matter for this method (recorded in tables)."""
-        if self.method is CalibrationMethod.PERCENTILE:
-            assert self.percentile is not None  # filled in by the validator
-            return {"percentile": self.percentile}
-        if self.method is CalibrationMethod.MINMAX:
-            return {}
-        if self.method is CalibrationMethod.AUTO:
-            samples = {} if self.samples is None else {"samples": self.samples}
-            return {"num_quant_bins": self.num_quant_bins, **samples}
-        return {"num_quant_bins": self.num_quant_bins}
-
-    def compute_amax(self, hist: Histogram) -> float:
-        """amax for ``hist`` with this method (``>= 0``; 0 only for an all-zero tensor).
-
-        ``auto`` from a histogram alone is the candidate with the least error in the tensor itself
-        (:func:`calibrators.candidates.choose_by_tensor_error`); ``calibrate`` does better where
-        the tensor feeds a Conv, Gemm or MatMul (see :mod:`calibrators.auto`).
-        """
-        if self.method is CalibrationMethod.AUTO:
-            from calibrators.candidates import auto_candidates, choose_by_tensor_error
-
-            candidates = auto_candidates(hist, self.num_quant_bins)
-            label, _ = choose_by_tensor_error(hist, candidates, self.num_quant_bins)
-            return candidates[label]
-        if self.method is CalibrationMethod.ENTROPY:
-            return entropy_amax(hist, self.num_quant_bins)
-        if self.method is CalibrationMethod.MINMAX:
-            return minmax_amax(hist)
-        if self.method is CalibrationMethod.PERCENTILE:
-            assert self.percentile is not None
-            return percentile_amax(hist, self.percentile)
-        return mse_amax(hist, self.num_quant_bins)
-
-
-_LEVEL_METHODS = (CalibrationMethod.ENTROPY, CalibrationMethod.MSE, CalibrationMethod.AUTO)
-
-
-def auto(
-    samples: int | None = None, num_quant_bins: int = DEFAULT_NUM_QUANT_BINS
-) -> MethodSpec:
-    """Per tensor, the best of entropy, minmax, percentile 99.9/99.99/99.999 and mse, judged by
-    the error of the nodes reading it on ``samples`` samples (``None``: an eighth of the
-    calibration samples, 4 to 16; see :mod:`calibrators.auto`)."""
-    return MethodSpec(method=CalibrationMethod.AUTO, samples=samples, num_quant_bins=num_quant_bins)
-
-
-def entropy(num_quant_bins: int = DEFAULT_NUM_QUANT_BINS) -> MethodSpec:
-    """TensorRT EntropyCalibration2 (KL divergence)."""
-    return MethodSpec(method=CalibrationMethod.ENTROPY, num_quant_bins=num_quant_bins)
-
-
-def minmax() -> MethodSpec:
-    """max|x| over the dataset (TensorRT MinMaxCalibration)."""
-    return MethodSpec(method=CalibrationMethod.MINMAX)
-
-
-def percentile(p: float = DEFAULT_PERCENTILE) -> MethodSpec:
-    """The ``p``-th percentile of |x|, ``p`` in (0, 100]."""
-    return MethodSpec(method=CalibrationMethod.PERCENTILE, percentile=p)
-
-
-def mse(num_quant_bins: int = DEFAULT_NUM_QUANT_BINS) -> MethodSpec:
-    """Minimum squared error of INT8 fake quantization."""
-    return MethodSpec(method=CalibrationMethod.MSE, num_quant_bins=num_quant_bins)
-
-
-def method_spec(name: str | CalibrationMethod, **params: float | int | str | None) -> MethodSpec:
-    """A :class:`MethodSpec` from a method name and keyword parameters (``None`` = default).
-
-    Raises ``ValueError`` for an unknown method or a parameter out of range or not applicable.
-    """
-    try:
-        method = CalibrationMethod(name)
-    except ValueError:
-        choices = ", ".join(m.value for m in CalibrationMethod)
-        raise ValueError(f"unknown calibration method {name!r}; choose one of {choices}") from None
-    given = {key: value for key, value in params.items() if value is not None}
-    return MethodSpec.model_validate({"method": method, **given})

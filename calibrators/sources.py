@@ -27,7 +27,8 @@ import numpy.typing as npt
 
 from calibrators.archive import ZIP_READ_ERRORS, ArchiveLimits, file_members, open_zip, read_member
 from calibrators.errors import ArchiveError, DatasetError
-from calibrators.images import PreprocessSpec, decode_image
+from calibrators.images import decode_image
+from calibrators.spec import PreprocessSpec
 
 __all__ = [
     "LAYOUT_HINT",

@@ -48,7 +48,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from calibrators.errors import TableError
-from calibrators.methods import CalibrationMethod
+from calibrators.spec import CalibrationMethod
 from core.files import write_atomically
 
 __all__ = [

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from calibrators.errors import CalibrationError, DatasetError
-from calibrators.methods import CalibrationMethod
+from calibrators.spec import CalibrationMethod
 from calibrators.table import CalibrationTable, TensorRTAlgorithm, trt_version_number
 from core.cuda import cuda_call, import_cudart
 from core.errors import TensorRTUnavailableError

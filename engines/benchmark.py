@@ -30,28 +30,19 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from enum import StrEnum
-from fractions import Fraction
 from statistics import fmean, pstdev
 
 import numpy as np
-from pydantic import Field
 
 from calibrators.data import CalibrationDataset
 from core.tensors import TensorSpec
 from engines.backends.base import ConfigurableTiming, ProgressFn, QueryTiming, Runner, TimingMode
 from engines.errors import RunError, SpecError
-from engines.frozen import FrozenModel
+from engines.perf_report import BenchmarkOptions, InputSource, PerfReport, TimingStats
 
 __all__ = [
     "CV_WARNING_PERCENT",
-    "BenchmarkOptions",
-    "InputSource",
-    "PerfReport",
-    "TimingStats",
     "benchmark",
-    "median",
-    "percentile",
     "random_feeds",
     "render_perf_table",
     "sweep_batch_sizes",
@@ -61,120 +52,6 @@ CV_WARNING_PERCENT = 2.5
 """Above this coefficient of variation of GPU compute time, the report warns."""
 _ENQUEUE_BOUND_RATIO = 0.8
 _PROGRESS_EVERY_S = 0.1
-
-
-class InputSource(StrEnum):
-    """Where benchmark inputs come from."""
-
-    DATASET = "dataset"
-    """Real samples (a dataset or given feeds), rotated."""
-    RANDOM = "random"
-    """Seeded random data in the model's input shapes."""
-
-
-class BenchmarkOptions(FrozenModel):
-    """How to measure. Defaults are trtexec's (200 ms warm-up, 10 iterations, 3 s)."""
-
-    warmup_ms: float = Field(default=200.0, ge=0)
-    iterations: int = Field(default=10, ge=1)
-    duration_s: float = Field(default=3.0, ge=0)
-    batch_size: int | None = Field(default=None, ge=1)
-    """Samples per query; ``None``: 1, or the batch of the given feeds."""
-    input_source: InputSource | None = None
-    """``None``: the dataset or feeds when given, else random."""
-    seed: int = 0
-    shapes: dict[str, tuple[int, ...]] = Field(default_factory=dict)
-    """Concrete shapes for random inputs (e.g. each profile's opt shape); symbolic dims not given
-    here are 1, except the batch axis, which is ``batch_size``."""
-    max_input_batches: int = Field(default=16, ge=1)
-    """Distinct dataset batches held in memory and rotated through."""
-    cuda_graph: bool = False
-    """TensorRT: launch a CUDA graph captured from the enqueue (trtexec ``--useCudaGraph``)."""
-    spin_wait: bool = False
-    """TensorRT: poll for completion instead of a blocking wait (``--useSpinWait``)."""
-    use_transfers: bool = True
-    """TensorRT: False leaves host/device copies out of timed queries (``--noDataTransfers``)."""
-    streams: int = Field(default=1, ge=1)
-    """Only 1: queries are measured one at a time on one stream."""
-
-
-class TimingStats(FrozenModel):
-    """Summary of one timing over the timed queries, in milliseconds (module docstring)."""
-
-    min_ms: float
-    max_ms: float
-    mean_ms: float
-    median_ms: float
-    p90_ms: float
-    p95_ms: float
-    p99_ms: float
-
-    @classmethod
-    def from_samples(cls, values_ms: Sequence[float]) -> TimingStats:
-        if not values_ms:
-            raise ValueError("no timings to summarize")
-        ordered = sorted(values_ms)
-        return cls(
-            min_ms=ordered[0],
-            max_ms=ordered[-1],
-            mean_ms=fmean(ordered),
-            median_ms=median(ordered),
-            p90_ms=percentile(ordered, 90),
-            p95_ms=percentile(ordered, 95),
-            p99_ms=percentile(ordered, 99),
-        )
-
-
-class PerfReport(FrozenModel):
-    """One benchmark's numbers, trtexec vocabulary, units in the field names."""
-
-    throughput_qps: float
-    """Samples per second: timed queries x batch size / total host wall time."""
-    queries: int
-    """Timed queries (at least ``iterations``)."""
-    batch_size: int
-    latency: TimingStats
-    enqueue: TimingStats
-    h2d: TimingStats
-    gpu_compute: TimingStats
-    d2h: TimingStats
-    total_host_walltime_s: float
-    total_gpu_compute_s: float
-    coefficient_of_variation_percent: float
-    """Of GPU compute time: population std / mean x 100."""
-    warmup_ms: float
-    warmup_queries: int
-    duration_s: float
-    iterations: int
-    input_source: InputSource
-    seed: int
-    cuda_graph: bool
-    """The timing mode in effect (a failed CUDA graph capture falls back to plain enqueues)."""
-    spin_wait: bool
-    use_transfers: bool
-    streams: int
-    environment: dict[str, str] = Field(default_factory=dict)
-    warnings: list[str] = Field(default_factory=list)
-
-
-def percentile(sorted_ms: Sequence[float], p: float) -> float:
-    """trtexec's percentile of ascending ``sorted_ms`` (module docstring)."""
-    if not 0 <= p <= 100:
-        raise ValueError(f"percentile must be in [0, 100], got {p}")
-    n = len(sorted_ms)
-    if n == 0:
-        raise ValueError("no timings")
-    exclude = math.floor((1 - Fraction(repr(float(p))) / 100) * n)
-    return float(sorted_ms[max(n - 1 - exclude, 0)])
-
-
-def median(sorted_ms: Sequence[float]) -> float:
-    """Middle value of ascending ``sorted_ms``; mean of the two middle ones when N is even."""
-    n = len(sorted_ms)
-    if n == 0:
-        raise ValueError("no timings")
-    m = n // 2
-    return float(sorted_ms[m]) if n % 2 else (sorted_ms[m - 1] + sorted_ms[m]) / 2
 
 
 def benchmark(
@@ -502,7 +379,7 @@ _ROWS = (
     ("GPU Compute", "gpu_compute"),
     ("D2H", "d2h"),
 )
-_COLS = ("min", "mean", "median", "p90", "p95", "p99", "max")
+_COLS = ("min", "mean", "p90", "p95", "p99", "max")
 
 
 def render_perf_table(report: PerfReport) -> str:

@@ -46,27 +46,23 @@ model's margins; give it with ``--gate top1_agreement:0.95`` where it matters.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from pydantic import model_validator
-
-from engines.accuracy import (
+from engines.accuracy_report import (
     AccuracyMetric,
     AccuracyReport,
-    MetricBudget,
     OutputAccuracy,
     missing_metric_error,
 )
-from engines.errors import AccuracyGateFailedError, SpecError
-from engines.frozen import FrozenModel, FrozenReport
+from engines.errors import AccuracyGateFailedError
+from engines.frozen import FrozenReport
+from engines.spec import AccuracyGate
 
 if TYPE_CHECKING:
     from engines.spec import Precision
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
-    "AccuracyGate",
     "GateFailure",
     "GateResult",
     "default_gate",
@@ -81,69 +77,6 @@ DEFAULT_THRESHOLDS: dict[str, tuple[str, ...]] = {
 }
 """Default gate per reduced precision (module docstring): ``int8`` applies to precisions that
 use INT8 (int8, int8-fp16), ``fp16`` to fp16 alone. Provisional until ``bench/`` confirms them."""
-
-_NONE = "none"
-
-
-class AccuracyGate(FrozenModel):
-    """Budgets a build must meet on every float output; no budgets: the gate is off (``none``).
-
-    Validates from a gate, the text ``"none"``, ``"METRIC:VALUE"``, or a list of those texts.
-    """
-
-    budgets: tuple[MetricBudget, ...] = ()
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_text(cls, value: Any) -> Any:
-        texts = [value] if isinstance(value, str) else value
-        if not isinstance(texts, list | tuple) or not all(isinstance(v, str) for v in texts):
-            return value
-        try:
-            return {"budgets": _parse_budgets(list(texts))}
-        except SpecError as exc:  # pydantic reports ValueErrors as validation errors
-            raise ValueError(f"{exc.message} {exc.hint}") from exc
-
-    @classmethod
-    def parse(cls, texts: str | Sequence[str]) -> AccuracyGate:
-        """``METRIC:VALUE`` texts (``sqnr_db:12``, ``top1_agreement:0.95``) or ``none``.
-
-        :class:`SpecError` (field ``gate``) for a text that is neither, or ``none`` among
-        budgets.
-        """
-        items = [texts] if isinstance(texts, str) else list(texts)
-        return cls(budgets=_parse_budgets(items))
-
-    @classmethod
-    def off(cls) -> AccuracyGate:
-        """The gate that lets every build through (``none``)."""
-        return cls()
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.budgets)
-
-    def __str__(self) -> str:
-        return ", ".join(str(b) for b in self.budgets) if self.budgets else _NONE
-
-
-def _parse_budgets(texts: list[str]) -> tuple[MetricBudget, ...]:
-    wanted = [t.strip() for t in texts if t.strip()]
-    if any(t.lower() == _NONE for t in wanted):
-        if len(wanted) > 1:
-            raise SpecError(
-                f"The gate {', '.join(wanted)} mixes 'none' with budgets.",
-                hint="Give either 'none' (no gate) or METRIC:VALUE budgets.",
-                field="gate",
-            )
-        return ()
-    budgets: list[MetricBudget] = []
-    for text in wanted:
-        try:
-            budgets.append(MetricBudget.parse(text))
-        except SpecError as exc:
-            raise SpecError(exc.message, hint=exc.hint, field="gate") from exc
-    return tuple(budgets)
 
 
 def default_gate(precision: Precision) -> AccuracyGate:
@@ -171,7 +104,9 @@ class GateFailure(FrozenReport):
 
     def __str__(self) -> str:
         want = ">=" if self.higher_is_better else "<="
-        return f"{self.output}: {self.metric.value} {self.value:.4g} (needs {want} {self.threshold:g})"
+        return (
+            f"{self.output}: {self.metric.value} {self.value:.4g} (needs {want} {self.threshold:g})"
+        )
 
 
 class GateResult(FrozenReport):
@@ -261,4 +196,3 @@ def gate_error(result: GateResult, precision: Precision) -> AccuracyGateFailedEr
         field="gate",
         failed_outputs=tuple(result.failed_outputs),
     )
-

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from engines.accuracy import AccuracyMetric, AccuracyReport, MetricBudget
+from engines.accuracy_report import AccuracyMetric, AccuracyReport, MetricBudget
 from engines.backends.base import ProgressFn, report_progress
 from engines.errors import AccuracyBudgetError, SpecError
 from engines.frozen import FrozenReport

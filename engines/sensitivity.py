@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from calibrators.data import CalibrationDataset
-from engines.accuracy import AccuracyMetric
+from engines.accuracy_report import AccuracyMetric
 from engines.backends.base import ProgressFn
 from engines.errors import SpecError
 from engines.frozen import FrozenReport

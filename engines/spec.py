@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 
-from calibrators.histogram import HistogramMode
-from calibrators.methods import MethodSpec, auto
+from calibrators.spec import HistogramMode, MethodSpec, auto
+from engines.accuracy_report import MetricBudget
 from engines.errors import SpecError
 from engines.frozen import FrozenModel
-from engines.gate import AccuracyGate
 from engines.names import BackendName
 
 __all__ = [
@@ -154,6 +154,70 @@ class TensorRTOptions(FrozenModel):
                 "hardware_compatibility must be none, ampere_plus or same_compute_capability"
             )
         return v
+
+
+_NONE = "none"
+
+
+class AccuracyGate(FrozenModel):
+    """Budgets a build must meet on every float output; no budgets: the gate is off (``none``).
+
+    Validates from a gate, the text ``"none"``, ``"METRIC:VALUE"``, or a list of those texts.
+    """
+
+    budgets: tuple[MetricBudget, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: Any) -> Any:
+        texts = [value] if isinstance(value, str) else value
+        if not isinstance(texts, list | tuple) or not all(isinstance(v, str) for v in texts):
+            return value
+        try:
+            return {"budgets": _parse_budgets(list(texts))}
+        except SpecError as exc:  # pydantic reports ValueErrors as validation errors
+            raise ValueError(f"{exc.message} {exc.hint}") from exc
+
+    @classmethod
+    def parse(cls, texts: str | Sequence[str]) -> AccuracyGate:
+        """``METRIC:VALUE`` texts (``sqnr_db:12``, ``top1_agreement:0.95``) or ``none``.
+
+        :class:`SpecError` (field ``gate``) for a text that is neither, or ``none`` among
+        budgets.
+        """
+        items = [texts] if isinstance(texts, str) else list(texts)
+        return cls(budgets=_parse_budgets(items))
+
+    @classmethod
+    def off(cls) -> AccuracyGate:
+        """The gate that lets every build through (``none``)."""
+        return cls()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.budgets)
+
+    def __str__(self) -> str:
+        return ", ".join(str(b) for b in self.budgets) if self.budgets else _NONE
+
+
+def _parse_budgets(texts: list[str]) -> tuple[MetricBudget, ...]:
+    wanted = [t.strip() for t in texts if t.strip()]
+    if any(t.lower() == _NONE for t in wanted):
+        if len(wanted) > 1:
+            raise SpecError(
+                f"The gate {', '.join(wanted)} mixes 'none' with budgets.",
+                hint="Give either 'none' (no gate) or METRIC:VALUE budgets.",
+                field="gate",
+            )
+        return ()
+    budgets: list[MetricBudget] = []
+    for text in wanted:
+        try:
+            budgets.append(MetricBudget.parse(text))
+        except SpecError as exc:
+            raise SpecError(exc.message, hint=exc.hint, field="gate") from exc
+    return tuple(budgets)
 
 
 class BuildSpec(FrozenModel):

@@ -33,18 +33,18 @@ from pathlib import Path
 import numpy as np
 
 from calibrators.data import CalibrationDataset
-from calibrators.methods import MethodSpec, method_spec
+from calibrators.spec import MethodSpec, method_spec
 from calibrators.table import CalibrationTable
 from core.errors import TrtforgeError
 from core.files import write_atomically
-from engines.accuracy import AccuracyMetric, AccuracyReport, MetricBudget
+from engines.accuracy_report import AccuracyMetric, AccuracyReport, MetricBudget
 from engines.backends.base import ProgressFn, report_progress
 from engines.backends.onnxruntime import OnnxRuntimeRunner
-from engines.benchmark import BenchmarkOptions, PerfReport
 from engines.errors import SpecError
 from engines.frozen import FrozenReport
 from engines.gate import GateResult
 from engines.mixed import MixedPrecisionResult
+from engines.perf_report import BenchmarkOptions, PerfReport
 from engines.spec import BackendName, BuildSpec, Precision
 from engines.sweep_report import (
     SweepReport,

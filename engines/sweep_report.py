@@ -14,13 +14,13 @@ from collections.abc import Sequence
 
 from pydantic import Field
 
-from calibrators.methods import MethodSpec
-from engines.accuracy import AccuracyMetric, AccuracyReport, MetricBudget
-from engines.benchmark import BenchmarkOptions, PerfReport
+from calibrators.spec import MethodSpec
+from engines.accuracy_report import AccuracyMetric, AccuracyReport, MetricBudget
 from engines.charts import BarGroup, Box, ScatterPoint, bars_panel, scatter_panel, svg_document
 from engines.frozen import FrozenReport
 from engines.gate import GateResult
 from engines.mixed import MixedPrecisionResult
+from engines.perf_report import BenchmarkOptions, PerfReport
 from engines.spec import Precision
 
 __all__ = [

@@ -33,7 +33,8 @@ import numpy as np
 
 from calibrators.data import CalibrationDataset
 from core.tensors import TensorSpec, model_input_specs
-from engines.accuracy import AccuracyMetric, AccuracyReport, MetricBudget, compare
+from engines.accuracy import compare
+from engines.accuracy_report import AccuracyMetric, AccuracyReport, MetricBudget
 from engines.backends.base import QueryTiming, Runner
 from engines.backends.onnxruntime import (
     create_session_options,

@@ -40,14 +40,13 @@ from engines.stages import Stage
 
 if TYPE_CHECKING:
     from calibrators.table import CalibrationTable
-    from engines.accuracy import AccuracyReport, MetricBudget
+    from engines.accuracy_report import AccuracyReport, MetricBudget
     from engines.backends.base import Artifact, Backend, Runner
-    from engines.benchmark import BenchmarkOptions, PerfReport
     from engines.gate import GateResult
-    from engines.graph.bias import BiasCorrectionReport
     from engines.graph.layer_stats import LayerStats
-    from engines.graph.smoothing import SmoothingReport
     from engines.mixed import MixedPrecisionResult
+    from engines.perf_report import BenchmarkOptions, PerfReport
+    from engines.techniques import BiasCorrectionReport, SmoothingReport
 
 _INLINE_LIMIT_BYTES = 1 << 30
 """Prepared models above 1 GiB keep their weights in a file beside them (protobuf's 2 GiB cap)."""

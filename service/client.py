@@ -29,7 +29,7 @@ from typing import IO, Any, TypeVar
 import httpx
 from pydantic import BaseModel, TypeAdapter
 
-from calibrators.data import PreprocessSpec
+from calibrators.spec import PreprocessSpec
 from engines.spec import BuildSpec
 from service.errors import ApiError, ClientError, DownloadError, WaitTimeoutError
 from service.schemas import (

@@ -8,14 +8,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engines.accuracy import AccuracyReport
+from engines.accuracy_report import AccuracyReport
 from engines.backends.base import ArtifactMetadata
-from engines.benchmark import PerfReport
 from engines.gate import GateResult
-from engines.graph.bias import BiasCorrectionReport
-from engines.graph.smoothing import SmoothingReport
+from engines.perf_report import PerfReport
 from engines.spec import BuildSpec
 from engines.stages import Stage
+from engines.techniques import BiasCorrectionReport, SmoothingReport
 
 __all__ = [
     "AccuracyOptions",

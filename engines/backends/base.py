@@ -7,14 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.tensors import TensorSpec
 from engines.spec import BuildSpec
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from calibrators.table import CalibrationTable
+    from core.tensors import TensorSpec
 
 __all__ = [
     "Artifact",

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from pydantic import BaseModel, ConfigDict, Field
 
 from calibrators.weights import INT8_LEVELS, fake_quantize, fake_quantize_weight
 from engines.graph._layers import LinearLayer, layer_output, linear_layers
@@ -40,45 +39,13 @@ from engines.graph._qdq_plan import plan_qdq, table_amax
 from engines.graph.inspect import normalize
 from engines.graph.prequantized import PREQUANTIZED_REASON, is_prequantized
 from engines.spec import TechniqueMode
+from engines.techniques import BiasCorrection, BiasCorrectionReport
 
 if TYPE_CHECKING:
     from calibrators.table import CalibrationTable
     from engines.graph.layer_stats import LayerInput, LayerStats
 
-__all__ = ["BiasCorrection", "BiasCorrectionReport", "correct_biases", "sqnr_db"]
-
-
-class BiasCorrection(BaseModel):
-    """One layer's bias shift and what it did to the layer's INT8 error."""
-
-    model_config = ConfigDict(frozen=True)
-
-    node: str
-    bias: str
-    """The constant shifted (its name in the output model)."""
-    applied: bool
-    max_shift: float
-    """max_k |shift_k|."""
-    sqnr_before_db: float
-    """SQNR of the layer's output (weights and input quantized) on the sampled rows, unshifted."""
-    sqnr_after_db: float
-
-
-class BiasCorrectionReport(BaseModel):
-    """What bias correction did, layer by layer."""
-
-    model_config = ConfigDict(frozen=True)
-
-    mode: TechniqueMode
-    layers: list[BiasCorrection] = Field(default_factory=list)
-    skipped: dict[str, str] = Field(default_factory=dict)
-    """Quantized layer -> why its bias was not considered (no bias, no statistics)."""
-    not_run: str = ""
-    """Why the pass did nothing at all (``off``; a prequantized model)."""
-
-    @property
-    def corrected(self) -> list[str]:
-        return [layer.node for layer in self.layers if layer.applied]
+__all__ = ["correct_biases", "sqnr_db"]
 
 
 def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -147,8 +114,9 @@ def correct_biases(
         else:
             amax = table_amax(table, layer.activation) or float(stat.absmax.max())
             layers.append(
-                _correct(work, index, names, layer, stat, target, amax, mode, weight_levels,
-                         min_gain_db)
+                _correct(
+                    work, index, names, layer, stat, target, amax, mode, weight_levels, min_gain_db
+                )
             )
     return work, BiasCorrectionReport(mode=mode, layers=layers, skipped=skipped)
 

@@ -40,7 +40,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from pydantic import BaseModel, ConfigDict, Field
 
 from calibrators.weights import INT8_LEVELS, fake_quantize, fake_quantize_weight
 from engines.graph._layers import LinearLayer, layer_output, linear_layers
@@ -56,54 +55,17 @@ from engines.graph._smooth_fold import Edit, fold_plan
 from engines.graph.inspect import normalize
 from engines.graph.prequantized import PREQUANTIZED_REASON, is_prequantized
 from engines.spec import TechniqueMode, node_matches
+from engines.techniques import SmoothedTensor, SmoothingReport
 
 if TYPE_CHECKING:
     from engines.graph.layer_stats import LayerInput, LayerStats
 
-__all__ = ["DEFAULT_ALPHAS", "SmoothedTensor", "SmoothingReport", "SmoothingResult", "smooth"]
+__all__ = ["DEFAULT_ALPHAS", "SmoothingResult", "smooth"]
 
 DEFAULT_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 _SCALE_BOUND = 1e3
 """Scales are kept in [1/1000, 1000]: beyond that float16 copies of the folded constants lose
 precision for no measurable gain."""
-
-
-class SmoothedTensor(BaseModel):
-    """One activation tensor: the layers reading it, the ``a`` chosen and the error it changes."""
-
-    model_config = ConfigDict(frozen=True)
-
-    tensor: str
-    layers: list[str]
-    applied: bool
-    alpha: float | None = None
-    """The best ``a`` of the search (also when not applied); None when nothing was searched."""
-    folded_into: str | None = None
-    """Where ``1/s`` went: ``<op> <node>`` of the fold, or ``Mul <node>`` when one was inserted."""
-    inserted_mul: bool = False
-    sqnr_before_db: float | None = None
-    """The layers' INT8 output SQNR on the calibration rows without smoothing."""
-    sqnr_after_db: float | None = None
-    """The same with the best ``a``."""
-    reason: str = ""
-    """Why it was not applied."""
-
-
-class SmoothingReport(BaseModel):
-    """What smoothing did, tensor by tensor."""
-
-    model_config = ConfigDict(frozen=True)
-
-    mode: TechniqueMode
-    tensors: list[SmoothedTensor] = Field(default_factory=list)
-    skipped: dict[str, str] = Field(default_factory=dict)
-    """Layer -> why it was not considered (kept, GEMV, no statistics)."""
-    not_run: str = ""
-    """Why the pass did nothing at all (``off``; a prequantized model)."""
-
-    @property
-    def applied(self) -> list[SmoothedTensor]:
-        return [t for t in self.tensors if t.applied]
 
 
 @dataclass(frozen=True)

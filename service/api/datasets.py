@@ -8,8 +8,8 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from calibrators.data import PreprocessSpec
 from calibrators.errors import DatasetError
+from calibrators.spec import PreprocessSpec
 from service.api.deps import AppState, BuildAccess, Paging, ReadAccess, SessionDep, StateDep
 from service.api.limits import archive_limits
 from service.api.uploads import ReceivedUpload, multipart_openapi, receive_upload

@@ -35,7 +35,8 @@ __all__ = ["dataset_from_options", "labels_from_file", "register"]
 
 
 def dataset_from_options(data: Path, preprocess: Path | None) -> CalibrationDataset:
-    from calibrators.data import CalibrationDataset, PreprocessSpec
+    from calibrators.data import CalibrationDataset
+    from calibrators.spec import PreprocessSpec
 
     return CalibrationDataset.open(
         data, preprocess=PreprocessSpec.load(preprocess) if preprocess else None
@@ -88,7 +89,7 @@ def _build_spec(
     keep_fp16: tuple[str, ...],
     shapes: tuple[str, ...],
 ) -> BuildSpec:
-    from calibrators.methods import method_spec
+    from calibrators.spec import method_spec
     from engines.errors import SpecError
     from engines.spec import BuildSpec, KeepRules, ShapeProfile
 
@@ -401,7 +402,7 @@ def _with_gate(spec: BuildSpec, texts: tuple[str, ...]) -> BuildSpec:
     if not texts:
         return spec
     from engines.errors import SpecError
-    from engines.gate import AccuracyGate
+    from engines.spec import AccuracyGate
 
     try:
         return spec.model_copy(update={"gate": AccuracyGate.parse(list(texts))})
@@ -438,7 +439,7 @@ def _search_budget(
             hint="Pass --data and keep --eval-fraction above 0.",
             field="accuracy_budget",
         )
-    from engines.accuracy import MetricBudget
+    from engines.accuracy_report import MetricBudget
 
     try:
         budget = MetricBudget.parse(budget_text)
@@ -523,7 +524,7 @@ def sensitivity(
     as_json: bool,
 ) -> None:
     """Rank MODEL's quantizable nodes by how much their INT8 quantization costs (by ONNX name)."""
-    from engines.accuracy import AccuracyMetric
+    from engines.accuracy_report import AccuracyMetric
     from engines.sensitivity import node_sensitivity
     from engines.variants import QdqExecution
 

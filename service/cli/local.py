@@ -23,7 +23,7 @@ from service.cli.options import (
 
 if TYPE_CHECKING:
     from calibrators.data import CalibrationDataset
-    from calibrators.methods import MethodSpec
+    from calibrators.spec import MethodSpec
 from service.cli.progress import sample_progress
 
 __all__ = ["register"]
@@ -42,7 +42,8 @@ def _peak_rss_mb() -> float:
 
 
 def _open_dataset(data: Path, preprocess: Path | None) -> CalibrationDataset:
-    from calibrators.data import CalibrationDataset, PreprocessSpec
+    from calibrators.data import CalibrationDataset
+    from calibrators.spec import PreprocessSpec
 
     spec = PreprocessSpec.load(preprocess) if preprocess is not None else None
     return CalibrationDataset.open(data, preprocess=spec)
@@ -63,7 +64,7 @@ def _trt_version(text: str | None) -> int | None:
 
 
 def _method(name: str, percentile: float | None) -> MethodSpec:
-    from calibrators.methods import method_spec
+    from calibrators.spec import method_spec
 
     try:
         return method_spec(name, **({"percentile": percentile} if percentile is not None else {}))
@@ -125,7 +126,7 @@ def calibrate(
 ) -> None:
     """Compute an INT8 calibration table for MODEL from a calibration dataset."""
     from calibrators.calibrate import calibrate as run_calibration
-    from calibrators.histogram import HistogramMode
+    from calibrators.spec import HistogramMode
 
     spec = _method(method, percentile)
     version = _trt_version(trt_version)

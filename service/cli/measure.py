@@ -82,8 +82,9 @@ def bench(
 ) -> None:
     """Measure latency and throughput of ARTIFACT (trtexec's procedure and vocabulary)."""
     from engines.backends.registry import open_artifact
-    from engines.benchmark import BenchmarkOptions, benchmark, render_perf_table
+    from engines.benchmark import benchmark, render_perf_table
     from engines.errors import SpecError
+    from engines.perf_report import BenchmarkOptions
 
     dims: dict[str, tuple[int, ...]] = {}
     for item in shapes:
@@ -190,8 +191,8 @@ def compare(
     as_json: bool,
 ) -> None:
     """Compare ARTIFACT's outputs with the FP32 model's; exit 1 when tolerances or budget fail."""
-    from engines.accuracy import MetricBudget
     from engines.accuracy import compare as compare_outputs
+    from engines.accuracy_report import MetricBudget
     from engines.backends.onnxruntime import OnnxRuntimeRunner
     from engines.backends.registry import open_artifact
     from engines.errors import SpecError
@@ -335,9 +336,9 @@ def sweep(
     as_json: bool,
 ) -> None:
     """Build, benchmark and compare precision variants of MODEL; report the Pareto front."""
-    from calibrators.methods import method_spec
+    from calibrators.spec import method_spec
     from calibrators.table import CalibrationTable
-    from engines.benchmark import BenchmarkOptions
+    from engines.perf_report import BenchmarkOptions
     from engines.spec import BackendName, BuildSpec
     from engines.sweep import render_markdown
     from engines.sweep import sweep as run_sweep
@@ -371,7 +372,7 @@ def sweep(
 def tolerances_from_options(atol: Sequence[str], rtol: Sequence[str]) -> dict[str, Any] | None:
     """``--atol``/``--rtol`` items (``VALUE`` or ``OUTPUT:VALUE``) -> output name (``*``: every
     output not named) -> Tolerance; a bound not given is 0. None when neither option is given."""
-    from engines.accuracy import Tolerance
+    from engines.accuracy_report import Tolerance
     from engines.errors import SpecError
 
     given: dict[str, dict[str, float]] = {"atol": {}, "rtol": {}}

@@ -232,7 +232,7 @@ def _client(server: str, token: str | None) -> Any:
 
 
 def _spec(options: dict[str, Any]) -> Any:
-    from calibrators.methods import method_spec
+    from calibrators.spec import method_spec
     from engines.spec import BuildSpec, KeepRules, ShapeProfile
 
     params = {"percentile": options["percentile"]} if options["percentile"] is not None else {}
@@ -291,7 +291,7 @@ def _spec(options: dict[str, Any]) -> Any:
 @handle_errors
 def submit(model: Path, data: Path, **options: Any) -> None:
     """Upload MODEL and its calibration data, and submit a build."""
-    from calibrators.data import PreprocessSpec
+    from calibrators.spec import PreprocessSpec
 
     as_json = bool(options["as_json"])
     spec = _spec(options)

@@ -18,8 +18,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from calibrators.archive import ArchiveLimits
-from calibrators.data import PreprocessSpec
 from calibrators.errors import TableError
+from calibrators.spec import PreprocessSpec
 from calibrators.table import CalibrationTable
 from core.tensors import TensorSpec
 from service.db.models import BuildRow, DatasetRow, ModelRow, TableRow

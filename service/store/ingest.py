@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from calibrators.archive import ZIP_READ_ERRORS, ArchiveLimits, file_members, open_zip
-from calibrators.data import CalibrationDataset, PreprocessSpec
+from calibrators.data import CalibrationDataset
 from calibrators.errors import ArchiveError, DatasetError
+from calibrators.spec import PreprocessSpec
 from core.errors import ModelError
 from core.tensors import TensorSpec
 

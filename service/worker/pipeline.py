@@ -155,8 +155,8 @@ def _run_stages(
     storage: Storage,
     settings: Settings,
 ) -> BuildStatus:
-    from engines.benchmark import BenchmarkOptions
     from engines.gate import gate_error
+    from engines.perf_report import BenchmarkOptions
     from engines.workflow import Workflow
 
     request = plan.request
@@ -262,7 +262,8 @@ def _rest_hint(hint: str) -> str:
 
 def _open_dataset(plan: BuildPlan, settings: Settings) -> CalibrationDataset:
     from calibrators.archive import ArchiveLimits
-    from calibrators.data import CalibrationDataset, PreprocessSpec
+    from calibrators.data import CalibrationDataset
+    from calibrators.spec import PreprocessSpec
 
     limits = ArchiveLimits(
         max_members=settings.max_archive_members,

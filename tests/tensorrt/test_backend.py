@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 
 from calibrators.calibrate import calibrate
 from calibrators.data import CalibrationDataset
-from calibrators.methods import minmax
+from calibrators.spec import minmax
 from calibrators.table import CalibrationTable
 from engines.backends.tensorrt import TensorRTBackend, TensorRTRunner
 from engines.errors import BuildError, EngineError, SpecError
@@ -188,7 +188,8 @@ def test_build_timeout_is_a_build_error(model_path: Path, tmp_path: Path) -> Non
 
 def test_runner_timing_modes(model_path: Path, images: np.ndarray, tmp_path: Path) -> None:
     from engines.backends.base import TimingMode
-    from engines.benchmark import BenchmarkOptions, benchmark
+    from engines.benchmark import benchmark
+    from engines.perf_report import BenchmarkOptions
 
     backend = TensorRTBackend(timing_cache_dir=tmp_path / "timing")
     spec = BuildSpec(precision=Precision.FP16, profiles=PROFILE)

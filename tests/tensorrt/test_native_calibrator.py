@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from calibrators.data import CalibrationDataset
-from calibrators.methods import CalibrationMethod
+from calibrators.spec import CalibrationMethod
 from calibrators.table import CalibrationTable, TensorRTAlgorithm
 from calibrators.tensorrt import native_calibrator
 from core.errors import TensorRTUnavailableError

@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grimp
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("core", "calibrators", "engines", "service")
 TENSORRT_DOORS = {"core/tensorrt.py", "engines/backends/tensorrt.py"}
@@ -115,3 +118,84 @@ def test_numba_only_behind_calibrators_kernels() -> None:
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _cycles(graph: grimp.ImportGraph) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for root in sorted(graph.modules):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph.find_modules_directly_imported_by(root))))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append(
+                        (child, iter(sorted(graph.find_modules_directly_imported_by(child))))
+                    )
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_no_import_cycle_in_any_package_bench_included() -> None:
+    # Imports under TYPE_CHECKING and inside functions count too: a cycle is a cycle of design.
+    graph = grimp.build_graph(*PACKAGES, "bench", cache_dir=None)
+    assert not _cycles(graph), _cycles(graph)
+
+
+def test_the_cycle_finder_finds_a_cycle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    package = tmp_path / "loopy"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from loopy import b\n")
+    (package / "b.py").write_text("from loopy import c\n")
+    (package / "c.py").write_text("import loopy.a\n")
+    (package / "d.py").write_text("import loopy.a\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert _cycles(grimp.build_graph("loopy", cache_dir=None)) == [
+        ["loopy.a", "loopy.b", "loopy.c"]
+    ]
+
+
+def test_the_thin_http_client_loads_no_numpy_onnx_or_server_libraries() -> None:
+    # `python -X importtime` lists every module the import loads, at any depth
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import service.client"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert "service.client" in loaded and "engines.spec" in loaded  # the listing is real
+    heavy = ("numpy", "onnx", "onnxruntime", "PIL", "sqlalchemy", "fastapi", "starlette", "numba")
+    pulled = sorted(m for m in loaded if m.split(".")[0] in heavy)
+    assert not pulled, pulled

@@ -15,8 +15,8 @@ from calibrators.calibrate import calibrate, table_cache_key
 from calibrators.candidates import quantization_error
 from calibrators.collect import observable_tensors
 from calibrators.data import CalibrationDataset
-from calibrators.histogram import HistogramMode, histograms_of
-from calibrators.methods import CalibrationMethod, auto, entropy, method_spec, minmax
+from calibrators.histogram import histograms_of
+from calibrators.spec import CalibrationMethod, HistogramMode, auto, entropy, method_spec, minmax
 from calibrators.table import CalibrationTable, RangeCriterion
 from calibrators.weights import fake_quantize, fake_quantize_weight
 

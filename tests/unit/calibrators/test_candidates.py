@@ -13,8 +13,9 @@ from calibrators.candidates import (
     mse_amax_coarse_to_fine,
     quantization_error,
 )
-from calibrators.histogram import Histogram, HistogramMode
+from calibrators.histogram import Histogram
 from calibrators.methods import entropy_amax, mse_amax, percentile_amax
+from calibrators.spec import HistogramMode
 from calibrators.weights import fake_quantize
 from tests.unit.calibrators.test_methods import histogram_of, real_histograms
 

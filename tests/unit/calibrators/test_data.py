@@ -19,8 +19,9 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 import calibrators.data as data_module
-from calibrators.data import ArchiveLimits, CalibrationDataset, PreprocessSpec
+from calibrators.data import ArchiveLimits, CalibrationDataset
 from calibrators.errors import ArchiveError, DatasetError
+from calibrators.spec import PreprocessSpec
 from core.tensors import TensorSpec, model_input_specs
 from tests import zoo
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from calibrators.errors import TableError
-from calibrators.methods import CalibrationMethod
+from calibrators.spec import CalibrationMethod
 from calibrators.table import (
     DEFAULT_TRT_VERSION,
     CalibrationTable,

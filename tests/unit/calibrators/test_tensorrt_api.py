@@ -13,7 +13,7 @@ import pytest
 
 from calibrators import tensorrt as native
 from calibrators.errors import CalibrationError, DatasetError, TableError
-from calibrators.methods import CalibrationMethod
+from calibrators.spec import CalibrationMethod
 from calibrators.table import CalibrationTable, TensorRTAlgorithm
 from core import cuda
 from core import tensorrt as trt_door

@@ -13,13 +13,8 @@ import pytest
 from onnx import numpy_helper
 
 from calibrators.data import CalibrationDataset
-from engines.accuracy import (
-    AccuracyMetric,
-    AccuracyReport,
-    MetricBudget,
-    Tolerance,
-    compare,
-)
+from engines.accuracy import compare
+from engines.accuracy_report import AccuracyMetric, AccuracyReport, MetricBudget, Tolerance
 from engines.backends.onnxruntime import OnnxRuntimeRunner
 from engines.errors import RunError, SpecError
 from engines.variants import InMemoryRunner
@@ -370,7 +365,7 @@ def test_fashion_cnn_true_accuracy_through_compare() -> None:
 def test_fashion_cnn_int8_build_keeps_labelled_accuracy(tmp_path: Path) -> None:
     """End to end: calibrate (entropy) on train images, build INT8, compare on test images."""
     from calibrators.calibrate import calibrate
-    from calibrators.methods import entropy
+    from calibrators.spec import entropy
     from engines.build import build_artifact
     from engines.spec import BuildSpec, Precision
 

@@ -15,19 +15,16 @@ from calibrators.data import CalibrationDataset
 from core.tensors import TensorSpec
 from engines.backends.base import ConfigurableTiming, QueryTiming, Runner, TimingMode
 from engines.backends.onnxruntime import OnnxRuntimeRunner
-from engines.benchmark import (
+from engines.benchmark import benchmark, random_feeds, render_perf_table, sweep_batch_sizes
+from engines.errors import SpecError
+from engines.perf_report import (
     BenchmarkOptions,
     InputSource,
     PerfReport,
     TimingStats,
-    benchmark,
     median,
     percentile,
-    random_feeds,
-    render_perf_table,
-    sweep_batch_sizes,
 )
-from engines.errors import SpecError
 from tests import zoo
 
 

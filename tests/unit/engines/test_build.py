@@ -10,7 +10,7 @@ import pytest
 
 from calibrators.calibrate import calibrate
 from calibrators.data import CalibrationDataset
-from calibrators.methods import minmax
+from calibrators.spec import minmax
 from core.tensorrt import tensorrt_installed
 from core.tensors import TensorSpec
 from engines.artifacts import read_metadata

@@ -10,18 +10,18 @@ import pytest
 from onnx import helper, numpy_helper
 
 from calibrators.data import CalibrationDataset
-from engines.accuracy import AccuracyMetric, AccuracyReport, compare
+from engines.accuracy import compare
+from engines.accuracy_report import AccuracyMetric, AccuracyReport
 from engines.errors import AccuracyGateFailedError, EngineError, SpecError
 from engines.gate import (
     DEFAULT_THRESHOLDS,
-    AccuracyGate,
     GateResult,
     default_gate,
     evaluate_gate,
     gate_error,
     resolve_gate,
 )
-from engines.spec import BuildSpec, Precision
+from engines.spec import AccuracyGate, BuildSpec, Precision
 from engines.variants import InMemoryRunner
 
 D = 64

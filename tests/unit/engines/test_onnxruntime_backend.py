@@ -12,7 +12,7 @@ import pytest
 
 from calibrators.calibrate import calibrate
 from calibrators.data import CalibrationDataset
-from calibrators.methods import minmax
+from calibrators.spec import minmax
 from calibrators.table import CalibrationTable
 from core.hashing import sha256_file
 from core.tensors import TensorSpec

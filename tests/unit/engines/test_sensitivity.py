@@ -13,7 +13,7 @@ from calibrators.calibrate import calibrate
 from calibrators.data import CalibrationDataset
 from calibrators.spec import entropy
 from calibrators.table import CalibrationTable
-from engines.accuracy import AccuracyMetric
+from engines.accuracy_report import AccuracyMetric
 from engines.backends.onnxruntime import OnnxRuntimeRunner, default_providers, int8_weight_levels
 from engines.errors import SpecError
 from engines.graph import prepare_model

@@ -12,11 +12,11 @@ import pytest
 from calibrators.calibrate import calibrate
 from calibrators.data import CalibrationDataset
 from calibrators.spec import method_spec
-from engines.accuracy import AccuracyMetric
+from engines.accuracy_report import AccuracyMetric
 from engines.backends.onnxruntime import OnnxRuntimeRunner
-from engines.benchmark import BenchmarkOptions
 from engines.charts import nice_ticks
 from engines.errors import SpecError
+from engines.perf_report import BenchmarkOptions
 from engines.spec import BackendName, BuildSpec, Precision
 from engines.sweep import Variant, parse_variants, sweep
 from engines.sweep_report import SweepReport, pareto_front, render_svg

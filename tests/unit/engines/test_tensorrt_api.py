@@ -529,7 +529,7 @@ def test_explicit_preparation_writes_the_qdq_onnx_tensorrt_will_parse(tmp_path: 
 
     from calibrators.calibrate import calibrate
     from calibrators.data import CalibrationDataset
-    from calibrators.methods import minmax
+    from calibrators.spec import minmax
 
     model_path = tmp_path / "tiny.onnx"
     onnx.save(zoo.tiny_cnn(), model_path)

@@ -10,10 +10,9 @@ import onnx
 import pytest
 
 from calibrators.data import CalibrationDataset
-from calibrators.methods import method_spec
-from engines.accuracy import AccuracyMetric
-from engines.gate import AccuracyGate
-from engines.spec import BuildSpec, KeepRules, TechniqueMode
+from calibrators.spec import method_spec
+from engines.accuracy_report import AccuracyMetric
+from engines.spec import AccuracyGate, BuildSpec, KeepRules, TechniqueMode
 from engines.workflow import Workflow
 from tests.unit.engines.graph.test_prequantized import _modelopt_style_conv
 from tests.unit.engines.graph.test_smoothing import _conv_relu_conv, _images

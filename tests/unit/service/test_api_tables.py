@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 
 from calibrators.calibrate import calibrate
 from calibrators.data import CalibrationDataset
-from calibrators.methods import minmax
+from calibrators.spec import minmax
 from calibrators.table import CalibrationTable
 from tests import zoo
 from tests.unit.service.support import images, model_bytes

@@ -254,7 +254,7 @@ def test_compare_takes_polygraphy_style_per_output_tolerances(
 def test_sensitivity_ranks_nodes_by_onnx_name(
     tiny_cnn_path: Path, tiny_data: Path, tmp_path: Path
 ) -> None:
-    from engines.accuracy import AccuracyMetric
+    from engines.accuracy_report import AccuracyMetric
     from service.cli.engines import _METRICS
 
     assert set(_METRICS) == {m.value for m in AccuracyMetric}

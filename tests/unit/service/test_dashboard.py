@@ -13,7 +13,8 @@ from onnx import helper, numpy_helper
 
 from calibrators.data import CalibrationDataset
 from engines.accuracy import compare
-from engines.gate import AccuracyGate, evaluate_gate
+from engines.gate import evaluate_gate
+from engines.spec import AccuracyGate
 from engines.variants import InMemoryRunner
 from service.dashboard.render import render_report
 from service.db import Database

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from calibrators.data import PreprocessSpec
+from calibrators.spec import PreprocessSpec
 from service.store.ingest import dataset_id, safe_filename
 
 

@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, numpy_helper
 
-from calibrators.methods import CalibrationMethod
+from calibrators.spec import CalibrationMethod
 from calibrators.table import CalibrationTable
 from engines.graph.inspect import normalize
 
