@@ -37,6 +37,7 @@ __all__ = [
     "ConflictError",
     "DownloadError",
     "InUseError",
+    "NoTargetError",
     "NotFoundError",
     "NotReadyError",
     "PayloadTooLargeError",
@@ -69,6 +70,16 @@ class NotFoundError(ServiceError):
 
     code = "not_found"
     default_hint = "List the resources (GET /v1/...) to find a valid id."
+
+
+class NoTargetError(ServiceError):
+    """No live worker builds for the requested target."""
+
+    code = "no_target"
+    default_hint = (
+        "Ask for a backend a live worker builds for (GET /v1/workers lists them), or start a "
+        "worker on a machine that has it (`trtforge worker`)."
+    )
 
 
 class ConflictError(ServiceError):

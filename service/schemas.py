@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from engines.accuracy_report import AccuracyReport
-from engines.backends.base import ArtifactMetadata
+from engines.backends.base import ArtifactMetadata, BuildTarget
 from engines.gate import GateResult
 from engines.perf_report import PerfReport
 from engines.spec import BuildSpec
@@ -44,6 +44,8 @@ __all__ = [
     "TokenCreate",
     "TokenCreated",
     "TokenPublic",
+    "WorkerPublic",
+    "WorkerState",
     "stage_status",
 ]
 
@@ -230,10 +232,15 @@ class BuildPublic(_Answer):
     calibration: CalibrationOptions
     benchmark: BenchmarkOptionsIn
     accuracy: AccuracyOptions
-    backend: str
-    backend_version: str
-    compute_capability: str
-    """GPU compute capability the build targets, or ``cpu``."""
+    requested_backend: str = "auto"
+    """The backend the request asked for (``auto``, ``tensorrt``, ``onnxruntime``)."""
+    worker_id: str | None = None
+    """The worker that claimed the build (null while it waits)."""
+    backend: str | None
+    """The target it is built for, decided by the worker that claims it (null while queued)."""
+    backend_version: str | None
+    compute_capability: str | None
+    """GPU compute capability the build targets, or ``cpu`` (null while queued)."""
     cache_key: str
     attempts: int
     cancel_requested: bool
@@ -244,6 +251,28 @@ class BuildPublic(_Answer):
     started_at: datetime | None
     finished_at: datetime | None
     links: dict[str, str] = Field(default_factory=dict)
+
+
+class WorkerState(StrEnum):
+    LIVE = "live"
+    """Heartbeating."""
+    STOPPED = "stopped"
+    """Shut down, or found dead (no heartbeat, or its process is gone)."""
+
+
+class WorkerPublic(_Answer):
+    """A build worker and what it builds for (``GET /v1/workers``)."""
+
+    id: str
+    hostname: str
+    slots: int
+    targets: list[BuildTarget]
+    state: WorkerState
+    running_builds: list[str]
+    """Builds it is running now."""
+    started_at: datetime
+    heartbeat_at: datetime
+    stopped_at: datetime | None
 
 
 class LogLine(_Answer):

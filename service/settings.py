@@ -15,6 +15,7 @@ from typing import Annotated
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from engines.backends.base import BuildTarget
 from service.errors import SettingsError
 
 __all__ = ["Settings", "default_data_dir", "hostname", "is_loopback", "load_settings"]
@@ -55,6 +56,10 @@ class Settings(BaseSettings):
     """SQLAlchemy URL; ``None``: SQLite at ``<data_dir>/trtforge.db``."""
     auth: bool | None = None
     """Require bearer tokens. ``None``: required exactly when ``host`` is not loopback."""
+    worker_targets: list[BuildTarget] | None = None
+    """What this machine's workers build for (JSON list of ``{"backend", "backend_version",
+    "compute_capability", "device"}``). ``None``: discovered (each backend that can run here, on
+    the first GPU). A deployment sets it where discovery cannot see the hardware."""
 
     max_upload_bytes: int = Field(default=4 * _GiB, gt=0)
     max_archive_members: int = Field(default=100_000, gt=0)

@@ -22,6 +22,7 @@ __all__ = [
     "ArtifactMetadata",
     "Availability",
     "Backend",
+    "BuildTarget",
     "ConfigurableTiming",
     "ProgressFn",
     "QueryTiming",
@@ -46,6 +47,28 @@ class Availability:
 
     available: bool
     reason: str
+
+
+class BuildTarget(BaseModel):
+    """What a worker can build for: a backend, its version and the device its artifacts are tied
+    to. A worker discovers its targets (:func:`engines.backends.registry.local_targets`) or is
+    told them by its configuration; the build row and the cache record the one it built for."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backend: str
+    """A concrete backend name (``tensorrt``, ``onnxruntime``), never ``auto``."""
+    backend_version: str
+    compute_capability: str
+    """``major.minor`` of the GPU (``"9.0"``) for GPU backends, ``"cpu"`` otherwise."""
+    device: str = "cpu"
+    """The GPU's name (``NVIDIA H100 80GB HBM3``), or ``cpu``."""
+
+    def __str__(self) -> str:
+        where = (
+            self.device if self.device == "cpu" else f"{self.device}, sm {self.compute_capability}"
+        )
+        return f"{self.backend} {self.backend_version} ({where})"
 
 
 class ArtifactMetadata(BaseModel):

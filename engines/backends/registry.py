@@ -10,11 +10,12 @@ it is chosen.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from engines.backends.base import BuildTarget
 from engines.errors import BackendUnavailableError
 from engines.spec import BackendName
 
@@ -26,6 +27,8 @@ __all__ = [
     "BACKENDS",
     "BackendEntry",
     "backend_for_artifact",
+    "choose_target",
+    "local_targets",
     "open_artifact",
     "select_backend",
 ]
@@ -120,6 +123,49 @@ def select_backend(name: BackendName | str) -> tuple[Backend, str]:
     raise BackendUnavailableError(
         f"No backend can run here: {'; '.join(skipped)}.", field="backend"
     )
+
+
+def local_targets() -> list[BuildTarget]:
+    """What this machine can build for: one target per backend that can run here, in
+    :data:`AUTO_PREFERENCE` order (a GPU backend on this machine's first GPU)."""
+    targets: list[BuildTarget] = []
+    for name in AUTO_PREFERENCE:
+        entry = BACKENDS[name]
+        if entry.missing() is not None:
+            continue
+        version = entry.make("discovered").version()
+        if not entry.targets_gpu:
+            targets.append(
+                BuildTarget(backend=name.value, backend_version=version, compute_capability="cpu")
+            )
+            continue
+        from engines.gpu import discover_gpus
+
+        gpus = discover_gpus()
+        if gpus:
+            targets.append(
+                BuildTarget(
+                    backend=name.value,
+                    backend_version=version,
+                    compute_capability=gpus[0].compute_capability,
+                    device=gpus[0].name,
+                )
+            )
+    return targets
+
+
+def choose_target(
+    requested: BackendName | str, targets: Sequence[BuildTarget]
+) -> BuildTarget | None:
+    """The target among ``targets`` that serves a build asking for ``requested``: that backend,
+    or for ``auto`` the first of :data:`AUTO_PREFERENCE` present; None when none serves it."""
+    requested = BackendName(requested)
+    wanted = AUTO_PREFERENCE if requested is BackendName.AUTO else (requested,)
+    for name in wanted:
+        for target in targets:
+            if target.backend == name.value:
+                return target
+    return None
 
 
 def _available_words(name: BackendName) -> str:

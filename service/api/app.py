@@ -16,7 +16,17 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from service.api import artifacts, builds, datasets, health, models, reports, tables, tokens
+from service.api import (
+    artifacts,
+    builds,
+    datasets,
+    health,
+    models,
+    reports,
+    tables,
+    tokens,
+    workers,
+)
 from service.api.deps import AppState
 from service.api.errors import install_error_handlers
 from service.api.metrics import Counters
@@ -103,6 +113,7 @@ def create_app(settings: Settings) -> FastAPI:
         reports.router,
         tables.router,
         tokens.router,
+        workers.router,
         dashboard.router,
     ):
         app.include_router(router)

@@ -21,6 +21,7 @@ from engines.errors import EngineError, GraphError, SpecError
 from service.errors import (
     AuthenticationError,
     ConflictError,
+    NoTargetError,
     NotFoundError,
     PayloadTooLargeError,
     PermissionDeniedError,
@@ -43,6 +44,7 @@ STATUS_BY_ERROR: tuple[tuple[type[TrtforgeError], int], ...] = (
     (PayloadTooLargeError, 413),
     (RangeNotSatisfiableError, 416),
     (UploadError, 400),
+    (NoTargetError, 422),
     (UnavailableError, 503),
     (StorageError, 507),
     (SettingsError, 500),

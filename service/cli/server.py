@@ -305,7 +305,7 @@ def submit(model: Path, data: Path, **options: Any) -> None:
             )
         build = client.submit_build(uploaded.id, dataset.id, spec, table_id=options["table_id"])
         if not as_json:
-            click.echo(f"build {build.id}: {build.status.value} ({build.backend})", err=True)
+            click.echo(f"build {build.id}: {build.status.value} ({_target(build)})", err=True)
         if options["wait"] or options["download"]:
             build = _follow(client, build.id, options["timeout"], as_json)
         artifact = None
@@ -352,7 +352,7 @@ def _report_outcome(build: Any, artifact: Path | None, as_json: bool) -> None:
 def _print_build(build: Any) -> None:
     click.echo(
         f"{build.id}  {build.status.value}  {build.progress * 100:.0f}%"
-        f"  {build.spec.precision.value}  {build.backend} {build.backend_version}"
+        f"  {build.spec.precision.value}  {_target(build)}"
     )
     if build.stage_seconds:
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in build.stage_seconds.items())
@@ -427,3 +427,11 @@ def register(group: click.Group) -> None:
     """Add the service commands to the root group."""
     for command in (serve, worker, submit, status, download, report, tokens):
         group.add_command(command)
+
+
+def _target(build: Any) -> str:
+    """What the build is built for, or what it waits for."""
+    if build.backend is None:
+        return f"{build.requested_backend}, waiting for a worker"
+    where = "" if build.compute_capability in (None, "cpu") else f", sm {build.compute_capability}"
+    return f"{build.backend} {build.backend_version}{where}"

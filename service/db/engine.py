@@ -70,8 +70,8 @@ class Database:
                 hint="Check TRTFORGE_DATABASE_URL and that the database server runs.",
             ) from exc
 
-    def migrate(self) -> None:
-        """Bring the schema to the newest Alembic revision (creating the database file)."""
+    def migrate(self, revision: str = "head") -> None:
+        """Bring the schema to ``revision`` (the newest by default), creating the database file."""
         from alembic import command
         from alembic.config import Config
 
@@ -86,7 +86,7 @@ class Database:
                         text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK}
                     )
                 config.attributes["connection"] = conn
-                command.upgrade(config, "head")
+                command.upgrade(config, revision)
         except SQLAlchemyError as exc:
             raise StorageError(
                 f"Cannot migrate the database: {type(exc).__name__}: {str(exc).splitlines()[0]}",

@@ -145,7 +145,12 @@ class BuildRow(Base):
     request: Mapped[dict[str, Any]]
     """The BuildCreate body (spec and options), as JSON."""
     spec_digest: Mapped[str] = mapped_column(String(64))
+    requested_backend: Mapped[str] = mapped_column(String(32), server_default="auto")
+    """What the request asked for (``auto``, ``tensorrt``, ...): which workers may claim it."""
+    worker_id: Mapped[str | None] = mapped_column(String(64))
+    """The worker that claimed it last."""
     backend: Mapped[str] = mapped_column(String(32))
+    """The target it was built for (written by the worker that claims it; ``""`` until then)."""
     backend_version: Mapped[str] = mapped_column(String(64))
     compute_capability: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), index=True)
@@ -206,6 +211,8 @@ class WorkerRow(Base):
     pid: Mapped[int] = mapped_column(Integer)
     process_tag: Mapped[str] = mapped_column(String(64))
     slots: Mapped[int] = mapped_column(Integer)
+    targets: Mapped[list[Any]] = mapped_column(server_default="[]")
+    """What it can build for: :class:`engines.backends.base.BuildTarget` dumps."""
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
     stopped_at: Mapped[datetime | None]

@@ -7,11 +7,16 @@ finish or release, and recover the jobs of workers that died.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import StrEnum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.orm import Session
+
+if TYPE_CHECKING:
+    from engines.backends.base import BuildTarget
+    from service.schemas import WorkerPublic
 
 __all__ = ["Job", "JobQueue", "JobState", "Recovered"]
 
@@ -50,8 +55,10 @@ class JobQueue(Protocol):
         """Add a job for ``build_id`` in the caller's transaction (the caller commits)."""
         ...
 
-    def claim(self, worker_id: str) -> Job | None:
-        """Take the oldest queued job for ``worker_id``, or None when the queue is empty."""
+    def claim(self, worker_id: str, targets: Sequence[BuildTarget]) -> Job | None:
+        """Take the oldest queued job that one of ``targets`` serves, and record on its build
+        the target chosen (:func:`engines.backends.registry.choose_target`) and ``worker_id``;
+        None when no such job waits."""
         ...
 
     def finish(self, job: Job) -> None:
@@ -62,7 +69,9 @@ class JobQueue(Protocol):
         """Put a job back without counting the attempt (the worker is shutting down)."""
         ...
 
-    def register_worker(self, worker_id: str, slots: int) -> None: ...
+    def register_worker(self, worker_id: str, slots: int, targets: Sequence[BuildTarget]) -> None:
+        """A worker with ``slots`` build slots that builds for ``targets`` started."""
+        ...
 
     def heartbeat(self, worker_id: str) -> None:
         """The worker and the jobs it runs are alive."""
@@ -80,4 +89,12 @@ class JobQueue(Protocol):
 
     def live_workers(self) -> int:
         """Workers whose heartbeat is recent."""
+        ...
+
+    def live_targets(self) -> list[BuildTarget]:
+        """What the live workers build for, without repeats, in registration order."""
+        ...
+
+    def workers(self, *, include_stopped: bool = False) -> list[WorkerPublic]:
+        """The workers (live ones, or all), newest first, with their targets and running builds."""
         ...

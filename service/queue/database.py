@@ -9,15 +9,18 @@ and :meth:`DatabaseQueue.recover` re-queues its running jobs once, then fails th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from engines.backends.base import BuildTarget
+from engines.backends.registry import choose_target
 from service.db import Database
 from service.db.models import BuildRow, JobRow, WorkerRow, utcnow
 from service.queue.base import Job, JobState, Recovered
-from service.schemas import BuildStatus
+from service.schemas import BuildStatus, WorkerPublic, WorkerState
 from service.settings import Settings, hostname
 from service.worker.processes import process_alive, process_tag
 from service.worker.recorder import add_log, reset_for_retry
@@ -42,23 +45,29 @@ class DatabaseQueue:
         else:  # a resubmitted failed build runs again with fresh attempts
             job.state, job.attempts, job.worker_id = JobState.QUEUED.value, 0, None
 
-    def claim(self, worker_id: str) -> Job | None:
+    def claim(self, worker_id: str, targets: Sequence[BuildTarget]) -> Job | None:
+        servable = sorted({"auto", *(target.backend for target in targets)})
         for _ in range(_CLAIM_RETRIES):
             with self._db.session() as session:
-                candidate = session.scalar(
-                    select(JobRow.id)
-                    .where(JobRow.state == JobState.QUEUED.value)
+                candidate = session.execute(
+                    select(JobRow.id, BuildRow.requested_backend)
+                    .join(BuildRow, BuildRow.id == JobRow.build_id)
+                    .where(
+                        JobRow.state == JobState.QUEUED.value,
+                        BuildRow.requested_backend.in_(servable),
+                    )
                     .order_by(JobRow.id)
                     .limit(1)
-                    .with_for_update(skip_locked=True)
-                )
-                if candidate is None:
+                    .with_for_update(skip_locked=True, of=JobRow)
+                ).first()
+                target = None if candidate is None else choose_target(candidate[1], targets)
+                if candidate is None or target is None:
                     session.rollback()
                     return None
                 now = utcnow()
                 taken = session.execute(
                     update(JobRow)
-                    .where(JobRow.id == candidate, JobRow.state == JobState.QUEUED.value)
+                    .where(JobRow.id == candidate[0], JobRow.state == JobState.QUEUED.value)
                     .values(
                         state=JobState.RUNNING.value,
                         worker_id=worker_id,
@@ -70,7 +79,13 @@ class DatabaseQueue:
                 if taken.rowcount != 1:  # type: ignore[attr-defined]
                     session.rollback()
                     continue  # another worker won this one; try the next
-                job = session.get_one(JobRow, candidate)
+                job = session.get_one(JobRow, candidate[0])
+                build = session.get_one(BuildRow, job.build_id)
+                build.worker_id = worker_id
+                build.backend = target.backend
+                build.backend_version = target.backend_version
+                build.compute_capability = target.compute_capability
+                add_log(session, build.id, f"Claimed by worker {worker_id}: building for {target}.")
                 session.commit()
                 return Job(id=job.id, build_id=job.build_id, attempt=job.attempts)
         return None
@@ -97,7 +112,7 @@ class DatabaseQueue:
                 add_log(session, build.id, "Put back in the queue: its worker shut down.")
             session.commit()
 
-    def register_worker(self, worker_id: str, slots: int) -> None:
+    def register_worker(self, worker_id: str, slots: int, targets: Sequence[BuildTarget]) -> None:
         with self._db.session() as session:
             session.add(
                 WorkerRow(
@@ -106,6 +121,7 @@ class DatabaseQueue:
                     pid=_pid(),
                     process_tag=process_tag(),
                     slots=slots,
+                    targets=[target.model_dump(mode="json") for target in targets],
                 )
             )
             session.commit()
@@ -140,6 +156,47 @@ class DatabaseQueue:
     def live_workers(self) -> int:
         with self._db.session() as session:
             return len(_live_worker_ids(session, self._stale))
+
+    def live_targets(self) -> list[BuildTarget]:
+        with self._db.session() as session:
+            live = _live_worker_ids(session, self._stale)
+            rows = session.scalars(
+                select(WorkerRow)
+                .where(WorkerRow.id.in_(live or {""}))
+                .order_by(WorkerRow.started_at)
+            )
+            targets = [BuildTarget.model_validate(t) for row in rows for t in row.targets]
+        return list(dict.fromkeys(targets))
+
+    def workers(self, *, include_stopped: bool = False) -> list[WorkerPublic]:
+        with self._db.session() as session:
+            live = _live_worker_ids(session, self._stale)
+            query = select(WorkerRow).order_by(WorkerRow.started_at.desc())
+            if not include_stopped:
+                query = query.where(WorkerRow.id.in_(live or {""}))
+            rows = list(session.scalars(query))
+            running: dict[str, list[str]] = {}
+            for worker_id, build_id in session.execute(
+                select(JobRow.worker_id, JobRow.build_id).where(
+                    JobRow.state == JobState.RUNNING.value,
+                    JobRow.worker_id.in_([row.id for row in rows] or [""]),
+                )
+            ):
+                running.setdefault(str(worker_id), []).append(build_id)
+            return [
+                WorkerPublic(
+                    id=row.id,
+                    hostname=row.hostname,
+                    slots=row.slots,
+                    targets=[BuildTarget.model_validate(t) for t in row.targets],
+                    state=WorkerState.LIVE if row.id in live else WorkerState.STOPPED,
+                    running_builds=running.get(row.id, []),
+                    started_at=row.started_at,
+                    heartbeat_at=row.heartbeat_at,
+                    stopped_at=row.stopped_at,
+                )
+                for row in rows
+            ]
 
     def recover(self) -> Recovered:
         requeued: list[str] = []

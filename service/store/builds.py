@@ -1,25 +1,26 @@
 """Builds: submission with cache-key deduplication, listing, cancellation, logs, deletion.
 
-A build's cache key is sha256(model) + sha256(dataset) + spec digest + backend version + GPU
-compute capability (+ the calibration table, when one is given): submitting an identical request
-returns the existing build instead of building again.
+A build's cache key is sha256(model) + sha256(dataset) + spec digest (with the backend asked for)
++ calibration and split options (+ the calibration table, when one is given): submitting an
+identical request returns the existing build instead of building again. The target is decided
+where the build runs: the worker that claims it writes the backend, its version and the compute
+capability it builds for into the row (:meth:`service.queue.base.JobQueue.claim`).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import uuid
-from dataclasses import dataclass
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from calibrators.errors import DatasetError
+from engines.backends.registry import choose_target
 from engines.spec import BackendName
 from service.db.models import BuildLogRow, BuildRow, DatasetRow, JobRow, ModelRow, utcnow
-from service.errors import ConflictError, NotFoundError
+from service.errors import ConflictError, NoTargetError, NotFoundError
 from service.queue.base import JobQueue, JobState
 from service.schemas import (
     ArtifactInfo,
@@ -35,7 +36,6 @@ from service.store.storage import Storage
 from service.worker.recorder import add_log, reset_for_retry
 
 __all__ = [
-    "Target",
     "build_cache_key",
     "build_public",
     "cancel_build",
@@ -43,39 +43,11 @@ __all__ = [
     "get_build",
     "list_builds",
     "log_lines",
-    "resolve_target",
     "submit_build",
 ]
 
 
-@dataclass(frozen=True)
-class Target:
-    """What a spec builds for on this machine: backend, its version, compute capability."""
-
-    backend: str
-    backend_version: str
-    compute_capability: str
-
-
-@functools.lru_cache(maxsize=8)
-def resolve_target(backend: BackendName) -> Target:
-    """The backend ``auto``/``tensorrt``/``onnxruntime`` resolves to here (cached per process).
-
-    Raises :class:`engines.errors.BackendUnavailableError` for TensorRT without TensorRT.
-    """
-    from engines.backends.registry import BACKENDS, select_backend
-
-    chosen, _reason = select_backend(backend)
-    capability = "cpu"
-    if BACKENDS[BackendName(chosen.name)].targets_gpu:
-        from engines.gpu import discover_gpus
-
-        gpus = discover_gpus()
-        capability = gpus[0].compute_capability if gpus else "unknown"
-    return Target(chosen.name, chosen.version(), capability)
-
-
-def build_cache_key(request: BuildCreate, target: Target) -> str:
+def build_cache_key(request: BuildCreate) -> str:
     """sha256 over what decides the artifact (module docstring), including the options that
     choose the calibration samples; benchmark options and ``max_samples`` of the accuracy check
     only change the report, so they do not make a new build."""
@@ -87,9 +59,6 @@ def build_cache_key(request: BuildCreate, target: Target) -> str:
         request.calibration.model_dump_json(),
         # the held-out split decides which samples calibrate, hence the table and the artifact
         request.accuracy.model_dump_json(include={"enabled", "eval_fraction", "seed"}),
-        target.backend,
-        target.backend_version,
-        target.compute_capability,
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
@@ -132,9 +101,11 @@ def build_public(row: BuildRow) -> BuildPublic:
         calibration=request.calibration,
         benchmark=request.benchmark,
         accuracy=request.accuracy,
-        backend=row.backend,
-        backend_version=row.backend_version,
-        compute_capability=row.compute_capability,
+        requested_backend=row.requested_backend,
+        worker_id=row.worker_id,
+        backend=row.backend or None,
+        backend_version=row.backend_version or None,
+        compute_capability=row.compute_capability or None,
         cache_key=row.cache_key,
         attempts=row.job.attempts if row.job is not None else 0,
         cancel_requested=row.cancel_requested,
@@ -198,6 +169,18 @@ def _check_dataset_names(dataset: DatasetRow, model: ModelRow, names: list[str])
     )
 
 
+def _check_target(queue: JobQueue, requested: BackendName) -> None:
+    """Refuse a backend no live worker builds for; with no live worker at all the build waits
+    (workers may start later: ``serve --workers 0`` plus ``trtforge worker`` elsewhere)."""
+    live = queue.live_targets()
+    if live and choose_target(requested, live) is None:
+        raise NoTargetError(
+            f"No live worker builds for backend {requested.value!r}; the live workers build for: "
+            f"{'; '.join(map(str, live))}.",
+            field="spec.backend",
+        )
+
+
 def submit_build(
     session: Session, storage: Storage, queue: JobQueue, request: BuildCreate
 ) -> tuple[BuildRow, bool]:
@@ -206,8 +189,9 @@ def submit_build(
     A failed or cancelled build with the same key is queued again and counts as new.
     """
     _check_request(session, storage, request)
-    target = resolve_target(request.spec.backend)
-    key = build_cache_key(request, target)
+    requested = request.spec.backend
+    _check_target(queue, requested)
+    key = build_cache_key(request)
     existing = session.scalar(select(BuildRow).where(BuildRow.cache_key == key))
     if existing is not None:
         if BuildStatus(existing.status) not in (BuildStatus.FAILED, BuildStatus.CANCELLED):
@@ -225,9 +209,10 @@ def submit_build(
         table_id=request.table_id,
         request=request.model_dump(mode="json"),
         spec_digest=request.spec.digest,
-        backend=target.backend,
-        backend_version=target.backend_version,
-        compute_capability=target.compute_capability,
+        requested_backend=requested.value,
+        backend="",
+        backend_version="",
+        compute_capability="",
         status=BuildStatus.QUEUED.value,
         progress=0.0,
         cancel_requested=False,
@@ -236,7 +221,7 @@ def submit_build(
     session.add(row)
     session.flush()
     queue.enqueue(session, row.id)
-    add_log(session, row.id, f"Queued ({target.backend} {target.backend_version}).")
+    add_log(session, row.id, f"Queued for a worker that builds {requested.value}.")
     try:
         session.commit()
     except IntegrityError:  # the same request raced us in

@@ -156,13 +156,18 @@ def _run_stages(
     settings: Settings,
 ) -> BuildStatus:
     from engines.gate import gate_error
+    from engines.names import BackendName
     from engines.perf_report import BenchmarkOptions
     from engines.workflow import Workflow
 
     request = plan.request
+    # the claiming worker chose the target (service.queue.claim): build for exactly that backend
+    # (a build run without a queue, as in tests, resolves what it asked for here)
+    chosen = BackendName(plan.backend) if plan.backend else request.spec.backend
+    spec = request.spec.model_copy(update={"backend": chosen})
     flow = Workflow(
         plan.model_path,
-        request.spec,
+        spec,
         recorder=recorder,
         store=_ServiceTables(plan, db, storage),
         model_sha256=plan.model_id,

@@ -23,8 +23,11 @@ import uuid
 from dataclasses import dataclass
 from enum import StrEnum
 
+from engines.backends.base import BuildTarget
+from engines.backends.registry import local_targets
 from service.db import Database
 from service.db.models import BuildRow, utcnow
+from service.errors import SettingsError
 from service.queue.base import Job, JobQueue
 from service.schemas import BuildStatus
 from service.settings import Settings, hostname
@@ -48,6 +51,22 @@ def default_slots(settings: Settings) -> list[int | None]:
         indices: list[int | None] = [g.index for g in gpus]
         return indices if count is None else indices[:count] + [None] * (count - len(indices))
     return [None] * (settings.cpu_concurrency if count is None else count)
+
+
+def worker_targets(settings: Settings) -> list[BuildTarget]:
+    """The targets a worker serves: ``settings.worker_targets`` when configured (a deployment
+    that declares them), else what this machine can build for. :class:`SettingsError` when
+    that is nothing."""
+    targets = (
+        list(settings.worker_targets) if settings.worker_targets is not None else local_targets()
+    )
+    if not targets:
+        raise SettingsError(
+            "This worker can build for nothing: no backend can run on this machine.",
+            hint="Install onnxruntime (or TensorRT with a GPU), or set TRTFORGE_WORKER_TARGETS.",
+            field="worker_targets",
+        )
+    return targets
 
 
 class _Stop(StrEnum):
@@ -82,6 +101,8 @@ class Worker:
         self.storage = storage
         self.queue = queue
         self.slots = slots if slots is not None else default_slots(settings)
+        self.targets = worker_targets(settings)
+        """What this worker builds for: its configuration's ``worker_targets``, else discovered."""
         self.id = f"{hostname()}:{process_tag()}:{uuid.uuid4().hex[:6]}"
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -92,12 +113,17 @@ class Worker:
 
     def start(self) -> None:
         """Register, recover the builds of dead workers, and start the slots."""
-        self.queue.register_worker(self.id, len(self.slots))
+        self.queue.register_worker(self.id, len(self.slots), self.targets)
         self.recover()
         self._spawn(self._heartbeat_loop, "heartbeat")
         for index, gpu in enumerate(self.slots):
             self._spawn(lambda gpu=gpu: self._slot_loop(gpu), f"slot-{index}")
-        log.info("worker %s started with %d slot(s)", self.id, len(self.slots))
+        log.info(
+            "worker %s started with %d slot(s), building for %s",
+            self.id,
+            len(self.slots),
+            "; ".join(map(str, self.targets)),
+        )
 
     def _spawn(self, target: object, name: str) -> None:
         thread = threading.Thread(target=target, name=f"trtforge-{name}", daemon=True)  # type: ignore[arg-type]
@@ -163,7 +189,7 @@ class Worker:
     def _slot_loop(self, gpu: int | None) -> None:
         while not self._stopping.is_set():
             try:
-                job = self.queue.claim(self.id)
+                job = self.queue.claim(self.id, self.targets)
             except Exception:
                 log.exception("claiming a job failed")
                 job = None

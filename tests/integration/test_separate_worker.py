@@ -10,9 +10,12 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
-from engines.spec import BuildSpec, Precision
+from core.tensorrt import tensorrt_installed
+from engines.spec import BackendName, BuildSpec, Precision
 from service.client import TrtforgeClient
+from service.errors import ApiError
 from service.schemas import AccuracyOptions, BenchmarkOptionsIn, BuildStatus
 from tests.integration.conftest import ROOT, Server
 from tests.unit.service.support import database_url, dataset_bytes, model_bytes
@@ -76,3 +79,105 @@ def test_builds_run_in_a_separate_worker_process(tmp_path: Path) -> None:
                 worker.wait(30)
             server.stop()
         assert worker.returncode == 0
+
+
+H100 = (
+    '[{"backend": "tensorrt", "backend_version": "10.13.0", "compute_capability": "9.0", '
+    '"device": "NVIDIA H100 80GB HBM3"}]'
+)
+
+
+def _worker(url: str, data_dir: Path, log_path: Path, **env: str) -> subprocess.Popen[bytes]:
+    environment = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "TRTFORGE_DATA_DIR": str(data_dir),
+        "TRTFORGE_DATABASE_URL": url,
+        "TRTFORGE_POLL_INTERVAL_S": "0.2",
+        "TRTFORGE_HEARTBEAT_S": "0.5",
+        "TRTFORGE_STALE_AFTER_S": "5",
+        **env,
+    }
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-c", "from service.cli.main import main; main()", "worker"],
+            cwd=ROOT,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _wait_for_workers(client: TrtforgeClient, count: int) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if client.readyz().checks["workers"].detail.startswith(f"{count} live"):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{count} workers did not register: {client.readyz()}")
+
+
+def test_the_worker_decides_the_target_not_the_api_host(tmp_path: Path) -> None:
+    # A CPU-only API (no TensorRT, no GPU) with a CPU worker and a worker whose configuration
+    # says it builds TensorRT 10.13 engines for an H100 (the way a deployment declares a target).
+    (tmp_path / "m.onnx").write_bytes(model_bytes(seed=4))
+    (tmp_path / "d.npz").write_bytes(dataset_bytes(count=4, seed=4))
+    spec = BuildSpec(precision=Precision.FP16, backend=BackendName.TENSORRT)
+    options = {
+        "benchmark": BenchmarkOptionsIn(warmup_ms=0, iterations=2, duration_s=0),
+        "accuracy": AccuracyOptions(enabled=False),
+    }
+    workers: list[subprocess.Popen[bytes]] = []
+    with database_url("sqlite", tmp_path) as url:
+        server = Server(
+            tmp_path / "data", url, tmp_path / "server.log", env={"TRTFORGE_WORKERS": "0"}
+        )
+        server.start(ready_path="/healthz")
+        try:
+            with TrtforgeClient(server.url) as client:
+                model = client.upload_model(tmp_path / "m.onnx")
+                data = client.upload_dataset(tmp_path / "d.npz")
+                workers.append(_worker(url, server.data_dir, tmp_path / "cpu.log"))
+                _wait_for_workers(client, 1)
+                with pytest.raises(ApiError) as refused:
+                    client.submit_build(model.id, data.id, spec, **options)
+                assert refused.value.status_code == 422 and refused.value.remote_code == "no_target"
+                assert "onnxruntime" in refused.value.message  # the live targets are listed
+
+                workers.append(
+                    _worker(
+                        url,
+                        server.data_dir,
+                        tmp_path / "gpu.log",
+                        TRTFORGE_WORKER_TARGETS=H100,
+                    )
+                )
+                _wait_for_workers(client, 2)
+                queued = client.submit_build(model.id, data.id, spec, **options)
+                assert queued.requested_backend == "tensorrt" and queued.backend in (
+                    None,
+                    "tensorrt",
+                )
+                done = client.wait(queued.id, timeout_s=120)
+                assert (done.backend, done.backend_version, done.compute_capability) == (
+                    "tensorrt",
+                    "10.13.0",
+                    "9.0",
+                )
+                assert done.worker_id is not None
+                claimed = [
+                    line.message for line in client.logs(queued.id) if "Claimed" in line.message
+                ]
+                assert claimed == [
+                    f"Claimed by worker {done.worker_id}: building for tensorrt 10.13.0 "
+                    "(NVIDIA H100 80GB HBM3, sm 9.0)."
+                ]
+                if not tensorrt_installed():
+                    # the declared target is honoured, and the missing library said plainly
+                    assert done.status is BuildStatus.FAILED
+                    assert done.error is not None and done.error.code == "backend_unavailable"
+        finally:
+            for worker in workers:
+                worker.send_signal(signal.SIGTERM)
+                worker.wait(30)
+            server.stop()

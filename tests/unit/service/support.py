@@ -164,7 +164,9 @@ def stored_files(data_dir: Path) -> list[str]:
     )
 
 
-def insert_build(session: Session, build_id: str, *, status: str = "queued") -> BuildRow:
+def insert_build(
+    session: Session, build_id: str, *, status: str = "queued", requested_backend: str = "auto"
+) -> BuildRow:
     """A build row (with its model and dataset rows) for queue tests that run no pipeline."""
     model = session.get(ModelRow, "m" * 64) or ModelRow(
         id="m" * 64,
@@ -195,9 +197,10 @@ def insert_build(session: Session, build_id: str, *, status: str = "queued") -> 
         dataset_id=dataset.id,
         request=BuildCreate(model_id=model.id, dataset_id=dataset.id).model_dump(mode="json"),
         spec_digest="s",
-        backend="onnxruntime",
-        backend_version="1",
-        compute_capability="cpu",
+        requested_backend=requested_backend,
+        backend="",  # the claiming worker writes its target
+        backend_version="",
+        compute_capability="",
         status=status,
         stage_seconds={},
     )

@@ -3,6 +3,10 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
+from engines.backends.base import BuildTarget
+from service.db import Database
+from service.queue.database import DatabaseQueue
+from service.settings import Settings
 from tests.unit.service.support import dataset_bytes, model_bytes
 
 
@@ -23,8 +27,9 @@ def test_submit_is_202_with_location_and_identical_requests_dedup(
     build = response.json()
     assert response.headers["location"] == f"/v1/builds/{build['id']}"
     assert (build["status"], build["progress"], build["attempts"]) == ("queued", 0.0, 0)
-    assert build["backend"] == "onnxruntime"
-    assert build["compute_capability"] == "cpu"
+    # the target is the claiming worker's to decide: none yet (this app runs no worker)
+    assert (build["requested_backend"], build["worker_id"]) == ("auto", None)
+    assert (build["backend"], build["backend_version"], build["compute_capability"]) == (None,) * 3
     assert build["spec"]["precision"] == "int8-fp16"
     assert build["links"]["events"] == f"/v1/builds/{build['id']}/events"
     same = client.post("/v1/builds", json={**ids, "spec": {"precision": "int8-fp16"}})
@@ -111,7 +116,6 @@ def test_delete_only_ended_builds(client: TestClient, ids: dict[str, str]) -> No
         ({"spec": {"keep": {"int8": ["no_such_node"]}}}, 422, None, "no_such_node"),
         ({"accuracy": {"eval_fraction": 1.5}}, 422, "accuracy.eval_fraction", "eval_fraction"),
         ({"surprise": 1}, 422, "surprise", "surprise"),
-        ({"spec": {"backend": "tensorrt"}}, 422, "backend", "tensorrt backend"),
     ],
     ids=[
         "model",
@@ -123,7 +127,6 @@ def test_delete_only_ended_builds(client: TestClient, ids: dict[str, str]) -> No
         "keep",
         "fraction",
         "extra",
-        "tensorrt-missing",
     ],
 )
 def test_bad_requests_are_refused_before_queueing(
@@ -194,3 +197,28 @@ def test_events_of_an_ended_build_stream_logs_status_and_end(
     assert kinds[-2:] == ["status", "end"]
     resumed = client.get(f"/v1/builds/{build['id']}/events", headers={"Last-Event-ID": "999999999"})
     assert "event: log" not in resumed.text
+
+
+def test_a_backend_no_live_worker_builds_is_refused_with_the_live_targets(
+    client: TestClient, ids: dict[str, str], settings: Settings
+) -> None:
+    wanted = {**ids, "spec": {"backend": "tensorrt"}}
+    # no live worker: the build waits for one (workers may start later, elsewhere)
+    waiting = client.post("/v1/builds", json=wanted)
+    assert waiting.status_code == 202 and waiting.json()["requested_backend"] == "tensorrt"
+    assert client.post(f"/v1/builds/{waiting.json()['id']}/cancel").status_code == 202
+    db = Database(settings.resolved_database_url)
+    try:
+        cpu = BuildTarget(backend="onnxruntime", backend_version="1.22.0", compute_capability="cpu")
+        DatabaseQueue(db, settings).register_worker("cpu-worker", 1, [cpu])
+    finally:
+        db.dispose()
+    refused = client.post("/v1/builds", json=wanted)
+    assert refused.status_code == 422, refused.text
+    error = refused.json()["error"]
+    assert (error["code"], error["field"]) == ("no_target", "spec.backend")
+    assert "onnxruntime 1.22.0 (cpu)" in error["message"] and "GET /v1/workers" in error["hint"]
+    assert client.post("/v1/builds", json=ids).status_code == 202  # auto: the CPU worker serves it
+    listed = client.get("/v1/workers").json()
+    assert [(w["id"], w["state"], w["slots"]) for w in listed] == [("cpu-worker", "live", 1)]
+    assert listed[0]["targets"] == [cpu.model_dump()] and listed[0]["running_builds"] == []

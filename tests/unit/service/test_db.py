@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -37,7 +39,24 @@ def test_migrate_is_idempotent(db: Database) -> None:
     db.migrate()
     with db.engine.connect() as conn:
         versions = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
-    assert versions == ["0001"]
+    assert versions == ["0002"]
+
+
+def test_an_existing_database_gains_build_targets_and_keeps_its_rows(db: Database) -> None:
+    db.migrate("0001")
+    with db.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO workers (id, hostname, pid, process_tag, slots, started_at, "
+                "heartbeat_at) VALUES ('w1', 'h', 1, 't', 2, :now, :now)"
+            ),
+            {"now": datetime(2026, 12, 1)},
+        )
+    db.migrate()
+    with db.engine.connect() as conn:
+        slots, targets = conn.execute(text("SELECT slots, targets FROM workers")).one()
+    assert slots == 2
+    assert (json.loads(targets) if isinstance(targets, str) else targets) == []
 
 
 def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
+from engines.backends.base import BuildTarget
 from service.db import Database
 from service.db.models import BuildLogRow, BuildRow, JobRow, WorkerRow, utcnow
 from service.queue.base import JobState
@@ -15,6 +16,11 @@ from service.queue.database import DatabaseQueue
 from service.schemas import BuildStatus
 from service.settings import Settings
 from tests.unit.service.support import insert_build, make_settings
+
+CPU = [BuildTarget(backend="onnxruntime", backend_version="1.22.0", compute_capability="cpu")]
+H100 = BuildTarget(
+    backend="tensorrt", backend_version="10.13.0", compute_capability="9.0", device="NVIDIA H100"
+)
 
 
 @pytest.fixture
@@ -46,10 +52,10 @@ def _enqueue(db: Database, queue: DatabaseQueue, *build_ids: str) -> None:
 def test_jobs_are_claimed_oldest_first_and_once(db: Database, queue: DatabaseQueue) -> None:
     _enqueue(db, queue, "b1", "b2")
     assert queue.depth() == 2
-    first, second = queue.claim("w"), queue.claim("w")
+    first, second = queue.claim("w", CPU), queue.claim("w", CPU)
     assert first is not None and second is not None
     assert (first.build_id, first.attempt, second.build_id) == ("b1", 1, "b2")
-    assert queue.claim("w") is None
+    assert queue.claim("w", CPU) is None
     assert queue.depth() == 0
 
 
@@ -59,7 +65,7 @@ def test_enqueue_is_part_of_the_callers_transaction(db: Database, queue: Databas
         queue.enqueue(session, "b1")
         session.rollback()
     assert queue.depth() == 0
-    assert queue.claim("w") is None
+    assert queue.claim("w", CPU) is None
 
 
 def test_concurrent_workers_never_share_a_job(db: Database, queue: DatabaseQueue) -> None:
@@ -69,7 +75,7 @@ def test_concurrent_workers_never_share_a_job(db: Database, queue: DatabaseQueue
     lock = threading.Lock()
 
     def work(name: str) -> None:
-        while (job := queue.claim(name)) is not None:
+        while (job := queue.claim(name, CPU)) is not None:
             with lock:
                 claimed.append(job.build_id)
 
@@ -98,8 +104,8 @@ def test_jobs_of_a_dead_worker_are_requeued_once_then_failed(
     _enqueue(db, queue, "b1")
     for attempt in (1, 2):
         worker = f"w{attempt}"
-        queue.register_worker(worker, 1)
-        job = queue.claim(worker)
+        queue.register_worker(worker, 1, CPU)
+        job = queue.claim(worker, CPU)
         assert job is not None and job.attempt == attempt
         with db.session() as session:
             session.get_one(BuildRow, "b1").status = BuildStatus.BUILDING.value
@@ -119,13 +125,13 @@ def test_jobs_of_a_dead_worker_are_requeued_once_then_failed(
         messages = [r.message for r in session.query(BuildLogRow).order_by(BuildLogRow.id)]
         assert any(m.startswith("Re-queued") for m in messages)
         assert session.get_one(WorkerRow, "w1").stopped_at is not None
-    assert queue.claim("w3") is None
+    assert queue.claim("w3", CPU) is None
 
 
 def test_requeued_build_is_reset(db: Database, queue: DatabaseQueue) -> None:
     _enqueue(db, queue, "b1")
-    queue.register_worker("w1", 1)
-    assert queue.claim("w1") is not None
+    queue.register_worker("w1", 1, CPU)
+    assert queue.claim("w1", CPU) is not None
     with db.session() as session:
         build = session.get_one(BuildRow, "b1")
         build.status, build.stage, build.progress = "calibrating", "calibrate", 0.3
@@ -147,16 +153,16 @@ def test_release_puts_a_job_back_without_using_an_attempt(
     db: Database, queue: DatabaseQueue
 ) -> None:
     _enqueue(db, queue, "b1")
-    job = queue.claim("w")
+    job = queue.claim("w", CPU)
     assert job is not None
     queue.release(job)
-    again = queue.claim("w")
+    again = queue.claim("w", CPU)
     assert again is not None and again.attempt == 1
 
 
 def test_release_of_an_ended_build_finishes_its_job(db: Database, queue: DatabaseQueue) -> None:
     _enqueue(db, queue, "b1")
-    job = queue.claim("w")
+    job = queue.claim("w", CPU)
     assert job is not None
     with db.session() as session:
         session.get_one(BuildRow, "b1").status = BuildStatus.SUCCEEDED.value
@@ -168,7 +174,7 @@ def test_release_of_an_ended_build_finishes_its_job(db: Database, queue: Databas
 
 
 def test_heartbeats_keep_workers_live(db: Database, queue: DatabaseQueue) -> None:
-    queue.register_worker("w1", 2)
+    queue.register_worker("w1", 2, CPU)
     assert queue.live_workers() == 1
     _kill_worker(db, "w1")
     assert queue.live_workers() == 0
@@ -176,3 +182,44 @@ def test_heartbeats_keep_workers_live(db: Database, queue: DatabaseQueue) -> Non
     assert queue.live_workers() == 1
     queue.unregister_worker("w1")
     assert queue.live_workers() == 0
+
+
+def test_builds_go_to_workers_that_build_their_backend(db: Database, queue: DatabaseQueue) -> None:
+    with db.session() as session:
+        insert_build(session, "trt", requested_backend="tensorrt")
+        insert_build(session, "any")
+        insert_build(session, "ort", requested_backend="onnxruntime")
+        for build_id in ("trt", "any", "ort"):
+            queue.enqueue(session, build_id)
+        session.commit()
+    # a CPU worker skips the TensorRT build and takes the others, oldest first
+    taken = [queue.claim("cpu-worker", CPU), queue.claim("cpu-worker", CPU)]
+    assert [job.build_id for job in taken if job] == ["any", "ort"]
+    assert queue.claim("cpu-worker", CPU) is None
+    job = queue.claim("gpu-worker", [H100, *CPU])
+    assert job is not None and job.build_id == "trt"
+    with db.session() as session:
+        rows = {row.id: row for row in session.query(BuildRow)}
+        # each row records the worker and the target that worker chose for it
+        assert (rows["trt"].worker_id, rows["trt"].backend) == ("gpu-worker", "tensorrt")
+        assert (rows["trt"].backend_version, rows["trt"].compute_capability) == ("10.13.0", "9.0")
+        assert (rows["any"].worker_id, rows["any"].backend) == ("cpu-worker", "onnxruntime")
+        assert rows["any"].compute_capability == "cpu"
+        logs = [line.message for line in session.query(BuildLogRow).filter_by(build_id="trt")]
+        assert any("gpu-worker" in m and "NVIDIA H100, sm 9.0" in m for m in logs), logs
+
+
+def test_auto_builds_take_the_workers_preferred_target(db: Database, queue: DatabaseQueue) -> None:
+    _enqueue(db, queue, "b1")
+    assert queue.claim("gpu-worker", [*CPU, H100]) is not None
+    with db.session() as session:
+        assert session.get_one(BuildRow, "b1").backend == "tensorrt"  # TensorRT before ORT
+
+
+def test_live_targets_are_the_live_workers_targets(db: Database, queue: DatabaseQueue) -> None:
+    assert queue.live_targets() == []
+    queue.register_worker("w1", 1, CPU)
+    queue.register_worker("w2", 1, [H100, *CPU])
+    assert queue.live_targets() == [*CPU, H100]
+    queue.unregister_worker("w2")
+    assert queue.live_targets() == CPU
