@@ -1,0 +1,1 @@
+"""The reliability tier: bad inputs, load, faults and races against real servers (issue 11)."""
