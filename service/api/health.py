@@ -32,7 +32,8 @@ def _check(action: object) -> CheckResult:
 
 
 def readiness(state: AppState) -> Readiness:
-    """Database reachable, data directory writable, at least one worker alive."""
+    """Database reachable, data directory writable, at least one worker alive, and this
+    process's own worker (when it runs one) with every slot alive and not failing."""
     checks = {
         "database": _check(state.db.ping),
         "storage": _check(state.storage.check),
@@ -46,6 +47,8 @@ def readiness(state: AppState) -> Readiness:
         checks["workers"] = workers
     else:
         checks["workers"] = CheckResult(ok=False, detail="unknown (database unreachable)")
+    if state.worker is not None:  # this process's own worker: its slots must be alive and well
+        checks["slots"] = CheckResult(ok=state.worker.healthy, detail=state.worker.health_detail())
     return Readiness(ready=all(c.ok for c in checks.values()), checks=checks)
 
 

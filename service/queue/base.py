@@ -58,7 +58,7 @@ class JobQueue(Protocol):
     def claim(self, worker_id: str, targets: Sequence[BuildTarget]) -> Job | None:
         """Take the oldest queued job that one of ``targets`` serves, and record on its build
         the target chosen (:func:`engines.backends.registry.choose_target`) and ``worker_id``;
-        None when no such job waits."""
+        None when no such job waits, or when ``worker_id`` is not a live registered worker."""
         ...
 
     def finish(self, job: Job) -> None:
@@ -73,8 +73,10 @@ class JobQueue(Protocol):
         """A worker with ``slots`` build slots that builds for ``targets`` started."""
         ...
 
-    def heartbeat(self, worker_id: str) -> None:
-        """The worker and the jobs it runs are alive."""
+    def heartbeat(self, worker_id: str) -> bool:
+        """The worker and the jobs it runs are alive. False when the worker had been declared
+        dead (its heartbeat went stale and recovery took its jobs): it must drop the builds it
+        still runs and register again under a new id."""
         ...
 
     def unregister_worker(self, worker_id: str) -> None: ...

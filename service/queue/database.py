@@ -49,6 +49,14 @@ class DatabaseQueue:
         servable = sorted({"auto", *(target.backend for target in targets)})
         for _ in range(_CLAIM_RETRIES):
             with self._db.session() as session:
+                registered = session.execute(
+                    select(WorkerRow.id).where(
+                        WorkerRow.id == worker_id, WorkerRow.stopped_at.is_(None)
+                    )
+                ).first()
+                if registered is None:  # unknown, or declared dead: it must register again
+                    session.rollback()
+                    return None
                 candidate = session.execute(
                     select(JobRow.id, BuildRow.requested_backend)
                     .join(BuildRow, BuildRow.id == JobRow.build_id)
@@ -126,18 +134,24 @@ class DatabaseQueue:
             )
             session.commit()
 
-    def heartbeat(self, worker_id: str) -> None:
+    def heartbeat(self, worker_id: str) -> bool:
         now = utcnow()
         with self._db.session() as session:
-            session.execute(
-                update(WorkerRow).where(WorkerRow.id == worker_id).values(heartbeat_at=now)
+            beat = session.execute(
+                update(WorkerRow)
+                .where(WorkerRow.id == worker_id, WorkerRow.stopped_at.is_(None))
+                .values(heartbeat_at=now)
             )
+            if beat.rowcount != 1:  # type: ignore[attr-defined]
+                session.rollback()
+                return False  # declared dead: its jobs are recovery's now
             session.execute(
                 update(JobRow)
                 .where(JobRow.worker_id == worker_id, JobRow.state == JobState.RUNNING.value)
                 .values(heartbeat_at=now)
             )
             session.commit()
+            return True
 
     def unregister_worker(self, worker_id: str) -> None:
         with self._db.session() as session:

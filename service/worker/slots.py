@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -36,7 +37,7 @@ from service.worker.processes import process_tag
 from service.worker.recorder import add_log
 from service.worker.runner import RunnerInput
 
-__all__ = ["Worker", "default_slots"]
+__all__ = ["SlotHealth", "Worker", "default_slots", "worker_targets"]
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,30 @@ def worker_targets(settings: Settings) -> list[BuildTarget]:
     return targets
 
 
+_MAX_BACKOFF_S = 30.0
+_UNHEALTHY_AFTER = 3
+"""Consecutive failed rounds after which a slot counts as unhealthy (``/readyz`` says so)."""
+
+
+@dataclass
+class SlotHealth:
+    """How one slot is doing: it survives every exception, and says when it keeps failing."""
+
+    failures: int = 0
+    """Consecutive rounds that raised (0 after a good round)."""
+    last_error: str = ""
+
+    @property
+    def healthy(self) -> bool:
+        return self.failures < _UNHEALTHY_AFTER
+
+
 class _Stop(StrEnum):
     CANCEL = "cancel"
     TIMEOUT = "timeout"
     SHUTDOWN = "shutdown"
+    DISOWNED = "disowned"
+    """The worker was declared dead; recovery owns the build now."""
 
 
 @dataclass
@@ -108,6 +129,8 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self._running: dict[int, _Running] = {}
         self._lock = threading.Lock()
+        self.slot_health = [SlotHealth() for _ in self.slots]
+        self._slot_threads: dict[int, threading.Thread] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -116,8 +139,8 @@ class Worker:
         self.queue.register_worker(self.id, len(self.slots), self.targets)
         self.recover()
         self._spawn(self._heartbeat_loop, "heartbeat")
-        for index, gpu in enumerate(self.slots):
-            self._spawn(lambda gpu=gpu: self._slot_loop(gpu), f"slot-{index}")
+        for index in range(len(self.slots)):
+            self._start_slot(index)
         log.info(
             "worker %s started with %d slot(s), building for %s",
             self.id,
@@ -125,10 +148,36 @@ class Worker:
             "; ".join(map(str, self.targets)),
         )
 
-    def _spawn(self, target: object, name: str) -> None:
+    def _spawn(self, target: object, name: str) -> threading.Thread:
         thread = threading.Thread(target=target, name=f"trtforge-{name}", daemon=True)  # type: ignore[arg-type]
         thread.start()
         self._threads.append(thread)
+        return thread
+
+    def _start_slot(self, index: int) -> None:
+        gpu = self.slots[index]
+        self._slot_threads[index] = self._spawn(
+            lambda: self._slot_loop(index, gpu), f"slot-{index}"
+        )
+
+    @property
+    def healthy(self) -> bool:
+        """Every slot thread runs and none keeps failing (``/readyz``)."""
+        alive = all(thread.is_alive() for thread in self._slot_threads.values())
+        return alive and all(health.healthy for health in self.slot_health)
+
+    def health_detail(self) -> str:
+        """One line for ``/readyz``: slots healthy, or which fail and why."""
+        bad = [
+            f"slot {i}: {h.failures} failed rounds ({h.last_error})"
+            for i, h in enumerate(self.slot_health)
+            if not h.healthy
+        ]
+        dead = [
+            f"slot {i}: thread dead" for i, th in self._slot_threads.items() if not th.is_alive()
+        ]
+        problems = dead + bad
+        return "; ".join(problems) if problems else f"{len(self.slots)} slot(s) healthy"
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop claiming, kill running builds (they go back to the queue), unregister."""
@@ -171,71 +220,129 @@ class Worker:
     def recover(self) -> None:
         """Recover dead workers' builds and remove their scratch files."""
         recovered = self.queue.recover()
-        for build_id in (*recovered.requeued, *recovered.failed):
+        for build_id in recovered.requeued:
+            # its next attempt clears the folder when it starts; it may have started already
+            log.warning("re-queued build %s of a dead worker", build_id)
+        for build_id in recovered.failed:
             self.storage.remove_entry(self.storage.work_dir(build_id))
-            log.warning("recovered build %s from a dead worker", build_id)
+            log.warning("failed build %s of a dead worker (no attempts left)", build_id)
 
     def _heartbeat_loop(self) -> None:
         beats = 0
         while not self._stopping.wait(self.settings.heartbeat_s):
             try:
-                self.queue.heartbeat(self.id)
+                for index, thread in list(self._slot_threads.items()):
+                    if not thread.is_alive() and not self._stopping.is_set():
+                        log.error("slot %d of worker %s died: restarting it", index, self.id)
+                        self._start_slot(index)
+                if not self.queue.heartbeat(self.id):
+                    self._rejoin()
                 beats += 1
                 if beats % 5 == 0:
                     self.recover()
             except Exception:  # a database hiccup must not kill the heartbeat
                 log.exception("worker heartbeat failed")
 
-    def _slot_loop(self, gpu: int | None) -> None:
+    def _rejoin(self) -> None:
+        """This worker was declared dead (its heartbeat went stale, e.g. the database was out of
+        reach): recovery has taken its builds. Kill what it still runs without touching those
+        builds, and register again under a new id."""
+        with self._lock:
+            running = list(self._running.values())
+        for item in running:
+            item.stopped_for = _Stop.DISOWNED
+            _kill_group(item.process)
+        old, self.id = self.id, f"{hostname()}:{process_tag()}:{uuid.uuid4().hex[:6]}"
+        self.queue.register_worker(self.id, len(self.slots), self.targets)
+        log.warning(
+            "worker %s had been declared dead; its %d running build(s) were left to recovery; "
+            "registered again as %s",
+            old,
+            len(running),
+            self.id,
+        )
+
+    def _slot_loop(self, index: int, gpu: int | None) -> None:
+        """Claim and run builds until the worker stops; survive every exception (log, back off,
+        retry), so a database or disk error never leaves the slot dead or a child unwatched."""
+        health = self.slot_health[index]
         while not self._stopping.is_set():
             try:
                 job = self.queue.claim(self.id, self.targets)
-            except Exception:
-                log.exception("claiming a job failed")
-                job = None
-            if job is None:
-                self._stopping.wait(self.settings.poll_interval_s)
-                continue
-            try:
-                self._run(job, gpu)
-            except Exception:
-                log.exception("running build %s failed", job.build_id)
-                self._fail(job.build_id, "worker_error", "The worker failed to run the build.")
-                self.queue.finish(job)
+                if job is not None:
+                    self._run(job, gpu)
+                health.failures, health.last_error = 0, ""
+                if job is None:
+                    self._stopping.wait(self.settings.poll_interval_s)
+            except Exception as exc:
+                health.failures += 1
+                health.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                log.exception(
+                    "slot %d of worker %s failed (round %d)", index, self.id, health.failures
+                )
+                backoff = self.settings.poll_interval_s * 2 ** min(health.failures, 8)
+                self._stopping.wait(min(_MAX_BACKOFF_S, backoff))
 
     # -- one job -----------------------------------------------------------------------------
 
     def _run(self, job: Job, gpu: int | None) -> None:
-        with self.db.session() as session:
-            build = session.get(BuildRow, job.build_id)
-            if build is None or BuildStatus(build.status).terminal:
-                self.queue.finish(job)  # nothing left to do (deleted, or ended already)
+        try:
+            with self.db.session() as session:
+                build = session.get(BuildRow, job.build_id)
+                ended = build is None or BuildStatus(build.status).terminal
+            if ended:
+                self._retry(lambda: self.queue.finish(job), "finishing an ended job")
                 return
-        payload = RunnerInput(
-            build_id=job.build_id,
-            attempt=job.attempt,
-            settings=self.settings.model_dump(mode="json"),
-            parent_pid=os.getpid(),
-            gpu_index=gpu,
-        )
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service.worker.runner"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+            payload = RunnerInput(
+                build_id=job.build_id,
+                attempt=job.attempt,
+                settings=self.settings.model_dump(mode="json"),
+                parent_pid=os.getpid(),
+                gpu_index=gpu,
+            )
+            process = subprocess.Popen(
+                [sys.executable, "-m", "service.worker.runner"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except Exception:
+            # nothing runs for this job: put it back (counted as an attempt) and re-raise
+            self._retry(lambda: self.queue.release(job), "releasing an unstarted job")
+            raise
         item = _Running(job=job, process=process, started=time.monotonic())
         with self._lock:
             self._running[job.id] = item
         try:
-            assert process.stdin is not None
-            process.stdin.write(payload.model_dump_json().encode())
-            process.stdin.close()
+            try:
+                assert process.stdin is not None
+                process.stdin.write(payload.model_dump_json().encode())
+                process.stdin.close()
+            except OSError:
+                log.exception("could not hand build %s to its process", job.build_id)
+                _kill_group(process)
             self._watch(item)
         finally:
-            with self._lock:
-                self._running.pop(job.id, None)
-        self._settle(item)
+            try:
+                self._retry(lambda: self._settle(item), f"settling build {job.build_id}")
+            finally:
+                with self._lock:
+                    self._running.pop(job.id, None)
+
+    def _retry(self, action: Callable[[], None], what: str) -> None:
+        """Run ``action`` until it succeeds (backing off), or until the worker stops."""
+        failures = 0
+        while True:
+            try:
+                action()
+                return
+            except Exception:
+                failures += 1
+                log.exception("%s failed (try %d); retrying", what, failures)
+                if self._stopping.wait(
+                    min(_MAX_BACKOFF_S, self.settings.poll_interval_s * 2**failures)
+                ):
+                    return
 
     def _watch(self, item: _Running) -> None:
         while item.process.poll() is None:
@@ -250,7 +357,7 @@ class Worker:
             if now - item.started > self.settings.build_timeout_s:
                 item.stopped_for = _Stop.TIMEOUT
                 _kill_group(item.process)
-            elif self._cancel_requested(item.job.build_id):
+            elif self._cancel_requested_safely(item.job.build_id):
                 item.cancel_seen = item.cancel_seen or now
                 if now - item.cancel_seen > self.settings.cancel_grace_s:
                     item.stopped_for = _Stop.CANCEL
@@ -260,6 +367,8 @@ class Worker:
         """Give the build an outcome if its process did not record one."""
         _kill_group(item.process)  # anything the build left running in its group
         build_id = item.job.build_id
+        if item.stopped_for is _Stop.DISOWNED:
+            return  # recovery re-queued or failed it; another worker may run it now
         if item.stopped_for is _Stop.SHUTDOWN:
             self.queue.release(item.job)
             self.storage.remove_entry(self.storage.work_dir(build_id))
@@ -288,6 +397,15 @@ class Worker:
                 )
         self.storage.remove_entry(self.storage.work_dir(build_id))
         self.queue.finish(item.job)
+
+    def _cancel_requested_safely(self, build_id: str) -> bool:
+        """Whether a cancel was asked for; a database error means "not now" (the watch goes on,
+        the timeout still applies)."""
+        try:
+            return self._cancel_requested(build_id)
+        except Exception:
+            log.exception("checking build %s for a cancel failed", build_id)
+            return False
 
     def _cancel_requested(self, build_id: str) -> bool:
         with self.db.session() as session:

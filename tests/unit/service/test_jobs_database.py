@@ -6,12 +6,12 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from engines.backends.base import BuildTarget
 from service.db import Database
 from service.db.models import BuildLogRow, BuildRow, JobRow, WorkerRow, utcnow
-from service.queue.base import JobState
+from service.queue.base import JobState, Recovered
 from service.queue.database import DatabaseQueue
 from service.schemas import BuildStatus
 from service.settings import Settings
@@ -52,6 +52,7 @@ def _enqueue(db: Database, queue: DatabaseQueue, *build_ids: str) -> None:
 def test_jobs_are_claimed_oldest_first_and_once(db: Database, queue: DatabaseQueue) -> None:
     _enqueue(db, queue, "b1", "b2")
     assert queue.depth() == 2
+    queue.register_worker("w", 1, CPU)
     first, second = queue.claim("w", CPU), queue.claim("w", CPU)
     assert first is not None and second is not None
     assert (first.build_id, first.attempt, second.build_id) == ("b1", 1, "b2")
@@ -65,6 +66,7 @@ def test_enqueue_is_part_of_the_callers_transaction(db: Database, queue: Databas
         queue.enqueue(session, "b1")
         session.rollback()
     assert queue.depth() == 0
+    queue.register_worker("w", 1, CPU)
     assert queue.claim("w", CPU) is None
 
 
@@ -75,6 +77,7 @@ def test_concurrent_workers_never_share_a_job(db: Database, queue: DatabaseQueue
     lock = threading.Lock()
 
     def work(name: str) -> None:
+        queue.register_worker(name, 1, CPU)
         while (job := queue.claim(name, CPU)) is not None:
             with lock:
                 claimed.append(job.build_id)
@@ -125,6 +128,7 @@ def test_jobs_of_a_dead_worker_are_requeued_once_then_failed(
         messages = [r.message for r in session.query(BuildLogRow).order_by(BuildLogRow.id)]
         assert any(m.startswith("Re-queued") for m in messages)
         assert session.get_one(WorkerRow, "w1").stopped_at is not None
+    queue.register_worker("w3", 1, CPU)
     assert queue.claim("w3", CPU) is None
 
 
@@ -153,6 +157,7 @@ def test_release_puts_a_job_back_without_using_an_attempt(
     db: Database, queue: DatabaseQueue
 ) -> None:
     _enqueue(db, queue, "b1")
+    queue.register_worker("w", 1, CPU)
     job = queue.claim("w", CPU)
     assert job is not None
     queue.release(job)
@@ -162,6 +167,7 @@ def test_release_puts_a_job_back_without_using_an_attempt(
 
 def test_release_of_an_ended_build_finishes_its_job(db: Database, queue: DatabaseQueue) -> None:
     _enqueue(db, queue, "b1")
+    queue.register_worker("w", 1, CPU)
     job = queue.claim("w", CPU)
     assert job is not None
     with db.session() as session:
@@ -192,6 +198,8 @@ def test_builds_go_to_workers_that_build_their_backend(db: Database, queue: Data
         for build_id in ("trt", "any", "ort"):
             queue.enqueue(session, build_id)
         session.commit()
+    queue.register_worker("cpu-worker", 1, CPU)
+    queue.register_worker("gpu-worker", 1, [H100, *CPU])
     # a CPU worker skips the TensorRT build and takes the others, oldest first
     taken = [queue.claim("cpu-worker", CPU), queue.claim("cpu-worker", CPU)]
     assert [job.build_id for job in taken if job] == ["any", "ort"]
@@ -211,6 +219,7 @@ def test_builds_go_to_workers_that_build_their_backend(db: Database, queue: Data
 
 def test_auto_builds_take_the_workers_preferred_target(db: Database, queue: DatabaseQueue) -> None:
     _enqueue(db, queue, "b1")
+    queue.register_worker("gpu-worker", 1, [*CPU, H100])
     assert queue.claim("gpu-worker", [*CPU, H100]) is not None
     with db.session() as session:
         assert session.get_one(BuildRow, "b1").backend == "tensorrt"  # TensorRT before ORT
@@ -223,3 +232,34 @@ def test_live_targets_are_the_live_workers_targets(db: Database, queue: Database
     assert queue.live_targets() == [*CPU, H100]
     queue.unregister_worker("w2")
     assert queue.live_targets() == CPU
+
+
+def test_a_worker_declared_dead_learns_it_and_claims_nothing_until_it_registers_again(
+    db: Database, queue: DatabaseQueue
+) -> None:
+    _enqueue(db, queue, "b1", "b2")
+    queue.register_worker("w1", 1, CPU)
+    assert queue.heartbeat("w1") is True
+    job = queue.claim("w1", CPU)
+    assert job is not None
+    _kill_worker(db, "w1")  # its heartbeat went stale (a database outage, a long pause)
+    assert queue.recover().requeued == ("b1",)
+    assert queue.heartbeat("w1") is False  # declared dead: it must drop b1 and rejoin
+    assert queue.claim("w1", CPU) is None
+    assert queue.live_workers() == 0
+    queue.register_worker("w1-again", 1, CPU)
+    assert queue.claim("w1-again", CPU) is not None
+
+
+def test_a_live_workers_builds_are_never_recovered_from_under_it(
+    db: Database, queue: DatabaseQueue
+) -> None:
+    _enqueue(db, queue, "b1")
+    queue.register_worker("w1", 1, CPU)
+    assert queue.claim("w1", CPU) is not None
+    for _ in range(3):  # other workers recover again and again while w1 heartbeats
+        assert queue.heartbeat("w1") is True
+        assert queue.recover() == Recovered()
+    with db.session() as session:
+        assert session.get_one(WorkerRow, "w1").stopped_at is None
+        assert session.scalars(select(JobRow.state)).one() == JobState.RUNNING.value

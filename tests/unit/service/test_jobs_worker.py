@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text, update
 
 from service.api.app import create_app
 from service.db import Database
+from service.db.models import WorkerRow, utcnow
 from service.queue.database import DatabaseQueue
 from service.settings import Settings
 from service.store.storage import Storage
@@ -133,3 +136,91 @@ def test_stopping_a_worker_puts_its_build_back_without_using_an_attempt(
     assert (queued["status"], queued["attempts"], queued["progress"]) == ("queued", 0, 0.0)
     logs = client.get(f"/v1/builds/{build['id']}/logs").json()
     assert "worker shut down" in logs[-1]["message"]
+
+
+def _rename_table(settings: Settings, old: str, new: str) -> None:
+    """A real database fault: the queue's table disappears (and comes back)."""
+    db = Database(settings.resolved_database_url)
+    try:
+        with db.engine.begin() as conn:
+            conn.execute(text(f"ALTER TABLE {old} RENAME TO {new}"))
+    finally:
+        db.dispose()
+
+
+def _until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.05)
+
+
+def test_a_slot_survives_database_errors_says_so_and_recovers(
+    client: TestClient,
+    settings: Settings,
+    submit: Callable[..., dict[str, object]],
+    worker_for: Callable[..., Worker],
+) -> None:
+    worker = worker_for()
+    _rename_table(settings, "jobs", "jobs_away")
+    try:
+        _until(lambda: not worker.healthy)
+        detail = worker.health_detail()
+        assert "slot 0" in detail and "jobs" in detail  # names the failing slot and the error
+    finally:
+        _rename_table(settings, "jobs_away", "jobs")
+    build = submit(**FAST)
+    done = _wait(client, build["id"], _ended)
+    assert done["status"] == "succeeded" and done["worker_id"] == worker.id
+    _until(lambda: worker.healthy)  # the round that ran the build ends once it is settled
+    assert worker.health_detail() == "1 slot(s) healthy"
+
+
+def test_readyz_reports_the_in_process_workers_failing_slots(
+    settings: Settings, make_client: Callable[..., TestClient]
+) -> None:
+    client = make_client(workers=1)
+    _until(lambda: client.get("/readyz").status_code == 200)
+    assert client.get("/readyz").json()["checks"]["slots"] == {
+        "ok": True,
+        "detail": "1 slot(s) healthy",
+    }
+    _rename_table(settings, "jobs", "jobs_away")
+    try:
+        _until(lambda: not client.get("/readyz").json()["checks"]["slots"]["ok"])
+        answer = client.get("/readyz")
+        assert answer.status_code == 503 and "slot 0" in answer.json()["error"]["message"]
+    finally:
+        _rename_table(settings, "jobs_away", "jobs")
+    _until(lambda: client.get("/readyz").status_code == 200)
+
+
+def test_a_worker_declared_dead_drops_its_build_and_rejoins_under_a_new_id(
+    client: TestClient,
+    settings: Settings,
+    submit: Callable[..., dict[str, object]],
+    worker_for: Callable[..., Worker],
+) -> None:
+    build = submit(**SLOW)
+    worker = worker_for()
+    _wait(client, build["id"], lambda b: b["status"] == "benchmarking")
+    first = worker.id
+    db = Database(settings.resolved_database_url)
+    try:  # another worker finds its heartbeat stale (as after a long database outage)
+        with db.session() as session:
+            session.execute(
+                update(WorkerRow)
+                .where(WorkerRow.id == first)
+                .values(heartbeat_at=utcnow() - timedelta(minutes=10))
+            )
+            session.commit()
+        assert DatabaseQueue(db, settings).recover().requeued == (build["id"],)
+    finally:
+        db.dispose()
+    _until(lambda: worker.id != first)  # the next heartbeat told it; it registered again
+    again = _wait(client, build["id"], lambda b: b["worker_id"] == worker.id)
+    assert again["status"] not in ("failed", "cancelled")  # the build lives on, run again
+    messages = [line["message"] for line in client.get(f"/v1/builds/{build['id']}/logs").json()]
+    assert any(m.startswith("Re-queued") for m in messages)
+    assert client.post(f"/v1/builds/{build['id']}/cancel").status_code == 202
+    assert _wait(client, build["id"], _ended, timeout_s=30)["status"] == "cancelled"
