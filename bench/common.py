@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from engines.backends.onnxruntime import SessionRunner, create_session_options  # noqa: E402
 from tests import zoo  # noqa: E402
 
 __all__ = [
@@ -211,7 +212,7 @@ def crops_of(
 # --- runners ------------------------------------------------------------------------------------
 
 
-class QdqEmulationRunner:
+class QdqEmulationRunner(SessionRunner):
     """ONNX Runtime over an ``.onnx`` file with its Q/DQ fusions off (``session.disable_quant_qdq``).
 
     QuantizeLinear/DequantizeLinear then run as the ops they are: float compute on tensors
@@ -219,69 +220,25 @@ class QdqEmulationRunner:
     kernels with FP32 accumulation). With the fusions on (ONNX Runtime's default), Q/DQ become
     QLinearConv/QLinearMatMul int8 kernels whose u8s8 products saturate on x86 CPUs without
     AVX-VNNI, which says something about that CPU, not about the quantized model.
-    Implements :class:`engines.backends.base.Runner`.
+    Feeds are validated and queries timed by :class:`engines.backends.runner.BaseRunner`.
     """
 
     def __init__(self, model_path: Path, *, threads: int) -> None:
         import onnxruntime as ort
 
-        from core.tensors import TensorSpec
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads = threads
+        options = create_session_options(threads)
         options.add_session_config_entry("session.disable_quant_qdq", "1")
         self.model_path = Path(model_path)
         self._threads = threads
-        self._session: Any = ort.InferenceSession(
-            str(model_path), options, providers=["CPUExecutionProvider"]
-        )
-        dtypes = {
-            "tensor(float)": "float32",
-            "tensor(float16)": "float16",
-            "tensor(int64)": "int64",
-        }
-        self._inputs = tuple(
-            TensorSpec(i.name, dtypes.get(i.type, "float32"), tuple(i.shape or ()))
-            for i in self._session.get_inputs()
-        )
-        self._outputs = tuple(o.name for o in self._session.get_outputs())
+        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        super().__init__(session, self.model_path.name)
 
-    @property
-    def inputs(self) -> Sequence[Any]:
-        return self._inputs
-
-    @property
-    def output_names(self) -> Sequence[str]:
-        return self._outputs
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self._session.run(None, {s.name: feeds[s.name] for s in self._inputs})
-        return {n: np.asarray(v) for n, v in zip(self._outputs, values, strict=True)}
-
-    def timed_run(self, feeds: Mapping[str, np.ndarray]) -> Any:
-        from engines.backends.base import QueryTiming
-
-        start = time.perf_counter()
-        self.run(feeds)
-        ms = (time.perf_counter() - start) * 1000.0
-        return QueryTiming(latency_ms=ms, enqueue_ms=ms, h2d_ms=0.0, gpu_compute_ms=ms, d2h_ms=0.0)
-
-    def describe(self) -> dict[str, str]:
+    def _describe(self) -> dict[str, str]:
         return {
             "backend": "onnxruntime (Q/DQ emulated: session.disable_quant_qdq=1)",
             "model": self.model_path.name,
             "threads": str(self._threads),
         }
-
-    def close(self) -> None:
-        self._session = None
-
-    def __enter__(self) -> QdqEmulationRunner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # --- environment and reports ---------------------------------------------------------------------

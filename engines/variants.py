@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -37,11 +36,12 @@ from engines.accuracy import compare
 from engines.accuracy_report import AccuracyMetric, AccuracyReport, MetricBudget
 from engines.backends.base import QueryTiming, Runner
 from engines.backends.onnxruntime import (
+    SessionRunner,
     create_session_options,
     default_providers,
     int8_weight_levels,
-    tensor_specs,
 )
+from engines.backends.runner import BaseRunner
 from engines.errors import RunError, SpecError
 from engines.spec import BackendName, BuildSpec, KeepRules, Precision
 
@@ -105,13 +105,17 @@ def keep_patterns(nodes: Sequence[str], op_types: Iterable[str]) -> tuple[str, .
 # --- runners ----------------------------------------------------------------------------------
 
 
-class MemoizedRunner:
+class MemoizedRunner(BaseRunner):
     """Wraps a runner and caches its outputs by the feeds' content, so that a reference runs
-    once per distinct batch however many candidates are compared with it."""
+    once per distinct batch however many candidates are compared with it. Timed queries are
+    the wrapped runner's own (never cached); closing it closes the wrapped runner."""
 
     def __init__(self, runner: Runner) -> None:
         self._runner = runner
         self._cache: dict[bytes, dict[str, np.ndarray]] = {}
+        # the wrapped runner decides which dtypes it takes; feeds are checked here, then again
+        # (cheaply) by the wrapped runner
+        self.input_casting = runner.input_casting if isinstance(runner, BaseRunner) else "no"
 
     @property
     def inputs(self) -> Sequence[TensorSpec]:
@@ -121,27 +125,25 @@ class MemoizedRunner:
     def output_names(self) -> Sequence[str]:
         return self._runner.output_names
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    @property
+    def label(self) -> str:
+        return self._runner.label if isinstance(self._runner, BaseRunner) else super().label
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         key = _feeds_key(feeds)
         if key not in self._cache:
             self._cache[key] = self._runner.run(feeds)
         return dict(self._cache[key])
 
-    def timed_run(self, feeds: Mapping[str, np.ndarray]) -> QueryTiming:
+    def _timed_run(self, feeds: dict[str, np.ndarray]) -> QueryTiming:
         return self._runner.timed_run(feeds)
 
-    def describe(self) -> dict[str, str]:
+    def _describe(self) -> dict[str, str]:
         return self._runner.describe()
 
-    def close(self) -> None:
+    def _close(self) -> None:
         self._cache.clear()
         self._runner.close()
-
-    def __enter__(self) -> MemoizedRunner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _feeds_key(feeds: Mapping[str, np.ndarray]) -> bytes:
@@ -153,7 +155,7 @@ def _feeds_key(feeds: Mapping[str, np.ndarray]) -> bytes:
     return digest.digest()
 
 
-class InMemoryRunner:
+class InMemoryRunner(SessionRunner):
     """An ONNX Runtime session over an in-memory model (no files), as a :class:`Runner`.
 
     ``optimize=False`` disables graph optimizations (``reference`` execution).
@@ -171,10 +173,10 @@ class InMemoryRunner:
         import onnxruntime as ort
 
         options = create_session_options(threads, optimize=optimize)
-        self._what, self._threads, self._optimize = what, threads, optimize
+        self._threads, self._optimize = threads, optimize
         self._providers = tuple(providers)
         try:
-            self._session: Any = ort.InferenceSession(
+            session = ort.InferenceSession(
                 model.SerializeToString(), options, providers=list(self._providers)
             )
         except Exception as exc:  # onnxruntime's own Fail/InvalidGraph types
@@ -182,49 +184,16 @@ class InMemoryRunner:
                 f"ONNX Runtime cannot load {what}: {exc}",
                 hint="Keep the failing node out of INT8 with --keep NODE, or report the model.",
             ) from exc
-        self._inputs = tensor_specs(self._session.get_inputs())
-        self._outputs = tuple(o.name for o in self._session.get_outputs())
+        super().__init__(session, what)
 
-    @property
-    def inputs(self) -> Sequence[TensorSpec]:
-        return self._inputs
-
-    @property
-    def output_names(self) -> Sequence[str]:
-        return self._outputs
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._session is None:
-            raise RunError(f"The session of {self._what} is closed.")
-        try:
-            values = self._session.run(None, {s.name: feeds[s.name] for s in self._inputs})
-        except Exception as exc:  # onnxruntime's own error types
-            raise RunError(f"ONNX Runtime failed running {self._what}: {exc}") from exc
-        return {n: np.asarray(v) for n, v in zip(self._outputs, values, strict=True)}
-
-    def timed_run(self, feeds: Mapping[str, np.ndarray]) -> QueryTiming:
-        start = time.perf_counter()
-        self.run(feeds)
-        ms = (time.perf_counter() - start) * 1000.0
-        return QueryTiming(latency_ms=ms, enqueue_ms=ms, h2d_ms=0.0, gpu_compute_ms=ms, d2h_ms=0.0)
-
-    def describe(self) -> dict[str, str]:
+    def _describe(self) -> dict[str, str]:
         return {
             "backend": "onnxruntime",
-            "model": self._what,
+            "model": self.label,
             "providers": ",".join(self._providers),
             "threads": str(self._threads),
             "graph_optimizations": "all" if self._optimize else "disabled",
         }
-
-    def close(self) -> None:
-        self._session = None
-
-    def __enter__(self) -> InMemoryRunner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # --- evaluation -------------------------------------------------------------------------------

@@ -340,7 +340,14 @@ class _Collector:
 
     def _class(self, node: ast.ClassDef, functions: tuple[str, ...], scope: _Scope) -> None:
         module_classes = {n.name for n in self.tree.body if isinstance(n, ast.ClassDef)}
-        plain = {"object", "BaseModel", "Protocol", "Exception", *module_classes}
+        own_classes = {  # imported from trtforge's own packages (e.g. BaseRunner)
+            a.asname or a.name
+            for n in self.tree.body
+            if isinstance(n, ast.ImportFrom)
+            and (n.module or "").split(".")[0] in ("core", "calibrators", "engines")
+            for a in n.names
+        }
+        plain = {"object", "BaseModel", "Protocol", "Exception", *module_classes, *own_classes}
         dynamic = [b for b in node.bases if _dotted(b) not in plain]
         for stmt in node.body:
             public = isinstance(stmt, ast.FunctionDef) and not stmt.name.startswith("_")

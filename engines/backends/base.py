@@ -152,7 +152,11 @@ class ConfigurableTiming(Protocol):
 
 @runtime_checkable
 class Runner(Protocol):
-    """A loaded artifact that runs inference. Use it in a ``with`` block."""
+    """A loaded artifact that runs inference. Use it in a ``with`` block.
+
+    trtforge's runners subclass :class:`engines.backends.runner.BaseRunner`, which checks the
+    feeds against ``inputs`` once, times queries and closes once; this protocol is what the
+    benchmark, the accuracy comparison and the workflow take."""
 
     @property
     def inputs(self) -> Sequence[TensorSpec]: ...

@@ -4,9 +4,11 @@ It works everywhere (CPU execution provider), and uses CUDA first when this onnx
 has the CUDA execution provider. It is what ``auto`` picks where TensorRT or a GPU is missing.
 
 Timing: ONNX Runtime's ``InferenceSession.run`` is synchronous on the host, copies included, so
-a query's only measurable interval is its host wall-clock time. :meth:`OnnxRuntimeRunner.timed_run`
-reports it as ``latency_ms`` and also as ``gpu_compute_ms`` and ``enqueue_ms`` (the run is its
-own enqueue and compute), with ``h2d_ms = d2h_ms = 0``: transfers, when any, are inside it.
+a query's only measurable interval is its host wall-clock time. ``timed_run`` (the default of
+:class:`engines.backends.runner.BaseRunner`) reports it as ``latency_ms`` and also as
+``gpu_compute_ms`` and ``enqueue_ms`` (the run is its own enqueue and compute), with
+``h2d_ms = d2h_ms = 0``: transfers, when any, are inside it. Feeds are validated before the
+clock starts.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import importlib.util
 import os
 import platform
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,9 +32,9 @@ from engines.backends.base import (
     ArtifactMetadata,
     Availability,
     ProgressFn,
-    QueryTiming,
     report_progress,
 )
+from engines.backends.runner import BaseRunner
 from engines.errors import BuildError, RunError
 from engines.spec import BuildSpec
 
@@ -45,6 +47,7 @@ __all__ = [
     "MAX_PROTOBUF_BYTES",
     "OnnxRuntimeBackend",
     "OnnxRuntimeRunner",
+    "SessionRunner",
     "cpu_name",
     "create_session_options",
     "default_providers",
@@ -304,7 +307,48 @@ def tensor_specs(args: Sequence[Any]) -> tuple[TensorSpec, ...]:
     return tuple(specs)
 
 
-class OnnxRuntimeRunner:
+class SessionRunner(BaseRunner):
+    """A runner over an ONNX Runtime ``InferenceSession`` (from a file or from memory), timed on
+    the host (module docstring). ``label`` names it in error messages."""
+
+    def __init__(self, session: Any, label: str) -> None:
+        self._session: Any = session
+        self._label = label
+        self._inputs = tensor_specs(session.get_inputs())
+        self._outputs = tuple(o.name for o in session.get_outputs())
+
+    @property
+    def inputs(self) -> Sequence[TensorSpec]:
+        return self._inputs
+
+    @property
+    def output_names(self) -> Sequence[str]:
+        return self._outputs
+
+    @property
+    def label(self) -> str:
+        return self._label
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            values = self._session.run(None, feeds)
+        except Exception as exc:  # onnxruntime's own error types
+            raise RunError(
+                f"ONNX Runtime failed running {self._label}: {exc}",
+                hint="The feeds match the model's declared inputs; the graph fails on these values "
+                "(e.g. named dims whose sizes do not fit together).",
+                field="inputs",
+            ) from exc
+        return {name: np.asarray(v) for name, v in zip(self._outputs, values, strict=True)}
+
+    def _describe(self) -> dict[str, str]:
+        return {"backend": "onnxruntime", "backend_version": _ort_version(), "model": self._label}
+
+    def _close(self) -> None:
+        self._session = None
+
+
+class OnnxRuntimeRunner(SessionRunner):
     """An ONNX Runtime session over an ``.onnx`` artifact. Use it in a ``with`` block.
 
     ``intra_op_threads`` defaults to ``os.cpu_count()``; ``providers`` to :func:`default_providers`
@@ -327,69 +371,22 @@ class OnnxRuntimeRunner:
         if not self.model_path.is_file():
             raise RunError(f"Artifact {str(self.model_path)!r} does not exist.", field="artifact")
         try:
-            self._session: Any = ort.InferenceSession(
-                str(self.model_path), options, providers=self._providers
-            )
+            session = ort.InferenceSession(str(self.model_path), options, providers=self._providers)
         except Exception as exc:  # onnxruntime's own error types
             raise RunError(
                 f"ONNX Runtime cannot load {self.model_path.name}: {exc}",
                 hint="Check that the file is an .onnx artifact built by trtforge's onnxruntime backend.",
                 field="artifact",
             ) from exc
-        self._options = _describe_options(options, self._session.get_providers())
-        self._inputs = tensor_specs(self._session.get_inputs())
-        self._outputs = tuple(o.name for o in self._session.get_outputs())
-
-    @property
-    def inputs(self) -> Sequence[TensorSpec]:
-        return self._inputs
-
-    @property
-    def output_names(self) -> Sequence[str]:
-        return self._outputs
+        super().__init__(session, self.model_path.name)
+        self._options = _describe_options(options, session.get_providers())
 
     @property
     def session_options(self) -> dict[str, Any]:
         """The session's settings as recorded in artifact metadata."""
         return dict(self._options)
 
-    def _feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._session is None:
-            raise RunError("The runner is closed.", hint="Use the runner inside its `with` block.")
-        missing = [spec.name for spec in self._inputs if spec.name not in feeds]
-        if missing:
-            raise RunError(
-                f"Missing input(s) {', '.join(missing)} for {self.model_path.name}.",
-                hint=f"Feed every model input: {', '.join(s.name for s in self._inputs)}.",
-                field="inputs",
-            )
-        return {spec.name: feeds[spec.name] for spec in self._inputs}
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one query; returns every output by name."""
-        ordered = self._feeds(feeds)
-        try:
-            values = self._session.run(None, ordered)
-        except Exception as exc:
-            raise RunError(
-                f"ONNX Runtime failed running {self.model_path.name}: {exc}",
-                hint="Check the inputs' shapes and dtypes against the model's inputs.",
-                field="inputs",
-            ) from exc
-        return {name: np.asarray(v) for name, v in zip(self._outputs, values, strict=True)}
-
-    def timed_run(self, feeds: Mapping[str, np.ndarray]) -> QueryTiming:
-        """Run once; host wall-clock latency in latency, enqueue and compute (module docstring)."""
-        ordered = self._feeds(feeds)
-        start = time.perf_counter()
-        try:
-            self._session.run(None, ordered)
-        except Exception as exc:
-            raise RunError(f"ONNX Runtime failed running {self.model_path.name}: {exc}") from exc
-        ms = (time.perf_counter() - start) * 1000.0
-        return QueryTiming(latency_ms=ms, enqueue_ms=ms, h2d_ms=0.0, gpu_compute_ms=ms, d2h_ms=0.0)
-
-    def describe(self) -> dict[str, str]:
+    def _describe(self) -> dict[str, str]:
         providers = list(self._options["providers"])
         return {
             "backend": "onnxruntime",
@@ -399,15 +396,4 @@ class OnnxRuntimeRunner:
             "threads": str(self._threads),
             "graph_optimization_level": str(self._options["graph_optimization_level"]),
             "timing": "host wall clock per synchronous query (transfers included)",
-            "platform": platform.platform(),
-            "python": platform.python_version(),
         }
-
-    def close(self) -> None:
-        self._session = None
-
-    def __enter__(self) -> OnnxRuntimeRunner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -24,7 +24,6 @@ Timing modes (:class:`engines.backends.base.TimingMode`, trtexec's flags):
 
 from __future__ import annotations
 
-import platform
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,6 +36,7 @@ from core.errors import TensorRTUnavailableError
 from core.tensorrt import require_tensorrt, tensorrt_module
 from core.tensors import TensorSpec
 from engines.backends.base import QueryTiming, TimingMode
+from engines.backends.runner import BaseRunner
 from engines.errors import BackendUnavailableError, EngineError, RunError
 
 __all__ = ["TensorRTRunner"]
@@ -56,12 +56,15 @@ def _version_compatible(engine_path: Path) -> bool:
         return False
 
 
-class TensorRTRunner:
+class TensorRTRunner(BaseRunner):
     """A deserialized engine with device buffers, one execution context and one CUDA stream.
 
     Use it in a ``with`` block: :meth:`close` frees the device memory. See the module docstring
     for what :meth:`timed_run` measures. Outputs with data-dependent shapes are not supported.
+    Feeds of another dtype of the same kind (float64 for a float32 input) are cast.
     """
+
+    input_casting = "same_kind"
 
     def __init__(self, engine_path: Path, *, device: int = 0) -> None:
         self.engine_path = Path(engine_path)
@@ -144,6 +147,10 @@ class TensorRTRunner:
         """The engine's outputs, in engine order."""
         return self._outputs
 
+    @property
+    def label(self) -> str:
+        return self.engine_path.name
+
     def _buffer(self, name: str, nbytes: int) -> int:
         ptr, capacity = self._buffers.get(name, (0, -1))
         if capacity < nbytes:
@@ -156,31 +163,18 @@ class TensorRTRunner:
         return ptr
 
     def _stage(
-        self, feeds: Mapping[str, np.ndarray]
+        self, feeds: dict[str, np.ndarray]
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Host arrays for the inputs (shapes set on the context) and for the outputs."""
-        if self._context is None:
-            raise RunError("The runner is closed.", hint="Use the runner inside its `with` block.")
+        """Host arrays for the validated inputs (shapes set on the context) and for the outputs."""
         hosts: dict[str, np.ndarray] = {}
         for spec in self._inputs:
-            if spec.name not in feeds:
-                raise RunError(
-                    f"Missing input {spec.name!r} for {self.engine_path.name}.",
-                    hint=f"Feed every engine input: {', '.join(s.name for s in self._inputs)}.",
-                    field="inputs",
-                )
-            try:
-                array = np.ascontiguousarray(
-                    np.asarray(feeds[spec.name]).astype(
-                        self._dtypes[spec.name], casting="same_kind"
-                    )
-                )
-            except TypeError as exc:
-                raise RunError(f"Input {spec.name!r}: {exc}", field="inputs") from exc
+            array = np.ascontiguousarray(feeds[spec.name])
             if not self._context.set_input_shape(spec.name, array.shape):
                 raise RunError(
                     f"Input {spec.name!r} has shape {array.shape}, outside what the engine accepts "
                     f"({spec.shape}, within its optimization profile).",
+                    hint="Feed a shape between the profile's min and max (the artifact's sidecar "
+                    "lists them), or rebuild with a profile that covers it.",
                     field="inputs",
                 )
             hosts[spec.name] = array
@@ -316,13 +310,13 @@ class TensorRTRunner:
             self._cudart.cudaGraphDestroy(graph)
         self._graphs = {}
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one query; returns every output by name (always with both copies)."""
         hosts, outputs = self._stage(feeds)
         self._execute(hosts, outputs, TimingMode())
         return outputs
 
-    def timed_run(self, feeds: Mapping[str, np.ndarray]) -> QueryTiming:
+    def _timed_run(self, feeds: dict[str, np.ndarray]) -> QueryTiming:
         """Run once in the current timing mode; CUDA-event times per stage plus host enqueue
         time (module docstring)."""
         hosts, outputs = self._stage(feeds)
@@ -342,7 +336,7 @@ class TensorRTRunner:
             d2h_ms=elapsed(e[2], e[3]),
         )
 
-    def describe(self) -> dict[str, str]:
+    def _describe(self) -> dict[str, str]:
         """The measurement environment: TensorRT version, GPU, driver, how timing is taken."""
         from engines.gpu import discover_gpus
 
@@ -359,12 +353,10 @@ class TensorRTRunner:
             "cuda_graph": "yes" if self.timing_mode.cuda_graph else "no",
             "spin_wait": "yes" if self.timing_mode.spin_wait else "no",
             "data_transfers": "timed" if self.timing_mode.use_transfers else "left out",
-            "platform": platform.platform(),
-            "python": platform.python_version(),
         }
 
-    def close(self) -> None:
-        """Free device buffers, events and the stream; idempotent."""
+    def _close(self) -> None:
+        """Free device buffers, events and the stream (once: :meth:`close` is idempotent)."""
         if self._stream is None:
             return
         cudart = self._cudart
@@ -376,12 +368,6 @@ class TensorRTRunner:
         cudart.cudaStreamDestroy(self._stream)
         self._buffers, self._events, self._stream = {}, [], None
         self._context = self._engine = self._runtime = None
-
-    def __enter__(self) -> TensorRTRunner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _shape_key(arrays: Mapping[str, np.ndarray]) -> tuple[tuple[str, tuple[int, ...]], ...]:
