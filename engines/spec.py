@@ -6,10 +6,10 @@ Frozen pydantic models with a canonical digest used in cache keys, and a JSON ro
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Sequence
 from enum import StrEnum
-from typing import Annotated, Any
+from functools import lru_cache
+from typing import Annotated, Any, Protocol
 
 from pydantic import Field, field_validator, model_validator
 
@@ -20,14 +20,18 @@ from engines.frozen import FrozenModel
 from engines.names import BackendName
 
 __all__ = [
+    "MAX_KEEP_PATTERNS",
+    "MAX_KEEP_PATTERN_CHARS",
     "BackendName",
     "BuildSpec",
+    "CompiledPattern",
     "KeepRules",
     "Precision",
     "ShapeProfile",
     "TechniqueMode",
     "TensorRTMode",
     "TensorRTOptions",
+    "compile_keep_pattern",
     "node_matches",
 ]
 
@@ -104,11 +108,47 @@ class ShapeProfile(FrozenModel):
         return cls(min=shapes[0], opt=shapes[1], max=shapes[2])
 
 
+MAX_KEEP_PATTERNS = 10_000
+"""Keep patterns per precision (a mixed-precision search may add one per node)."""
+MAX_KEEP_PATTERN_CHARS = 1_000
+
+
+class CompiledPattern(Protocol):
+    """A compiled keep regex (RE2's ``_Regexp``)."""
+
+    def fullmatch(self, text: str) -> object | None: ...
+
+
+@lru_cache(maxsize=4096)
+def compile_keep_pattern(regex: str) -> CompiledPattern:
+    """Compile the ``<regex>`` of a ``re:<regex>`` keep pattern with RE2.
+
+    RE2 matches in time linear in the name's length whatever the pattern (no backtracking), so
+    a user's pattern cannot freeze a server or a build. Its syntax is Python's without
+    backreferences and lookaround. Raises ``ValueError`` naming what RE2 refused.
+    """
+    import re2  # google-re2: a declared dependency, loaded where patterns are used
+
+    options = re2.Options()
+    options.log_errors = False  # the error is raised, not printed to stderr
+    try:
+        compiled: CompiledPattern = re2.compile(regex, options)
+    except re2.error as exc:
+        reason = exc.args[0] if exc.args else exc
+        if isinstance(reason, bytes):
+            reason = reason.decode(errors="replace")
+        raise ValueError(
+            f"keep pattern 're:{regex}' is not a valid regex: {reason} (RE2 syntax: Python's "
+            "without backreferences or lookaround)"
+        ) from None
+    return compiled
+
+
 class KeepRules(FrozenModel):
     """Nodes kept out of a precision: exact ONNX node names, op types, or regexes over node names.
 
     A pattern matches a node when it equals the node's name or op type, or when it is written
-    ``re:<regex>`` and the regex matches the whole node name.
+    ``re:<regex>`` and the regex (RE2 syntax, matched in linear time) matches the whole node name.
     """
 
     int8: tuple[str, ...] = ()
@@ -116,21 +156,27 @@ class KeepRules(FrozenModel):
 
     @field_validator("int8", "fp16")
     @classmethod
-    def _valid_regexes(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+    def _valid_patterns(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        if len(patterns) > MAX_KEEP_PATTERNS:
+            raise ValueError(
+                f"{len(patterns):,} keep patterns, more than the limit of {MAX_KEEP_PATTERNS:,}"
+            )
         for p in patterns:
+            if len(p) > MAX_KEEP_PATTERN_CHARS:
+                raise ValueError(
+                    f"keep pattern {p[:40]!r}... has {len(p):,} characters, more than the limit "
+                    f"of {MAX_KEEP_PATTERN_CHARS:,}"
+                )
             if p.startswith("re:"):
-                try:
-                    re.compile(p[3:])
-                except re.error as exc:
-                    raise ValueError(f"keep pattern {p!r} is not a valid regex: {exc}") from exc
+                compile_keep_pattern(p[3:])
         return patterns
 
 
 def node_matches(patterns: tuple[str, ...], name: str, op_type: str) -> bool:
-    """Whether a node (name, op type) matches any keep pattern."""
+    """Whether a node (name, op type) matches any keep pattern (``re:`` ones with RE2)."""
     for p in patterns:
         if p.startswith("re:"):
-            if re.fullmatch(p[3:], name):
+            if compile_keep_pattern(p[3:]).fullmatch(name) is not None:
                 return True
         elif p in (name, op_type):
             return True
