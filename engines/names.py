@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["BackendName"]
+__all__ = ["BackendName", "QdqExecution"]
 
 
 class BackendName(StrEnum):
@@ -13,3 +13,12 @@ class BackendName(StrEnum):
     AUTO = "auto"
     TENSORRT = "tensorrt"
     ONNXRUNTIME = "onnxruntime"
+
+
+class QdqExecution(StrEnum):
+    """How ONNX Runtime executes Q/DQ variants (:mod:`engines.variants`)."""
+
+    ONNXRUNTIME = "onnxruntime"
+    """Q/DQ fused into ONNX Runtime's integer kernels: what an onnxruntime artifact runs."""
+    REFERENCE = "reference"
+    """Q/DQ computed as written, in float (no graph optimizations): what TensorRT follows."""

@@ -25,7 +25,6 @@ import hashlib
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -43,6 +42,7 @@ from engines.backends.onnxruntime import (
 )
 from engines.backends.runner import BaseRunner
 from engines.errors import RunError, SpecError
+from engines.names import QdqExecution
 from engines.spec import BackendName, BuildSpec, KeepRules, Precision
 
 if TYPE_CHECKING:
@@ -62,15 +62,6 @@ __all__ = [
 
 _CPU = ("CPUExecutionProvider",)
 _FULL_INT8 = 127
-
-
-class QdqExecution(StrEnum):
-    """How ONNX Runtime executes Q/DQ variants (module docstring)."""
-
-    ONNXRUNTIME = "onnxruntime"
-    """Q/DQ fused into ONNX Runtime's integer kernels: what an onnxruntime artifact runs."""
-    REFERENCE = "reference"
-    """Q/DQ computed as written, in float (no graph optimizations): what TensorRT follows."""
 
 
 def default_execution(spec: BuildSpec) -> QdqExecution:

@@ -11,14 +11,16 @@ from typing import TYPE_CHECKING, Any
 import click
 import numpy as np
 
+from engines.accuracy_report import AccuracyMetric
+from engines.names import QdqExecution
 from service.cli.options import (
-    backend_option,
     calibration_batch_option,
+    enum_choice,
     handle_errors,
     max_samples_option,
     memory_limit_option,
-    method_option,
     preprocess_option,
+    spec_options,
     threads_option,
 )
 from service.cli.progress import CliRecorder, stage_progress
@@ -60,64 +62,6 @@ def labels_from_file(path: Path | None) -> np.ndarray | None:
             field="labels",
         )
     return np.asarray(labels, dtype=np.int64)
-
-
-_METRICS = (
-    "sqnr_db",
-    "cosine",
-    "min_cosine",
-    "top1_agreement",
-    "top5_agreement",
-    "accuracy",
-    "accuracy_drop",
-    "max_abs_error",
-    "mean_abs_error",
-    "max_rel_error",
-    "mean_rel_error",
-    "rel_l2_error",
-)
-"""engines.accuracy.AccuracyMetric's values (not imported here: the CLI starts fast)."""
-
-
-def _build_spec(
-    precision: str,
-    method: str,
-    percentile: float | None,
-    backend: str,
-    mode: str,
-    keep: tuple[str, ...],
-    keep_fp16: tuple[str, ...],
-    shapes: tuple[str, ...],
-) -> BuildSpec:
-    from calibrators.spec import method_spec
-    from engines.errors import SpecError
-    from engines.spec import BuildSpec, KeepRules, ShapeProfile
-
-    profiles: dict[str, ShapeProfile] = {}
-    for item in shapes:
-        name, sep, text = item.rpartition(":")
-        if not sep or not name:
-            raise SpecError(
-                f"--shapes {item!r} needs NAME:MIN/OPT/MAX.",
-                hint="e.g. --shapes input:1x3x224x224/8x3x224x224/32x3x224x224",
-                field="shapes",
-            )
-        try:
-            profiles[name] = ShapeProfile.parse(text)
-        except ValueError as exc:
-            raise SpecError(f"--shapes {item!r}: {exc}", field="shapes") from exc
-    try:
-        params = {"percentile": percentile} if percentile is not None else {}
-        return BuildSpec(
-            precision=precision,
-            calibration=method_spec(method, **params),
-            backend=backend,
-            mode=mode,
-            profiles=profiles,
-            keep=KeepRules(int8=keep, fp16=keep_fp16),
-        )
-    except ValueError as exc:
-        raise SpecError(f"Invalid build options: {exc}", field="spec") from exc
 
 
 def _workflow(model: Path, spec: BuildSpec, quiet: bool) -> Workflow:
@@ -181,12 +125,7 @@ def _calibration(
 
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option(
-    "--precision",
-    type=click.Choice(["fp32", "fp16", "int8", "int8-fp16"]),
-    default="int8-fp16",
-    show_default=True,
-)
+@spec_options()
 @click.option(
     "--data",
     type=click.Path(path_type=Path, exists=True),
@@ -200,29 +139,6 @@ def _calibration(
     help="A calibration table (cache text or .json).",
 )
 @preprocess_option
-@method_option
-@click.option("--percentile", type=float, default=None)
-@backend_option
-@click.option(
-    "--mode",
-    type=click.Choice(["explicit", "implicit"]),
-    default="explicit",
-    show_default=True,
-    help="TensorRT: explicit Q/DQ (10.x and 11.x) or implicit calibration (10.x only).",
-)
-@click.option(
-    "--keep", multiple=True, help="Node name, op type or re:REGEX kept out of INT8 (repeatable)."
-)
-@click.option(
-    "--keep-fp16",
-    multiple=True,
-    help="Node name, op type or re:REGEX kept out of FP16 (repeatable).",
-)
-@click.option(
-    "--shapes",
-    multiple=True,
-    help="NAME:MIN/OPT/MAX optimization profile, e.g. input:1x3x224x224/8x3x224x224/32x3x224x224.",
-)
 @click.option(
     "--accuracy-budget",
     default=None,
@@ -241,27 +157,6 @@ def _calibration(
     default=None,
     help=".npy of int labels for --data (accuracy_drop budgets).",
 )
-@click.option(
-    "--smoothing",
-    type=click.Choice(["auto", "on", "off"]),
-    default="auto",
-    show_default=True,
-    help="SmoothQuant / cross-layer equalization before calibration (auto: where it lowers the "
-    "INT8 error).",
-)
-@click.option(
-    "--bias-correction",
-    type=click.Choice(["auto", "on", "off"]),
-    default="auto",
-    show_default=True,
-    help="Shift quantized layers' biases by their weights' mean error (auto: where it helps).",
-)
-@click.option(
-    "--gate",
-    multiple=True,
-    help="Accuracy gate METRIC:VALUE against FP32 on the held-out samples (repeatable), or "
-    "'none'. Default: the precision's (INT8: sqnr_db:12, FP16: sqnr_db:25).",
-)
 @memory_limit_option
 @calibration_batch_option
 @max_samples_option
@@ -271,23 +166,13 @@ def _calibration(
 @handle_errors
 def build(
     model: Path,
-    precision: str,
+    spec: BuildSpec,
     data: Path | None,
     table: Path | None,
     preprocess: Path | None,
-    method: str,
-    percentile: float | None,
-    backend: str,
-    mode: str,
-    keep: tuple[str, ...],
-    keep_fp16: tuple[str, ...],
-    shapes: tuple[str, ...],
     accuracy_budget: str | None,
     eval_fraction: float,
     labels: Path | None,
-    smoothing: str,
-    bias_correction: str,
-    gate: tuple[str, ...],
     memory_limit_bytes: int | None,
     batch_size: int | None,
     max_samples: int | None,
@@ -302,15 +187,6 @@ def build(
     its artifact kept for inspection.
     """
     started = time.perf_counter()
-    spec = _build_spec(precision, method, percentile, backend, mode, keep, keep_fp16, shapes)
-    from engines.spec import TechniqueMode
-
-    spec = _with_gate(spec, gate).model_copy(
-        update={
-            "smoothing": TechniqueMode(smoothing),
-            "bias_correction": TechniqueMode(bias_correction),
-        }
-    )
     flow = _workflow(model, spec, as_json)
     gated = _gate_enabled(spec)
     split = _split(
@@ -398,20 +274,6 @@ def _print_build(
         click.echo("accuracy gate: not checked (pass --data to compare with FP32)")
 
 
-def _with_gate(spec: BuildSpec, texts: tuple[str, ...]) -> BuildSpec:
-    if not texts:
-        return spec
-    from engines.errors import SpecError
-    from engines.spec import AccuracyGate
-
-    try:
-        return spec.model_copy(update={"gate": AccuracyGate.parse(list(texts))})
-    except SpecError as exc:
-        raise SpecError(f"--gate: {exc.message}", hint=exc.hint, field="gate") from exc
-    except ValueError as exc:
-        raise SpecError(f"--gate {' '.join(texts)!r}: {exc}", field="gate") from exc
-
-
 def _gate_enabled(spec: BuildSpec) -> bool:
     from engines.gate import resolve_gate
 
@@ -466,12 +328,12 @@ def _search_budget(
     default=None,
     help="A calibration table for MODEL instead of calibrating on --data.",
 )
-@method_option
+@spec_options(["calibration", "histogram"], defaults={"precision": "int8", "backend": "onnxruntime"})
 @click.option("--eval-fraction", type=click.FloatRange(0.01, 0.9), default=0.2, show_default=True)
 @click.option(
     "--metric",
-    type=click.Choice(_METRICS),
-    default="sqnr_db",
+    type=enum_choice(AccuracyMetric),
+    default=AccuracyMetric.SQNR_DB.value,
     show_default=True,
     help="Accuracy metric against FP32 (accuracy/accuracy_drop need --labels).",
 )
@@ -495,8 +357,8 @@ def _search_budget(
 )
 @click.option(
     "--execution",
-    type=click.Choice(["reference", "onnxruntime"]),
-    default="reference",
+    type=enum_choice(QdqExecution),
+    default=QdqExecution.REFERENCE.value,
     show_default=True,
     help="reference: Q/DQ computed as written (what TensorRT follows); onnxruntime: its integer kernels.",
 )
@@ -510,7 +372,7 @@ def sensitivity(
     data: Path,
     preprocess: Path | None,
     table: Path | None,
-    method: str,
+    spec: BuildSpec,
     eval_fraction: float,
     metric: str,
     labels: Path | None,
@@ -524,11 +386,8 @@ def sensitivity(
     as_json: bool,
 ) -> None:
     """Rank MODEL's quantizable nodes by how much their INT8 quantization costs (by ONNX name)."""
-    from engines.accuracy_report import AccuracyMetric
     from engines.sensitivity import node_sensitivity
-    from engines.variants import QdqExecution
 
-    spec = _build_spec("int8", method, None, "onnxruntime", "explicit", (), (), ())
     flow = _workflow(model, spec, as_json)
     split = _split(flow, data, preprocess, eval_fraction, labels)
     loaded = _calibration(flow, split, table)

@@ -1,4 +1,4 @@
-"""Commands that work on local files, with no server: calibrate, table, build, bench, compare."""
+"""Commands that work on local files, with no server: calibrate and table."""
 
 from __future__ import annotations
 
@@ -16,15 +16,15 @@ from service.cli.options import (
     handle_errors,
     max_samples_option,
     memory_limit_option,
-    method_option,
     preprocess_option,
+    spec_options,
     threads_option,
 )
+from service.cli.progress import sample_progress
 
 if TYPE_CHECKING:
     from calibrators.data import CalibrationDataset
-    from calibrators.spec import MethodSpec
-from service.cli.progress import sample_progress
+    from engines.spec import BuildSpec
 
 __all__ = ["register"]
 
@@ -63,15 +63,6 @@ def _trt_version(text: str | None) -> int | None:
         ) from exc
 
 
-def _method(name: str, percentile: float | None) -> MethodSpec:
-    from calibrators.spec import method_spec
-
-    try:
-        return method_spec(name, **({"percentile": percentile} if percentile is not None else {}))
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--percentile") from exc
-
-
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option(
@@ -81,17 +72,7 @@ def _method(name: str, percentile: float | None) -> MethodSpec:
     required=True,
     help=".npz, directory or .zip of .npz shards, or .zip of images (with --preprocess).",
 )
-@method_option
-@click.option(
-    "--percentile", type=float, default=None, help="For --method percentile (default 99.99)."
-)
-@click.option(
-    "--histogram",
-    type=click.Choice(["exact", "tensorrt"]),
-    default="exact",
-    show_default=True,
-    help="exact: independent of batch order; tensorrt: TensorRT's range-doubling histogram.",
-)
+@spec_options(["calibration", "histogram"])
 @calibration_batch_option
 @max_samples_option
 @memory_limit_option
@@ -112,9 +93,7 @@ def _method(name: str, percentile: float | None) -> MethodSpec:
 def calibrate(
     model: Path,
     data: Path,
-    method: str,
-    percentile: float | None,
-    histogram: str,
+    spec: BuildSpec,
     batch_size: int | None,
     max_samples: int | None,
     memory_limit_bytes: int | None,
@@ -126,9 +105,8 @@ def calibrate(
 ) -> None:
     """Compute an INT8 calibration table for MODEL from a calibration dataset."""
     from calibrators.calibrate import calibrate as run_calibration
-    from calibrators.spec import HistogramMode
 
-    spec = _method(method, percentile)
+    method = spec.calibration.method.value
     version = _trt_version(trt_version)
     dataset = _open_dataset(data, preprocess)
     started = time.perf_counter()
@@ -136,8 +114,8 @@ def calibrate(
         table = run_calibration(
             model,
             dataset,
-            spec,
-            histogram=HistogramMode(histogram),
+            spec.calibration,
+            histogram=spec.histogram,
             batch_size=batch_size,
             max_samples=max_samples,
             threads=threads,

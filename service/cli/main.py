@@ -27,8 +27,10 @@ def cli(verbose: int) -> None:
     )
 
 
+for _commands in (local, engines, measure, server):
+    _commands.register(cli)
+
+
 def main(argv: Sequence[str] | None = None) -> Any:
     """Console-script entry point."""
-    for commands in (local, engines, measure, server):
-        commands.register(cli)
     return cli.main(args=list(argv) if argv is not None else None, prog_name="trtforge")

@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from engines.spec import Precision
 from service.cli.engines import dataset_from_options, labels_from_file
-from service.cli.options import backend_option, handle_errors, method_option, preprocess_option
+from service.cli.options import handle_errors, preprocess_option, spec_options
 from service.cli.progress import stage_progress
+
+if TYPE_CHECKING:
+    from engines.spec import BuildSpec
 
 __all__ = ["register", "render_accuracy"]
 
@@ -269,12 +273,12 @@ def _class_axes(texts: tuple[str, ...]) -> int | dict[str, int] | None:
 @preprocess_option
 @click.option(
     "--variants",
-    default="fp32,fp16,int8,int8-fp16",
+    default=",".join(precision.value for precision in Precision),
     show_default=True,
-    help="Comma-separated: fp32, fp16, int8, int8-fp16, auto:METRIC:VALUE.",
+    help=f"Comma-separated: {', '.join(precision.value for precision in Precision)}, "
+    "auto:METRIC:VALUE.",
 )
-@method_option
-@backend_option
+@spec_options(exclude=["precision"])
 @click.option(
     "--eval-fraction",
     type=click.FloatRange(0.01, 0.9),
@@ -323,8 +327,7 @@ def sweep(
     data: Path,
     preprocess: Path | None,
     variants: str,
-    method: str,
-    backend: str,
+    spec: BuildSpec,
     eval_fraction: float,
     eval_data: Path | None,
     table: Path | None,
@@ -335,11 +338,10 @@ def sweep(
     out_dir: Path,
     as_json: bool,
 ) -> None:
-    """Build, benchmark and compare precision variants of MODEL; report the Pareto front."""
-    from calibrators.spec import method_spec
+    """Build, benchmark and compare precision variants of MODEL (every other spec option applies
+    to each); report the Pareto front."""
     from calibrators.table import CalibrationTable
     from engines.perf_report import BenchmarkOptions
-    from engines.spec import BackendName, BuildSpec
     from engines.sweep import render_markdown
     from engines.sweep import sweep as run_sweep
 
@@ -351,13 +353,13 @@ def sweep(
             dataset_from_options(data, preprocess),
             [v.strip() for v in variants.split(",") if v.strip()],
             out_dir=out_dir,
-            backend=BackendName(backend),
+            backend=spec.backend,
             eval_fraction=eval_fraction,
             eval_dataset=dataset_from_options(eval_data, preprocess) if eval_data else None,
             table=CalibrationTable.load(table) if table else None,
             benchmark_options=options,
             labels=labels_from_file(labels),
-            base_spec=BuildSpec(calibration=method_spec(method)),
+            base_spec=spec,
             progress=progress,
         )
     if as_json:

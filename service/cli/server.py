@@ -12,12 +12,16 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import click
 
-from service.cli.options import backend_option, handle_errors, method_option, preprocess_option
+from service.cli.options import enum_choice, handle_errors, preprocess_option, spec_options
 from service.cli.progress import sample_progress
+from service.schemas import Scope
+
+if TYPE_CHECKING:
+    from engines.spec import BuildSpec
 
 __all__ = ["register"]
 
@@ -161,8 +165,8 @@ def _token_db(data_dir: Path | None, database_url: str | None) -> Any:
 @click.option("--name", required=True, help="Who or what uses it, e.g. ci.")
 @click.option(
     "--scope",
-    type=click.Choice(["read", "build", "admin"]),
-    default="read",
+    type=enum_choice(Scope),
+    default=Scope.READ.value,
     show_default=True,
     help="read < build (upload, submit, cancel) < admin (tokens).",
 )
@@ -174,7 +178,6 @@ def tokens_create(
 ) -> None:
     """Create a token and print it once (only its hash is stored)."""
     from service.api.auth import create_token
-    from service.schemas import Scope
 
     db = _token_db(data_dir, database_url)
     with db.session() as session:
@@ -231,51 +234,15 @@ def _client(server: str, token: str | None) -> Any:
     return TrtforgeClient(server, token)
 
 
-def _spec(options: dict[str, Any]) -> Any:
-    from calibrators.spec import method_spec
-    from engines.spec import BuildSpec, KeepRules, ShapeProfile
-
-    params = {"percentile": options["percentile"]} if options["percentile"] is not None else {}
-    profiles = {}
-    for text in options["shapes"]:
-        name, sep, shapes = text.rpartition(":")
-        if not sep or not name:
-            raise click.BadParameter(
-                f"expected NAME:MIN/OPT/MAX, got {text!r}", param_hint="--shapes"
-            )
-        try:
-            profiles[name] = ShapeProfile.parse(shapes)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--shapes") from exc
-    try:
-        return BuildSpec(
-            precision=options["precision"],
-            calibration=method_spec(options["method"], **params),
-            backend=options["backend"],
-            mode=options["mode"],
-            profiles=profiles,
-            keep=KeepRules(int8=tuple(options["keep"]), fp16=tuple(options["keep_fp16"])),
-        )
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
-
-
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("--data", type=click.Path(path_type=Path, exists=True, dir_okay=False), required=True)
+@spec_options()
 @click.option(
-    "--precision",
-    type=click.Choice(["fp32", "fp16", "int8", "int8-fp16"]),
-    default="int8-fp16",
-    show_default=True,
+    "--data",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    required=True,
+    help="Calibration data (INT8), benchmark inputs and held-out samples for the accuracy gate.",
 )
-@method_option
-@click.option("--percentile", type=float, default=None)
-@backend_option
-@click.option("--mode", type=click.Choice(["explicit", "implicit"]), default="explicit")
-@click.option("--keep", multiple=True, help="Node name, op type or re:REGEX kept out of INT8.")
-@click.option("--keep-fp16", multiple=True, help="Node name, op type or re:REGEX kept in FP32.")
-@click.option("--shapes", multiple=True, help="Optimization profile NAME:MIN/OPT/MAX.")
 @preprocess_option
 @click.option("--table", "table_id", default=None, help="Use this stored calibration table id.")
 @click.option("--wait", is_flag=True, help="Follow the build until it ends.")
@@ -289,12 +256,12 @@ def _spec(options: dict[str, Any]) -> Any:
 @click.option("--json", "as_json", is_flag=True)
 @_server_options
 @handle_errors
-def submit(model: Path, data: Path, **options: Any) -> None:
-    """Upload MODEL and its calibration data, and submit a build."""
+def submit(model: Path, spec: BuildSpec, data: Path, **options: Any) -> None:
+    """Upload MODEL and its calibration data, and submit a build (the spec options are the
+    fields of the build's spec, as in POST /v1/builds)."""
     from calibrators.spec import PreprocessSpec
 
     as_json = bool(options["as_json"])
-    spec = _spec(options)
     preprocess = PreprocessSpec.load(options["preprocess"]) if options["preprocess"] else None
     with _client(options["server"], options["token"]) as client:
         with sample_progress(f"uploading {model.name}", enabled=not as_json, unit="B") as bar:

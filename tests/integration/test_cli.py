@@ -47,6 +47,10 @@ def test_submit_wait_download_then_status_and_report(
             str(data),
             "--precision",
             "fp16",
+            "--gate",
+            "sqnr_db:5",
+            "--bias-correction",
+            "off",
             "--download",
             str(out),
             "--json",
@@ -57,6 +61,8 @@ def test_submit_wait_download_then_status_and_report(
     assert result.exit_code == 0, result.output
     build = json.loads(result.stdout)
     assert build["status"] == "succeeded"
+    assert build["spec"]["gate"] == {"budgets": [{"metric": "sqnr_db", "value": 5.0}]}
+    assert build["spec"]["bias_correction"] == "off"  # every spec option reaches the server
     artifact = Path(build["downloaded"])
     assert artifact.parent == out
     assert hashlib.sha256(artifact.read_bytes()).hexdigest() == build["artifact"]["sha256"]
