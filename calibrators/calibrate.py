@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnx.external_data_helper import uses_external_data
 
 from calibrators.amax import compute_amax
 from calibrators.auto import choose_ranges
@@ -63,13 +65,34 @@ class MaxCollector:
         return with_aliases(dict(self._max), self._order, self._aliases)
 
 
-def activation_bounds(model: onnx.ModelProto) -> dict[str, float]:
+def activation_bounds(model: onnx.ModelProto, folder: Path | None = None) -> dict[str, float]:
     """Output tensor -> the upper bound of |x| of bounded activations (Clip with constant bounds,
-    Sigmoid, HardSigmoid, Tanh)."""
-    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    Sigmoid, HardSigmoid, Tanh).
+
+    Only the scalar constants a Clip reads are converted. One stored as external data is read from
+    ``folder``, the model's own folder, and nowhere else (never the working directory); without
+    ``folder`` such a bound counts as unknown.
+    """
+    clips = [node for node in model.graph.node if node.op_type == "Clip"]
+    wanted = {name for node in clips for name in node.input[1:3]}
+    constants: dict[str, np.ndarray] = {}
+    for tensor in model.graph.initializer:
+        if tensor.name in wanted and math.prod(tensor.dims) == 1:
+            value = _scalar_constant(tensor, folder)
+            if value is not None:
+                constants[tensor.name] = value
     for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].HasField("t"):
-            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        if (
+            node.op_type == "Constant"
+            and node.output
+            and node.output[0] in wanted
+            and node.attribute
+            and node.attribute[0].HasField("t")
+            and math.prod(node.attribute[0].t.dims) == 1
+        ):
+            value = _scalar_constant(node.attribute[0].t, folder)
+            if value is not None:
+                constants[node.output[0]] = value
     bounds: dict[str, float] = {}
     for node in model.graph.node:
         if not node.output:
@@ -81,6 +104,15 @@ def activation_bounds(model: onnx.ModelProto) -> dict[str, float]:
             if limits is not None:
                 bounds[node.output[0]] = max(abs(limits[0]), abs(limits[1]))
     return bounds
+
+
+def _scalar_constant(tensor: onnx.TensorProto, folder: Path | None) -> np.ndarray | None:
+    if not uses_external_data(tensor):
+        return numpy_helper.to_array(tensor)
+    if folder is None:
+        return None
+    # onnx resolves a relative location against base_dir; "" would mean the working directory
+    return numpy_helper.to_array(tensor, base_dir=str(folder.resolve()))
 
 
 def _clip_limits(
@@ -189,7 +221,9 @@ def calibrate(
         observed = {name: h for name, h in histograms.items() if name not in aliases}
         peaks = {name: h.max_abs for name, h in observed.items()}
         bounds = (
-            activation_bounds(load_onnx(model_path, load_external_data=False))
+            activation_bounds(
+                load_onnx(model_path, load_external_data=False), Path(model_path).parent
+            )
             if keep_activation_bounds
             else {}
         )

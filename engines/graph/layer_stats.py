@@ -239,9 +239,8 @@ def collect_layer_stats(
     ``model_path``."""
     from core.onnxio import load_onnx
 
-    observer = LayerStatsObserver(
-        load_onnx(Path(model_path), load_external_data=False), max_rows=max_rows, seed=seed
-    )
+    # with its weights: they are read here, and external data only from the model's folder
+    observer = LayerStatsObserver(load_onnx(Path(model_path)), max_rows=max_rows, seed=seed)
     collect(
         Path(model_path),
         dataset,
