@@ -96,6 +96,30 @@ class Server:
         self.process = None
 
 
+def start_worker(
+    database_url: str, data_dir: Path, log_path: Path, **env: str
+) -> subprocess.Popen[bytes]:
+    """A ``trtforge worker`` process against the same database and data directory."""
+    environment = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "TRTFORGE_DATA_DIR": str(data_dir),
+        "TRTFORGE_DATABASE_URL": database_url,
+        "TRTFORGE_POLL_INTERVAL_S": "0.2",
+        "TRTFORGE_HEARTBEAT_S": "0.5",
+        "TRTFORGE_STALE_AFTER_S": "5",
+        **env,
+    }
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-c", "from service.cli.main import main; main()", "worker"],
+            cwd=ROOT,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
 @contextlib.contextmanager
 def running_server(kind: str, folder: Path, **env: str) -> Iterator[Server]:
     with database_url(kind, folder) as url:

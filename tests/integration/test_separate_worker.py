@@ -17,7 +17,7 @@ from engines.spec import BackendName, BuildSpec, Precision
 from service.client import TrtforgeClient
 from service.errors import ApiError
 from service.schemas import AccuracyOptions, BenchmarkOptionsIn, BuildStatus
-from tests.integration.conftest import ROOT, Server
+from tests.integration.conftest import ROOT, Server, start_worker
 from tests.unit.service.support import database_url, dataset_bytes, model_bytes
 
 
@@ -87,27 +87,6 @@ H100 = (
 )
 
 
-def _worker(url: str, data_dir: Path, log_path: Path, **env: str) -> subprocess.Popen[bytes]:
-    environment = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "TRTFORGE_DATA_DIR": str(data_dir),
-        "TRTFORGE_DATABASE_URL": url,
-        "TRTFORGE_POLL_INTERVAL_S": "0.2",
-        "TRTFORGE_HEARTBEAT_S": "0.5",
-        "TRTFORGE_STALE_AFTER_S": "5",
-        **env,
-    }
-    with log_path.open("wb") as log:
-        return subprocess.Popen(
-            [sys.executable, "-c", "from service.cli.main import main; main()", "worker"],
-            cwd=ROOT,
-            env=environment,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-
 def _wait_for_workers(client: TrtforgeClient, count: int) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -137,7 +116,7 @@ def test_the_worker_decides_the_target_not_the_api_host(tmp_path: Path) -> None:
             with TrtforgeClient(server.url) as client:
                 model = client.upload_model(tmp_path / "m.onnx")
                 data = client.upload_dataset(tmp_path / "d.npz")
-                workers.append(_worker(url, server.data_dir, tmp_path / "cpu.log"))
+                workers.append(start_worker(url, server.data_dir, tmp_path / "cpu.log"))
                 _wait_for_workers(client, 1)
                 with pytest.raises(ApiError) as refused:
                     client.submit_build(model.id, data.id, spec, **options)
@@ -145,7 +124,7 @@ def test_the_worker_decides_the_target_not_the_api_host(tmp_path: Path) -> None:
                 assert "onnxruntime" in refused.value.message  # the live targets are listed
 
                 workers.append(
-                    _worker(
+                    start_worker(
                         url,
                         server.data_dir,
                         tmp_path / "gpu.log",
