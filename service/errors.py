@@ -14,6 +14,8 @@
         ├── PayloadTooLargeError   the upload is larger than the server's limit
         ├── AuthenticationError    no valid bearer token was given
         ├── PermissionDeniedError  the token lacks the scope the request needs
+        │   └── CrossOriginError   another site's page tried to change state (CSRF)
+        ├── HostNotAllowedError    the Host header names no name this server answers
         ├── StorageError           the data directory cannot be written or read
         ├── UnavailableError       the server is not ready (database, storage, workers)
         ├── BuildCancelledError    a build was cancelled (raised inside the pipeline)
@@ -35,7 +37,9 @@ __all__ = [
     "BuildCancelledError",
     "ClientError",
     "ConflictError",
+    "CrossOriginError",
     "DownloadError",
+    "HostNotAllowedError",
     "InUseError",
     "NoTargetError",
     "NotFoundError",
@@ -202,3 +206,20 @@ class DownloadError(ClientError):
 
     code = "download_corrupt"
     default_hint = "Run the download again; it resumes where it stopped."
+
+
+class CrossOriginError(PermissionDeniedError):
+    """A page from another origin may not change state on this server."""
+
+    code = "cross_origin_refused"
+    default_hint = (
+        "Call the API from the same origin, send an Authorization header, or list the page's "
+        "origin in TRTFORGE_CORS_ORIGINS."
+    )
+
+
+class HostNotAllowedError(ServiceError):
+    """The Host header names no name this server answers (DNS rebinding protection)."""
+
+    code = "host_not_allowed"
+    default_hint = "Use the server's configured name, or add it to TRTFORGE_ALLOWED_HOSTS."

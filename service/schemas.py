@@ -171,19 +171,26 @@ class DatasetPublic(_Answer):
     links: dict[str, str] = Field(default_factory=dict)
 
 
+MAX_BATCH_SIZE = 1024
+MAX_SAMPLES = 1_000_000
+MAX_SEED = (1 << 32) - 1
+"""Seeds are numpy's: 0 to 2**32 - 1."""
+_MAX_ID_CHARS = 128
+
+
 class CalibrationOptions(_Frozen):
-    batch_size: int | None = Field(default=None, ge=1)
-    max_samples: int | None = Field(default=None, ge=1)
+    batch_size: int | None = Field(default=None, ge=1, le=MAX_BATCH_SIZE)
+    max_samples: int | None = Field(default=None, ge=1, le=MAX_SAMPLES)
     """Calibrate on at most this many samples (after the evaluation split)."""
 
 
 class BenchmarkOptionsIn(_Frozen):
     """Benchmark settings; ``None`` means trtexec's defaults (200 ms warm-up, 10 queries, 3 s)."""
 
-    warmup_ms: float | None = Field(default=None, ge=0)
-    iterations: int | None = Field(default=None, ge=1)
+    warmup_ms: float | None = Field(default=None, ge=0, le=60_000)
+    iterations: int | None = Field(default=None, ge=1, le=100_000)
     duration_s: float | None = Field(default=None, ge=0, le=600)
-    batch_size: int | None = Field(default=None, ge=1)
+    batch_size: int | None = Field(default=None, ge=1, le=MAX_BATCH_SIZE)
 
 
 class AccuracyOptions(_Frozen):
@@ -192,17 +199,17 @@ class AccuracyOptions(_Frozen):
     enabled: bool = True
     eval_fraction: float = Field(default=0.2, ge=0, lt=1)
     """Share of the dataset held out of calibration for the comparison (0: compare on all)."""
-    max_samples: int | None = Field(default=None, ge=1)
-    seed: int = 0
+    max_samples: int | None = Field(default=None, ge=1, le=MAX_SAMPLES)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
 
 class BuildCreate(_Frozen):
     """``POST /v1/builds``."""
 
-    model_id: str
-    dataset_id: str
+    model_id: str = Field(min_length=1, max_length=_MAX_ID_CHARS)
+    dataset_id: str = Field(min_length=1, max_length=_MAX_ID_CHARS)
     """Calibration data (INT8), benchmark inputs and held-out samples for the accuracy check."""
-    table_id: str | None = None
+    table_id: str | None = Field(default=None, min_length=1, max_length=_MAX_ID_CHARS)
     """Use this stored calibration table instead of calibrating."""
     spec: BuildSpec = Field(default_factory=BuildSpec)
     calibration: CalibrationOptions = Field(default_factory=CalibrationOptions)

@@ -8,12 +8,13 @@ that are not positive.
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from engines.backends.base import BuildTarget
 from service.errors import SettingsError
@@ -82,6 +83,51 @@ class Settings(BaseSettings):
     poll_interval_s: PositiveSeconds = 0.5
     orphan_grace_s: PositiveSeconds = 3600.0
     """Stored files with no database row are removed at startup once older than this."""
+
+    # HTTP edges (issue 11, defects 5 and 10): request bodies, Host, CSRF/CORS, sessions, headers
+    max_json_body_bytes: int = Field(default=1 << 20, gt=0)
+    """Largest request body outside the upload routes (JSON, forms): larger answers 413 before
+    the body is read."""
+    allowed_hosts: Annotated[list[str], NoDecode] | None = None
+    """``Host`` header names answered (comma-separated; ``*``: any). ``None``: the loopback names
+    (and ``host``) when bound to a loopback address (DNS rebinding), else any (tokens are
+    required then)."""
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Origins (``https://app.example.com``, comma-separated) whose pages may call the API;
+    empty: CORS off, and cross-origin requests that change state are refused."""
+    session_ttl_s: PositiveSeconds = 12 * 3600.0
+    """Lifetime of a dashboard sign-in (a signed session value, never the token)."""
+    cookie_secure: bool | None = None
+    """Mark the session cookie ``Secure``. ``None``: when the request came over HTTPS (directly,
+    or per ``X-Forwarded-Proto`` from a proxy in ``forwarded_allow_ips``)."""
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.1"]
+    )
+    """Proxies whose ``X-Forwarded-Proto``/``-For`` headers are trusted (``*``: any)."""
+    header_timeout_s: PositiveSeconds = 10.0
+    """A connection must send a request's complete headers within this (slow-header clients)."""
+
+    @field_validator("allowed_hosts", "cors_origins", "forwarded_allow_ips", mode="before")
+    @classmethod
+    def _split_names(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin != "*" and (
+                "://" not in origin or origin.endswith("/") or origin.count("/") != 2
+            ):
+                raise ValueError(
+                    f"cors_origins entry {origin!r} is not an origin like https://host[:port]"
+                )
+        return [origin.lower() for origin in origins]
 
     @field_validator("host")
     @classmethod

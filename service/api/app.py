@@ -27,8 +27,10 @@ from service.api import (
     tokens,
     workers,
 )
+from service.api.auth import session_secret
 from service.api.deps import AppState
 from service.api.errors import install_error_handlers
+from service.api.guards import EdgeGuard
 from service.api.metrics import Counters
 from service.dashboard import routes as dashboard
 from service.db import Database
@@ -53,6 +55,7 @@ def _version() -> str:
 def startup(state: AppState) -> None:
     """Everything the server does before it accepts requests (module docstring)."""
     state.storage.prepare()
+    session_secret(state.settings.data_dir)
     state.db.migrate()
     recovered = state.queue.recover()
     for build_id in (*recovered.requeued, *recovered.failed):
@@ -104,6 +107,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.trtforge = state
     install_error_handlers(app)
+    app.add_middleware(EdgeGuard, settings=settings, db=database)
     for router in (
         health.router,
         models.router,

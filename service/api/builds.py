@@ -70,7 +70,7 @@ def get_build_logs(
     build_id: str,
     session: SessionDep,
     _: ReadAccess,
-    after: Annotated[int, Query(ge=0, description="Only lines with a larger seq.")] = 0,
+    after: Annotated[int, Query(ge=0, le=1 << 62, description="Only lines with a larger seq.")] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> list[LogLine]:
     builds.get_build(session, build_id)

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session
 
-from service.api.auth import Principal, authenticate
+from service.api.auth import SESSION_COOKIE, Principal, authenticate_request, session_secret
 from service.api.metrics import Counters
 from service.db import Database
 from service.queue.base import JobQueue
@@ -31,8 +31,8 @@ __all__ = [
     "get_state",
 ]
 
-TOKEN_COOKIE = "trtforge_token"  # noqa: S105 - a cookie name
-"""The dashboard keeps a token here; it is honoured for GET requests only (no CSRF surface)."""
+TOKEN_COOKIE = SESSION_COOKIE
+"""The dashboard keeps a signed session here (never the token); honoured for GET requests only."""
 
 
 @dataclass
@@ -65,12 +65,16 @@ SessionDep = Annotated[Session, Depends(_session)]
 
 def _require(scope: Scope) -> Callable[[Request, AppState], Principal]:
     def check(request: Request, state: StateDep) -> Principal:
-        header = request.headers.get("authorization")
-        if header is None and request.method in ("GET", "HEAD"):
-            cookie = request.cookies.get(TOKEN_COOKIE)
-            header = f"Bearer {cookie}" if cookie else None
+        safe = request.method in ("GET", "HEAD")
         with state.db.session() as session:
-            return authenticate(session, header, scope, required=state.settings.auth_required)
+            return authenticate_request(
+                session,
+                authorization=request.headers.get("authorization"),
+                session_cookie=request.cookies.get(TOKEN_COOKIE) if safe else None,
+                secret=session_secret(state.settings.data_dir),
+                needed=scope,
+                required=state.settings.auth_required,
+            )
 
     return check
 
@@ -78,6 +82,10 @@ def _require(scope: Scope) -> Callable[[Request, AppState], Principal]:
 ReadAccess = Annotated[Principal, Depends(_require(Scope.READ))]
 BuildAccess = Annotated[Principal, Depends(_require(Scope.BUILD))]
 AdminAccess = Annotated[Principal, Depends(_require(Scope.ADMIN))]
+
+
+MAX_OFFSET = 1 << 31
+"""Largest pagination offset (bigger ones answer 422, not an integer overflow in the database)."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,7 @@ class PageParams:
 
 def _paging(
     limit: Annotated[int, Query(ge=1, le=500, description="Items per page.")] = 50,
-    offset: Annotated[int, Query(ge=0, description="Items to skip.")] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Items to skip.")] = 0,
 ) -> PageParams:
     return PageParams(limit=limit, offset=offset)
 

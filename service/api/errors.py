@@ -2,13 +2,21 @@
 
 trtforge errors map by class (most specific first); request validation errors answer 422 naming
 the field; unknown routes and methods keep their status with the same envelope; anything else is
-a 500 whose details stay in the server log.
+a 500 whose details stay in the server log. Messages never carry the server's own paths: a path
+under the data directory, the temporary directory, the home or working directory or the Python
+installation is cut to its last component (the name the client knows, e.g. ``w.bin``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import re
+import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,6 +29,7 @@ from engines.errors import EngineError, GraphError, SpecError
 from service.errors import (
     AuthenticationError,
     ConflictError,
+    HostNotAllowedError,
     NoTargetError,
     NotFoundError,
     PayloadTooLargeError,
@@ -32,7 +41,14 @@ from service.errors import (
     UploadError,
 )
 
-__all__ = ["STATUS_BY_ERROR", "error_response", "install_error_handlers", "status_for"]
+__all__ = [
+    "STATUS_BY_ERROR",
+    "error_response",
+    "install_error_handlers",
+    "response_for_error",
+    "scrub_paths",
+    "status_for",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +60,7 @@ STATUS_BY_ERROR: tuple[tuple[type[TrtforgeError], int], ...] = (
     (PayloadTooLargeError, 413),
     (RangeNotSatisfiableError, 416),
     (UploadError, 400),
+    (HostNotAllowedError, 421),
     (NoTargetError, 422),
     (UnavailableError, 503),
     (StorageError, 507),
@@ -89,17 +106,57 @@ def error_response(
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
-async def _trtforge_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, TrtforgeError)
-    status = status_for(exc)
+@functools.lru_cache(maxsize=16)
+def _path_pattern(data_dir: Path | None) -> re.Pattern[str]:
+    roots = {sys.prefix, sys.base_prefix, tempfile.gettempdir(), str(Path.cwd()), str(Path.home())}
+    if data_dir is not None:
+        roots.add(str(data_dir))
+    roots |= {os.path.realpath(root) for root in roots}
+    # "/" alone would swallow ONNX node names such as "/model/conv1/Conv"
+    usable = sorted((r.rstrip("/") for r in roots if len(PurePosixPath(r).parts) > 1), key=len)
+    alternatives = "|".join(re.escape(root) for root in reversed(usable))
+    return re.compile(rf"(?<![\w.:/-])(?:{alternatives})(?![^/\s'\"`,;:)\]])[^\s'\"`,;)\]]*")
+
+
+def _last_component(match: re.Match[str]) -> str:
+    name = PurePosixPath(match.group(0).rstrip("/.")).name
+    return name if name and match.group(0).count("/") > 1 else "<server path>"
+
+
+def scrub_paths(text: str, data_dir: Path | None = None) -> str:
+    """``text`` with the server's own paths cut to their last component (module docstring)."""
+    if not text or "/" not in text:
+        return text
+    return _path_pattern(data_dir).sub(_last_component, text)
+
+
+def response_for_error(exc: TrtforgeError, data_dir: Path | None = None) -> JSONResponse:
+    """The response for a trtforge error, its message and hint free of server paths."""
     headers: dict[str, str] = {}
     if isinstance(exc, AuthenticationError):
         headers["WWW-Authenticate"] = "Bearer"
     if isinstance(exc, RangeNotSatisfiableError):
         headers["Content-Range"] = f"bytes */{exc.size_bytes}"
-    if status >= 500:
+    return error_response(
+        status_for(exc),
+        exc.code,
+        scrub_paths(exc.message, data_dir),
+        scrub_paths(exc.hint, data_dir),
+        exc.field,
+        headers or None,
+    )
+
+
+def _data_dir(request: Request) -> Path | None:
+    state = getattr(request.app.state, "trtforge", None)
+    return state.settings.data_dir if state is not None else None
+
+
+async def _trtforge_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, TrtforgeError)
+    if status_for(exc) >= 500:
         log.error("%s %s failed: %s", request.method, request.url.path, exc, exc_info=exc)
-    return error_response(status, exc.code, exc.message, exc.hint, exc.field, headers or None)
+    return response_for_error(exc, _data_dir(request))
 
 
 def _field_name(loc: Sequence[object]) -> str:

@@ -19,6 +19,10 @@ from service.store.storage import PendingFile, Storage
 __all__ = ["ReceivedUpload", "multipart_openapi", "receive_upload"]
 
 _FIELD_LIMIT_BYTES = 64 * 1024
+_HEADER_LIMIT_BYTES = 8 * 1024
+_FIELDS_LIMIT_BYTES = 256 * 1024
+_FIELDS_LIMIT_COUNT = 32
+"""All text fields together: a form of thousands of fields must not fill the server's memory."""
 _OVERHEAD_BYTES = 64 * 1024
 """Multipart framing and text fields allowed on top of the file's size limit."""
 
@@ -48,6 +52,8 @@ class _Collector:
         self.fields: dict[str, str] = {}
         self.filename: str | None = None
         self.pending: list[bytes] = []
+        self.text_bytes = 0
+        self.parts = 0
         self._part = _Part()
         self._header_name = bytearray()
         self._header_value = bytearray()
@@ -55,8 +61,8 @@ class _Collector:
     def callbacks(self) -> Any:
         return {
             "on_part_begin": self._begin,
-            "on_header_field": lambda d, s, e: self._header_name.extend(d[s:e]),
-            "on_header_value": lambda d, s, e: self._header_value.extend(d[s:e]),
+            "on_header_field": lambda d, s, e: self._header_data(self._header_name, d[s:e]),
+            "on_header_value": lambda d, s, e: self._header_data(self._header_value, d[s:e]),
             "on_header_end": self._header_end,
             "on_headers_finished": self._headers_done,
             "on_part_data": self._data,
@@ -65,6 +71,16 @@ class _Collector:
 
     def _begin(self) -> None:
         self._part = _Part()
+        self.parts += 1
+        if self.parts > _FIELDS_LIMIT_COUNT + 1:
+            raise PayloadTooLargeError(
+                f"The form has more than {_FIELDS_LIMIT_COUNT} text fields.", field="body"
+            )
+
+    def _header_data(self, target: bytearray, data: bytes) -> None:
+        target.extend(data)
+        if len(target) > _HEADER_LIMIT_BYTES:
+            raise UploadError("A multipart part header is longer than 8 KiB.")
 
     def _header_end(self) -> None:
         name = self._header_name.decode("latin-1").strip().lower()
@@ -90,8 +106,11 @@ class _Collector:
             self.pending.append(bytes(data[start:end]))
             return
         self._part.text.extend(data[start:end])
+        self.text_bytes += end - start
         if len(self._part.text) > _FIELD_LIMIT_BYTES:
             raise UploadError(f"Form field {self._part.name!r} is longer than 64 KiB.")
+        if self.text_bytes > _FIELDS_LIMIT_BYTES:
+            raise PayloadTooLargeError("The form's text fields add up to more than 256 KiB.")
 
     def _end(self) -> None:
         if not self._is_file() and self._part.name:

@@ -98,6 +98,7 @@ def serve(
     import uvicorn
 
     from service.api.app import create_app
+    from service.api.server import uvicorn_options
     from service.settings import load_settings
 
     settings = load_settings(
@@ -113,7 +114,7 @@ def serve(
         f"auth: {'on' if settings.auth_required else 'off'})",
         err=True,
     )
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
+    uvicorn.run(create_app(settings), log_level=log_level, **uvicorn_options(settings))
 
 
 @click.command()

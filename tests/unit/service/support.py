@@ -111,6 +111,7 @@ def make_settings(data_dir: Path, url: str, **overrides: object) -> Settings:
         "poll_interval_s": 0.1,
         "heartbeat_s": 0.5,
         "stale_after_s": 5.0,
+        "allowed_hosts": ["testserver"],  # Starlette's TestClient's Host
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
@@ -154,13 +155,15 @@ def external_data_zip(folder: Path) -> bytes:
 
 
 def stored_files(data_dir: Path) -> list[str]:
-    """Every file under the data directory except the database and its lock/WAL files."""
+    """Every file under the data directory except the database and its lock/WAL files and the
+    session secret."""
     return sorted(
         p.relative_to(data_dir).as_posix()
         for p in data_dir.rglob("*")
         if p.is_file()
         and not p.name.startswith("trtforge-test.db")
         and not p.name.startswith("trtforge.db")
+        and p.name != "session.key"
     )
 
 
