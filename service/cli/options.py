@@ -28,7 +28,14 @@ from core.errors import TrtforgeError
 from engines.errors import SpecError
 from engines.gate import DEFAULT_THRESHOLDS
 from engines.names import BackendName
-from engines.spec import BuildSpec, Precision, ShapeProfile, TechniqueMode, TensorRTMode
+from engines.spec import (
+    BuildSpec,
+    Precision,
+    ShapeProfile,
+    TechniqueMode,
+    TensorRTMode,
+    TensorRTOptions,
+)
 
 __all__ = [
     "SPEC_FIELDS_NOT_OFFERED",
@@ -187,7 +194,9 @@ SPEC_FIELD_OPTIONS: dict[str, tuple[Decorator, ...]] = {
 }
 """BuildSpec field -> the options that set it, in the order ``--help`` lists them."""
 
-SPEC_FIELDS_NOT_OFFERED = ("tensorrt",)
+SPEC_FIELDS_NOT_OFFERED = tuple(
+    name for name, field in BuildSpec.model_fields.items() if field.annotation is TensorRTOptions
+)
 """BuildSpec fields the command line leaves at their defaults (REST only): TensorRT's builder
 options."""
 
