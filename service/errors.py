@@ -17,6 +17,7 @@
         │   └── CrossOriginError   another site's page tried to change state (CSRF)
         ├── HostNotAllowedError    the Host header names no name this server answers
         ├── StorageError           the data directory cannot be written or read
+        │   └── InsufficientStorageError  the disk (or a quota) is full
         ├── UnavailableError       the server is not ready (database, storage, workers)
         ├── BuildCancelledError    a build was cancelled (raised inside the pipeline)
         └── ClientError            raised by the Python client
@@ -41,6 +42,7 @@ __all__ = [
     "DownloadError",
     "HostNotAllowedError",
     "InUseError",
+    "InsufficientStorageError",
     "NoTargetError",
     "NotFoundError",
     "NotReadyError",
@@ -153,6 +155,16 @@ class StorageError(ServiceError):
 
     code = "storage_failed"
     default_hint = "Check that TRTFORGE_DATA_DIR exists, is writable and has free space."
+
+
+class InsufficientStorageError(StorageError):
+    """The server's disk is full."""
+
+    code = "insufficient_storage"
+    default_hint = (
+        "Nothing was stored; retry later. The server's operator frees space in TRTFORGE_DATA_DIR "
+        "(delete unused builds and models) or gives it a larger disk."
+    )
 
 
 class UnavailableError(ServiceError):

@@ -3,6 +3,7 @@ single Range requests (206) and a Content-Disposition file name; and its metadat
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,39 +23,46 @@ __all__ = ["content_disposition", "parse_range", "router"]
 router = APIRouter(prefix="/v1/builds", tags=["artifacts"])
 
 _CHUNK_BYTES = 1 << 20
+_RANGE_SPEC = re.compile(r"([0-9]*)-([0-9]*)")
+"""``first-last``, ``first-`` or ``-suffix``: ASCII digits only (``int()`` would take ``-5``,
+``+5`` or ``1_000``)."""
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """``(first, last)`` byte of a single ``bytes=`` range, or None to send the whole file.
 
-    Forms it does not serve (several ranges, other units, garbage) are ignored, as HTTP allows;
-    a range starting past the end raises :class:`RangeNotSatisfiableError`.
+    Forms it does not serve (several ranges, other units) and malformed ones (``bytes=--5``,
+    ``bytes=+1-2``, ``bytes=5-2``) are ignored, as RFC 9110 (section 14.2) asks; a well-formed
+    range starting past the end raises :class:`RangeNotSatisfiableError`.
     """
     if not header:
         return None
     units, _, spec = header.partition("=")
     if units.strip().lower() != "bytes" or "," in spec:
         return None
-    first_text, dash, last_text = spec.strip().partition("-")
-    if not dash:
+    match = _RANGE_SPEC.fullmatch(spec.strip())
+    if match is None:
         return None
-    try:
-        if not first_text:  # suffix range: the last N bytes
-            count = int(last_text)
-            if count <= 0 or size == 0:
-                raise RangeNotSatisfiableError(size, f"Range {header!r} asks for no bytes.")
-            return max(0, size - count), size - 1
-        first = int(first_text)
-        last = int(last_text) if last_text else size - 1
+    first_text, last_text = match.groups()
+    shown = header[:80]
+    try:  # int() refuses numbers past 4300 digits: such a range is ignored too
+        first = int(first_text) if first_text else None
+        last = int(last_text) if last_text else None
     except ValueError:
+        return None
+    if first is None:  # suffix range: the last N bytes
+        if last is None:  # "bytes=-"
+            return None
+        if last == 0 or size == 0:
+            raise RangeNotSatisfiableError(size, f"Range {shown!r} asks for no bytes.")
+        return max(0, size - last), size - 1
+    if last is not None and last < first:
         return None
     if first >= size:
         raise RangeNotSatisfiableError(
-            size, f"Range {header!r} starts at or past the end of the {size}-byte artifact."
+            size, f"Range {shown!r} starts at or past the end of the {size}-byte artifact."
         )
-    if first < 0 or last < first:
-        return None
-    return first, min(last, size - 1)
+    return first, size - 1 if last is None else min(last, size - 1)
 
 
 def content_disposition(filename: str) -> str:

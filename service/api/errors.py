@@ -1,10 +1,13 @@
 """The one place errors become HTTP responses: ``{"error": {"code", "message", "hint"}}``.
 
 trtforge errors map by class (most specific first); request validation errors answer 422 naming
-the field; unknown routes and methods keep their status with the same envelope; anything else is
-a 500 whose details stay in the server log. Messages never carry the server's own paths: a path
-under the data directory, the temporary directory, the home or working directory or the Python
-installation is cut to its last component (the name the client knows, e.g. ``w.bin``).
+the field; unknown routes and methods keep their status with the same envelope; a full disk (of
+the data directory or the database) answers 507 ``insufficient_storage`` whichever error it
+surfaced as; a database constraint that a concurrent change broke answers 409 ``conflict``;
+anything else is a 500 whose details stay in the server log. Messages never carry the server's
+own paths: a path under the data directory, the temporary directory, the home or working
+directory or the Python installation is cut to its last component (the name the client knows,
+e.g. ``w.bin``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from calibrators.errors import CalibrationError
@@ -30,6 +34,7 @@ from service.errors import (
     AuthenticationError,
     ConflictError,
     HostNotAllowedError,
+    InsufficientStorageError,
     NoTargetError,
     NotFoundError,
     PayloadTooLargeError,
@@ -40,6 +45,7 @@ from service.errors import (
     UnavailableError,
     UploadError,
 )
+from service.store.storage import is_disk_full
 
 __all__ = [
     "STATUS_BY_ERROR",
@@ -154,6 +160,8 @@ def _data_dir(request: Request) -> Path | None:
 
 async def _trtforge_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, TrtforgeError)
+    if not isinstance(exc, InsufficientStorageError) and is_disk_full(exc):
+        return _disk_full(request, exc)  # e.g. an archive that could not be extracted
     if status_for(exc) >= 500:
         log.error("%s %s failed: %s", request.method, request.url.path, exc, exc_info=exc)
     return response_for_error(exc, _data_dir(request))
@@ -193,7 +201,23 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(status, code, message, hint, headers=dict(exc.headers or {}) or None)
 
 
+def _disk_full(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s %s: the disk is full: %s", request.method, request.url.path, exc)
+    error = InsufficientStorageError()
+    return error_response(507, error.code, error.message, error.hint)
+
+
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    if is_disk_full(exc):
+        return _disk_full(request, exc)
+    if isinstance(exc, IntegrityError):  # a row it refers to was deleted or added meanwhile
+        log.warning("%s %s: %s", request.method, request.url.path, exc.orig)
+        return error_response(
+            409,
+            ConflictError.code,
+            "The request conflicts with a change made at the same time.",
+            "Check that what it refers to still exists, then retry.",
+        )
     log.error("%s %s crashed", request.method, request.url.path, exc_info=exc)
     return error_response(
         500,

@@ -24,6 +24,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 __all__ = [
     "Base",
+    "BlobRow",
     "BuildLogRow",
     "BuildRow",
     "DatasetRow",
@@ -127,8 +128,18 @@ class TableRow(Base):
     samples: Mapped[int] = mapped_column(Integer)
     num_tensors: Mapped[int] = mapped_column(Integer)
     digest: Mapped[str] = mapped_column(String(64))
-    blob_sha256: Mapped[str] = mapped_column(String(64))
+    blob_sha256: Mapped[str] = mapped_column(String(64), index=True)
     missing_tensors: Mapped[list[Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class BlobRow(Base):
+    """A stored blob (``blobs/<aa>/<sha256>``): the row that linking a row to it and deleting it
+    lock, so that a blob is deleted only when no row references it (:mod:`service.store.blobs`)."""
+
+    __tablename__ = "blobs"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -162,11 +173,11 @@ class BuildRow(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     error_hint: Mapped[str | None] = mapped_column(Text)
-    artifact_sha256: Mapped[str | None] = mapped_column(String(64))
+    artifact_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
     artifact_filename: Mapped[str | None] = mapped_column(String(255))
     artifact_size_bytes: Mapped[int | None] = mapped_column(BigInteger)
     artifact_metadata: Mapped[dict[str, Any] | None]
-    report_sha256: Mapped[str | None] = mapped_column(String(64))
+    report_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

@@ -1,22 +1,36 @@
 """Builds: submission with cache-key deduplication, listing, cancellation, logs, deletion.
 
 A build's cache key is sha256(model) + sha256(dataset) + spec digest (with the backend asked for)
-+ calibration and split options (+ the calibration table, when one is given): submitting an
-identical request returns the existing build instead of building again. The target is decided
-where the build runs: the worker that claims it writes the backend, its version and the compute
-capability it builds for into the row (:meth:`service.queue.base.JobQueue.claim`).
++ calibration, benchmark and accuracy options (+ the calibration table, when one is given):
+submitting an identical request returns the existing build instead of building again. A request
+that differs only in its benchmark or accuracy-check options is a new build with its own report;
+its calibration comes from the table cache, so only the engine build and the measurements run
+again. The target is decided where the build runs: the worker that claims it writes the backend,
+its version and the compute capability it builds for into the row
+(:meth:`service.queue.base.JobQueue.claim`).
+
+Deleting races with submitting: a model, dataset or table deleted while a build referencing it
+is committed answers :class:`ConflictError` (HTTP 409), and so does a build deleted while it is
+submitted again. A build's artifact and report are linked to it under their blobs' locks
+(:func:`link_build_files`), so deleting another build with byte-identical files never removes
+them (:mod:`service.store.blobs`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import uuid
+from pathlib import Path
+from typing import Any, cast
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm.exc import StaleDataError
 
 from calibrators.errors import DatasetError
+from core.errors import ModelError
 from engines.backends.registry import choose_target
 from engines.spec import BackendName
 from service.db.models import BuildLogRow, BuildRow, DatasetRow, JobRow, ModelRow, utcnow
@@ -31,7 +45,8 @@ from service.schemas import (
     LogLine,
     Stage,
 )
-from service.store.catalog import Page, get_dataset, get_model, get_table, model_path, release_blob
+from service.store.blobs import commit_and_release, place_blob
+from service.store.catalog import Page, get_dataset, get_model, get_table, model_path
 from service.store.storage import Storage
 from service.worker.recorder import add_log, reset_for_retry
 
@@ -41,6 +56,7 @@ __all__ = [
     "cancel_build",
     "delete_build",
     "get_build",
+    "link_build_files",
     "list_builds",
     "log_lines",
     "submit_build",
@@ -48,17 +64,16 @@ __all__ = [
 
 
 def build_cache_key(request: BuildCreate) -> str:
-    """sha256 over what decides the artifact (module docstring), including the options that
-    choose the calibration samples; benchmark options and ``max_samples`` of the accuracy check
-    only change the report, so they do not make a new build."""
+    """sha256 over the whole request, normalized (module docstring): what decides the artifact
+    and what decides the report. Options left out equal their defaults given explicitly."""
     parts = [
         request.model_id,
         request.dataset_id,
         request.table_id or "-",
         request.spec.digest,
         request.calibration.model_dump_json(),
-        # the held-out split decides which samples calibrate, hence the table and the artifact
-        request.accuracy.model_dump_json(include={"enabled", "eval_fraction", "seed"}),
+        request.accuracy.model_dump_json(),
+        request.benchmark.model_dump_json(),
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
@@ -188,7 +203,11 @@ def submit_build(
 
     A failed or cancelled build with the same key is queued again and counts as new.
     """
-    _check_request(session, storage, request)
+    try:
+        _check_request(session, storage, request)
+    except ModelError:
+        _refuse_if_deleted(session, storage, request)
+        raise
     requested = request.spec.backend
     _check_target(queue, requested)
     key = build_cache_key(request)
@@ -199,7 +218,14 @@ def submit_build(
         reset_for_retry(existing)
         queue.enqueue(session, existing.id)
         add_log(session, existing.id, "Submitted again: queued for a new run.")
-        session.commit()
+        try:
+            session.commit()
+        except (IntegrityError, StaleDataError) as exc:  # deleted meanwhile
+            session.rollback()
+            raise ConflictError(
+                f"Build {existing.id[:12]} was deleted while it was submitted again.",
+                hint="Submit the request again: it makes a new build.",
+            ) from exc
         return existing, True
     row = BuildRow(
         id=uuid.uuid4().hex,
@@ -218,19 +244,36 @@ def submit_build(
         cancel_requested=False,
         stage_seconds={},
     )
-    session.add(row)
-    session.flush()
-    queue.enqueue(session, row.id)
-    add_log(session, row.id, f"Queued for a worker that builds {requested.value}.")
     try:
+        session.add(row)
+        session.flush()
+        queue.enqueue(session, row.id)
+        add_log(session, row.id, f"Queued for a worker that builds {requested.value}.")
         session.commit()
-    except IntegrityError:  # the same request raced us in
+    except IntegrityError as exc:
         session.rollback()
         winner = session.scalar(select(BuildRow).where(BuildRow.cache_key == key))
-        if winner is None:
-            raise
-        return winner, False
+        if winner is not None:  # the same request raced us in
+            return winner, False
+        raise ConflictError(  # a foreign key: its model, dataset or table was deleted meanwhile
+            "The model, dataset or calibration table of this build was deleted while it was "
+            "submitted.",
+            hint="Upload it again (or pick another), then resubmit.",
+        ) from exc
     return row, True
+
+
+def _refuse_if_deleted(session: Session, storage: Storage, request: BuildCreate) -> None:
+    """Raise :class:`ConflictError` when the model vanished while the request was checked (its
+    files are removed right after its row): a deletion raced the submission."""
+    session.rollback()  # read afresh
+    model = session.get(ModelRow, request.model_id)
+    if model is None or not model_path(storage, model).is_file():
+        raise ConflictError(
+            f"Model {request.model_id[:12]} was deleted while this build was submitted.",
+            hint="Upload the model again, then resubmit.",
+            field="model_id",
+        )
 
 
 def list_builds(
@@ -281,7 +324,8 @@ def cancel_build(session: Session, build_id: str) -> BuildRow:
 
 
 def delete_build(session: Session, storage: Storage, build_id: str) -> None:
-    """Delete an ended build with its logs, artifact and report."""
+    """Delete an ended build with its logs, and its artifact and report unless another row
+    references the same bytes."""
     row = get_build(session, build_id)
     if not BuildStatus(row.status).terminal:
         raise ConflictError(
@@ -289,12 +333,62 @@ def delete_build(session: Session, storage: Storage, build_id: str) -> None:
             hint="Cancel it first (POST /v1/builds/{id}/cancel).",
         )
     blobs = [sha for sha in (row.artifact_sha256, row.report_sha256) if sha]
-    session.query(BuildLogRow).filter(BuildLogRow.build_id == build_id).delete()
-    session.query(JobRow).filter(JobRow.build_id == build_id).delete()
-    session.delete(row)
-    session.commit()
-    for sha in blobs:
-        release_blob(session, storage, sha)
+    terminal = [s.value for s in BuildStatus if s.terminal]
+    session.expunge(row)
+    session.execute(delete(BuildLogRow).where(BuildLogRow.build_id == build_id))
+    session.execute(delete(JobRow).where(JobRow.build_id == build_id))
+    # only while it is still ended: a submission may have queued it again since it was read
+    gone = cast(
+        "CursorResult[Any]",
+        session.execute(
+            delete(BuildRow).where(BuildRow.id == build_id, BuildRow.status.in_(terminal))
+        ),
+    )
+    if gone.rowcount != 1:
+        session.rollback()
+        raise ConflictError(
+            f"Build {build_id[:12]} was submitted again while it was being deleted.",
+            hint="Cancel it first (POST /v1/builds/{id}/cancel), then delete it.",
+        )
+    commit_and_release(session, storage, blobs)
+
+
+def link_build_files(
+    session: Session,
+    storage: Storage,
+    build_id: str,
+    *,
+    artifact: Path,
+    artifact_sha256: str,
+    artifact_filename: str,
+    artifact_metadata: dict[str, Any],
+    report: Path,
+) -> dict[str, Any]:
+    """Store a build's artifact and report as blobs and link the build row to them, in one
+    transaction under the blobs' locks (:mod:`service.store.blobs`); both files are moved away.
+    Returns the columns it set (for :meth:`~service.worker.recorder.BuildRecorder.succeed`)."""
+    try:
+        report_sha = storage.hash_file(report)
+        files = {artifact_sha256: artifact, report_sha: report}
+        # locked in sha order, as deleters lock them: no lock cycle
+        stored = {sha: place_blob(session, storage, files[sha], sha) for sha in sorted(files)}
+        linked: dict[str, Any] = {
+            "artifact_sha256": artifact_sha256,
+            "artifact_filename": artifact_filename,
+            "artifact_size_bytes": stored[artifact_sha256].size_bytes,
+            "artifact_metadata": artifact_metadata,
+            "report_sha256": report_sha,
+        }
+        build = session.get_one(BuildRow, build_id)
+        for column, value in linked.items():
+            setattr(build, column, value)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        artifact.unlink(missing_ok=True)
+        report.unlink(missing_ok=True)
+        raise
+    return linked
 
 
 def log_lines(session: Session, build_id: str, after: int = 0, limit: int = 1000) -> list[LogLine]:

@@ -3,6 +3,10 @@
 A row is committed only after its files are published, and files are removed if the commit
 fails, so bad input never leaves a partial model, dataset or table behind. Same bytes give the
 same id: a second upload returns the existing row.
+
+Deletions race with submissions: the foreign keys decide. A model deleted while a build (or a
+dataset, or a table) referencing it is committed refuses with :class:`InUseError`; a row whose
+model or dataset was deleted meanwhile refuses with :class:`ConflictError` (both HTTP 409).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, Literal, TypeVar
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -23,13 +27,14 @@ from calibrators.spec import PreprocessSpec
 from calibrators.table import CalibrationTable
 from core.tensors import TensorSpec
 from service.db.models import BuildRow, DatasetRow, ModelRow, TableRow
-from service.errors import InUseError, NotFoundError
+from service.errors import ConflictError, InUseError, NotFoundError
 from service.schemas import (
     DatasetPublic,
     ModelPublic,
     TablePublic,
     TensorInfo,
 )
+from service.store.blobs import commit_and_release, place_blob
 from service.store.ingest import dataset_id, stage_dataset, stage_model
 from service.store.storage import PendingFile, Storage
 
@@ -52,7 +57,6 @@ __all__ = [
     "model_input_specs_of",
     "model_path",
     "model_public",
-    "release_blob",
     "store_table",
     "table_public",
 ]
@@ -165,9 +169,14 @@ def delete_model(session: Session, storage: Storage, model_id: str) -> None:
     for table in tables:
         session.delete(table)
     session.delete(row)
-    session.commit()
-    for sha in blobs:
-        release_blob(session, storage, sha)
+    try:
+        commit_and_release(session, storage, blobs)
+    except IntegrityError as exc:  # a build or table referencing it was committed meanwhile
+        raise InUseError(
+            f"Model {model_id[:12]} was referenced by a build or table submitted while it was "
+            "being deleted.",
+            hint="Delete the builds that reference it first (GET /v1/builds?model_id=...).",
+        ) from exc
     storage.remove_entry(storage.model_dir(model_id))
 
 
@@ -291,7 +300,13 @@ def delete_dataset(session: Session, storage: Storage, id_: str) -> None:
     if builds:
         raise InUseError(f"Dataset {id_[:12]} is used by {builds} build(s).")
     session.delete(row)
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError as exc:  # a build referencing it was committed meanwhile
+        session.rollback()
+        raise InUseError(
+            f"Dataset {id_[:12]} was referenced by a build submitted while it was being deleted."
+        ) from exc
     storage.remove_entry(storage.dataset_dir(id_))
 
 
@@ -414,7 +429,10 @@ def store_table(
     existing = session.get(TableRow, key)
     if existing is not None:
         return existing, False
-    blob = storage.put_bytes(table.to_json().encode("utf-8"))
+    with storage.pending(suffix=".json") as pending:
+        pending.write(table.to_json().encode("utf-8"))
+        sha = pending.finish()
+        blob = place_blob(session, storage, pending.take(), sha)  # locked until the commit
     row = TableRow(
         id=key,
         model_id=model_id,
@@ -430,7 +448,7 @@ def store_table(
         missing_tensors=missing,
     )
     return _commit_new(
-        session, row, TableRow, key, lambda: release_blob(session, storage, blob.sha256)
+        session, row, TableRow, key, lambda: commit_and_release(session, storage, [blob.sha256])
     )
 
 
@@ -445,32 +463,27 @@ def _undo_publish(storage: Storage, dest: Path, published: bool) -> Callable[[],
     return undo
 
 
-def release_blob(session: Session, storage: Storage, sha256: str) -> None:
-    """Delete a blob unless a table or build still references it."""
-    referenced = session.scalar(
-        select(func.count()).select_from(TableRow).where(TableRow.blob_sha256 == sha256)
-    ) or session.scalar(
-        select(func.count())
-        .select_from(BuildRow)
-        .where(or_(BuildRow.artifact_sha256 == sha256, BuildRow.report_sha256 == sha256))
-    )
-    if not referenced:
-        storage.delete_blob(sha256)
-
-
 def _commit_new(
     session: Session, row: R, kind: type[R], key: str, undo: Callable[[], object]
 ) -> tuple[R, bool]:
-    """Insert ``row``; on a concurrent insert of the same key return that one instead."""
+    """Insert ``row``; on a concurrent insert of the same key return that one instead.
+
+    Any other constraint failure means a row it references (its model, its dataset) was deleted
+    meanwhile: :class:`ConflictError`.
+    """
     session.add(row)
     try:
         session.commit()
-    except IntegrityError:
+    except IntegrityError as exc:
         session.rollback()
         winner = session.get(kind, key)
         if winner is None:
             undo()
-            raise
+            raise ConflictError(
+                f"The {kind.__tablename__.rstrip('s').replace('_', ' ')} could not be stored: "
+                "a model or dataset it refers to was deleted at the same time.",
+                hint="Check that the model (and dataset) still exist, then retry.",
+            ) from exc
         return winner, False
     except BaseException:
         session.rollback()

@@ -3,7 +3,10 @@
 A crash between publishing a file and committing its row leaves an orphan; so does a crash in
 the middle of a build. Work folders of builds that are not running go at once; model, dataset and
 blob entries without a row are removed once older than ``grace_s`` (so an upload that another
-process is committing right now is left alone).
+process is committing right now is left alone). Blobs are deleted as every deletion deletes them,
+under their lock and only when nothing references them (:mod:`service.store.blobs`), so a build
+publishing the same bytes at this moment keeps its file; a blob a crashed deletion had set aside
+is put back first (and removed with the others if nothing references it).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from sqlalchemy import select
 from service.db import Database
 from service.db.models import BuildRow, DatasetRow, ModelRow, TableRow
 from service.schemas import BuildStatus
+from service.store.blobs import commit_and_release
 from service.store.storage import Storage
 
 __all__ = ["remove_orphans"]
@@ -27,6 +31,8 @@ log = logging.getLogger(__name__)
 def remove_orphans(db: Database, storage: Storage, grace_s: float) -> list[Path]:
     """Remove unowned files (module docstring); returns what was removed."""
     removed = storage.remove_stale_tmp()
+    for aside, sha in storage.iter_blobs_aside():
+        storage.restore_blob(aside, sha)
     with db.session() as session:
         models = set(session.scalars(select(ModelRow.id)))
         datasets = set(session.scalars(select(DatasetRow.id)))
@@ -53,10 +59,21 @@ def remove_orphans(db: Database, storage: Storage, grace_s: float) -> list[Path]
             storage.remove_entry(entry)
             removed.append(entry)
     limit = time.time() - grace_s
-    for blob in storage.iter_blobs():
-        if blob.name not in blobs and blob.stat().st_mtime < limit:
-            blob.unlink(missing_ok=True)
-            removed.append(blob)
+    candidates = [
+        blob for blob in storage.iter_blobs() if blob.name not in blobs and _mtime(blob) < limit
+    ]
+    with db.session() as session:
+        for blob in candidates:  # checked again under each blob's lock
+            commit_and_release(session, storage, [blob.name])
+            if not blob.exists():
+                removed.append(blob)
     for path in removed:
         log.info("removed orphan %s", path)
     return removed
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")  # deleted meanwhile: nothing to do

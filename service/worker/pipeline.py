@@ -4,7 +4,8 @@ Runs in the build's own child process (:mod:`service.worker.runner`), recording 
 and log lines through :class:`~service.worker.recorder.BuildRecorder`. A cancel request is honoured at
 every stage boundary. Scratch files live in the build's work folder, which is removed whatever
 happens; the artifact, report and calibration table are published as content-addressed blobs,
-and the build row is linked to them only once they are in place.
+and the build row is linked to them in the transaction that stores them, under the blobs' locks
+(:mod:`service.store.blobs`), so deleting a build with the same bytes cannot remove them.
 
 The stages themselves are :class:`engines.workflow.Workflow`'s (the same flow as ``trtforge
 build`` and sweeps); this module feeds it the build's rows and blobs: the dataset opened with the
@@ -20,7 +21,7 @@ import shutil
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from core.errors import TrtforgeError
 from service.db import Database
@@ -35,6 +36,7 @@ from service.schemas import (
     Stage,
 )
 from service.settings import Settings
+from service.store.builds import link_build_files
 from service.store.catalog import dataset_path, load_table, model_path, store_table
 from service.store.storage import Storage
 from service.worker.recorder import BuildRecorder
@@ -204,11 +206,10 @@ def _run_stages(
             Stage.EVALUATE, "accuracy check disabled in the request: the accuracy gate is not checked"
         )
     recorder.check_cancel()
-    artifact_blob = storage.adopt_blob(artifact.path, artifact.metadata.sha256)
     info = ArtifactInfo(
         filename=filename,
-        sha256=artifact_blob.sha256,
-        size_bytes=artifact_blob.size_bytes,
+        sha256=artifact.metadata.sha256,
+        size_bytes=artifact.path.stat().st_size,
         backend=artifact.metadata.backend,
     )
     report = BuildReport(
@@ -236,14 +237,19 @@ def _run_stages(
         environment=dict(perf.environment),
         stage_seconds=dict(recorder.stage_seconds),
     )
-    report_blob = storage.put_bytes(report.model_dump_json(indent=2).encode("utf-8"))
-    published: dict[str, Any] = {
-        "artifact_sha256": info.sha256,
-        "artifact_filename": info.filename,
-        "artifact_size_bytes": info.size_bytes,
-        "artifact_metadata": artifact.metadata.model_dump(mode="json"),
-        "report_sha256": report_blob.sha256,
-    }
+    report_path = work / "trtforge-report.json"
+    report_path.write_bytes(report.model_dump_json(indent=2).encode("utf-8"))
+    with db.session() as session:  # stored and linked under the blobs' locks (store.blobs)
+        published = link_build_files(
+            session,
+            storage,
+            plan.build_id,
+            artifact=artifact.path,
+            artifact_sha256=info.sha256,
+            artifact_filename=info.filename,
+            artifact_metadata=artifact.metadata.model_dump(mode="json"),
+            report=report_path,
+        )
     if gate is not None and not gate.passed:
         error = gate_error(gate, request.spec.precision)
         recorder.fail(error.code, error.message, _rest_hint(error.hint), **published)

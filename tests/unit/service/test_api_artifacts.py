@@ -19,6 +19,18 @@ from service.errors import RangeNotSatisfiableError
         ("items=0-1", None),
         ("bytes=0-1,5-6", None),
         ("bytes=abc", None),
+        # malformed: ignored (RFC 9110 14.2), the whole file is sent
+        ("bytes=--5", None),
+        ("bytes=-", None),
+        ("bytes=+1-2", None),
+        ("bytes=1-+2", None),
+        ("bytes=1_0-20", None),
+        ("bytes=-1_0", None),
+        ("bytes=\u0663-4", None),
+        ("bytes=200-100", None),
+        ("bytes=0x1-2", None),
+        (" bytes = 3-4 ", (3, 4)),
+        ("bytes=0-" + "9" * 5000, None),
     ],
 )
 def test_parse_range(header: str | None, expected: tuple[int, int] | None) -> None:

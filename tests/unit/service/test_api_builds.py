@@ -40,9 +40,16 @@ def test_submit_is_202_with_location_and_identical_requests_dedup(
     assert other.json()["cache_key"] != build["cache_key"]
     split = client.post("/v1/builds", json={**ids, "accuracy": {"eval_fraction": 0.5}})
     assert split.status_code == 202  # other calibration samples: another table and artifact
+    # other measurements are another build with its own report (the table cache is shared)
     report_only = client.post("/v1/builds", json={**ids, "benchmark": {"duration_s": 9}})
-    assert report_only.status_code == 200
-    assert report_only.json()["id"] == build["id"]
+    assert report_only.status_code == 202
+    assert report_only.json()["id"] != build["id"]
+    assert report_only.json()["benchmark"]["duration_s"] == 9
+    fewer = client.post("/v1/builds", json={**ids, "accuracy": {"max_samples": 3}})
+    assert fewer.status_code == 202
+    assert fewer.json()["id"] not in (build["id"], report_only.json()["id"])
+    again = client.post("/v1/builds", json={**ids, "benchmark": {"duration_s": 9.0}})
+    assert (again.status_code, again.json()["id"]) == (200, report_only.json()["id"])
 
 
 def test_get_list_filter_and_paginate(client: TestClient, ids: dict[str, str]) -> None:

@@ -11,8 +11,8 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
 
 from service.db import Database
-from service.db.models import Base
-from tests.unit.service.support import DATABASES, database_url
+from service.db.models import Base, TableRow
+from tests.unit.service.support import DATABASES, database_url, insert_build
 
 
 @pytest.fixture(params=DATABASES)
@@ -39,7 +39,7 @@ def test_migrate_is_idempotent(db: Database) -> None:
     db.migrate()
     with db.engine.connect() as conn:
         versions = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
-    assert versions == ["0002"]
+    assert versions == ["0003"]
 
 
 def test_an_existing_database_gains_build_targets_and_keeps_its_rows(db: Database) -> None:
@@ -75,3 +75,31 @@ def test_ping_reports_an_unreachable_database() -> None:
     with pytest.raises(StorageError, match="unreachable"):
         database.ping()
     database.dispose()
+
+
+def test_an_existing_database_gains_rows_for_its_referenced_blobs(db: Database) -> None:
+    db.migrate("0002")
+    with db.session() as session:
+        build = insert_build(session, "b1", status="succeeded")
+        build.artifact_sha256, build.report_sha256 = "a" * 64, "b" * 64
+        session.add(
+            TableRow(
+                id="t" * 64,
+                model_id=build.model_id,
+                source="imported",
+                algorithm="max",
+                parameters={},
+                samples=0,
+                num_tensors=1,
+                digest="d",
+                blob_sha256="a" * 64,  # shared with the artifact: one row
+                missing_tensors=[],
+            )
+        )
+        session.commit()
+    db.migrate()
+    with db.engine.connect() as conn:
+        shas = conn.execute(text("SELECT sha256 FROM blobs ORDER BY sha256")).scalars().all()
+    assert shas == ["a" * 64, "b" * 64]
+    indexes = {i["name"] for i in inspect(db.engine).get_indexes("builds")}
+    assert {"ix_builds_artifact_sha256", "ix_builds_report_sha256"} <= indexes
