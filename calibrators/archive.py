@@ -4,23 +4,38 @@ Everything is decided from the central directory before a byte is extracted: mem
 (absolute, drive letters, ``..`` in either slash direction, NUL bytes), duplicates, symlinks,
 encryption, the member count and the declared uncompressed sizes (:class:`ArchiveLimits`).
 Extraction then counts the bytes it really gets, so a member whose headers lie is refused too.
+
+Members are read lazily (:func:`open_member`): a stored member is a window onto the archive file,
+a small deflated one is read into memory, a large deflated one is streamed (seeking back restarts
+its decompression), so a zip holding a large shard never costs the shard's size in memory.
 """
 
 from __future__ import annotations
 
+import io
 import re
 import stat
 import struct
 import zipfile
 import zlib
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from calibrators.errors import ArchiveError
 
-__all__ = ["ZIP_READ_ERRORS", "ArchiveLimits", "file_members", "open_zip", "read_member"]
+__all__ = [
+    "BUFFERED_MEMBER_BYTES",
+    "ZIP_READ_ERRORS",
+    "ArchiveLimits",
+    "file_members",
+    "member_is_streamed",
+    "open_member",
+    "open_zip",
+    "read_member",
+    "stored_data_offset",
+]
 
 _GiB = 1 << 30
 
@@ -36,6 +51,12 @@ ZIP_READ_ERRORS = (
 )
 """What :mod:`zipfile` raises for corrupt, truncated or unsupported archives."""
 
+BUFFERED_MEMBER_BYTES = 64 << 20
+"""Deflated members up to this size are read into memory by :func:`open_member`; larger ones
+are streamed."""
+
+_SEEK_CHUNK = 1 << 20
+
 _UNSAFE_NAME = re.compile(r"^[\\/]|^[A-Za-z]:|(^|[\\/])\.\.([\\/]|$)|\x00")
 
 
@@ -47,6 +68,9 @@ class ArchiveLimits(BaseModel):
     max_members: int = Field(default=100_000, gt=0)
     max_total_bytes: int = Field(default=8 * _GiB, gt=0)
     max_member_bytes: int = Field(default=2 * _GiB, gt=0)
+    max_preprocessed_pixels: int = Field(default=4096 * 4096, gt=0)
+    """Pixels of one image after resizing and cropping (:mod:`calibrators.images`): bounds the
+    memory a small image scaled up by ``resize_shorter`` takes."""
 
 
 def open_zip(source: Path | IO[bytes], label: str, limits: ArchiveLimits) -> zipfile.ZipFile:
@@ -125,3 +149,91 @@ def read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, label: str) -> 
             f"{label} holds {len(data):,} bytes, not the {info.file_size:,} declared."
         )
     return data
+
+
+def stored_data_offset(raw: IO[bytes], info: zipfile.ZipInfo, label: str) -> int:
+    """Absolute offset of a stored member's data in ``raw``: after its local header, name and
+    extra field. :class:`ArchiveError` when the stored extent is not what the headers claim."""
+    raw_size = raw.seek(0, io.SEEK_END)
+    raw.seek(info.header_offset)
+    local = raw.read(30)
+    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+        raise ArchiveError(f"{label} has a corrupt local header.", hint="Upload the file again.")
+    name_len = int.from_bytes(local[26:28], "little")
+    extra_len = int.from_bytes(local[28:30], "little")
+    start = info.header_offset + 30 + name_len + extra_len
+    # rows are read straight from the file, so the stored extent must be what it claims
+    if info.compress_size != info.file_size or start + info.file_size > raw_size:
+        raise ArchiveError(f"{label} is truncated or its sizes are inconsistent.")
+    return start
+
+
+class _Window(io.RawIOBase):
+    """Bytes ``[start, start + size)`` of a file as a seekable, read-only stream."""
+
+    def __init__(self, path: Path, start: int, size: int) -> None:
+        super().__init__()
+        self._file = path.open("rb")
+        self._start, self._size, self._pos = start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        count = min(len(buffer), self._size - self._pos)
+        if count <= 0:
+            return 0
+        self._file.seek(self._start + self._pos)
+        got = self._file.readinto(memoryview(buffer)[:count])
+        self._pos += got
+        return got
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def member_is_streamed(info: zipfile.ZipInfo) -> bool:
+    """Whether :func:`open_member` streams ``info``: seeking such a stream backwards decompresses
+    again from the start, so open one stream per position that moves forward."""
+    return info.compress_type != zipfile.ZIP_STORED and info.file_size > BUFFERED_MEMBER_BYTES
+
+
+def open_member(path: Path, member: str, label: str, limits: ArchiveLimits) -> IO[bytes]:
+    """A seekable stream of ``member`` of the zip ``path``; close it when done.
+
+    Stored members are read in place (a window onto ``path``); deflated members up to
+    :data:`BUFFERED_MEMBER_BYTES` are read into memory; larger ones are streamed
+    (:func:`member_is_streamed`).
+    """
+    with open_zip(path, label, limits) as archive:
+        try:
+            info = archive.getinfo(member)
+        except KeyError:
+            raise ArchiveError(f"{label} is no longer in {path.name}.") from None
+        if info.compress_type == zipfile.ZIP_STORED:
+            with path.open("rb") as raw:
+                start = stored_data_offset(raw, info, label)
+            return _Window(path, start, info.file_size)
+        if not member_is_streamed(info):
+            return io.BytesIO(read_member(archive, info, label))
+        try:
+            # the stream keeps the archive's file open after the archive object is closed
+            stream = archive.open(info)
+        except ZIP_READ_ERRORS as exc:
+            raise ArchiveError(f"{label} cannot be extracted: {exc}.") from exc
+        stream.MAX_SEEK_READ = _SEEK_CHUNK  # a seek forward decompresses in chunks of this size
+        return stream

@@ -6,7 +6,8 @@ headers alone. Its reader returns sample rows ``[start, stop)`` on demand:
 - ``.npy`` arrays (plain files or ``.npz`` members) are parsed with numpy's header readers and
   rows are read at their byte offsets: seeking in files and stored zip members, streaming
   forward through deflated members (reopened when a read goes backwards);
-- shards are opened one at a time;
+- shards are opened one at a time, and a shard inside a zip is never read whole: a stored one is
+  read in place, a deflated one streamed (one stream per array, so each only moves forward);
 - images are decoded and preprocessed per read.
 
 Nothing is ever unpickled: object and other non-numeric dtypes are refused from the header.
@@ -14,7 +15,6 @@ Nothing is ever unpickled: object and other non-numeric dtypes are refused from 
 
 from __future__ import annotations
 
-import io
 import math
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -25,9 +25,18 @@ from typing import IO, Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from calibrators.archive import ZIP_READ_ERRORS, ArchiveLimits, file_members, open_zip, read_member
+from calibrators.archive import (
+    ZIP_READ_ERRORS,
+    ArchiveLimits,
+    file_members,
+    member_is_streamed,
+    open_member,
+    open_zip,
+    read_member,
+    stored_data_offset,
+)
 from calibrators.errors import ArchiveError, DatasetError
-from calibrators.images import decode_image
+from calibrators.images import MAX_IMAGE_FILE_BYTES, check_preprocess_size, decode_image
 from calibrators.spec import PreprocessSpec
 
 __all__ = [
@@ -146,24 +155,6 @@ def _parse_npy_header(
     return dtype, tuple(shape), data_start
 
 
-def _stored_data_offset(raw: IO[bytes], info: zipfile.ZipInfo, label: str) -> int:
-    """Absolute offset of a stored member's data: after its local header, name and extra field."""
-    raw_size = raw.seek(0, io.SEEK_END)
-    raw.seek(info.header_offset)
-    local = raw.read(30)
-    if len(local) < 30 or local[:4] != b"PK\x03\x04":
-        raise ArchiveError(f"{label} has a corrupt local header.", hint="Upload the file again.")
-    name_len, extra_len = (
-        int.from_bytes(local[26:28], "little"),
-        int.from_bytes(local[28:30], "little"),
-    )
-    start = info.header_offset + 30 + name_len + extra_len
-    # Rows are read straight from the file, so the stored extent must be what it claims.
-    if info.compress_size != info.file_size or start + info.file_size > raw_size:
-        raise ArchiveError(f"{label} is truncated or its sizes are inconsistent.")
-    return start
-
-
 def _scan_npz(archive: zipfile.ZipFile, raw: IO[bytes], label: str) -> dict[str, _NpyArray]:
     arrays: dict[str, _NpyArray] = {}
     for info in file_members(archive):
@@ -180,7 +171,7 @@ def _scan_npz(archive: zipfile.ZipFile, raw: IO[bytes], label: str) -> dict[str,
             raise ArchiveError(f"{where} cannot be extracted: {exc}.") from exc
         offset = None
         if info.compress_type == zipfile.ZIP_STORED:
-            offset = _stored_data_offset(raw, info, where) + data_start
+            offset = stored_data_offset(raw, info, where) + data_start
         arrays[key] = _NpyArray(where, info.filename, offset, data_start, dtype, shape)
     return arrays
 
@@ -202,18 +193,32 @@ def _read_exact(stream: IO[bytes], count: int, label: str) -> bytearray:
 
 @dataclass(frozen=True)
 class Container:
-    """One file holding arrays (a plain .npy or a .npz); ``opener`` gives a fresh binary stream."""
+    """One file holding arrays (a plain .npy or a .npz); ``opener`` gives a fresh binary stream.
+
+    ``sequential``: the streams seek backwards slowly (a large deflated zip member), so a reader
+    opens one per array and each only moves forward.
+    """
 
     opener: Callable[[], IO[bytes]]
     arrays: dict[str, _NpyArray]
+    sequential: bool = False
 
 
 class _ContainerReader:
     def __init__(self, container: Container) -> None:
         self._container = container
-        self._raw = container.opener()
-        self._archive: zipfile.ZipFile | None = None
+        self._raws: dict[str | None, IO[bytes]] = {}  # per array when sequential, else one
+        self._archives: dict[str | None, zipfile.ZipFile] = {}
         self._streams: dict[str, tuple[IO[bytes], int]] = {}
+
+    def _key(self, name: str) -> str | None:
+        return name if self._container.sequential else None
+
+    def _raw(self, name: str) -> IO[bytes]:
+        key = self._key(name)
+        if key not in self._raws:
+            self._raws[key] = self._container.opener()
+        return self._raws[key]
 
     def read(self, start: int, stop: int) -> dict[str, Array]:
         arrays = self._container.arrays
@@ -223,8 +228,9 @@ class _ContainerReader:
         count = (stop - start) * array.row_bytes
         try:
             if array.offset is not None:
-                self._raw.seek(array.offset + start * array.row_bytes)
-                data = _read_exact(self._raw, count, array.label)
+                raw = self._raw(name)
+                raw.seek(array.offset + start * array.row_bytes)
+                data = _read_exact(raw, count, array.label)
             else:
                 data = self._stream(name, array, array.data_start + start * array.row_bytes, count)
         except ZIP_READ_ERRORS as exc:
@@ -241,9 +247,10 @@ class _ContainerReader:
         if stream is None or at > position:  # a deflate stream cannot seek back: reopen it
             if stream is not None:
                 stream.close()
-            if self._archive is None:
-                self._archive = zipfile.ZipFile(self._raw)
-            stream, at = self._archive.open(array.member or ""), 0
+            key = self._key(name)
+            if key not in self._archives:
+                self._archives[key] = zipfile.ZipFile(self._raw(name))
+            stream, at = self._archives[key].open(array.member or ""), 0
         while at < position:
             skipped = len(stream.read(min(position - at, _CHUNK)))
             if not skipped:
@@ -256,9 +263,10 @@ class _ContainerReader:
     def close(self) -> None:
         for stream, _ in self._streams.values():
             stream.close()
-        if self._archive is not None:
-            self._archive.close()
-        self._raw.close()
+        for archive in self._archives.values():
+            archive.close()
+        for raw in self._raws.values():
+            raw.close()
 
 
 def _file_opener(path: Path) -> Callable[[], IO[bytes]]:
@@ -290,29 +298,26 @@ def npy_container(path: Path, name: str) -> Container:
 def zip_shards(path: Path, limits: ArchiveLimits) -> list[tuple[str, Container]]:
     """The ``.npz`` shards inside the zip ``path`` as (member, container), in member order.
 
-    Each shard's bytes are held only while its headers are scanned and, later, while its rows
-    are read; reopening the outer archive per shard keeps one shard in memory at a time.
+    No shard is read whole (:func:`calibrators.archive.open_member`): its headers are scanned
+    from a stream, and its rows are later read from streams of the member the same way.
     """
     shards = []
     with open_zip(path, path.name, limits) as outer:
-        for info in file_members(outer):
-            label = f"{path.name}:{info.filename}"
-            with (
-                io.BytesIO(read_member(outer, info, label)) as raw,
-                open_zip(raw, label, limits) as inner,
-            ):
-                arrays = _scan_npz(inner, raw, label)
-            shards.append(
-                (info.filename, Container(_member_opener(path, info.filename, limits), arrays))
-            )
+        members = file_members(outer)
+    for info in members:
+        label = f"{path.name}:{info.filename}"
+        opener = _member_opener(path, info.filename, label, limits)
+        with opener() as raw, open_zip(raw, label, limits) as inner:
+            arrays = _scan_npz(inner, raw, label)
+        shards.append((info.filename, Container(opener, arrays, member_is_streamed(info))))
     return shards
 
 
-def _member_opener(path: Path, member: str, limits: ArchiveLimits) -> Callable[[], IO[bytes]]:
+def _member_opener(
+    path: Path, member: str, label: str, limits: ArchiveLimits
+) -> Callable[[], IO[bytes]]:
     def opener() -> IO[bytes]:
-        with open_zip(path, path.name, limits) as archive:
-            label = f"{path.name}:{member}"
-            return io.BytesIO(read_member(archive, archive.getinfo(member), label))
+        return open_member(path, member, label, limits)
 
     return opener
 
@@ -432,6 +437,7 @@ class ImageSource:
             limits,
         )
         self.num_samples = len(members)
+        check_preprocess_size(spec, limits.max_preprocessed_pixels)
         crop = spec.crop_hw
         if crop is not None:
             shape: tuple[int, ...] = spec.sample_shape(*crop)
@@ -442,7 +448,15 @@ class ImageSource:
 
     def _decode(self, archive: zipfile.ZipFile, member: str) -> Array:
         label = f"{self.path.name}:{member}"
-        return decode_image(read_member(archive, archive.getinfo(member), label), self.spec, label)
+        info = archive.getinfo(member)
+        if info.file_size > MAX_IMAGE_FILE_BYTES:
+            raise ArchiveError(
+                f"Image {label!r} is a {info.file_size:,}-byte file, more than the limit of "
+                f"{MAX_IMAGE_FILE_BYTES:,}.",
+                hint="Pack model-sized JPEG or PNG files.",
+            )
+        data = read_member(archive, info, label)
+        return decode_image(data, self.spec, label, self.limits.max_preprocessed_pixels)
 
     def reader(self) -> Reader:
         return _ImageReader(self)
