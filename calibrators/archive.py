@@ -56,6 +56,7 @@ BUFFERED_MEMBER_BYTES = 64 << 20
 are streamed."""
 
 _SEEK_CHUNK = 1 << 20
+_WINDOW_BUFFER = 64 << 10
 
 _UNSAFE_NAME = re.compile(r"^[\\/]|^[A-Za-z]:|(^|[\\/])\.\.([\\/]|$)|\x00")
 
@@ -227,7 +228,7 @@ def open_member(path: Path, member: str, label: str, limits: ArchiveLimits) -> I
         if info.compress_type == zipfile.ZIP_STORED:
             with path.open("rb") as raw:
                 start = stored_data_offset(raw, info, label)
-            return _Window(path, start, info.file_size)
+            return io.BufferedReader(_Window(path, start, info.file_size), _WINDOW_BUFFER)
         if not member_is_streamed(info):
             return io.BytesIO(read_member(archive, info, label))
         try:
@@ -235,5 +236,6 @@ def open_member(path: Path, member: str, label: str, limits: ArchiveLimits) -> I
             stream = archive.open(info)
         except ZIP_READ_ERRORS as exc:
             raise ArchiveError(f"{label} cannot be extracted: {exc}.") from exc
-        stream.MAX_SEEK_READ = _SEEK_CHUNK  # a seek forward decompresses in chunks of this size
+        if isinstance(stream, zipfile.ZipExtFile):  # seeks decompress in chunks of this size
+            stream.MAX_SEEK_READ = _SEEK_CHUNK
         return stream
