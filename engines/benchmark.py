@@ -23,6 +23,13 @@ Definitions (trtexec's ``sampleReporting.cpp``):
   skipped when a backend reports the same number for both (a synchronous host backend such as
   ONNX Runtime, whose run is its own enqueue). *Transfer-bound*: median H2D or D2H time >=
   median GPU compute time.
+
+What was measured (``PerfReport.timing``) is decided from the timings the runner reports: a
+host-side runner reports every query as :func:`engines.backends.runner.host_timing` does (one
+wall-clock time as latency, enqueue and compute; no transfers), so a run whose every query has
+that shape is *host-timed*. Its report has one measurement, latency: the text table shows only
+"Host latency", its CV is the latency's, and none of the GPU warnings (enqueue-, transfer-bound,
+GPU compute unstable) apply.
 """
 
 from __future__ import annotations
@@ -38,7 +45,13 @@ from calibrators.data import CalibrationDataset
 from core.tensors import TensorSpec
 from engines.backends.base import ConfigurableTiming, ProgressFn, QueryTiming, Runner, TimingMode
 from engines.errors import RunError, SpecError
-from engines.perf_report import BenchmarkOptions, InputSource, PerfReport, TimingStats
+from engines.perf_report import (
+    BenchmarkOptions,
+    InputSource,
+    PerfReport,
+    TimingSource,
+    TimingStats,
+)
 
 __all__ = [
     "CV_WARNING_PERCENT",
@@ -326,6 +339,7 @@ def _report(
     mean = fmean(compute)
     cv = pstdev(compute, mu=mean) / mean * 100.0 if mean > 0 else 0.0
     same_enqueue = columns["enqueue"] == compute
+    timing = _timing_source(timings)
     return PerfReport(
         throughput_qps=len(timings) * batch / wall_s,
         queries=len(timings),
@@ -343,13 +357,33 @@ def _report(
         spin_wait=mode.spin_wait,
         use_transfers=mode.use_transfers,
         streams=options.streams,
+        timing=timing,
         environment=dict(runner.describe()),
-        warnings=notes + _warnings(stats, cv, check_enqueue=not same_enqueue),
+        warnings=notes + _warnings(stats, cv, timing=timing, check_enqueue=not same_enqueue),
         **stats,
     )
 
 
-def _warnings(stats: Mapping[str, TimingStats], cv: float, *, check_enqueue: bool) -> list[str]:
+def _timing_source(timings: Sequence[QueryTiming]) -> TimingSource:
+    """Host-timed when every query has a host timing's shape (module docstring)."""
+    host = all(
+        t.h2d_ms == 0 and t.d2h_ms == 0 and t.latency_ms == t.enqueue_ms == t.gpu_compute_ms
+        for t in timings
+    )
+    return TimingSource.HOST if host else TimingSource.DEVICE
+
+
+def _warnings(
+    stats: Mapping[str, TimingStats], cv: float, *, timing: TimingSource, check_enqueue: bool
+) -> list[str]:
+    if timing is TimingSource.HOST:
+        # One wall-clock time per query: nothing to say about a GPU, only about the spread.
+        if cv <= CV_WARNING_PERCENT:
+            return []
+        return [
+            f"Latency is unstable: coefficient of variation {cv:.2f}% > {CV_WARNING_PERCENT}%. "
+            "Stop other work on the machine, set --threads, or lengthen --duration-s."
+        ]
     out: list[str] = []
     compute = stats["gpu_compute"].median_ms
     if check_enqueue and stats["enqueue"].median_ms > _ENQUEUE_BOUND_RATIO * compute:
@@ -379,30 +413,39 @@ _ROWS = (
     ("GPU Compute", "gpu_compute"),
     ("D2H", "d2h"),
 )
+_HOST_ROWS = (("Host latency", "latency"),)
 _COLS = ("min", "mean", "p90", "p95", "p99", "max")
 
 
 def render_perf_table(report: PerfReport) -> str:
-    """A readable text table of ``report`` (ms), with throughput, mode, environment, warnings."""
+    """A readable text table of ``report`` (ms), with throughput, mode, environment, warnings.
+
+    A host-timed report shows only what was measured, "Host latency", and no GPU timing mode;
+    a device-timed one trtexec's full table (module docstring)."""
+    host = report.timing is TimingSource.HOST
     lines = [
         f"Throughput: {report.throughput_qps:.2f} qps (batch {report.batch_size}, "
         f"{report.queries} queries in {report.total_host_walltime_s:.3f} s, "
         f"{report.input_source.value} inputs)",
-        f"{'(ms)':<12}" + "".join(f"{c:>10}" for c in _COLS),
+        f"{'(ms)':<14}" + "".join(f"{c:>10}" for c in _COLS),
     ]
-    for label, name in _ROWS:
+    for label, name in _HOST_ROWS if host else _ROWS:
         stats: TimingStats = getattr(report, name)
         values = [getattr(stats, f"{c}_ms") for c in _COLS]
-        lines.append(f"{label:<12}" + "".join(f"{v:>10.3f}" for v in values))
+        lines.append(f"{label:<14}" + "".join(f"{v:>10.3f}" for v in values))
     lines.append(
-        f"GPU compute CV: {report.coefficient_of_variation_percent:.2f}%  |  warm-up "
+        f"{'Latency' if host else 'GPU compute'} CV: "
+        f"{report.coefficient_of_variation_percent:.2f}%  |  warm-up "
         f"{report.warmup_ms:g} ms ({report.warmup_queries} queries), min {report.iterations} "
         f"iterations, min {report.duration_s:g} s"
     )
-    lines.append(
-        f"Mode: cuda_graph={_yn(report.cuda_graph)} spin_wait={_yn(report.spin_wait)} "
-        f"transfers={_yn(report.use_transfers)} streams={report.streams}"
-    )
+    if host:
+        lines.append("Timing: host wall clock per query (no device times measured)")
+    else:
+        lines.append(
+            f"Mode: cuda_graph={_yn(report.cuda_graph)} spin_wait={_yn(report.spin_wait)} "
+            f"transfers={_yn(report.use_transfers)} streams={report.streams}"
+        )
     if report.environment:
         lines.append("Environment: " + ", ".join(f"{k}={v}" for k, v in report.environment.items()))
     lines.extend(f"Warning: {w}" for w in report.warnings)

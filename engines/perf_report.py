@@ -8,8 +8,9 @@ from collections.abc import Sequence
 from enum import StrEnum
 from fractions import Fraction
 from statistics import fmean
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from engines.frozen import FrozenModel
 
@@ -17,6 +18,7 @@ __all__ = [
     "BenchmarkOptions",
     "InputSource",
     "PerfReport",
+    "TimingSource",
     "TimingStats",
     "median",
     "percentile",
@@ -30,6 +32,19 @@ class InputSource(StrEnum):
     """Real samples (a dataset or given feeds), rotated."""
     RANDOM = "random"
     """Seeded random data in the model's input shapes."""
+
+
+class TimingSource(StrEnum):
+    """What a runner measured per query (decided from the timings it reported,
+    :func:`engines.benchmark.benchmark`)."""
+
+    HOST = "host"
+    """The host's wall clock around one synchronous query (ONNX Runtime): latency only. The
+    report's enqueue and GPU compute columns repeat it and its transfers are zero; they are not
+    device measurements."""
+    DEVICE = "device"
+    """CUDA events around each stage on the GPU (TensorRT): H2D, GPU compute, D2H and latency,
+    plus the host's enqueue time."""
 
 
 class BenchmarkOptions(FrozenModel):
@@ -101,7 +116,8 @@ class PerfReport(FrozenModel):
     total_host_walltime_s: float
     total_gpu_compute_s: float
     coefficient_of_variation_percent: float
-    """Of GPU compute time: population std / mean x 100."""
+    """Of GPU compute time (host-timed: of latency, which it repeats): population std / mean
+    x 100."""
     warmup_ms: float
     warmup_queries: int
     duration_s: float
@@ -113,8 +129,33 @@ class PerfReport(FrozenModel):
     spin_wait: bool
     use_transfers: bool
     streams: int
+    timing: TimingSource = TimingSource.DEVICE
+    """What the runner measured; reports written before it was recorded get it from their
+    numbers (:meth:`_infer_timing`)."""
     environment: dict[str, str] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _infer_timing(cls, data: Any) -> Any:
+        """A report without ``timing`` is host-timed when its numbers have a host timing's shape:
+        no transfers, and enqueue and GPU compute equal to latency."""
+        if not isinstance(data, dict) or "timing" in data:
+            return data
+        stats = [_stats_dict(data.get(name)) for name in ("latency", "enqueue", "gpu_compute")]
+        transfers = [_stats_dict(data.get(name)) for name in ("h2d", "d2h")]
+        host = (
+            all(s is not None for s in stats + transfers)
+            and stats[0] == stats[1] == stats[2]
+            and all(t is not None and not any(t.values()) for t in transfers)
+        )
+        return {**data, "timing": TimingSource.HOST if host else TimingSource.DEVICE}
+
+
+def _stats_dict(value: Any) -> dict[str, Any] | None:
+    if isinstance(value, TimingStats):
+        return value.model_dump()
+    return value if isinstance(value, dict) else None
 
 
 def percentile(sorted_ms: Sequence[float], p: float) -> float:

@@ -21,6 +21,7 @@ from engines.perf_report import (
     BenchmarkOptions,
     InputSource,
     PerfReport,
+    TimingSource,
     TimingStats,
     median,
     percentile,
@@ -330,11 +331,37 @@ def test_onnxruntime_runner_benchmark_on_real_model(tiny_cnn_file: Path) -> None
         <= report.latency.p99_ms
         <= report.latency.max_ms
     )
-    # A synchronous backend is never enqueue-bound.
-    assert not [w for w in report.warnings if "enqueue" in w]
+    # A synchronous backend is never enqueue-bound, and has no GPU to warn about.
+    assert report.timing is TimingSource.HOST
+    assert not [w for w in report.warnings if "enqueue" in w or "GPU" in w]
     table = render_perf_table(report)
-    for word in ("Throughput", "Latency", "GPU Compute", "p99", "batch 4", "onnxruntime"):
+    for word in ("Throughput", "Host latency", "p99", "batch 4", "onnxruntime"):
         assert word in table
+    # Only what ONNX Runtime measured: no device rows, no GPU timing mode.
+    for word in ("GPU Compute", "H2D", "D2H", "Enqueue", "GPU compute CV", "cuda_graph"):
+        assert word not in table
+
+
+def test_host_timing_is_told_from_the_timings_the_runner_reports() -> None:
+    """A host runner's unstable latency is worded for the host; a device runner keeps trtexec's
+    table and GPU warnings. Older reports without ``timing`` get it from their numbers."""
+    host_times = [QueryTiming(v, v, 0.0, v, 0.0) for v in (1.0, 3.0)]
+    host = benchmark(SleepRunner([0.2], reported=host_times), None, _fast(iterations=20))
+    assert host.timing is TimingSource.HOST
+    assert [w for w in host.warnings if w.startswith("Latency is unstable")]
+    assert not [w for w in host.warnings if "GPU" in w]
+    device_times = [QueryTiming(v + 0.4, 0.1, 0.2, v, 0.2) for v in (1.0, 3.0)]
+    device = benchmark(SleepRunner([0.2], reported=device_times), None, _fast(iterations=20))
+    assert device.timing is TimingSource.DEVICE
+    assert [w for w in device.warnings if w.startswith("GPU compute time is unstable")]
+    table = render_perf_table(device)
+    for row in ("Latency", "Enqueue", "H2D", "GPU Compute", "D2H", "Mode: cuda_graph=no"):
+        assert row in table
+    assert "Host latency" not in table
+    for report, expected in ((host, TimingSource.HOST), (device, TimingSource.DEVICE)):
+        older = report.model_dump(mode="json")
+        del older["timing"]
+        assert PerfReport.model_validate(older).timing is expected
 
 
 def test_sweep_batch_sizes_random_inputs(tiny_cnn_file: Path) -> None:

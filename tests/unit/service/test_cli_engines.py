@@ -97,6 +97,22 @@ def test_bench_and_compare_report_in_json(
     assert report["outputs"][0]["cosine_similarity"] > 0.999
 
 
+def test_bench_on_onnxruntime_prints_only_host_latency(
+    tiny_cnn_path: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "tiny.fp32.onnx"
+    built = trtforge("build", str(tiny_cnn_path), "--precision", "fp32", "--out", str(out))
+    assert built.returncode == 0, built.stderr
+    bench = trtforge("bench", str(out), "--duration-s", "0.2", "--warmup-ms", "10")
+    assert bench.returncode == 0, bench.stderr
+    rows = [line.split()[0:2] for line in bench.stdout.splitlines()]
+    assert ["Host", "latency"] in rows
+    for absent in ("GPU Compute", "H2D", "D2H", "Enqueue", "GPU compute", "cuda_graph"):
+        assert absent not in bench.stdout
+    assert "GPU" not in "".join(line for line in bench.stdout.splitlines() if "Warning" in line)
+    assert "Timing: host wall clock per query" in bench.stdout
+
+
 def test_compare_exits_one_when_the_budget_fails(
     tiny_cnn_path: Path, tiny_data: Path, tmp_path: Path
 ) -> None:
