@@ -468,3 +468,17 @@ def test_out_of_range_build_options_are_422(
     )
     assert _error(response, 422, "request_invalid")["field"] == field
     _healthy(server)
+
+
+def test_the_session_cookie_is_secure_behind_a_tls_proxy(secured: tuple[Server, str]) -> None:
+    server, token = secured
+    plain = httpx.post(f"{server.url}/login", data={"token": token})
+    proxied = httpx.post(
+        f"{server.url}/login", data={"token": token}, headers={"x-forwarded-proto": "https"}
+    )
+    for response in (plain, proxied):
+        assert response.status_code == 303
+        assert token not in response.headers["set-cookie"]
+        assert "samesite=strict" in response.headers["set-cookie"].lower()
+    assert "secure" not in plain.headers["set-cookie"].lower()
+    assert "secure" in proxied.headers["set-cookie"].lower()  # 127.0.0.1 is a trusted proxy
