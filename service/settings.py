@@ -107,6 +107,16 @@ class Settings(BaseSettings):
     header_timeout_s: PositiveSeconds = 10.0
     """A connection must send a request's complete headers within this (slow-header clients)."""
 
+    # API under load (issue 11, defect 3): database pool and request threads
+    db_pool_size: int = Field(default=20, ge=1, le=1000)
+    """Database connections a process keeps open."""
+    db_max_overflow: int = Field(default=20, ge=0, le=1000)
+    """Connections opened beyond ``db_pool_size`` under load (closed when handed back)."""
+    db_pool_timeout_s: PositiveSeconds = 10.0
+    """How long a request waits for a free connection before it is answered 503 ``unavailable``."""
+    api_threads: int = Field(default=40, ge=1, le=1000)
+    """Threads that run the API's blocking work (database queries, files, rendering)."""
+
     @field_validator("allowed_hosts", "cors_origins", "forwarded_allow_ips", mode="before")
     @classmethod
     def _split_names(cls, value: object) -> object:

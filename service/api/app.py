@@ -3,7 +3,8 @@
 Startup (in the lifespan): prepare the data directory, apply the database migrations, recover
 builds whose worker died, remove orphaned files, and start the in-process worker (unless
 ``workers`` is 0, when ``trtforge worker`` processes do the builds). Shutdown stops the worker,
-putting its running builds back in the queue.
+putting its running builds back in the queue. Blocking request work (sync endpoints, database
+queries) runs on ``api_threads`` threads; the database pool is sized by the ``db_*`` settings.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
+import anyio.to_thread
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
@@ -76,7 +78,7 @@ def shutdown(state: AppState) -> None:
 
 def create_app(settings: Settings) -> FastAPI:
     """The application for ``settings`` (see the module docstring for its lifecycle)."""
-    database = Database(settings.resolved_database_url)
+    database = Database.from_settings(settings)
     state = AppState(
         settings=settings,
         db=database,
@@ -87,6 +89,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # the default limiter (40 threads) serves run_in_threadpool and every sync endpoint
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         await run_in_threadpool(startup, state)
         log.info(
             "trtforge serving %s (data in %s, auth %s)",

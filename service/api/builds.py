@@ -6,22 +6,58 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from pydantic import TypeAdapter
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import AppState, BuildAccess, Paging, ReadAccess, SessionDep, StateDep
+from service.api.caching import json_response, none_match, not_modified, weak_etag
+from service.api.deps import AppState, BuildAccess, Paging, ReadAccess, StateDep
+from service.db.models import BuildRow, JobRow
 from service.schemas import BuildCreate, BuildPage, BuildPublic, BuildStatus, LogLine
 from service.store import builds
 
-__all__ = ["router"]
+__all__ = ["router", "status_etag"]
 
 router = APIRouter(prefix="/v1/builds", tags=["builds"])
 
 _KEEPALIVE_S = 15.0
+_LOG_LINES = TypeAdapter(list[LogLine])
+_VERSION = (
+    BuildRow.updated_at,
+    BuildRow.status,
+    BuildRow.stage,
+    BuildRow.progress,
+    BuildRow.cancel_requested,
+    BuildRow.report_sha256,
+    JobRow.attempts,
+)
+_NOT_MODIFIED: dict[int | str, dict[str, Any]] = {
+    304: {"description": "If-None-Match matched the ETag."}
+}
+
+
+def status_etag(session: Session, build_id: str) -> str:
+    """A weak ETag of a build's status, from one small query: it changes with every write to the
+    row (``updated_at``) and, belt and braces, with the fields a poller watches. Raises
+    :class:`NotFoundError` for an unknown build."""
+    version = session.execute(
+        select(*_VERSION)
+        .outerjoin(JobRow, JobRow.build_id == BuildRow.id)
+        .where(BuildRow.id == build_id)
+    ).one_or_none()
+    if version is None:
+        builds.get_build(session, build_id)  # raises NotFoundError
+    return weak_etag(build_id, *(version or ()))
+
+
+# Every endpoint opens its database session around its queries and closes it before the
+# response is serialized and sent (engine.py's module docstring says why).
 
 
 @router.post(
@@ -31,60 +67,76 @@ _KEEPALIVE_S = 15.0
     response_model=BuildPublic,
     responses={200: {"model": BuildPublic, "description": "An identical build exists."}},
 )
-def create_build(
-    body: BuildCreate, response: Response, state: StateDep, session: SessionDep, _: BuildAccess
-) -> BuildPublic:
-    row, created = builds.submit_build(session, state.storage, state.queue, body)
-    public = builds.build_public(row)
-    response.status_code = 202 if created else 200
-    response.headers["Location"] = public.links["self"]
-    return public
+def create_build(body: BuildCreate, state: StateDep, _: BuildAccess) -> Response:
+    with state.db.session() as session:
+        row, created = builds.submit_build(session, state.storage, state.queue, body)
+        public = builds.build_public(row)
+    return json_response(
+        public, status_code=202 if created else 200, headers={"Location": public.links["self"]}
+    )
 
 
 @router.get("", operation_id="list_builds", response_model=BuildPage)
 def list_builds(
-    session: SessionDep,
+    state: StateDep,
     paging: Paging,
     _: ReadAccess,
     model_id: Annotated[str | None, Query()] = None,
     status: Annotated[BuildStatus | None, Query()] = None,
-) -> BuildPage:
-    page = builds.list_builds(
-        session, paging.limit, paging.offset, model_id=model_id, status=status
-    )
-    return BuildPage(
-        items=[builds.build_public(r) for r in page.items],
-        total=page.total,
-        limit=paging.limit,
-        offset=paging.offset,
+) -> Response:
+    with state.db.session() as session:
+        page = builds.list_builds(
+            session, paging.limit, paging.offset, model_id=model_id, status=status
+        )
+        items = [builds.build_public(r) for r in page.items]
+    return json_response(
+        BuildPage(items=items, total=page.total, limit=paging.limit, offset=paging.offset)
     )
 
 
-@router.get("/{build_id}", operation_id="get_build", response_model=BuildPublic)
-def get_build(build_id: str, session: SessionDep, _: ReadAccess) -> BuildPublic:
-    return builds.build_public(builds.get_build(session, build_id))
+@router.get(
+    "/{build_id}", operation_id="get_build", response_model=BuildPublic, responses=_NOT_MODIFIED
+)
+def get_build(
+    build_id: str,
+    state: StateDep,
+    _: ReadAccess,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """The build's status, with a weak ``ETag``: send it back as ``If-None-Match`` and an
+    unchanged build is answered 304 with no body."""
+    with state.db.session() as session:
+        etag = status_etag(session, build_id)
+        if none_match(if_none_match, etag):
+            return not_modified(etag, {"Cache-Control": "no-cache"})
+        public = builds.build_public(builds.get_build(session, build_id))
+    return json_response(public, headers={"ETag": etag, "Cache-Control": "no-cache"})
 
 
 @router.get("/{build_id}/logs", operation_id="get_build_logs", response_model=list[LogLine])
 def get_build_logs(
     build_id: str,
-    session: SessionDep,
+    state: StateDep,
     _: ReadAccess,
     after: Annotated[int, Query(ge=0, le=1 << 62, description="Only lines with a larger seq.")] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-) -> list[LogLine]:
-    builds.get_build(session, build_id)
-    return builds.log_lines(session, build_id, after, limit)
+) -> Response:
+    with state.db.session() as session:
+        builds.get_build(session, build_id)
+        lines = builds.log_lines(session, build_id, after, limit)
+    return Response(_LOG_LINES.dump_json(lines), media_type="application/json")
 
 
 @router.post("/{build_id}/cancel", operation_id="cancel_build", status_code=202)
-def cancel_build(build_id: str, session: SessionDep, _: BuildAccess) -> BuildPublic:
-    return builds.build_public(builds.cancel_build(session, build_id))
+def cancel_build(build_id: str, state: StateDep, _: BuildAccess) -> BuildPublic:
+    with state.db.session() as session:
+        return builds.build_public(builds.cancel_build(session, build_id))
 
 
 @router.delete("/{build_id}", operation_id="delete_build", status_code=204)
-def delete_build(build_id: str, state: StateDep, session: SessionDep, _: BuildAccess) -> Response:
-    builds.delete_build(session, state.storage, build_id)
+def delete_build(build_id: str, state: StateDep, _: BuildAccess) -> Response:
+    with state.db.session() as session:
+        builds.delete_build(session, state.storage, build_id)
     return Response(status_code=204)
 
 

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from service.api.auth import SESSION_COOKIE, Principal, authenticate_request, session_secret
+from service.api.auth import (
+    ANONYMOUS,
+    SESSION_COOKIE,
+    Principal,
+    authenticate_request,
+    session_secret,
+)
 from service.api.metrics import Counters
 from service.db import Database
 from service.queue.base import JobQueue
@@ -47,7 +54,12 @@ class AppState:
     worker: Worker | None = None
 
 
-def get_state(request: Request) -> AppState:
+# Dependencies that do no blocking work are ``async``: FastAPI runs a plain ``def`` dependency
+# in the threadpool, one thread hop per dependency per request, which under load costs more
+# than the work (issue 11, defect 3).
+
+
+async def get_state(request: Request) -> AppState:
     state: AppState = request.app.state.trtforge
     return state
 
@@ -60,21 +72,33 @@ def _session(state: StateDep) -> Iterator[Session]:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(_session)]
+SessionDep = Annotated[Session, Depends(_session, scope="function")]
+"""A session around the endpoint function and its response serialization, closed before the
+response is sent. Read paths that are polled (builds, reports, logs) open ``state.db.session()``
+around their queries instead and serialize after it closes: a connection held while its request
+waits for a thread to serialize in can starve the pool (issue 11, defect 3)."""
 
 
-def _require(scope: Scope) -> Callable[[Request, AppState], Principal]:
-    def check(request: Request, state: StateDep) -> Principal:
+def _require(scope: Scope) -> Callable[[Request, AppState], Awaitable[Principal]]:
+    async def check(request: Request, state: StateDep) -> Principal:
         safe = request.method in ("GET", "HEAD")
-        with state.db.session() as session:
-            return authenticate_request(
-                session,
-                authorization=request.headers.get("authorization"),
-                session_cookie=request.cookies.get(TOKEN_COOKIE) if safe else None,
-                secret=session_secret(state.settings.data_dir),
-                needed=scope,
-                required=state.settings.auth_required,
-            )
+        authorization = request.headers.get("authorization")
+        cookie = request.cookies.get(TOKEN_COOKIE) if safe else None
+        if not authorization and not cookie and not state.settings.auth_required:
+            return ANONYMOUS  # nothing to look up: no thread, no database
+
+        def lookup() -> Principal:
+            with state.db.session() as session:
+                return authenticate_request(
+                    session,
+                    authorization=authorization,
+                    session_cookie=cookie,
+                    secret=session_secret(state.settings.data_dir),
+                    needed=scope,
+                    required=state.settings.auth_required,
+                )
+
+        return await run_in_threadpool(lookup)
 
     return check
 
@@ -94,7 +118,7 @@ class PageParams:
     offset: int
 
 
-def _paging(
+async def _paging(
     limit: Annotated[int, Query(ge=1, le=500, description="Items per page.")] = 50,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Items to skip.")] = 0,
 ) -> PageParams:

@@ -4,6 +4,14 @@ SQLite (the default) runs in WAL mode with a busy timeout, so the API and ``trtf
 processes can share one file; PostgreSQL is used when the URL says so. Migrations run under a
 lock (a file lock beside the SQLite file, an advisory lock on PostgreSQL), so processes that start
 together do not race.
+
+Connections come from a bounded pool (``db_pool_size`` kept open, up to ``db_max_overflow`` more
+under load). A session that waits longer than ``db_pool_timeout_s`` for one raises
+:class:`UnavailableError` (503): an overloaded server answers "retry later" instead of hanging.
+Sessions are short: open one around the queries, close it before any slow work (serializing,
+streaming, reading files), so a connection is never held while its thread waits for something
+else. In WAL mode SQLite readers run concurrently with the one writer, so the same pool serves it;
+writers queue on the busy timeout.
 """
 
 from __future__ import annotations
@@ -11,14 +19,18 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.errors import StorageError
+from service.errors import StorageError, UnavailableError
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 __all__ = ["MIGRATIONS_DIR", "Database"]
 
@@ -28,11 +40,23 @@ _PG_MIGRATION_LOCK = 0x74726674  # "trft"
 
 
 class Database:
-    """One database, by SQLAlchemy URL. Create once per process; ``dispose()`` at the end."""
+    """One database, by SQLAlchemy URL. Create once per process; ``dispose()`` at the end.
 
-    def __init__(self, url: str) -> None:
+    ``pool_size`` connections are kept, ``max_overflow`` more are opened under load; a session
+    waits at most ``pool_timeout_s`` for one (then :class:`UnavailableError`).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 20,
+        max_overflow: int = 20,
+        pool_timeout_s: float = 10.0,
+    ) -> None:
         self.url: URL = make_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        self.pool_timeout_s = pool_timeout_s
         kwargs: dict[str, Any] = {"future": True}
         if self.is_sqlite:
             kwargs["connect_args"] = {
@@ -41,10 +65,27 @@ class Database:
             }
         else:
             kwargs["pool_pre_ping"] = True
+        if self.sqlite_path is not None or not self.is_sqlite:
+            # in-memory SQLite keeps SQLAlchemy's single-connection pool
+            kwargs |= {
+                "pool_size": pool_size,
+                "max_overflow": max_overflow,
+                "pool_timeout": pool_timeout_s,
+            }
         self.engine: Engine = create_engine(self.url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Database:
+        """The database of ``settings``, its pool sized by the ``db_*`` settings."""
+        return cls(
+            settings.resolved_database_url,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+            pool_timeout_s=settings.db_pool_timeout_s,
+        )
 
     @property
     def sqlite_path(self) -> Path | None:
@@ -55,9 +96,20 @@ class Database:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
-        """A session; commit explicitly, anything uncommitted is rolled back on exit."""
+        """A session; commit explicitly, anything uncommitted is rolled back on exit.
+
+        Raises :class:`UnavailableError` when no connection frees up within the pool timeout.
+        """
         with self._sessions() as session:
-            yield session
+            try:
+                yield session
+            except sa_exc.TimeoutError as exc:  # the pool's, not a statement timeout
+                raise UnavailableError(
+                    f"The server is busy: no database connection became free within "
+                    f"{self.pool_timeout_s:g} s.",
+                    hint="Retry in a moment. An operator can raise TRTFORGE_DB_POOL_SIZE and "
+                    "TRTFORGE_DB_MAX_OVERFLOW (or TRTFORGE_DB_POOL_TIMEOUT_S).",
+                ) from exc
 
     def ping(self) -> None:
         """Run ``SELECT 1``; raises :class:`StorageError` when the database is unreachable."""
