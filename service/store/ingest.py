@@ -4,12 +4,14 @@ data) and calibration datasets. Everything here works on a staging folder; nothi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
 import shutil
+import uuid
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ __all__ = [
     "DATASET_SUFFIXES",
     "StagedDataset",
     "StagedModel",
+    "check_operators",
     "dataset_id",
     "is_zip",
     "safe_filename",
@@ -35,6 +38,11 @@ __all__ = [
 
 DATASET_SUFFIXES = (".npz", ".npy", ".zip")
 _MODEL_FILE = "model.onnx"
+_ONNX_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
+_ORT_ONLY_HINT = (
+    "Ops of ONNX Runtime's own domains (com.microsoft) build with the onnxruntime backend only; "
+    "TensorRT builds need standard ONNX ops."
+)
 _COPY_CHUNK = 1 << 20
 
 
@@ -145,23 +153,115 @@ def _extract_member(
 
 
 def _check_model(path: Path, label: str) -> tuple[Any, bool]:
+    """The model's skeleton (:mod:`core.skeleton`: the graph without its large weights, so a
+    large upload is checked in little memory) and whether it has external data files.
+
+    Refuses escaping external data paths, empty graphs, opsets and ops no backend knows, and
+    whatever ``onnx.checker`` refuses (run on the skeleton, whose large tensors point at their
+    bytes in the model file, so sizes are checked as for inline data).
+    """
     import onnx
-    from onnx.external_data_helper import uses_external_data
 
-    from core.onnxio import load_onnx
+    from core.onnxio import check_external_data_paths
+    from core.skeleton import load_skeleton
 
-    model = load_onnx(path, load_external_data=False)  # also refuses escaping data paths
+    skeleton = load_skeleton(path)
+    model = skeleton.model
+    if not model.graph.node:
+        raise ModelError(f"{label} has an empty graph (no nodes).", field="file")
+    check_external_data_paths(model, path.parent)
+    check_operators(model, label)
+    copy = path.parent / f".skeleton-{uuid.uuid4().hex}.onnx"  # beside it: data paths resolve
     try:
-        onnx.checker.check_model(str(path))
+        copy.write_bytes(model.SerializeToString())
+        onnx.checker.check_model(str(copy))
     except Exception as exc:  # onnx.checker.ValidationError and friends
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
-            f"{label} fails onnx.checker: {first}",
+            f"{label} fails onnx.checker: {first.replace(copy.name, path.name)}",
             hint="Re-export the model; check it with `python -m onnx.checker MODEL.onnx`.",
             field="file",
         ) from exc
-    external = any(uses_external_data(t) for t in model.graph.initializer)
-    return model, external
+    finally:
+        copy.unlink(missing_ok=True)
+    return model, skeleton.external
+
+
+def check_operators(model: Any, label: str) -> None:
+    """Refuse what no backend can build, at upload rather than at build: an opset newer than
+    this server's ONNX knows, and ops of domains no backend runs (ONNX Runtime knows the ONNX
+    domains and its own, e.g. ``com.microsoft``; TensorRT knows the ONNX domain). Ops defined by
+    the model's own functions are fine. :class:`ModelError` naming the node and the reason."""
+    known = _known_opsets()
+    for entry in model.opset_import:
+        domain = entry.domain or ""
+        newest = known.get(domain)
+        if newest is not None and not 1 <= entry.version <= newest:
+            shown = domain or "ai.onnx"
+            raise ModelError(
+                f"{label} imports opset {entry.version} of {shown!r}; the newest this server "
+                f"knows is {newest}.",
+                hint="Export the model with an opset this server's ONNX and ONNX Runtime know "
+                f"(at most {newest}), e.g. torch.onnx.export(..., opset_version=17).",
+                field="file",
+            )
+    functions = {(f.domain, f.name) for f in model.functions}
+    runtime = _runtime_ops()
+    for node in _all_nodes(model):
+        domain = node.domain or ""
+        if domain in _ONNX_DOMAINS or (domain, node.op_type) in functions:
+            continue
+        if runtime is not None and (domain, node.op_type) in runtime:
+            continue
+        where = f"node {node.name!r}" if node.name else "a node"
+        if runtime is not None and domain in {d for d, _ in runtime}:
+            reason = f"ONNX Runtime has no op {node.op_type!r} in domain {domain!r}"
+        else:
+            reason = f"domain {domain!r} is a custom domain no backend here builds"
+        raise ModelError(
+            f"{label}: {where} uses op {node.op_type!r} of domain {domain!r}, which no backend "
+            f"can build ({reason}).",
+            hint="Use standard ONNX ops (custom ops need a plugin trtforge does not load). "
+            + _ORT_ONLY_HINT,
+            field="file",
+        )
+
+
+def _known_opsets() -> dict[str, int]:
+    import onnx
+
+    newest = onnx.helper.VERSION_TABLE[-1]  # (release, IR, ai.onnx, ai.onnx.ml, training)
+    default = max(onnx.defs.onnx_opset_version(), int(newest[2]))
+    return {"": default, "ai.onnx": default, "ai.onnx.ml": int(newest[3])}
+
+
+@functools.cache
+def _runtime_ops() -> frozenset[tuple[str, str]] | None:
+    """(domain, op) pairs ONNX Runtime has schemas for; None when it cannot say here."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        return None
+    try:
+        from onnxruntime.capi import _pybind_state
+
+        schemas = _pybind_state.get_all_operator_schema()
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+    return frozenset((str(s.domain), str(s.name)) for s in schemas)
+
+
+def _all_nodes(model: Any) -> Iterator[Any]:
+    """Nodes of the graph, its subgraphs (If, Loop, Scan bodies) and the model's functions."""
+    pending = [*model.graph.node, *(n for f in model.functions for n in f.node)]
+    while pending:
+        node = pending.pop()
+        yield node
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                pending.extend(attr.g.node)
+            for graph in attr.graphs:
+                pending.extend(graph.node)
 
 
 def safe_filename(filename: str, fallback: str) -> str:
