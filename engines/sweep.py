@@ -241,6 +241,7 @@ def _sweep_variants(
         backend=flow.backend.name,
         backend_version=flow.backend.version(),
         backend_reason=flow.backend_reason,
+        int8_weight_levels=flow.backend.int8_weight_levels(),
         calibration=_table_method(table)
         if table is not None
         else (base.calibration if ctx.table is not None else None),
@@ -364,9 +365,11 @@ def _results(measured: list[_Measured], metric: AccuracyMetric) -> list[VariantR
     results = []
     for m, value, on_front in zip(measured, values, front, strict=True):
         lat = m.perf.latency
-        speedup = None
+        speedup = size_ratio = None
         if fp32 is not None and lat.median_ms > 0:
             speedup = fp32.perf.latency.median_ms / lat.median_ms
+        if fp32 is not None and fp32.size_bytes > 0:
+            size_ratio = m.size_bytes / fp32.size_bytes
         results.append(
             VariantResult(
                 name=m.variant.name,
@@ -385,6 +388,7 @@ def _results(measured: list[_Measured], metric: AccuracyMetric) -> list[VariantR
                 throughput_qps=m.perf.throughput_qps,
                 accuracy_value=value,
                 speedup_vs_fp32=speedup,
+                size_vs_fp32=size_ratio,
                 pareto=on_front,
                 kept_nodes=list(m.mixed.kept_nodes) if m.mixed is not None else [],
                 int8_share=m.int8_share,

@@ -3,7 +3,9 @@ its Markdown and SVG renderings.
 
 The report compares variants on one latency statistic (the median, p50) and one accuracy metric
 (the sweep chooses it). ``speedup_vs_fp32`` is the FP32 variant's median latency over the
-variant's. A variant is on the *Pareto front* when no other variant is at least as fast and at
+variant's, ``size_vs_fp32`` its artifact's size over the FP32 artifact's; where either would
+surprise (slower than FP32, an INT8 ONNX artifact as large as FP32), the Markdown says why in
+words next to the table (:mod:`engines.fp32_notes`). A variant is on the *Pareto front* when no other variant is at least as fast and at
 least as accurate, and strictly better in one of the two (:func:`pareto_front`).
 """
 
@@ -17,6 +19,7 @@ from pydantic import Field
 from calibrators.spec import MethodSpec
 from engines.accuracy_report import AccuracyMetric, AccuracyReport, MetricBudget
 from engines.charts import BarGroup, Box, ScatterPoint, bars_panel, scatter_panel, svg_document
+from engines.fp32_notes import Fp32Facts, size_note, size_reason, speed_note, speed_reason
 from engines.frozen import FrozenReport
 from engines.gate import GateResult
 from engines.mixed import MixedPrecisionResult
@@ -56,6 +59,8 @@ class VariantResult(FrozenReport):
     """The sweep's :attr:`SweepReport.accuracy_metric` for this variant."""
     speedup_vs_fp32: float | None
     """FP32 median latency / this median latency; ``None`` without an fp32 variant."""
+    size_vs_fp32: float | None = None
+    """This artifact's size / the FP32 artifact's; ``None`` without an fp32 variant."""
     pareto: bool
     kept_nodes: list[str] = Field(default_factory=list)
     """Nodes kept out of INT8 by the automatic search."""
@@ -90,6 +95,8 @@ class SweepReport(FrozenReport):
     backend: str
     backend_version: str
     backend_reason: str
+    int8_weight_levels: int | None = None
+    """The backend's INT8 weight levels (63: ONNX Runtime on an x86 CPU without VNNI)."""
     calibration: MethodSpec | None
     table_sha256: str | None
     table_given: bool = False
@@ -172,18 +179,19 @@ def render_markdown(report: SweepReport) -> str:
         f"batch {report.benchmark.batch_size or 1}.",
         "",
         f"| variant | size | build + search s | p50 ms | p90 ms | p99 ms | throughput qps | {metric} "
-        "| speedup vs fp32 | INT8 share | Pareto | accuracy gate |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---|",
+        "| speedup vs fp32 | size vs fp32 | INT8 share | Pareto | accuracy gate |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---|",
     ]
     for v in report.variants:
         lines.append(
             f"| {v.name} | {_size(v.size_bytes)} | {v.build_seconds + v.search_seconds:.2f} "
             f"| {v.latency_p50_ms:.3f} | {v.latency_p90_ms:.3f} | {v.latency_p99_ms:.3f} "
             f"| {v.throughput_qps:.1f} | {v.accuracy_value:.6g} "
-            f"| {_opt(v.speedup_vs_fp32, '.2f')} | {_opt(v.int8_share, '.0%')} "
-            f"| {'yes' if v.pareto else ''} | {_gate_words(v)} |"
+            f"| {_opt(v.speedup_vs_fp32, '.2f')} | {_opt(v.size_vs_fp32, '.2f')} "
+            f"| {_opt(v.int8_share, '.0%')} | {'yes' if v.pareto else ''} | {_gate_words(v)} |"
         )
-    lines += ["", f"Pareto front (fastest first): {', '.join(report.pareto_front)}.", ""]
+    lines += ["", *fp32_notes(report)]
+    lines += [f"Pareto front (fastest first): {', '.join(report.pareto_front)}.", ""]
     if report.failed:
         lines += ["## Failed variants", ""]
         lines += [f"- {f.name}: {f.message} {f.hint}".rstrip() for f in report.failed]
@@ -203,6 +211,26 @@ def render_markdown(report: SweepReport) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def fp32_notes(report: SweepReport) -> list[str]:
+    """Markdown lines: per variant whose speed or size against FP32 needs a reason, the ratios
+    and the reason (:mod:`engines.fp32_notes`); no lines when none does."""
+    notes = []
+    for v in report.variants:
+        if v.precision is Precision.FP32:
+            continue
+        facts = Fp32Facts.from_environment(
+            report.backend, v.precision, report.int8_weight_levels, v.perf.environment
+        )
+        speedup, size = v.speedup_vs_fp32, v.size_vs_fp32
+        slow = speedup is not None and speed_reason(speedup, facts) is not None
+        large = size is not None and size_reason(facts) is not None
+        if slow or large:
+            words = [speed_note(speedup, facts)] if speedup is not None else []
+            words += [size_note(size, facts) or ""] if size is not None else []
+            notes.append(f"- {v.name}: " + "; ".join(words) + ".")
+    return ["Against FP32:", "", *notes, ""] if notes else []
 
 
 def _gate_words(variant: VariantResult) -> str:

@@ -256,7 +256,11 @@ class OnnxRuntimeBackend:
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             options={
                 **_describe_options(options, providers),
-                **({"int8_weights": levels_reason} if spec.precision.uses_int8 else {}),
+                **(
+                    {"int8_weights": levels_reason, "int8_weight_levels": levels}
+                    if spec.precision.uses_int8
+                    else {}
+                ),
             },
         )
         artifact = write_artifact(data, out_path, metadata)

@@ -19,7 +19,7 @@ from engines.errors import SpecError
 from engines.perf_report import BenchmarkOptions
 from engines.spec import BackendName, BuildSpec, Precision
 from engines.sweep import Variant, parse_variants, sweep
-from engines.sweep_report import SweepReport, pareto_front, render_svg
+from engines.sweep_report import SweepReport, pareto_front, render_markdown, render_svg
 from engines.workflow import Workflow
 from tests import zoo
 
@@ -133,6 +133,44 @@ def test_sweep_tiny_cnn(tiny_cnn_path: Path, tmp_path: Path) -> None:
     )
     assert [v.pareto for v in report.variants] == expected and any(expected)
     _check_files(report, tmp_path)
+    _check_fp32_notes(report)
+
+
+def _check_fp32_notes(report: SweepReport) -> None:
+    """Speed and size against FP32 in the Markdown, with the reasons the recorded facts give."""
+    fp32, fp16, int8 = report.variants
+    assert fp32.size_vs_fp32 == 1.0 and fp16.size_vs_fp32 == fp16.size_bytes / fp32.size_bytes
+    assert int8.size_vs_fp32 == int8.size_bytes / fp32.size_bytes
+    assert int8.size_vs_fp32 is not None and int8.size_vs_fp32 > 0.9  # Q/DQ on FP32 weights
+    markdown = render_markdown(report)
+    assert "| speedup vs fp32 | size vs fp32 |" in markdown
+    int8_line = next(line for line in markdown.splitlines() if line.startswith("- int8: "))
+    assert f"INT8 is {int8.speedup_vs_fp32:.2f}x FP32 speed here" in int8_line
+    assert f"size {int8.size_vs_fp32:.2f}x FP32: ONNX Q/DQ keeps FP32 weights" in int8_line
+    # The same numbers on a CPU without VNNI (weight levels 63), FP16 and INT8 slower than FP32.
+    slow = report.model_copy(
+        update={
+            "int8_weight_levels": 63,
+            "variants": [
+                fp32,
+                fp16.model_copy(update={"speedup_vs_fp32": 0.8}),
+                int8.model_copy(update={"speedup_vs_fp32": 0.32}),
+            ],
+        }
+    )
+    lines = render_markdown(slow).splitlines()
+    assert (
+        f"- int8: INT8 is 0.32x FP32 speed here: ONNX Runtime on this CPU has no VNNI INT8 "
+        f"kernels; TensorRT on a GPU is where INT8 pays; size {int8.size_vs_fp32:.2f}x FP32: "
+        "ONNX Q/DQ keeps FP32 weights (ONNX Runtime quantizes them when it loads the model)."
+    ) in lines
+    fp16_line = next(line for line in lines if line.startswith("- fp16: "))
+    assert "FP16 is 0.80x FP32 speed here: ONNX Runtime's CPU provider has few FP16" in fp16_line
+    # With full 8-bit weights no VNNI reason is claimed, only that it is slower here.
+    vnni = slow.model_copy(update={"int8_weight_levels": 127})
+    assert "INT8 is 0.32x FP32 speed here: slower than FP32 on this machine;" in render_markdown(
+        vnni
+    )
 
 
 def test_sweep_with_a_separate_eval_dataset_and_a_given_table(
