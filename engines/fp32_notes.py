@@ -30,6 +30,7 @@ __all__ = [
     "Fp32Facts",
     "size_note",
     "size_reason",
+    "speed_expectation",
     "speed_note",
     "speed_reason",
     "unmeasured_speed_note",
@@ -135,16 +136,20 @@ def speed_note(speedup: float, facts: Fp32Facts) -> str:
 
 
 def unmeasured_speed_note(facts: Fp32Facts) -> str:
-    """For a build, which measures only its artifact: that FP32 was not measured, what measures
-    it, and what to expect where the recorded facts say."""
-    text = (
-        "speed vs FP32 not measured (a build benchmarks only its artifact; "
+    """For a build, which measures only its artifact: that FP32 speed was not measured and what
+    measures it."""
+    return (
+        "speed not measured (a build benchmarks only its artifact; "
         f"`trtforge sweep --variants fp32,{facts.precision.value}` measures both)"
     )
+
+
+def speed_expectation(facts: Fp32Facts) -> str | None:
+    """What to expect of the speed against FP32 where the recorded facts say, else None."""
     reason = _slow_reason(facts)
     if reason is None:
-        return text
-    return f"{text}; expect {facts.label} to be no faster than FP32 here: {reason}"
+        return None
+    return f"expect {facts.label} to be no faster than FP32 here: {reason}"
 
 
 def size_reason(facts: Fp32Facts) -> str | None:

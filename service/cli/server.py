@@ -372,23 +372,56 @@ def download(build_id: str, out: Path, as_json: bool, server: str, token: str | 
 
 @click.command()
 @click.argument("build_id")
-@click.option("--html", "as_html", is_flag=True, help="The HTML page instead of JSON.")
+@click.option("--json", "as_json", is_flag=True, help="The full report (JSON) instead of a summary.")
+@click.option("--html", "as_html", is_flag=True, help="The HTML page instead of a summary.")
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None)
 @_server_options
 @handle_errors
-def report(build_id: str, as_html: bool, out: Path | None, server: str, token: str | None) -> None:
-    """Print (or save) a build's report."""
+def report(
+    build_id: str,
+    as_json: bool,
+    as_html: bool,
+    out: Path | None,
+    server: str,
+    token: str | None,
+) -> None:
+    """Print (or save) a build's report: a summary (status, target, speed, accuracy against the
+    gate, artifact), the full JSON with --json, the HTML page with --html."""
+    if as_json and as_html:
+        raise click.UsageError("Choose one of --json and --html.")
     with _client(server, token) as client:
-        text = (
-            client.report_html(build_id)
-            if as_html
-            else client.report(build_id).model_dump_json(indent=2)
-        )
+        if as_html:
+            text = client.report_html(build_id)
+        elif as_json:
+            text = client.report(build_id).model_dump_json(indent=2)
+        else:
+            text = _report_summary(client, build_id)
     if out is None:
         click.echo(text)
     else:
         out.write_text(text, encoding="utf-8")
         click.echo(str(out), err=True)
+
+
+def _report_summary(client: Any, build_id: str) -> str:
+    """The readable summary; a build without a report yet shows its status before the error."""
+    from service.cli.report_text import render_report_summary
+    from service.errors import ApiError
+
+    build = client.get_build(build_id)
+    try:
+        document = client.report(build_id)
+    except ApiError as exc:
+        if exc.remote_code == "not_ready":
+            _print_build(build)
+        raise
+    model_bytes: int | None = None
+    if document.model.get("id"):
+        try:
+            model_bytes = client.get_model(document.model["id"]).size_bytes
+        except ApiError:  # the model was deleted since: no size ratio
+            model_bytes = None
+    return str(render_report_summary(document, build, model_bytes))
 
 
 def register(group: click.Group) -> None:

@@ -6,12 +6,15 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
 from click.testing import CliRunner
 
+from service.cli.report_text import render_report_summary
 from service.cli.server import register
+from service.schemas import BuildPublic, BuildReport
 from tests.integration.conftest import Server, running_server
 from tests.unit.service.support import dataset_bytes, model_bytes
 
@@ -79,8 +82,9 @@ def test_submit_wait_download_then_status_and_report(
     assert again.exit_code == 0
     assert (tmp_path / "b.onnx").read_bytes() == artifact.read_bytes()
 
-    report = runner.invoke(cli, ["report", build["id"], "--server", server.url])
+    report = runner.invoke(cli, ["report", build["id"], "--json", "--server", server.url])
     assert json.loads(report.stdout)["build_id"] == build["id"]
+    _check_summary(runner, cli, server, build, json.loads(report.stdout), model.stat().st_size)
     html = runner.invoke(
         cli,
         [
@@ -95,6 +99,62 @@ def test_submit_wait_download_then_status_and_report(
     )
     assert html.exit_code == 0
     assert "<h1>Build report" in (tmp_path / "r.html").read_text()
+
+
+def _check_summary(
+    runner: CliRunner,
+    cli: click.Group,
+    server: Server,
+    build: dict[str, Any],
+    document: dict[str, Any],
+    model_bytes: int,
+) -> None:
+    """``trtforge report ID`` prints a short summary of the same report, no raw JSON."""
+    summary = runner.invoke(cli, ["report", build["id"], "--server", server.url])
+    assert summary.exit_code == 0, summary.output
+    text = summary.stdout
+    lines = {line[:12].strip(): line[12:] for line in text.splitlines() if line[:12].strip()}
+    assert lines["build"] == f"{build['id']}  succeeded"
+    meta = document["artifact_metadata"]
+    assert lines["target"] == f"onnxruntime {meta['backend_version']} on {meta['device']}"
+    assert lines["precision"] == "fp16"
+    latency = document["performance"]["latency"]
+    assert lines["latency"].startswith(
+        f"p50 {latency['median_ms']:.3f} ms, p99 {latency['p99_ms']:.3f} ms (host wall clock"
+    )
+    assert lines["throughput"] == f"{document['performance']['throughput_qps']:.1f} samples/s"
+    # FP32 speed is not measured by a build: said, not invented; the size is against the model.
+    assert lines["vs FP32"].startswith("speed not measured (a build benchmarks only its artifact")
+    ratio = document["artifact"]["size_bytes"] / model_bytes
+    assert f"size {ratio:.2f}x FP32 (FP32 model " in text and ratio < 0.75  # FP16 weights
+    assert lines["accuracy"].startswith("gate sqnr_db >= 5: passed (worst sqnr_db ")
+    assert lines["nodes"] == f"{len(document['kept_nodes'])} kept in higher precision, 0 in INT8"
+    assert lines["artifact"].startswith(document["artifact"]["filename"])
+    assert lines["sha256"] == document["artifact"]["sha256"]
+    assert len(text.splitlines()) < 15 and "{" not in text
+    _check_int8_words(document, build)
+
+
+def _check_int8_words(document: dict[str, Any], build: dict[str, Any]) -> None:
+    """The summary's FP32 words come from the sidecar: ONNX Q/DQ keeps FP32 weights, and 7-bit
+    weights (no VNNI) make INT8 no faster than FP32 on that CPU (the fp16 report, made int8)."""
+
+    def as_int8(levels: int) -> BuildReport:
+        meta = document["artifact_metadata"]
+        options = {**meta["options"], "int8_weight_levels": levels}
+        options["providers"] = ["CPUExecutionProvider"]
+        spec = {**document["spec"], "precision": "int8"}
+        return BuildReport.model_validate(
+            {**document, "spec": spec, "artifact_metadata": {**meta, "options": options}}
+        )
+
+    public = BuildPublic.model_validate(build)
+    size = document["artifact"]["size_bytes"]
+    text = render_report_summary(as_int8(63), public, size)
+    assert "expect INT8 to be no faster than FP32 here: ONNX Runtime on this CPU has no VNNI" in text
+    assert "size 1.00x FP32: ONNX Q/DQ keeps FP32 weights" in text
+    text = render_report_summary(as_int8(127), public, None)
+    assert "VNNI" not in text and "size: ONNX Q/DQ keeps FP32 weights" in text
 
 
 def test_errors_are_one_line_with_a_hint(server: Server, cli: click.Group) -> None:

@@ -75,3 +75,11 @@ def test_client_commands_report_an_unreachable_server(cli: click.Group) -> None:
     result = CliRunner().invoke(cli, ["status", "abc", "--server", "http://127.0.0.1:9"])
     assert result.exit_code == 2
     assert "Cannot reach the trtforge server" in result.stderr
+
+
+def test_report_takes_one_of_json_and_html(cli: click.Group) -> None:
+    result = CliRunner().invoke(
+        cli, ["report", "abc", "--json", "--html", "--server", "http://127.0.0.1:9"]
+    )
+    assert result.exit_code == 2
+    assert "Choose one of --json and --html" in result.output

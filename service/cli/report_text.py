@@ -1,0 +1,137 @@
+"""``trtforge report``'s default output: a build report as a short, readable summary.
+
+What a build measured, one line per question a user asks first: did it pass, what was it built
+for, how fast, how does it compare with FP32, how accurate against its gate, what was kept out of
+INT8, which file. The full document is ``--json``; the page ``--html``.
+
+A build benchmarks only its artifact, so speed against FP32 is not in the report and is never
+made up: the summary says so and names the command that measures both (:mod:`engines.fp32_notes`
+adds what the recorded facts say to expect). Size against FP32 is the artifact's size over the
+uploaded model's, when the caller knows the latter.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from engines.accuracy_report import AccuracyMetric
+from engines.fp32_notes import Fp32Facts, size_note, speed_expectation, unmeasured_speed_note
+from engines.perf_report import TimingSource
+from engines.spec import Precision
+
+if TYPE_CHECKING:
+    from service.schemas import BuildPublic, BuildReport
+
+__all__ = ["render_report_summary"]
+
+_WIDTH = 12
+
+
+def _line(name: str, text: str) -> str:
+    return f"{name:<{_WIDTH}}{text}"
+
+
+def _size(size_bytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size_bytes >= scale:
+            return f"{size_bytes / scale:.2f} {unit}"
+    return f"{size_bytes} B"
+
+
+def _target(report: BuildReport, build: BuildPublic) -> str:
+    backend = build.backend or report.artifact_metadata.backend
+    version = build.backend_version or report.artifact_metadata.backend_version
+    capability = build.compute_capability or report.artifact_metadata.compute_capability
+    where = report.artifact_metadata.device
+    if capability and capability != "cpu":
+        where += f", compute capability {capability}"
+    return f"{backend} {version} on {where}"
+
+
+def _precision(report: BuildReport) -> str:
+    text = report.spec.precision.value
+    cal = report.calibration
+    if cal is not None:
+        reused = ", reused" if cal.from_cache else ""
+        text += f" (calibration {cal.method or 'given table'}, {cal.samples} samples{reused})"
+    return text
+
+
+def _latency(report: BuildReport) -> str:
+    perf = report.performance
+    text = f"p50 {perf.latency.median_ms:.3f} ms, p99 {perf.latency.p99_ms:.3f} ms"
+    if perf.timing is TimingSource.HOST:
+        return f"{text} (host wall clock, batch {perf.batch_size})"
+    compute = perf.gpu_compute
+    return (
+        f"{text} (batch {perf.batch_size}); GPU compute p50 {compute.median_ms:.3f} ms, "
+        f"p99 {compute.p99_ms:.3f} ms"
+    )
+
+
+def _accuracy(report: BuildReport) -> list[str]:
+    accuracy, gate = report.accuracy, report.gate
+    if accuracy is None:
+        return [_line("accuracy", "not evaluated")]
+    samples = f"{accuracy.samples} held-out sample{'' if accuracy.samples == 1 else 's'}"
+    if gate is None or not gate.gate.enabled:
+        metrics = []
+        for metric in (AccuracyMetric.SQNR_DB, AccuracyMetric.COSINE):
+            value = accuracy.metric(metric)
+            if value is not None:
+                metrics.append(f"{metric.value} {value:.4g}")
+        return [_line("accuracy", f"no gate; worst {', '.join(metrics)} over {samples}")]
+    measured = []
+    for budget in gate.gate.budgets:
+        value = accuracy.metric(budget.metric)
+        measured.append(f"{budget.metric.value} {'-' if value is None else f'{value:.4g}'}")
+    verdict = "passed" if gate.passed else "FAILED"
+    lines = [
+        _line(
+            "accuracy",
+            f"gate {gate.gate_text}: {verdict} (worst {', '.join(measured)} over {samples})",
+        )
+    ]
+    lines += [_line("", f"failed: {failure}") for failure in gate.failures]
+    return lines
+
+
+def render_report_summary(
+    report: BuildReport, build: BuildPublic, fp32_model_bytes: int | None = None
+) -> str:
+    """The summary of ``report`` (module docstring); ``build`` gives the status and target,
+    ``fp32_model_bytes`` the uploaded model's size for the size ratio (None: not known)."""
+    perf = report.performance
+    meta = report.artifact_metadata
+    facts = Fp32Facts.from_sidecar(meta.backend, report.spec.precision.value, meta.options)
+    lines = [
+        _line("build", f"{report.build_id}  {build.status.value}"),
+        _line("target", _target(report, build)),
+        _line("precision", _precision(report)),
+        _line("latency", _latency(report)),
+        _line("throughput", f"{perf.throughput_qps:.1f} samples/s"),
+    ]
+    if report.spec.precision is not Precision.FP32:
+        ratio = None
+        if fp32_model_bytes:
+            ratio = report.artifact.size_bytes / fp32_model_bytes
+        lines.append(_line("vs FP32", unmeasured_speed_note(facts)))
+        expectation = speed_expectation(facts)
+        if expectation is not None:
+            lines.append(_line("", expectation))
+        size = size_note(ratio, facts)
+        if size is not None:
+            model = f" (FP32 model {_size(fp32_model_bytes)})" if fp32_model_bytes else ""
+            lines.append(_line("", size + model))
+    lines += _accuracy(report)
+    lines.append(
+        _line(
+            "nodes",
+            f"{len(report.kept_nodes)} kept in higher precision, "
+            f"{len(report.quantized_nodes)} in INT8",
+        )
+    )
+    lines.append(_line("artifact", f"{report.artifact.filename} ({_size(report.artifact.size_bytes)})"))
+    lines.append(_line("sha256", report.artifact.sha256))
+    lines.append(f"full report: trtforge report {report.build_id} --json (or --html)")
+    return "\n".join(lines)
