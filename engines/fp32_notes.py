@@ -28,6 +28,7 @@ from engines.spec import Precision
 __all__ = [
     "NO_VNNI_WEIGHT_LEVELS",
     "Fp32Facts",
+    "build_notes",
     "size_note",
     "size_reason",
     "speed_expectation",
@@ -167,3 +168,18 @@ def size_note(ratio: float | None, facts: Fp32Facts) -> str | None:
         return f"size: {reason}" if reason else None
     text = f"size {ratio:.2f}x FP32"
     return f"{text}: {reason}" if reason else text
+
+
+def build_notes(facts: Fp32Facts, size_ratio: float | None = None) -> list[str]:
+    """A build report's lines against FP32 (none for an FP32 build): speed not measured, what to
+    expect, and the size (ratio when known) with its reason."""
+    if facts.precision is Precision.FP32:
+        return []
+    notes = [unmeasured_speed_note(facts)]
+    expectation = speed_expectation(facts)
+    if expectation is not None:
+        notes.append(expectation)
+    size = size_note(size_ratio, facts)
+    if size is not None:
+        notes.append(size)
+    return notes

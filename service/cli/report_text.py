@@ -15,9 +15,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from engines.accuracy_report import AccuracyMetric
-from engines.fp32_notes import Fp32Facts, size_note, speed_expectation, unmeasured_speed_note
+from engines.fp32_notes import Fp32Facts, build_notes
 from engines.perf_report import TimingSource
-from engines.spec import Precision
 
 if TYPE_CHECKING:
     from service.schemas import BuildPublic, BuildReport
@@ -111,18 +110,11 @@ def render_report_summary(
         _line("latency", _latency(report)),
         _line("throughput", f"{perf.throughput_qps:.1f} samples/s"),
     ]
-    if report.spec.precision is not Precision.FP32:
-        ratio = None
-        if fp32_model_bytes:
-            ratio = report.artifact.size_bytes / fp32_model_bytes
-        lines.append(_line("vs FP32", unmeasured_speed_note(facts)))
-        expectation = speed_expectation(facts)
-        if expectation is not None:
-            lines.append(_line("", expectation))
-        size = size_note(ratio, facts)
-        if size is not None:
-            model = f" (FP32 model {_size(fp32_model_bytes)})" if fp32_model_bytes else ""
-            lines.append(_line("", size + model))
+    ratio = report.artifact.size_bytes / fp32_model_bytes if fp32_model_bytes else None
+    for i, note in enumerate(build_notes(facts, ratio)):
+        if note.startswith("size ") and fp32_model_bytes:
+            note += f" (FP32 model {_size(fp32_model_bytes)})"
+        lines.append(_line("vs FP32" if i == 0 else "", note))
     lines += _accuracy(report)
     lines.append(
         _line(

@@ -37,6 +37,17 @@ def _bytes(value: Any) -> str:
     return f"{size:.1f} GiB"
 
 
+def _fp32_notes(report: dict[str, Any]) -> list[str]:
+    """A build report's words against FP32 (:func:`engines.fp32_notes.build_notes`) from its
+    JSON: the artifact sidecar's backend and options, the spec's precision."""
+    from engines.fp32_notes import Fp32Facts, build_notes
+
+    meta = report.get("artifact_metadata") or {}
+    precision = (report.get("spec") or {}).get("precision") or "fp32"
+    facts = Fp32Facts.from_sidecar(str(meta.get("backend", "")), precision, meta.get("options"))
+    return build_notes(facts)
+
+
 @functools.lru_cache(maxsize=1)
 def _environment() -> Environment:
     env = Environment(
@@ -47,6 +58,7 @@ def _environment() -> Environment:
     )
     env.filters["num"] = _number
     env.filters["size"] = _bytes
+    env.globals["fp32_notes"] = _fp32_notes
     return env
 
 

@@ -119,3 +119,32 @@ def test_report_page_with_a_passed_gate_none_or_no_gate() -> None:
     assert "Accuracy gate: none." in render_report(_report(accuracy, off))
     older = render_report(_report(accuracy, None))  # reports written before the gate existed
     assert "Accuracy gate" not in older and "gate failed" not in older
+
+
+def test_report_page_shows_what_was_measured_and_why_against_fp32() -> None:
+    accuracy, gate = _accuracy_and_gate(AccuracyGate.parse("sqnr_db:1"))
+    report = _report(accuracy, gate)
+    zero = dict.fromkeys(report["performance"]["latency"], 0.0)
+    report["performance"].update(h2d=zero, d2h=zero)  # a host timing's shape, no "timing" field
+    report["artifact_metadata"]["options"] = {
+        "int8_weight_levels": 63,
+        "providers": ["CPUExecutionProvider"],
+    }
+    html = render_report(report)
+    table = re.search(r'<table id="timings">(.*?)</table>', html, re.S)
+    assert table is not None
+    body = table.group(1).split("</thead>")[1]
+    assert re.findall(r"<tr><th>(.*?)</th>", body) == ["host latency"]
+    notes = re.search(r'<ul id="fp32-notes">(.*?)</ul>', html, re.S)
+    assert notes is not None
+    assert "speed not measured" in notes.group(1)
+    assert "ONNX Runtime on this CPU has no VNNI INT8 kernels" in notes.group(1)
+    assert "ONNX Q/DQ keeps FP32 weights" in notes.group(1)
+    device = _report(accuracy, gate)  # a device timing keeps every row, no host notes
+    device["performance"]["timing"] = "device"
+    device_html = render_report(device)
+    device_table = re.search(r'<table id="timings">(.*?)</table>', device_html, re.S)
+    assert device_table is not None
+    rows = re.findall(r"<tr><th>(.*?)</th>", device_table.group(1).split("</thead>")[1])
+    assert rows == ["latency", "enqueue", "h2d", "gpu_compute", "d2h"]
+    assert "VNNI" not in device_html
