@@ -233,6 +233,7 @@ def load_skeleton(path: Path, *, keep_bytes: int = SKELETON_KEEP_BYTES) -> Skele
             _check_stripped_size(tensor, int(entries.get("length", "-1")))
         else:
             external = True
+            _check_external_extent(tensor, entries, path.parent)
     return Skeleton(model=model, stripped=walker.stripped, external=external)
 
 
@@ -263,6 +264,39 @@ def _check_stripped_size(tensor: onnx.TensorProto, length: int) -> None:
         raise ModelError(
             f"Tensor {tensor.name!r} holds {length:,} bytes of data but its shape "
             f"{list(tensor.dims)} and type need {expected:,}.",
+            field="model",
+        )
+
+
+def _check_external_extent(tensor: onnx.TensorProto, entries: dict[str, str], folder: Path) -> None:
+    """A tensor's external data must fit its file and its shape (the checker only asks that the
+    file exists). Files outside ``folder`` are not looked at: the path rules refuse them."""
+    root = folder.resolve()
+    target = (root / entries.get("location", "")).resolve()
+    if not target.is_relative_to(root) or not target.is_file():
+        return
+    try:
+        offset = int(entries.get("offset") or 0)
+        length = int(entries["length"]) if entries.get("length") else None
+    except ValueError as exc:
+        raise ModelError(
+            f"Tensor {tensor.name!r} has a malformed external data offset or length.",
+            field="model",
+        ) from exc
+    expected = _expected_bytes(tensor)
+    if length is not None and expected is not None and length != expected:
+        raise ModelError(
+            f"Tensor {tensor.name!r} declares {length:,} bytes of external data but its shape "
+            f"{list(tensor.dims)} and type need {expected:,}.",
+            field="model",
+        )
+    need = length if length is not None else expected
+    size = target.stat().st_size
+    if offset < 0 or (need is not None and offset + need > size):
+        raise ModelError(
+            f"Tensor {tensor.name!r} needs {need or 0:,} bytes at offset {offset:,} of "
+            f"{entries['location']!r}, which holds {size:,}.",
+            hint="Upload the model's data files complete, as saved beside the .onnx file.",
             field="model",
         )
 

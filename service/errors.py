@@ -12,6 +12,7 @@
         ├── RangeNotSatisfiableError  a Range request starts past the end of the file
         ├── UploadError            the upload is malformed (not multipart, no file part)
         ├── PayloadTooLargeError   the upload is larger than the server's limit
+        ├── LimitExceededError     a size in the request is above a setting's bound
         ├── AuthenticationError    no valid bearer token was given
         ├── PermissionDeniedError  the token lacks the scope the request needs
         │   └── CrossOriginError   another site's page tried to change state (CSRF)
@@ -43,6 +44,7 @@ __all__ = [
     "HostNotAllowedError",
     "InUseError",
     "InsufficientStorageError",
+    "LimitExceededError",
     "NoTargetError",
     "NotFoundError",
     "NotReadyError",
@@ -131,6 +133,13 @@ class PayloadTooLargeError(ServiceError):
 
     code = "payload_too_large"
     default_hint = "Raise TRTFORGE_MAX_UPLOAD_BYTES on the server, or upload a smaller file."
+
+
+class LimitExceededError(ServiceError):
+    """A size in the request is above the server's bound."""
+
+    code = "limit_exceeded"
+    default_hint = "Ask for less, or raise the setting named in the message."
 
 
 class AuthenticationError(ServiceError):

@@ -117,6 +117,22 @@ class Settings(BaseSettings):
     api_threads: int = Field(default=40, ge=1, le=1000)
     """Threads that run the API's blocking work (database queries, files, rendering)."""
 
+    # Size-amplifying inputs (issue 11, defect 6): request sizes, images, build child memory
+    max_benchmark_batch_size: int = Field(default=256, ge=1)
+    max_benchmark_iterations: int = Field(default=100_000, ge=1)
+    max_benchmark_duration_s: PositiveSeconds = 600.0
+    max_benchmark_warmup_ms: PositiveSeconds = 60_000.0
+    max_calibration_batch_size: int = Field(default=1024, ge=1)
+    max_calibration_samples: int = Field(default=100_000, ge=1)
+    max_accuracy_samples: int = Field(default=100_000, ge=1)
+    """Bounds on the size parameters of a build request: larger values answer 422."""
+    max_preprocessed_pixels: int = Field(default=4096 * 4096, gt=0)
+    """Pixels of one image after preprocessing (resize_shorter, center_crop)."""
+    build_memory_bytes: int | None = Field(default=None, ge=0)
+    """Data memory a build process may take (``RLIMIT_DATA``): a build over it fails with
+    ``resource_limit``, not the worker. ``None``: three quarters of this machine's memory;
+    0: no limit."""
+
     @field_validator("allowed_hosts", "cors_origins", "forwarded_allow_ips", mode="before")
     @classmethod
     def _split_names(cls, value: object) -> object:

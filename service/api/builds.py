@@ -21,6 +21,7 @@ from service.api.deps import AppState, BuildAccess, Paging, ReadAccess, StateDep
 from service.db.models import BuildRow, JobRow
 from service.schemas import BuildCreate, BuildPage, BuildPublic, BuildStatus, LogLine
 from service.store import builds
+from service.store.bounds import check_request_bounds
 
 __all__ = ["router", "status_etag"]
 
@@ -68,6 +69,7 @@ def status_etag(session: Session, build_id: str) -> str:
     responses={200: {"model": BuildPublic, "description": "An identical build exists."}},
 )
 def create_build(body: BuildCreate, state: StateDep, _: BuildAccess) -> Response:
+    check_request_bounds(body, state.settings)  # sizes the settings bound: 422 before any work
     with state.db.session() as session:
         row, created = builds.submit_build(session, state.storage, state.queue, body)
         public = builds.build_public(row)

@@ -14,4 +14,5 @@ def archive_limits(settings: Settings) -> ArchiveLimits:
         max_members=settings.max_archive_members,
         max_total_bytes=settings.max_archive_bytes,
         max_member_bytes=settings.max_archive_member_bytes,
+        max_preprocessed_pixels=settings.max_preprocessed_pixels,
     )

@@ -19,6 +19,7 @@ from typing import Any
 from calibrators.archive import ZIP_READ_ERRORS, ArchiveLimits, file_members, open_zip
 from calibrators.data import CalibrationDataset
 from calibrators.errors import ArchiveError, DatasetError
+from calibrators.images import check_preprocess_size
 from calibrators.spec import PreprocessSpec
 from core.errors import ModelError
 from core.tensors import TensorSpec
@@ -303,6 +304,15 @@ def stage_dataset(
             "or a .zip of JPEG/PNG images with a preprocessing spec.",
             field="file",
         )
+    if preprocess is not None:
+        try:
+            check_preprocess_size(preprocess, limits.max_preprocessed_pixels)
+        except DatasetError as exc:
+            raise DatasetError(
+                exc.message,
+                hint=f"{exc.hint} The server's bound is TRTFORGE_MAX_PREPROCESSED_PIXELS.",
+                field=exc.field,
+            ) from exc
     data_filename = safe_filename(filename, f"dataset{suffix}")
     target = staging / data_filename
     shutil.move(upload, target)

@@ -280,6 +280,7 @@ def _open_dataset(plan: BuildPlan, settings: Settings) -> CalibrationDataset:
         max_members=settings.max_archive_members,
         max_total_bytes=settings.max_archive_bytes,
         max_member_bytes=settings.max_archive_member_bytes,
+        max_preprocessed_pixels=settings.max_preprocessed_pixels,
     )
     preprocess = PreprocessSpec.model_validate(plan.preprocess) if plan.preprocess else None
     return CalibrationDataset.open(

@@ -3,6 +3,11 @@
 A build runs in its own process group so a cancel or a timeout can kill it, and whatever it
 started, without touching the worker; and it dies with its worker (``PR_SET_PDEATHSIG`` on Linux,
 plus a watchdog thread), so a worker killed with ``kill -9`` leaves no build running on its own.
+
+A build runs under a memory limit (``RLIMIT_DATA`` from ``build_memory_bytes``, set before
+anything heavy is imported): an allocation over it fails inside the build (``MemoryError``, or an
+allocation error of ONNX Runtime or TensorRT), and the build fails with ``resource_limit`` naming
+the setting, instead of the machine running out of memory under the worker.
 """
 
 from __future__ import annotations
@@ -11,18 +16,34 @@ import ctypes
 import json
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
 from service.settings import Settings
 
-__all__ = ["RunnerInput", "main"]
+if TYPE_CHECKING:
+    from service.db import Database
+
+__all__ = ["RunnerInput", "limit_memory", "main", "memory_limit_bytes"]
+
+log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+RESOURCE_LIMIT = "resource_limit"
+_ALLOCATION_FAILURES = (
+    "MemoryError",
+    "Unable to allocate",  # numpy
+    "Failed to allocate memory",  # ONNX Runtime's arena
+    "bad_alloc",  # C++ (TensorRT, ONNX Runtime, protobuf)
+    "Cannot allocate memory",  # ENOMEM from the C library
+)
+"""What an allocation refused under the limit looks like in a recorded failure."""
 
 
 class RunnerInput(BaseModel):
@@ -55,6 +76,26 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
+def memory_limit_bytes(settings: Settings) -> int | None:
+    """The data memory a build process may take: ``build_memory_bytes``, by default three
+    quarters of this machine's memory; None for no limit."""
+    if settings.build_memory_bytes is not None:
+        return settings.build_memory_bytes or None
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total * 3 // 4 if total > 0 else None
+
+
+def limit_memory(limit: int | None) -> None:
+    """Cap this process's data memory (``RLIMIT_DATA``: heap and private writable mappings, so
+    a GPU driver's reserved address space does not count) at ``limit`` bytes."""
+    if limit is None:
+        return
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+
+
 def main() -> int:
     """Run the build named on stdin; the outcome is recorded in the database."""
     payload = RunnerInput.model_validate_json(sys.stdin.read())
@@ -65,21 +106,70 @@ def main() -> int:
         level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     settings = Settings.model_validate(payload.settings)
+    limit = memory_limit_bytes(settings)
+    limit_memory(limit)  # before the heavy imports below
     from service.db import Database
     from service.store.storage import Storage
     from service.worker.pipeline import run_build
 
     db = Database(settings.resolved_database_url)
     storage = Storage(settings.data_dir)
+    status: str | None = None
     try:
-        status = run_build(
-            payload.build_id, db=db, storage=storage, settings=settings, attempt=payload.attempt
-        )
+        try:
+            status = run_build(
+                payload.build_id,
+                db=db,
+                storage=storage,
+                settings=settings,
+                attempt=payload.attempt,
+            ).value
+        except MemoryError:  # raised outside the pipeline's own handling: recorded below
+            status = None
+        # out of the except block: the frames holding what was allocated are gone now
+        if status is None or status == "failed":
+            status = _classify_memory_failure(db, payload.build_id, limit) or status or "failed"
     finally:
         storage.remove_own_tmp()
         db.dispose()
-    print(json.dumps({"build_id": payload.build_id, "status": status.value}), flush=True)
+    print(json.dumps({"build_id": payload.build_id, "status": status}), flush=True)
     return 0
+
+
+def _classify_memory_failure(db: Database, build_id: str, limit: int | None) -> str | None:
+    """Record a build that failed for want of memory as ``resource_limit`` (with the setting in
+    the hint); its status ("failed") when it did, None when it failed for another reason."""
+    from service.db.models import BuildRow, utcnow
+    from service.schemas import BuildStatus
+    from service.worker.recorder import add_log
+
+    with db.session() as session:
+        row = session.get(BuildRow, build_id)
+        if row is None:
+            return None
+        ended = BuildStatus(row.status).terminal
+        text = f"{row.error_message or ''} {row.error_code or ''}"
+        if ended and (row.status != BuildStatus.FAILED.value or not _allocation_failed(text)):
+            return None
+        if row.error_code == RESOURCE_LIMIT:
+            return row.status
+        cap = f"{limit:,} bytes" if limit is not None else "this machine's memory"
+        reason = (row.error_message or "an allocation failed").removeprefix("The build crashed: ")
+        row.status, row.stage, row.finished_at = BuildStatus.FAILED.value, None, utcnow()
+        row.error_code = RESOURCE_LIMIT
+        row.error_message = f"The build ran out of memory (its limit is {cap}): {reason}"
+        row.error_hint = (
+            "Raise TRTFORGE_BUILD_MEMORY_BYTES on the worker, or build with smaller batches "
+            "(benchmark.batch_size, calibration.batch_size) or smaller shape profiles."
+        )
+        add_log(session, build_id, f"Build failed: {row.error_message}", level="error")
+        session.commit()
+        log.error("build %s ran out of memory under its limit (%s)", build_id, cap)
+        return row.status
+
+
+def _allocation_failed(text: str) -> bool:
+    return any(marker in text for marker in _ALLOCATION_FAILURES)
 
 
 if __name__ == "__main__":

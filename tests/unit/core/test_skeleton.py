@@ -157,3 +157,12 @@ def test_reading_a_large_model_takes_little_memory(tmp_path: Path) -> None:
     )
     grown_kib = int(subprocess.check_output([sys.executable, "-c", script, str(path)], text=True))
     assert grown_kib < 16 * 1024  # not the 64 MiB of weights
+
+
+def test_external_data_that_does_not_fit_its_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save(_model(), path, save_as_external_data=True, location="w.bin", size_threshold=0)
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(weights.read_bytes()[:-100])  # the last tensor runs past the end
+    with pytest.raises(ModelError, match="bytes at offset"):
+        load_skeleton(path)
