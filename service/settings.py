@@ -73,7 +73,7 @@ class Settings(BaseSettings):
     ``trtforge worker`` processes instead)."""
     cpu_concurrency: int = Field(default=1, ge=1)
     build_timeout_s: PositiveSeconds = 4 * 3600.0
-    cancel_grace_s: PositiveSeconds = 10.0
+    cancel_grace_s: PositiveSeconds = 3.0
     """How long a cancelled build may run to its next stage boundary before it is killed."""
     max_attempts: int = Field(default=2, ge=1)
     """Runs a build gets when workers die under it: 2 = re-queued once, then failed."""

@@ -96,10 +96,28 @@ def limit_memory(limit: int | None) -> None:
     resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
 
 
+class _Cancelled(BaseException):
+    """Raised by SIGTERM in the main thread. A BaseException (as KeyboardInterrupt is), so no
+    ``except Exception`` on the way up turns a cancel into a failure."""
+
+
+def _cancel_on_sigterm() -> None:
+    """The worker cancels a build with SIGTERM to its group: stop where the build is (the next
+    Python instruction of the main thread), record it cancelled; SIGKILL follows after
+    ``cancel_grace_s`` if a long native call does not return."""
+
+    def on_term(signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the cleanup must not be interrupted
+        raise _Cancelled
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
 def main() -> int:
     """Run the build named on stdin; the outcome is recorded in the database."""
     payload = RunnerInput.model_validate_json(sys.stdin.read())
     _die_with_parent(payload.parent_pid)
+    _cancel_on_sigterm()
     if payload.gpu_index is not None:  # before anything initializes CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = str(payload.gpu_index)
     logging.basicConfig(
@@ -126,6 +144,11 @@ def main() -> int:
             ).value
         except MemoryError:  # raised outside the pipeline's own handling: recorded below
             status = None
+        except _Cancelled:
+            from service.worker.recorder import BuildRecorder
+
+            BuildRecorder(db, payload.build_id).cancelled()
+            status = "cancelled"
         # out of the except block: the frames holding what was allocated are gone now
         if status is None or status == "failed":
             status = _classify_memory_failure(db, payload.build_id, limit) or status or "failed"

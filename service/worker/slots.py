@@ -358,9 +358,11 @@ class Worker:
                 item.stopped_for = _Stop.TIMEOUT
                 _kill_group(item.process)
             elif self._cancel_requested_safely(item.job.build_id):
-                item.cancel_seen = item.cancel_seen or now
-                if now - item.cancel_seen > self.settings.cancel_grace_s:
-                    item.stopped_for = _Stop.CANCEL
+                if item.cancel_seen is None:  # ask first: the build records itself cancelled
+                    item.cancel_seen = now
+                    _signal_group(item.process, signal.SIGTERM)
+                elif now - item.cancel_seen > self.settings.cancel_grace_s:
+                    item.stopped_for = _Stop.CANCEL  # a native call did not return: kill it
                     _kill_group(item.process)
 
     def _settle(self, item: _Running) -> None:
@@ -431,6 +433,12 @@ class Worker:
                 build.error_code, build.error_message, build.error_hint = error
             add_log(session, build_id, line, level="error" if error else "warning")
             session.commit()
+
+
+def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    """Send ``sig`` to the child's process group (it is its own session leader)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, sig)
 
 
 def _kill_group(process: subprocess.Popen[bytes]) -> None:
