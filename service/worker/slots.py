@@ -380,7 +380,8 @@ class Worker:
             status = BuildStatus(build.status) if build is not None else BuildStatus.FAILED
         if not status.terminal:
             code = item.process.returncode
-            if item.stopped_for is _Stop.CANCEL:
+            if item.stopped_for is _Stop.CANCEL or item.cancel_seen is not None:
+                # asked to stop and died before recording it (e.g. SIGTERM during start-up)
                 self._end(build_id, BuildStatus.CANCELLED, None, "Build cancelled (killed).")
             elif item.stopped_for is _Stop.TIMEOUT:
                 self._fail(

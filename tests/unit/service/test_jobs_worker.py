@@ -223,7 +223,8 @@ def test_a_worker_declared_dead_drops_its_build_and_rejoins_under_a_new_id(
     messages = [line["message"] for line in client.get(f"/v1/builds/{build['id']}/logs").json()]
     assert any(m.startswith("Re-queued") for m in messages)
     assert client.post(f"/v1/builds/{build['id']}/cancel").status_code == 202
-    assert _wait(client, build["id"], _ended, timeout_s=30)["status"] == "cancelled"
+    final = _wait(client, build["id"], _ended, timeout_s=30)
+    assert final["status"] == "cancelled", (final["error"], client.get(f"/v1/builds/{build['id']}/logs").json()[-4:])
 
 
 @pytest.mark.slow
