@@ -17,6 +17,7 @@ extracted (:mod:`calibrators.archive`, :class:`ArchiveLimits`).
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -50,6 +51,8 @@ __all__ = [
     "CalibrationDataset",
     "PreprocessSpec",
 ]
+
+log = logging.getLogger(__name__)
 
 Array = npt.NDArray[Any]
 _HASH_BATCH_BYTES = 16 << 20
@@ -129,7 +132,17 @@ def _cast_needs_check(name: str, source: np.dtype[Any], target: np.dtype[Any]) -
     if source == target or np.can_cast(source, target, "safe"):
         return False
     if source.kind == "f" and target.kind == "f":
-        return False  # narrowing floats: an overflow shows up in the finiteness check
+        # narrowing floats rounds to nearest (the documented rule); an overflow to inf is refused
+        # by the finiteness check, naming the first bad sample
+        log.warning(
+            "Input %r: %s samples are rounded to the model's %s (to nearest; ranges change by at "
+            "most its precision, %.1e relative).",
+            name,
+            source.name,
+            target.name,
+            float(np.finfo(target).eps) / 2,
+        )
+        return False
     if source.kind in "biu" and target.kind in "biuf":
         return True  # fine when every value survives the round trip
     raise DatasetError(

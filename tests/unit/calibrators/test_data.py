@@ -314,6 +314,26 @@ def test_names_must_match_listing_missing_and_extra() -> None:
     assert "ids, x" in info.value.hint
 
 
+def test_wider_floats_round_to_nearest_with_a_warning_and_overflow_is_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    precise = np.full((3, 4), 1.0 + 2.0**-40, np.float64)  # not representable in float32
+    with caplog.at_level("WARNING", logger="calibrators.data"):
+        validated = CalibrationDataset.from_arrays({"x": precise}).validate(
+            [TensorSpec("x", "float32", ("b", 4))]
+        )
+    assert [r.getMessage() for r in caplog.records] == [
+        "Input 'x': float64 samples are rounded to the model's float32 (to nearest; ranges "
+        "change by at most its precision, 6.0e-08 relative)."
+    ]
+    assert np.array_equal(next(validated.batches(3))["x"], np.ones((3, 4), np.float32))
+    huge = np.zeros((3, 4), np.float64)
+    huge[2, 1] = 1e300  # overflows float32: refused, naming the sample
+    with pytest.raises(DatasetError, match="'x'") as info:
+        CalibrationDataset.from_arrays({"x": huge}).validate([TensorSpec("x", "float32", ("b", 4))])
+    assert "sample 2 holds values beyond float32" in info.value.message
+
+
 @pytest.mark.parametrize(
     ("values", "target"),
     [
