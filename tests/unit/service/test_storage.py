@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +122,97 @@ def test_process_tags_tell_live_from_dead() -> None:
 def test_check_reports_a_writable_directory(storage: Storage) -> None:
     storage.check()
     assert _tmp_files(storage) == []
+
+
+def test_the_layout_is_private_to_the_servers_user(tmp_path: Path) -> None:
+    store = Storage(tmp_path / "fresh" / "data")
+    store.prepare()
+    for folder in (store.root, store.blobs_dir, store.models_dir, store.tmp_root, store.tmp_dir()):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    blob = store.put_bytes(b"secret weights")
+    assert stat.S_IMODE(blob.path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(blob.path.parent.stat().st_mode) == 0o700
+    with store.staging_dir() as staged:
+        (staged / "model.onnx").write_bytes(b"x")
+        store.publish_dir(staged, store.model_dir("c" * 64))
+    assert stat.S_IMODE(store.model_dir("c" * 64).stat().st_mode) == 0o700
+
+
+def test_an_existing_world_readable_layout_is_narrowed(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    (root / "blobs").mkdir(parents=True)
+    root.chmod(0o755)
+    (root / "blobs").chmod(0o775)
+    Storage(root).prepare()
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    assert stat.S_IMODE((root / "blobs").stat().st_mode) == 0o700
+
+
+_FULL_DISK_SCRIPT = """
+import json, resource, signal, sys
+from pathlib import Path
+from service.errors import InsufficientStorageError
+from service.store.storage import Storage
+
+store = Storage(Path(sys.argv[1]))
+store.prepare()
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a killed process
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+results = {}
+try:
+    with store.pending() as pending:
+        for _ in range(3):
+            pending.write(b"x" * (1 << 20))
+        pending.commit()
+except InsufficientStorageError as exc:
+    results["upload"] = [exc.code, exc.message]
+try:
+    store.put_bytes(b"y" * (2 << 20))
+except InsufficientStorageError as exc:
+    results["blob"] = [exc.code, exc.message]
+print(json.dumps(results))
+"""
+
+
+def test_a_full_disk_is_insufficient_storage_and_leaves_nothing(tmp_path: Path) -> None:
+    # a file-size limit makes writes past 1 MiB fail the way a full disk does
+    data = tmp_path / "data"
+    child = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_SCRIPT, str(data)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[3],
+    )
+    assert child.returncode == 0, child.stderr
+    results = json.loads(child.stdout)
+    for what in ("upload", "blob"):
+        code, message = results[what]
+        assert code == "insufficient_storage"
+        assert "full" in message and str(data) not in message
+    leftovers = [p for p in data.rglob("*") if p.is_file()]
+    assert leftovers == []
+
+
+def test_disk_full_is_recognised_through_the_errors_raised_from_it() -> None:
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from calibrators.errors import ArchiveError
+    from service.store.storage import is_disk_full, storage_error
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as exc:
+            raise ArchiveError("model.zip cannot be extracted") from exc
+    except ArchiveError as wrapped:
+        assert is_disk_full(wrapped)
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = 13  # type: ignore[attr-defined]
+    assert is_disk_full(OperationalError("INSERT", {}, full))
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert not is_disk_full(ValueError("nope"))
+    error = storage_error(OSError(errno.EACCES, "Permission denied", "/srv/data/x"), "Cannot x")
+    assert (error.code, error.message) == ("storage_failed", "Cannot x: Permission denied.")
