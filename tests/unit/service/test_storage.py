@@ -216,3 +216,53 @@ def test_disk_full_is_recognised_through_the_errors_raised_from_it() -> None:
     assert not is_disk_full(ValueError("nope"))
     error = storage_error(OSError(errno.EACCES, "Permission denied", "/srv/data/x"), "Cannot x")
     assert (error.code, error.message) == ("storage_failed", "Cannot x: Permission denied.")
+
+
+_FULL_DISK_API_SCRIPT = """
+import json, resource, signal, sys
+from pathlib import Path
+from fastapi.testclient import TestClient
+from service.api.app import create_app
+from service.db import Database
+from tests.unit.service.support import make_settings, zip_bytes
+
+folder = Path(sys.argv[1])
+url = f"sqlite:///{folder / 'trtforge-test.db'}"
+Database(url).migrate()
+out = {}
+with TestClient(create_app(make_settings(folder / "data", url))) as client:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+    big = client.post("/v1/models", files={"file": ("big.onnx", b"x" * (3 << 20))})
+    # a small upload whose extraction outgrows the disk
+    packed = zip_bytes({"model.onnx": b"\\0" * (3 << 20)})
+    unpacked = client.post("/v1/models", files={"file": ("m.zip", packed)})
+    out = {
+        "big": [big.status_code, big.json()],
+        "zip": [unpacked.status_code, unpacked.json()],
+        "healthz": client.get("/healthz").status_code,
+        "models": client.get("/v1/models").json()["total"],
+    }
+print(json.dumps(out))
+"""
+
+
+def test_uploads_onto_a_full_disk_answer_507_and_leave_nothing(tmp_path: Path) -> None:
+    child = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_API_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[3],
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    out = json.loads(child.stdout.strip().splitlines()[-1])
+    for what in ("big", "zip"):
+        status, body = out[what]
+        assert status == 507, body
+        assert body["error"]["code"] == "insufficient_storage"
+        assert body["error"]["hint"] and str(tmp_path) not in body["error"]["message"]
+    assert (out["healthz"], out["models"]) == (200, 0)
+    data = tmp_path / "data"
+    for folder in ("tmp", "blobs", "models", "datasets"):
+        assert [p for p in (data / folder).rglob("*") if p.is_file()] == [], folder
