@@ -31,6 +31,13 @@ Each class's docstring is its default message.
 
 from __future__ import annotations
 
+import functools
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path, PurePosixPath
+
 from core.errors import TrtforgeError
 
 __all__ = [
@@ -57,6 +64,7 @@ __all__ = [
     "UnavailableError",
     "UploadError",
     "WaitTimeoutError",
+    "scrub_paths",
 ]
 
 
@@ -244,3 +252,29 @@ class HostNotAllowedError(ServiceError):
 
     code = "host_not_allowed"
     default_hint = "Use the server's configured name, or add it to TRTFORGE_ALLOWED_HOSTS."
+
+
+@functools.lru_cache(maxsize=16)
+def _path_pattern(data_dir: Path | None) -> re.Pattern[str]:
+    roots = {sys.prefix, sys.base_prefix, tempfile.gettempdir(), str(Path.cwd()), str(Path.home())}
+    if data_dir is not None:
+        roots.add(str(data_dir))
+    roots |= {os.path.realpath(root) for root in roots}
+    # "/" alone would swallow ONNX node names such as "/model/conv1/Conv"
+    usable = sorted((r.rstrip("/") for r in roots if len(PurePosixPath(r).parts) > 1), key=len)
+    alternatives = "|".join(re.escape(root) for root in reversed(usable))
+    return re.compile(rf"(?<![\w.:/-])(?:{alternatives})(?![^/\s'\"`,;:)\]])[^\s'\"`,;)\]]*")
+
+
+def _last_component(match: re.Match[str]) -> str:
+    path = match.group(0).rstrip("/.")
+    tail = match.group(0)[len(path) :].replace("/", "")  # a sentence's full stop stays
+    name = PurePosixPath(path).name
+    return (name if name and match.group(0).count("/") > 1 else "<server path>") + tail
+
+
+def scrub_paths(text: str, data_dir: Path | None = None) -> str:
+    """``text`` with the server's own paths cut to their last component (module docstring)."""
+    if not text or "/" not in text:
+        return text
+    return _path_pattern(data_dir).sub(_last_component, text)

@@ -12,14 +12,9 @@ e.g. ``w.bin``).
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
-import re
-import sys
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -45,6 +40,7 @@ from service.errors import (
     StorageError,
     UnavailableError,
     UploadError,
+    scrub_paths,
 )
 from service.store.storage import is_disk_full
 
@@ -112,30 +108,6 @@ def error_response(
     if field is not None:
         body["field"] = field
     return JSONResponse({"error": body}, status_code=status, headers=headers)
-
-
-@functools.lru_cache(maxsize=16)
-def _path_pattern(data_dir: Path | None) -> re.Pattern[str]:
-    roots = {sys.prefix, sys.base_prefix, tempfile.gettempdir(), str(Path.cwd()), str(Path.home())}
-    if data_dir is not None:
-        roots.add(str(data_dir))
-    roots |= {os.path.realpath(root) for root in roots}
-    # "/" alone would swallow ONNX node names such as "/model/conv1/Conv"
-    usable = sorted((r.rstrip("/") for r in roots if len(PurePosixPath(r).parts) > 1), key=len)
-    alternatives = "|".join(re.escape(root) for root in reversed(usable))
-    return re.compile(rf"(?<![\w.:/-])(?:{alternatives})(?![^/\s'\"`,;:)\]])[^\s'\"`,;)\]]*")
-
-
-def _last_component(match: re.Match[str]) -> str:
-    name = PurePosixPath(match.group(0).rstrip("/.")).name
-    return name if name and match.group(0).count("/") > 1 else "<server path>"
-
-
-def scrub_paths(text: str, data_dir: Path | None = None) -> str:
-    """``text`` with the server's own paths cut to their last component (module docstring)."""
-    if not text or "/" not in text:
-        return text
-    return _path_pattern(data_dir).sub(_last_component, text)
 
 
 def response_for_error(exc: TrtforgeError, data_dir: Path | None = None) -> JSONResponse:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from core.errors import TrtforgeError
 from service.db import Database
 from service.db.models import BuildRow, DatasetRow, ModelRow, TableRow, utcnow
-from service.errors import BuildCancelledError
+from service.errors import BuildCancelledError, InsufficientStorageError
 from service.schemas import (
     ArtifactInfo,
     BuildCreate,
@@ -38,7 +38,7 @@ from service.schemas import (
 from service.settings import Settings
 from service.store.builds import link_build_files
 from service.store.catalog import dataset_path, load_table, model_path, store_table
-from service.store.storage import Storage
+from service.store.storage import Storage, is_disk_full
 from service.worker.recorder import BuildRecorder
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ def run_build(
     build_id: str, *, db: Database, storage: Storage, settings: Settings, attempt: int | None = None
 ) -> BuildStatus:
     """Run a build to a terminal status (recorded in the database), and return that status."""
-    recorder = BuildRecorder(db, build_id)
+    recorder = BuildRecorder(db, build_id, data_dir=settings.data_dir)
     work = storage.work_dir(build_id)
     shutil.rmtree(work, ignore_errors=True)  # leftovers of an interrupted attempt
     work.mkdir(parents=True)
@@ -112,6 +112,12 @@ def run_build(
         recorder.fail(exc.code, exc.message, exc.hint, details=getattr(exc, "log", "") or "")
         return BuildStatus.FAILED
     except Exception as exc:
+        if is_disk_full(exc):  # not a bug: the disk (or the database's) is full
+            full = InsufficientStorageError(
+                f"The server's disk filled up during the build: {type(exc).__name__}."
+            )
+            recorder.fail(full.code, full.message, full.hint, details=traceback.format_exc())
+            return BuildStatus.FAILED
         log.exception("build %s crashed", build_id)
         recorder.fail(
             "internal_error",

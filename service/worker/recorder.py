@@ -11,13 +11,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from service.db import Database
 from service.db.models import BuildLogRow, BuildRow, utcnow
-from service.errors import BuildCancelledError
+from service.errors import BuildCancelledError, scrub_paths
 from service.schemas import BuildStatus, Stage, stage_status
 
 __all__ = ["STAGE_WEIGHTS", "BuildRecorder", "StageProgress", "add_log", "reset_for_retry"]
@@ -103,9 +104,19 @@ class StageProgress:
 class BuildRecorder:
     """Writes one build's state. Every write is its own short transaction."""
 
-    def __init__(self, db: Database, build_id: str, *, min_interval_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        db: Database,
+        build_id: str,
+        *,
+        min_interval_s: float = 0.5,
+        data_dir: Path | None = None,
+    ) -> None:
         self.db = db
         self.build_id = build_id
+        self.data_dir = data_dir
+        """Paths under it (and the machine's temp, home, working and Python folders) are cut to
+        their last part in what the build records: users read it through the API."""
         self.min_interval_s = min_interval_s
         self.stage_seconds: dict[str, float] = {}
 
@@ -130,7 +141,13 @@ class BuildRecorder:
     def log(self, message: str, *, level: str = "info", stage: Stage | None = None) -> None:
         self._echo(level, message)
         with self.db.session() as session:
-            add_log(session, self.build_id, message, level=level, stage=stage)
+            add_log(
+                session,
+                self.build_id,
+                scrub_paths(message, self.data_dir),
+                level=level,
+                stage=stage,
+            )
             session.commit()
 
     def set_progress(self, overall: float) -> None:
@@ -153,7 +170,9 @@ class BuildRecorder:
         """Run one stage: cancel check, status, timing, progress at both ends."""
         self.check_cancel()
         self._update(
-            status=stage_status(stage).value, stage=stage.value, progress=round(_stage_start(stage), 4)
+            status=stage_status(stage).value,
+            stage=stage.value,
+            progress=round(_stage_start(stage), 4),
         )
         self.log(f"{stage.value}: started", stage=stage)
         started = time.perf_counter()
@@ -189,6 +208,7 @@ class BuildRecorder:
         its accuracy gate keeps its artifact and report for inspection)."""
         if details:
             self.log(details, level="error")
+        message, hint = scrub_paths(message, self.data_dir), scrub_paths(hint, self.data_dir)
         self._update(
             ("error", f"Build failed: {message}"),
             status=BuildStatus.FAILED.value,

@@ -13,11 +13,10 @@ from pydantic import ValidationError
 from core.errors import ModelError
 from service.api.auth import SESSION_COOKIE, authenticate_session, create_session, create_token
 from service.api.auth import session_secret as secret_of
-from service.api.errors import scrub_paths
 from service.api.guards import UPLOAD_ROUTES, EdgePolicy, host_name
 from service.api.server import HeaderDeadlineProtocol, uvicorn_options
 from service.db import Database
-from service.errors import AuthenticationError, SettingsError
+from service.errors import AuthenticationError, SettingsError, scrub_paths
 from service.schemas import BuildCreate, Scope
 from service.settings import Settings, load_settings
 
