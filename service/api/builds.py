@@ -12,49 +12,47 @@ import anyio
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import TypeAdapter
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 from starlette.concurrency import run_in_threadpool
 
 from service.api.caching import json_response, none_match, not_modified, weak_etag
 from service.api.deps import AppState, BuildAccess, Paging, ReadAccess, StateDep
-from service.db.models import BuildRow, JobRow
+from service.db.models import BuildRow
 from service.schemas import BuildCreate, BuildPage, BuildPublic, BuildStatus, LogLine
 from service.store import builds
 from service.store.bounds import check_request_bounds
 
-__all__ = ["router", "status_etag"]
+__all__ = ["load_build", "router", "status_etag"]
 
 router = APIRouter(prefix="/v1/builds", tags=["builds"])
 
 _KEEPALIVE_S = 15.0
+_MAX_SEQ = 1 << 62
 _LOG_LINES = TypeAdapter(list[LogLine])
-_VERSION = (
-    BuildRow.updated_at,
-    BuildRow.status,
-    BuildRow.stage,
-    BuildRow.progress,
-    BuildRow.cancel_requested,
-    BuildRow.report_sha256,
-    JobRow.attempts,
-)
 _NOT_MODIFIED: dict[int | str, dict[str, Any]] = {
     304: {"description": "If-None-Match matched the ETag."}
 }
 
 
-def status_etag(session: Session, build_id: str) -> str:
-    """A weak ETag of a build's status, from one small query: it changes with every write to the
-    row (``updated_at``) and, belt and braces, with the fields a poller watches. Raises
-    :class:`NotFoundError` for an unknown build."""
-    version = session.execute(
-        select(*_VERSION)
-        .outerjoin(JobRow, JobRow.build_id == BuildRow.id)
-        .where(BuildRow.id == build_id)
-    ).one_or_none()
-    if version is None:
-        builds.get_build(session, build_id)  # raises NotFoundError
-    return weak_etag(build_id, *(version or ()))
+def load_build(session: Session, build_id: str) -> BuildRow:
+    """The build with its job, in one query (:class:`NotFoundError` for an unknown id)."""
+    row = session.get(BuildRow, build_id, options=[joinedload(BuildRow.job)])
+    return row if row is not None else builds.get_build(session, build_id)
+
+
+def status_etag(row: BuildRow) -> str:
+    """A weak ETag of a build's status: it changes with every write to the row (``updated_at``)
+    and, belt and braces, with the fields a poller watches."""
+    return weak_etag(
+        row.id,
+        row.updated_at.isoformat(),
+        row.status,
+        row.stage,
+        row.progress,
+        row.cancel_requested,
+        row.report_sha256,
+        row.job.attempts if row.job is not None else None,
+    )
 
 
 # Every endpoint opens its database session around its queries and closes it before the
@@ -108,10 +106,11 @@ def get_build(
     """The build's status, with a weak ``ETag``: send it back as ``If-None-Match`` and an
     unchanged build is answered 304 with no body."""
     with state.db.session() as session:
-        etag = status_etag(session, build_id)
+        row = load_build(session, build_id)
+        etag = status_etag(row)
         if none_match(if_none_match, etag):
             return not_modified(etag, {"Cache-Control": "no-cache"})
-        public = builds.build_public(builds.get_build(session, build_id))
+        public = builds.build_public(row)
     return json_response(public, headers={"ETag": etag, "Cache-Control": "no-cache"})
 
 
@@ -120,7 +119,7 @@ def get_build_logs(
     build_id: str,
     state: StateDep,
     _: ReadAccess,
-    after: Annotated[int, Query(ge=0, le=1 << 62, description="Only lines with a larger seq.")] = 0,
+    after: Annotated[int, Query(ge=0, le=_MAX_SEQ, description="Only lines with a larger seq.")] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> Response:
     with state.db.session() as session:
@@ -144,7 +143,7 @@ def delete_build(build_id: str, state: StateDep, _: BuildAccess) -> Response:
 
 def _snapshot(state: AppState, build_id: str, after: int) -> tuple[BuildPublic, list[LogLine]]:
     with state.db.session() as session:
-        build = builds.build_public(builds.get_build(session, build_id))
+        build = builds.build_public(load_build(session, build_id))
         return build, builds.log_lines(session, build_id, after)
 
 
@@ -199,7 +198,7 @@ async def build_events(
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     await run_in_threadpool(_exists, state, build_id)  # 404 before the stream starts
-    after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+    after = min(int(last_event_id), _MAX_SEQ) if last_event_id and last_event_id.isdigit() else 0
     return StreamingResponse(
         _events(state, request, build_id, after),
         media_type="text/event-stream",

@@ -80,6 +80,9 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "host": settings.host,
         "port": settings.port,
         "http": protocol_with_deadline(settings.header_timeout_s),
+        # idle keep-alive connections end at the header deadline, not at uvicorn's 5 s default,
+        # which races clients polling every few seconds (their request meets a closing socket)
+        "timeout_keep_alive": settings.header_timeout_s + 1,
         "proxy_headers": True,
         "forwarded_allow_ips": list(settings.forwarded_allow_ips),
     }
