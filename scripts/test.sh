@@ -12,5 +12,6 @@ if url=$(bash scripts/postgres.sh 2>.cache/postgres-start.log); then
   if grep -q started .cache/postgres-start.log; then trap 'bash scripts/postgres.sh stop' EXIT; fi
 fi
 ruff check core calibrators engines service tests bench
+hadolint --config docker/hadolint.yaml docker/*Dockerfile  # every Dockerfile, lint fails the run
 mypy
 python -m pytest "$@"
