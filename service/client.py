@@ -50,6 +50,7 @@ from service.schemas import (
     Scope,
     TablePage,
     TablePublic,
+    TargetRequest,
     TokenCreated,
     TokenPublic,
 )
@@ -237,8 +238,10 @@ class TrtforgeClient:
         calibration: CalibrationOptions | None = None,
         benchmark: BenchmarkOptionsIn | None = None,
         accuracy: AccuracyOptions | None = None,
+        target: TargetRequest | None = None,
     ) -> BuildPublic:
-        """Queue a build (or get the existing build of an identical request)."""
+        """Queue a build (or get the existing build of an identical request); ``target`` asks
+        for a worker (GPU, TensorRT version, labels)."""
         body = BuildCreate(
             model_id=model_id,
             dataset_id=dataset_id,
@@ -247,6 +250,7 @@ class TrtforgeClient:
             calibration=calibration or CalibrationOptions(),
             benchmark=benchmark or BenchmarkOptionsIn(),
             accuracy=accuracy or AccuracyOptions(),
+            target=target,
         )
         response = self._request("POST", "/v1/builds", json=body.model_dump(mode="json"))
         return BuildPublic.model_validate_json(response.content)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from engines.accuracy_report import AccuracyReport
 from engines.backends.base import ArtifactMetadata, BuildTarget
@@ -32,6 +32,7 @@ __all__ = [
     "DatasetPublic",
     "ErrorEnvelope",
     "ErrorInfo",
+    "Label",
     "LogLine",
     "ModelPage",
     "ModelPublic",
@@ -40,6 +41,7 @@ __all__ = [
     "Stage",
     "TablePage",
     "TablePublic",
+    "TargetRequest",
     "TensorInfo",
     "TokenCreate",
     "TokenCreated",
@@ -203,6 +205,46 @@ class AccuracyOptions(_Frozen):
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
 
+Label = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/=+-]*$", max_length=63)
+]
+"""A worker label (``trtforge worker --label``, ``TRTFORGE_WORKER_LABELS``): a letter or digit,
+then letters, digits and ``._:/=+-``, at most 63 characters."""
+
+MAX_LABELS = 32
+
+
+class TargetRequest(_Frozen):
+    """What a build asks of the worker that builds it; every field given must match one of the
+    worker's targets (labels: the worker carries them all). Nothing given: any worker."""
+
+    gpu: str | None = Field(
+        default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$"
+    )
+    """``sm_90`` or ``9.0`` (the compute capability), else part of the GPU's name (``H100``,
+    case-insensitive)."""
+    tensorrt: str | None = Field(default=None, max_length=32, pattern=r"^\d+(\.\d+)*$")
+    """A TensorRT version prefix, by components: ``10.13`` matches 10.13.x, not 10.130."""
+    labels: list[Label] = Field(default_factory=list, max_length=MAX_LABELS)
+    """Labels the worker must carry (all of them)."""
+
+    @field_validator("labels")
+    @classmethod
+    def _sorted_labels(cls, labels: list[str]) -> list[str]:
+        return sorted(set(labels))  # order and repeats mean nothing (and stay out of cache keys)
+
+    @property
+    def any_worker(self) -> bool:
+        """Whether nothing is asked (every worker serves it)."""
+        return self.gpu is None and self.tensorrt is None and not self.labels
+
+    def __str__(self) -> str:
+        asked = [f"gpu {self.gpu}"] if self.gpu else []
+        asked += [f"TensorRT {self.tensorrt}"] if self.tensorrt else []
+        asked += [f"labels {', '.join(self.labels)}"] if self.labels else []
+        return "; ".join(asked) or "any worker"
+
+
 class BuildCreate(_Frozen):
     """``POST /v1/builds``."""
 
@@ -215,6 +257,9 @@ class BuildCreate(_Frozen):
     calibration: CalibrationOptions = Field(default_factory=CalibrationOptions)
     benchmark: BenchmarkOptionsIn = Field(default_factory=BenchmarkOptionsIn)
     accuracy: AccuracyOptions = Field(default_factory=AccuracyOptions)
+    target: TargetRequest | None = None
+    """The worker it must run on (GPU, TensorRT version, labels); ``spec.backend`` stays the
+    backend asked for. None: any worker that builds ``spec.backend``."""
 
 
 class ArtifactInfo(_Answer):
@@ -241,6 +286,8 @@ class BuildPublic(_Answer):
     accuracy: AccuracyOptions
     requested_backend: str = "auto"
     """The backend the request asked for (``auto``, ``tensorrt``, ``onnxruntime``)."""
+    requested_target: TargetRequest | None = None
+    """The target it waits for (GPU, TensorRT version, labels); null: any worker."""
     worker_id: str | None = None
     """The worker that claimed the build (null while it waits)."""
     backend: str | None
@@ -274,6 +321,8 @@ class WorkerPublic(_Answer):
     hostname: str
     slots: int
     targets: list[BuildTarget]
+    labels: list[str] = Field(default_factory=list)
+    """Labels from its configuration (``--label``, ``TRTFORGE_WORKER_LABELS``)."""
     state: WorkerState
     running_builds: list[str]
     """Builds it is running now."""

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from engines.backends.base import BuildTarget
 from service.errors import SettingsError
+from service.schemas import MAX_LABELS, Label
 
 __all__ = ["Settings", "default_data_dir", "hostname", "is_loopback", "load_settings"]
 
@@ -61,6 +62,10 @@ class Settings(BaseSettings):
     """What this machine's workers build for (JSON list of ``{"backend", "backend_version",
     "compute_capability", "device"}``). ``None``: discovered (each backend that can run here, on
     the first GPU). A deployment sets it where discovery cannot see the hardware."""
+    worker_labels: list[Label] = Field(default_factory=list, max_length=MAX_LABELS)
+    """Labels this machine's workers carry (JSON list, ``["a100", "team-vision"]``; ``trtforge
+    worker --label`` adds more): a build asking for labels (``"target": {"labels": [...]}``)
+    runs only on a worker that carries all of them."""
 
     max_upload_bytes: int = Field(default=4 * _GiB, gt=0)
     max_archive_members: int = Field(default=100_000, gt=0)

@@ -1,14 +1,15 @@
 """Prometheus metrics, written in the text exposition format (no client library needed).
 
 Build counts, stage durations and queue depth come from the database, so every API process
-reports the same numbers; upload bytes are counted by this process (a counter that restarts at
+reports the same numbers (queue depth also per requested target, live workers per target they
+build for, with their labels); upload bytes are counted by this process (a counter that restarts at
 zero, as Prometheus counters may).
 """
 
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -41,6 +42,54 @@ def _help(lines: list[str], name: str, kind: str, text: str) -> None:
     lines.append(f"# TYPE {name} {kind}")
 
 
+def _escape(value: str) -> str:
+    """A label value in the exposition format: backslash, double quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(values: dict[str, str]) -> str:
+    return "{" + ",".join(f'{name}="{_escape(value)}"' for name, value in values.items()) + "}"
+
+
+def _target_metrics(lines: list[str], queue: JobQueue) -> None:
+    """Queue depth per requested target and live workers per target. Empty label values mean
+    "not asked" (a build) or "none" (a worker's labels)."""
+    _help(
+        lines,
+        "trtforge_queue_depth_by_target",
+        "gauge",
+        "Builds waiting for a worker, by the backend and target they asked for.",
+    )
+    for queued in queue.depth_by_target():
+        wanted = queued.target
+        asked = {
+            "backend": queued.requested_backend,
+            "gpu": (wanted.gpu if wanted else None) or "",
+            "tensorrt": (wanted.tensorrt if wanted else None) or "",
+            "labels": ",".join(wanted.labels) if wanted else "",
+        }
+        lines.append(f"trtforge_queue_depth_by_target{_labels(asked)} {queued.jobs}")
+    _help(
+        lines,
+        "trtforge_workers_by_target",
+        "gauge",
+        "Live workers by a target they build for (a worker counts once per target).",
+    )
+    counts: Counter[tuple[tuple[str, str], ...]] = Counter()
+    for worker in queue.workers():
+        for target in dict.fromkeys(worker.targets):
+            key = {
+                "backend": target.backend,
+                "backend_version": target.backend_version,
+                "compute_capability": target.compute_capability,
+                "device": target.device,
+                "labels": ",".join(worker.labels),
+            }
+            counts[tuple(key.items())] += 1
+    for served, workers in sorted(counts.items()):
+        lines.append(f"trtforge_workers_by_target{_labels(dict(served))} {workers}")
+
+
 def render_metrics(session: Session, queue: JobQueue, counters: Counters) -> str:
     """The ``/metrics`` page."""
     lines: list[str] = []
@@ -69,6 +118,7 @@ def render_metrics(session: Session, queue: JobQueue, counters: Counters) -> str
     lines.append(f"trtforge_queue_depth {queue.depth()}")
     _help(lines, "trtforge_workers", "gauge", "Workers with a recent heartbeat.")
     lines.append(f"trtforge_workers {queue.live_workers()}")
+    _target_metrics(lines, queue)
 
     _help(
         lines,

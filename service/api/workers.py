@@ -1,4 +1,5 @@
-"""``/v1/workers``: the build workers, what each builds for, and what each runs now."""
+"""``/v1/workers``: the build workers, what each builds for (targets and labels), and what each
+runs now."""
 
 from __future__ import annotations
 
@@ -21,5 +22,5 @@ def list_workers(
     include_stopped: Annotated[bool, Query(description="Also list stopped workers.")] = False,
 ) -> list[WorkerPublic]:
     """Live workers (or all), newest first: targets (backend, version, compute capability,
-    device), slots and the builds each runs now."""
+    device), labels, slots and the builds each runs now."""
     return state.queue.workers(include_stopped=include_stopped)

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import click
+from pydantic import ValidationError
 
 from service.cli.options import enum_choice, handle_errors, preprocess_option, spec_options
 from service.cli.progress import sample_progress
-from service.schemas import Scope
+from service.schemas import Scope, TargetRequest
 
 if TYPE_CHECKING:
     from engines.spec import BuildSpec
@@ -124,9 +125,18 @@ def serve(
     default=None,
     help="Concurrent builds (default: one per GPU, else TRTFORGE_CPU_CONCURRENCY).",
 )
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    help="A label this worker carries (repeatable; added to TRTFORGE_WORKER_LABELS). Builds "
+    "that ask for labels run only on workers that carry all of them.",
+)
 @_local_options
 @handle_errors
-def worker(slots: int | None, data_dir: Path | None, database_url: str | None) -> None:
+def worker(
+    slots: int | None, labels: tuple[str, ...], data_dir: Path | None, database_url: str | None
+) -> None:
     """Run build workers against the server's database (until Ctrl-C or SIGTERM)."""
     from service.db import Database
     from service.queue.database import DatabaseQueue
@@ -135,12 +145,20 @@ def worker(slots: int | None, data_dir: Path | None, database_url: str | None) -
     from service.worker.slots import Worker
 
     settings = load_settings(data_dir=data_dir, database_url=database_url, workers=slots)
+    if labels:
+        settings = load_settings(
+            data_dir=data_dir,
+            database_url=database_url,
+            workers=slots,
+            worker_labels=[*settings.worker_labels, *labels],
+        )
     db = Database(settings.resolved_database_url)
     storage = Storage(settings.data_dir)
     storage.prepare()
     db.migrate()
     runner = Worker(settings, db, storage, DatabaseQueue(db, settings))
-    click.echo(f"trtforge worker {runner.id}: {len(runner.slots)} slot(s)", err=True)
+    shown = f", labels: {', '.join(settings.worker_labels)}" if settings.worker_labels else ""
+    click.echo(f"trtforge worker {runner.id}: {len(runner.slots)} slot(s){shown}", err=True)
     try:
         runner.run_forever()
     finally:
@@ -246,6 +264,23 @@ def _client(server: str, token: str | None) -> Any:
 )
 @preprocess_option
 @click.option("--table", "table_id", default=None, help="Use this stored calibration table id.")
+@click.option(
+    "--target-gpu",
+    default=None,
+    help="Run on a worker with this GPU: sm_90 or 9.0 (compute capability), or part of its name "
+    "(H100).",
+)
+@click.option(
+    "--target-tensorrt",
+    default=None,
+    help="Run on a worker with this TensorRT version (a prefix: 10.13 matches 10.13.x).",
+)
+@click.option(
+    "--target-label",
+    "target_labels",
+    multiple=True,
+    help="Run on a worker that carries this label (repeatable: all of them).",
+)
 @click.option("--wait", is_flag=True, help="Follow the build until it ends.")
 @click.option("--timeout", type=float, default=None, help="Seconds --wait waits at most.")
 @click.option(
@@ -264,6 +299,9 @@ def submit(model: Path, spec: BuildSpec, data: Path, **options: Any) -> None:
 
     as_json = bool(options["as_json"])
     preprocess = PreprocessSpec.load(options["preprocess"]) if options["preprocess"] else None
+    target = _target_request(
+        options["target_gpu"], options["target_tensorrt"], options["target_labels"]
+    )
     with _client(options["server"], options["token"]) as client:
         with sample_progress(f"uploading {model.name}", enabled=not as_json, unit="B") as bar:
             uploaded = client.upload_model(model, progress=bar)
@@ -271,7 +309,9 @@ def submit(model: Path, spec: BuildSpec, data: Path, **options: Any) -> None:
             dataset = client.upload_dataset(
                 data, model_id=uploaded.id, preprocess=preprocess, progress=bar
             )
-        build = client.submit_build(uploaded.id, dataset.id, spec, table_id=options["table_id"])
+        build = client.submit_build(
+            uploaded.id, dataset.id, spec, table_id=options["table_id"], target=target
+        )
         if not as_json:
             click.echo(f"build {build.id}: {build.status.value} ({_target(build)})", err=True)
         if options["wait"] or options["download"]:
@@ -281,6 +321,22 @@ def submit(model: Path, spec: BuildSpec, data: Path, **options: Any) -> None:
             options["download"].mkdir(parents=True, exist_ok=True)
             artifact = _download(client, build.id, options["download"], as_json)
     _report_outcome(build, artifact, as_json)
+
+
+def _target_request(
+    gpu: str | None, tensorrt: str | None, labels: tuple[str, ...]
+) -> TargetRequest | None:
+    """The ``--target-*`` options as the request's target (None when none is given)."""
+    if gpu is None and tensorrt is None and not labels:
+        return None
+    try:
+        return TargetRequest(gpu=gpu, tensorrt=tensorrt, labels=list(labels))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = {"gpu": "--target-gpu", "tensorrt": "--target-tensorrt"}.get(
+            str(first["loc"][0]), "--target-label"
+        )
+        raise click.BadParameter(str(first["msg"]), param_hint=name) from exc
 
 
 def _follow(client: Any, build_id: str, timeout: float | None, as_json: bool) -> Any:

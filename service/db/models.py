@@ -158,6 +158,9 @@ class BuildRow(Base):
     spec_digest: Mapped[str] = mapped_column(String(64))
     requested_backend: Mapped[str] = mapped_column(String(32), server_default="auto")
     """What the request asked for (``auto``, ``tensorrt``, ...): which workers may claim it."""
+    requested_target: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    """The :class:`service.schemas.TargetRequest` it waits for (GPU, TensorRT, labels); None:
+    any worker that builds ``requested_backend``."""
     worker_id: Mapped[str | None] = mapped_column(String(64))
     """The worker that claimed it last."""
     backend: Mapped[str] = mapped_column(String(32))
@@ -224,6 +227,8 @@ class WorkerRow(Base):
     slots: Mapped[int] = mapped_column(Integer)
     targets: Mapped[list[Any]] = mapped_column(server_default="[]")
     """What it can build for: :class:`engines.backends.base.BuildTarget` dumps."""
+    labels: Mapped[list[Any]] = mapped_column(server_default="[]")
+    """Labels from its configuration; a build asking for labels needs a worker with all of them."""
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
     stopped_at: Mapped[datetime | None]

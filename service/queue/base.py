@@ -14,11 +14,13 @@ from typing import TYPE_CHECKING, Protocol
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.orm import Session
 
+from service.schemas import TargetRequest
+
 if TYPE_CHECKING:
     from engines.backends.base import BuildTarget
     from service.schemas import WorkerPublic
 
-__all__ = ["Job", "JobQueue", "JobState", "Recovered"]
+__all__ = ["Job", "JobQueue", "JobState", "QueuedTarget", "Recovered"]
 
 
 class JobState(StrEnum):
@@ -48,6 +50,17 @@ class Recovered(BaseModel):
     """Build ids failed because they had used up their attempts."""
 
 
+class QueuedTarget(BaseModel):
+    """How many jobs wait for one requested backend and target (:meth:`JobQueue.depth_by_target`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    requested_backend: str
+    target: TargetRequest | None
+    """None: any worker that builds ``requested_backend``."""
+    jobs: int
+
+
 class JobQueue(Protocol):
     """Where builds wait for a worker."""
 
@@ -56,9 +69,11 @@ class JobQueue(Protocol):
         ...
 
     def claim(self, worker_id: str, targets: Sequence[BuildTarget]) -> Job | None:
-        """Take the oldest queued job that one of ``targets`` serves, and record on its build
-        the target chosen (:func:`engines.backends.registry.choose_target`) and ``worker_id``;
-        None when no such job waits, or when ``worker_id`` is not a live registered worker."""
+        """Take the oldest queued job that one of ``targets`` serves (its requested backend, and
+        its requested target with the labels ``worker_id`` registered:
+        :func:`service.queue.targets.serving_target`), and record on its build the target chosen
+        and ``worker_id``; None when no such job waits, or when ``worker_id`` is not a live
+        registered worker."""
         ...
 
     def finish(self, job: Job) -> None:
@@ -69,8 +84,15 @@ class JobQueue(Protocol):
         """Put a job back without counting the attempt (the worker is shutting down)."""
         ...
 
-    def register_worker(self, worker_id: str, slots: int, targets: Sequence[BuildTarget]) -> None:
-        """A worker with ``slots`` build slots that builds for ``targets`` started."""
+    def register_worker(
+        self,
+        worker_id: str,
+        slots: int,
+        targets: Sequence[BuildTarget],
+        labels: Sequence[str] = (),
+    ) -> None:
+        """A worker with ``slots`` build slots that builds for ``targets`` and carries
+        ``labels`` started."""
         ...
 
     def heartbeat(self, worker_id: str) -> bool:
@@ -89,6 +111,10 @@ class JobQueue(Protocol):
         """Jobs waiting for a worker."""
         ...
 
+    def depth_by_target(self) -> list[QueuedTarget]:
+        """Jobs waiting for a worker, counted by requested backend and target."""
+        ...
+
     def live_workers(self) -> int:
         """Workers whose heartbeat is recent."""
         ...
@@ -98,5 +124,6 @@ class JobQueue(Protocol):
         ...
 
     def workers(self, *, include_stopped: bool = False) -> list[WorkerPublic]:
-        """The workers (live ones, or all), newest first, with their targets and running builds."""
+        """The workers (live ones, or all), newest first, with their targets, labels and running
+        builds."""
         ...

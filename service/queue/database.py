@@ -9,18 +9,19 @@ and :meth:`DatabaseQueue.recover` re-queues its running jobs once, then fails th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from engines.backends.base import BuildTarget
-from engines.backends.registry import choose_target
 from service.db import Database
 from service.db.models import BuildRow, JobRow, WorkerRow, utcnow
-from service.queue.base import Job, JobState, Recovered
-from service.schemas import BuildStatus, WorkerPublic, WorkerState
+from service.queue.base import Job, JobState, QueuedTarget, Recovered
+from service.queue.targets import serving_target
+from service.schemas import BuildStatus, TargetRequest, WorkerPublic, WorkerState
 from service.settings import Settings, hostname
 from service.worker.processes import process_alive, process_tag
 from service.worker.recorder import add_log, reset_for_retry
@@ -28,6 +29,12 @@ from service.worker.recorder import add_log, reset_for_retry
 __all__ = ["DatabaseQueue"]
 
 _CLAIM_RETRIES = 5
+_PLAIN_WINDOW = 16
+"""Untargeted jobs a claim looks at (more than one: others may be taking the first)."""
+_TARGETED_PAGE = 256
+_TARGETED_PAGES = 8
+"""Targeted jobs a claim matches against the worker's targets and labels: pages of
+``_TARGETED_PAGE`` (oldest first), at most ``_TARGETED_PAGES`` of them."""
 
 
 class DatabaseQueue:
@@ -46,57 +53,62 @@ class DatabaseQueue:
             job.state, job.attempts, job.worker_id = JobState.QUEUED.value, 0, None
 
     def claim(self, worker_id: str, targets: Sequence[BuildTarget]) -> Job | None:
-        servable = sorted({"auto", *(target.backend for target in targets)})
         for _ in range(_CLAIM_RETRIES):
             with self._db.session() as session:
-                registered = session.execute(
-                    select(WorkerRow.id).where(
+                labels = session.scalar(
+                    select(WorkerRow.labels).where(
                         WorkerRow.id == worker_id, WorkerRow.stopped_at.is_(None)
                     )
-                ).first()
-                if registered is None:  # unknown, or declared dead: it must register again
-                    session.rollback()
-                    return None
-                candidate = session.execute(
-                    select(JobRow.id, BuildRow.requested_backend)
-                    .join(BuildRow, BuildRow.id == JobRow.build_id)
-                    .where(
-                        JobRow.state == JobState.QUEUED.value,
-                        BuildRow.requested_backend.in_(servable),
-                    )
-                    .order_by(JobRow.id)
-                    .limit(1)
-                    .with_for_update(skip_locked=True, of=JobRow)
-                ).first()
-                target = None if candidate is None else choose_target(candidate[1], targets)
-                if candidate is None or target is None:
-                    session.rollback()
-                    return None
-                now = utcnow()
-                taken = session.execute(
-                    update(JobRow)
-                    .where(JobRow.id == candidate[0], JobRow.state == JobState.QUEUED.value)
-                    .values(
-                        state=JobState.RUNNING.value,
-                        worker_id=worker_id,
-                        claimed_at=now,
-                        heartbeat_at=now,
-                        attempts=JobRow.attempts + 1,
-                    )
                 )
-                if taken.rowcount != 1:  # type: ignore[attr-defined]
+                if labels is None:  # unknown, or declared dead: it must register again
                     session.rollback()
-                    continue  # another worker won this one; try the next
-                job = session.get_one(JobRow, candidate[0])
-                build = session.get_one(BuildRow, job.build_id)
-                build.worker_id = worker_id
-                build.backend = target.backend
-                build.backend_version = target.backend_version
-                build.compute_capability = target.compute_capability
-                add_log(session, build.id, f"Claimed by worker {worker_id}: building for {target}.")
-                session.commit()
-                return Job(id=job.id, build_id=job.build_id, attempt=job.attempts)
+                    return None
+                raced = False
+                for job_id, target in _servable_jobs(session, targets, labels):
+                    job = self._take(session, job_id, worker_id, target)
+                    if job is not None:
+                        return job
+                    raced = True  # another worker won this one; try the next
+                session.rollback()
+                if not raced:
+                    return None
         return None
+
+    def _take(
+        self, session: Session, job_id: int, worker_id: str, target: BuildTarget
+    ) -> Job | None:
+        """Claim job ``job_id`` for ``worker_id`` building for ``target`` and commit; None (and
+        nothing changed) when another worker holds or took it."""
+        free = session.execute(
+            select(JobRow.id)
+            .where(JobRow.id == job_id, JobRow.state == JobState.QUEUED.value)
+            .with_for_update(skip_locked=True)
+        ).first()
+        if free is None:
+            return None
+        now = utcnow()
+        taken = session.execute(
+            update(JobRow)
+            .where(JobRow.id == job_id, JobRow.state == JobState.QUEUED.value)
+            .values(
+                state=JobState.RUNNING.value,
+                worker_id=worker_id,
+                claimed_at=now,
+                heartbeat_at=now,
+                attempts=JobRow.attempts + 1,
+            )
+        )
+        if taken.rowcount != 1:  # type: ignore[attr-defined]
+            return None
+        job = session.get_one(JobRow, job_id)
+        build = session.get_one(BuildRow, job.build_id)
+        build.worker_id = worker_id
+        build.backend = target.backend
+        build.backend_version = target.backend_version
+        build.compute_capability = target.compute_capability
+        add_log(session, build.id, f"Claimed by worker {worker_id}: building for {target}.")
+        session.commit()
+        return Job(id=job.id, build_id=job.build_id, attempt=job.attempts)
 
     def finish(self, job: Job) -> None:
         with self._db.session() as session:
@@ -120,7 +132,13 @@ class DatabaseQueue:
                 add_log(session, build.id, "Put back in the queue: its worker shut down.")
             session.commit()
 
-    def register_worker(self, worker_id: str, slots: int, targets: Sequence[BuildTarget]) -> None:
+    def register_worker(
+        self,
+        worker_id: str,
+        slots: int,
+        targets: Sequence[BuildTarget],
+        labels: Sequence[str] = (),
+    ) -> None:
         with self._db.session() as session:
             session.add(
                 WorkerRow(
@@ -130,6 +148,7 @@ class DatabaseQueue:
                     process_tag=process_tag(),
                     slots=slots,
                     targets=[target.model_dump(mode="json") for target in targets],
+                    labels=sorted(set(labels)),
                 )
             )
             session.commit()
@@ -167,6 +186,25 @@ class DatabaseQueue:
                 or 0
             )
 
+    def depth_by_target(self) -> list[QueuedTarget]:
+        counts: Counter[tuple[str, str | None]] = Counter()
+        with self._db.session() as session:
+            for backend, requested in session.execute(
+                select(BuildRow.requested_backend, BuildRow.requested_target)
+                .join(JobRow, JobRow.build_id == BuildRow.id)
+                .where(JobRow.state == JobState.QUEUED.value)
+            ):
+                target = None if requested is None else TargetRequest.model_validate(requested)
+                counts[backend, None if target is None else target.model_dump_json()] += 1
+        return [
+            QueuedTarget(
+                requested_backend=backend,
+                target=None if target is None else TargetRequest.model_validate_json(target),
+                jobs=jobs,
+            )
+            for (backend, target), jobs in sorted(counts.items(), key=lambda item: str(item[0]))
+        ]
+
     def live_workers(self) -> int:
         with self._db.session() as session:
             return len(_live_worker_ids(session, self._stale))
@@ -203,6 +241,7 @@ class DatabaseQueue:
                     hostname=row.hostname,
                     slots=row.slots,
                     targets=[BuildTarget.model_validate(t) for t in row.targets],
+                    labels=list(row.labels),
                     state=WorkerState.LIVE if row.id in live else WorkerState.STOPPED,
                     running_builds=running.get(row.id, []),
                     started_at=row.started_at,
@@ -285,6 +324,47 @@ class DatabaseQueue:
         add_log(session, build.id, build.error_message, level="error")
         session.commit()
         return "failed"
+
+
+def _servable_jobs(
+    session: Session, targets: Sequence[BuildTarget], labels: Sequence[str]
+) -> Iterator[tuple[int, BuildTarget]]:
+    """Queued jobs a worker with ``targets`` and ``labels`` builds, oldest first, each with the
+    target it builds for.
+
+    The backend is filtered in SQL; targeted jobs (GPU, TensorRT version, labels) are matched
+    here, page by page (:data:`_TARGETED_PAGE`) among those ahead of the oldest untargeted jobs,
+    for at most :data:`_TARGETED_PAGES` pages. Where that bound cuts the scan short, nothing newer
+    than the last job looked at is offered, so a job this worker could build is never passed over
+    for a newer one.
+    """
+    servable = sorted({"auto", *(target.backend for target in targets)})
+    queued = (
+        select(JobRow.id, BuildRow.requested_backend, BuildRow.requested_target)
+        .join(BuildRow, BuildRow.id == JobRow.build_id)
+        .where(JobRow.state == JobState.QUEUED.value, BuildRow.requested_backend.in_(servable))
+        .order_by(JobRow.id)
+    )
+    plain = list(
+        session.execute(queued.where(BuildRow.requested_target.is_(None)).limit(_PLAIN_WINDOW))
+    )
+    targeted = queued.where(BuildRow.requested_target.is_not(None))
+    if plain:  # an untargeted job is taken before any newer one
+        targeted = targeted.where(JobRow.id < plain[-1][0])
+    seen = 0
+    for _ in range(_TARGETED_PAGES):
+        page = list(session.execute(targeted.where(JobRow.id > seen).limit(_TARGETED_PAGE)))
+        complete = len(page) < _TARGETED_PAGE  # every targeted job ahead of `plain` is in hand
+        seen = page[-1][0] if page else seen
+        known = plain if complete else [row for row in plain if row[0] < seen]
+        plain = [row for row in plain if row not in known]
+        for job_id, backend, requested in sorted([*page, *known], key=lambda row: int(row[0])):
+            wanted = None if requested is None else TargetRequest.model_validate(requested)
+            target = serving_target(backend, wanted, targets, labels)
+            if target is not None:
+                yield int(job_id), target
+        if complete:
+            return
 
 
 def _live_worker_ids(session: Session, stale: timedelta) -> set[str]:

@@ -1,12 +1,14 @@
 """Builds: submission with cache-key deduplication, listing, cancellation, logs, deletion.
 
 A build's cache key is sha256(model) + sha256(dataset) + spec digest (with the backend asked for)
-+ calibration, benchmark and accuracy options (+ the calibration table, when one is given):
++ calibration, benchmark and accuracy options (+ the calibration table, when one is given; + the
+target asked for, when one is: GPU, TensorRT version, labels):
 submitting an identical request returns the existing build instead of building again. A request
 that differs only in its benchmark or accuracy-check options is a new build with its own report;
 its calibration comes from the table cache, so only the engine build and the measurements run
-again. The target is decided where the build runs: the worker that claims it writes the backend,
-its version and the compute capability it builds for into the row
+again. The target is decided where the build runs: the row records the target asked for
+(``requested_target``), and the worker that claims it (one whose targets and labels match) writes
+the backend, its version and the compute capability it builds for into the row
 (:meth:`service.queue.base.JobQueue.claim`).
 
 Deleting races with submitting: a model, dataset or table deleted while a build referencing it
@@ -36,6 +38,7 @@ from engines.spec import BackendName
 from service.db.models import BuildLogRow, BuildRow, DatasetRow, JobRow, ModelRow, utcnow
 from service.errors import ConflictError, NoTargetError, NotFoundError
 from service.queue.base import JobQueue, JobState
+from service.queue.targets import describe_worker, serving_target
 from service.schemas import (
     ArtifactInfo,
     BuildCreate,
@@ -44,6 +47,7 @@ from service.schemas import (
     ErrorInfo,
     LogLine,
     Stage,
+    TargetRequest,
 )
 from service.store.blobs import commit_and_release, place_blob
 from service.store.catalog import Page, get_dataset, get_model, get_table, model_path
@@ -75,7 +79,16 @@ def build_cache_key(request: BuildCreate) -> str:
         request.accuracy.model_dump_json(),
         request.benchmark.model_dump_json(),
     ]
+    target = _requested_target(request)
+    if target is not None:  # untargeted requests keep the keys they had before targets existed
+        parts.append(target.model_dump_json())
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _requested_target(request: BuildCreate) -> TargetRequest | None:
+    """The request's target, None when it asks nothing of the worker (``{}`` included)."""
+    target = request.target
+    return None if target is None or target.any_worker else target
 
 
 def build_public(row: BuildRow) -> BuildPublic:
@@ -117,6 +130,11 @@ def build_public(row: BuildRow) -> BuildPublic:
         benchmark=request.benchmark,
         accuracy=request.accuracy,
         requested_backend=row.requested_backend,
+        requested_target=(
+            None
+            if row.requested_target is None
+            else TargetRequest.model_validate(row.requested_target)
+        ),
         worker_id=row.worker_id,
         backend=row.backend or None,
         backend_version=row.backend_version or None,
@@ -184,16 +202,31 @@ def _check_dataset_names(dataset: DatasetRow, model: ModelRow, names: list[str])
     )
 
 
-def _check_target(queue: JobQueue, requested: BackendName) -> None:
-    """Refuse a backend no live worker builds for; with no live worker at all the build waits
-    (workers may start later: ``serve --workers 0`` plus ``trtforge worker`` elsewhere)."""
-    live = queue.live_targets()
-    if live and choose_target(requested, live) is None:
+def _check_target(
+    queue: JobQueue, requested: BackendName, target: TargetRequest | None
+) -> None:
+    """Refuse a request no live worker could ever build (its backend, and its target: GPU,
+    TensorRT version, labels); with no live worker at all the build waits (workers may start
+    later: ``serve --workers 0`` plus ``trtforge worker`` elsewhere)."""
+    if target is not None and target.tensorrt is not None and requested not in _TENSORRT_ASKS:
         raise NoTargetError(
-            f"No live worker builds for backend {requested.value!r}; the live workers build for: "
-            f"{'; '.join(map(str, live))}.",
-            field="spec.backend",
+            f"A build for backend {requested.value!r} cannot ask for TensorRT {target.tensorrt}.",
+            hint="Ask for backend tensorrt (or auto), or leave out target.tensorrt.",
+            field="target.tensorrt",
         )
+    live = queue.workers()
+    if not live or any(serving_target(requested, target, w.targets, w.labels) for w in live):
+        return
+    offered = dict.fromkeys(describe_worker(w.targets, w.labels) for w in live)
+    backend_served = any(choose_target(requested, w.targets) for w in live)
+    asked = f"backend {requested.value!r}" + (f" and {target}" if target is not None else "")
+    raise NoTargetError(
+        f"No live worker builds for {asked}; the live workers build for: {'; '.join(offered)}.",
+        field="target" if backend_served else "spec.backend",
+    )
+
+
+_TENSORRT_ASKS = (BackendName.AUTO, BackendName.TENSORRT)
 
 
 def submit_build(
@@ -209,7 +242,8 @@ def submit_build(
         _refuse_if_deleted(session, storage, request)
         raise
     requested = request.spec.backend
-    _check_target(queue, requested)
+    target = _requested_target(request)
+    _check_target(queue, requested, target)
     key = build_cache_key(request)
     existing = session.scalar(select(BuildRow).where(BuildRow.cache_key == key))
     if existing is not None:
@@ -236,6 +270,7 @@ def submit_build(
         request=request.model_dump(mode="json"),
         spec_digest=request.spec.digest,
         requested_backend=requested.value,
+        requested_target=None if target is None else target.model_dump(mode="json"),
         backend="",
         backend_version="",
         compute_capability="",
@@ -248,7 +283,12 @@ def submit_build(
         session.add(row)
         session.flush()
         queue.enqueue(session, row.id)
-        add_log(session, row.id, f"Queued for a worker that builds {requested.value}.")
+        add_log(
+            session,
+            row.id,
+            f"Queued for a worker that builds {requested.value}"
+            + (f" ({target})." if target is not None else "."),
+        )
         session.commit()
     except IntegrityError as exc:
         session.rollback()

@@ -136,16 +136,21 @@ class Worker:
 
     def start(self) -> None:
         """Register, recover the builds of dead workers, and start the slots."""
-        self.queue.register_worker(self.id, len(self.slots), self.targets)
+        self.queue.register_worker(
+            self.id, len(self.slots), self.targets, self.settings.worker_labels
+        )
         self.recover()
         self._spawn(self._heartbeat_loop, "heartbeat")
         for index in range(len(self.slots)):
             self._start_slot(index)
         log.info(
-            "worker %s started with %d slot(s), building for %s",
+            "worker %s started with %d slot(s), building for %s%s",
             self.id,
             len(self.slots),
             "; ".join(map(str, self.targets)),
+            f" (labels: {', '.join(self.settings.worker_labels)})"
+            if self.settings.worker_labels
+            else "",
         )
 
     def _spawn(self, target: object, name: str) -> threading.Thread:
@@ -253,7 +258,9 @@ class Worker:
             item.stopped_for = _Stop.DISOWNED
             _kill_group(item.process)
         old, self.id = self.id, f"{hostname()}:{process_tag()}:{uuid.uuid4().hex[:6]}"
-        self.queue.register_worker(self.id, len(self.slots), self.targets)
+        self.queue.register_worker(
+            self.id, len(self.slots), self.targets, self.settings.worker_labels
+        )
         log.warning(
             "worker %s had been declared dead; its %d running build(s) were left to recovery; "
             "registered again as %s",

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect, text
+from sqlalchemy import insert, inspect, text
+from sqlalchemy.orm import Session
 
 from service.db import Database
-from service.db.models import Base, TableRow
-from tests.unit.service.support import DATABASES, database_url, insert_build
+from service.db.models import Base, BuildRow, DatasetRow, ModelRow, TableRow
+from tests.unit.service.support import DATABASES, database_url
 
 
 @pytest.fixture(params=DATABASES)
@@ -39,7 +40,7 @@ def test_migrate_is_idempotent(db: Database) -> None:
     db.migrate()
     with db.engine.connect() as conn:
         versions = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
-    assert versions == ["0003"]
+    assert versions == ["0004"]
 
 
 def test_an_existing_database_gains_build_targets_and_keeps_its_rows(db: Database) -> None:
@@ -54,9 +55,12 @@ def test_an_existing_database_gains_build_targets_and_keeps_its_rows(db: Databas
         )
     db.migrate()
     with db.engine.connect() as conn:
-        slots, targets = conn.execute(text("SELECT slots, targets FROM workers")).one()
+        slots, targets, labels = conn.execute(
+            text("SELECT slots, targets, labels FROM workers")
+        ).one()
     assert slots == 2
     assert (json.loads(targets) if isinstance(targets, str) else targets) == []
+    assert (json.loads(labels) if isinstance(labels, str) else labels) == []
 
 
 def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: Path) -> None:
@@ -77,15 +81,60 @@ def test_ping_reports_an_unreachable_database() -> None:
     database.dispose()
 
 
+def _insert_build_of_0002(session: Session, build_id: str, **values: str) -> None:
+    """A succeeded build (with its model and dataset) written with the columns revision 0002
+    has: the ORM row has columns added later."""
+    session.add_all(
+        [
+            ModelRow(
+                id="m" * 64,
+                filename="m.onnx",
+                onnx_filename="model.onnx",
+                size_bytes=1,
+                external_data=False,
+                info={},
+                tensor_names=[],
+            ),
+            DatasetRow(
+                id="d" * 64,
+                sha256="d" * 64,
+                filename="d.npz",
+                data_filename="dataset.npz",
+                format="npz",
+                size_bytes=1,
+                num_samples=1,
+                inputs=[],
+                digest="d" * 64,
+            ),
+        ]
+    )
+    session.flush()
+    session.execute(
+        insert(BuildRow).values(
+            id=build_id,
+            cache_key=build_id,
+            model_id="m" * 64,
+            dataset_id="d" * 64,
+            request={},
+            spec_digest="s",
+            backend="",
+            backend_version="",
+            compute_capability="",
+            status="succeeded",
+            stage_seconds={},
+            **values,
+        )
+    )
+
+
 def test_an_existing_database_gains_rows_for_its_referenced_blobs(db: Database) -> None:
     db.migrate("0002")
     with db.session() as session:
-        build = insert_build(session, "b1", status="succeeded")
-        build.artifact_sha256, build.report_sha256 = "a" * 64, "b" * 64
+        _insert_build_of_0002(session, "b1", artifact_sha256="a" * 64, report_sha256="b" * 64)
         session.add(
             TableRow(
                 id="t" * 64,
-                model_id=build.model_id,
+                model_id="m" * 64,
                 source="imported",
                 algorithm="max",
                 parameters={},
