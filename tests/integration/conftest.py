@@ -97,9 +97,10 @@ class Server:
 
 
 def start_worker(
-    database_url: str, data_dir: Path, log_path: Path, **env: str
+    database_url: str, data_dir: Path, log_path: Path, *args: str, **env: str
 ) -> subprocess.Popen[bytes]:
-    """A ``trtforge worker`` process against the same database and data directory."""
+    """A ``trtforge worker`` process against the same database and data directory (``args``:
+    its command-line options, ``env``: more ``TRTFORGE_*`` settings)."""
     environment = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -112,7 +113,7 @@ def start_worker(
     }
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-c", "from service.cli.main import main; main()", "worker"],
+            [sys.executable, "-c", "from service.cli.main import main; main()", "worker", *args],
             cwd=ROOT,
             env=environment,
             stdout=log,
