@@ -66,8 +66,8 @@ def test_a_build_submitted_while_its_model_is_deleted_is_409(
 ) -> None:
     checked = builds._check_target
 
-    def delete_the_model_meanwhile(queue: Any, requested: Any) -> None:
-        checked(queue, requested)
+    def delete_the_model_meanwhile(*args: Any) -> None:
+        checked(*args)
         _elsewhere(settings, lambda s, st: catalog.delete_model(s, st, ids["model_id"]))
 
     monkeypatch.setattr(builds, "_check_target", delete_the_model_meanwhile)
