@@ -12,7 +12,7 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 editable=()
 if [ "${1:-}" = "--editable" ]; then editable=(--editable); shift; fi
 target="$here"
-[ -n "${1:-}" ] && target="$here[$1]"
+[ -n "${1:-}" ] && target="${here}[$1]"
 
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -m pip install -q -c "$here/requirements-lock.txt" pip
