@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 . .venv/bin/activate
-pip install -q --disable-pip-version-check -e .
+bash scripts/install-locked.sh --editable  # dependencies at the versions requirements-lock.txt pins
 mkdir -p demo
 python - <<'PY'
 import numpy as np, onnx
