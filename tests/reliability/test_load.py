@@ -10,15 +10,18 @@ a stream that held either between its polls would starve the pollers.
 
 The pollers pace themselves (``INTERVAL_S`` between rounds): the load generator, the server and
 the build's CPU benchmark share this machine's cores, so the offered rate is what the machine
-can serve; bench/api_load.py measures the curve up to one round a second.
+can serve; bench/api_load.py measures the curve up to one round a second. On a machine whose
+cores are taken by other work the event loop gets too little CPU for the 2 s bound (see
+bench/README.md); ``TRTFORGE_TEST_LOAD_INTERVAL_S`` and ``TRTFORGE_TEST_LOAD_P99_S`` set the pace
+and the bound.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -41,7 +44,7 @@ CLIENTS = 500
 STREAMS = 45  # > the 40 database connections and the 40 API threads (the defaults)
 LOAD_S = 20.0
 INTERVAL_S = float(os.environ.get("TRTFORGE_TEST_LOAD_INTERVAL_S", "5"))
-P99_LIMIT_S = 2.0
+P99_LIMIT_S = float(os.environ.get("TRTFORGE_TEST_LOAD_P99_S", "2"))
 
 
 @pytest.fixture(scope="module", params=DATABASES)
@@ -97,10 +100,11 @@ def test_report_and_status_etags_on_a_real_build(
 ) -> None:
     _, done, _ = builds
     with httpx.Client(base_url=f"{server.url}/v1/builds/{done}", timeout=30) as client:
+        self_url = f"{server.url}/v1/builds/{done}"  # no trailing slash
         report = client.get("/report")
         assert report.status_code == 200
-        sha = report.json()["build_id"] and report.headers["etag"].strip('"')
-        assert report.headers["etag"] == f'"{sha}"' and len(sha) == 64
+        sha = hashlib.sha256(report.content).hexdigest()  # the blob's name is its sha256
+        assert report.headers["etag"] == f'"{sha}"'
         again = client.get("/report", headers={"If-None-Match": report.headers["etag"]})
         assert (again.status_code, again.content) == (304, b"")
 
@@ -116,10 +120,9 @@ def test_report_and_status_etags_on_a_real_build(
         )
         assert other.status_code == 200
 
-        status = client.get("")
+        status = client.get(self_url)
         assert status.json()["status"] == "succeeded"
-        unchanged = client.get("", headers={"If-None-Match": status.headers["etag"]})
+        unchanged = client.get(self_url, headers={"If-None-Match": status.headers["etag"]})
         assert (unchanged.status_code, unchanged.headers["etag"]) == (304, status.headers["etag"])
-        star = client.get("", headers={"If-None-Match": "*"})
+        star = client.get(self_url, headers={"If-None-Match": "*"})
         assert star.status_code == 304
-    assert Path(server.data_dir).is_dir()
