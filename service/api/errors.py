@@ -117,6 +117,8 @@ def response_for_error(exc: TrtforgeError, data_dir: Path | None = None) -> JSON
         headers["WWW-Authenticate"] = "Bearer"
     if isinstance(exc, RangeNotSatisfiableError):
         headers["Content-Range"] = f"bytes */{exc.size_bytes}"
+    if isinstance(exc, UnavailableError):
+        headers["Retry-After"] = "1"  # a busy pool or a missing worker: worth another try soon
     return error_response(
         status_for(exc),
         exc.code,

@@ -129,6 +129,7 @@ def test_an_exhausted_pool_answers_503_then_recovers(make_client: object, build_
         for path in (f"/v1/builds/{build_id}", f"/v1/builds/{build_id}/report", "/v1/builds"):
             busy = client.get(path)
             assert busy.status_code == 503, (path, busy.text)
+            assert busy.headers["retry-after"] == "1"
             error = busy.json()["error"]
             assert error["code"] == "unavailable"
             assert "no database connection" in error["message"]
