@@ -152,7 +152,7 @@ def worker(
             workers=slots,
             worker_labels=[*settings.worker_labels, *labels],
         )
-    db = Database(settings.resolved_database_url)
+    db = Database.from_settings(settings)
     storage = Storage(settings.data_dir)
     storage.prepare()
     db.migrate()
@@ -175,7 +175,7 @@ def _token_db(data_dir: Path | None, database_url: str | None) -> Any:
     from service.settings import load_settings
 
     settings = load_settings(data_dir=data_dir, database_url=database_url)
-    db = Database(settings.resolved_database_url)
+    db = Database.from_settings(settings)
     db.migrate()
     return db
 

@@ -130,7 +130,7 @@ def main() -> int:
     from service.store.storage import Storage
     from service.worker.pipeline import run_build
 
-    db = Database(settings.resolved_database_url)
+    db = Database.from_settings(settings)
     storage = Storage(settings.data_dir)
     status: str | None = None
     try:
