@@ -17,6 +17,7 @@ writers queue on the busy timeout.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -129,6 +130,8 @@ class Database:
 
         if (path := self.sqlite_path) is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+            # owner-only, before SQLite creates it (its -wal and -shm files take the same mode)
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS_DIR))
         try:
@@ -153,7 +156,7 @@ class Database:
             return
         from filelock import FileLock
 
-        with FileLock(str(path) + ".migrate.lock", timeout=120):
+        with FileLock(str(path) + ".migrate.lock", timeout=120, mode=0o600):
             yield
 
     def dispose(self) -> None:

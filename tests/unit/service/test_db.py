@@ -152,3 +152,16 @@ def test_an_existing_database_gains_rows_for_its_referenced_blobs(db: Database) 
     assert shas == ["a" * 64, "b" * 64]
     indexes = {i["name"] for i in inspect(db.engine).get_indexes("builds")}
     assert {"ix_builds_artifact_sha256", "ix_builds_report_sha256"} <= indexes
+
+
+def test_a_new_sqlite_database_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    database = Database(f"sqlite:///{tmp_path / 'fresh.db'}")
+    try:
+        database.migrate()
+        with database.session() as session:
+            session.execute(text("SELECT 1"))
+    finally:
+        database.dispose()
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes["fresh.db"] == 0o600
+    assert all(mode == 0o600 for name, mode in modes.items() if name.startswith("fresh.db")), modes
