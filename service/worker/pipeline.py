@@ -40,6 +40,7 @@ from service.store.builds import link_build_files
 from service.store.catalog import dataset_path, load_table, model_path, store_table
 from service.store.storage import Storage, is_disk_full
 from service.worker.recorder import BuildRecorder
+from service.worker.runner import allocation_failed, memory_limit_bytes, resource_limit_failure
 
 if TYPE_CHECKING:
     from calibrators.data import CalibrationDataset
@@ -109,7 +110,10 @@ def run_build(
         recorder.cancelled()
         return BuildStatus.CANCELLED
     except TrtforgeError as exc:
-        recorder.fail(exc.code, exc.message, exc.hint, details=getattr(exc, "log", "") or "")
+        code, message, hint = exc.code, exc.message, exc.hint
+        if allocation_failed(message):  # recorded as such at once, not rewritten afterwards
+            code, message, hint = resource_limit_failure(message, memory_limit_bytes(settings))
+        recorder.fail(code, message, hint, details=getattr(exc, "log", "") or "")
         return BuildStatus.FAILED
     except Exception as exc:
         if is_disk_full(exc):  # not a bug: the disk (or the database's) is full
@@ -209,7 +213,8 @@ def _run_stages(
         gate = flow.gate(accuracy)
     else:
         recorder.skip(
-            Stage.EVALUATE, "accuracy check disabled in the request: the accuracy gate is not checked"
+            Stage.EVALUATE,
+            "accuracy check disabled in the request: the accuracy gate is not checked",
         )
     recorder.check_cancel()
     info = ArtifactInfo(

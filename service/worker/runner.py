@@ -176,19 +176,29 @@ def _classify_memory_failure(db: Database, build_id: str, limit: int | None) -> 
             return None
         if row.error_code == RESOURCE_LIMIT:
             return row.status
-        cap = f"{limit:,} bytes" if limit is not None else "this machine's memory"
         reason = (row.error_message or "an allocation failed").removeprefix("The build crashed: ")
         row.status, row.stage, row.finished_at = BuildStatus.FAILED.value, None, utcnow()
-        row.error_code = RESOURCE_LIMIT
-        row.error_message = f"The build ran out of memory (its limit is {cap}): {reason}"
-        row.error_hint = (
-            "Raise TRTFORGE_BUILD_MEMORY_BYTES on the worker, or build with smaller batches "
-            "(benchmark.batch_size, calibration.batch_size) or smaller shape profiles."
-        )
+        row.error_code, row.error_message, row.error_hint = resource_limit_failure(reason, limit)
         add_log(session, build_id, f"Build failed: {row.error_message}", level="error")
         session.commit()
-        log.error("build %s ran out of memory under its limit (%s)", build_id, cap)
+        log.error("build %s ran out of memory under its limit (%s)", build_id, limit)
         return row.status
+
+
+def resource_limit_failure(reason: str, limit: int | None) -> tuple[str, str, str]:
+    """(code, message, hint) of a build that ran out of memory under ``limit``."""
+    cap = f"{limit:,} bytes" if limit is not None else "this machine's memory"
+    return (
+        RESOURCE_LIMIT,
+        f"The build ran out of memory (its limit is {cap}): {reason}",
+        "Raise TRTFORGE_BUILD_MEMORY_BYTES on the worker, or build with smaller batches "
+        "(benchmark.batch_size, calibration.batch_size) or smaller shape profiles.",
+    )
+
+
+def allocation_failed(text: str) -> bool:
+    """Whether a failure's text says an allocation was refused (under the build's limit)."""
+    return _allocation_failed(text)
 
 
 def _allocation_failed(text: str) -> bool:
