@@ -39,8 +39,8 @@ from service.settings import Settings
 from service.store.builds import link_build_files
 from service.store.catalog import dataset_path, load_table, model_path, store_table
 from service.store.storage import Storage, is_disk_full
+from service.worker.limits import allocation_failed, memory_limit_bytes, resource_limit_failure
 from service.worker.recorder import BuildRecorder
-from service.worker.runner import allocation_failed, memory_limit_bytes, resource_limit_failure
 
 if TYPE_CHECKING:
     from calibrators.data import CalibrationDataset

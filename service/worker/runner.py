@@ -26,6 +26,12 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict
 
 from service.settings import Settings
+from service.worker.limits import (
+    RESOURCE_LIMIT,
+    allocation_failed,
+    memory_limit_bytes,
+    resource_limit_failure,
+)
 
 if TYPE_CHECKING:
     from service.db import Database
@@ -35,15 +41,6 @@ __all__ = ["RunnerInput", "limit_memory", "main", "memory_limit_bytes"]
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
-RESOURCE_LIMIT = "resource_limit"
-_ALLOCATION_FAILURES = (
-    "MemoryError",
-    "Unable to allocate",  # numpy
-    "Failed to allocate memory",  # ONNX Runtime's arena
-    "bad_alloc",  # C++ (TensorRT, ONNX Runtime, protobuf)
-    "Cannot allocate memory",  # ENOMEM from the C library
-)
-"""What an allocation refused under the limit looks like in a recorded failure."""
 
 
 class RunnerInput(BaseModel):
@@ -74,15 +71,6 @@ def _die_with_parent(parent: int) -> None:
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(70)
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
-
-
-def memory_limit_bytes(settings: Settings) -> int | None:
-    """The data memory a build process may take: ``build_memory_bytes``, by default three
-    quarters of this machine's memory; None for no limit."""
-    if settings.build_memory_bytes is not None:
-        return settings.build_memory_bytes or None
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return total * 3 // 4 if total > 0 else None
 
 
 def limit_memory(limit: int | None) -> None:
@@ -172,7 +160,7 @@ def _classify_memory_failure(db: Database, build_id: str, limit: int | None) -> 
             return None
         ended = BuildStatus(row.status).terminal
         text = f"{row.error_message or ''} {row.error_code or ''}"
-        if ended and (row.status != BuildStatus.FAILED.value or not _allocation_failed(text)):
+        if ended and (row.status != BuildStatus.FAILED.value or not allocation_failed(text)):
             return None
         if row.error_code == RESOURCE_LIMIT:
             return row.status
@@ -183,26 +171,6 @@ def _classify_memory_failure(db: Database, build_id: str, limit: int | None) -> 
         session.commit()
         log.error("build %s ran out of memory under its limit (%s)", build_id, limit)
         return row.status
-
-
-def resource_limit_failure(reason: str, limit: int | None) -> tuple[str, str, str]:
-    """(code, message, hint) of a build that ran out of memory under ``limit``."""
-    cap = f"{limit:,} bytes" if limit is not None else "this machine's memory"
-    return (
-        RESOURCE_LIMIT,
-        f"The build ran out of memory (its limit is {cap}): {reason}",
-        "Raise TRTFORGE_BUILD_MEMORY_BYTES on the worker, or build with smaller batches "
-        "(benchmark.batch_size, calibration.batch_size) or smaller shape profiles.",
-    )
-
-
-def allocation_failed(text: str) -> bool:
-    """Whether a failure's text says an allocation was refused (under the build's limit)."""
-    return _allocation_failed(text)
-
-
-def _allocation_failed(text: str) -> bool:
-    return any(marker in text for marker in _ALLOCATION_FAILURES)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from service.errors import LimitExceededError
 from service.schemas import BuildCreate
 from service.settings import Settings
 from service.store.bounds import check_request_bounds, request_bounds
-from service.worker.runner import _allocation_failed, memory_limit_bytes
+from service.worker.limits import allocation_failed, memory_limit_bytes
 
 
 def _settings(tmp_path: Path, **overrides: object) -> Settings:
@@ -108,4 +108,4 @@ def test_under_the_limit_an_allocation_fails_inside_the_process() -> None:
     ],
 )
 def test_allocation_failures_are_told_from_other_failures(message: str, expected: bool) -> None:
-    assert _allocation_failed(message) is expected
+    assert allocation_failed(message) is expected
