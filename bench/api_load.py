@@ -25,14 +25,11 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tests.integration.conftest import Server  # noqa: E402
 from tests.reliability.loadgen import (  # noqa: E402
     EventsResult,
     LoadResult,
@@ -52,80 +50,16 @@ from tests.reliability.loadgen import (  # noqa: E402
     wait_for_build,
 )
 
-__all__ = ["ServerProcess", "measure", "running_server"]
+__all__ = ["measure", "running_server"]
 
 RESULTS = ROOT / "bench" / "results"
-_SERVE = "from service.cli.main import main; main()"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class ServerProcess:
-    """``trtforge serve`` from the checkout at ``root``, on a free port."""
-
-    root: Path
-    data_dir: Path
-    log_path: Path
-    env: dict[str, str] = field(default_factory=dict)
-    port: int = field(default_factory=_free_port)
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 90.0) -> None:
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(self.root),
-            "TRTFORGE_DATA_DIR": str(self.data_dir),
-            "TRTFORGE_PORT": str(self.port),
-            "TRTFORGE_POLL_INTERVAL_S": "0.2",
-            "TRTFORGE_HEARTBEAT_S": "0.5",
-            "TRTFORGE_STALE_AFTER_S": "5",
-            **self.env,
-        }
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", _SERVE, "serve", "--log-level", "warning"],
-                cwd=self.root,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited:\n{self.log()}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.2)
-        raise RuntimeError(f"the server did not start:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:]
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
 
 
 @contextlib.contextmanager
-def running_server(root: Path, folder: Path, env: dict[str, str]) -> Iterator[ServerProcess]:
-    server = ServerProcess(root, folder / "data", folder / "server.log", env=env)
-    server.start()
+def running_server(root: Path, folder: Path, env: dict[str, str]) -> Iterator[Server]:
+    """``trtforge serve`` from the checkout at ``root`` (SQLite in its data directory)."""
+    server = Server(folder / "data", None, folder / "server.log", env=env, root=root)
+    server.start(ready_path="/healthz")
     try:
         yield server
     finally:

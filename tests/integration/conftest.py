@@ -32,11 +32,14 @@ class Server:
     """One ``trtforge serve`` process; restartable on the same data directory and database."""
 
     data_dir: Path
-    database_url: str
+    database_url: str | None
+    """None: the server's default (SQLite in its data directory)."""
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    root: Path = ROOT
+    """The checkout it runs from (bench/api_load.py runs an older one for its baseline)."""
 
     @property
     def url(self) -> str:
@@ -45,9 +48,9 @@ class Server:
     def start(self, timeout_s: float = 90.0, *, ready_path: str = "/readyz") -> None:
         env = {
             **os.environ,
-            "PYTHONPATH": str(ROOT),
+            "PYTHONPATH": str(self.root),
             "TRTFORGE_DATA_DIR": str(self.data_dir),
-            "TRTFORGE_DATABASE_URL": self.database_url,
+            **({"TRTFORGE_DATABASE_URL": self.database_url} if self.database_url else {}),
             "TRTFORGE_PORT": str(self.port),
             "TRTFORGE_WORKERS": "1",
             "TRTFORGE_POLL_INTERVAL_S": "0.2",
@@ -66,7 +69,7 @@ class Server:
                 "--log-level",
                 "warning",
             ],
-            cwd=ROOT,
+            cwd=self.root,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
