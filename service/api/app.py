@@ -36,11 +36,11 @@ from service.api.guards import EdgeGuard
 from service.api.metrics import Counters
 from service.dashboard import routes as dashboard
 from service.db import Database
-from service.queue.database import DatabaseQueue
+from service.queue import open_queue
 from service.settings import Settings
 from service.store.cleanup import remove_orphans
 from service.store.storage import Storage
-from service.worker.slots import Worker
+from service.worker.slots import Worker, default_slots
 
 __all__ = ["create_app", "shutdown", "startup"]
 
@@ -64,7 +64,10 @@ def startup(state: AppState) -> None:
         state.storage.remove_entry(state.storage.work_dir(build_id))
     remove_orphans(state.db, state.storage, state.settings.orphan_grace_s)
     if state.settings.workers != 0:
-        state.worker = Worker(state.settings, state.db, state.storage, state.queue)
+        slots = default_slots(state.settings)
+        state.worker_db = Database.for_worker(state.settings, len(slots))
+        queue = open_queue(state.worker_db, state.settings)
+        state.worker = Worker(state.settings, state.worker_db, state.storage, queue, slots=slots)
         state.worker.start()
 
 
@@ -72,6 +75,9 @@ def shutdown(state: AppState) -> None:
     if state.worker is not None:
         state.worker.stop()
         state.worker = None
+    if state.worker_db is not None:
+        state.worker_db.dispose()
+        state.worker_db = None
     state.storage.remove_own_tmp()
     state.db.dispose()
 
@@ -83,7 +89,7 @@ def create_app(settings: Settings) -> FastAPI:
         settings=settings,
         db=database,
         storage=Storage(settings.data_dir),
-        queue=DatabaseQueue(database, settings),
+        queue=open_queue(database, settings),
         counters=Counters(),
     )
 

@@ -52,6 +52,8 @@ class AppState:
     queue: JobQueue
     counters: Counters
     worker: Worker | None = None
+    worker_db: Database | None = None
+    """The in-process worker's own small pool (:meth:`Database.for_worker`)."""
 
 
 # Dependencies that do no blocking work are ``async``: FastAPI runs a plain ``def`` dependency

@@ -139,7 +139,7 @@ def worker(
 ) -> None:
     """Run build workers against the server's database (until Ctrl-C or SIGTERM)."""
     from service.db import Database
-    from service.queue.database import DatabaseQueue
+    from service.queue import open_queue
     from service.settings import load_settings
     from service.store.storage import Storage
     from service.worker.slots import Worker
@@ -156,7 +156,7 @@ def worker(
     storage = Storage(settings.data_dir)
     storage.prepare()
     db.migrate()
-    runner = Worker(settings, db, storage, DatabaseQueue(db, settings))
+    runner = Worker(settings, db, storage, open_queue(db, settings))
     shown = f", labels: {', '.join(settings.worker_labels)}" if settings.worker_labels else ""
     click.echo(f"trtforge worker {runner.id}: {len(runner.slots)} slot(s){shown}", err=True)
     try:

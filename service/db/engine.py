@@ -88,6 +88,17 @@ class Database:
             pool_timeout_s=settings.db_pool_timeout_s,
         )
 
+    @classmethod
+    def for_worker(cls, settings: Settings, slots: int) -> Database:
+        """A small pool of its own for a worker inside ``trtforge serve``: heartbeats and claims
+        never wait behind the API's requests, however many clients poll."""
+        return cls(
+            settings.resolved_database_url,
+            pool_size=slots + 2,
+            max_overflow=slots + 2,
+            pool_timeout_s=settings.db_pool_timeout_s,
+        )
+
     @property
     def sqlite_path(self) -> Path | None:
         """The SQLite file, or None (PostgreSQL, in-memory)."""

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
 from engines.backends.base import BuildTarget
@@ -113,14 +113,14 @@ class DatabaseQueue:
     def finish(self, job: Job) -> None:
         with self._db.session() as session:
             session.execute(
-                update(JobRow).where(JobRow.id == job.id).values(state=JobState.FINISHED.value)
+                update(JobRow).where(*_this_claim(job)).values(state=JobState.FINISHED.value)
             )
             session.commit()
 
     def release(self, job: Job) -> None:
         with self._db.session() as session:
-            row = session.get(JobRow, job.id)
-            if row is None or row.state != JobState.RUNNING.value:
+            row = session.scalar(select(JobRow).where(*_this_claim(job)))
+            if row is None:
                 return
             build = session.get_one(BuildRow, row.build_id)
             if BuildStatus(build.status).terminal:  # it ended as the worker stopped
@@ -154,8 +154,9 @@ class DatabaseQueue:
             session.commit()
 
     def heartbeat(self, worker_id: str) -> bool:
-        now = utcnow()
         with self._db.session() as session:
+            session.connection()  # the time is taken once a connection is in hand, not before
+            now = utcnow()  # a wait for the pool, so the beat is as fresh as it claims
             beat = session.execute(
                 update(WorkerRow)
                 .where(WorkerRow.id == worker_id, WorkerRow.stopped_at.is_(None))
@@ -365,6 +366,17 @@ def _servable_jobs(
                 yield int(job_id), target
         if complete:
             return
+
+
+def _this_claim(job: Job) -> tuple[ColumnElement[bool], ...]:
+    """The job row of this claim and no other: SQLite reuses the row id of a deleted job (a build
+    deleted as its worker settles it), and a recovered job may have been claimed again since."""
+    return (
+        JobRow.id == job.id,
+        JobRow.build_id == job.build_id,
+        JobRow.state == JobState.RUNNING.value,
+        JobRow.attempts == job.attempt,
+    )
 
 
 def _live_worker_ids(session: Session, stale: timedelta) -> set[str]:

@@ -179,6 +179,45 @@ def test_release_of_an_ended_build_finishes_its_job(db: Database, queue: Databas
         assert session.get_one(JobRow, job.id).state == JobState.FINISHED.value
 
 
+def test_finishing_a_deleted_builds_job_leaves_a_new_job_with_its_row_id_alone(
+    db: Database, queue: DatabaseQueue
+) -> None:
+    # the build is deleted (with its job) as its worker settles it; SQLite then gives the next
+    # job the same row id, and the late finish() must not end that job without running it
+    _enqueue(db, queue, "b1")
+    queue.register_worker("w", 1, CPU)
+    job = queue.claim("w", CPU)
+    assert job is not None
+    with db.session() as session:
+        session.delete(session.get_one(JobRow, job.id))
+        session.delete(session.get_one(BuildRow, "b1"))
+        session.commit()
+    _enqueue(db, queue, "b2")
+    queue.finish(job)
+    queue.release(job)
+    again = queue.claim("w", CPU)
+    assert again is not None and again.build_id == "b2"
+
+
+def test_a_stale_finish_leaves_the_next_claim_of_the_job_running(
+    db: Database, queue: DatabaseQueue
+) -> None:
+    _enqueue(db, queue, "b1")
+    queue.register_worker("w", 1, CPU)
+    first = queue.claim("w", CPU)
+    assert first is not None
+    queue.release(first)  # put back; claimed again, as after a recovery
+    queue.register_worker("w2", 1, CPU)
+    second = queue.claim("w2", CPU)
+    assert second is not None and second.id == first.id
+    with db.session() as session:  # recovery had counted the first attempt
+        session.get_one(JobRow, first.id).attempts = 2
+        session.commit()
+    queue.finish(first)
+    with db.session() as session:
+        assert session.get_one(JobRow, first.id).state == JobState.RUNNING.value
+
+
 def test_heartbeats_keep_workers_live(db: Database, queue: DatabaseQueue) -> None:
     queue.register_worker("w1", 2, CPU)
     assert queue.live_workers() == 1
