@@ -39,7 +39,7 @@ from calibrators.data import CalibrationDataset
 from engines.accuracy_report import AccuracyMetric
 from engines.backends.base import ProgressFn
 from engines.errors import SpecError
-from engines.frozen import FrozenReport
+from engines.sensitivity_report import NodeSensitivity, SensitivityReport
 from engines.variants import InMemoryRunner, QdqExecution, VariantEvaluator
 
 if TYPE_CHECKING:
@@ -53,44 +53,6 @@ if TYPE_CHECKING:
 __all__ = ["NodeSensitivity", "SensitivityReport", "node_sensitivity", "rank_sensitivity"]
 
 _PROXY_SAMPLES = 4
-
-
-class NodeSensitivity(FrozenReport):
-    """How much one node's INT8 quantization costs, in the report's metric."""
-
-    node: str
-    """ONNX node name."""
-    op_type: str
-    rank: int
-    """1 = most sensitive."""
-    metric_only_this: float | None
-    """Only this node in INT8; ``None`` when the node was not evaluated (``max_nodes``)."""
-    metric_all_but_this: float | None
-    """Every quantizable node but this one in INT8; ``None`` when not evaluated."""
-    proxy_sqnr_db: float
-    """Local quantization SQNR of the node's worst quantized input (the cheap estimate)."""
-
-
-class SensitivityReport(FrozenReport):
-    """Quantizable nodes ranked most sensitive first, with how the ranking was measured."""
-
-    metric: AccuracyMetric
-    higher_is_better: bool
-    execution: QdqExecution
-    weight_levels: int
-    """INT8 weight levels of the variants (127; 63 for 7-bit weights, see the module docstring)."""
-    samples: int
-    quantizable_nodes: int
-    evaluated_nodes: int
-    evaluations: int
-    """Model variants built and compared."""
-    seconds: float
-    nodes: list[NodeSensitivity]
-
-    @property
-    def ranked_nodes(self) -> list[str]:
-        """Node names, most sensitive first."""
-        return [n.node for n in self.nodes]
 
 
 # --- the cheap proxy --------------------------------------------------------------------------

@@ -8,11 +8,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from engines.accuracy_report import AccuracyReport
+from engines.accuracy_report import AccuracyMetric, AccuracyReport, MetricBudget
 from engines.backends.base import ArtifactMetadata, BuildTarget
 from engines.gate import GateResult
+from engines.mixed_report import MixedPrecisionResult
+from engines.names import QdqExecution
 from engines.perf_report import PerfReport
-from engines.spec import BuildSpec
+from engines.sensitivity_report import SensitivityReport
+from engines.spec import BuildSpec, Precision
 from engines.stages import Stage
 from engines.techniques import BiasCorrectionReport, SmoothingReport
 
@@ -27,6 +30,7 @@ __all__ = [
     "BuildStatus",
     "CalibrationOptions",
     "CalibrationSummary",
+    "CatalogPatch",
     "CheckResult",
     "DatasetPage",
     "DatasetPublic",
@@ -38,9 +42,21 @@ __all__ = [
     "ModelPublic",
     "Readiness",
     "Scope",
+    "SensitivityOptions",
+    "SensitivityPublic",
     "Stage",
+    "SweepChart",
+    "SweepCreate",
+    "SweepPage",
+    "SweepPoint",
+    "SweepPreset",
+    "SweepPublic",
+    "SweepStatus",
+    "SweepSummary",
+    "SweepVariant",
     "TablePage",
     "TablePublic",
+    "Tag",
     "TargetRequest",
     "TensorInfo",
     "TokenCreate",
@@ -136,10 +152,45 @@ class TensorInfo(_Answer):
     even the rank is unknown."""
 
 
+Tag = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/=+-]*$", max_length=63)
+]
+"""A model's or dataset's tag: a letter or digit, then letters, digits and ``._:/=+-``, at most
+63 characters (``resnet``, ``team:vision``, ``v2.1``)."""
+MAX_TAGS = 32
+MAX_NAME_CHARS = 200
+
+UserName = Annotated[
+    str,
+    StringConstraints(
+        strip_whitespace=True, min_length=1, max_length=MAX_NAME_CHARS, pattern=r"^[^\x00-\x1f\x7f]*$"
+    ),
+]
+"""A name a user gives a model, dataset or sweep: 1 to 200 printable characters."""
+
+
+class CatalogPatch(_Frozen):
+    """``PATCH /v1/models/{id}`` and ``PATCH /v1/datasets/{id}``: a field left out is unchanged;
+    ``name: null`` (or ``""``) clears the name, ``tags: []`` clears the tags."""
+
+    name: UserName | Literal[""] | None = None
+    tags: list[Tag] | None = Field(default=None, max_length=MAX_TAGS)
+
+    @field_validator("tags")
+    @classmethod
+    def _sorted_tags(cls, tags: list[str] | None) -> list[str] | None:
+        return None if tags is None else sorted(set(tags))
+
+
 class ModelPublic(_Answer):
     id: str
     """The sha256 of the uploaded bytes."""
     filename: str
+    """The uploaded file's name."""
+    name: str | None = None
+    """The name a user gave it (upload form field ``name``, or ``PATCH``); null: none."""
+    tags: list[str] = Field(default_factory=list)
+    """Its tags, sorted (upload form field ``tags``, comma-separated, or ``PATCH``)."""
     size_bytes: int
     external_data: bool
     opset: int | None
@@ -159,6 +210,11 @@ class DatasetPublic(_Answer):
     sha256: str
     """The sha256 of the uploaded bytes (``id`` also covers the preprocessing spec)."""
     filename: str
+    """The uploaded file's name."""
+    name: str | None = None
+    """The name a user gave it (upload form field ``name``, or ``PATCH``); null: none."""
+    tags: list[str] = Field(default_factory=list)
+    """Its tags, sorted (upload form field ``tags``, comma-separated, or ``PATCH``)."""
     format: str
     size_bytes: int
     num_samples: int
@@ -174,6 +230,9 @@ class DatasetPublic(_Answer):
 
 
 MAX_BATCH_SIZE = 1024
+MAX_LABELS_COUNT = 100_000
+"""Labels a request carries inline (a million-byte JSON body holds about this many)."""
+MAX_LABEL = (1 << 31) - 1
 MAX_SAMPLES = 1_000_000
 MAX_SEED = (1 << 32) - 1
 """Seeds are numpy's: 0 to 2**32 - 1."""
@@ -245,6 +304,23 @@ class TargetRequest(_Frozen):
         return "; ".join(asked) or "any worker"
 
 
+class SensitivityOptions(_Frozen):
+    """``POST /v1/builds/{id}/sensitivity`` (and ``BuildCreate.sensitivity``): how the
+    quantizable nodes are ranked (``trtforge sensitivity``'s options)."""
+
+    metric: AccuracyMetric = AccuracyMetric.SQNR_DB
+    """Against FP32 on the held-out samples (``accuracy``/``accuracy_drop`` need labels)."""
+    samples: int = Field(default=32, ge=1, le=4096)
+    """Held-out samples each variant is measured on."""
+    max_nodes: int | None = Field(default=None, ge=0, le=100_000)
+    """Evaluate only the N nodes the cheap local-error proxy finds worst (null: all)."""
+    only_this: bool = False
+    """Skip the 'all but this node' variants (half the work)."""
+    execution: QdqExecution = QdqExecution.REFERENCE
+    """reference: Q/DQ computed as written (what TensorRT follows); onnxruntime: its integer
+    kernels."""
+
+
 class BuildCreate(_Frozen):
     """``POST /v1/builds``."""
 
@@ -260,6 +336,50 @@ class BuildCreate(_Frozen):
     target: TargetRequest | None = None
     """The worker it must run on (GPU, TensorRT version, labels); ``spec.backend`` stays the
     backend asked for. None: any worker that builds ``spec.backend``."""
+    eval_dataset_id: str | None = Field(default=None, min_length=1, max_length=_MAX_ID_CHARS)
+    """Separate evaluation samples (``trtforge build --eval-data``): benchmark, accuracy check,
+    accuracy budget and sensitivity measure on them, and every sample of ``dataset_id``
+    calibrates (``accuracy.eval_fraction`` is then not used)."""
+    labels: list[Annotated[int, Field(ge=0, le=MAX_LABEL)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_LABELS_COUNT
+    )
+    """Integer class labels (``--labels``): one per sample of ``eval_dataset_id`` when given,
+    else one per sample of ``dataset_id`` (the held-out ones are picked out). They enable the
+    ``accuracy`` and ``accuracy_drop`` metrics (budgets and gates)."""
+    accuracy_budget: MetricBudget | None = None
+    """``METRIC:VALUE`` (``--accuracy-budget``, e.g. ``"cosine:0.999"`` or
+    ``{"metric": "cosine", "value": 0.999}``): keep the most sensitive nodes out of INT8 until
+    it is met on the held-out samples (INT8 precisions; needs held-out samples)."""
+    sensitivity: SensitivityOptions | None = None
+    """Also rank the quantizable nodes by their INT8 sensitivity (``trtforge sensitivity``);
+    the result: ``GET /v1/builds/{id}/sensitivity`` (INT8 precisions)."""
+
+    @field_validator("accuracy_budget", mode="before")
+    @classmethod
+    def _budget_from_text(cls, value: Any) -> Any:
+        return _budget_from_text(value)
+
+    @property
+    def evaluation_options(self) -> dict[str, Any]:
+        """The fields added after the first release, when any is set: they join the cache key
+        only then, so the keys of requests without them do not change."""
+        return self.model_dump(
+            mode="json",
+            include={"eval_dataset_id", "labels", "accuracy_budget", "sensitivity"},
+            exclude_none=True,
+        )
+
+
+def _budget_from_text(value: Any) -> Any:
+    """``"METRIC:VALUE"`` -> a :class:`MetricBudget` (other values go to pydantic as they are)."""
+    if not isinstance(value, str):
+        return value
+    from engines.errors import SpecError
+
+    try:
+        return MetricBudget.parse(value)
+    except SpecError as exc:  # pydantic reports ValueErrors as validation errors
+        raise ValueError(f"{exc.message} {exc.hint}".strip()) from exc
 
 
 class ArtifactInfo(_Answer):
@@ -277,6 +397,8 @@ class BuildPublic(_Answer):
     """0 to 1 over the whole pipeline."""
     model_id: str
     dataset_id: str
+    eval_dataset_id: str | None = None
+    """Separate evaluation samples, when the request named them."""
     table_id: str | None
     table_from_cache: bool | None
     """Whether the calibration table was reused instead of computed (null before calibration)."""
@@ -284,6 +406,11 @@ class BuildPublic(_Answer):
     calibration: CalibrationOptions
     benchmark: BenchmarkOptionsIn
     accuracy: AccuracyOptions
+    accuracy_budget: MetricBudget | None = None
+    labels: int | None = None
+    """How many labels the request carried (null: none)."""
+    sensitivity: SensitivityOptions | None = None
+    """Whether (and how) this build also ranks node sensitivity."""
     requested_backend: str = "auto"
     """The backend the request asked for (``auto``, ``tensorrt``, ``onnxruntime``)."""
     requested_target: TargetRequest | None = None
@@ -442,5 +569,209 @@ class BuildReport(_Answer):
     accuracy: AccuracyReport | None
     gate: GateResult | None = None
     """The accuracy gate checked against ``accuracy`` (None when evaluation was disabled)."""
+    mixed_precision: MixedPrecisionResult | None = None
+    """The accuracy budget's search (``accuracy_budget``): nodes kept out of INT8, values."""
+    sensitivity: SensitivityReport | None = None
+    """Per-node INT8 sensitivity (``sensitivity``), most sensitive first."""
     environment: dict[str, str]
     stage_seconds: dict[str, float]
+
+
+# -- sensitivity -------------------------------------------------------------------------------
+
+
+class SensitivityPublic(_Answer):
+    """``GET /v1/builds/{id}/sensitivity``: the ranking of build ``build_id``'s quantizable nodes,
+    computed by build ``run_build_id``: the build itself when its request asked for it, else the
+    build ``POST /v1/builds/{id}/sensitivity`` submitted (the same request with ``sensitivity``
+    set; its calibration table comes from the table cache)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", ser_json_inf_nan="strings")
+
+    build_id: str
+    run_build_id: str
+    status: BuildStatus
+    """The status of ``run_build_id``; ``report`` is there once it has ended with a report
+    (``succeeded``, or ``failed`` on its accuracy gate only)."""
+    options: SensitivityOptions
+    report: SensitivityReport | None
+    error: ErrorInfo | None = None
+    links: dict[str, str] = Field(default_factory=dict)
+
+
+# -- sweeps ------------------------------------------------------------------------------------
+
+MAX_SWEEP_VARIANTS = 16
+
+
+class SweepPreset(StrEnum):
+    """Named variant sets of ``POST /v1/sweeps``."""
+
+    PRECISIONS = "precisions"
+    """fp32, fp16, int8, int8-fp16 (``trtforge sweep``'s default)."""
+    INT8 = "int8"
+    """fp32, int8, int8-fp16."""
+    FP16 = "fp16"
+    """fp32, fp16."""
+
+    @property
+    def variants(self) -> list[str]:
+        return list(_PRESETS[self])
+
+
+_PRESETS = {
+    SweepPreset.PRECISIONS: ("fp32", "fp16", "int8", "int8-fp16"),
+    SweepPreset.INT8: ("fp32", "int8", "int8-fp16"),
+    SweepPreset.FP16: ("fp32", "fp16"),
+}
+
+VariantText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+"""``fp32``, ``fp16``, ``int8``, ``int8-fp16``, ``auto:METRIC:VALUE`` or
+``auto:PRECISION:METRIC:VALUE`` (automatic mixed precision: an accuracy budget)."""
+
+
+class SweepCreate(_Frozen):
+    """``POST /v1/sweeps``: one build per variant, each a normal build through the queue
+    (``GET /v1/builds/{id}``), aggregated by the sweep. ``variants`` or ``preset``; neither: the
+    ``precisions`` preset."""
+
+    model_id: str = Field(min_length=1, max_length=_MAX_ID_CHARS)
+    dataset_id: str = Field(min_length=1, max_length=_MAX_ID_CHARS)
+    """Calibration data (and held-out samples without ``eval_dataset_id``)."""
+    variants: list[VariantText] | None = Field(
+        default=None, min_length=1, max_length=MAX_SWEEP_VARIANTS
+    )
+    preset: SweepPreset | None = None
+    name: UserName | None = None
+    eval_dataset_id: str | None = Field(default=None, min_length=1, max_length=_MAX_ID_CHARS)
+    """Separate evaluation samples (``--eval-data``); then all of ``dataset_id`` calibrates."""
+    labels: list[Annotated[int, Field(ge=0, le=MAX_LABEL)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_LABELS_COUNT
+    )
+    """As ``BuildCreate.labels``; with labels the sweep compares on true accuracy."""
+    spec: BuildSpec = Field(default_factory=BuildSpec)
+    """Every field but ``precision`` applies to each variant (the variant sets it)."""
+    calibration: CalibrationOptions = Field(default_factory=CalibrationOptions)
+    benchmark: BenchmarkOptionsIn = Field(default_factory=BenchmarkOptionsIn)
+    accuracy: AccuracyOptions = Field(default_factory=AccuracyOptions)
+    target: TargetRequest | None = None
+
+    @property
+    def variant_texts(self) -> list[str]:
+        """The variants asked for (the preset's when ``variants`` is not given)."""
+        if self.variants is not None:
+            return list(self.variants)
+        return (self.preset or SweepPreset.PRECISIONS).variants
+
+
+class SweepStatus(StrEnum):
+    """Where a sweep is, from its builds' statuses."""
+
+    QUEUED = "queued"
+    """No build has started."""
+    RUNNING = "running"
+    """Some build has not ended."""
+    SUCCEEDED = "succeeded"
+    """Every build ended and every variant was measured (a failed accuracy gate included)."""
+    PARTIAL = "partial"
+    """Every build ended; some variants were measured, some not."""
+    FAILED = "failed"
+    """Every build ended and none was measured."""
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (SweepStatus.QUEUED, SweepStatus.RUNNING)
+
+
+class SweepVariant(_Answer):
+    """One variant of a sweep and its build."""
+
+    name: str
+    build_id: str
+    status: BuildStatus | None
+    """null: the build was deleted."""
+    progress: float = 0.0
+
+
+class SweepPoint(_Answer):
+    """One measured variant (from its build's report)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", ser_json_inf_nan="strings")
+
+    variant: str
+    build_id: str
+    precision: Precision
+    budget: MetricBudget | None = None
+    latency_mean_ms: float
+    latency_p50_ms: float
+    latency_p90_ms: float
+    latency_p95_ms: float
+    latency_p99_ms: float
+    throughput_qps: float
+    size_bytes: int
+    accuracy_value: float | None
+    """The sweep's ``accuracy_metric`` (null: the build did not evaluate accuracy)."""
+    speedup_vs_fp32: float | None
+    """The fp32 variant's p50 over this p50 (null without a measured fp32 variant)."""
+    size_vs_fp32: float | None
+    gate_passed: bool | None
+    """The build's accuracy gate (null: not checked)."""
+    kept_nodes: int
+    """Nodes kept out of higher precision (keep rules, an ``auto`` variant's search, rules)."""
+    pareto: bool
+    """No other variant is at least as fast (p50) and as accurate, and better in one."""
+
+
+class SweepChart(_Answer):
+    """What a latency/accuracy chart of the sweep draws: ``x`` against ``y`` per point, the
+    front joined fastest first, and p50/p90/p99 latency bars per variant."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", ser_json_inf_nan="strings")
+
+    x: str = "latency_p50_ms"
+    y: str | None
+    """The accuracy metric (null: no variant evaluated accuracy)."""
+    higher_is_better: bool
+    points: list[dict[str, Any]]
+    """``{"variant", "build_id", "x", "y", "pareto"}`` per measured variant."""
+    front: list[str]
+    """Variant names on the Pareto front, fastest first."""
+    latency: list[dict[str, Any]]
+    """``{"variant", "p50", "p90", "p99"}`` in milliseconds, per measured variant."""
+
+
+class SweepSummary(_Answer):
+    """A sweep in ``GET /v1/sweeps`` (statuses only; measurements: ``GET /v1/sweeps/{id}``)."""
+
+    id: str
+    name: str | None
+    status: SweepStatus
+    model_id: str
+    dataset_id: str
+    eval_dataset_id: str | None
+    variants: list[SweepVariant]
+    created_at: datetime
+    links: dict[str, str] = Field(default_factory=dict)
+
+
+class SweepPublic(SweepSummary):
+    """``GET /v1/sweeps/{id}``: its builds, measured points, the Pareto front and chart data."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", ser_json_inf_nan="strings")
+
+    spec: BuildSpec
+    """The spec every variant shares (each sets its own precision)."""
+    accuracy_metric: AccuracyMetric | None
+    """What the variants are compared on: true accuracy with labels, else top-1 agreement
+    with FP32 for class scores, else cosine similarity (as ``trtforge sweep``)."""
+    accuracy_higher_is_better: bool
+    points: list[SweepPoint]
+    pareto_front: list[str]
+    """Variant names on the front, fastest first."""
+    chart: SweepChart
+    failed: list[ErrorInfo] = Field(default_factory=list)
+    """Errors of the variants that ended unmeasured; ``field`` = the variant's name."""
+
+
+class SweepPage(_Page):
+    items: list[SweepSummary]
