@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -20,7 +21,14 @@ from engines.backends.base import BuildTarget
 from service.errors import SettingsError
 from service.schemas import MAX_LABELS, Label
 
-__all__ = ["Settings", "default_data_dir", "hostname", "is_loopback", "load_settings"]
+__all__ = [
+    "QueueEngine",
+    "Settings",
+    "default_data_dir",
+    "hostname",
+    "is_loopback",
+    "load_settings",
+]
 
 _GiB = 1 << 30
 
@@ -46,6 +54,17 @@ def is_loopback(host: str) -> bool:
 PositiveSeconds = Annotated[float, Field(gt=0)]
 
 
+class QueueEngine(StrEnum):
+    """Where builds wait for a worker (``TRTFORGE_QUEUE``)."""
+
+    AUTO = "auto"
+    """``procrastinate`` on PostgreSQL, ``database`` on SQLite."""
+    DATABASE = "database"
+    """Job rows in the service database (:mod:`service.queue.database`)."""
+    PROCRASTINATE = "procrastinate"
+    """Procrastinate's PostgreSQL queue (:mod:`service.queue.procrastinate_queue`)."""
+
+
 class Settings(BaseSettings):
     """Service settings; every field reads ``TRTFORGE_<FIELD>`` from the environment."""
 
@@ -56,6 +75,8 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=default_data_dir)
     database_url: str | None = None
     """SQLAlchemy URL; ``None``: SQLite at ``<data_dir>/trtforge.db``."""
+    queue: QueueEngine = QueueEngine.AUTO
+    """The queue engine; ``procrastinate`` needs a PostgreSQL ``database_url``."""
     auth: bool | None = None
     """Require bearer tokens. ``None``: required exactly when ``host`` is not loopback."""
     worker_targets: list[BuildTarget] | None = None
@@ -193,6 +214,11 @@ class Settings(BaseSettings):
             )
         if self.stale_after_s <= 2 * self.heartbeat_s:
             raise ValueError("stale_after_s must be more than twice heartbeat_s")
+        if self.queue is QueueEngine.PROCRASTINATE and not self._on_postgres:
+            raise ValueError(
+                "queue procrastinate needs a PostgreSQL database_url (postgresql+psycopg://...); "
+                "SQLite uses queue database"
+            )
         if self.data_dir.exists() and not self.data_dir.is_dir():
             raise ValueError(f"data_dir {str(self.data_dir)!r} exists and is not a directory")
         return self
@@ -201,6 +227,17 @@ class Settings(BaseSettings):
     def auth_required(self) -> bool:
         """Whether requests need a bearer token."""
         return self.auth if self.auth is not None else not is_loopback(self.host)
+
+    @property
+    def _on_postgres(self) -> bool:
+        return self.database_url is not None and self.database_url.startswith("postgresql")
+
+    @property
+    def resolved_queue(self) -> QueueEngine:
+        """The queue engine in use: ``queue``, with ``auto`` decided by the database."""
+        if self.queue is not QueueEngine.AUTO:
+            return self.queue
+        return QueueEngine.PROCRASTINATE if self._on_postgres else QueueEngine.DATABASE
 
     @property
     def resolved_database_url(self) -> str:

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from service.db import Database
 from service.db.models import BuildRow, DatasetRow, ModelRow
+from service.queue.database import DatabaseQueue
 from service.schemas import BuildCreate
 from service.settings import Settings
 from tests import zoo
@@ -68,6 +69,9 @@ def _postgres_template() -> str:
     admin.dispose()
     db = Database(server.set(database=name).render_as_string(hide_password=False))
     db.migrate()
+    from service.queue.procrastinate_schema import ensure_schema
+
+    ensure_schema(db)  # what opening the queue does (TRTFORGE_QUEUE=auto) is done once here
     db.dispose()
     atexit.register(_drop_database, name)
     return name
@@ -101,6 +105,23 @@ def database_url(kind: str, folder: Path, *, migrated: bool = True) -> Iterator[
         yield server.set(database=name).render_as_string(hide_password=False)
     finally:
         _drop_database(name)
+
+
+QUEUES = ["database", "procrastinate"]
+"""Parametrize queue behaviour tests with these (:func:`make_queue`)."""
+
+
+def make_queue(kind: str, db: Database, settings: Settings) -> DatabaseQueue:
+    """The queue ``kind`` on ``db``; Procrastinate's skips on SQLite (it runs on PostgreSQL)."""
+    if kind == "database":
+        return DatabaseQueue(db, settings)
+    if db.sqlite_path is not None or db.engine.dialect.name != "postgresql":
+        pytest.skip("Procrastinate runs on PostgreSQL only")
+    from service.queue.procrastinate_queue import ProcrastinateQueue
+    from service.queue.procrastinate_schema import ensure_schema
+
+    ensure_schema(db)
+    return ProcrastinateQueue(db, settings)
 
 
 def make_settings(data_dir: Path, url: str, **overrides: object) -> Settings:

@@ -14,7 +14,7 @@ from sqlalchemy import text, update
 from service.api.app import create_app
 from service.db import Database
 from service.db.models import WorkerRow, utcnow
-from service.queue.database import DatabaseQueue
+from service.queue import open_queue
 from service.settings import Settings
 from service.store.storage import Storage
 from service.worker.slots import Worker
@@ -56,7 +56,7 @@ def worker_for(settings: Settings) -> Iterator[Callable[..., Worker]]:
     def make(**overrides: object) -> Worker:
         own = settings.model_copy(update=overrides)
         db = Database(own.resolved_database_url)
-        worker = Worker(own, db, Storage(own.data_dir), DatabaseQueue(db, own), slots=[None])
+        worker = Worker(own, db, Storage(own.data_dir), open_queue(db, own), slots=[None])
         worker.start()
         started.append((worker, db))
         return worker
@@ -218,7 +218,7 @@ def test_a_worker_declared_dead_drops_its_build_and_rejoins_under_a_new_id(
                 .values(heartbeat_at=utcnow() - timedelta(minutes=10))
             )
             session.commit()
-        assert DatabaseQueue(db, settings).recover().requeued == (build["id"],)
+        assert open_queue(db, settings).recover().requeued == (build["id"],)
     finally:
         db.dispose()
     _until(lambda: worker.id != first)  # the next heartbeat told it; it registered again
