@@ -1,4 +1,5 @@
-"""``trtforge serve --workers 0`` plus a ``trtforge worker`` process on the same database."""
+"""``trtforge serve --workers 0`` plus a ``trtforge worker`` process on the same database (SQLite with
+the database queue; PostgreSQL with Procrastinate's, ``TRTFORGE_QUEUE=auto``)."""
 
 from __future__ import annotations
 
@@ -18,13 +19,14 @@ from service.client import TrtforgeClient
 from service.errors import ApiError
 from service.schemas import AccuracyOptions, BenchmarkOptionsIn, BuildStatus
 from tests.integration.conftest import ROOT, Server, start_worker
-from tests.unit.service.support import database_url, dataset_bytes, model_bytes
+from tests.unit.service.support import DATABASES, database_url, dataset_bytes, model_bytes
 
 
-def test_builds_run_in_a_separate_worker_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", DATABASES)
+def test_builds_run_in_a_separate_worker_process(kind: str, tmp_path: Path) -> None:
     (tmp_path / "m.onnx").write_bytes(model_bytes(seed=3))
     (tmp_path / "d.npz").write_bytes(dataset_bytes(count=4, seed=3))
-    with database_url("sqlite", tmp_path) as url:
+    with database_url(kind, tmp_path) as url:
         server = Server(
             tmp_path / "data", url, tmp_path / "server.log", env={"TRTFORGE_WORKERS": "0"}
         )
@@ -96,7 +98,8 @@ def _wait_for_workers(client: TrtforgeClient, count: int) -> None:
     raise AssertionError(f"{count} workers did not register: {client.readyz()}")
 
 
-def test_the_worker_decides_the_target_not_the_api_host(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", DATABASES)
+def test_the_worker_decides_the_target_not_the_api_host(kind: str, tmp_path: Path) -> None:
     # A CPU-only API (no TensorRT, no GPU) with a CPU worker and a worker whose configuration
     # says it builds TensorRT 10.13 engines for an H100 (the way a deployment declares a target).
     (tmp_path / "m.onnx").write_bytes(model_bytes(seed=4))
@@ -107,7 +110,7 @@ def test_the_worker_decides_the_target_not_the_api_host(tmp_path: Path) -> None:
         "accuracy": AccuracyOptions(enabled=False),
     }
     workers: list[subprocess.Popen[bytes]] = []
-    with database_url("sqlite", tmp_path) as url:
+    with database_url(kind, tmp_path) as url:
         server = Server(
             tmp_path / "data", url, tmp_path / "server.log", env={"TRTFORGE_WORKERS": "0"}
         )

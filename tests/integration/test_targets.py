@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, text
 
 from engines.spec import BuildSpec, Precision
 from service.client import TrtforgeClient
@@ -79,6 +80,23 @@ def _submit_cli(server: Server, model: Path, data: Path, *options: str) -> dict[
     )
     answer: dict[str, object] = json.loads(done.stdout)
     return answer
+
+
+def _procrastinate_jobs_end(url: str, expected: dict[str, str]) -> None:
+    """Wait until Procrastinate's jobs (TRTFORGE_QUEUE=auto on PostgreSQL) have the ``expected``
+    status by build id (a worker finishes a job just after its build records its outcome)."""
+    engine = create_engine(url)
+    jobs: dict[str, str] = {}
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and jobs != expected:
+            with engine.connect() as conn:
+                rows = conn.execute(text("SELECT lock, status::text FROM procrastinate_jobs"))
+                jobs = {str(lock): str(status) for lock, status in rows}
+            time.sleep(0.2)
+    finally:
+        engine.dispose()
+    assert jobs == expected
 
 
 @pytest.mark.parametrize("kind", DATABASES)
@@ -163,6 +181,8 @@ def test_targeted_builds_go_only_to_the_matching_worker(kind: str, tmp_path: Pat
                         assert (done.backend, done.compute_capability) == ("onnxruntime", "8.9")
                     else:
                         assert (done.backend, done.compute_capability) == ("onnxruntime", "cpu")
+                if kind != "sqlite":  # PostgreSQL: every build went through Procrastinate's queue
+                    _procrastinate_jobs_end(url, dict.fromkeys(expected, "succeeded"))
         finally:
             for worker in workers:
                 worker.send_signal(signal.SIGTERM)

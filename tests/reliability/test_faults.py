@@ -141,9 +141,10 @@ def test_kill_9_of_the_server_at_each_stage_then_restart(
         _no_orphans(server.data_dir, url)
 
 
-def test_kill_9_of_a_separate_worker_mid_build(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", DATABASES)  # PostgreSQL: Procrastinate's stalled jobs
+def test_kill_9_of_a_separate_worker_mid_build(kind: str, tmp_path: Path) -> None:
     model, data = _files(tmp_path, seed=1)
-    with database_url("sqlite", tmp_path) as url:
+    with database_url(kind, tmp_path) as url:
         server = Server(
             tmp_path / "data", url, tmp_path / "server.log", env={"TRTFORGE_WORKERS": "0"}
         )
