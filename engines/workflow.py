@@ -17,6 +17,7 @@ The service's worker (:mod:`service.worker.pipeline`), ``trtforge build``, ``trt
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 from collections.abc import Iterator
@@ -448,11 +449,16 @@ class Workflow:
         return self._save(model, f"bias-corrected-{spec.digest[:12]}.onnx")
 
     def _int8_model_sha256(self) -> str:
+        """The identity of the model a table is computed on, for its cache key: the model's
+        (:attr:`model_sha256`), or once it was prepared (smoothed, bias-corrected) the prepared
+        copy's sha256 tied to the model's identity: the service's model ids are per project, so
+        no table is reused across projects, whatever bytes the preparation produced."""
         if self.int8_model_path == self.model_path:
             return self.model_sha256
         from core.hashing import sha256_file
 
-        return sha256_file(self.int8_model_path)
+        prepared = sha256_file(self.int8_model_path)
+        return hashlib.sha256(f"{self.model_sha256}\n{prepared}".encode()).hexdigest()
 
     def _save(self, model: onnx.ModelProto, name: str) -> Path:
         """Write a prepared model into the work folder (weights beside it when large)."""

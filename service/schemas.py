@@ -18,6 +18,7 @@ from engines.sensitivity_report import SensitivityReport
 from engines.spec import BuildSpec, Precision
 from engines.stages import Stage
 from engines.techniques import BiasCorrectionReport, SmoothingReport
+from service.projects import DEFAULT_PROJECT, PROJECT_PATTERN
 
 __all__ = [
     "AccuracyOptions",
@@ -184,7 +185,8 @@ class CatalogPatch(_Frozen):
 
 class ModelPublic(_Answer):
     id: str
-    """The sha256 of the uploaded bytes."""
+    """The sha256 of the uploaded bytes (in another project than ``default``: a digest of the
+    project's name and that sha256, :func:`service.projects.scoped_id`)."""
     filename: str
     """The uploaded file's name."""
     name: str | None = None
@@ -202,6 +204,8 @@ class ModelPublic(_Answer):
     op_census: dict[str, int]
     num_nodes: int
     created_at: datetime
+    project: str = DEFAULT_PROJECT
+    """The project it belongs to (only admin tokens see other projects')."""
     links: dict[str, str] = Field(default_factory=dict)
 
 
@@ -226,6 +230,8 @@ class DatasetPublic(_Answer):
     model_id: str | None
     """The model this dataset was validated against at upload, if one was named."""
     created_at: datetime
+    project: str = DEFAULT_PROJECT
+    """The project it belongs to (only admin tokens see other projects')."""
     links: dict[str, str] = Field(default_factory=dict)
 
 
@@ -431,6 +437,8 @@ class BuildPublic(_Answer):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    project: str = DEFAULT_PROJECT
+    """The project it belongs to (only admin tokens see other projects')."""
     links: dict[str, str] = Field(default_factory=dict)
 
 
@@ -480,6 +488,8 @@ class TablePublic(_Answer):
     missing_tensors: list[str]
     """Model activations the table has no range for (they stay unquantized)."""
     created_at: datetime
+    project: str = DEFAULT_PROJECT
+    """The project it belongs to (only admin tokens see other projects')."""
     links: dict[str, str] = Field(default_factory=dict)
 
 
@@ -508,6 +518,9 @@ class TablePage(_Page):
 class TokenCreate(_Frozen):
     name: str = Field(min_length=1, max_length=100)
     scope: Scope = Scope.READ
+    project: str = Field(default=DEFAULT_PROJECT, pattern=PROJECT_PATTERN)
+    """The project whose data it reads and writes (an admin token: every project's; it uploads
+    to this one unless a request names another with ``?project=``)."""
 
 
 class TokenPublic(_Answer):
@@ -517,6 +530,7 @@ class TokenPublic(_Answer):
     created_at: datetime
     last_used_at: datetime | None
     revoked_at: datetime | None
+    project: str = DEFAULT_PROJECT
 
 
 class TokenCreated(TokenPublic):

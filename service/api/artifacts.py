@@ -73,9 +73,9 @@ def content_disposition(filename: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
-def _artifact(state: AppState, build_id: str) -> tuple[Path, str, str]:
+def _artifact(state: AppState, build_id: str, project: str | None) -> tuple[Path, str, str]:
     with state.db.session() as session:
-        row = builds.get_build(session, build_id)
+        row = builds.get_build(session, build_id, project)
         if not row.artifact_sha256:
             raise NotReadyError(f"Build {build_id[:12]} has no artifact (status {row.status}).")
         path = state.storage.blob_path(row.artifact_sha256)
@@ -107,12 +107,12 @@ async def _read(path: Path, first: int, last: int) -> AsyncIterator[bytes]:
 async def download_artifact(
     build_id: str,
     state: StateDep,
-    _: ReadAccess,
+    caller: ReadAccess,
     range_: Annotated[str | None, Header(alias="range")] = None,
     if_range: Annotated[str | None, Header()] = None,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    path, sha256, filename = await run_in_threadpool(_artifact, state, build_id)
+    path, sha256, filename = await run_in_threadpool(_artifact, state, build_id, caller.visible)
     etag = f'"{sha256}"'
     size = (await anyio.Path(path).stat()).st_size
     headers = {
@@ -139,9 +139,11 @@ async def download_artifact(
 
 
 @router.get("/{build_id}/artifact/metadata", operation_id="get_artifact_metadata")
-def get_artifact_metadata(build_id: str, session: SessionDep, _: ReadAccess) -> dict[str, Any]:
+def get_artifact_metadata(
+    build_id: str, session: SessionDep, caller: ReadAccess
+) -> dict[str, Any]:
     """The artifact's metadata sidecar (backend, versions, GPU, profiles, kept nodes, spec)."""
-    row = builds.get_build(session, build_id)
+    row = builds.get_build(session, build_id, caller.visible)
     if row.artifact_metadata is None:
         raise NotReadyError(f"Build {build_id[:12]} has no artifact (status {row.status}).")
     return row.artifact_metadata

@@ -1,5 +1,8 @@
 """Bearer tokens with scopes ``read < build < admin``; only a hash of each token is stored.
 
+Each token belongs to a project (:mod:`service.projects`): it sees and changes that project's
+data only, except admin tokens, which see every project's (:class:`Principal`).
+
 A token reads ``tfk_<id>_<secret>``: the id names it in listings and revocations, the secret is
 32 random bytes. The database keeps sha256(token), which is enough for high-entropy secrets (no
 password-style stretching is needed), and the token itself is shown once, when created.
@@ -30,6 +33,7 @@ from sqlalchemy.orm import Session
 
 from service.db.models import TokenRow, utcnow
 from service.errors import AuthenticationError, NotFoundError, PermissionDeniedError
+from service.projects import DEFAULT_PROJECT
 from service.schemas import Scope, TokenPublic
 
 __all__ = [
@@ -59,14 +63,50 @@ _LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: a token (or everyone, when authentication is off)."""
+    """Who is calling: a token (or everyone, when authentication is off), and its project."""
 
     token_id: str | None
     name: str
     scope: Scope
+    project: str = DEFAULT_PROJECT
 
     def allows(self, needed: Scope) -> bool:
         return self.scope.allows(needed)
+
+    @property
+    def all_projects(self) -> bool:
+        """Whether it sees and manages every project (admin tokens; everyone with
+        authentication off)."""
+        return self.scope is Scope.ADMIN
+
+    @property
+    def visible(self) -> str | None:
+        """The project whose rows it may read, change and delete by id; None: every project.
+        Another project's row answers 404, as an unknown id does (never 403: that would tell
+        that it exists)."""
+        return None if self.all_projects else self.project
+
+    def listing(self, requested: str | None) -> str | None:
+        """The project a listing shows: for an admin the one asked for (None: all of them);
+        for other tokens their own (naming another is refused, whether it exists or not)."""
+        if self.all_projects:
+            return requested
+        return self.home(requested)
+
+    def home(self, requested: str | None) -> str:
+        """The project that new uploads go to: the one asked for (admins only), else the
+        token's own."""
+        if requested is None or requested == self.project:
+            return self.project
+        if not self.all_projects:
+            raise PermissionDeniedError(
+                f"Token {self.name!r} belongs to project {self.project!r}; only admin tokens "
+                "work in other projects.",
+                hint="Leave out ?project= (it defaults to the token's project), or use a token "
+                "of that project.",
+                field="project",
+            )
+        return requested
 
 
 ANONYMOUS = Principal(token_id=None, name="anonymous (authentication off)", scope=Scope.ADMIN)
@@ -77,11 +117,20 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_token(session: Session, name: str, scope: Scope) -> tuple[TokenRow, str]:
-    """Store a new token's hash and return the row with the token (shown once). Commits."""
+def create_token(
+    session: Session, name: str, scope: Scope, project: str = DEFAULT_PROJECT
+) -> tuple[TokenRow, str]:
+    """Store a new token of ``project`` (a checked name, :data:`service.projects.PROJECT_PATTERN`)
+    and return the row with the token (shown once). Commits."""
     token_id = secrets.token_hex(6)
     token = f"{TOKEN_PREFIX}{token_id}_{secrets.token_urlsafe(32)}"
-    row = TokenRow(id=token_id, name=name, scope=Scope(scope).value, secret_hash=hash_token(token))
+    row = TokenRow(
+        id=token_id,
+        name=name,
+        scope=Scope(scope).value,
+        secret_hash=hash_token(token),
+        project=project,
+    )
     session.add(row)
     session.commit()
     return row, token
@@ -136,7 +185,9 @@ def authenticate(
 
 def _principal(session: Session, row: TokenRow, needed: Scope) -> Principal:
     """The caller holding ``row`` (a live token), checked for ``needed``; notes the use."""
-    principal = Principal(token_id=row.id, name=row.name, scope=Scope(row.scope))
+    principal = Principal(
+        token_id=row.id, name=row.name, scope=Scope(row.scope), project=row.project
+    )
     if not principal.allows(needed):
         raise PermissionDeniedError(
             f"Token {row.name!r} has scope {row.scope!r}; this request needs {needed.value!r}."
@@ -237,4 +288,5 @@ def token_public(row: TokenRow) -> TokenPublic:
         created_at=row.created_at,
         last_used_at=row.last_used_at,
         revoked_at=row.revoked_at,
+        project=row.project,
     )

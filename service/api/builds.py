@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.caching import json_response, none_match, not_modified, weak_etag
 from service.api.deps import AppState, BuildAccess, Paging, ReadAccess, StateDep
+from service.api.projects import ProjectQuery
 from service.db.models import BuildRow
 from service.schemas import BuildCreate, BuildPage, BuildPublic, BuildStatus, LogLine
 from service.store import builds
@@ -34,10 +35,13 @@ _NOT_MODIFIED: dict[int | str, dict[str, Any]] = {
 }
 
 
-def load_build(session: Session, build_id: str) -> BuildRow:
-    """The build with its job, in one query (:class:`NotFoundError` for an unknown id)."""
+def load_build(session: Session, build_id: str, project: str | None = None) -> BuildRow:
+    """The build with its job, in one query (:class:`NotFoundError` for an unknown id, or one
+    of another project than ``project``; None: any)."""
     row = session.get(BuildRow, build_id, options=[joinedload(BuildRow.job)])
-    return row if row is not None else builds.get_build(session, build_id)
+    if row is not None and (project is None or row.project == project):
+        return row
+    return builds.get_build(session, build_id, project)
 
 
 def status_etag(row: BuildRow) -> str:
@@ -66,10 +70,12 @@ def status_etag(row: BuildRow) -> str:
     response_model=BuildPublic,
     responses={200: {"model": BuildPublic, "description": "An identical build exists."}},
 )
-def create_build(body: BuildCreate, state: StateDep, _: BuildAccess) -> Response:
+def create_build(body: BuildCreate, state: StateDep, caller: BuildAccess) -> Response:
     check_request_bounds(body, state.settings)  # sizes the settings bound: 422 before any work
     with state.db.session() as session:
-        row, created = builds.submit_build(session, state.storage, state.queue, body)
+        row, created = builds.submit_build(
+            session, state.storage, state.queue, body, caller.visible
+        )
         public = builds.build_public(row)
     return json_response(
         public, status_code=202 if created else 200, headers={"Location": public.links["self"]}
@@ -80,13 +86,19 @@ def create_build(body: BuildCreate, state: StateDep, _: BuildAccess) -> Response
 def list_builds(
     state: StateDep,
     paging: Paging,
-    _: ReadAccess,
+    caller: ReadAccess,
     model_id: Annotated[str | None, Query()] = None,
     status: Annotated[BuildStatus | None, Query()] = None,
+    project: ProjectQuery = None,
 ) -> Response:
     with state.db.session() as session:
         page = builds.list_builds(
-            session, paging.limit, paging.offset, model_id=model_id, status=status
+            session,
+            paging.limit,
+            paging.offset,
+            model_id=model_id,
+            status=status,
+            project=caller.listing(project),
         )
         items = [builds.build_public(r) for r in page.items]
     return json_response(
@@ -100,13 +112,13 @@ def list_builds(
 def get_build(
     build_id: str,
     state: StateDep,
-    _: ReadAccess,
+    caller: ReadAccess,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """The build's status, with a weak ``ETag``: send it back as ``If-None-Match`` and an
     unchanged build is answered 304 with no body."""
     with state.db.session() as session:
-        row = load_build(session, build_id)
+        row = load_build(session, build_id, caller.visible)
         etag = status_etag(row)
         if none_match(if_none_match, etag):
             return not_modified(etag, {"Cache-Control": "no-cache"})
@@ -118,26 +130,26 @@ def get_build(
 def get_build_logs(
     build_id: str,
     state: StateDep,
-    _: ReadAccess,
+    caller: ReadAccess,
     after: Annotated[int, Query(ge=0, le=_MAX_SEQ, description="Only lines with a larger seq.")] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> Response:
     with state.db.session() as session:
-        builds.get_build(session, build_id)
+        builds.get_build(session, build_id, caller.visible)
         lines = builds.log_lines(session, build_id, after, limit)
     return Response(_LOG_LINES.dump_json(lines), media_type="application/json")
 
 
 @router.post("/{build_id}/cancel", operation_id="cancel_build", status_code=202)
-def cancel_build(build_id: str, state: StateDep, _: BuildAccess) -> BuildPublic:
+def cancel_build(build_id: str, state: StateDep, caller: BuildAccess) -> BuildPublic:
     with state.db.session() as session:
-        return builds.build_public(builds.cancel_build(session, build_id))
+        return builds.build_public(builds.cancel_build(session, build_id, caller.visible))
 
 
 @router.delete("/{build_id}", operation_id="delete_build", status_code=204)
-def delete_build(build_id: str, state: StateDep, _: BuildAccess) -> Response:
+def delete_build(build_id: str, state: StateDep, caller: BuildAccess) -> Response:
     with state.db.session() as session:
-        builds.delete_build(session, state.storage, build_id)
+        builds.delete_build(session, state.storage, build_id, caller.visible)
     return Response(status_code=204)
 
 
@@ -147,9 +159,9 @@ def _snapshot(state: AppState, build_id: str, after: int) -> tuple[BuildPublic, 
         return build, builds.log_lines(session, build_id, after)
 
 
-def _exists(state: AppState, build_id: str) -> None:
+def _exists(state: AppState, build_id: str, project: str | None) -> None:
     with state.db.session() as session:
-        builds.get_build(session, build_id)
+        builds.get_build(session, build_id, project)
 
 
 def _event(kind: str, data: str, event_id: int | None = None) -> bytes:
@@ -194,10 +206,11 @@ async def build_events(
     build_id: str,
     request: Request,
     state: StateDep,
-    _: ReadAccess,
+    caller: ReadAccess,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
-    await run_in_threadpool(_exists, state, build_id)  # 404 before the stream starts
+    # 404 before the stream starts (another project's build too: its project never changes)
+    await run_in_threadpool(_exists, state, build_id, caller.visible)
     after = min(int(last_event_id), _MAX_SEQ) if last_event_id and last_event_id.isdigit() else 0
     return StreamingResponse(
         _events(state, request, build_id, after),

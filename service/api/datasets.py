@@ -12,6 +12,7 @@ from calibrators.errors import DatasetError
 from calibrators.spec import PreprocessSpec
 from service.api.deps import AppState, BuildAccess, Paging, ReadAccess, SessionDep, StateDep
 from service.api.limits import archive_limits
+from service.api.projects import ProjectQuery
 from service.api.uploads import ReceivedUpload, multipart_openapi, receive_upload
 from service.schemas import DatasetPage, DatasetPublic
 from service.store import catalog
@@ -43,7 +44,7 @@ def _preprocess(text: str | None) -> PreprocessSpec | None:
         ) from exc
 
 
-def _store(state: AppState, upload: ReceivedUpload) -> tuple[DatasetPublic, bool]:
+def _store(state: AppState, upload: ReceivedUpload, project: str) -> tuple[DatasetPublic, bool]:
     fields = upload.fields
     with state.db.session() as session:
         row, created = catalog.add_dataset(
@@ -55,6 +56,7 @@ def _store(state: AppState, upload: ReceivedUpload) -> tuple[DatasetPublic, bool
             input_name=fields.get("input_name") or None,
             model_id=fields.get("model_id") or None,
             limits=archive_limits(state.settings),
+            project=project,
         )
         return catalog.dataset_public(row), created
 
@@ -71,11 +73,16 @@ def _store(state: AppState, upload: ReceivedUpload) -> tuple[DatasetPublic, bool
     summary="Upload a calibration dataset (.npz, .npy, .zip of shards or of images)",
 )
 async def upload_dataset(
-    request: Request, response: Response, state: StateDep, _: BuildAccess
+    request: Request,
+    response: Response,
+    state: StateDep,
+    caller: BuildAccess,
+    project: ProjectQuery = None,
 ) -> DatasetPublic:
+    home = caller.home(project)  # refused before the body is read
     upload = await receive_upload(request, state.storage, state.settings.max_upload_bytes)
     with upload.file:
-        dataset, created = await run_in_threadpool(_store, state, upload)
+        dataset, created = await run_in_threadpool(_store, state, upload, home)
     state.counters.uploaded("dataset", upload.file.size_bytes)
     response.status_code = 201 if created else 200
     response.headers["Location"] = dataset.links["self"]
@@ -86,12 +93,15 @@ async def upload_dataset(
 def list_datasets(
     session: SessionDep,
     paging: Paging,
-    _: ReadAccess,
+    caller: ReadAccess,
     model_id: Annotated[
         str | None, Query(description="Only datasets validated against it.")
     ] = None,
+    project: ProjectQuery = None,
 ) -> DatasetPage:
-    page = catalog.list_datasets(session, paging.limit, paging.offset, model_id)
+    page = catalog.list_datasets(
+        session, paging.limit, paging.offset, model_id, caller.listing(project)
+    )
     return DatasetPage(
         items=[catalog.dataset_public(r) for r in page.items],
         total=page.total,
@@ -101,13 +111,15 @@ def list_datasets(
 
 
 @router.get("/{dataset_id}", operation_id="get_dataset", response_model=DatasetPublic)
-def get_dataset(dataset_id: str, session: SessionDep, _: ReadAccess) -> DatasetPublic:
-    return catalog.dataset_public(catalog.get_dataset(session, dataset_id))
+def get_dataset(dataset_id: str, session: SessionDep, caller: ReadAccess) -> DatasetPublic:
+    return catalog.dataset_public(
+        catalog.get_dataset(session, dataset_id, project=caller.visible)
+    )
 
 
 @router.delete("/{dataset_id}", operation_id="delete_dataset", status_code=204)
 def delete_dataset(
-    dataset_id: str, state: StateDep, session: SessionDep, _: BuildAccess
+    dataset_id: str, state: StateDep, session: SessionDep, caller: BuildAccess
 ) -> Response:
-    catalog.delete_dataset(session, state.storage, dataset_id)
+    catalog.delete_dataset(session, state.storage, dataset_id, caller.visible)
     return Response(status_code=204)

@@ -7,6 +7,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import AppState, BuildAccess, Paging, ReadAccess, SessionDep, StateDep
 from service.api.limits import archive_limits
+from service.api.projects import ProjectQuery
 from service.api.uploads import ReceivedUpload, multipart_openapi, receive_upload
 from service.schemas import ModelPage, ModelPublic
 from service.store import catalog
@@ -16,7 +17,7 @@ __all__ = ["router"]
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-def _store(state: AppState, upload: ReceivedUpload) -> tuple[ModelPublic, bool]:
+def _store(state: AppState, upload: ReceivedUpload, project: str) -> tuple[ModelPublic, bool]:
     with state.db.session() as session:
         row, created = catalog.add_model(
             session,
@@ -24,6 +25,7 @@ def _store(state: AppState, upload: ReceivedUpload) -> tuple[ModelPublic, bool]:
             upload.file,
             upload.filename,
             archive_limits(state.settings),
+            project,
         )
         return catalog.model_public(row), created
 
@@ -38,11 +40,16 @@ def _store(state: AppState, upload: ReceivedUpload) -> tuple[ModelPublic, bool]:
     summary="Upload an ONNX model (.onnx, or .zip of the .onnx with its external data)",
 )
 async def upload_model(
-    request: Request, response: Response, state: StateDep, _: BuildAccess
+    request: Request,
+    response: Response,
+    state: StateDep,
+    caller: BuildAccess,
+    project: ProjectQuery = None,
 ) -> ModelPublic:
+    home = caller.home(project)  # refused before the body is read
     upload = await receive_upload(request, state.storage, state.settings.max_upload_bytes)
     with upload.file:
-        model, created = await run_in_threadpool(_store, state, upload)
+        model, created = await run_in_threadpool(_store, state, upload, home)
     state.counters.uploaded("model", upload.file.size_bytes)
     response.status_code = 201 if created else 200
     response.headers["Location"] = model.links["self"]
@@ -50,8 +57,10 @@ async def upload_model(
 
 
 @router.get("", operation_id="list_models", response_model=ModelPage)
-def list_models(session: SessionDep, paging: Paging, _: ReadAccess) -> ModelPage:
-    page = catalog.list_models(session, paging.limit, paging.offset)
+def list_models(
+    session: SessionDep, paging: Paging, caller: ReadAccess, project: ProjectQuery = None
+) -> ModelPage:
+    page = catalog.list_models(session, paging.limit, paging.offset, caller.listing(project))
     return ModelPage(
         items=[catalog.model_public(r) for r in page.items],
         total=page.total,
@@ -61,11 +70,15 @@ def list_models(session: SessionDep, paging: Paging, _: ReadAccess) -> ModelPage
 
 
 @router.get("/{model_id}", operation_id="get_model", response_model=ModelPublic)
-def get_model(model_id: str, session: SessionDep, _: ReadAccess) -> ModelPublic:
-    return catalog.model_public(catalog.get_model(session, model_id, field="model_id"))
+def get_model(model_id: str, session: SessionDep, caller: ReadAccess) -> ModelPublic:
+    return catalog.model_public(
+        catalog.get_model(session, model_id, field="model_id", project=caller.visible)
+    )
 
 
 @router.delete("/{model_id}", operation_id="delete_model", status_code=204)
-def delete_model(model_id: str, state: StateDep, session: SessionDep, _: BuildAccess) -> Response:
-    catalog.delete_model(session, state.storage, model_id)
+def delete_model(
+    model_id: str, state: StateDep, session: SessionDep, caller: BuildAccess
+) -> Response:
+    catalog.delete_model(session, state.storage, model_id, caller.visible)
     return Response(status_code=204)

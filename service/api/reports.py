@@ -38,16 +38,17 @@ router = APIRouter(prefix="/v1/builds", tags=["reports"])
 def get_report(
     build_id: str,
     state: StateDep,
-    _: ReadAccess,
+    caller: ReadAccess,
     format: Annotated[Literal["json", "html"], Query()] = "json",
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     with state.db.session() as session:
-        found = session.execute(
-            select(BuildRow.report_sha256, BuildRow.status).where(BuildRow.id == build_id)
-        ).one_or_none()
+        query = select(BuildRow.report_sha256, BuildRow.status).where(BuildRow.id == build_id)
+        if caller.visible is not None:
+            query = query.where(BuildRow.project == caller.visible)
+        found = session.execute(query).one_or_none()
         if found is None:
-            builds.get_build(session, build_id)  # raises NotFoundError
+            builds.get_build(session, build_id, caller.visible)  # raises NotFoundError
         sha256, status = found or (None, None)
     if not sha256:
         raise NotReadyError(f"Build {build_id[:12]} has no report (status {status}).")

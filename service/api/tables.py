@@ -11,7 +11,9 @@ from starlette.concurrency import run_in_threadpool
 
 from calibrators.errors import TableError
 from calibrators.table import trt_version_number
+from service.api.auth import Principal
 from service.api.deps import AppState, BuildAccess, Paging, ReadAccess, SessionDep, StateDep
+from service.api.projects import ProjectQuery
 from service.api.uploads import ReceivedUpload, multipart_openapi, receive_upload
 from service.errors import UploadError
 from service.schemas import TablePage, TablePublic
@@ -28,10 +30,13 @@ _MAX_TABLE_BYTES = 64 << 20
 def list_calibration_tables(
     session: SessionDep,
     paging: Paging,
-    _: ReadAccess,
+    caller: ReadAccess,
     model_id: Annotated[str | None, Query()] = None,
+    project: ProjectQuery = None,
 ) -> TablePage:
-    page = catalog.list_tables(session, paging.limit, paging.offset, model_id)
+    page = catalog.list_tables(
+        session, paging.limit, paging.offset, model_id, caller.listing(project)
+    )
     return TablePage(
         items=[catalog.table_public(r) for r in page.items],
         total=page.total,
@@ -51,13 +56,13 @@ def get_calibration_table(
     table_id: str,
     state: StateDep,
     session: SessionDep,
-    _: ReadAccess,
+    caller: ReadAccess,
     format: Annotated[Literal["trt", "json"] | None, Query()] = None,
     trt_version: Annotated[
         str | None, Query(description="TensorRT version for the cache header, e.g. 10.13.3.")
     ] = None,
 ) -> Response | TablePublic:
-    row = catalog.get_table(session, table_id, field="table_id")
+    row = catalog.get_table(session, table_id, field="table_id", project=caller.visible)
     if format is None:
         return catalog.table_public(row)
     table = catalog.load_table(state.storage, row)
@@ -82,7 +87,9 @@ def _version(text: str | None) -> int | None:
         ) from exc
 
 
-def _import(state: AppState, upload: ReceivedUpload) -> tuple[TablePublic, bool]:
+def _import(
+    state: AppState, upload: ReceivedUpload, caller: Principal
+) -> tuple[TablePublic, bool]:
     model_id = upload.fields.get("model_id")
     if not model_id:
         raise UploadError("The form needs a model_id field.", field="model_id")
@@ -97,7 +104,12 @@ def _import(state: AppState, upload: ReceivedUpload) -> tuple[TablePublic, bool]
     ignore = upload.fields.get("ignore_unknown", "").lower() in ("1", "true", "yes")
     with state.db.session() as session:
         row, created = catalog.import_table(
-            session, state.storage, model_id, text, ignore_unknown=ignore
+            session,
+            state.storage,
+            model_id,
+            text,
+            ignore_unknown=ignore,
+            project=caller.visible,  # the table joins its model's project
         )
         return catalog.table_public(row), created
 
@@ -116,12 +128,12 @@ def _import(state: AppState, upload: ReceivedUpload) -> tuple[TablePublic, bool]
     ),
 )
 async def import_calibration_table(
-    request: Request, response: Response, state: StateDep, _: BuildAccess
+    request: Request, response: Response, state: StateDep, caller: BuildAccess
 ) -> TablePublic:
     limit = min(_MAX_TABLE_BYTES, state.settings.max_upload_bytes)
     upload = await receive_upload(request, state.storage, limit)
     with upload.file:
-        table, created = await run_in_threadpool(_import, state, upload)
+        table, created = await run_in_threadpool(_import, state, upload, caller)
     state.counters.uploaded("table", upload.file.size_bytes)
     response.status_code = 201 if created else 200
     response.headers["Location"] = table.links["self"]

@@ -1,4 +1,5 @@
-"""``/v1/tokens`` (admin scope): create (the secret is returned once), list, revoke."""
+"""``/v1/tokens`` (admin scope): create (the secret is returned once; the token belongs to the
+project named in the body, ``default`` if none), list, revoke."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def list_tokens(session: SessionDep, _: AdminAccess) -> list[TokenPublic]:
 
 @router.post("", operation_id="create_token", status_code=201, response_model=TokenCreated)
 def create_token(body: TokenCreate, session: SessionDep, _: AdminAccess) -> TokenCreated:
-    row, token = auth.create_token(session, body.name, body.scope)
+    row, token = auth.create_token(session, body.name, body.scope, body.project)
     return TokenCreated(**auth.token_public(row).model_dump(), token=token)
 
 

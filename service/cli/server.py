@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from service.cli.options import enum_choice, handle_errors, preprocess_option, spec_options
 from service.cli.progress import sample_progress
+from service.projects import DEFAULT_PROJECT, is_project_name
 from service.schemas import Scope, TargetRequest
 
 if TYPE_CHECKING:
@@ -180,6 +181,15 @@ def _token_db(data_dir: Path | None, database_url: str | None) -> Any:
     return db
 
 
+def _project_name(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    if not is_project_name(value):
+        raise click.BadParameter(
+            f"{value!r} is not a project name: 1-63 lowercase letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit."
+        )
+    return value
+
+
 @tokens.command("create")
 @click.option("--name", required=True, help="Who or what uses it, e.g. ci.")
 @click.option(
@@ -189,24 +199,47 @@ def _token_db(data_dir: Path | None, database_url: str | None) -> Any:
     show_default=True,
     help="read < build (upload, submit, cancel) < admin (tokens).",
 )
+@click.option(
+    "--project",
+    default=DEFAULT_PROJECT,
+    show_default=True,
+    callback=_project_name,
+    help="The project whose models, datasets and builds it sees (admin tokens: all projects).",
+)
 @click.option("--json", "as_json", is_flag=True)
 @_local_options
 @handle_errors
 def tokens_create(
-    name: str, scope: str, as_json: bool, data_dir: Path | None, database_url: str | None
+    name: str,
+    scope: str,
+    project: str,
+    as_json: bool,
+    data_dir: Path | None,
+    database_url: str | None,
 ) -> None:
     """Create a token and print it once (only its hash is stored)."""
     from service.api.auth import create_token
 
     db = _token_db(data_dir, database_url)
     with db.session() as session:
-        row, token = create_token(session, name, Scope(scope))
+        row, token = create_token(session, name, Scope(scope), project)
     db.dispose()
     if as_json:
-        _emit({"id": row.id, "name": row.name, "scope": row.scope, "token": token})
+        _emit(
+            {
+                "id": row.id,
+                "name": row.name,
+                "scope": row.scope,
+                "project": row.project,
+                "token": token,
+            }
+        )
         return
     click.echo(token)
-    click.echo(f"token {row.id} ({scope}) for {name!r}: shown once, store it now", err=True)
+    click.echo(
+        f"token {row.id} ({scope}, project {project}) for {name!r}: shown once, store it now",
+        err=True,
+    )
 
 
 @tokens.command("list")
@@ -226,7 +259,7 @@ def tokens_list(as_json: bool, data_dir: Path | None, database_url: str | None) 
         return
     for r in rows:
         state = f"revoked {r.revoked_at:%Y-%m-%d}" if r.revoked_at else "active"
-        click.echo(f"{r.id}  {r.scope.value:<5}  {state:<18}  {r.name}")
+        click.echo(f"{r.id}  {r.scope.value:<5}  {state:<18}  {r.project:<16}  {r.name}")
 
 
 @tokens.command("revoke")

@@ -22,6 +22,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from service.projects import DEFAULT_PROJECT
+
 __all__ = [
     "Base",
     "BlobRow",
@@ -89,6 +91,8 @@ class ModelRow(Base):
     """opset, ir_version, inputs, outputs, dynamic_dims, op_census, num_nodes."""
     tensor_names: Mapped[list[Any]]
     """Float activations a calibration table may give ranges for."""
+    project: Mapped[str] = mapped_column(String(64), server_default=DEFAULT_PROJECT, index=True)
+    """The project it belongs to (:mod:`service.projects`)."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -109,6 +113,8 @@ class DatasetRow(Base):
     model_id: Mapped[str | None] = mapped_column(
         ForeignKey("models.id", ondelete="SET NULL"), index=True
     )
+    project: Mapped[str] = mapped_column(String(64), server_default=DEFAULT_PROJECT, index=True)
+    """The project it belongs to (:mod:`service.projects`)."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -130,6 +136,8 @@ class TableRow(Base):
     digest: Mapped[str] = mapped_column(String(64))
     blob_sha256: Mapped[str] = mapped_column(String(64), index=True)
     missing_tensors: Mapped[list[Any]]
+    project: Mapped[str] = mapped_column(String(64), server_default=DEFAULT_PROJECT, index=True)
+    """The project it belongs to (:mod:`service.projects`)."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -181,6 +189,8 @@ class BuildRow(Base):
     artifact_size_bytes: Mapped[int | None] = mapped_column(BigInteger)
     artifact_metadata: Mapped[dict[str, Any] | None]
     report_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    project: Mapped[str] = mapped_column(String(64), server_default=DEFAULT_PROJECT, index=True)
+    """The project it belongs to (:mod:`service.projects`)."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
@@ -241,6 +251,8 @@ class TokenRow(Base):
     name: Mapped[str] = mapped_column(String(100))
     scope: Mapped[str] = mapped_column(String(16))
     secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    project: Mapped[str] = mapped_column(String(64), server_default=DEFAULT_PROJECT)
+    """The project whose data it reads and writes (admin tokens: every project's)."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]

@@ -11,6 +11,11 @@ again. The target is decided where the build runs: the row records the target as
 the backend, its version and the compute capability it builds for into the row
 (:meth:`service.queue.base.JobQueue.claim`).
 
+A build belongs to its model's project (:mod:`service.projects`); its model, dataset and table
+must all be of one project, and ids are per project, so no build (and no calibration table) is
+ever reused across projects. Every function that takes ``project`` finds only that project's
+builds (None: every project's).
+
 Deleting races with submitting: a model, dataset or table deleted while a build referencing it
 is committed answers :class:`ConflictError` (HTTP 409), and so does a build deleted while it is
 submitted again. A build's artifact and report are linked to it under their blobs' locks
@@ -37,6 +42,7 @@ from engines.backends.registry import choose_target
 from engines.spec import BackendName
 from service.db.models import BuildLogRow, BuildRow, DatasetRow, JobRow, ModelRow, utcnow
 from service.errors import ConflictError, NoTargetError, NotFoundError
+from service.projects import DEFAULT_PROJECT
 from service.queue.base import JobQueue, JobState
 from service.queue.targets import describe_worker, serving_target
 from service.schemas import (
@@ -67,9 +73,10 @@ __all__ = [
 ]
 
 
-def build_cache_key(request: BuildCreate) -> str:
+def build_cache_key(request: BuildCreate, project: str = DEFAULT_PROJECT) -> str:
     """sha256 over the whole request, normalized (module docstring): what decides the artifact
-    and what decides the report. Options left out equal their defaults given explicitly."""
+    and what decides the report. Options left out equal their defaults given explicitly. Another
+    project than ``default`` is part of the key (its ids already are: belt and braces)."""
     parts = [
         request.model_id,
         request.dataset_id,
@@ -82,6 +89,8 @@ def build_cache_key(request: BuildCreate) -> str:
     target = _requested_target(request)
     if target is not None:  # untargeted requests keep the keys they had before targets existed
         parts.append(target.model_dump_json())
+    if project != DEFAULT_PROJECT:
+        parts.append(f"project={project}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -148,13 +157,14 @@ def build_public(row: BuildRow) -> BuildPublic:
         created_at=row.created_at,
         started_at=row.started_at,
         finished_at=row.finished_at,
+        project=row.project,
         links=links,
     )
 
 
-def get_build(session: Session, build_id: str) -> BuildRow:
+def get_build(session: Session, build_id: str, project: str | None = None) -> BuildRow:
     row = session.get(BuildRow, build_id)
-    if row is None:
+    if row is None or (project is not None and row.project != project):
         raise NotFoundError(
             f"No build with id {build_id!r}.",
             hint="List builds with GET /v1/builds.",
@@ -163,15 +173,18 @@ def get_build(session: Session, build_id: str) -> BuildRow:
     return row
 
 
-def _check_request(session: Session, storage: Storage, request: BuildCreate) -> None:
-    """Refuse requests that cannot build, before anything is queued."""
+def _check_request(
+    session: Session, storage: Storage, request: BuildCreate, project: str | None
+) -> str:
+    """Refuse requests that cannot build, before anything is queued; the build's project."""
     from core.onnxio import load_onnx
     from engines.build import validate_keep_patterns, validate_profiles
 
-    model = get_model(session, request.model_id)
-    dataset = get_dataset(session, request.dataset_id)
+    model = get_model(session, request.model_id, project=project)
+    # the dataset (and table) of the model's project: for an admin (project None) too
+    dataset = get_dataset(session, request.dataset_id, project=model.project)
     if request.table_id is not None:
-        table = get_table(session, request.table_id)
+        table = get_table(session, request.table_id, project=model.project)
         if table.model_id != model.id:
             raise ConflictError(
                 f"Calibration table {table.id[:12]} belongs to model {table.model_id[:12]}, "
@@ -186,6 +199,7 @@ def _check_request(session: Session, storage: Storage, request: BuildCreate) -> 
     validate_profiles(inputs, dict(request.spec.profiles))
     validate_keep_patterns(onnx_model, request.spec)
     _check_dataset_names(dataset, model, [s.name for s in inputs])
+    return model.project
 
 
 def _check_dataset_names(dataset: DatasetRow, model: ModelRow, names: list[str]) -> None:
@@ -230,21 +244,26 @@ _TENSORRT_ASKS = (BackendName.AUTO, BackendName.TENSORRT)
 
 
 def submit_build(
-    session: Session, storage: Storage, queue: JobQueue, request: BuildCreate
+    session: Session,
+    storage: Storage,
+    queue: JobQueue,
+    request: BuildCreate,
+    project: str | None = None,
 ) -> tuple[BuildRow, bool]:
-    """Queue a build; (existing build, False) when one with the same cache key exists.
+    """Queue a build of models and datasets of ``project`` (None: any, the build joins its
+    model's); (existing build, False) when one with the same cache key exists.
 
     A failed or cancelled build with the same key is queued again and counts as new.
     """
     try:
-        _check_request(session, storage, request)
+        home = _check_request(session, storage, request, project)
     except ModelError:
         _refuse_if_deleted(session, storage, request)
         raise
     requested = request.spec.backend
     target = _requested_target(request)
     _check_target(queue, requested, target)
-    key = build_cache_key(request)
+    key = build_cache_key(request, home)
     existing = session.scalar(select(BuildRow).where(BuildRow.cache_key == key))
     if existing is not None:
         if BuildStatus(existing.status) not in (BuildStatus.FAILED, BuildStatus.CANCELLED):
@@ -263,6 +282,7 @@ def submit_build(
         return existing, True
     row = BuildRow(
         id=uuid.uuid4().hex,
+        project=home,
         cache_key=key,
         model_id=request.model_id,
         dataset_id=request.dataset_id,
@@ -323,8 +343,11 @@ def list_builds(
     *,
     model_id: str | None = None,
     status: BuildStatus | None = None,
+    project: str | None = None,
 ) -> Page[BuildRow]:
     query = select(BuildRow)
+    if project is not None:
+        query = query.where(BuildRow.project == project)
     if model_id is not None:
         query = query.where(BuildRow.model_id == model_id)
     if status is not None:
@@ -339,9 +362,9 @@ def list_builds(
     return Page(list(rows), total)
 
 
-def cancel_build(session: Session, build_id: str) -> BuildRow:
+def cancel_build(session: Session, build_id: str, project: str | None = None) -> BuildRow:
     """Cancel now (queued) or at the next stage boundary (running). Idempotent once ended."""
-    row = get_build(session, build_id)
+    row = get_build(session, build_id, project)
     status = BuildStatus(row.status)
     if status.terminal:
         if status is BuildStatus.CANCELLED:
@@ -363,10 +386,12 @@ def cancel_build(session: Session, build_id: str) -> BuildRow:
     return row
 
 
-def delete_build(session: Session, storage: Storage, build_id: str) -> None:
+def delete_build(
+    session: Session, storage: Storage, build_id: str, project: str | None = None
+) -> None:
     """Delete an ended build with its logs, and its artifact and report unless another row
-    references the same bytes."""
-    row = get_build(session, build_id)
+    references the same bytes (in any project: blobs are shared, references counted)."""
+    row = get_build(session, build_id, project)
     if not BuildStatus(row.status).terminal:
         raise ConflictError(
             f"Build {build_id[:12]} is {row.status}; only ended builds can be deleted.",

@@ -2,7 +2,11 @@
 
 A row is committed only after its files are published, and files are removed if the commit
 fails, so bad input never leaves a partial model, dataset or table behind. Same bytes give the
-same id: a second upload returns the existing row.
+same id within a project: a second upload there returns the existing row. In another project
+they are another entry with another id (:func:`service.projects.scoped_id`).
+
+Every getter, listing and deletion takes ``project``: the caller's project, or None for all
+(admins, the worker). A row of another project is not found, as an unknown id is not.
 
 Deletions race with submissions: the foreign keys decide. A model deleted while a build (or a
 dataset, or a table) referencing it is committed refuses with :class:`InUseError`; a row whose
@@ -28,6 +32,7 @@ from calibrators.table import CalibrationTable
 from core.tensors import TensorSpec
 from service.db.models import BuildRow, DatasetRow, ModelRow, TableRow
 from service.errors import ConflictError, InUseError, NotFoundError
+from service.projects import DEFAULT_PROJECT, scoped_id
 from service.schemas import (
     DatasetPublic,
     ModelPublic,
@@ -92,12 +97,15 @@ def model_public(row: ModelRow) -> ModelPublic:
         op_census=info.get("op_census", {}),
         num_nodes=info.get("num_nodes", 0),
         created_at=row.created_at,
+        project=row.project,
         links={"self": f"/v1/models/{row.id}"},
     )
 
 
-def get_model(session: Session, model_id: str, *, field: str = "model_id") -> ModelRow:
-    row = session.get(ModelRow, model_id)
+def get_model(
+    session: Session, model_id: str, *, field: str = "model_id", project: str | None = None
+) -> ModelRow:
+    row = _visible(session.get(ModelRow, model_id), project)
     if row is None:
         raise NotFoundError(
             f"No model with id {model_id!r}.",
@@ -120,14 +128,20 @@ def model_input_specs_of(storage: Storage, row: ModelRow) -> list[TensorSpec]:
 
 
 def add_model(
-    session: Session, storage: Storage, upload: PendingFile, filename: str, limits: ArchiveLimits
+    session: Session,
+    storage: Storage,
+    upload: PendingFile,
+    filename: str,
+    limits: ArchiveLimits,
+    project: str = DEFAULT_PROJECT,
 ) -> tuple[ModelRow, bool]:
-    """Store an uploaded model; returns (row, created). Raises ModelError/ArchiveError."""
-    sha = upload.finish()
-    existing = session.get(ModelRow, sha)
+    """Store an uploaded model in ``project``; returns (row, created). Raises
+    ModelError/ArchiveError."""
+    id_ = scoped_id(project, upload.finish())
+    existing = session.get(ModelRow, id_)
     if existing is not None:
         return existing, False
-    dest = storage.model_dir(sha)
+    dest = storage.model_dir(id_)
     with storage.staging_dir() as staging:
         received = staging / "upload"
         upload.take().rename(received)
@@ -136,7 +150,8 @@ def add_model(
         staged = stage_model(received, filename, entry, limits)
         published = storage.publish_dir(entry, dest)
     row = ModelRow(
-        id=sha,
+        id=id_,
+        project=project,
         filename=Path(filename).name[:255] or "model.onnx",
         onnx_filename=staged.onnx_filename,
         size_bytes=upload.size_bytes,
@@ -144,23 +159,27 @@ def add_model(
         info=staged.info,
         tensor_names=staged.tensor_names,
     )
-    return _commit_new(session, row, ModelRow, sha, _undo_publish(storage, dest, published))
+    return _commit_new(session, row, ModelRow, id_, _undo_publish(storage, dest, published))
 
 
-def list_models(session: Session, limit: int, offset: int) -> Page[ModelRow]:
-    total = session.scalar(select(func.count()).select_from(ModelRow)) or 0
+def list_models(
+    session: Session, limit: int, offset: int, project: str | None = None
+) -> Page[ModelRow]:
+    query = select(ModelRow)
+    if project is not None:
+        query = query.where(ModelRow.project == project)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = session.scalars(
-        select(ModelRow)
-        .order_by(ModelRow.created_at.desc(), ModelRow.id)
-        .limit(limit)
-        .offset(offset)
+        query.order_by(ModelRow.created_at.desc(), ModelRow.id).limit(limit).offset(offset)
     )
     return Page(list(rows), total)
 
 
-def delete_model(session: Session, storage: Storage, model_id: str) -> None:
+def delete_model(
+    session: Session, storage: Storage, model_id: str, project: str | None = None
+) -> None:
     """Delete a model, its calibration tables and files; refused while builds reference it."""
-    row = get_model(session, model_id, field="id")
+    row = get_model(session, model_id, field="id", project=project)
     builds = session.scalar(select(func.count()).where(BuildRow.model_id == model_id)) or 0
     if builds:
         raise InUseError(f"Model {model_id[:12]} is used by {builds} build(s).")
@@ -196,12 +215,15 @@ def dataset_public(row: DatasetRow) -> DatasetPublic:
         preprocess=row.preprocess,
         model_id=row.model_id,
         created_at=row.created_at,
+        project=row.project,
         links={"self": f"/v1/datasets/{row.id}"},
     )
 
 
-def get_dataset(session: Session, id_: str, *, field: str = "dataset_id") -> DatasetRow:
-    row = session.get(DatasetRow, id_)
+def get_dataset(
+    session: Session, id_: str, *, field: str = "dataset_id", project: str | None = None
+) -> DatasetRow:
+    row = _visible(session.get(DatasetRow, id_), project)
     if row is None:
         raise NotFoundError(
             f"No dataset with id {id_!r}.",
@@ -225,12 +247,14 @@ def add_dataset(
     input_name: str | None,
     model_id: str | None,
     limits: ArchiveLimits,
+    project: str = DEFAULT_PROJECT,
 ) -> tuple[DatasetRow, bool]:
-    """Store an uploaded dataset (checked against ``model_id``'s inputs when given)."""
-    model = get_model(session, model_id) if model_id is not None else None
+    """Store an uploaded dataset in ``project`` (checked against ``model_id``'s inputs when
+    given: a model of the same project)."""
+    model = get_model(session, model_id, project=project) if model_id is not None else None
     inputs = model_input_specs_of(storage, model) if model is not None else None
     sha = upload.finish()
-    id_ = dataset_id(sha, preprocess, input_name)
+    id_ = scoped_id(project, dataset_id(sha, preprocess, input_name))
     existing = session.get(DatasetRow, id_)
     if existing is not None:
         if inputs is not None:
@@ -254,6 +278,7 @@ def add_dataset(
         published = storage.publish_dir(entry, dest)
     row = DatasetRow(
         id=id_,
+        project=project,
         sha256=sha,
         filename=Path(filename).name[:255],
         data_filename=staged.data_filename,
@@ -281,9 +306,15 @@ def _revalidate(
 
 
 def list_datasets(
-    session: Session, limit: int, offset: int, model_id: str | None = None
+    session: Session,
+    limit: int,
+    offset: int,
+    model_id: str | None = None,
+    project: str | None = None,
 ) -> Page[DatasetRow]:
     query = select(DatasetRow)
+    if project is not None:
+        query = query.where(DatasetRow.project == project)
     if model_id is not None:
         query = query.where(DatasetRow.model_id == model_id)
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
@@ -293,9 +324,11 @@ def list_datasets(
     return Page(list(rows), total)
 
 
-def delete_dataset(session: Session, storage: Storage, id_: str) -> None:
+def delete_dataset(
+    session: Session, storage: Storage, id_: str, project: str | None = None
+) -> None:
     """Delete a dataset and its files; refused while builds reference it."""
-    row = get_dataset(session, id_, field="id")
+    row = get_dataset(session, id_, field="id", project=project)
     builds = session.scalar(select(func.count()).where(BuildRow.dataset_id == id_)) or 0
     if builds:
         raise InUseError(f"Dataset {id_[:12]} is used by {builds} build(s).")
@@ -330,6 +363,7 @@ def table_public(row: TableRow) -> TablePublic:
         digest=row.digest,
         missing_tensors=list(row.missing_tensors),
         created_at=row.created_at,
+        project=row.project,
         links={
             "self": f"/v1/calibration-tables/{row.id}",
             "trt": f"/v1/calibration-tables/{row.id}?format=trt",
@@ -338,8 +372,10 @@ def table_public(row: TableRow) -> TablePublic:
     )
 
 
-def get_table(session: Session, table_id: str, *, field: str = "table_id") -> TableRow:
-    row = session.get(TableRow, table_id)
+def get_table(
+    session: Session, table_id: str, *, field: str = "table_id", project: str | None = None
+) -> TableRow:
+    row = _visible(session.get(TableRow, table_id), project)
     if row is None:
         raise NotFoundError(
             f"No calibration table with id {table_id!r}.",
@@ -355,9 +391,15 @@ def load_table(storage: Storage, row: TableRow) -> CalibrationTable:
 
 
 def list_tables(
-    session: Session, limit: int, offset: int, model_id: str | None = None
+    session: Session,
+    limit: int,
+    offset: int,
+    model_id: str | None = None,
+    project: str | None = None,
 ) -> Page[TableRow]:
     query = select(TableRow)
+    if project is not None:
+        query = query.where(TableRow.project == project)
     if model_id is not None:
         query = query.where(TableRow.model_id == model_id)
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
@@ -368,10 +410,17 @@ def list_tables(
 
 
 def import_table(
-    session: Session, storage: Storage, model_id: str, text: str, *, ignore_unknown: bool
+    session: Session,
+    storage: Storage,
+    model_id: str,
+    text: str,
+    *,
+    ignore_unknown: bool,
+    project: str | None = None,
 ) -> tuple[TableRow, bool]:
-    """Import a TensorRT cache (or trtforge JSON table) for a model, checked against its tensors."""
-    model = get_model(session, model_id)
+    """Import a TensorRT cache (or trtforge JSON table) for a model of ``project`` (None: any),
+    checked against its tensors."""
+    model = get_model(session, model_id, project=project)
     stripped = text.lstrip()
     table = (
         CalibrationTable.from_json(text)
@@ -425,7 +474,8 @@ def store_table(
     source: str,
     missing: list[str],
 ) -> tuple[TableRow, bool]:
-    """Store a table under ``key``; (existing row, False) when the key is taken."""
+    """Store a table under ``key``; (existing row, False) when the key is taken. It joins its
+    model's project; keys cover the model's id, which is per project: no table is shared."""
     existing = session.get(TableRow, key)
     if existing is not None:
         return existing, False
@@ -433,8 +483,10 @@ def store_table(
         pending.write(table.to_json().encode("utf-8"))
         sha = pending.finish()
         blob = place_blob(session, storage, pending.take(), sha)  # locked until the commit
+    model = session.get(ModelRow, model_id)  # None: deleted meanwhile, the insert refuses
     row = TableRow(
         id=key,
+        project=model.project if model is not None else DEFAULT_PROJECT,
         model_id=model_id,
         dataset_id=dataset_id,
         source=source,
@@ -453,6 +505,13 @@ def store_table(
 
 
 # -- shared ------------------------------------------------------------------------------------
+
+
+def _visible(row: R | None, project: str | None) -> R | None:
+    """``row`` if the caller may see it: it exists and belongs to ``project`` (None: any)."""
+    if row is None or (project is not None and row.project != project):
+        return None
+    return row
 
 
 def _undo_publish(storage: Storage, dest: Path, published: bool) -> Callable[[], None]:
