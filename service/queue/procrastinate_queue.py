@@ -124,7 +124,7 @@ class ProcrastinateQueue(DatabaseQueue):
                     )
                 )
                 registered = raw_connection(session).execute(
-                    "SELECT 1 FROM procrastinate_workers WHERE id = %s FOR SHARE", (pg_worker,)
+                    "SELECT 1 FROM procrastinate_workers WHERE id = %s FOR KEY SHARE", (pg_worker,)
                 )
                 if labels is None or registered.fetchone() is None:
                     session.rollback()  # declared dead: it must register again
@@ -335,6 +335,12 @@ class ProcrastinateQueue(DatabaseQueue):
             self._all(session, "prune_stalled_workers", seconds_since_heartbeat=self._stale_s)
             self._withdraw(session, None)
             self._adopt(session)
+            raw_connection(session).execute(  # the ended jobs of deleted builds
+                "DELETE FROM procrastinate_jobs p WHERE p.task_name = %s "
+                "AND p.status NOT IN ('todo', 'doing') "
+                "AND NOT EXISTS (SELECT 1 FROM builds b WHERE b.id = p.lock)",
+                (TASK,),
+            )
             session.commit()
             stalled = self._all(
                 session,

@@ -24,6 +24,7 @@ from service.queue.database import DatabaseQueue
 from service.schemas import BuildStatus, TargetRequest
 from service.settings import QueueEngine, Settings
 from service.store import builds
+from service.store.storage import Storage
 from tests.unit.service.support import POSTGRES_ENV, database_url, insert_build, make_settings
 
 pytestmark = [
@@ -319,3 +320,18 @@ def test_queued_builds_without_a_job_are_adopted(db: Database, settings: Setting
     assert job is not None and job.build_id == "b1"
     with db.session() as session:
         assert session.query(JobRow).filter_by(build_id="b1").one().state == JobState.RUNNING
+
+
+def test_the_jobs_of_deleted_builds_are_removed(db: Database, queue: Any, tmp_path: Path) -> None:
+    _enqueue(db, queue, "b1", "b2")
+    queue.register_worker("w", 1, CPU)
+    job = queue.claim("w", CPU)
+    assert job is not None
+    with db.session() as session:
+        session.get_one(BuildRow, "b1").status = BuildStatus.SUCCEEDED.value
+        session.commit()
+    queue.finish(job)
+    with db.session() as session:
+        builds.delete_build(session, Storage(tmp_path / "data"), "b1")
+    assert queue.recover() == Recovered()
+    assert [(j["lock"], j["status"]) for j in _jobs(db)] == [("b2", "todo")]
