@@ -138,6 +138,28 @@ async def download_artifact(
     )
 
 
+@router.head(
+    "/{build_id}/artifact",
+    operation_id="head_artifact",
+    responses={
+        200: {"description": "The artifact's headers: Content-Length, ETag (sha256), file name."},
+        206: {"description": "A byte range's headers."},
+        304: {"description": "If-None-Match matched the ETag."},
+    },
+)
+async def head_artifact(
+    build_id: str,
+    state: StateDep,
+    caller: ReadAccess,
+    range_: Annotated[str | None, Header(alias="range")] = None,
+    if_range: Annotated[str | None, Header()] = None,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """What GET would answer (status, size, ETag = sha256, file name), without the bytes."""
+    answer = await download_artifact(build_id, state, caller, range_, if_range, if_none_match)
+    return Response(status_code=answer.status_code, headers=dict(answer.headers))
+
+
 @router.get("/{build_id}/artifact/metadata", operation_id="get_artifact_metadata")
 def get_artifact_metadata(
     build_id: str, session: SessionDep, caller: ReadAccess

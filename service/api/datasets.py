@@ -12,10 +12,12 @@ from calibrators.errors import DatasetError
 from calibrators.spec import PreprocessSpec
 from service.api.deps import AppState, BuildAccess, Paging, ReadAccess, SessionDep, StateDep
 from service.api.limits import archive_limits
+from service.api.naming import NAME_FIELDS, NameQuery, TagQuery
 from service.api.projects import ProjectQuery
 from service.api.uploads import ReceivedUpload, multipart_openapi, receive_upload
-from service.schemas import DatasetPage, DatasetPublic
+from service.schemas import CatalogPatch, DatasetPage, DatasetPublic
 from service.store import catalog
+from service.store.naming import apply_patch, form_name_tags, set_name_tags
 
 __all__ = ["router"]
 
@@ -46,6 +48,7 @@ def _preprocess(text: str | None) -> PreprocessSpec | None:
 
 def _store(state: AppState, upload: ReceivedUpload, project: str) -> tuple[DatasetPublic, bool]:
     fields = upload.fields
+    name, tags = form_name_tags(fields)  # refused before anything is stored
     with state.db.session() as session:
         row, created = catalog.add_dataset(
             session,
@@ -58,6 +61,8 @@ def _store(state: AppState, upload: ReceivedUpload, project: str) -> tuple[Datas
             limits=archive_limits(state.settings),
             project=project,
         )
+        if set_name_tags(row, name, tags):
+            session.commit()
         return catalog.dataset_public(row), created
 
 
@@ -69,7 +74,7 @@ def _store(state: AppState, upload: ReceivedUpload, project: str) -> tuple[Datas
     responses={
         200: {"model": DatasetPublic, "description": "The same dataset was uploaded before."}
     },
-    openapi_extra=multipart_openapi(_FIELDS),
+    openapi_extra=multipart_openapi(_FIELDS | NAME_FIELDS),
     summary="Upload a calibration dataset (.npz, .npy, .zip of shards or of images)",
 )
 async def upload_dataset(
@@ -98,9 +103,17 @@ def list_datasets(
         str | None, Query(description="Only datasets validated against it.")
     ] = None,
     project: ProjectQuery = None,
+    name: NameQuery = None,
+    tag: TagQuery = None,
 ) -> DatasetPage:
     page = catalog.list_datasets(
-        session, paging.limit, paging.offset, model_id, caller.listing(project)
+        session,
+        paging.limit,
+        paging.offset,
+        model_id,
+        caller.listing(project),
+        name=name,
+        tags=tag or (),
     )
     return DatasetPage(
         items=[catalog.dataset_public(r) for r in page.items],
@@ -115,6 +128,17 @@ def get_dataset(dataset_id: str, session: SessionDep, caller: ReadAccess) -> Dat
     return catalog.dataset_public(
         catalog.get_dataset(session, dataset_id, project=caller.visible)
     )
+
+
+@router.patch("/{dataset_id}", operation_id="update_dataset", response_model=DatasetPublic)
+def update_dataset(
+    dataset_id: str, body: CatalogPatch, session: SessionDep, caller: BuildAccess
+) -> DatasetPublic:
+    """Set or clear the dataset's name and tags (fields left out stay as they are)."""
+    row = catalog.get_dataset(session, dataset_id, project=caller.visible)
+    apply_patch(row, body)
+    session.commit()
+    return catalog.dataset_public(row)
 
 
 @router.delete("/{dataset_id}", operation_id="delete_dataset", status_code=204)

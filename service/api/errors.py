@@ -42,6 +42,7 @@ from service.errors import (
     UploadError,
     scrub_paths,
 )
+from service.hints import rest_hint
 from service.store.storage import is_disk_full
 
 __all__ = [
@@ -123,7 +124,7 @@ def response_for_error(exc: TrtforgeError, data_dir: Path | None = None) -> JSON
         status_for(exc),
         exc.code,
         scrub_paths(exc.message, data_dir),
-        scrub_paths(exc.hint, data_dir),
+        rest_hint(scrub_paths(exc.hint, data_dir)),  # the API's words, not the CLI's options
         exc.field,
         headers or None,
     )

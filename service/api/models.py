@@ -7,10 +7,12 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import AppState, BuildAccess, Paging, ReadAccess, SessionDep, StateDep
 from service.api.limits import archive_limits
+from service.api.naming import NAME_FIELDS, NameQuery, TagQuery
 from service.api.projects import ProjectQuery
 from service.api.uploads import ReceivedUpload, multipart_openapi, receive_upload
-from service.schemas import ModelPage, ModelPublic
+from service.schemas import CatalogPatch, ModelPage, ModelPublic
 from service.store import catalog
+from service.store.naming import apply_patch, form_name_tags, set_name_tags
 
 __all__ = ["router"]
 
@@ -18,6 +20,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 def _store(state: AppState, upload: ReceivedUpload, project: str) -> tuple[ModelPublic, bool]:
+    name, tags = form_name_tags(upload.fields)  # refused before anything is stored
     with state.db.session() as session:
         row, created = catalog.add_model(
             session,
@@ -27,6 +30,8 @@ def _store(state: AppState, upload: ReceivedUpload, project: str) -> tuple[Model
             archive_limits(state.settings),
             project,
         )
+        if set_name_tags(row, name, tags):
+            session.commit()
         return catalog.model_public(row), created
 
 
@@ -36,7 +41,7 @@ def _store(state: AppState, upload: ReceivedUpload, project: str) -> tuple[Model
     status_code=201,
     response_model=ModelPublic,
     responses={200: {"model": ModelPublic, "description": "The same bytes were uploaded before."}},
-    openapi_extra=multipart_openapi({}),
+    openapi_extra=multipart_openapi(NAME_FIELDS),
     summary="Upload an ONNX model (.onnx, or .zip of the .onnx with its external data)",
 )
 async def upload_model(
@@ -58,9 +63,16 @@ async def upload_model(
 
 @router.get("", operation_id="list_models", response_model=ModelPage)
 def list_models(
-    session: SessionDep, paging: Paging, caller: ReadAccess, project: ProjectQuery = None
+    session: SessionDep,
+    paging: Paging,
+    caller: ReadAccess,
+    project: ProjectQuery = None,
+    name: NameQuery = None,
+    tag: TagQuery = None,
 ) -> ModelPage:
-    page = catalog.list_models(session, paging.limit, paging.offset, caller.listing(project))
+    page = catalog.list_models(
+        session, paging.limit, paging.offset, caller.listing(project), name=name, tags=tag or ()
+    )
     return ModelPage(
         items=[catalog.model_public(r) for r in page.items],
         total=page.total,
@@ -74,6 +86,17 @@ def get_model(model_id: str, session: SessionDep, caller: ReadAccess) -> ModelPu
     return catalog.model_public(
         catalog.get_model(session, model_id, field="model_id", project=caller.visible)
     )
+
+
+@router.patch("/{model_id}", operation_id="update_model", response_model=ModelPublic)
+def update_model(
+    model_id: str, body: CatalogPatch, session: SessionDep, caller: BuildAccess
+) -> ModelPublic:
+    """Set or clear the model's name and tags (fields left out stay as they are)."""
+    row = catalog.get_model(session, model_id, field="model_id", project=caller.visible)
+    apply_patch(row, body)
+    session.commit()
+    return catalog.model_public(row)
 
 
 @router.delete("/{model_id}", operation_id="delete_model", status_code=204)

@@ -32,6 +32,7 @@ __all__ = [
     "DatasetRow",
     "JobRow",
     "ModelRow",
+    "SweepRow",
     "TableRow",
     "TokenRow",
     "UTCDateTime",
@@ -91,6 +92,10 @@ class ModelRow(Base):
     """opset, ir_version, inputs, outputs, dynamic_dims, op_census, num_nodes."""
     tensor_names: Mapped[list[Any]]
     """Float activations a calibration table may give ranges for."""
+    name: Mapped[str | None] = mapped_column(String(200))
+    """A name its user gave it (none: null)."""
+    tags: Mapped[str] = mapped_column(Text, server_default="")
+    """Its tags as ``,a,b,`` (sorted; none: ``""``): a tag filter is a plain LIKE."""
     project: Mapped[str] = mapped_column(String(64), server_default=DEFAULT_PROJECT, index=True)
     """The project it belongs to (:mod:`service.projects`)."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -110,6 +115,10 @@ class DatasetRow(Base):
     digest: Mapped[str] = mapped_column(String(64))
     preprocess: Mapped[dict[str, Any] | None]
     input_name: Mapped[str | None] = mapped_column(String(255))
+    name: Mapped[str | None] = mapped_column(String(200))
+    """A name its user gave it (none: null)."""
+    tags: Mapped[str] = mapped_column(Text, server_default="")
+    """Its tags as ``,a,b,`` (sorted; none: ``""``): a tag filter is a plain LIKE."""
     model_id: Mapped[str | None] = mapped_column(
         ForeignKey("models.id", ondelete="SET NULL"), index=True
     )
@@ -158,6 +167,11 @@ class BuildRow(Base):
     cache_key: Mapped[str] = mapped_column(String(64), unique=True)
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
+    eval_dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"), index=True)
+    """Separate evaluation samples (``BuildCreate.eval_dataset_id``)."""
+    sensitivity_build_id: Mapped[str | None] = mapped_column(String(32))
+    """The build that computes this build's node sensitivity (``POST
+    /v1/builds/{id}/sensitivity``); null: none asked for (or this build's own request did)."""
     table_id: Mapped[str | None] = mapped_column(
         ForeignKey("calibration_tables.id", ondelete="SET NULL")
     )
@@ -197,6 +211,25 @@ class BuildRow(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     job: Mapped[JobRow | None] = relationship(back_populates="build", uselist=False)
+
+
+class SweepRow(Base):
+    """A sweep: one build per variant (``variants``: ``[{"name", "build_id"}]``), aggregated when
+    read. No foreign keys: its builds may be deleted (the sweep then shows them as gone)."""
+
+    __tablename__ = "sweeps"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    model_id: Mapped[str] = mapped_column(String(64), index=True)
+    dataset_id: Mapped[str] = mapped_column(String(64))
+    eval_dataset_id: Mapped[str | None] = mapped_column(String(64))
+    request: Mapped[dict[str, Any]]
+    """The SweepCreate body, as JSON."""
+    variants: Mapped[list[Any]]
+    project: Mapped[str] = mapped_column(String(64), server_default=DEFAULT_PROJECT, index=True)
+    """Its model's project (:mod:`service.projects`)."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
 class BuildLogRow(Base):

@@ -26,6 +26,7 @@ them (:mod:`service.store.blobs`).
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from pathlib import Path
 from typing import Any, cast
@@ -57,6 +58,7 @@ from service.schemas import (
 )
 from service.store.blobs import commit_and_release, place_blob
 from service.store.catalog import Page, get_dataset, get_model, get_table, model_path
+from service.store.evaluation import check_evaluation
 from service.store.storage import Storage
 from service.worker.recorder import add_log, reset_for_retry
 
@@ -89,6 +91,9 @@ def build_cache_key(request: BuildCreate, project: str = DEFAULT_PROJECT) -> str
     target = _requested_target(request)
     if target is not None:  # untargeted requests keep the keys they had before targets existed
         parts.append(target.model_dump_json())
+    evaluation = request.evaluation_options
+    if evaluation:  # requests without them keep the keys they had before they existed
+        parts.append(json.dumps(evaluation, sort_keys=True, separators=(",", ":")))
     if project != DEFAULT_PROJECT:
         parts.append(f"project={project}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
@@ -125,6 +130,8 @@ def build_public(row: BuildRow) -> BuildPublic:
         links |= {"report": f"{base}/report", "report_html": f"{base}/report?format=html"}
     if row.table_id:
         links["table"] = f"/v1/calibration-tables/{row.table_id}"
+    if request.sensitivity is not None or row.sensitivity_build_id:
+        links["sensitivity"] = f"{base}/sensitivity"
     return BuildPublic(
         id=row.id,
         status=BuildStatus(row.status),
@@ -138,6 +145,10 @@ def build_public(row: BuildRow) -> BuildPublic:
         calibration=request.calibration,
         benchmark=request.benchmark,
         accuracy=request.accuracy,
+        eval_dataset_id=request.eval_dataset_id,
+        accuracy_budget=request.accuracy_budget,
+        labels=len(request.labels) if request.labels is not None else None,
+        sensitivity=request.sensitivity,
         requested_backend=row.requested_backend,
         requested_target=(
             None
@@ -199,6 +210,7 @@ def _check_request(
     validate_profiles(inputs, dict(request.spec.profiles))
     validate_keep_patterns(onnx_model, request.spec)
     _check_dataset_names(dataset, model, [s.name for s in inputs])
+    check_evaluation(session, request, model, dataset, inputs)
     return model.project
 
 
@@ -286,6 +298,7 @@ def submit_build(
         cache_key=key,
         model_id=request.model_id,
         dataset_id=request.dataset_id,
+        eval_dataset_id=request.eval_dataset_id,
         table_id=request.table_id,
         request=request.model_dump(mode="json"),
         spec_digest=request.spec.digest,

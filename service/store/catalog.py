@@ -16,12 +16,12 @@ model or dataset was deleted meanwhile refuses with :class:`ConflictError` (both
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, Literal, TypeVar
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -41,6 +41,7 @@ from service.schemas import (
 )
 from service.store.blobs import commit_and_release, place_blob
 from service.store.ingest import dataset_id, stage_dataset, stage_model
+from service.store.naming import filter_named, tags_list
 from service.store.storage import PendingFile, Storage
 
 __all__ = [
@@ -96,6 +97,8 @@ def model_public(row: ModelRow) -> ModelPublic:
         dynamic_dims=info.get("dynamic_dims", {}),
         op_census=info.get("op_census", {}),
         num_nodes=info.get("num_nodes", 0),
+        name=row.name,
+        tags=tags_list(row.tags),
         created_at=row.created_at,
         project=row.project,
         links={"self": f"/v1/models/{row.id}"},
@@ -163,11 +166,19 @@ def add_model(
 
 
 def list_models(
-    session: Session, limit: int, offset: int, project: str | None = None
+    session: Session,
+    limit: int,
+    offset: int,
+    project: str | None = None,
+    *,
+    name: str | None = None,
+    tags: Sequence[str] = (),
 ) -> Page[ModelRow]:
+    """Models, newest first; ``name`` and ``tags`` filter as :func:`naming.filter_named`."""
     query = select(ModelRow)
     if project is not None:
         query = query.where(ModelRow.project == project)
+    query = filter_named(query, ModelRow.name, ModelRow.filename, ModelRow.tags, name=name, tags=tags)
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = session.scalars(
         query.order_by(ModelRow.created_at.desc(), ModelRow.id).limit(limit).offset(offset)
@@ -214,6 +225,8 @@ def dataset_public(row: DatasetRow) -> DatasetPublic:
         digest=row.digest,
         preprocess=row.preprocess,
         model_id=row.model_id,
+        name=row.name,
+        tags=tags_list(row.tags),
         created_at=row.created_at,
         project=row.project,
         links={"self": f"/v1/datasets/{row.id}"},
@@ -311,10 +324,17 @@ def list_datasets(
     offset: int,
     model_id: str | None = None,
     project: str | None = None,
+    *,
+    name: str | None = None,
+    tags: Sequence[str] = (),
 ) -> Page[DatasetRow]:
+    """Datasets, newest first; ``name`` and ``tags`` filter as :func:`naming.filter_named`."""
     query = select(DatasetRow)
     if project is not None:
         query = query.where(DatasetRow.project == project)
+    query = filter_named(
+        query, DatasetRow.name, DatasetRow.filename, DatasetRow.tags, name=name, tags=tags
+    )
     if model_id is not None:
         query = query.where(DatasetRow.model_id == model_id)
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
@@ -329,7 +349,8 @@ def delete_dataset(
 ) -> None:
     """Delete a dataset and its files; refused while builds reference it."""
     row = get_dataset(session, id_, field="id", project=project)
-    builds = session.scalar(select(func.count()).where(BuildRow.dataset_id == id_)) or 0
+    uses = or_(BuildRow.dataset_id == id_, BuildRow.eval_dataset_id == id_)
+    builds = session.scalar(select(func.count()).where(uses)) or 0
     if builds:
         raise InUseError(f"Dataset {id_[:12]} is used by {builds} build(s).")
     session.delete(row)

@@ -27,6 +27,7 @@ from core.errors import TrtforgeError
 from service.db import Database
 from service.db.models import BuildRow, DatasetRow, ModelRow, TableRow, utcnow
 from service.errors import BuildCancelledError, InsufficientStorageError
+from service.hints import rest_hint
 from service.schemas import (
     ArtifactInfo,
     BuildCreate,
@@ -40,6 +41,15 @@ from service.store.builds import link_build_files
 from service.store.catalog import dataset_path, load_table, model_path, store_table
 from service.store.storage import Storage, is_disk_full
 from service.worker.limits import allocation_failed, memory_limit_bytes, resource_limit_failure
+from service.worker.measures import (
+    EvalDataset,
+    eval_dataset_of,
+    open_dataset,
+    open_eval_dataset,
+    rank_nodes,
+    request_labels,
+    search_budget,
+)
 from service.worker.recorder import BuildRecorder
 
 if TYPE_CHECKING:
@@ -67,6 +77,8 @@ class BuildPlan:
     dataset_path: Path
     preprocess: dict[str, object] | None
     input_name: str | None
+    eval_dataset: EvalDataset | None = None
+    """The request's separate evaluation dataset (``eval_dataset_id``)."""
 
     def artifact_filename(self, suffix: str) -> str:
         """``<model stem>-<precision>-<build id prefix><suffix>``."""
@@ -79,6 +91,7 @@ def load_plan(db: Database, storage: Storage, build_id: str) -> BuildPlan:
         build = session.get_one(BuildRow, build_id)
         model = session.get_one(ModelRow, build.model_id)
         dataset = session.get_one(DatasetRow, build.dataset_id)
+        evaluation = session.get(DatasetRow, build.eval_dataset_id) if build.eval_dataset_id else None
         return BuildPlan(
             build_id=build.id,
             request=BuildCreate.model_validate(build.request),
@@ -91,6 +104,7 @@ def load_plan(db: Database, storage: Storage, build_id: str) -> BuildPlan:
             dataset_path=dataset_path(storage, dataset),
             preprocess=dataset.preprocess,
             input_name=dataset.input_name,
+            eval_dataset=eval_dataset_of(storage, evaluation),
         )
 
 
@@ -113,7 +127,7 @@ def run_build(
         code, message, hint = exc.code, exc.message, exc.hint
         if allocation_failed(message):  # recorded as such at once, not rewritten afterwards
             code, message, hint = resource_limit_failure(message, memory_limit_bytes(settings))
-        recorder.fail(code, message, hint, details=getattr(exc, "log", "") or "")
+        recorder.fail(code, message, rest_hint(hint), details=getattr(exc, "log", "") or "")
         return BuildStatus.FAILED
     except Exception as exc:
         if is_disk_full(exc):  # not a bug: the disk (or the database's) is full
@@ -190,6 +204,8 @@ def _run_stages(
         eval_fraction=request.accuracy.eval_fraction if request.accuracy.enabled else 0.0,
         seed=request.accuracy.seed,
         max_calibration_samples=request.calibration.max_samples,
+        eval_dataset=open_eval_dataset(plan.eval_dataset, settings),
+        labels=request_labels(request),
     )
     given = _given_table(plan, db, storage)
     calibration = flow.calibrate(
@@ -199,7 +215,12 @@ def _run_stages(
     if calibration is not None:
         summary = _summary(calibration.key or request.table_id, calibration, db, recorder)
     filename = plan.artifact_filename(flow.artifact_suffix)
-    artifact = flow.build(work / filename, calibration.table if calibration else None)
+    mixed = search_budget(flow, calibration, split, request)
+    artifact = flow.build(
+        work / filename,
+        calibration.table if calibration else None,
+        spec=mixed.apply_to(flow.spec) if mixed is not None else None,
+    )
     perf = flow.benchmark(
         artifact,
         split.evaluation,
@@ -208,7 +229,10 @@ def _run_stages(
     accuracy = gate = None
     if request.accuracy.enabled:
         accuracy = flow.evaluate(
-            artifact, split.evaluation, max_samples=request.accuracy.max_samples
+            artifact,
+            split.evaluation,
+            max_samples=request.accuracy.max_samples,
+            labels=split.eval_labels,
         )
         gate = flow.gate(accuracy)
     else:
@@ -216,6 +240,7 @@ def _run_stages(
             Stage.EVALUATE,
             "accuracy check disabled in the request: the accuracy gate is not checked",
         )
+    sensitivity = rank_nodes(flow, calibration, split, request)
     recorder.check_cancel()
     info = ArtifactInfo(
         filename=filename,
@@ -241,10 +266,16 @@ def _run_stages(
         artifact=info,
         artifact_metadata=artifact.metadata,
         quantized_nodes=list(artifact.metadata.quantized_nodes),
-        kept_nodes=dict(artifact.metadata.kept_nodes),
+        kept_nodes=(
+            mixed.label_kept_nodes(artifact.metadata.kept_nodes)
+            if mixed is not None
+            else dict(artifact.metadata.kept_nodes)
+        ),
         performance=perf,
         accuracy=accuracy,
         gate=gate,
+        mixed_precision=mixed,
+        sensitivity=sensitivity,
         environment=dict(perf.environment),
         stage_seconds=dict(recorder.stage_seconds),
     )
@@ -263,7 +294,7 @@ def _run_stages(
         )
     if gate is not None and not gate.passed:
         error = gate_error(gate, request.spec.precision)
-        recorder.fail(error.code, error.message, _rest_hint(error.hint), **published)
+        recorder.fail(error.code, error.message, rest_hint(error.hint), **published)
         return BuildStatus.FAILED
     recorder.succeed(**published)
     return BuildStatus.SUCCEEDED
@@ -283,20 +314,7 @@ def _rest_hint(hint: str) -> str:
 
 
 def _open_dataset(plan: BuildPlan, settings: Settings) -> CalibrationDataset:
-    from calibrators.archive import ArchiveLimits
-    from calibrators.data import CalibrationDataset
-    from calibrators.spec import PreprocessSpec
-
-    limits = ArchiveLimits(
-        max_members=settings.max_archive_members,
-        max_total_bytes=settings.max_archive_bytes,
-        max_member_bytes=settings.max_archive_member_bytes,
-        max_preprocessed_pixels=settings.max_preprocessed_pixels,
-    )
-    preprocess = PreprocessSpec.model_validate(plan.preprocess) if plan.preprocess else None
-    return CalibrationDataset.open(
-        plan.dataset_path, preprocess=preprocess, limits=limits, input_name=plan.input_name
-    )
+    return open_dataset(plan.dataset_path, plan.preprocess, plan.input_name, settings)
 
 
 def _given_table(plan: BuildPlan, db: Database, storage: Storage) -> CalibrationTable | None:

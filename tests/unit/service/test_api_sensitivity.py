@@ -1,0 +1,126 @@
+"""Per-node sensitivity as a build-scoped resource: asked for in a build request, or afterwards
+with ``POST /v1/builds/{id}/sensitivity``; computed on a worker (here: the pipeline run
+in-process on the tiny CNN, as the worker's child runs it)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app
+from service.db import Database
+from service.schemas import BuildStatus, SensitivityPublic
+from service.settings import Settings
+from service.store.storage import Storage
+from service.worker.pipeline import run_build
+from tests.unit.service.support import dataset_bytes, make_settings, model_bytes
+
+FAST = {"benchmark": {"warmup_ms": 0, "iterations": 3, "duration_s": 0}}
+QUICK = {"samples": 2, "max_nodes": 2, "only_this": True}
+
+
+@pytest.fixture
+def settings(tmp_path: Path, sqlite_url: str) -> Settings:
+    return make_settings(tmp_path / "data", sqlite_url)
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def ids(client: TestClient) -> dict[str, str]:
+    model = client.post("/v1/models", files={"file": ("tiny.onnx", model_bytes())}).json()
+    dataset = client.post(
+        "/v1/datasets",
+        files={"file": ("d.npz", dataset_bytes(count=10))},
+        data={"model_id": model["id"]},
+    ).json()
+    return {"model_id": model["id"], "dataset_id": dataset["id"]}
+
+
+def _run(settings: Settings, build_id: str) -> BuildStatus:
+    db = Database(settings.resolved_database_url)
+    try:
+        return run_build(build_id, db=db, storage=Storage(settings.data_dir), settings=settings)
+    finally:
+        db.dispose()
+
+
+def test_a_build_that_asks_for_sensitivity_ranks_its_nodes_by_onnx_name(
+    client: TestClient, settings: Settings, ids: dict[str, str]
+) -> None:
+    build = client.post("/v1/builds", json={**ids, **FAST, "sensitivity": QUICK}).json()
+    assert build["sensitivity"]["max_nodes"] == 2
+    assert build["links"]["sensitivity"] == f"/v1/builds/{build['id']}/sensitivity"
+    waiting = SensitivityPublic.model_validate(client.get(build["links"]["sensitivity"]).json())
+    assert (waiting.status, waiting.report, waiting.run_build_id) == (
+        BuildStatus.QUEUED,
+        None,
+        build["id"],
+    )
+    assert _run(settings, build["id"]) is BuildStatus.SUCCEEDED
+    done = SensitivityPublic.model_validate(client.get(build["links"]["sensitivity"]).json())
+    assert done.status is BuildStatus.SUCCEEDED and done.report is not None
+    report = done.report
+    assert report.evaluated_nodes == 2 and report.quantizable_nodes >= 2
+    assert [n.rank for n in report.nodes] == list(range(1, len(report.nodes) + 1))
+    quantized = client.get(f"/v1/builds/{build['id']}/report").json()["quantized_nodes"]
+    assert set(report.ranked_nodes) <= set(quantized)  # ONNX node names
+    assert client.get(f"/v1/builds/{build['id']}/report").json()["sensitivity"]["samples"] == 2
+
+
+def test_post_sensitivity_on_a_finished_build_queues_its_request_with_sensitivity(
+    client: TestClient, settings: Settings, ids: dict[str, str]
+) -> None:
+    build = client.post("/v1/builds", json={**ids, **FAST}).json()
+    assert _run(settings, build["id"]) is BuildStatus.SUCCEEDED
+    missing = client.get(f"/v1/builds/{build['id']}/sensitivity")
+    assert missing.status_code == 404
+    assert f"POST /v1/builds/{build['id']}/sensitivity" in missing.json()["error"]["hint"]
+
+    asked = client.post(f"/v1/builds/{build['id']}/sensitivity", json=QUICK)
+    assert asked.status_code == 202, asked.text
+    assert asked.headers["location"] == f"/v1/builds/{build['id']}/sensitivity"
+    public = SensitivityPublic.model_validate(asked.json())
+    assert public.build_id == build["id"] and public.run_build_id != build["id"]
+    assert (public.status, public.report) == (BuildStatus.QUEUED, None)
+    run = client.get(f"/v1/builds/{public.run_build_id}").json()
+    assert (run["spec"], run["model_id"]) == (build["spec"], build["model_id"])
+    again = client.post(f"/v1/builds/{build['id']}/sensitivity", json=QUICK)
+    assert again.status_code == 200 and again.json()["run_build_id"] == public.run_build_id
+
+    assert _run(settings, public.run_build_id) is BuildStatus.SUCCEEDED
+    assert client.get(f"/v1/builds/{public.run_build_id}").json()["table_from_cache"] is True
+    done = client.get(f"/v1/builds/{build['id']}/sensitivity").json()
+    assert done["status"] == "succeeded" and done["report"]["evaluated_nodes"] == 2
+    assert client.get(f"/v1/builds/{build['id']}").json()["links"]["sensitivity"]
+
+
+def test_sensitivity_of_a_build_without_int8_is_refused_naming_the_field(
+    client: TestClient, ids: dict[str, str]
+) -> None:
+    fp16 = client.post("/v1/builds", json={**ids, **FAST, "spec": {"precision": "fp16"}}).json()
+    answer = client.post(f"/v1/builds/{fp16['id']}/sensitivity", json={})
+    assert answer.status_code == 422
+    error = answer.json()["error"]
+    assert error["field"] == "sensitivity" and "int8" in error["hint"]
+    direct = client.post(
+        "/v1/builds", json={**ids, "spec": {"precision": "fp16"}, "sensitivity": {}}
+    )
+    assert direct.status_code == 422 and direct.json()["error"]["field"] == "sensitivity"
+
+
+def test_sensitivity_measured_in_accuracy_needs_labels(
+    client: TestClient, ids: dict[str, str]
+) -> None:
+    answer = client.post("/v1/builds", json={**ids, "sensitivity": {"metric": "accuracy"}})
+    assert answer.status_code == 422
+    assert answer.json()["error"]["field"] == "labels"
+    unknown = client.post("/v1/builds/" + "0" * 32 + "/sensitivity", json={})
+    assert unknown.status_code == 404
