@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from sqlalchemy import insert, text
 
+from engines.backends.base import BuildTarget
 from service.api.auth import authenticate, create_token
 from service.cli.server import register
 from service.db import Database
@@ -402,3 +403,21 @@ def _check_migration(db: Database) -> None:
         for table in ("tokens", "models", "datasets", "calibration_tables", "builds"):
             projects = conn.execute(text(f"SELECT project FROM {table}")).scalars().all()
             assert projects == ["default"], table
+
+
+def test_workers_show_only_the_callers_running_builds(
+    secured: TestClient, alpha: dict[str, str], beta: dict[str, str], admin: dict[str, str]
+) -> None:
+    ids = _model_and_dataset(secured, alpha)
+    build = secured.post("/v1/builds", json=ids, headers=alpha).json()
+    queue = secured.app.state.trtforge.queue  # type: ignore[attr-defined]
+    cpu = [BuildTarget(backend="onnxruntime", backend_version="1.22.0", compute_capability="cpu")]
+    queue.register_worker("w1", 1, cpu)
+    assert queue.claim("w1", cpu) is not None
+
+    def running(who: dict[str, str]) -> list[str]:
+        (worker,) = secured.get("/v1/workers", headers=who).json()
+        return list(worker["running_builds"])
+
+    assert running(alpha) == running(admin) == [build["id"]]
+    assert running(beta) == []
