@@ -31,6 +31,7 @@ trtforge's ``workers`` table.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any, cast
@@ -54,6 +55,8 @@ from service.worker.recorder import add_log, reset_for_retry
 __all__ = ["ProcrastinateQueue"]
 
 _CLAIM_ROUNDS = 5
+_CLEANUP_EVERY_S = 600.0
+"""How often a process removes the jobs of deleted builds (at its first recovery, then this)."""
 
 
 class ProcrastinateQueue(DatabaseQueue):
@@ -68,6 +71,7 @@ class ProcrastinateQueue(DatabaseQueue):
         self._connector = SyncPsycopgConnector()
         self._app = App(connector=self._connector)
         self._pg_workers: dict[str, int] = {}
+        self._next_cleanup = 0.0
         """Procrastinate's worker id of each worker registered through this object."""
 
     # -- queries on a session's connection ---------------------------------------------------
@@ -335,12 +339,14 @@ class ProcrastinateQueue(DatabaseQueue):
             self._all(session, "prune_stalled_workers", seconds_since_heartbeat=self._stale_s)
             self._withdraw(session, None)
             self._adopt(session)
-            raw_connection(session).execute(  # the ended jobs of deleted builds
-                "DELETE FROM procrastinate_jobs p WHERE p.task_name = %s "
-                "AND p.status NOT IN ('todo', 'doing') "
-                "AND NOT EXISTS (SELECT 1 FROM builds b WHERE b.id = p.lock)",
-                (TASK,),
-            )
+            if time.monotonic() >= self._next_cleanup:  # the ended jobs of deleted builds
+                raw_connection(session).execute(
+                    "DELETE FROM procrastinate_jobs p WHERE p.task_name = %s "
+                    "AND p.status NOT IN ('todo', 'doing') "
+                    "AND NOT EXISTS (SELECT 1 FROM builds b WHERE b.id = p.lock)",
+                    (TASK,),
+                )
+                self._next_cleanup = time.monotonic() + _CLEANUP_EVERY_S
             session.commit()
             stalled = self._all(
                 session,
