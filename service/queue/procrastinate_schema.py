@@ -14,10 +14,11 @@ from typing import Any
 
 import psycopg
 from procrastinate.schema import SchemaManager
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from service.db import Database
-from service.errors import SettingsError
+from service.errors import SettingsError, StorageError
 from service.schemas import TargetRequest
 
 __all__ = ["TASK", "ensure_schema", "queue_name", "raw_connection"]
@@ -49,28 +50,42 @@ def queue_name(backend: str, target: TargetRequest | None) -> str:
 def ensure_schema(db: Database) -> None:
     """Create Procrastinate's tables and functions unless they exist (idempotent; one process at
     a time). :class:`SettingsError` when they exist from a Procrastinate version without the
-    functions this queue calls (apply its migrations)."""
+    functions this queue calls (apply its migrations); :class:`StorageError` when the database
+    refuses."""
+    try:
+        missing = _apply_schema(db)
+    except (SQLAlchemyError, psycopg.Error) as exc:
+        raise StorageError(
+            f"Cannot apply Procrastinate's schema: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}",
+            hint="Check TRTFORGE_DATABASE_URL and the database server's permissions (CREATE on "
+            "the schema), or set TRTFORGE_QUEUE=database.",
+        ) from exc
+    if missing:
+        raise SettingsError(
+            "The database's Procrastinate schema is older than the installed Procrastinate "
+            f"(missing {', '.join(missing)}).",
+            hint="Apply Procrastinate's migrations newer than the schema's version (`procrastinate "
+            "schema --migrations-path` prints their folder), or set TRTFORGE_QUEUE=database.",
+            field="queue",
+        )
+
+
+def _apply_schema(db: Database) -> list[str]:
+    """Apply the schema unless it exists; the functions it lacks."""
     with db.engine.begin() as connection:
         conn = _driver(connection.connection.driver_connection)
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
         found = conn.execute("SELECT to_regclass('procrastinate_jobs')").fetchone()
         if found is None or found[0] is None:
             conn.execute(SchemaManager.get_schema())
-            return
-        missing = [
+            return []
+        return [
             name
             for name in _FUNCTIONS
             if conn.execute("SELECT 1 FROM pg_proc WHERE proname = %s", (name,)).fetchone()
             is None
         ]
-    if missing:
-        raise SettingsError(
-            "The database's Procrastinate schema is older than the installed Procrastinate "
-            f"(missing {', '.join(missing)}).",
-            hint="Apply Procrastinate's migrations (https://procrastinate.readthedocs.io/en/"
-            "stable/howto/production/migrations.html), or set TRTFORGE_QUEUE=database.",
-            field="queue",
-        )
 
 
 def _driver(connection: object) -> psycopg.Connection[Any]:
