@@ -37,6 +37,7 @@ __all__ = [
     "DatasetPublic",
     "ErrorEnvelope",
     "ErrorInfo",
+    "InputFile",
     "Label",
     "LogLine",
     "ModelPage",
@@ -63,8 +64,22 @@ __all__ = [
     "TokenCreate",
     "TokenCreated",
     "TokenPublic",
+    "WorkerAlive",
+    "WorkerArtifact",
+    "WorkerBuildFinish",
+    "WorkerBuildPlan",
+    "WorkerBuildState",
+    "WorkerBuildUpdate",
+    "WorkerCall",
+    "WorkerClaim",
+    "WorkerJob",
+    "WorkerLogLine",
     "WorkerPublic",
+    "WorkerRecovered",
+    "WorkerRegistration",
     "WorkerState",
+    "WorkerTable",
+    "WorkerTableStore",
     "stage_status",
 ]
 
@@ -118,17 +133,22 @@ _STAGE_STATUS = {
 
 
 class Scope(StrEnum):
-    """Token scopes; each includes the ones before it: read < build < admin."""
+    """Token scopes; each includes the ones before it: read < build < admin. ``worker`` is a
+    side branch: a build worker on another machine (``trtforge worker --api``) reads and serves
+    builds of every project through ``/v1/worker/...``, and nothing else; admin includes it."""
 
     READ = "read"
     BUILD = "build"
     ADMIN = "admin"
+    WORKER = "worker"
 
     @property
     def rank(self) -> int:
         return list(Scope).index(self)
 
     def allows(self, needed: Scope) -> bool:
+        if Scope.WORKER in (self, needed):
+            return self is needed or self is Scope.ADMIN or needed is Scope.READ
         return self.rank >= needed.rank
 
 
@@ -789,3 +809,149 @@ class SweepPublic(SweepSummary):
 
 class SweepPage(_Page):
     items: list[SweepSummary]
+
+
+# -- workers on other machines (``/v1/worker/...``, the ``worker`` scope) -------------------------
+
+
+class WorkerRegistration(_Frozen):
+    """``POST /v1/worker/register``: a worker on another machine starts."""
+
+    id: str = Field(min_length=1, max_length=64)
+    slots: int = Field(ge=1, le=1024)
+    targets: list[BuildTarget] = Field(min_length=1, max_length=64)
+    labels: list[Label] = Field(default_factory=list, max_length=MAX_LABELS)
+
+
+class WorkerCall(_Frozen):
+    """A worker's heartbeat or its goodbye."""
+
+    worker_id: str = Field(min_length=1, max_length=64)
+
+
+class WorkerAlive(_Answer):
+    alive: bool
+    """False: the worker had been declared dead; it drops its builds and registers again."""
+
+
+class WorkerClaim(_Frozen):
+    """``POST /v1/worker/claim``: the oldest queued build one of ``targets`` serves."""
+
+    worker_id: str = Field(min_length=1, max_length=64)
+    targets: list[BuildTarget] = Field(min_length=1, max_length=64)
+
+
+class WorkerJob(_Frozen):
+    """A claimed job (the queue's ``Job``)."""
+
+    id: int = Field(ge=0)
+    build_id: str = Field(min_length=1, max_length=_MAX_ID_CHARS)
+    attempt: int = Field(ge=0)
+
+
+class WorkerRecovered(_Answer):
+    requeued: list[str]
+    failed: list[str]
+
+
+class WorkerBuildState(_Answer):
+    """What a worker needs to know of a build it runs."""
+
+    status: BuildStatus
+    cancel_requested: bool
+    worker_id: str | None
+
+
+class InputFile(_Answer):
+    """One file of a stored model or dataset, as a worker downloads it."""
+
+    path: str
+    """Relative to the model's or dataset's folder (``/``-separated)."""
+    size_bytes: int
+    sha256: str
+
+
+class WorkerBuildPlan(_Answer):
+    """``GET /v1/worker/builds/{id}/plan``: what a worker needs to run a build it claimed."""
+
+    build_id: str
+    request: BuildCreate
+    backend: str
+    """The backend of the target the claim chose."""
+    model_id: str
+    model_filename: str
+    onnx_filename: str
+    model_files: list[InputFile]
+    dataset_id: str
+    dataset_filename: str
+    data_filename: str
+    dataset_files: list[InputFile]
+    preprocess: dict[str, Any] | None
+    input_name: str | None
+
+
+class WorkerLogLine(_Frozen):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    stage: Stage | None = None
+    message: str = Field(max_length=20_000)
+
+
+class WorkerBuildUpdate(_Frozen):
+    """``POST /v1/worker/builds/{id}/update``: a running build's progress (only the fields sent
+    are set), and an optional log line; answered with the build's state (a cancel request)."""
+
+    worker_id: str = Field(min_length=1, max_length=64)
+    started: bool = False
+    """The attempt starts: ``started_at`` is now, the stage timings are cleared."""
+    status: BuildStatus | None = None
+    """A running status (``calibrating`` ...), never a terminal one (``/finish`` ends builds)."""
+    stage: Stage | None = None
+    progress: float | None = Field(default=None, ge=0.0, le=1.0)
+    stage_seconds: dict[str, float] | None = Field(default=None, max_length=16)
+    table_id: str | None = Field(default=None, max_length=_MAX_ID_CHARS)
+    table_from_cache: bool | None = None
+    log: WorkerLogLine | None = None
+
+    @field_validator("status")
+    @classmethod
+    def _running(cls, status: BuildStatus | None) -> BuildStatus | None:
+        if status is not None and not status.running:
+            raise ValueError("an update sets a running status; /finish ends a build")
+        return status
+
+
+class WorkerArtifact(_Frozen):
+    """An artifact and report a worker uploaded (``POST /v1/worker/uploads``) for its build."""
+
+    filename: str = Field(min_length=1, max_length=255)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    metadata: ArtifactMetadata
+    """The sidecar (``<artifact>.json``)."""
+    report_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class WorkerBuildFinish(_Frozen):
+    """``POST /v1/worker/builds/{id}/finish``: the build's outcome, its artifact and report
+    linked (they were uploaded first) in the same step."""
+
+    worker_id: str = Field(min_length=1, max_length=64)
+    status: Literal[BuildStatus.SUCCEEDED, BuildStatus.FAILED, BuildStatus.CANCELLED]
+    error: ErrorInfo | None = None
+    details: str = Field(default="", max_length=200_000)
+    """A failure's details (a traceback, a backend's log) for the build log."""
+    artifact: WorkerArtifact | None = None
+
+
+class WorkerTable(_Answer):
+    """A stored calibration table, for a worker: its record and its JSON text."""
+
+    info: TablePublic
+    table_json: str
+
+
+class WorkerTableStore(_Frozen):
+    """``PUT /v1/worker/builds/{id}/tables/{key}``: a table a worker calibrated."""
+
+    worker_id: str = Field(min_length=1, max_length=64)
+    table_json: str
+

@@ -29,6 +29,7 @@ from service.api import (
     sweeps,
     tables,
     tokens,
+    worker_routes,
     workers,
 )
 from service.api.auth import session_secret
@@ -132,7 +133,9 @@ def create_app(settings: Settings) -> FastAPI:
         tables.router,
         tokens.router,
         workers.router,
+        worker_routes.router,
         dashboard.router,
     ):
         app.include_router(router)
     return app
+

@@ -35,6 +35,7 @@ __all__ = [
     "ReadAccess",
     "SessionDep",
     "StateDep",
+    "WorkerAccess",
     "get_state",
 ]
 
@@ -108,6 +109,8 @@ def _require(scope: Scope) -> Callable[[Request, AppState], Awaitable[Principal]
 ReadAccess = Annotated[Principal, Depends(_require(Scope.READ))]
 BuildAccess = Annotated[Principal, Depends(_require(Scope.BUILD))]
 AdminAccess = Annotated[Principal, Depends(_require(Scope.ADMIN))]
+WorkerAccess = Annotated[Principal, Depends(_require(Scope.WORKER))]
+"""A build worker on another machine (``/v1/worker/...``): a ``worker`` or ``admin`` token."""
 
 
 MAX_OFFSET = 1 << 31

@@ -53,7 +53,12 @@ __all__ = [
 ]
 
 UPLOAD_ROUTES = frozenset(
-    {("POST", "/v1/models"), ("POST", "/v1/datasets"), ("POST", "/v1/calibration-tables")}
+    {
+        ("POST", "/v1/models"),
+        ("POST", "/v1/datasets"),
+        ("POST", "/v1/calibration-tables"),
+        ("POST", "/v1/worker/uploads"),
+    }
 )
 """The routes that stream multipart uploads (capped at ``max_upload_bytes``, not the JSON cap)."""
 MULTIPART_OVERHEAD_BYTES = 1 << 20
@@ -332,3 +337,4 @@ class EdgeGuard:
 
 async def _no_body() -> Message:
     return {"type": "http.disconnect"}
+

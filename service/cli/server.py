@@ -133,12 +133,32 @@ def serve(
     help="A label this worker carries (repeatable; added to TRTFORGE_WORKER_LABELS). Builds "
     "that ask for labels run only on workers that carry all of them.",
 )
+@click.option(
+    "--api",
+    "api_url",
+    envvar="TRTFORGE_API_URL",
+    default=None,
+    help="Work through this API (e.g. http://api:8000; env TRTFORGE_API_URL) instead of the "
+    "database: no shared filesystem, inputs cached in --data-dir. Needs a worker token.",
+)
+@click.option(
+    "--token",
+    envvar="TRTFORGE_TOKEN",
+    default=None,
+    help="With --api: a token of scope worker (env TRTFORGE_TOKEN).",
+)
 @_local_options
 @handle_errors
 def worker(
-    slots: int | None, labels: tuple[str, ...], data_dir: Path | None, database_url: str | None
+    slots: int | None,
+    labels: tuple[str, ...],
+    api_url: str | None,
+    token: str | None,
+    data_dir: Path | None,
+    database_url: str | None,
 ) -> None:
-    """Run build workers against the server's database (until Ctrl-C or SIGTERM)."""
+    """Run build workers against the server's database, or through its API with --api (until
+    Ctrl-C or SIGTERM)."""
     from service.db import Database
     from service.queue import open_queue
     from service.settings import load_settings
@@ -153,6 +173,13 @@ def worker(
             workers=slots,
             worker_labels=[*settings.worker_labels, *labels],
         )
+    if api_url is not None:
+        if database_url is not None:
+            raise click.UsageError("Give --api or --database-url, not both.")
+        from service.worker.remote import run_remote_worker
+
+        run_remote_worker(settings, api_url, token, echo=lambda line: click.echo(line, err=True))
+        return
     db = Database.from_settings(settings)
     storage = Storage(settings.data_dir)
     storage.prepare()
@@ -525,3 +552,4 @@ def _target(build: Any) -> str:
         return f"{build.requested_backend}, waiting for a worker"
     where = "" if build.compute_capability in (None, "cpu") else f", sm {build.compute_capability}"
     return f"{build.backend} {build.backend_version}{where}"
+

@@ -19,9 +19,10 @@ from __future__ import annotations
 import logging
 import shutil
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from core.errors import TrtforgeError
 from service.db import Database
@@ -35,10 +36,11 @@ from service.schemas import (
     BuildStatus,
     CalibrationSummary,
     Stage,
+    TablePublic,
 )
 from service.settings import Settings
 from service.store.builds import link_build_files
-from service.store.catalog import dataset_path, load_table, model_path, store_table
+from service.store.catalog import dataset_path, load_table, model_path, store_table, table_public
 from service.store.storage import Storage, is_disk_full
 from service.worker.limits import allocation_failed, memory_limit_bytes, resource_limit_failure
 from service.worker.measures import (
@@ -50,14 +52,14 @@ from service.worker.measures import (
     request_labels,
     search_budget,
 )
-from service.worker.recorder import BuildRecorder
+from service.worker.recorder import BuildRecorder, RecorderBase
 
 if TYPE_CHECKING:
     from calibrators.data import CalibrationDataset
     from calibrators.table import CalibrationTable
     from engines.workflow import Calibration
 
-__all__ = ["BuildPlan", "run_build"]
+__all__ = ["BuildPlan", "BuildStore", "LocalStore", "execute", "run_build"]
 
 log = logging.getLogger(__name__)
 
@@ -108,18 +110,71 @@ def load_plan(db: Database, storage: Storage, build_id: str) -> BuildPlan:
         )
 
 
+class BuildStore(Protocol):
+    """Where a build's tables come from and its results go: the service's database and storage
+    (:class:`LocalStore`), or the API, for a worker on another machine
+    (:class:`service.worker.remote_build.RemoteStore`)."""
+
+    def lookup(self, key: str) -> CalibrationTable | None:
+        """The table cached under ``key`` (the workflow's table cache), or None."""
+        ...
+
+    def store(self, key: str, table: CalibrationTable) -> None:
+        """Cache ``table`` under ``key``."""
+        ...
+
+    def given_table(self, table_id: str) -> CalibrationTable:
+        """A stored table the request names."""
+        ...
+
+    def table_info(self, table_id: str) -> TablePublic:
+        """A stored table's record (for the report's calibration summary)."""
+        ...
+
+    def publish(
+        self,
+        *,
+        artifact: Path,
+        artifact_sha256: str,
+        artifact_filename: str,
+        artifact_metadata: dict[str, Any],
+        report: Path,
+    ) -> dict[str, Any]:
+        """Store the artifact and report and link the build to them; the build columns set."""
+        ...
+
+
 def run_build(
     build_id: str, *, db: Database, storage: Storage, settings: Settings, attempt: int | None = None
 ) -> BuildStatus:
     """Run a build to a terminal status (recorded in the database), and return that status."""
+
+    def prepare() -> tuple[BuildPlan, BuildStore]:
+        plan = load_plan(db, storage, build_id)
+        return plan, LocalStore(plan, db, storage)
+
     recorder = BuildRecorder(db, build_id, data_dir=settings.data_dir)
     work = storage.work_dir(build_id)
+    return execute(recorder, prepare, work=work, settings=settings, attempt=attempt)
+
+
+def execute(
+    recorder: RecorderBase,
+    prepare: Callable[[], tuple[BuildPlan, BuildStore]],
+    *,
+    work: Path,
+    settings: Settings,
+    attempt: int | None = None,
+) -> BuildStatus:
+    """Run a build to a terminal status, recorded through ``recorder``: ``prepare`` reads its
+    plan and opens its store; every failure is recorded (never raised), ``work`` is removed."""
+    build_id = recorder.build_id
     shutil.rmtree(work, ignore_errors=True)  # leftovers of an interrupted attempt
     work.mkdir(parents=True)
     try:
-        plan = load_plan(db, storage, build_id)
+        plan, store = prepare()
         recorder.start(attempt)
-        return _run_stages(plan, recorder, work, db, storage, settings)
+        return _run_stages(plan, recorder, work, store, settings)
     except BuildCancelledError:
         recorder.cancelled()
         return BuildStatus.CANCELLED
@@ -148,8 +203,9 @@ def run_build(
         shutil.rmtree(work, ignore_errors=True)
 
 
-class _ServiceTables:
-    """The workflow's table cache: calibration tables stored as blobs with a row each."""
+class LocalStore:
+    """:class:`BuildStore` on the service's database and storage: calibration tables stored as
+    blobs with a row each; artifact and report published as blobs linked to the build row."""
 
     def __init__(self, plan: BuildPlan, db: Database, storage: Storage) -> None:
         self._plan, self._db, self._storage = plan, db, storage
@@ -172,13 +228,41 @@ class _ServiceTables:
                 missing=[],
             )
 
+    def given_table(self, table_id: str) -> CalibrationTable:
+        with self._db.session() as session:
+            return load_table(self._storage, session.get_one(TableRow, table_id))
+
+    def table_info(self, table_id: str) -> TablePublic:
+        with self._db.session() as session:
+            return table_public(session.get_one(TableRow, table_id))
+
+    def publish(
+        self,
+        *,
+        artifact: Path,
+        artifact_sha256: str,
+        artifact_filename: str,
+        artifact_metadata: dict[str, Any],
+        report: Path,
+    ) -> dict[str, Any]:
+        with self._db.session() as session:  # stored and linked under the blobs' locks
+            return link_build_files(
+                session,
+                self._storage,
+                self._plan.build_id,
+                artifact=artifact,
+                artifact_sha256=artifact_sha256,
+                artifact_filename=artifact_filename,
+                artifact_metadata=artifact_metadata,
+                report=report,
+            )
+
 
 def _run_stages(
     plan: BuildPlan,
-    recorder: BuildRecorder,
+    recorder: RecorderBase,
     work: Path,
-    db: Database,
-    storage: Storage,
+    store: BuildStore,
     settings: Settings,
 ) -> BuildStatus:
     from engines.gate import gate_error
@@ -195,7 +279,7 @@ def _run_stages(
         plan.model_path,
         spec,
         recorder=recorder,
-        store=_ServiceTables(plan, db, storage),
+        store=store,
         model_sha256=plan.model_id,
         work_dir=work,
     )
@@ -207,13 +291,13 @@ def _run_stages(
         eval_dataset=open_eval_dataset(plan.eval_dataset, settings),
         labels=request_labels(request),
     )
-    given = _given_table(plan, db, storage)
+    given = store.given_table(request.table_id) if request.table_id is not None else None
     calibration = flow.calibrate(
         split.calibration, table=given, batch_size=request.calibration.batch_size
     )
     summary = None
     if calibration is not None:
-        summary = _summary(calibration.key or request.table_id, calibration, db, recorder)
+        summary = _summary(calibration.key or request.table_id, calibration, store, recorder)
     filename = plan.artifact_filename(flow.artifact_suffix)
     mixed = search_budget(flow, calibration, split, request)
     artifact = flow.build(
@@ -281,17 +365,13 @@ def _run_stages(
     )
     report_path = work / "trtforge-report.json"
     report_path.write_bytes(report.model_dump_json(indent=2).encode("utf-8"))
-    with db.session() as session:  # stored and linked under the blobs' locks (store.blobs)
-        published = link_build_files(
-            session,
-            storage,
-            plan.build_id,
-            artifact=artifact.path,
-            artifact_sha256=info.sha256,
-            artifact_filename=info.filename,
-            artifact_metadata=artifact.metadata.model_dump(mode="json"),
-            report=report_path,
-        )
+    published = store.publish(
+        artifact=artifact.path,
+        artifact_sha256=info.sha256,
+        artifact_filename=info.filename,
+        artifact_metadata=artifact.metadata.model_dump(mode="json"),
+        report=report_path,
+    )
     if gate is not None and not gate.passed:
         error = gate_error(gate, request.spec.precision)
         recorder.fail(error.code, error.message, rest_hint(error.hint), **published)
@@ -317,26 +397,20 @@ def _open_dataset(plan: BuildPlan, settings: Settings) -> CalibrationDataset:
     return open_dataset(plan.dataset_path, plan.preprocess, plan.input_name, settings)
 
 
-def _given_table(plan: BuildPlan, db: Database, storage: Storage) -> CalibrationTable | None:
-    if plan.request.table_id is None:
-        return None
-    with db.session() as session:
-        return load_table(storage, session.get_one(TableRow, plan.request.table_id))
-
-
 def _summary(
-    key: str | None, calibration: Calibration, db: Database, recorder: BuildRecorder
+    key: str | None, calibration: Calibration, store: BuildStore, recorder: RecorderBase
 ) -> CalibrationSummary:
-    """The report's calibration summary, from the table row the workflow used or stored."""
-    with db.session() as session:
-        row = session.get_one(TableRow, key)
-        summary = CalibrationSummary(
-            table_id=row.id,
-            from_cache=calibration.from_cache,
-            source=row.source,
-            method=row.method,
-            samples=row.samples,
-            num_tensors=row.num_tensors,
-        )
+    """The report's calibration summary, from the table the workflow used or stored."""
+    if key is None:
+        raise ValueError("a calibrated build has a table key")
+    row = store.table_info(key)
+    summary = CalibrationSummary(
+        table_id=row.id,
+        from_cache=calibration.from_cache,
+        source=row.source,
+        method=row.method,
+        samples=row.samples,
+        num_tensors=row.num_tensors,
+    )
     recorder.set_table(row.id, calibration.from_cache)
     return summary

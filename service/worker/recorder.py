@@ -21,7 +21,14 @@ from service.db.models import BuildLogRow, BuildRow, utcnow
 from service.errors import BuildCancelledError, scrub_paths
 from service.schemas import BuildStatus, Stage, stage_status
 
-__all__ = ["STAGE_WEIGHTS", "BuildRecorder", "StageProgress", "add_log", "reset_for_retry"]
+__all__ = [
+    "STAGE_WEIGHTS",
+    "BuildRecorder",
+    "RecorderBase",
+    "StageProgress",
+    "add_log",
+    "reset_for_retry",
+]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +72,7 @@ def reset_for_retry(build: BuildRow) -> None:
     build.error_code = build.error_message = build.error_hint = None
     build.started_at = build.finished_at = None
     build.cancel_requested = False
+    build.worker_id = None  # no worker holds it now: a late write of the old one is refused
 
 
 def _stage_start(stage: Stage) -> float:
@@ -74,7 +82,7 @@ def _stage_start(stage: Stage) -> float:
 class StageProgress:
     """Progress callbacks for one stage, throttled."""
 
-    def __init__(self, recorder: BuildRecorder, stage: Stage) -> None:
+    def __init__(self, recorder: RecorderBase, stage: Stage) -> None:
         self._recorder = recorder
         self._stage = stage
         self._last_write = 0.0
@@ -101,18 +109,14 @@ class StageProgress:
         self.fraction(done)
 
 
-class BuildRecorder:
-    """Writes one build's state. Every write is its own short transaction."""
+class RecorderBase:
+    """What a build records, and in which order; where it goes is the subclass's:
+    :class:`BuildRecorder` writes the database, :class:`service.worker.remote_build.RemoteRecorder`
+    sends it to the API (a worker on another machine)."""
 
     def __init__(
-        self,
-        db: Database,
-        build_id: str,
-        *,
-        min_interval_s: float = 0.5,
-        data_dir: Path | None = None,
+        self, build_id: str, *, min_interval_s: float = 0.5, data_dir: Path | None = None
     ) -> None:
-        self.db = db
         self.build_id = build_id
         self.data_dir = data_dir
         """Paths under it (and the machine's temp, home, working and Python folders) are cut to
@@ -120,45 +124,24 @@ class BuildRecorder:
         self.min_interval_s = min_interval_s
         self.stage_seconds: dict[str, float] = {}
 
-    def _update(self, line: tuple[str, str] | None = None, **values: Any) -> BuildRow:
-        """Set columns, plus an optional (level, message) log line in the same transaction."""
-        with self.db.session() as session:
-            build = session.get_one(BuildRow, self.build_id)
-            for key, value in values.items():
-                setattr(build, key, value)
-            if line is not None:
-                level, message = line
-                self._echo(level, message)
-                add_log(session, self.build_id, message, level=level)
-            session.commit()
-            return build
+    def _update(self, line: tuple[str, str] | None = None, **values: Any) -> object:
+        """Set the build's columns ``values``, plus an optional (level, message) log line."""
+        raise NotImplementedError
+
+    def log(self, message: str, *, level: str = "info", stage: Stage | None = None) -> None:
+        raise NotImplementedError
+
+    def check_cancel(self) -> None:
+        """Raise :class:`BuildCancelledError` when a cancel was requested (stage boundaries)."""
+        raise NotImplementedError
 
     def _echo(self, level: str, message: str) -> None:
         getattr(log, level if level in ("debug", "info", "warning", "error") else "info")(
             "build %s: %s", self.build_id[:8], message
         )
 
-    def log(self, message: str, *, level: str = "info", stage: Stage | None = None) -> None:
-        self._echo(level, message)
-        with self.db.session() as session:
-            add_log(
-                session,
-                self.build_id,
-                scrub_paths(message, self.data_dir),
-                level=level,
-                stage=stage,
-            )
-            session.commit()
-
     def set_progress(self, overall: float) -> None:
         self._update(progress=round(min(max(overall, 0.0), 1.0), 4))
-
-    def check_cancel(self) -> None:
-        """Raise :class:`BuildCancelledError` when a cancel was requested (stage boundaries)."""
-        with self.db.session() as session:
-            build = session.get_one(BuildRow, self.build_id)
-            if build.cancel_requested:
-                raise BuildCancelledError("The build was cancelled.")
 
     def start(self, attempt: int | None) -> None:
         self._update(started_at=utcnow(), stage_seconds={})
@@ -227,3 +210,50 @@ class BuildRecorder:
             stage=None,
             finished_at=utcnow(),
         )
+
+
+class BuildRecorder(RecorderBase):
+    """Writes one build's state. Every write is its own short transaction."""
+
+    def __init__(
+        self,
+        db: Database,
+        build_id: str,
+        *,
+        min_interval_s: float = 0.5,
+        data_dir: Path | None = None,
+    ) -> None:
+        super().__init__(build_id, min_interval_s=min_interval_s, data_dir=data_dir)
+        self.db = db
+
+    def _update(self, line: tuple[str, str] | None = None, **values: Any) -> BuildRow:
+        """Set columns, plus an optional (level, message) log line in the same transaction."""
+        with self.db.session() as session:
+            build = session.get_one(BuildRow, self.build_id)
+            for key, value in values.items():
+                setattr(build, key, value)
+            if line is not None:
+                level, message = line
+                self._echo(level, message)
+                add_log(session, self.build_id, message, level=level)
+            session.commit()
+            return build
+
+    def log(self, message: str, *, level: str = "info", stage: Stage | None = None) -> None:
+        self._echo(level, message)
+        with self.db.session() as session:
+            add_log(
+                session,
+                self.build_id,
+                scrub_paths(message, self.data_dir),
+                level=level,
+                stage=stage,
+            )
+            session.commit()
+
+    def check_cancel(self) -> None:
+        """Raise :class:`BuildCancelledError` when a cancel was requested (stage boundaries)."""
+        with self.db.session() as session:
+            build = session.get_one(BuildRow, self.build_id)
+            if build.cancel_requested:
+                raise BuildCancelledError("The build was cancelled.")

@@ -32,11 +32,12 @@ from service.worker.limits import (
     memory_limit_bytes,
     resource_limit_failure,
 )
+from service.worker.remote_client import RemoteAccess
 
 if TYPE_CHECKING:
     from service.db import Database
 
-__all__ = ["RunnerInput", "limit_memory", "main", "memory_limit_bytes"]
+__all__ = ["RemoteAccess", "RunnerInput", "limit_memory", "main", "memory_limit_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ class RunnerInput(BaseModel):
     settings: dict[str, object]
     parent_pid: int
     gpu_index: int | None = None
+    remote: RemoteAccess | None = None
+    """Set for a worker on another machine: the build reads and records through the API
+    (:mod:`service.worker.remote_build`) instead of the database."""
 
 
 def _die_with_parent(parent: int) -> None:
@@ -114,6 +118,14 @@ def main() -> int:
     settings = Settings.model_validate(payload.settings)
     limit = memory_limit_bytes(settings)
     limit_memory(limit)  # before the heavy imports below
+    if payload.remote is not None:
+        from service.worker.remote_build import run_remote_build
+
+        outcome = run_remote_build(
+            payload.build_id, payload.attempt, payload.remote, settings, limit, _Cancelled
+        )
+        print(json.dumps({"build_id": payload.build_id, "status": outcome}), flush=True)
+        return 0
     from service.db import Database
     from service.store.storage import Storage
     from service.worker.pipeline import run_build

@@ -111,7 +111,7 @@ class Worker:
     def __init__(
         self,
         settings: Settings,
-        db: Database,
+        db: Database | None,
         storage: Storage,
         queue: JobQueue,
         *,
@@ -119,6 +119,8 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.db = db
+        """None for a worker on another machine (:class:`service.worker.remote.RemoteWorker`),
+        which overrides the methods that read or write builds."""
         self.storage = storage
         self.queue = queue
         self.slots = slots if slots is not None else default_slots(settings)
@@ -292,21 +294,34 @@ class Worker:
 
     # -- one job -----------------------------------------------------------------------------
 
+    def _database(self) -> Database:
+        if self.db is None:
+            raise RuntimeError("this worker has no database: its subclass reads builds")
+        return self.db
+
+    def _build_status(self, build_id: str) -> BuildStatus | None:
+        """The build's status; None when it is gone."""
+        with self._database().session() as session:
+            build = session.get(BuildRow, build_id)
+            return None if build is None else BuildStatus(build.status)
+
+    def _runner_input(self, job: Job, gpu: int | None) -> RunnerInput:
+        """What the build's child process reads on its stdin."""
+        return RunnerInput(
+            build_id=job.build_id,
+            attempt=job.attempt,
+            settings=self.settings.model_dump(mode="json"),
+            parent_pid=os.getpid(),
+            gpu_index=gpu,
+        )
+
     def _run(self, job: Job, gpu: int | None) -> None:
         try:
-            with self.db.session() as session:
-                build = session.get(BuildRow, job.build_id)
-                ended = build is None or BuildStatus(build.status).terminal
-            if ended:
+            status = self._build_status(job.build_id)
+            if status is None or status.terminal:
                 self._retry(lambda: self.queue.finish(job), "finishing an ended job")
                 return
-            payload = RunnerInput(
-                build_id=job.build_id,
-                attempt=job.attempt,
-                settings=self.settings.model_dump(mode="json"),
-                parent_pid=os.getpid(),
-                gpu_index=gpu,
-            )
+            payload = self._runner_input(job, gpu)
             process = subprocess.Popen(
                 [sys.executable, "-m", "service.worker.runner"],
                 stdin=subprocess.PIPE,
@@ -382,9 +397,7 @@ class Worker:
             self.queue.release(item.job)
             self.storage.remove_entry(self.storage.work_dir(build_id))
             return
-        with self.db.session() as session:
-            build = session.get(BuildRow, build_id)
-            status = BuildStatus(build.status) if build is not None else BuildStatus.FAILED
+        status = self._build_status(build_id) or BuildStatus.FAILED
         if not status.terminal:
             code = item.process.returncode
             if item.stopped_for is _Stop.CANCEL or item.cancel_seen is not None:
@@ -418,7 +431,7 @@ class Worker:
             return False
 
     def _cancel_requested(self, build_id: str) -> bool:
-        with self.db.session() as session:
+        with self._database().session() as session:
             build = session.get(BuildRow, build_id)
             return bool(build is not None and build.cancel_requested)
 
@@ -432,7 +445,7 @@ class Worker:
         error: tuple[str, str, str] | None,
         line: str,
     ) -> None:
-        with self.db.session() as session:
+        with self._database().session() as session:
             build = session.get(BuildRow, build_id)
             if build is None or BuildStatus(build.status).terminal:
                 return
