@@ -65,6 +65,12 @@ MULTIPART_OVERHEAD_BYTES = 1 << 20
 """Multipart framing and text fields allowed on top of an upload's file size."""
 PUBLIC_BODY_PATHS = frozenset({"/login"})
 """Routes that take a body without a token (the dashboard's sign-in form)."""
+DASHBOARD_UPLOAD_ROUTES = frozenset({("POST", "/ui/models"), ("POST", "/ui/datasets")})
+"""The dashboard's uploads (``service/dashboard/forms.py``; not in the OpenAPI schema): capped
+as the upload routes are."""
+DASHBOARD_FORMS_PREFIX = "/ui/"
+"""The dashboard's form posts: they authenticate with the session cookie and a CSRF token in
+the route (:mod:`service.dashboard.session`), not with a bearer token here."""
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 CORS_ALLOWED_HEADERS = (
@@ -231,7 +237,8 @@ class EdgeGuard:
             )
 
     def _body_limit(self, request: _Request) -> int:
-        if (request.method, request.path.rstrip("/") or "/") in UPLOAD_ROUTES:
+        route = (request.method, request.path.rstrip("/") or "/")
+        if route in UPLOAD_ROUTES or route in DASHBOARD_UPLOAD_ROUTES:
             return self.policy.upload_body_bytes
         return self.policy.json_body_bytes
 
@@ -248,7 +255,7 @@ class EdgeGuard:
 
     async def _authenticate_early(self, request: _Request) -> None:
         """401/403 before the body is read; the route checks the exact scope again."""
-        if request.path in PUBLIC_BODY_PATHS:
+        if request.path in PUBLIC_BODY_PATHS or request.path.startswith(DASHBOARD_FORMS_PREFIX):
             return
         authorization = request.headers.get("authorization")
         if not authorization and not self.policy.auth_required:
@@ -337,4 +344,3 @@ class EdgeGuard:
 
 async def _no_body() -> Message:
     return {"type": "http.disconnect"}
-

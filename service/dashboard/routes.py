@@ -1,81 +1,270 @@
-"""Dashboard routes: ``/`` (builds with status, links to reports and artifacts), ``/login`` (signs
-in with a token when the server requires one: the cookie holds a signed, expiring session, never
-the token) and ``/logout``."""
+"""Dashboard routes: the builds list (``/``), a build's page (``/builds/{id}``) and the fragments
+its scripts swap in while the build runs, sign-in (``/login``: a token becomes a signed,
+expiring session cookie, never the token itself) and sign-out, and the vendored static files.
+Forms (``forms.py``) and the catalog pages (``catalog.py``) are included here."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Query, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse, Response
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from core.errors import TrtforgeError
-from service.api.auth import (
-    SESSION_COOKIE,
-    authenticate,
-    authenticate_request,
-    create_session,
-    session_secret,
-)
+from engines.spec import Precision
+from service.api.auth import SESSION_COOKIE, authenticate, create_session, session_secret
+from service.api.builds import load_build
 from service.api.deps import AppState, StateDep
-from service.dashboard.render import render
-from service.schemas import BuildStatus, Scope
+from service.dashboard import catalog, forms, sweeps
+from service.dashboard.queries import BuildFilter, filtered_builds
+from service.dashboard.session import CSRF_FIELD, Viewer, check_csrf, secure_cookies, viewer_of
+from service.dashboard.views import (
+    accuracy_chart,
+    calibration_page,
+    json_for_script,
+    latency_chart,
+    load_report,
+    sensitivity_chart,
+    stages_of,
+    summary_of,
+)
+from service.dashboard.web import error_page, page, sign_in_page
+from service.db.models import BuildRow
+from service.errors import AuthenticationError, NotFoundError, PermissionDeniedError
+from service.schemas import BuildStatus, Scope, SensitivityPublic
 from service.store import builds
+from service.store import catalog as store
+from service.store import sensitivity as sensitivity_store
+from service.store.storage import Storage
 
 __all__ = ["router"]
 
 router = APIRouter(include_in_schema=False)
+router.include_router(forms.router)  # first: /builds/new before /builds/{build_id}
+router.include_router(catalog.router)
+router.include_router(sweeps.router)
 
+STATIC = Path(__file__).resolve().parent / "static"
+_STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".md": "text/plain"}
 _PAGE_SIZE = 50
 _MAX_PAGE = 1_000_000
+_LOG_LINES = 2000
+_TARGETS = ("tensorrt", "onnxruntime", "auto")
 
 
-@router.get("/", response_class=HTMLResponse)
-def index(
+def _report_of(storage: Storage, sha256: str | None) -> dict[str, Any] | None:
+    return load_report(storage.blob_path(sha256)) if sha256 else None
+
+
+def _row_context(state: AppState, row: Any, model_filename: str) -> dict[str, Any]:
+    build = builds.build_public(row)
+    report = _report_of(state.storage, row.report_sha256)
+    return {"b": build, "s": summary_of(build, report), "model_filename": model_filename}
+
+
+@router.get("/", response_class=Response)
+async def index(
     request: Request,
     state: StateDep,
     status: Annotated[BuildStatus | None, Query()] = None,
-    page: Annotated[int, Query(ge=1, le=_MAX_PAGE)] = 1,
+    model: Annotated[str, Query(max_length=200)] = "",
+    precision: Annotated[Precision | None, Query()] = None,
+    target: Annotated[str, Query(max_length=32)] = "",
+    page_number: Annotated[int, Query(alias="page", ge=1, le=_MAX_PAGE)] = 1,
 ) -> Response:
-    with state.db.session() as session:
-        try:
-            authenticate_request(
-                session,
-                authorization=request.headers.get("authorization"),
-                session_cookie=request.cookies.get(SESSION_COOKIE),
-                secret=session_secret(state.settings.data_dir),
-                needed=Scope.READ,
-                required=state.settings.auth_required,
-            )
-        except TrtforgeError as exc:
-            return HTMLResponse(render("login.html", error=exc.message), status_code=401)
-        listing = builds.list_builds(session, _PAGE_SIZE, (page - 1) * _PAGE_SIZE, status=status)
-        rows = [builds.build_public(r) for r in listing.items]
-    return HTMLResponse(
-        render(
-            "index.html",
-            builds=rows,
-            total=listing.total,
-            page=page,
-            pages=max(1, -(-listing.total // _PAGE_SIZE)),
-            status=status.value if status else "",
-            statuses=[s.value for s in BuildStatus],
-            signed_in=SESSION_COOKIE in request.cookies,
+    def gather(viewer: Viewer) -> dict[str, Any]:
+        where = BuildFilter(
+            model.strip(),
+            status,
+            precision.value if precision else "",
+            target,
+            viewer.principal.listing(None),
         )
+        with state.db.session() as session:
+            found, total = filtered_builds(
+                session, where, _PAGE_SIZE, (page_number - 1) * _PAGE_SIZE
+            )
+            rows = [_row_context(state, r, name) for r, name in found]
+        return {
+            "rows": rows,
+            "total": total,
+            "page": page_number,
+            "pages": max(1, -(-total // _PAGE_SIZE)),
+            "where": where,
+            "statuses": [s.value for s in BuildStatus],
+            "precisions": [p.value for p in Precision],
+            "targets": _TARGETS,
+        }
+
+    return await page(request, state, "index.html", gather)
+
+
+@router.get("/builds/{build_id}/row", response_class=Response)
+async def build_row(request: Request, state: StateDep, build_id: str) -> Response:
+    """One row of the builds list (the list's script swaps it in while the build runs)."""
+
+    def gather(viewer: Viewer) -> dict[str, Any]:
+        with state.db.session() as session:
+            row = visible_build(session, build_id, viewer)
+            model = store.get_model(session, row.model_id)
+            return _row_context(state, row, model.name or model.filename)
+
+    return await page(request, state, "_build_row.html", gather)
+
+
+def _table_page(
+    session: Session, state: AppState, table_id: str | None, query: str, number: int
+) -> Any:
+    if not table_id:
+        return None
+    try:
+        row = store.get_table(session, table_id)
+    except NotFoundError:
+        return None
+    return calibration_page(store.load_table(state.storage, row), query, number)
+
+
+def _sensitivity(session: Session, state: AppState, row: BuildRow) -> SensitivityPublic | None:
+    """The build's node sensitivity ranking, if one was asked for (None otherwise)."""
+    try:
+        return sensitivity_store.sensitivity_public(session, state.storage, row)
+    except NotFoundError:
+        return None
+
+
+def visible_build(session: Session, build_id: str, viewer: Viewer) -> BuildRow:
+    """The build with its job, when the viewer's project holds it (else 404, as the API)."""
+    row = load_build(session, build_id)
+    if viewer.principal.visible not in (None, row.project):
+        builds.get_build(session, build_id, viewer.principal.visible)  # raises NotFoundError
+    return row
+
+
+def _build_context(
+    state: AppState, viewer: Viewer, build_id: str, query: str = "", table_page: int = 1
+) -> dict[str, Any]:
+    with state.db.session() as session:
+        row = visible_build(session, build_id, viewer)
+        build = builds.build_public(row)
+        model = store.model_public(store.get_model(session, row.model_id))
+        dataset = store.dataset_public(store.get_dataset(session, row.dataset_id))
+        logs = builds.log_lines(session, build_id, 0, _LOG_LINES)
+        table = _table_page(session, state, row.table_id, query, table_page)
+        request_json = row.request
+        ranking = _sensitivity(session, state, row)
+    report = _report_of(state.storage, row.report_sha256)
+    charts: dict[str, str] = {}
+    if report is not None:
+        charts["latency"] = json_for_script(latency_chart(report))
+        if report.get("accuracy"):
+            charts["accuracy"] = json_for_script(accuracy_chart(report))
+    if table is not None and table.rows:
+        charts["ranges"] = json_for_script(table.chart)
+    if ranking is not None and ranking.report is not None:
+        charts["sensitivity"] = json_for_script(sensitivity_chart(ranking.report))
+    return {
+        "b": build,
+        "model": model,
+        "dataset": dataset,
+        "logs": logs,
+        "report": report,
+        "summary": summary_of(build, report),
+        "stages": stages_of(build),
+        "table": table,
+        "sensitivity": ranking,
+        "charts": charts,
+        "reproduce": _reproduce_script(state, build_id, request_json, model, dataset),
+    }
+
+
+@router.get("/builds/{build_id}", response_class=Response)
+async def build_page(
+    request: Request,
+    state: StateDep,
+    build_id: str,
+    q: Annotated[str, Query(max_length=200)] = "",
+    tpage: Annotated[int, Query(ge=1, le=_MAX_PAGE)] = 1,
+) -> Response:
+    return await page(
+        request, state, "build.html", lambda v: _build_context(state, v, build_id, q, tpage)
     )
 
 
-@router.get("/login", response_class=HTMLResponse)
-def login_page() -> HTMLResponse:
-    return HTMLResponse(render("login.html", error=None))
+@router.get("/builds/{build_id}/results", response_class=Response)
+async def build_results(request: Request, state: StateDep, build_id: str) -> Response:
+    """The results part of the build page (swapped in when the build ends)."""
+    return await page(request, state, "_results.html", lambda v: _build_context(state, v, build_id))
 
 
-def _secure(request: Request, state: AppState) -> bool:
-    """``Secure`` cookies behind TLS: the setting, else the request's scheme (uvicorn takes it
-    from ``X-Forwarded-Proto`` when the proxy is in ``forwarded_allow_ips``)."""
-    if state.settings.cookie_secure is not None:
-        return state.settings.cookie_secure
-    return request.url.scheme == "https"
+@router.get("/builds/{build_id}/calibration", response_class=Response)
+async def build_calibration(
+    request: Request,
+    state: StateDep,
+    build_id: str,
+    q: Annotated[str, Query(max_length=200)] = "",
+    tpage: Annotated[int, Query(ge=1, le=_MAX_PAGE)] = 1,
+) -> Response:
+    """The calibration section of the build page, filtered and paged (its search swaps it)."""
+    return await page(
+        request,
+        state,
+        "_calibration.html",
+        lambda v: _build_context(state, v, build_id, q, tpage),
+    )
+
+
+def _reproduce_script(
+    state: AppState, build_id: str, request_json: dict[str, Any], model: Any, dataset: Any
+) -> str:
+    import json
+
+    body = json.dumps(request_json, indent=2, sort_keys=True).replace("'", "'\\''")
+    return (
+        "#!/bin/sh\n"
+        f"# Submits build {build_id} again: the same model, dataset and options.\n"
+        f"# model   {model.filename}  id {model.id}\n"
+        f"# dataset {dataset.filename}  id {dataset.id}  sha256 {dataset.sha256}\n"
+        "# (upload them first with POST /v1/models and /v1/datasets on another server)\n"
+        "set -eu\n"
+        f'TRTFORGE_URL="${{TRTFORGE_URL:-{state.settings.base_url}}}"\n'
+        'curl -fsS -X POST "$TRTFORGE_URL/v1/builds" \\\n'
+        '  -H "Authorization: Bearer ${TRTFORGE_TOKEN:-}" \\\n'
+        "  -H 'Content-Type: application/json' \\\n"
+        f"  --data '{body}'\n"
+    )
+
+
+@router.get("/builds/{build_id}/reproduce.sh", response_class=PlainTextResponse)
+async def reproduce(request: Request, state: StateDep, build_id: str) -> Response:
+    """The build's request as a script that submits it again (curl against the REST API)."""
+    try:
+        viewer = await viewer_of(request, state)
+        context = await run_in_threadpool(_build_context, state, viewer, build_id)
+    except TrtforgeError as exc:
+        denied = isinstance(exc, AuthenticationError | PermissionDeniedError)
+        return sign_in_page(exc) if denied else error_page(exc, None)
+    return PlainTextResponse(
+        context["reproduce"],
+        headers={"Content-Disposition": f'attachment; filename="reproduce-{build_id[:12]}.sh"'},
+    )
+
+
+@router.get("/static/{name}", response_class=FileResponse)
+async def static(name: str) -> Response:
+    """The dashboard's scripts, styles and the vendored chart library (with its license)."""
+    path = STATIC / name
+    kind = _STATIC_TYPES.get(path.suffix)
+    if kind is None or "/" in name or name.startswith(".") or not path.is_file():
+        raise NotFoundError(f"No static file {name!r}.", hint="The dashboard links its own files.")
+    return FileResponse(path, media_type=kind, headers={"Cache-Control": "public, max-age=3600"})
+
+
+@router.get("/login", response_class=Response)
+async def login_page() -> Response:
+    return sign_in_page(None)
 
 
 @router.post("/login")
@@ -86,7 +275,7 @@ def login(
         try:
             principal = authenticate(session, f"Bearer {token}", Scope.READ, required=True)
         except TrtforgeError as exc:
-            return HTMLResponse(render("login.html", error=exc.message), status_code=401)
+            return sign_in_page(exc)
     assert principal.token_id is not None
     ttl_s = state.settings.session_ttl_s
     value = create_session(token, principal.token_id, session_secret(state.settings.data_dir), ttl_s)
@@ -96,7 +285,7 @@ def login(
         value,
         max_age=int(ttl_s),
         path="/",
-        secure=_secure(request, state),
+        secure=secure_cookies(request, state),
         httponly=True,
         samesite="strict",
     )
@@ -105,8 +294,28 @@ def login(
 
 @router.post("/logout")
 def logout(request: Request, state: StateDep) -> Response:
+    return _signed_out(request, state)
+
+
+@router.post("/ui/logout")
+async def dashboard_logout(request: Request, state: StateDep) -> Response:
+    """The dashboard's sign-out button (its form carries the CSRF token)."""
+    sent = (await request.form()).get(CSRF_FIELD)
+    try:
+        check_csrf(request, state, sent if isinstance(sent, str) else None)
+    except TrtforgeError as exc:
+        return error_page(exc, None)
+    return _signed_out(request, state)
+
+
+def _signed_out(request: Request, state: AppState) -> Response:
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(
-        SESSION_COOKIE, path="/", secure=_secure(request, state), httponly=True, samesite="strict"
+        SESSION_COOKIE,
+        path="/",
+        secure=secure_cookies(request, state),
+        httponly=True,
+        samesite="strict",
     )
     return response
+

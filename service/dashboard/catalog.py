@@ -1,0 +1,162 @@
+"""The dashboard's catalog pages: models and datasets (inputs and outputs with shapes and dtypes,
+digests, the builds of each), calibration tables (downloadable as a TensorRT cache or JSON),
+workers with their targets and the queue, and the comparison of builds side by side. Every page
+shows only what the viewer's token may see (its project), as the API's listings do."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+
+from service.api.builds import load_build
+from service.api.deps import AppState, StateDep
+from service.dashboard.queries import model_names
+from service.dashboard.session import Viewer
+from service.dashboard.views import (
+    compare_rows,
+    json_for_script,
+    load_report,
+    summary_of,
+)
+from service.dashboard.web import page
+from service.errors import NotFoundError
+from service.schemas import BuildStatus
+from service.store import builds
+from service.store import catalog as store
+
+__all__ = ["router"]
+
+router = APIRouter(include_in_schema=False)
+
+_LIST = 200
+_MAX_COMPARE = 8
+
+
+def _builds_of(state: AppState, viewer: Viewer, model_id: str | None, dataset_id: str | None) -> list[dict[str, Any]]:
+    with state.db.session() as session:
+        listing = builds.list_builds(
+            session, _LIST, 0, model_id=model_id, project=viewer.principal.listing(None)
+        )
+        rows = [r for r in listing.items if dataset_id is None or r.dataset_id == dataset_id]
+        names = model_names(session, {r.model_id for r in rows})
+    out = []
+    for row in rows:
+        build = builds.build_public(row)
+        report = load_report(state.storage.blob_path(row.report_sha256)) if row.report_sha256 else None
+        out.append({"b": build, "s": summary_of(build, report), "model_filename": names.get(row.model_id, "")})
+    return out
+
+
+@router.get("/models", response_class=Response)
+async def models_page(request: Request, state: StateDep) -> Response:
+    def gather(viewer: Viewer) -> dict[str, Any]:
+        with state.db.session() as session:
+            listing = store.list_models(session, _LIST, 0, viewer.principal.listing(None))
+            return {"models": [store.model_public(r) for r in listing.items], "total": listing.total}
+
+    return await page(request, state, "models.html", gather)
+
+
+@router.get("/models/{model_id}", response_class=Response)
+async def model_page(request: Request, state: StateDep, model_id: str) -> Response:
+    def gather(viewer: Viewer) -> dict[str, Any]:
+        with state.db.session() as session:
+            row = store.get_model(session, model_id, project=viewer.principal.visible)
+            model = store.model_public(row)
+            datasets = store.list_datasets(session, _LIST, 0, model_id, viewer.principal.listing(None))
+            tables = store.list_tables(session, _LIST, 0, model_id, viewer.principal.listing(None))
+            return {
+                "model": model,
+                "datasets": [store.dataset_public(d) for d in datasets.items],
+                "tables": [store.table_public(t) for t in tables.items],
+                "rows": _builds_of(state, viewer, model_id, None),
+            }
+
+    return await page(request, state, "model.html", gather)
+
+
+@router.get("/datasets", response_class=Response)
+async def datasets_page(request: Request, state: StateDep) -> Response:
+    def gather(viewer: Viewer) -> dict[str, Any]:
+        with state.db.session() as session:
+            listing = store.list_datasets(session, _LIST, 0, None, viewer.principal.listing(None))
+            datasets = [store.dataset_public(r) for r in listing.items]
+            names = model_names(session, {d.model_id for d in datasets if d.model_id})
+        return {"datasets": datasets, "total": listing.total, "names": names}
+
+    return await page(request, state, "datasets.html", gather)
+
+
+@router.get("/datasets/{dataset_id}", response_class=Response)
+async def dataset_page(request: Request, state: StateDep, dataset_id: str) -> Response:
+    def gather(viewer: Viewer) -> dict[str, Any]:
+        with state.db.session() as session:
+            row = store.get_dataset(session, dataset_id, project=viewer.principal.visible)
+            dataset = store.dataset_public(row)
+        return {"dataset": dataset, "rows": _builds_of(state, viewer, None, dataset_id)}
+
+    return await page(request, state, "dataset.html", gather)
+
+
+@router.get("/tables", response_class=Response)
+async def tables_page(request: Request, state: StateDep) -> Response:
+    def gather(viewer: Viewer) -> dict[str, Any]:
+        with state.db.session() as session:
+            listing = store.list_tables(session, _LIST, 0, None, viewer.principal.listing(None))
+            tables = [store.table_public(r) for r in listing.items]
+            names = model_names(session, {t.model_id for t in tables})
+        return {"tables": tables, "total": listing.total, "names": names}
+
+    return await page(request, state, "tables.html", gather)
+
+
+@router.get("/workers", response_class=Response)
+async def workers_page(request: Request, state: StateDep) -> Response:
+    def gather(_viewer: Viewer) -> dict[str, Any]:
+        return {
+            "workers": state.queue.workers(include_stopped=False),
+            "depth": state.queue.depth(),
+            "waiting": state.queue.depth_by_target(),
+        }
+
+    return await page(request, state, "workers.html", gather)
+
+
+@router.get("/compare", response_class=Response)
+async def compare_page(
+    request: Request,
+    state: StateDep,
+    ids: Annotated[list[str], Query(max_length=_MAX_COMPARE)] = [],  # noqa: B006 - FastAPI's way
+) -> Response:
+    """Builds side by side (``?ids=A&ids=B``, or one ``ids=A,B``): latency, throughput, size and
+    accuracy, each against the first build."""
+    wanted = [i for text in ids for i in text.split(",") if i.strip()][:_MAX_COMPARE]
+
+    def gather(viewer: Viewer) -> dict[str, Any]:
+        found = []
+        with state.db.session() as session:
+            for build_id in wanted:
+                row = load_build(session, build_id.strip())
+                if viewer.principal.visible not in (None, row.project):
+                    raise NotFoundError(f"No build with id {build_id!r}.", field="ids")
+                build = builds.build_public(row)
+                report = load_report(state.storage.blob_path(row.report_sha256)) if row.report_sha256 else None
+                found.append((build, summary_of(build, report), store.get_model(session, row.model_id).filename))
+        summaries = [s for _, s, _ in found]
+        chart = {
+            "labels": [f"{b.id[:8]} {b.spec.precision.value}" for b, _, _ in found],
+            "datasets": [
+                {"label": "latency p50 (ms)", "data": [s.p50_ms for s in summaries]},
+                {"label": "latency p99 (ms)", "data": [s.p99_ms for s in summaries]},
+            ],
+        }
+        return {
+            "builds": found,
+            "rows": compare_rows(summaries),
+            "chart": json_for_script(chart) if found else "",
+            "succeeded": BuildStatus.SUCCEEDED,
+        }
+
+    return await page(request, state, "compare.html", gather)

@@ -1,0 +1,60 @@
+"""How a dashboard page is answered: find the viewer, gather the page's data off the event loop,
+render its template; a viewer without access gets the sign-in page, a missing build or model
+an error page, both with the status the API would answer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from core.errors import TrtforgeError
+from service.api.deps import AppState
+from service.api.errors import status_for
+from service.dashboard.render import render
+from service.dashboard.session import Viewer, remember_csrf, viewer_of
+from service.schemas import Scope
+
+__all__ = ["error_page", "page", "sign_in_page"]
+
+
+def sign_in_page(exc: TrtforgeError | None, *, csrf: str = "") -> HTMLResponse:
+    status = status_for(exc) if exc is not None else 200
+    return HTMLResponse(
+        render("login.html", error=exc.message if exc else None, csrf=csrf, viewer=None),
+        status_code=status,
+    )
+
+
+def error_page(exc: TrtforgeError, viewer: Viewer | None) -> HTMLResponse:
+    return HTMLResponse(
+        render("error.html", error=exc, viewer=viewer), status_code=status_for(exc)
+    )
+
+
+async def page(
+    request: Request,
+    state: AppState,
+    template: str,
+    gather: Callable[[Viewer], dict[str, Any]],
+    *,
+    needed: Scope = Scope.READ,
+) -> Response:
+    """``template`` rendered with what ``gather(viewer)`` returns (run in a thread: it queries
+    the database), plus ``viewer`` and ``request_path``."""
+    try:
+        viewer = await viewer_of(request, state, needed)
+    except TrtforgeError as exc:
+        return sign_in_page(exc)
+    try:
+        context = await run_in_threadpool(gather, viewer)
+    except TrtforgeError as exc:
+        response: Response = error_page(exc, viewer)
+    else:
+        html = render(template, viewer=viewer, request_path=request.url.path, **context)
+        response = HTMLResponse(html, headers={"Cache-Control": "no-store"})
+    remember_csrf(response, request, state, viewer)
+    return response

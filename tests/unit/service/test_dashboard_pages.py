@@ -1,0 +1,134 @@
+"""The dashboard's pages, forms and page data, in-process: every page renders, forms refuse a
+post without the CSRF token, a token sees only its project's builds, the new-build form
+becomes the REST request, and long calibration tables are paged."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import pytest
+from fastapi.testclient import TestClient
+
+from calibrators.table import CalibrationTable
+from service.api.auth import create_token
+from service.dashboard.forms import build_request
+from service.dashboard.views import CALIBRATION_PAGE_SIZE, calibration_page, summary_of
+from service.db import Database
+from service.schemas import BuildPublic, Scope
+from service.store import builds
+from tests.unit.service.support import insert_build
+
+PAGES = ["/", "/builds/new", "/compare", "/sweeps", "/models", "/datasets", "/tables", "/workers"]
+
+
+def _csrf(page: str) -> str:
+    match = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert match is not None, "the page's forms carry no CSRF token"
+    return match.group(1)
+
+
+@pytest.mark.parametrize("path", PAGES)
+def test_every_page_renders_with_labelled_navigation(client: TestClient, path: str) -> None:
+    answer = client.get(path)
+    assert answer.status_code == 200, answer.text[:500]
+    assert '<nav aria-label="Main">' in answer.text and 'href="#main"' in answer.text
+    for field in re.findall(r'<(?:input|select|textarea) [^>]*id="([^"]+)"', answer.text):
+        assert f'for="{field}"' in answer.text, f"{path}: #{field} has no label"
+
+
+def test_static_files_are_served_with_the_chart_library_license(client: TestClient) -> None:
+    chart = client.get("/static/chart.umd.min.js")
+    assert chart.status_code == 200 and "Chart.js v4.5.1" in chart.text[:200]
+    assert chart.headers["content-type"].startswith("text/javascript")
+    assert "MIT License" in client.get("/static/chart.js-LICENSE.md").text
+    assert client.get("/static/../routes.py").status_code == 404
+    assert client.get("/static/routes.py").status_code == 404
+
+
+def test_form_posts_need_the_csrf_token(client: TestClient) -> None:
+    form = {"model_id": "0" * 64, "dataset_id": "0" * 64}
+    refused = client.post("/ui/builds", data=form, follow_redirects=False)
+    assert refused.status_code == 403 and "CSRF" in refused.text
+    csrf = _csrf(client.get("/builds/new").text)  # also sets the nonce cookie
+    forged = client.post("/ui/builds", data={**form, "csrf_token": csrf[:-2] + "xx"})
+    assert forged.status_code == 403
+    accepted = client.post("/ui/builds", data={**form, "csrf_token": csrf}, follow_redirects=False)
+    assert accepted.status_code == 422 and "No model with id" in accepted.text
+    upload = client.post("/ui/models", files={"file": ("m.onnx", b"x")})
+    assert upload.status_code == 403
+
+
+def test_pages_show_only_the_tokens_project(
+    make_client: Callable[..., TestClient], db_url: str
+) -> None:
+    db = Database(db_url)
+    with db.session() as session:
+        insert_build(session, "ours", status="succeeded")
+        theirs = insert_build(session, "theirs", status="succeeded")
+        theirs.project = "other"
+        session.commit()
+        _, token = create_token(session, "viewer", Scope.READ)
+    db.dispose()
+    secured = make_client(auth=True)
+    headers = {"Authorization": f"Bearer {token}"}
+    page = secured.get("/", headers=headers).text
+    assert 'data-build="ours"' in page and 'data-build="theirs"' not in page
+    assert secured.get("/builds/theirs", headers=headers).status_code == 404
+    assert 'href="/builds/new"' not in page  # read-only: no launch buttons
+    assert secured.get("/").status_code == 401  # no token, no session: the sign-in page
+
+
+def test_new_build_form_becomes_the_rest_request() -> None:
+    body = build_request(
+        {
+            "model_id": "m",
+            "dataset_id": "d",
+            "eval_dataset_id": "e",
+            "precision": "int8",
+            "method": "percentile",
+            "percentile": "99.9",
+            "gate": "cosine:0.99, sqnr_db:20",
+            "budget": "cosine:0.999",
+            "keep_int8": "conv1\nre:head.*",
+            "target_gpu": "sm_90",
+            "target_labels": "vision, fast",
+            "eval_fraction": "0.25",
+        }
+    )
+    assert body.spec.precision.value == "int8"
+    assert body.spec.calibration.percentile == 99.9
+    assert body.spec.gate is not None and len(body.spec.gate.budgets) == 2
+    assert body.spec.keep.int8 == ("conv1", "re:head.*")
+    assert body.eval_dataset_id == "e" and str(body.accuracy_budget) == "cosine >= 0.999"
+    assert body.target is not None and body.target.labels == ["fast", "vision"]
+    assert body.accuracy.eval_fraction == 0.25
+    plain = build_request({"model_id": "m", "dataset_id": "d"})
+    assert plain.target is None and plain.spec.gate is None
+
+
+def test_a_classifiers_291_tensors_are_paged_and_searchable() -> None:
+    table = CalibrationTable(amax={f"layer{i}.out": 1.0 + i for i in range(291)}, method="minmax")
+    first = calibration_page(table, "", 1)
+    assert len(first.rows) == CALIBRATION_PAGE_SIZE and first.pages == 12 and first.total == 291
+    assert len(first.chart["labels"]) == CALIBRATION_PAGE_SIZE
+    last = calibration_page(table, "", 99)  # clamped to the last page
+    assert last.page == 12 and len(last.rows) == 291 - 11 * CALIBRATION_PAGE_SIZE
+    found = calibration_page(table, "LAYER29", 1)
+    assert [r.name for r in found.rows] == ["layer29.out", *(f"layer{i}.out" for i in range(290, 291))]
+    assert found.rows[0].method == "minmax" and found.matching == 2
+
+
+def test_a_collapsed_output_and_a_failed_gate_are_named(client: TestClient, db_url: str) -> None:
+    db = Database(db_url)
+    with db.session() as session:
+        build = builds.build_public(insert_build(session, "b1", status="succeeded"))
+        session.commit()
+    db.dispose()
+    report = {
+        "performance": {"latency": {"median_ms": 1.0, "p99_ms": 2.0}, "throughput_qps": 9.0},
+        "accuracy": {"outputs": [{"min_cosine_similarity": 0.578, "sqnr_db": 3.0}]},
+        "gate": {"gate": {"budgets": [{"metric": "cosine", "value": 0.99}]}, "passed": False},
+    }
+    summary = summary_of(BuildPublic.model_validate(build.model_dump()), report)
+    assert summary.collapsed and summary.gate == "failed" and summary.p99_ms == 2.0
