@@ -71,8 +71,8 @@ class ProcrastinateQueue(DatabaseQueue):
         self._connector = SyncPsycopgConnector()
         self._app = App(connector=self._connector)
         self._pg_workers: dict[str, int] = {}
-        self._next_cleanup = 0.0
         """Procrastinate's worker id of each worker registered through this object."""
+        self._next_cleanup = 0.0
 
     # -- queries on a session's connection ---------------------------------------------------
 
@@ -325,14 +325,16 @@ class ProcrastinateQueue(DatabaseQueue):
                 .where(WorkerRow.stopped_at.is_(None), WorkerRow.id.not_in(live or {""}))
                 .values(stopped_at=utcnow())
             )
-            # a dead worker's Procrastinate worker (found through the builds it runs) goes now,
-            # not once its heartbeat is stale: a worker killed on this machine is seen at once
+            # a stopped worker's Procrastinate worker (found through the builds it runs) goes
+            # now, not once its heartbeat is stale: a worker killed on this machine is seen at once
+            # (a worker that registered since `live` was read is not stopped: left alone)
             dead = raw_connection(session).execute(
                 "SELECT DISTINCT p.worker_id FROM procrastinate_jobs p "
                 "JOIN builds b ON b.id = p.args->>'build_id' "
+                "JOIN workers w ON w.id = b.worker_id "
                 "WHERE p.status = 'doing' AND p.task_name = %s AND p.worker_id IS NOT NULL "
-                "AND NOT (b.worker_id = ANY(%s::varchar[]))",
-                (TASK, sorted(live)),
+                "AND w.stopped_at IS NOT NULL",
+                (TASK,),
             )
             for (pg_worker,) in dead.fetchall():
                 self._one(session, "unregister_worker", worker_id=pg_worker)
