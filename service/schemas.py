@@ -72,6 +72,7 @@ __all__ = [
     "WorkerBuildUpdate",
     "WorkerCall",
     "WorkerClaim",
+    "WorkerEvalDataset",
     "WorkerJob",
     "WorkerLogLine",
     "WorkerPublic",
@@ -871,6 +872,16 @@ class InputFile(_Answer):
     sha256: str
 
 
+class WorkerEvalDataset(_Answer):
+    """A build's separate evaluation dataset (``eval_dataset_id``), as a worker fetches it."""
+
+    id: str
+    data_filename: str
+    files: list[InputFile]
+    preprocess: dict[str, Any] | None
+    input_name: str | None
+
+
 class WorkerBuildPlan(_Answer):
     """``GET /v1/worker/builds/{id}/plan``: what a worker needs to run a build it claimed."""
 
@@ -888,6 +899,7 @@ class WorkerBuildPlan(_Answer):
     dataset_files: list[InputFile]
     preprocess: dict[str, Any] | None
     input_name: str | None
+    eval_dataset: WorkerEvalDataset | None = None
 
 
 class WorkerLogLine(_Frozen):

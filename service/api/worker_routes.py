@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from core.hashing import sha256_file
 from engines.backends.base import BuildTarget
-from service.api.deps import StateDep, WorkerAccess
+from service.api.deps import AppState, StateDep, WorkerAccess
 from service.api.uploads import multipart_openapi, receive_upload
 from service.db.models import BuildRow, DatasetRow, ModelRow, TableRow, utcnow
 from service.errors import ConflictError, NotFoundError, UploadError
@@ -40,6 +40,7 @@ from service.schemas import (
     WorkerBuildUpdate,
     WorkerCall,
     WorkerClaim,
+    WorkerEvalDataset,
     WorkerJob,
     WorkerRecovered,
     WorkerRegistration,
@@ -47,6 +48,7 @@ from service.schemas import (
     WorkerTableStore,
 )
 from service.store.catalog import load_table, table_public
+from service.worker.measures import EvalDataset
 from service.worker.pipeline import LocalStore, load_plan
 from service.worker.recorder import BuildRecorder, add_log
 
@@ -154,7 +156,21 @@ def build_plan(build_id: str, state: StateDep, _: WorkerAccess) -> WorkerBuildPl
             dataset_files=_manifest(state.storage.dataset_dir(dataset.id)),
             preprocess=dataset.preprocess,
             input_name=dataset.input_name,
+            eval_dataset=_eval_dataset(state, plan.eval_dataset),
         )
+
+
+def _eval_dataset(state: AppState, evaluation: EvalDataset | None) -> WorkerEvalDataset | None:
+    if evaluation is None:
+        return None
+    folder = state.storage.dataset_dir(evaluation.id)
+    return WorkerEvalDataset(
+        id=evaluation.id,
+        data_filename=evaluation.path.relative_to(folder).as_posix(),
+        files=_manifest(folder),
+        preprocess=evaluation.preprocess,
+        input_name=evaluation.input_name,
+    )
 
 
 def _manifest(folder: Path) -> list[InputFile]:

@@ -40,6 +40,7 @@ from service.schemas import (
 from service.settings import Settings
 from service.store.storage import Storage
 from service.worker.limits import resource_limit_failure
+from service.worker.measures import EvalDataset
 from service.worker.pipeline import BuildPlan, BuildStore, execute
 from service.worker.recorder import RecorderBase
 from service.worker.remote_client import RemoteAccess, WorkerClient
@@ -61,12 +62,16 @@ def run_remote_build(
     settings: Settings,
     memory_limit: int | None,
     cancelled: type[BaseException],
+    *,
+    client: WorkerClient | None = None,
 ) -> str:
     """Run the claimed build ``build_id`` to a terminal status recorded through the API;
-    returns that status. ``cancelled`` is what SIGTERM raises (the worker's cancel)."""
+    returns that status. ``cancelled`` is what SIGTERM raises (the worker's cancel); ``client``
+    (kept open) instead of a new one for ``access``."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     storage = Storage(settings.data_dir)
-    client = WorkerClient(access.api_url, access.token)
+    own = client is None
+    client = client or WorkerClient(access.api_url, access.token)
     recorder = RemoteRecorder(client, build_id, access.worker_id, settings.data_dir)
 
     def prepare() -> tuple[BuildPlan, BuildStore]:
@@ -94,7 +99,8 @@ def run_remote_build(
         return status
     finally:
         storage.remove_own_tmp()
-        client.close()
+        if own:
+            client.close()
 
 
 def _local_plan(
@@ -112,8 +118,17 @@ def _local_plan(
         plan.dataset_files,
         storage.dataset_dir(plan.dataset_id),
     )
+    evaluation = None
+    if plan.eval_dataset is not None:
+        wanted = plan.eval_dataset
+        folder = fetch_entry(
+            client, storage, "datasets", wanted.id, wanted.files, storage.dataset_dir(wanted.id)
+        )
+        path = folder / wanted.data_filename
+        evaluation = EvalDataset(wanted.id, path, wanted.preprocess, wanted.input_name)
     recorder.log(
-        f"Inputs in this worker's cache: model {plan.model_id[:12]}, dataset {plan.dataset_id[:12]}."
+        f"Inputs in this worker's cache: model {plan.model_id[:12]}, dataset {plan.dataset_id[:12]}"
+        + (f", evaluation dataset {evaluation.id[:12]}." if evaluation else ".")
     )
     return BuildPlan(
         build_id=plan.build_id,
@@ -127,6 +142,7 @@ def _local_plan(
         dataset_path=dataset_dir / plan.data_filename,
         preprocess=plan.preprocess,
         input_name=plan.input_name,
+        eval_dataset=evaluation,
     )
 
 
