@@ -319,10 +319,12 @@ class ProcrastinateQueue(DatabaseQueue):
 
     def recover(self) -> Recovered:
         with self._db.session() as session:
-            live = _live_worker_ids(session, self._stale)
+            # read before liveness: a worker that registers meanwhile is not declared dead
+            known = set(session.scalars(select(WorkerRow.id).where(WorkerRow.stopped_at.is_(None))))
+            dead_workers = known - _live_worker_ids(session, self._stale)
             session.execute(
                 update(WorkerRow)
-                .where(WorkerRow.stopped_at.is_(None), WorkerRow.id.not_in(live or {""}))
+                .where(WorkerRow.id.in_(dead_workers or {""}), WorkerRow.stopped_at.is_(None))
                 .values(stopped_at=utcnow())
             )
             # a stopped worker's Procrastinate worker (found through the builds it runs) goes

@@ -335,3 +335,21 @@ def test_the_jobs_of_deleted_builds_are_removed(db: Database, queue: Any, tmp_pa
         builds.delete_build(session, Storage(tmp_path / "data"), "b1")
     assert queue.recover() == Recovered()
     assert [(j["lock"], j["status"]) for j in _jobs(db)] == [("b2", "todo")]
+
+
+def test_a_worker_that_registers_during_a_recovery_keeps_its_build(
+    db: Database, queue: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _enqueue(db, queue, "b1")
+    live_workers = procrastinate_queue._live_worker_ids
+
+    def registered_meanwhile(session: Any, stale: timedelta) -> set[str]:
+        queue.register_worker("new", 1, CPU)  # after the recovery read the workers
+        assert queue.claim("new", CPU) is not None
+        return set(live_workers(session, stale)) - {"new"}  # as if read just before
+
+    monkeypatch.setattr(procrastinate_queue, "_live_worker_ids", registered_meanwhile)
+    assert queue.recover() == Recovered()
+    monkeypatch.undo()
+    assert queue.heartbeat("new") is True
+    assert [(j["lock"], j["status"]) for j in _jobs(db)] == [("b1", "doing")]
