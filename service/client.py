@@ -30,7 +30,9 @@ import httpx
 from pydantic import BaseModel, TypeAdapter
 
 from calibrators.spec import PreprocessSpec
+from engines.accuracy_report import MetricBudget
 from engines.spec import BuildSpec
+from service.client_resources import ResourcesMixin
 from service.errors import ApiError, ClientError, DownloadError, WaitTimeoutError
 from service.schemas import (
     AccuracyOptions,
@@ -48,6 +50,7 @@ from service.schemas import (
     ModelPublic,
     Readiness,
     Scope,
+    SensitivityOptions,
     TablePage,
     TablePublic,
     TargetRequest,
@@ -103,7 +106,7 @@ class _ProgressReader:
         return self._fh.fileno()
 
 
-class TrtforgeClient:
+class TrtforgeClient(ResourcesMixin):
     """A connection to one trtforge server. Use it in a ``with`` block (or call :meth:`close`)."""
 
     def __init__(
@@ -184,15 +187,31 @@ class TrtforgeClient:
 
     # -- models ------------------------------------------------------------------------------
 
-    def upload_model(self, path: Path, *, progress: ProgressFn | None = None) -> ModelPublic:
-        """Upload an ``.onnx`` (or ``.zip`` of it with its external data)."""
-        return self._upload("/v1/models", path, {}, ModelPublic, progress)
+    def upload_model(
+        self,
+        path: Path,
+        *,
+        name: str | None = None,
+        tags: list[str] | None = None,
+        progress: ProgressFn | None = None,
+    ) -> ModelPublic:
+        """Upload an ``.onnx`` (or ``.zip`` of it with its external data), optionally named and
+        tagged."""
+        return self._upload("/v1/models", path, _named({}, name, tags), ModelPublic, progress)
 
     def get_model(self, model_id: str) -> ModelPublic:
         return self._get(f"/v1/models/{model_id}", ModelPublic)
 
-    def list_models(self, *, limit: int = 50, offset: int = 0) -> ModelPage:
-        return self._get("/v1/models", ModelPage, limit=limit, offset=offset)
+    def list_models(
+        self,
+        *,
+        name: str | None = None,
+        tags: list[str] | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> ModelPage:
+        """Models, newest first: ``name`` in their name or file name, carrying every tag."""
+        return self._get("/v1/models", ModelPage, name=name, tag=tags, limit=limit, offset=offset)
 
     def delete_model(self, model_id: str) -> None:
         self._request("DELETE", f"/v1/models/{model_id}")
@@ -206,11 +225,13 @@ class TrtforgeClient:
         model_id: str | None = None,
         preprocess: PreprocessSpec | None = None,
         input_name: str | None = None,
+        name: str | None = None,
+        tags: list[str] | None = None,
         progress: ProgressFn | None = None,
     ) -> DatasetPublic:
         """Upload a calibration dataset, validated against ``model_id``'s inputs when given."""
         fields = {"model_id": model_id, "input_name": input_name}
-        form = {k: v for k, v in fields.items() if v}
+        form = _named({k: v for k, v in fields.items() if v}, name, tags)
         if preprocess is not None:
             form["preprocess"] = preprocess.model_dump_json()
         return self._upload("/v1/datasets", path, form, DatasetPublic, progress)
@@ -219,9 +240,23 @@ class TrtforgeClient:
         return self._get(f"/v1/datasets/{dataset_id}", DatasetPublic)
 
     def list_datasets(
-        self, *, model_id: str | None = None, limit: int = 50, offset: int = 0
+        self,
+        *,
+        model_id: str | None = None,
+        name: str | None = None,
+        tags: list[str] | None = None,
+        limit: int = 50,
+        offset: int = 0,
     ) -> DatasetPage:
-        return self._get("/v1/datasets", DatasetPage, model_id=model_id, limit=limit, offset=offset)
+        return self._get(
+            "/v1/datasets",
+            DatasetPage,
+            model_id=model_id,
+            name=name,
+            tag=tags,
+            limit=limit,
+            offset=offset,
+        )
 
     def delete_dataset(self, dataset_id: str) -> None:
         self._request("DELETE", f"/v1/datasets/{dataset_id}")
@@ -239,9 +274,15 @@ class TrtforgeClient:
         benchmark: BenchmarkOptionsIn | None = None,
         accuracy: AccuracyOptions | None = None,
         target: TargetRequest | None = None,
+        eval_dataset_id: str | None = None,
+        labels: list[int] | None = None,
+        accuracy_budget: MetricBudget | str | None = None,
+        sensitivity: SensitivityOptions | None = None,
     ) -> BuildPublic:
         """Queue a build (or get the existing build of an identical request); ``target`` asks
-        for a worker (GPU, TensorRT version, labels)."""
+        for a worker (GPU, TensorRT version, labels). ``eval_dataset_id`` and ``labels``: a
+        separate evaluation set and its class labels; ``accuracy_budget``: ``METRIC:VALUE`` the
+        build keeps nodes out of INT8 for; ``sensitivity``: also rank the nodes."""
         body = BuildCreate(
             model_id=model_id,
             dataset_id=dataset_id,
@@ -251,8 +292,13 @@ class TrtforgeClient:
             benchmark=benchmark or BenchmarkOptionsIn(),
             accuracy=accuracy or AccuracyOptions(),
             target=target,
+            eval_dataset_id=eval_dataset_id,
+            labels=labels,
+            accuracy_budget=accuracy_budget,
+            sensitivity=sensitivity,
         )
-        response = self._request("POST", "/v1/builds", json=body.model_dump(mode="json"))
+        wire = body.model_dump(mode="json", exclude_none=True)  # older servers: no new fields
+        response = self._request("POST", "/v1/builds", json=wire)
         return BuildPublic.model_validate_json(response.content)
 
     def get_build(self, build_id: str) -> BuildPublic:
@@ -444,6 +490,15 @@ class TrtforgeClient:
 
     def revoke_token(self, token_id: str) -> None:
         self._request("DELETE", f"/v1/tokens/{token_id}")
+
+
+def _named(form: dict[str, str], name: str | None, tags: list[str] | None) -> dict[str, str]:
+    """Upload form fields with the ``name`` and ``tags`` (comma-separated) given."""
+    if name is not None:
+        form["name"] = name
+    if tags is not None:
+        form["tags"] = ",".join(tags)
+    return form
 
 
 def _raise_for_error(response: httpx.Response) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from service.cli import engines, local, measure, server
+from service.cli import engines, local, measure, remote, server
 
 __all__ = ["cli", "main"]
 
@@ -27,7 +27,7 @@ def cli(verbose: int) -> None:
     )
 
 
-for _commands in (local, engines, measure, server):
+for _commands in (local, engines, measure, server, remote):
     _commands.register(cli)
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 import click
 from pydantic import ValidationError
 
+from service.cli.evaluation import evaluation_options, evaluation_request
 from service.cli.options import enum_choice, handle_errors, preprocess_option, spec_options
 from service.cli.progress import sample_progress
 from service.projects import DEFAULT_PROJECT, is_project_name
@@ -341,6 +342,7 @@ def _client(server: str, token: str | None) -> Any:
     multiple=True,
     help="Run on a worker that carries this label (repeatable: all of them).",
 )
+@evaluation_options
 @click.option("--wait", is_flag=True, help="Follow the build until it ends.")
 @click.option("--timeout", type=float, default=None, help="Seconds --wait waits at most.")
 @click.option(
@@ -364,13 +366,16 @@ def submit(model: Path, spec: BuildSpec, data: Path, **options: Any) -> None:
     )
     with _client(options["server"], options["token"]) as client:
         with sample_progress(f"uploading {model.name}", enabled=not as_json, unit="B") as bar:
-            uploaded = client.upload_model(model, progress=bar)
+            uploaded = client.upload_model(
+                model, name=options["name"], tags=list(options["tags"]) or None, progress=bar
+            )
         with sample_progress(f"uploading {data.name}", enabled=not as_json, unit="B") as bar:
             dataset = client.upload_dataset(
                 data, model_id=uploaded.id, preprocess=preprocess, progress=bar
             )
+        extra = evaluation_request(client, uploaded.id, options, preprocess, quiet=as_json)
         build = client.submit_build(
-            uploaded.id, dataset.id, spec, table_id=options["table_id"], target=target
+            uploaded.id, dataset.id, spec, table_id=options["table_id"], target=target, **extra
         )
         if not as_json:
             click.echo(f"build {build.id}: {build.status.value} ({_target(build)})", err=True)

@@ -25,7 +25,7 @@ from service.cli.options import (
     spec_from_options,
     spec_request,
 )
-from service.schemas import BuildCreate, Scope
+from service.schemas import BuildCreate, Scope, SweepPreset
 
 ENUM_OPTIONS: dict[str, type[StrEnum]] = {
     "--precision": Precision,
@@ -38,6 +38,7 @@ ENUM_OPTIONS: dict[str, type[StrEnum]] = {
     "--scope": Scope,
     "--execution": QdqExecution,
     "--metric": AccuracyMetric,
+    "--preset": SweepPreset,
 }
 """Each option that offers a fixed set of values, and the enum that defines them."""
 
@@ -81,6 +82,14 @@ def test_spec_options_are_buildspec_fields_and_build_and_submit_share_them() -> 
     assert {"--shapes", "--keep-fp16", "--gate", "--num-quant-bins"} <= spec
     assert spec <= _option_names("build") and spec <= _option_names("submit")
     assert spec - {"--precision"} <= _option_names("sweep")  # its variants are precisions
+    sweeps = cli.commands["sweeps"]
+    assert isinstance(sweeps, click.Group)
+    remote = {p.opts[0] for p in sweeps.commands["submit"].params if isinstance(p, click.Option)}
+    assert spec - {"--precision"} <= remote  # trtforge sweeps submit: the same spec options
+    measured = {"--eval-data", "--labels", "--accuracy-budget"}  # as trtforge build measures
+    assert measured <= _option_names("submit") and {"--labels", "--accuracy-budget"} <= (
+        _option_names("build")
+    )
 
 
 VALUES: list[dict[str, Any]] = [
