@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from calibrators.table import CalibrationTable
+from engines.accuracy_report import AccuracyMetric
 from engines.sensitivity_report import SensitivityReport
 from engines.stages import Stage
 from service.schemas import BuildPublic, BuildStatus
@@ -165,26 +166,45 @@ def latency_chart(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def accuracy_chart(report: dict[str, Any]) -> dict[str, Any]:
-    """Per output: mean and worst-sample cosine against FP32, with the gate's cosine budget."""
-    accuracy = report.get("accuracy") or {}
-    outputs = accuracy.get("outputs") or []
-    datasets: list[dict[str, Any]] = [
-        {"label": "cosine", "data": [_finite(o.get("cosine_similarity")) for o in outputs]},
-        {
-            "label": "min cosine",
-            "data": [_finite(o.get("min_cosine_similarity")) for o in outputs],
-        },
-    ]
-    for budget in ((report.get("gate") or {}).get("gate") or {}).get("budgets") or []:
-        if budget.get("metric") in ("cosine", "min_cosine"):
-            datasets.append(
+    """Per output, against FP32: the gate's first metric with its threshold drawn as a line
+    (one metric, one axis); without a gate, the mean and worst-sample cosine."""
+    outputs = (report.get("accuracy") or {}).get("outputs") or []
+    labels = [o.get("name", "?") for o in outputs]
+    budgets = ((report.get("gate") or {}).get("gate") or {}).get("budgets") or []
+    metric = _metric(budgets[0].get("metric")) if budgets else None
+    if metric is None:
+        return {
+            "labels": labels,
+            "datasets": [
+                {"label": "cosine", "data": [_finite(o.get("cosine_similarity")) for o in outputs]},
                 {
-                    "label": f"gate {budget.get('metric')} >= {budget.get('value')}",
-                    "data": [budget.get("value")] * len(outputs),
-                    "type": "line",
-                }
-            )
-    return {"labels": [o.get("name", "?") for o in outputs], "datasets": datasets}
+                    "label": "min cosine (worst sample)",
+                    "data": [_finite(o.get("min_cosine_similarity")) for o in outputs],
+                },
+            ],
+        }
+    threshold = budgets[0].get("value")
+    side = ">=" if metric.higher_is_better else "<="
+    return {
+        "labels": labels,
+        "datasets": [
+            {"label": metric.value, "data": [_finite(o.get(metric.field)) for o in outputs]},
+            {
+                "label": f"gate: {metric.value} {side} {threshold}",
+                "data": [threshold] * len(outputs),
+                "type": "line",
+                "borderDash": [6, 4],
+                "pointStyle": "line",
+            },
+        ],
+    }
+
+
+def _metric(value: Any) -> AccuracyMetric | None:
+    try:
+        return AccuracyMetric(value)
+    except ValueError:
+        return None
 
 
 SENSITIVITY_CHART_NODES = 30

@@ -133,11 +133,16 @@ def test_upload_build_watch_compare_download_and_gate(page: Page, files: dict[st
     # a build whose accuracy gate cannot pass is marked in the list, in words
     page.goto(f"/builds/new?model_id={model_id}&dataset_id={dataset_id}")
     gated = _submit(page, "int8", gate="sqnr_db:200", method="entropy")
-    _watch_until(page, "failed")
+    page.goto("/")  # the list follows the running build on its own
+    page.evaluate("window.__sameDocument = true")
+    row = page.locator(f'tr[data-build="{gated}"]')
+    expect(row).to_contain_text("gated: accuracy gate failed", timeout=BUILD_TIMEOUT_MS)
+    assert page.evaluate("window.__sameDocument === true"), "the list was reloaded"
+    page.keyboard.press("Tab")  # keyboard first: the skip link
+    assert page.evaluate("document.activeElement.getAttribute('href')") == "#main"
+    page.goto(f"/builds/{gated}")
     expect(page.locator(".alert").first).to_contain_text("Accuracy gate failed")
     page.goto("/")
-    row = page.locator(f'tr[data-build="{gated}"]')
-    expect(row).to_contain_text("gated: accuracy gate failed")
     expect(page.locator(f'tr[data-build="{int8}"]')).not_to_contain_text("gated")
     page.goto("/?model=tiny&precision=fp16")
     expect(page.locator("#builds tbody tr")).to_have_count(1)
