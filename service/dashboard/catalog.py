@@ -49,12 +49,34 @@ def _builds_of(state: AppState, viewer: Viewer, model_id: str | None, dataset_id
     return out
 
 
+def _tags(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+NameQuery = Annotated[str, Query(max_length=200)]
+
+
 @router.get("/models", response_class=Response)
-async def models_page(request: Request, state: StateDep) -> Response:
+async def models_page(
+    request: Request, state: StateDep, name: NameQuery = "", tag: NameQuery = ""
+) -> Response:
+    """Models of the viewer's project, filtered by part of a name (or file name) and tags."""
+
     def gather(viewer: Viewer) -> dict[str, Any]:
         with state.db.session() as session:
-            listing = store.list_models(session, _LIST, 0, viewer.principal.listing(None))
-            return {"models": [store.model_public(r) for r in listing.items], "total": listing.total}
+            listing = store.list_models(
+                session,
+                _LIST,
+                0,
+                viewer.principal.listing(None),
+                name=name.strip() or None,
+                tags=_tags(tag),
+            )
+            return {
+                "models": [store.model_public(r) for r in listing.items],
+                "total": listing.total,
+                "filters": {"name": name, "tag": tag},
+            }
 
     return await page(request, state, "models.html", gather)
 
@@ -78,13 +100,30 @@ async def model_page(request: Request, state: StateDep, model_id: str) -> Respon
 
 
 @router.get("/datasets", response_class=Response)
-async def datasets_page(request: Request, state: StateDep) -> Response:
+async def datasets_page(
+    request: Request, state: StateDep, name: NameQuery = "", tag: NameQuery = ""
+) -> Response:
+    """Datasets of the viewer's project, filtered by part of a name (or file name) and tags."""
+
     def gather(viewer: Viewer) -> dict[str, Any]:
         with state.db.session() as session:
-            listing = store.list_datasets(session, _LIST, 0, None, viewer.principal.listing(None))
+            listing = store.list_datasets(
+                session,
+                _LIST,
+                0,
+                None,
+                viewer.principal.listing(None),
+                name=name.strip() or None,
+                tags=_tags(tag),
+            )
             datasets = [store.dataset_public(r) for r in listing.items]
             names = model_names(session, {d.model_id for d in datasets if d.model_id})
-        return {"datasets": datasets, "total": listing.total, "names": names}
+        return {
+            "datasets": datasets,
+            "total": listing.total,
+            "names": names,
+            "filters": {"name": name, "tag": tag},
+        }
 
     return await page(request, state, "datasets.html", gather)
 

@@ -44,10 +44,12 @@ def page(browser: Browser, server: Server) -> Iterator[Page]:
     assert errors == [], f"script errors on the page: {errors}"
 
 
-def _upload(page: Page, kind: str, path: Path) -> str:
-    """Pick ``path`` in the ``kind`` upload form; the script uploads it with a progress bar and
-    selects it in the build form. Returns its id."""
+def _upload(page: Page, kind: str, path: Path, name: str = "", tags: str = "") -> str:
+    """Pick ``path`` in the ``kind`` upload form (with a name and tags); the script uploads it
+    with a progress bar and selects it in the build form. Returns its id."""
     form = page.locator(f"#{kind}-upload")
+    page.fill(f"#{kind}-name", name)
+    page.fill(f"#{kind}-tags", tags)
     form.locator("input[type=file]").set_input_files(str(path))
     expect(form).to_have_attribute("data-uploaded", re.compile(r"^[0-9a-f]{64}$"))
     expect(form.locator("progress")).to_have_js_property("value", 100)
@@ -86,7 +88,7 @@ def _chart_points(page: Page, name: str) -> int:
 
 def test_upload_build_watch_compare_download_and_gate(page: Page, files: dict[str, Path]) -> None:
     page.goto("/builds/new")
-    model_id = _upload(page, "model", files["model"])
+    model_id = _upload(page, "model", files["model"], "tiny classifier", "vision, zoo")
     dataset_id = _upload(page, "dataset", files["dataset"])
     int8 = _submit(page, "int8")
     expect(page.locator("#timeline li")).to_have_count(4)
@@ -144,9 +146,13 @@ def test_upload_build_watch_compare_download_and_gate(page: Page, files: dict[st
     expect(page.locator(".alert").first).to_contain_text("Accuracy gate failed")
     page.goto("/")
     expect(page.locator(f'tr[data-build="{int8}"]')).not_to_contain_text("gated")
-    page.goto("/?model=tiny&precision=fp16")
+    page.goto("/?model=classifier&precision=fp16")
     expect(page.locator("#builds tbody tr")).to_have_count(1)
-    expect(page.locator(f'tr[data-build="{fp16}"]')).to_contain_text("tiny_cnn.onnx")
+    expect(page.locator(f'tr[data-build="{fp16}"]')).to_contain_text("tiny classifier")
+    page.goto("/models?tag=vision")
+    expect(page.locator("#models")).to_contain_text("tiny_cnn.onnx")  # the file name under it
+    page.goto("/models?tag=nlp")
+    expect(page.locator("#models")).to_contain_text("No models")
 
 
 def test_sweep_page_draws_its_pareto_front_linked_to_builds(
