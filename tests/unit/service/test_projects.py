@@ -421,3 +421,16 @@ def test_workers_show_only_the_callers_running_builds(
 
     assert running(alpha) == running(admin) == [build["id"]]
     assert running(beta) == []
+
+
+def test_the_dashboard_shows_a_viewer_only_their_project(
+    secured: TestClient, alpha: dict[str, str], beta: dict[str, str], admin: dict[str, str]
+) -> None:
+    ids = _model_and_dataset(secured, alpha)
+    build = secured.post("/v1/builds", json=ids, headers=alpha).json()
+    assert build["id"][:12] in secured.get("/", headers=alpha).text
+    assert build["id"][:12] in secured.get("/", headers=admin).text
+    page = secured.get("/", headers=beta)
+    assert page.status_code == 200
+    assert build["id"][:12] not in page.text
+    assert secured.get(f"/builds/{build['id']}", headers=beta).status_code == 404
