@@ -27,6 +27,7 @@ from service.api import datasets as datasets_api
 from service.api import models as models_api
 from service.api import sensitivity as sensitivity_api
 from service.api.deps import AppState, StateDep
+from service.api.errors import response_for_error
 from service.dashboard.render import render
 from service.dashboard.session import CSRF_FIELD, Viewer, authorize_change, remember_csrf
 from service.dashboard.web import error_page, page, sign_in_page
@@ -219,8 +220,6 @@ async def _upload(
         stored = await handler(request, answer, state, viewer.principal)
     except TrtforgeError as exc:
         if request.headers.get("accept", "").startswith("application/json"):
-            from service.api.errors import response_for_error
-
             return response_for_error(exc, state.settings.data_dir)
         return refused(exc)
     if request.headers.get("accept", "").startswith("application/json"):

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-__all__ = ["render", "render_report"]
+__all__ = ["STATIC", "asset", "render", "render_report"]
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
+STATIC = Path(__file__).resolve().parent / "static"
 
 
 def _number(value: Any, digits: int = 3) -> str:
@@ -48,6 +50,14 @@ def _fp32_notes(report: dict[str, Any]) -> list[str]:
     return build_notes(facts)
 
 
+@functools.cache
+def asset(name: str) -> str:
+    """The URL of a static file with its content's digest, so browsers that cache it for an
+    hour still fetch a changed one at once."""
+    digest = hashlib.sha256((STATIC / name).read_bytes()).hexdigest()[:12]
+    return f"/static/{name}?v={digest}"
+
+
 @functools.lru_cache(maxsize=1)
 def _environment() -> Environment:
     env = Environment(
@@ -59,6 +69,7 @@ def _environment() -> Environment:
     env.filters["num"] = _number
     env.filters["size"] = _bytes
     env.globals["fp32_notes"] = _fp32_notes
+    env.globals["asset"] = asset
     return env
 
 

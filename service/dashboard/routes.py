@@ -5,7 +5,7 @@ Forms (``forms.py``) and the catalog pages (``catalog.py``) are included here.""
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Query, Request
@@ -19,7 +19,8 @@ from service.api.auth import SESSION_COOKIE, authenticate, create_session, sessi
 from service.api.builds import load_build
 from service.api.deps import AppState, StateDep
 from service.dashboard import catalog, forms, sweeps
-from service.dashboard.queries import BuildFilter, filtered_builds
+from service.dashboard.queries import BuildFilter, filtered_builds, model_names
+from service.dashboard.render import STATIC
 from service.dashboard.session import CSRF_FIELD, Viewer, check_csrf, secure_cookies, viewer_of
 from service.dashboard.views import (
     accuracy_chart,
@@ -47,7 +48,6 @@ router.include_router(forms.router)  # first: /builds/new before /builds/{build_
 router.include_router(catalog.router)
 router.include_router(sweeps.router)
 
-STATIC = Path(__file__).resolve().parent / "static"
 _STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".md": "text/plain"}
 _PAGE_SIZE = 50
 _MAX_PAGE = 1_000_000
@@ -102,17 +102,28 @@ async def index(
     return await page(request, state, "index.html", gather)
 
 
-@router.get("/builds/{build_id}/row", response_class=Response)
-async def build_row(request: Request, state: StateDep, build_id: str) -> Response:
-    """One row of the builds list (the list's script swaps it in while the build runs)."""
+@router.get("/fragments/builds", response_class=Response)
+async def build_rows(
+    request: Request,
+    state: StateDep,
+    ids: Annotated[list[str], Query(max_length=_PAGE_SIZE)] = [],  # noqa: B006 - FastAPI's way
+) -> Response:
+    """Rows of the builds list (its script swaps them in while their builds run); ids the
+    viewer may not see are left out."""
 
     def gather(viewer: Viewer) -> dict[str, Any]:
         with state.db.session() as session:
-            row = visible_build(session, build_id, viewer)
-            model = store.get_model(session, row.model_id)
-            return _row_context(state, row, model.name or model.filename)
+            found = []
+            for build_id in ids:
+                try:
+                    found.append(visible_build(session, build_id, viewer))
+                except NotFoundError:
+                    continue
+            names = model_names(session, {row.model_id for row in found})
+            rows = [_row_context(state, row, names.get(row.model_id, "")) for row in found]
+        return {"rows": rows, "selectable": True}
 
-    return await page(request, state, "_build_row.html", gather)
+    return await page(request, state, "_build_rows.html", gather)
 
 
 def _table_page(
@@ -219,8 +230,6 @@ async def build_calibration(
 def _reproduce_script(
     state: AppState, build_id: str, request_json: dict[str, Any], model: Any, dataset: Any
 ) -> str:
-    import json
-
     body = json.dumps(request_json, indent=2, sort_keys=True).replace("'", "'\\''")
     return (
         "#!/bin/sh\n"

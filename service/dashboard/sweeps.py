@@ -10,6 +10,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from core.errors import TrtforgeError
 from service.api import sweeps as sweeps_api
@@ -113,8 +114,6 @@ async def submit_sweep(request: Request, state: StateDep) -> Response:
         answer = await call_handler(sweeps_api.create_sweep, sweep_request(form), state, viewer.principal)
     except (ValidationError, TrtforgeError) as exc:
         message, hint, field = form_error(exc)
-        from starlette.concurrency import run_in_threadpool
-
         context = await run_in_threadpool(_context, state, viewer)
         html = render(
             "sweeps.html",

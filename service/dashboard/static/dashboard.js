@@ -48,33 +48,30 @@
     return response.text();
   }
 
-  // -- builds list: rows of unfinished builds refresh every 2 s --------------------------------
+  // -- builds list: rows of unfinished builds refresh every 2 s, in one request ----------------
   function liveRows() {
     const table = document.getElementById("builds");
     if (!table) return;
-    const selectable = table.querySelector("input[name=ids]") !== null;
+    const pendingRows = () => Array.from(table.querySelectorAll("td[data-terminal=false]")).map((td) => td.closest("tr"));
     async function tick() {
-      const pending = table.querySelectorAll("td[data-terminal=false]");
-      for (const cell of pending) {
-        const row = cell.closest("tr");
-        try {
-          const html = await fetchText("/builds/" + encodeURIComponent(row.dataset.build) + "/row");
-          const holder = document.createElement("tbody");
-          holder.innerHTML = html.trim();
-          const fresh = holder.querySelector("tr");
+      const rows = pendingRows();
+      if (rows.length === 0) return;
+      const query = rows.map((row) => "ids=" + encodeURIComponent(row.dataset.build)).join("&");
+      try {
+        const doc = new DOMParser().parseFromString(await fetchText("/fragments/builds?" + query), "text/html");
+        for (const row of rows) {
+          const fresh = doc.querySelector('tr[data-build="' + CSS.escape(row.dataset.build) + '"]');
           if (!fresh) continue;
-          if (selectable) {
-            const box = row.querySelector("input[name=ids]");
-            const td = document.createElement("td");
-            if (box) td.appendChild(box);
-            fresh.insertBefore(td, fresh.firstChild);
-          }
-          row.replaceWith(fresh);
-        } catch (e) { /* the next tick retries */ }
-      }
-      if (table.querySelector("td[data-terminal=false]")) setTimeout(tick, 2000);
+          const oldBox = row.querySelector("input[name=ids]");
+          const newBox = fresh.querySelector("input[name=ids]");
+          if (newBox && oldBox) newBox.checked = oldBox.checked;
+          if (newBox && !oldBox) newBox.closest("td").remove();  // a list without checkboxes
+          row.replaceWith(document.importNode(fresh, true));
+        }
+      } catch (e) { /* the next tick retries */ }
+      if (pendingRows().length) setTimeout(tick, 2000);
     }
-    if (table.querySelector("td[data-terminal=false]")) setTimeout(tick, 2000);
+    if (pendingRows().length) setTimeout(tick, 2000);
   }
 
   // -- build page: status, timeline and log over server-sent events ----------------------------
