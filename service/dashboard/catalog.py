@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
+from service.api import workers as workers_api
 from service.api.builds import load_build
 from service.api.deps import AppState, StateDep
 from service.dashboard.queries import model_names
@@ -153,9 +154,10 @@ async def tables_page(request: Request, state: StateDep) -> Response:
 
 @router.get("/workers", response_class=Response)
 async def workers_page(request: Request, state: StateDep) -> Response:
-    def gather(_viewer: Viewer) -> dict[str, Any]:
+    def gather(viewer: Viewer) -> dict[str, Any]:
         return {
-            "workers": state.queue.workers(include_stopped=False),
+            # as GET /v1/workers: running builds of other projects are not shown
+            "workers": workers_api.list_workers(state, viewer.principal, False),
             "depth": state.queue.depth(),
             "waiting": state.queue.depth_by_target(),
         }

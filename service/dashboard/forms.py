@@ -15,19 +15,20 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from calibrators.spec import CalibrationMethod
 from core.errors import TrtforgeError
+from engines.errors import SpecError
 from engines.spec import Precision
 from service.api import builds as builds_api
 from service.api import datasets as datasets_api
 from service.api import models as models_api
 from service.api import sensitivity as sensitivity_api
 from service.api.deps import AppState, StateDep
-from service.api.errors import response_for_error
+from service.api.errors import response_for_error, status_for
 from service.dashboard.render import render
 from service.dashboard.session import CSRF_FIELD, Viewer, authorize_change, remember_csrf
 from service.dashboard.web import error_page, page, sign_in_page
@@ -40,6 +41,7 @@ __all__ = [
     "call_handler",
     "form_choices",
     "form_error",
+    "form_page",
     "refused",
     "router",
 ]
@@ -124,13 +126,28 @@ def build_request(form: dict[str, str]) -> BuildCreate:
     return BuildCreate.model_validate(body)
 
 
-def form_error(exc: ValidationError | TrtforgeError) -> tuple[str, str, str]:
-    """(message, hint, field) of a refused form."""
+def form_error(exc: ValidationError | TrtforgeError) -> TrtforgeError:
+    """A refused form's error (a field that does not validate: a :class:`SpecError` naming
+    it)."""
     if isinstance(exc, TrtforgeError):
-        return exc.message, exc.hint, exc.field or ""
+        return exc
     first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
-    return f"{where}: {first['msg']}", "Correct the field and submit again.", where
+    where = ".".join(str(p) for p in first["loc"]) or "form"
+    return SpecError(
+        f"{where}: {first['msg']}", hint="Correct the field and submit again.", field=where
+    )
+
+
+def form_page(template: str, viewer: Viewer, error: TrtforgeError, **context: Any) -> Response:
+    """The form again, as it was filled in, with what was wrong (the API's status)."""
+    html = render(
+        template,
+        viewer=viewer,
+        request_path=context.pop("request_path"),
+        error={"message": error.message, "hint": error.hint, "field": error.field or ""},
+        **context,
+    )
+    return HTMLResponse(html, status_code=status_for(error))
 
 
 @router.post("/ui/builds")
@@ -145,17 +162,10 @@ async def submit_build(request: Request, state: StateDep) -> Response:
         body = build_request(form)
         answer = await call_handler(builds_api.create_build, body, state, viewer.principal)
     except (ValidationError, TrtforgeError) as exc:
-        message, hint, field = form_error(exc)
         choices = await _choices(state, viewer)
-        html = render(
-            "new.html",
-            viewer=viewer,
-            request_path="/builds/new",
-            form=form,
-            error={"message": message, "hint": hint, "field": field},
-            **choices,
+        return form_page(
+            "new.html", viewer, form_error(exc), request_path="/builds/new", form=form, **choices
         )
-        return Response(html, status_code=422, media_type="text/html")
     build_id = answer.headers["location"].rsplit("/", 1)[-1]
     return RedirectResponse(f"/builds/{quote(build_id)}", status_code=303)
 

@@ -15,8 +15,13 @@ from starlette.concurrency import run_in_threadpool
 from core.errors import TrtforgeError
 from service.api import sweeps as sweeps_api
 from service.api.deps import AppState, StateDep
-from service.dashboard.forms import call_handler, form_choices, form_error, refused
-from service.dashboard.render import render
+from service.dashboard.forms import (
+    call_handler,
+    form_choices,
+    form_error,
+    form_page,
+    refused,
+)
 from service.dashboard.session import CSRF_FIELD, Viewer, authorize_change
 from service.dashboard.views import json_for_script
 from service.dashboard.web import page
@@ -113,16 +118,9 @@ async def submit_sweep(request: Request, state: StateDep) -> Response:
     try:
         answer = await call_handler(sweeps_api.create_sweep, sweep_request(form), state, viewer.principal)
     except (ValidationError, TrtforgeError) as exc:
-        message, hint, field = form_error(exc)
         context = await run_in_threadpool(_context, state, viewer)
-        html = render(
-            "sweeps.html",
-            viewer=viewer,
-            request_path="/sweeps",
-            form=form,
-            error={"message": message, "hint": hint, "field": field},
-            **context,
+        return form_page(
+            "sweeps.html", viewer, form_error(exc), request_path="/sweeps", form=form, **context
         )
-        return Response(html, status_code=422, media_type="text/html")
     sweep_id = answer.headers["location"].rsplit("/", 1)[-1]
     return RedirectResponse(f"/sweeps/{quote(sweep_id)}", status_code=303)

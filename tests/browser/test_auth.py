@@ -102,5 +102,5 @@ def test_form_post_without_csrf_token_is_refused(context: BrowserContext, tokens
     assert forged.status == 403
     csrf = page.locator("input[name=csrf_token]").first.get_attribute("value") or ""
     accepted = page.request.post("/ui/builds", form={**form, "csrf_token": csrf}, max_redirects=0)
-    assert accepted.status == 422  # past the CSRF check: the unknown model is what is refused
+    assert accepted.status == 404  # past the CSRF check: the unknown model is what is refused
     assert "No model with id" in accepted.text()

@@ -54,7 +54,7 @@ def test_form_posts_need_the_csrf_token(client: TestClient) -> None:
     forged = client.post("/ui/builds", data={**form, "csrf_token": csrf[:-2] + "xx"})
     assert forged.status_code == 403
     accepted = client.post("/ui/builds", data={**form, "csrf_token": csrf}, follow_redirects=False)
-    assert accepted.status_code == 422 and "No model with id" in accepted.text
+    assert accepted.status_code == 404 and "No model with id" in accepted.text  # as /v1 answers
     upload = client.post("/ui/models", files={"file": ("m.onnx", b"x")})
     assert upload.status_code == 403
 
@@ -132,3 +132,18 @@ def test_a_collapsed_output_and_a_failed_gate_are_named(client: TestClient, db_u
     }
     summary = summary_of(BuildPublic.model_validate(build.model_dump()), report)
     assert summary.collapsed and summary.gate == "failed" and summary.p99_ms == 2.0
+
+
+def test_a_refused_form_comes_back_filled_in_naming_the_field(client: TestClient) -> None:
+    csrf = _csrf(client.get("/builds/new").text)
+    form = {"csrf_token": csrf, "model_id": "m", "dataset_id": "d", "gate": "speed:9"}
+    answer = client.post("/ui/builds", data=form, follow_redirects=False)
+    assert answer.status_code == 422
+    alert = re.search(r'<div class="alert" role="alert" id="form-error">(.*?)</div>', answer.text, re.S)
+    assert alert is not None and "spec.gate" in alert.group(1)
+    assert 'value="speed:9"' in answer.text  # what was typed stays
+    sweep = client.post(
+        "/ui/sweeps",
+        data={"csrf_token": csrf, "model_id": "0" * 64, "dataset_id": "0" * 64, "variants": "fp64"},
+    )
+    assert sweep.status_code == 422 and "The sweep was not started" in sweep.text
