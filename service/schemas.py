@@ -485,6 +485,9 @@ class WorkerPublic(_Answer):
     started_at: datetime
     heartbeat_at: datetime
     stopped_at: datetime | None
+    problem: str | None = None
+    """Why this live worker takes no builds now, as it reported with its last heartbeat (a worker
+    on another machine: its data directory, its slots); None: none."""
 
 
 class LogLine(_Answer):
@@ -822,12 +825,19 @@ class WorkerRegistration(_Frozen):
     slots: int = Field(ge=1, le=1024)
     targets: list[BuildTarget] = Field(min_length=1, max_length=64)
     labels: list[Label] = Field(default_factory=list, max_length=MAX_LABELS)
+    hostname: str = Field(default="", max_length=255)
+    """The worker's machine (empty: the API's)."""
+    pid: int = Field(default=0, ge=0, le=1 << 31)
+    process_tag: str = Field(default="", max_length=64, pattern=r"^(p[0-9]+-[0-9]+)?$")
+    """Its process (``p<pid>-<start time>``): on the API's machine, its death is seen at once."""
 
 
 class WorkerCall(_Frozen):
     """A worker's heartbeat or its goodbye."""
 
     worker_id: str = Field(min_length=1, max_length=64)
+    problem: str | None = Field(default=None, max_length=500)
+    """Why it takes no builds now (heartbeats; ``GET /v1/workers`` and ``/readyz`` show it)."""
 
 
 class WorkerAlive(_Answer):

@@ -39,17 +39,31 @@ def readiness(state: AppState) -> Readiness:
         "storage": _check(state.storage.check),
     }
     if checks["database"].ok:
-        workers = _check(state.queue.live_workers)
-        if workers.ok and workers.detail == "0":
-            workers = CheckResult(ok=False, detail="no live worker; start `trtforge worker`")
-        elif workers.ok:
-            workers = CheckResult(ok=True, detail=f"{workers.detail} live worker(s)")
-        checks["workers"] = workers
+        checks["workers"] = _workers(state)
     else:
         checks["workers"] = CheckResult(ok=False, detail="unknown (database unreachable)")
     if state.worker is not None:  # this process's own worker: its slots must be alive and well
         checks["slots"] = CheckResult(ok=state.worker.healthy, detail=state.worker.health_detail())
     return Readiness(ready=all(c.ok for c in checks.values()), checks=checks)
+
+
+def _workers(state: AppState) -> CheckResult:
+    """At least one live worker that takes builds; the problems the others report."""
+    try:
+        live = state.queue.workers()
+    except TrtforgeError as exc:
+        return CheckResult(ok=False, detail=exc.message)
+    except Exception as exc:
+        return CheckResult(ok=False, detail=f"{type(exc).__name__}: {exc}")
+    if not live:
+        return CheckResult(ok=False, detail="no live worker; start `trtforge worker`")
+    troubled = [f"{worker.id}: {worker.problem}" for worker in live if worker.problem]
+    if len(troubled) == len(live):
+        return CheckResult(ok=False, detail=f"no live worker takes builds ({'; '.join(troubled)})")
+    detail = f"{len(live)} live worker(s)"
+    if troubled:
+        detail += f", {len(troubled)} of them taking no builds ({'; '.join(troubled)})"
+    return CheckResult(ok=True, detail=detail)
 
 
 @router.get(

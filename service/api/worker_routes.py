@@ -19,6 +19,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -26,7 +27,7 @@ from core.hashing import sha256_file
 from engines.backends.base import BuildTarget
 from service.api.deps import AppState, StateDep, WorkerAccess
 from service.api.uploads import multipart_openapi, receive_upload
-from service.db.models import BuildRow, DatasetRow, ModelRow, TableRow, utcnow
+from service.db.models import BuildRow, DatasetRow, ModelRow, TableRow, WorkerRow, utcnow
 from service.errors import ConflictError, NotFoundError, UploadError
 from service.queue.base import Job
 from service.schemas import (
@@ -68,14 +69,30 @@ _hashed: dict[tuple[str, int, int], str] = {}
 
 @router.post("/register", operation_id="worker_register", status_code=204)
 def register(body: WorkerRegistration, state: StateDep, _: WorkerAccess) -> Response:
-    """A worker starts: its slots, targets and labels (``GET /v1/workers`` lists it)."""
+    """A worker starts: its slots, targets and labels (``GET /v1/workers`` lists it), and where
+    it runs (its machine; on the API's machine, its process, whose death is then seen at once)."""
     state.queue.register_worker(body.id, body.slots, body.targets, body.labels)
+    if body.hostname:
+        where = {"hostname": body.hostname, "pid": body.pid, "process_tag": body.process_tag}
+        with state.db.session() as session:
+            session.execute(update(WorkerRow).where(WorkerRow.id == body.id).values(**where))
+            session.commit()
     return Response(status_code=204)
 
 
 @router.post("/heartbeat", operation_id="worker_heartbeat", response_model=WorkerAlive)
 def heartbeat(body: WorkerCall, state: StateDep, _: WorkerAccess) -> WorkerAlive:
-    return WorkerAlive(alive=state.queue.heartbeat(body.worker_id))
+    """The worker is alive; ``problem``: why it takes no builds now (None: it does)."""
+    alive = state.queue.heartbeat(body.worker_id)
+    if alive:
+        with state.db.session() as session:
+            session.execute(
+                update(WorkerRow)
+                .where(WorkerRow.id == body.worker_id, WorkerRow.problem.is_distinct_from(body.problem))
+                .values(problem=body.problem)
+            )
+            session.commit()
+    return WorkerAlive(alive=alive)
 
 
 @router.post("/unregister", operation_id="worker_unregister", status_code=204)

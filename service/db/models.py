@@ -275,6 +275,8 @@ class WorkerRow(Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
     stopped_at: Mapped[datetime | None]
+    problem: Mapped[str | None] = mapped_column(String(500))
+    """Why it takes no builds now, as it reported with its last heartbeat (None: none)."""
 
 
 class TokenRow(Base):

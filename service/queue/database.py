@@ -248,6 +248,7 @@ class DatabaseQueue:
                     started_at=row.started_at,
                     heartbeat_at=row.heartbeat_at,
                     stopped_at=row.stopped_at,
+                    problem=row.problem if row.id in live else None,
                 )
                 for row in rows
             ]

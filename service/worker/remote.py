@@ -17,6 +17,7 @@ builds it ran are re-queued by the usual recovery).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -33,8 +34,9 @@ from service.schemas import (
     WorkerPublic,
     WorkerRegistration,
 )
-from service.settings import Settings
+from service.settings import Settings, hostname
 from service.store.storage import Storage
+from service.worker.processes import process_tag
 from service.worker.remote_client import RemoteAccess, WorkerClient
 from service.worker.runner import RunnerInput
 from service.worker.slots import Worker
@@ -80,6 +82,17 @@ class RemoteQueue:
     def __init__(self, client: WorkerClient, storage: Storage) -> None:
         self._client = client
         self._storage = storage
+        self.slot_problem: Callable[[], str | None] = lambda: None
+        """Why the worker's slots take no builds (set by :class:`RemoteWorker`)."""
+
+    def problem(self) -> str | None:
+        """Why this worker takes no builds now (its heartbeat says it); None: it does."""
+        try:
+            self._storage.check()
+        except ServiceError as exc:
+            return f"its data directory is unusable: {exc.message}"[:500]
+        slots = self.slot_problem()
+        return None if slots is None else slots[:500]
 
     def enqueue(self, session: Session, build_id: str) -> None:
         raise ServiceError(
@@ -105,12 +118,19 @@ class RemoteQueue:
         labels: Sequence[str] = (),
     ) -> None:
         self._client.register(
-            WorkerRegistration(id=worker_id, slots=slots, targets=list(targets), labels=list(labels))
+            WorkerRegistration(
+                id=worker_id,
+                slots=slots,
+                targets=list(targets),
+                labels=list(labels),
+                hostname=hostname(),
+                pid=os.getpid(),
+                process_tag=process_tag(),
+            )
         )
 
     def heartbeat(self, worker_id: str) -> bool:
-        self._storage.check()  # a worker that cannot write its data directory goes stale
-        return self._client.heartbeat(worker_id)
+        return self._client.heartbeat(worker_id, self.problem())
 
     def unregister_worker(self, worker_id: str) -> None:
         self._client.unregister(worker_id)
@@ -152,7 +172,9 @@ class RemoteWorker(Worker):
         token: str | None,
         slots: list[int | None] | None = None,
     ) -> None:
-        super().__init__(settings, None, storage, RemoteQueue(client, storage), slots=slots)
+        queue = RemoteQueue(client, storage)
+        super().__init__(settings, None, storage, queue, slots=slots)
+        queue.slot_problem = lambda: None if self.healthy else self.health_detail()
         self.client = client
         self._token = token
 

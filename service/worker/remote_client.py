@@ -71,8 +71,8 @@ class WorkerClient(TrtforgeClient):
     def register(self, registration: WorkerRegistration) -> None:
         self._request("POST", "/v1/worker/register", json=registration.model_dump(mode="json"))
 
-    def heartbeat(self, worker_id: str) -> bool:
-        body = WorkerCall(worker_id=worker_id).model_dump(mode="json")
+    def heartbeat(self, worker_id: str, problem: str | None = None) -> bool:
+        body = WorkerCall(worker_id=worker_id, problem=problem).model_dump(mode="json")
         answer = self._request("POST", "/v1/worker/heartbeat", json=body)
         return WorkerAlive.model_validate_json(answer.content).alive
 

@@ -242,3 +242,31 @@ def test_inputs_are_checked_against_their_sha256(
     )
     assert outside.status_code == 404
 
+
+
+def test_workers_say_where_they_run_and_why_they_take_no_builds(
+    api: TestClient, worker_client: WorkerClient, tokens: dict[Scope, str]
+) -> None:
+    registration = WorkerRegistration(
+        id="gpu-box:1:abc",
+        slots=2,
+        targets=local_targets(),
+        hostname="gpu-box-7",
+        pid=4242,
+        process_tag="p4242-1700000000",
+    )
+    worker_client.register(registration)
+    assert api.get("/readyz").json()["checks"]["workers"] == {
+        "ok": True,
+        "detail": "1 live worker(s)",
+    }
+    assert worker_client.heartbeat(registration.id, "its data directory is unusable: full")
+    [listed] = worker_client.workers()
+    assert (listed.hostname, listed.problem) == ("gpu-box-7", "its data directory is unusable: full")
+    ready = api.get("/readyz")
+    assert ready.status_code == 503
+    assert "no live worker takes builds" in ready.json()["checks"]["workers"]["detail"]
+    assert "its data directory is unusable" in ready.json()["checks"]["workers"]["detail"]
+    assert worker_client.heartbeat(registration.id)  # healthy again
+    assert worker_client.workers()[0].problem is None
+    assert api.get("/readyz").json()["checks"]["workers"]["ok"]
