@@ -15,7 +15,9 @@ build row:
   never without its job, and a rolled-back submission leaves none. :meth:`ProcrastinateQueue.
   recover` also adopts queued builds that have no job (a database that ran the ``database`` queue
   before).
-- **Workers** register with Procrastinate too and beat its heartbeat with trtforge's. A worker
+- **Workers** register with Procrastinate too (linked to it in ``trtforge_procrastinate_workers``,
+  so any process serves them: an API replica or a restarted API relaying remote workers) and beat
+  its heartbeat with trtforge's. A worker
   whose heartbeat goes stale (or whose process is gone from this machine) is removed
   (``prune_stalled_workers``); its running jobs become Procrastinate's stalled jobs
   (``select_stalled_jobs_by_heartbeat``) and are retried once (``retry_job``), then failed
@@ -70,8 +72,6 @@ class ProcrastinateQueue(DatabaseQueue):
         # never opened: every query runs on the connection of a trtforge session
         self._connector = SyncPsycopgConnector()
         self._app = App(connector=self._connector)
-        self._pg_workers: dict[str, int] = {}
-        """Procrastinate's worker id of each worker registered through this object."""
         self._next_cleanup = 0.0
 
     # -- queries on a session's connection ---------------------------------------------------
@@ -117,9 +117,6 @@ class ProcrastinateQueue(DatabaseQueue):
         self._app.job_manager.defer_job(job, connection=raw_connection(session))
 
     def claim(self, worker_id: str, targets: Sequence[BuildTarget]) -> Job | None:
-        pg_worker = self._pg_workers.get(worker_id)
-        if pg_worker is None:
-            return None
         for _ in range(_CLAIM_ROUNDS):
             with self._db.session() as session:
                 labels = session.scalar(
@@ -127,10 +124,8 @@ class ProcrastinateQueue(DatabaseQueue):
                         WorkerRow.id == worker_id, WorkerRow.stopped_at.is_(None)
                     )
                 )
-                registered = raw_connection(session).execute(
-                    "SELECT 1 FROM procrastinate_workers WHERE id = %s FOR KEY SHARE", (pg_worker,)
-                )
-                if labels is None or registered.fetchone() is None:
+                pg_worker = _procrastinate_worker(session, worker_id)
+                if labels is None or pg_worker is None:
                     session.rollback()  # declared dead: it must register again
                     return None
                 queues = _servable_queues(session, targets, labels)
@@ -250,26 +245,24 @@ class ProcrastinateQueue(DatabaseQueue):
     ) -> None:
         with self._db.session() as session:
             pg_worker = int(self._one(session, "register_worker")["worker_id"])
+            raw_connection(session).execute(
+                "INSERT INTO trtforge_procrastinate_workers (worker_id, procrastinate_worker_id) "
+                "VALUES (%s, %s)",
+                (worker_id, pg_worker),
+            )
             session.commit()
-        self._pg_workers[worker_id] = pg_worker
         super().register_worker(worker_id, slots, targets, labels)
 
     def heartbeat(self, worker_id: str) -> bool:
         alive = super().heartbeat(worker_id)
-        pg_worker = self._pg_workers.get(worker_id)
         with self._db.session() as session:
-            known = pg_worker is not None and (
-                raw_connection(session)
-                .execute("SELECT 1 FROM procrastinate_workers WHERE id = %s", (pg_worker,))
-                .fetchone()
-                is not None
-            )
-            if alive and known:
+            pg_worker = _procrastinate_worker(session, worker_id)
+            if alive and pg_worker is not None:
                 self._one(session, "update_heartbeat", worker_id=pg_worker)
                 session.commit()
                 return True
             # declared dead on one side (pruned by Procrastinate, or stopped): dead on both
-            if known:
+            if pg_worker is not None:
                 self._one(session, "unregister_worker", worker_id=pg_worker)
             session.execute(
                 update(WorkerRow)
@@ -277,15 +270,14 @@ class ProcrastinateQueue(DatabaseQueue):
                 .values(stopped_at=utcnow())
             )
             session.commit()
-        self._pg_workers.pop(worker_id, None)
         return False
 
     def unregister_worker(self, worker_id: str) -> None:
-        pg_worker = self._pg_workers.pop(worker_id, None)
-        if pg_worker is not None:
-            with self._db.session() as session:
+        with self._db.session() as session:
+            pg_worker = _procrastinate_worker(session, worker_id)
+            if pg_worker is not None:
                 self._one(session, "unregister_worker", worker_id=pg_worker)
-                session.commit()
+            session.commit()
         super().unregister_worker(worker_id)
 
     def depth(self) -> int:
@@ -327,16 +319,11 @@ class ProcrastinateQueue(DatabaseQueue):
                 .where(WorkerRow.id.in_(dead_workers or {""}), WorkerRow.stopped_at.is_(None))
                 .values(stopped_at=utcnow())
             )
-            # a stopped worker's Procrastinate worker (found through the builds it runs) goes
-            # now, not once its heartbeat is stale: a worker killed on this machine is seen at once
-            # (a worker that registered since `live` was read is not stopped: left alone)
+            # a stopped worker's Procrastinate worker goes now, not once its heartbeat is stale:
+            # a worker killed on this machine is seen at once
             dead = raw_connection(session).execute(
-                "SELECT DISTINCT p.worker_id FROM procrastinate_jobs p "
-                "JOIN builds b ON b.id = p.args->>'build_id' "
-                "JOIN workers w ON w.id = b.worker_id "
-                "WHERE p.status = 'doing' AND p.task_name = %s AND p.worker_id IS NOT NULL "
-                "AND w.stopped_at IS NOT NULL",
-                (TASK,),
+                "SELECT l.procrastinate_worker_id FROM trtforge_procrastinate_workers l "
+                "JOIN workers w ON w.id = l.worker_id WHERE w.stopped_at IS NOT NULL"
             )
             for (pg_worker,) in dead.fetchall():
                 self._one(session, "unregister_worker", worker_id=pg_worker)
@@ -449,6 +436,17 @@ def _held(session: Session, job: Job) -> bool:
         (job.id, job.attempt - 1, job.build_id),
     )
     return row.fetchone() is not None
+
+
+def _procrastinate_worker(session: Session, worker_id: str) -> int | None:
+    """The Procrastinate worker of ``worker_id`` (kept until the transaction ends: FOR KEY SHARE),
+    or None once it was unregistered or pruned."""
+    row = raw_connection(session).execute(
+        "SELECT p.id FROM trtforge_procrastinate_workers l JOIN procrastinate_workers p "
+        "ON p.id = l.procrastinate_worker_id WHERE l.worker_id = %s FOR KEY SHARE OF p",
+        (worker_id,),
+    ).fetchone()
+    return None if row is None else int(row[0])
 
 
 def _servable_queues(

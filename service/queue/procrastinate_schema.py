@@ -4,7 +4,7 @@
 (``procrastinate_*``, next to trtforge's own, which alembic manages): it runs when the queue is
 opened (``trtforge serve`` and ``trtforge worker`` start), applies the schema of the installed
 Procrastinate once, under an advisory lock, and refuses a schema that lacks the functions the
-queue calls.
+queue calls. It also creates trtforge's one table beside them, :data:`WORKER_LINKS`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from service.db import Database
 from service.errors import SettingsError, StorageError
 from service.schemas import TargetRequest
 
-__all__ = ["TASK", "ensure_schema", "queue_name", "raw_connection"]
+__all__ = ["TASK", "WORKER_LINKS", "ensure_schema", "queue_name", "raw_connection"]
 
 TASK = "trtforge.build"
 """The task name of every build job (Procrastinate's jobs of other tasks are left alone)."""
@@ -37,6 +37,16 @@ _FUNCTIONS = (
     "procrastinate_prune_stalled_workers_v1",
 )
 """Procrastinate's SQL functions this queue calls (their schema version)."""
+WORKER_LINKS = "trtforge_procrastinate_workers"
+_WORKER_LINKS = f"""
+CREATE TABLE IF NOT EXISTS {WORKER_LINKS} (
+    worker_id varchar(64) PRIMARY KEY,
+    procrastinate_worker_id bigint NOT NULL UNIQUE
+        REFERENCES procrastinate_workers(id) ON DELETE CASCADE
+)"""
+"""Which Procrastinate worker each trtforge worker is (in the database, so that any process, an
+API replica or a restarted API that serves remote workers, finds it); a link goes with its
+Procrastinate worker (unregistered, or pruned when its heartbeat went stale)."""
 
 
 def queue_name(backend: str, target: TargetRequest | None) -> str:
@@ -77,15 +87,18 @@ def _apply_schema(db: Database) -> list[str]:
         conn = _driver(connection.connection.driver_connection)
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
         found = conn.execute("SELECT to_regclass('procrastinate_jobs')").fetchone()
+        missing: list[str] = []
         if found is None or found[0] is None:
             conn.execute(SchemaManager.get_schema())
-            return []
-        return [
-            name
-            for name in _FUNCTIONS
-            if conn.execute("SELECT 1 FROM pg_proc WHERE proname = %s", (name,)).fetchone()
-            is None
-        ]
+        else:
+            missing = [
+                name
+                for name in _FUNCTIONS
+                if conn.execute("SELECT 1 FROM pg_proc WHERE proname = %s", (name,)).fetchone()
+                is None
+            ]
+        conn.execute(_WORKER_LINKS)
+        return missing
 
 
 def _driver(connection: object) -> psycopg.Connection[Any]:

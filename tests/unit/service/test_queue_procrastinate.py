@@ -353,3 +353,24 @@ def test_a_worker_that_registers_during_a_recovery_keeps_its_build(
     monkeypatch.undo()
     assert queue.heartbeat("new") is True
     assert [(j["lock"], j["status"]) for j in _jobs(db)] == [("b1", "doing")]
+
+
+def test_any_process_serves_a_registered_worker(
+    db: Database, queue: Any, settings: Settings
+) -> None:
+    # remote workers reach the queue through the API: a restarted API (or another replica)
+    # finds their Procrastinate workers in the database
+    _enqueue(db, queue, "b1", "b2")
+    queue.register_worker("remote", 1, CPU)
+    first = queue.claim("remote", CPU)
+    assert first is not None
+    restarted = ProcrastinateQueue(db, settings)
+    assert restarted.heartbeat("remote") is True
+    second = restarted.claim("remote", CPU)
+    assert second is not None and second.build_id == "b2"
+    restarted.release(second)
+    restarted.unregister_worker("remote")
+    with db.session() as session:
+        links = session.execute(text("SELECT count(*) FROM trtforge_procrastinate_workers"))
+        assert links.scalar() == 0  # the link went with its Procrastinate worker
+    assert queue.heartbeat("remote") is False
