@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from calibrators.spec import CalibrationMethod
 from core.errors import TrtforgeError
+from engines.accuracy_report import AccuracyMetric
 from engines.errors import SpecError
 from engines.spec import Precision
 from service.api import builds as builds_api
@@ -69,6 +70,7 @@ def form_choices(state: AppState, viewer: Viewer) -> dict[str, Any]:
         "datasets": datasets_public,
         "precisions": [p.value for p in Precision],
         "methods": [m.value for m in CalibrationMethod],
+        "metrics": [m.value for m in AccuracyMetric],
     }
 
 

@@ -276,10 +276,19 @@ def calibration_page(table: CalibrationTable, query: str, page: int) -> Calibrat
                 candidates=dict(choice.candidates) if choice else {},
             )
         )
-    chart = {
-        "labels": [r.name for r in rows],
-        "datasets": [{"label": f"amax ({method})", "data": [r.amax for r in rows]}],
-    }
+    datasets: list[dict[str, Any]] = [
+        {"label": f"amax, chosen ({method})", "data": [r.amax for r in rows]}
+    ]
+    candidates = sorted({c for r in rows for c in r.candidates})
+    for candidate in candidates:  # auto: what each method would have chosen (legend toggles)
+        datasets.append(
+            {
+                "label": f"{candidate} candidate",
+                "data": [r.candidates.get(candidate) for r in rows],
+                "hidden": candidate != "minmax",
+            }
+        )
+    chart = {"labels": [r.name for r in rows], "datasets": datasets}
     return CalibrationPage(rows, len(table.amax), len(names), page, pages, query, method, chart)
 
 
