@@ -80,7 +80,7 @@ CORS_EXPOSED_HEADERS = (
     "Content-Range, Content-Length, Content-Disposition, Accept-Ranges, ETag, Location, "
     "WWW-Authenticate"
 )
-_CORS_METHODS = "GET, HEAD, POST, DELETE"
+_CORS_METHODS = "GET, HEAD, POST, PATCH, DELETE"
 _CORS_MAX_AGE_S = "600"
 
 
