@@ -161,7 +161,9 @@ class RecorderBase:
         started = time.perf_counter()
         yield StageProgress(self, stage)
         seconds = time.perf_counter() - started
-        self.stage_seconds[stage.value] = round(seconds, 3)
+        # a stage entered again (a budget search then the build; evaluation then sensitivity)
+        # counts all its time
+        self.stage_seconds[stage.value] = round(self.stage_seconds.get(stage.value, 0.0) + seconds, 3)
         self._update(
             stage_seconds=dict(self.stage_seconds),
             progress=round(_stage_start(stage) + STAGE_WEIGHTS[stage], 4),
