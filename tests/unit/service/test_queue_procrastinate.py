@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from sqlalchemy import text, update
 
 from engines.backends.base import BuildTarget
 from service.db import Database
-from service.db.models import BuildRow, JobRow, WorkerRow, utcnow
+from service.db.migrations.env import include_name
+from service.db.models import Base, BuildRow, JobRow, WorkerRow, utcnow
 from service.errors import SettingsError
 from service.queue import open_queue
 from service.queue.base import JobState, Recovered
@@ -374,3 +377,10 @@ def test_any_process_serves_a_registered_worker(
         links = session.execute(text("SELECT count(*) FROM trtforge_procrastinate_workers"))
         assert links.scalar() == 0  # the link went with its Procrastinate worker
     assert queue.heartbeat("remote") is False
+
+
+def test_alembic_leaves_procrastinates_tables_alone(db: Database) -> None:
+    ensure_schema(db)  # beside trtforge's migrated tables
+    with db.engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"include_name": include_name})
+        assert compare_metadata(context, Base.metadata) == []  # no table to drop
