@@ -972,8 +972,8 @@ class WorkerTable(_Answer):
 
 
 class WorkerTableStore(_Frozen):
-    """``PUT /v1/worker/builds/{id}/tables/{key}``: a table a worker calibrated."""
+    """``PUT /v1/worker/builds/{id}/tables/{key}``: a table a worker calibrated, uploaded first
+    (``POST /v1/worker/uploads``: its JSON text, which may be larger than a JSON body)."""
 
     worker_id: str = Field(min_length=1, max_length=64)
-    table_json: str
-
+    table_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")

@@ -250,16 +250,28 @@ def get_table(key: str, state: StateDep, _: WorkerAccess) -> WorkerTable:
 def store_table(
     build_id: str, key: str, body: WorkerTableStore, state: StateDep, _: WorkerAccess
 ) -> TablePublic:
-    """Store a table the build calibrated under its cache key (the first one stored stays)."""
+    """Store a table the build calibrated (uploaded first) under its cache key (the first one
+    stored stays)."""
     from calibrators.errors import CalibrationError
     from calibrators.table import CalibrationTable
 
     with state.db.session() as session:
         _claimed(session, build_id, body.worker_id)
+    uploaded = state.storage.work_dir(build_id) / _UPLOADS / body.table_sha256
     try:
-        table = CalibrationTable.from_json(body.table_json)
+        text = uploaded.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConflictError(
+            "The table was not uploaded.",
+            hint="Upload its JSON with POST /v1/worker/uploads first.",
+            field="table_sha256",
+        ) from exc
+    try:
+        table = CalibrationTable.from_json(text)
     except (CalibrationError, ValueError) as exc:
-        raise UploadError(f"The table is not a trtforge table: {exc}", field="table_json") from exc
+        raise UploadError(f"The table is not a trtforge table: {exc}", field="table_sha256") from exc
+    finally:
+        uploaded.unlink(missing_ok=True)
     store = LocalStore(load_plan(state.db, state.storage, build_id), state.db, state.storage)
     store.store(key, table)
     return store.table_info(key)

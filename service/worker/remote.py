@@ -229,6 +229,7 @@ def run_remote_worker(
             log.error("this worker takes no builds: %s (checking again in %.0f s)", problem, delay)
             time.sleep(delay)
             delay = min(_MAX_PREFLIGHT_WAIT_S, delay * 2)
+        storage.remove_stale_tmp()  # of this directory's processes that were killed
         runner = RemoteWorker(settings, storage, client, token=token)
         shown = f", labels: {', '.join(settings.worker_labels)}" if settings.worker_labels else ""
         echo(f"trtforge worker {runner.id} via {client.server}: {len(runner.slots)} slot(s){shown}")

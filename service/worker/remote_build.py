@@ -266,7 +266,9 @@ class RemoteStore:
         return CalibrationTable.from_json(found.table_json)
 
     def store(self, key: str, table: CalibrationTable) -> None:
-        body = WorkerTableStore(worker_id=self._worker_id, table_json=table.to_json())
+        text = table.to_json().encode("utf-8")
+        sha = self._client.upload_bytes(self._build_id, self._worker_id, "table.json", text)
+        body = WorkerTableStore(worker_id=self._worker_id, table_sha256=sha)
         self._infos[key] = self._client.store_table(self._build_id, key, body)
 
     def given_table(self, table_id: str) -> CalibrationTable:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import IO
 
 import httpx
 from pydantic import BaseModel, ConfigDict
@@ -129,15 +130,24 @@ class WorkerClient(TrtforgeClient):
     def upload(self, build_id: str, worker_id: str, path: Path) -> str:
         """Stream ``path`` to the API for ``build_id``; the sha256 it stored, checked against
         the file's."""
-        expected = sha256_file(path)
-        fields = {"build_id": build_id, "worker_id": worker_id, "sha256": expected}
         with path.open("rb") as fh:
-            files = {"file": (path.name, fh, "application/octet-stream")}
-            answer = self._request("POST", "/v1/worker/uploads", files=files, data=fields)
+            return self._send_file(build_id, worker_id, path.name, fh, sha256_file(path))
+
+    def upload_bytes(self, build_id: str, worker_id: str, name: str, data: bytes) -> str:
+        """:meth:`upload` of bytes in memory."""
+        digest = hashlib.sha256(data).hexdigest()
+        return self._send_file(build_id, worker_id, name, data, digest)
+
+    def _send_file(
+        self, build_id: str, worker_id: str, name: str, body: IO[bytes] | bytes, expected: str
+    ) -> str:
+        fields = {"build_id": build_id, "worker_id": worker_id, "sha256": expected}
+        files = {"file": (name, body, "application/octet-stream")}
+        answer = self._request("POST", "/v1/worker/uploads", files=files, data=fields)
         stored = str(answer.json().get("sha256", ""))
         if stored != expected:
             raise DownloadError(
-                f"The API stored {path.name} with sha256 {stored[:12]}, not {expected[:12]}.",
+                f"The API stored {name} with sha256 {stored[:12]}, not {expected[:12]}.",
                 hint="The upload was corrupted on the way; the build is retried.",
             )
         return stored
