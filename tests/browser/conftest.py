@@ -60,6 +60,9 @@ def playwright() -> Iterator[Playwright]:
 
 @pytest.fixture(scope="session")
 def browser(playwright: Playwright) -> Iterator[Browser]:
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=20_000)  # uploads and page loads on a busy 2-core CI machine
     executable = CHROMIUM if CHROMIUM.exists() else Path(shutil.which("chromium") or CHROMIUM)
     browser = playwright.chromium.launch(
         executable_path=str(executable), headless=True, args=CHROMIUM_ARGS

@@ -147,3 +147,21 @@ def test_a_refused_form_comes_back_filled_in_naming_the_field(client: TestClient
         data={"csrf_token": csrf, "model_id": "0" * 64, "dataset_id": "0" * 64, "variants": "fp64"},
     )
     assert sweep.status_code == 422 and "The sweep was not started" in sweep.text
+
+
+def test_the_cancel_button_asks_to_cancel_the_build(client: TestClient, db_url: str) -> None:
+    db = Database(db_url)
+    with db.session() as session:
+        insert_build(session, "waiting", status="queued")
+        session.commit()
+    db.dispose()
+    page = client.get("/builds/waiting")
+    assert page.status_code == 200 and 'id="cancel-form"' in page.text
+    assert client.post("/ui/builds/waiting/cancel", data={}).status_code == 403  # no token
+    answer = client.post(
+        "/ui/builds/waiting/cancel", data={"csrf_token": _csrf(page.text)}, follow_redirects=False
+    )
+    assert answer.status_code == 303 and answer.headers["location"] == "/builds/waiting"
+    assert client.get("/v1/builds/waiting").json()["cancel_requested"]  # (it has no job row)
+    again = client.get("/builds/waiting").text
+    assert "Cancelling" in again and "Cancel requested" in again  # the button, the log
