@@ -1,4 +1,5 @@
-"""Models, datasets and calibration tables: stored files plus their database rows.
+"""Models, datasets and calibration tables: stored files plus their database rows (the tables'
+own functions live in :mod:`service.store.tables` and are re-exported here).
 
 A row is committed only after its files are published, and files are removed if the commit
 fails, so bad input never leaves a partial model, dataset or table behind. Same bytes give the
@@ -15,34 +16,37 @@ model or dataset was deleted meanwhile refuses with :class:`ConflictError` (both
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Generic, Literal, TypeVar
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from calibrators.archive import ArchiveLimits
-from calibrators.errors import TableError
 from calibrators.spec import PreprocessSpec
-from calibrators.table import CalibrationTable
 from core.tensors import TensorSpec
 from service.db.models import BuildRow, DatasetRow, ModelRow, TableRow
-from service.errors import ConflictError, InUseError, NotFoundError
+from service.errors import InUseError, NotFoundError
 from service.projects import DEFAULT_PROJECT, scoped_id
 from service.schemas import (
     DatasetPublic,
     ModelPublic,
-    TablePublic,
     TensorInfo,
 )
-from service.store.blobs import commit_and_release, place_blob
+from service.store.blobs import commit_and_release
 from service.store.ingest import dataset_id, stage_dataset, stage_model
 from service.store.naming import filter_named, tags_list
+from service.store.rows import Page, commit_new, undo_publish, visible
 from service.store.storage import PendingFile, Storage
+from service.store.tables import (
+    get_table,
+    import_table_for,
+    list_tables,
+    load_table,
+    store_table,
+    table_public,
+)
 
 __all__ = [
     "Page",
@@ -66,18 +70,6 @@ __all__ = [
     "store_table",
     "table_public",
 ]
-
-
-T = TypeVar("T")
-R = TypeVar("R", ModelRow, DatasetRow, TableRow)
-
-
-@dataclass(frozen=True)
-class Page(Generic[T]):
-    """One page of rows and the total count matching the query."""
-
-    items: list[T]
-    total: int
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -108,7 +100,7 @@ def model_public(row: ModelRow) -> ModelPublic:
 def get_model(
     session: Session, model_id: str, *, field: str = "model_id", project: str | None = None
 ) -> ModelRow:
-    row = _visible(session.get(ModelRow, model_id), project)
+    row = visible(session.get(ModelRow, model_id), project)
     if row is None:
         raise NotFoundError(
             f"No model with id {model_id!r}.",
@@ -162,7 +154,7 @@ def add_model(
         info=staged.info,
         tensor_names=staged.tensor_names,
     )
-    return _commit_new(session, row, ModelRow, id_, _undo_publish(storage, dest, published))
+    return commit_new(session, row, ModelRow, id_, undo_publish(storage, dest, published))
 
 
 def list_models(
@@ -236,7 +228,7 @@ def dataset_public(row: DatasetRow) -> DatasetPublic:
 def get_dataset(
     session: Session, id_: str, *, field: str = "dataset_id", project: str | None = None
 ) -> DatasetRow:
-    row = _visible(session.get(DatasetRow, id_), project)
+    row = visible(session.get(DatasetRow, id_), project)
     if row is None:
         raise NotFoundError(
             f"No dataset with id {id_!r}.",
@@ -304,7 +296,7 @@ def add_dataset(
         input_name=input_name,
         model_id=model_id,
     )
-    return _commit_new(session, row, DatasetRow, id_, _undo_publish(storage, dest, published))
+    return commit_new(session, row, DatasetRow, id_, undo_publish(storage, dest, published))
 
 
 def _revalidate(
@@ -364,70 +356,7 @@ def delete_dataset(
     storage.remove_entry(storage.dataset_dir(id_))
 
 
-# -- calibration tables ------------------------------------------------------------------------
-
-
-def table_public(row: TableRow) -> TablePublic:
-    source: Literal["calibrated", "imported"] = (
-        "imported" if row.source == "imported" else "calibrated"
-    )
-    return TablePublic(
-        id=row.id,
-        model_id=row.model_id,
-        dataset_id=row.dataset_id,
-        source=source,
-        method=row.method,
-        algorithm=row.algorithm,
-        parameters=row.parameters,
-        samples=row.samples,
-        num_tensors=row.num_tensors,
-        digest=row.digest,
-        missing_tensors=list(row.missing_tensors),
-        created_at=row.created_at,
-        project=row.project,
-        links={
-            "self": f"/v1/calibration-tables/{row.id}",
-            "trt": f"/v1/calibration-tables/{row.id}?format=trt",
-            "json": f"/v1/calibration-tables/{row.id}?format=json",
-        },
-    )
-
-
-def get_table(
-    session: Session, table_id: str, *, field: str = "table_id", project: str | None = None
-) -> TableRow:
-    row = _visible(session.get(TableRow, table_id), project)
-    if row is None:
-        raise NotFoundError(
-            f"No calibration table with id {table_id!r}.",
-            hint="List them with GET /v1/calibration-tables?model_id=...",
-            field=field,
-        )
-    return row
-
-
-def load_table(storage: Storage, row: TableRow) -> CalibrationTable:
-    """The stored calibration table."""
-    return CalibrationTable.from_json(storage.blob_path(row.blob_sha256).read_text("utf-8"))
-
-
-def list_tables(
-    session: Session,
-    limit: int,
-    offset: int,
-    model_id: str | None = None,
-    project: str | None = None,
-) -> Page[TableRow]:
-    query = select(TableRow)
-    if project is not None:
-        query = query.where(TableRow.project == project)
-    if model_id is not None:
-        query = query.where(TableRow.model_id == model_id)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(
-        query.order_by(TableRow.created_at.desc(), TableRow.id).limit(limit).offset(offset)
-    )
-    return Page(list(rows), total)
+# -- calibration tables (service.store.tables) -------------------------------------------------
 
 
 def import_table(
@@ -442,131 +371,4 @@ def import_table(
     """Import a TensorRT cache (or trtforge JSON table) for a model of ``project`` (None: any),
     checked against its tensors."""
     model = get_model(session, model_id, project=project)
-    stripped = text.lstrip()
-    table = (
-        CalibrationTable.from_json(text)
-        if stripped.startswith("{")
-        else CalibrationTable.from_cache_text(text)
-    )
-    match = table.compare_with_model(model.tensor_names)
-    if match.unknown_tensors and not ignore_unknown:
-        shown = ", ".join(repr(n) for n in match.unknown_tensors[:5])
-        more = len(match.unknown_tensors) - 5
-        raise TableError(
-            f"The table has ranges for {len(match.unknown_tensors)} tensor(s) the model does not "
-            f"have: {shown}{f' and {more} more' if more > 0 else ''}.",
-            hint="Import the table written for this model, or send ignore_unknown=true to drop them.",
-            field="file",
-        )
-    if match.matched_tensors == 0:
-        raise TableError(
-            "No tensor of the table exists in the model.",
-            hint="Check that the table was written for this model.",
-            field="file",
-        )
-    known = set(model.tensor_names)
-    table = table.model_copy(
-        update={
-            "amax": {k: v for k, v in table.amax.items() if k in known},
-            "model_sha256": model.id,
-        }
-    )
-    key = hashlib.sha256(f"import\n{model.id}\n{table.digest}".encode()).hexdigest()
-    return store_table(
-        session,
-        storage,
-        key=key,
-        model_id=model.id,
-        dataset_id=None,
-        table=table,
-        source="imported",
-        missing=list(match.missing_tensors),
-    )
-
-
-def store_table(
-    session: Session,
-    storage: Storage,
-    *,
-    key: str,
-    model_id: str,
-    dataset_id: str | None,
-    table: CalibrationTable,
-    source: str,
-    missing: list[str],
-) -> tuple[TableRow, bool]:
-    """Store a table under ``key``; (existing row, False) when the key is taken. It joins its
-    model's project; keys cover the model's id, which is per project: no table is shared."""
-    existing = session.get(TableRow, key)
-    if existing is not None:
-        return existing, False
-    with storage.pending(suffix=".json") as pending:
-        pending.write(table.to_json().encode("utf-8"))
-        sha = pending.finish()
-        blob = place_blob(session, storage, pending.take(), sha)  # locked until the commit
-    model = session.get(ModelRow, model_id)  # None: deleted meanwhile, the insert refuses
-    row = TableRow(
-        id=key,
-        project=model.project if model is not None else DEFAULT_PROJECT,
-        model_id=model_id,
-        dataset_id=dataset_id,
-        source=source,
-        method=str(table.method) if table.method is not None else None,
-        algorithm=str(table.algorithm),
-        parameters=dict(table.parameters),
-        samples=table.samples,
-        num_tensors=len(table.amax),
-        digest=table.digest,
-        blob_sha256=blob.sha256,
-        missing_tensors=missing,
-    )
-    return _commit_new(
-        session, row, TableRow, key, lambda: commit_and_release(session, storage, [blob.sha256])
-    )
-
-
-# -- shared ------------------------------------------------------------------------------------
-
-
-def _visible(row: R | None, project: str | None) -> R | None:
-    """``row`` if the caller may see it: it exists and belongs to ``project`` (None: any)."""
-    if row is None or (project is not None and row.project != project):
-        return None
-    return row
-
-
-def _undo_publish(storage: Storage, dest: Path, published: bool) -> Callable[[], None]:
-    def undo() -> None:
-        if published:
-            storage.remove_entry(dest)
-
-    return undo
-
-
-def _commit_new(
-    session: Session, row: R, kind: type[R], key: str, undo: Callable[[], object]
-) -> tuple[R, bool]:
-    """Insert ``row``; on a concurrent insert of the same key return that one instead.
-
-    Any other constraint failure means a row it references (its model, its dataset) was deleted
-    meanwhile: :class:`ConflictError`.
-    """
-    session.add(row)
-    try:
-        session.commit()
-    except IntegrityError as exc:
-        session.rollback()
-        winner = session.get(kind, key)
-        if winner is None:
-            undo()
-            raise ConflictError(
-                f"The {kind.__tablename__.rstrip('s').replace('_', ' ')} could not be stored: "
-                "a model or dataset it refers to was deleted at the same time.",
-                hint="Check that the model (and dataset) still exist, then retry.",
-            ) from exc
-        return winner, False
-    except BaseException:
-        session.rollback()
-        undo()
-        raise
-    return row, True
+    return import_table_for(session, storage, model, text, ignore_unknown=ignore_unknown)
