@@ -57,7 +57,7 @@ def json_for_script(value: Any) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)  # reports with per-tensor sections reach megabytes
 def _read_report(path: str) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(Path(path).read_bytes())
     return data
