@@ -309,14 +309,24 @@ class TrtforgeClient(ResourcesMixin):
         *,
         model_id: str | None = None,
         status: BuildStatus | None = None,
+        model_name: str | None = None,
+        model_tags: list[str] | None = None,
+        precision: str | None = None,
+        backend: str | None = None,
         limit: int = 50,
         offset: int = 0,
     ) -> BuildPage:
+        """Builds, newest first: of a model (its id, or part of its name or file name and its
+        tags), in a status, of a precision, for a backend (built for or asked for)."""
         return self._get(
             "/v1/builds",
             BuildPage,
             model_id=model_id,
             status=status.value if status else None,
+            model_name=model_name,
+            model_tag=model_tags,
+            precision=precision,
+            backend=backend,
             limit=limit,
             offset=offset,
         )

@@ -15,8 +15,10 @@ from pydantic import TypeAdapter
 from sqlalchemy.orm import Session, joinedload
 from starlette.concurrency import run_in_threadpool
 
+from engines.spec import BackendName, Precision
 from service.api.caching import json_response, none_match, not_modified, weak_etag
 from service.api.deps import AppState, BuildAccess, Paging, ReadAccess, StateDep
+from service.api.naming import NameQuery, TagQuery
 from service.api.projects import ProjectQuery
 from service.db.models import BuildRow
 from service.schemas import BuildCreate, BuildPage, BuildPublic, BuildStatus, LogLine
@@ -90,7 +92,15 @@ def list_builds(
     model_id: Annotated[str | None, Query()] = None,
     status: Annotated[BuildStatus | None, Query()] = None,
     project: ProjectQuery = None,
+    model_name: NameQuery = None,
+    model_tag: TagQuery = None,
+    precision: Annotated[Precision | None, Query()] = None,
+    backend: Annotated[
+        BackendName | None, Query(description="The backend built for, or asked for.")
+    ] = None,
 ) -> Response:
+    """Builds, newest first, filtered by model (id, or part of its name or file name, and its
+    tags), status, precision and backend."""
     with state.db.session() as session:
         page = builds.list_builds(
             session,
@@ -99,6 +109,10 @@ def list_builds(
             model_id=model_id,
             status=status,
             project=caller.listing(project),
+            model_name=model_name,
+            model_tags=model_tag or (),
+            precision=precision,
+            backend=backend,
         )
         items = [builds.build_public(r) for r in page.items]
     return json_response(

@@ -28,10 +28,11 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
@@ -40,7 +41,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from calibrators.errors import DatasetError
 from core.errors import ModelError
 from engines.backends.registry import choose_target
-from engines.spec import BackendName
+from engines.spec import BackendName, Precision
 from service.db.models import BuildLogRow, BuildRow, DatasetRow, JobRow, ModelRow, utcnow
 from service.errors import ConflictError, NoTargetError, NotFoundError
 from service.projects import DEFAULT_PROJECT
@@ -59,6 +60,7 @@ from service.schemas import (
 from service.store.blobs import commit_and_release, place_blob
 from service.store.catalog import Page, get_dataset, get_model, get_table, model_path
 from service.store.evaluation import check_evaluation
+from service.store.naming import filter_named
 from service.store.storage import Storage
 from service.worker.recorder import add_log, reset_for_retry
 
@@ -357,7 +359,14 @@ def list_builds(
     model_id: str | None = None,
     status: BuildStatus | None = None,
     project: str | None = None,
+    model_name: str | None = None,
+    model_tags: Sequence[str] = (),
+    precision: Precision | None = None,
+    backend: BackendName | None = None,
 ) -> Page[BuildRow]:
+    """Builds, newest first; ``model_name``/``model_tags`` filter by their model's name or file
+    name and tags (:func:`naming.filter_named`), ``backend`` by the backend built for or asked
+    for."""
     query = select(BuildRow)
     if project is not None:
         query = query.where(BuildRow.project == project)
@@ -365,6 +374,22 @@ def list_builds(
         query = query.where(BuildRow.model_id == model_id)
     if status is not None:
         query = query.where(BuildRow.status == status.value)
+    if model_name or model_tags:
+        models = filter_named(
+            select(ModelRow.id),
+            ModelRow.name,
+            ModelRow.filename,
+            ModelRow.tags,
+            name=model_name,
+            tags=model_tags,
+        )
+        query = query.where(BuildRow.model_id.in_(models))
+    if precision is not None:
+        query = query.where(BuildRow.request["spec"]["precision"].as_string() == precision.value)
+    if backend is not None:
+        query = query.where(
+            or_(BuildRow.backend == backend.value, BuildRow.requested_backend == backend.value)
+        )
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = session.scalars(
         query.options(selectinload(BuildRow.job))

@@ -1,5 +1,5 @@
-"""Names and tags of models and datasets (upload form fields, PATCH, list filters), HEAD on
-artifacts, and hints that speak REST."""
+"""Names and tags of models and datasets (upload form fields, PATCH, list filters; builds listed
+by them), HEAD on artifacts, and hints that speak REST."""
 
 from __future__ import annotations
 
@@ -128,3 +128,31 @@ def test_an_upload_error_reached_over_rest_speaks_rest(client: TestClient) -> No
     error = answer.json()["error"]
     assert error["field"] == "preprocess"
     assert "--preprocess" not in error["hint"] and '"preprocess" form field' in error["hint"]
+
+
+def test_builds_list_by_their_models_name_and_tags_precision_and_backend(
+    client: TestClient,
+) -> None:
+    named = _upload_model(client, "alpha.onnx", name="Detector", tags="vision")
+    client.post("/v1/models", files={"file": ("beta.onnx", model_bytes(seed=1))})
+    data = client.post(
+        "/v1/datasets", files={"file": ("d.npz", dataset_bytes())}, data={"model_id": named["id"]}
+    ).json()
+    fp16 = client.post(
+        "/v1/builds",
+        json={"model_id": named["id"], "dataset_id": data["id"], "spec": {"precision": "fp16"}},
+    ).json()
+    ort = client.post(
+        "/v1/builds",
+        json={"model_id": named["id"], "dataset_id": data["id"], "spec": {"backend": "onnxruntime"}},
+    ).json()
+
+    def listed(query: str) -> list[str]:
+        return sorted(b["id"] for b in client.get(f"/v1/builds?{query}").json()["items"])
+
+    assert listed("model_name=detect") == sorted([fp16["id"], ort["id"]])
+    assert listed("model_name=ALPHA&model_tag=vision") == sorted([fp16["id"], ort["id"]])
+    assert listed("model_name=beta") == [] and listed("model_tag=audio") == []
+    assert listed("precision=fp16") == [fp16["id"]]
+    assert listed("precision=int8-fp16&backend=onnxruntime") == [ort["id"]]
+    assert client.get("/v1/builds?precision=int4").status_code == 422
