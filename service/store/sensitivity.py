@@ -47,7 +47,10 @@ def request_sensitivity(
     """(the build, the build that computes its sensitivity, whether that one was queued now)."""
     build = get_build(session, build_id, project)
     request = BuildCreate.model_validate(build.request)
-    if request.sensitivity == options:
+    if request.sensitivity == options:  # its own request asked for exactly this
+        if build.sensitivity_build_id is not None:
+            build.sensitivity_build_id = None
+            session.commit()
         return build, build, False
     run, created = submit_build(
         session, storage, queue, request.model_copy(update={"sensitivity": options}), project
@@ -62,17 +65,17 @@ def request_sensitivity(
 def sensitivity_public(session: Session, storage: Storage, build: BuildRow) -> SensitivityPublic:
     """The sensitivity of ``build``: computed by itself or by the build its POST submitted."""
     request = BuildCreate.model_validate(build.request)
-    run = build
-    if request.sensitivity is None:
-        found = session.get(BuildRow, build.sensitivity_build_id or "")
-        if found is None:
-            gone = " (the build that computed it was deleted)" if build.sensitivity_build_id else ""
-            raise NotFoundError(
-                f"Build {build.id[:12]} has no sensitivity ranking{gone}.",
-                hint=f"Compute it with POST /v1/builds/{build.id}/sensitivity.",
-                field="build_id",
-            )
+    run = build  # the last one asked for: a POST's build, else the build's own request's
+    found = session.get(BuildRow, build.sensitivity_build_id) if build.sensitivity_build_id else None
+    if found is not None:
         run = found
+    elif request.sensitivity is None:
+        gone = " (the build that computed it was deleted)" if build.sensitivity_build_id else ""
+        raise NotFoundError(
+            f"Build {build.id[:12]} has no sensitivity ranking{gone}.",
+            hint=f"Compute it with POST /v1/builds/{build.id}/sensitivity.",
+            field="build_id",
+        )
     options = BuildCreate.model_validate(run.request).sensitivity or SensitivityOptions()
     report = None
     if run.report_sha256:

@@ -124,3 +124,19 @@ def test_sensitivity_measured_in_accuracy_needs_labels(
     assert answer.json()["error"]["field"] == "labels"
     unknown = client.post("/v1/builds/" + "0" * 32 + "/sensitivity", json={})
     assert unknown.status_code == 404
+
+
+def test_the_last_sensitivity_asked_for_is_the_one_answered(
+    client: TestClient, ids: dict[str, str]
+) -> None:
+    build = client.post("/v1/builds", json={**ids, **FAST, "sensitivity": QUICK}).json()
+    other = client.post(f"/v1/builds/{build['id']}/sensitivity", json={**QUICK, "samples": 3})
+    assert other.status_code == 202 and other.json()["run_build_id"] != build["id"]
+    answered = client.get(f"/v1/builds/{build['id']}/sensitivity").json()
+    assert (answered["run_build_id"], answered["options"]["samples"]) == (
+        other.json()["run_build_id"],
+        3,
+    )
+    own = client.post(f"/v1/builds/{build['id']}/sensitivity", json=QUICK)
+    assert own.status_code == 200 and own.json()["run_build_id"] == build["id"]
+    assert client.get(f"/v1/builds/{build['id']}/sensitivity").json()["run_build_id"] == build["id"]
