@@ -380,19 +380,6 @@ def _run_stages(
     return BuildStatus.SUCCEEDED
 
 
-def _rest_hint(hint: str) -> str:
-    """The gate's hint in the words of a build request rather than the CLI's flags."""
-    for flag, field in (
-        ("--method ", "spec.calibration.method "),
-        ("--accuracy-budget ", "an accuracy budget "),
-        ("--keep-fp16 ", "spec.keep.fp16 "),
-        ("--keep ", "spec.keep.int8 "),
-        ("--gate none", 'spec.gate "none"'),
-    ):
-        hint = hint.replace(flag, field)
-    return hint
-
-
 def _open_dataset(plan: BuildPlan, settings: Settings) -> CalibrationDataset:
     return open_dataset(plan.dataset_path, plan.preprocess, plan.input_name, settings)
 
