@@ -3,15 +3,16 @@ points, Pareto front, chart data). Builds run in-process, as a worker's child ru
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
+from service.api.auth import create_token
 from service.db import Database
-from service.schemas import BuildStatus, SweepPublic, SweepStatus
+from service.schemas import BuildStatus, Scope, SweepPublic, SweepStatus
 from service.settings import Settings
 from service.store.storage import Storage
 from service.worker.pipeline import run_build
@@ -40,6 +41,14 @@ def ids(client: TestClient) -> dict[str, str]:
         data={"model_id": model["id"]},
     ).json()
     return {"model_id": model["id"], "dataset_id": dataset["id"]}
+
+
+def _token(db_url: str, scope: Scope, project: str) -> dict[str, str]:
+    db = Database(db_url)
+    with db.session() as session:
+        _, token = create_token(session, f"{project}-{scope.value}", scope, project)
+    db.dispose()
+    return {"Authorization": f"Bearer {token}"}
 
 
 def _run(settings: Settings, build_id: str) -> BuildStatus:
@@ -132,3 +141,36 @@ def test_a_sweeps_variant_that_fails_unmeasured_is_listed_with_its_error(
     assert done["status"] == "partial"
     assert [p["variant"] for p in done["points"]] == ["fp32"]
     assert [v["status"] for v in done["variants"]] == ["succeeded", "cancelled"]
+
+
+def test_another_projects_sweeps_sensitivity_and_names_are_not_found(
+    make_client: Callable[..., TestClient], db_url: str
+) -> None:
+    secured = make_client(auth=True)
+    alpha, beta, admin = (
+        _token(db_url, scope, project)
+        for scope, project in ((Scope.BUILD, "alpha"), (Scope.BUILD, "beta"), (Scope.ADMIN, "ops"))
+    )
+    model = secured.post(
+        "/v1/models", files={"file": ("tiny.onnx", model_bytes())}, headers=alpha
+    ).json()
+    dataset = secured.post(
+        "/v1/datasets",
+        files={"file": ("d.npz", dataset_bytes(count=10))},
+        data={"model_id": model["id"]},
+        headers=alpha,
+    ).json()
+    ids = {"model_id": model["id"], "dataset_id": dataset["id"]}
+    sweep = secured.post("/v1/sweeps", json={**ids, "preset": "fp16"}, headers=alpha).json()
+    build_id = sweep["variants"][0]["build_id"]
+    assert secured.get(f"/v1/sweeps/{sweep['id']}", headers=alpha).status_code == 200
+    assert secured.get(f"/v1/sweeps/{sweep['id']}", headers=beta).status_code == 404
+    assert secured.get("/v1/sweeps", headers=beta).json()["total"] == 0
+    assert secured.get("/v1/sweeps", headers=admin).json()["total"] == 1
+    assert secured.post("/v1/sweeps", json={**ids, "preset": "fp16"}, headers=beta).status_code == 404
+    asked = secured.post(f"/v1/builds/{build_id}/sensitivity", json={}, headers=beta)
+    assert asked.status_code == 404
+    patched = secured.patch(f"/v1/models/{model['id']}", json={"name": "x"}, headers=beta)
+    assert patched.status_code == 404
+    assert secured.get("/v1/models?name=tiny", headers=beta).json()["total"] == 0
+    assert secured.delete(f"/v1/sweeps/{sweep['id']}", headers=beta).status_code == 404
