@@ -54,8 +54,8 @@ L4 = json.dumps(
     ]
 )
 FAST = BenchmarkOptionsIn(warmup_ms=0, iterations=2, duration_s=0)
-SLOW = BenchmarkOptionsIn(warmup_ms=0, iterations=100_000, duration_s=8)
-"""A build that benchmarks for 8 s: long enough to kill its worker in the middle of it."""
+SLOW = BenchmarkOptionsIn(warmup_ms=0, iterations=100_000, duration_s=5)
+"""A build that benchmarks for 5 s: long enough to kill its worker in the middle of it."""
 
 
 def start_remote_worker(
@@ -243,6 +243,23 @@ def test_workers_without_a_shared_filesystem(kind: str, tmp_path: Path) -> None:
                 assert result.artifact is not None
                 path = client.download_artifact(slow.id, tmp_path / "downloads" / slow.id)
                 assert hashlib.sha256(path.read_bytes()).hexdigest() == result.artifact.sha256
+
+                # a cancel reaches the build on its worker, which records it through the API
+                doomed = client.submit_build(
+                    model.id,
+                    data.id,
+                    spec,
+                    target=TargetRequest(labels=["vision"]),
+                    benchmark=SLOW,
+                    accuracy=AccuracyOptions(enabled=False, seed=9),
+                )
+                _wait_for(
+                    lambda: client.get_build(doomed.id).status is BuildStatus.BENCHMARKING,
+                    "the build to cancel to benchmark",
+                )
+                client.cancel_build(doomed.id)
+                cancelled = client.wait(doomed.id, timeout_s=60)
+                assert (cancelled.status, cancelled.worker_id) == (BuildStatus.CANCELLED, cpu)
 
             # the inputs were cached in each worker's own data directory, by their ids
             for name in ("cpu", "l4"):
