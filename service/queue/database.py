@@ -257,17 +257,23 @@ class DatabaseQueue:
         requeued: list[str] = []
         failed: list[str] = []
         with self._db.session() as session:
-            live = _live_worker_ids(session, self._stale)
-            session.execute(
-                update(WorkerRow)
-                .where(WorkerRow.stopped_at.is_(None), WorkerRow.id.not_in(live or {""}))
-                .values(stopped_at=utcnow())
-            )
+            # only workers read as dead are stopped, and only their jobs (or jobs of workers
+            # stopped before) recovered: a worker registering meanwhile keeps what it claims
+            dead = _worker_liveness(session, self._stale)[1]
+            if dead:
+                session.execute(
+                    update(WorkerRow)
+                    .where(WorkerRow.stopped_at.is_(None), WorkerRow.id.in_(dead))
+                    .values(stopped_at=utcnow())
+                )
+            stopped = select(WorkerRow.id).where(WorkerRow.stopped_at.is_not(None))
             orphans = list(
                 session.scalars(
                     select(JobRow).where(
                         JobRow.state == JobState.RUNNING.value,
-                        (JobRow.worker_id.is_(None)) | JobRow.worker_id.not_in(live or {""}),
+                        JobRow.worker_id.is_(None)
+                        | JobRow.worker_id.in_(dead or {""})
+                        | JobRow.worker_id.in_(stopped),
                     )
                 )
             )
@@ -381,16 +387,21 @@ def _this_claim(job: Job) -> tuple[ColumnElement[bool], ...]:
 
 
 def _live_worker_ids(session: Session, stale: timedelta) -> set[str]:
+    return _worker_liveness(session, stale)[0]
+
+
+def _worker_liveness(session: Session, stale: timedelta) -> tuple[set[str], set[str]]:
+    """(live, dead) among the workers not stopped, read in one query: the one definition of a
+    live worker (a fresh heartbeat, and on this machine a process that still runs)."""
     limit = utcnow() - stale
     here = hostname()
     live: set[str] = set()
+    dead: set[str] = set()
     for worker in session.scalars(select(WorkerRow).where(WorkerRow.stopped_at.is_(None))):
-        if worker.heartbeat_at < limit:
-            continue
-        if worker.hostname == here and not process_alive(worker.process_tag):
-            continue  # killed on this machine: no need to wait for its heartbeat to go stale
-        live.add(worker.id)
-    return live
+        gone = worker.hostname == here and not process_alive(worker.process_tag)
+        # killed on this machine: no need to wait for its heartbeat to go stale
+        (dead if worker.heartbeat_at < limit or gone else live).add(worker.id)
+    return live, dead
 
 
 def _pid() -> int:

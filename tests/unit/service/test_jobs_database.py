@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from engines.backends.base import BuildTarget
 from service.db import Database
 from service.db.models import BuildLogRow, BuildRow, JobRow, WorkerRow, utcnow
+from service.queue import database as queue_database
 from service.queue.base import JobState, Recovered
 from service.queue.database import DatabaseQueue
 from service.schemas import BuildStatus
@@ -199,11 +201,11 @@ def test_finishing_a_deleted_builds_job_leaves_a_new_job_with_its_row_id_alone(
     assert again is not None and again.build_id == "b2"
 
 
+# the database queue's own row bookkeeping (test_queue_procrastinate.py has its own)
+@pytest.mark.parametrize("queue", ["database"], indirect=True)
 def test_a_stale_finish_leaves_the_next_claim_of_the_job_running(
     db: Database, queue: DatabaseQueue
 ) -> None:
-    if type(queue) is not DatabaseQueue:  # test_queue_procrastinate.py has its own
-        pytest.skip("sets the job row's attempts: the database queue's own")
     _enqueue(db, queue, "b1")
     queue.register_worker("w", 1, CPU)
     first = queue.claim("w", CPU)
@@ -303,4 +305,30 @@ def test_a_live_workers_builds_are_never_recovered_from_under_it(
         assert queue.recover() == Recovered()
     with db.session() as session:
         assert session.get_one(WorkerRow, "w1").stopped_at is None
+        assert session.scalars(select(JobRow.state)).one() == JobState.RUNNING.value
+
+
+# the database queue's liveness read (test_queue_procrastinate.py has the same for its own)
+@pytest.mark.parametrize("queue", ["database"], indirect=True)
+def test_a_worker_that_registers_during_a_recovery_keeps_its_build(
+    db: Database, queue: DatabaseQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _enqueue(db, queue, "b1")
+    queue.register_worker("old", 1, CPU)
+    _kill_worker(db, "old")
+    read_liveness = queue_database._worker_liveness
+
+    def registered_meanwhile(session: Session, stale: timedelta) -> tuple[set[str], set[str]]:
+        seen = read_liveness(session, stale)  # the recovery reads the workers first
+        queue.register_worker("new", 1, CPU)
+        assert queue.claim("new", CPU) is not None
+        return seen
+
+    monkeypatch.setattr(queue_database, "_worker_liveness", registered_meanwhile)
+    assert queue.recover() == Recovered()
+    monkeypatch.undo()
+    assert queue.heartbeat("new") is True
+    with db.session() as session:
+        assert session.get_one(WorkerRow, "old").stopped_at is not None
+        assert session.get_one(WorkerRow, "new").stopped_at is None
         assert session.scalars(select(JobRow.state)).one() == JobState.RUNNING.value

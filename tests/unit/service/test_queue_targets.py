@@ -173,11 +173,11 @@ def test_a_worker_takes_the_oldest_job_it_can_build_past_others(
     assert queue.depth() == 3
 
 
+# the database queue's paged scan (Procrastinate fetches across the servable queues)
+@pytest.mark.parametrize("queue", ["database"], indirect=True)
 def test_targeted_jobs_are_matched_page_by_page_and_a_cut_short_scan_skips_no_older_match(
     db: Database, queue: DatabaseQueue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if type(queue) is not DatabaseQueue:  # Procrastinate fetches across the servable queues
-        pytest.skip("the database queue's paged scan")
     monkeypatch.setattr(queue_database, "_TARGETED_PAGE", 1)
     monkeypatch.setattr(queue_database, "_TARGETED_PAGES", 2)
     _enqueue(db, queue, "other-1", TargetRequest(labels=["other"]))
