@@ -116,3 +116,23 @@ def test_sensitivity_over_http_through_the_cli(server: Server, files: dict[str, 
     answer = json.loads(ranked.stdout)
     assert answer["run_build_id"] == asked.run_build_id  # the same options: the same build
     assert answer["status"] == "succeeded" and answer["report"]["evaluated_nodes"] == 1
+
+
+def test_submit_sends_the_evaluation_options_of_trtforge_build(
+    server: Server, files: dict[str, Path]
+) -> None:
+    submitted = _cli(
+        server, "submit", str(files["model"]), "--data", str(files["data"]),
+        "--eval-data", str(files["eval"]), "--labels", str(files["labels"]),
+        "--accuracy-budget", "cosine:0.5", "--precision", "int8", "--gate", "none",
+        "--name", "tiny cli", "--tag", "cli", "--wait", "--json", "--timeout", "240",
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    build = json.loads(submitted.stdout)
+    assert build["status"] == "succeeded" and build["labels"] == 4
+    assert build["accuracy_budget"] == {"metric": "cosine", "value": 0.5}
+    with TrtforgeClient(server.url) as client:
+        assert client.get_model(build["model_id"]).name == "tiny cli"
+        report = client.report(build["id"])
+        assert report.dataset["evaluation_samples"] == 4 and report.mixed_precision is not None
+        assert [b.id for b in client.list_builds(model_tags=["cli"]).items] == [build["id"]]
