@@ -159,7 +159,7 @@ async def submit_build(request: Request, state: StateDep) -> Response:
     try:
         viewer = await authorize_change(request, state, form.get(CSRF_FIELD))
     except TrtforgeError as exc:
-        return refused(exc)
+        return refused(exc, request, state)
     try:
         body = build_request(form)
         answer = await call_handler(builds_api.create_build, body, state, viewer.principal)
@@ -185,9 +185,11 @@ async def call_handler(handler: Any, *args: Any) -> Response:
     return result
 
 
-def refused(exc: TrtforgeError) -> Response:
+def refused(exc: TrtforgeError, request: Request, state: AppState) -> Response:
+    """A refused form post's answer: the sign-in page when the viewer lacks access, else the
+    error page (a missing CSRF token among them)."""
     if isinstance(exc, AuthenticationError | PermissionDeniedError) and exc.field != CSRF_FIELD:
-        return sign_in_page(exc)
+        return sign_in_page(exc, request, state)
     return error_page(exc, None)
 
 
@@ -199,7 +201,7 @@ async def cancel_build(request: Request, state: StateDep, build_id: str) -> Resp
         viewer = await authorize_change(request, state, sent if isinstance(sent, str) else None)
         await call_handler(builds_api.cancel_build, build_id, state, viewer.principal)
     except TrtforgeError as exc:
-        return refused(exc)
+        return refused(exc, request, state)
     if request.headers.get("accept", "").startswith("application/json"):
         return JSONResponse({"id": build_id, "cancel_requested": True})
     return RedirectResponse(f"/builds/{quote(build_id)}", status_code=303)
@@ -214,7 +216,7 @@ async def request_sensitivity(request: Request, state: StateDep, build_id: str) 
         viewer = await authorize_change(request, state, sent if isinstance(sent, str) else None)
         await call_handler(sensitivity_api.request_sensitivity, build_id, state, viewer.principal, None)
     except TrtforgeError as exc:
-        return refused(exc)
+        return refused(exc, request, state)
     return RedirectResponse(f"/builds/{quote(build_id)}#sensitivity", status_code=303)
 
 
@@ -233,7 +235,7 @@ async def _upload(
     except TrtforgeError as exc:
         if request.headers.get("accept", "").startswith("application/json"):
             return response_for_error(exc, state.settings.data_dir)
-        return refused(exc)
+        return refused(exc, request, state)
     if request.headers.get("accept", "").startswith("application/json"):
         return JSONResponse(stored.model_dump(mode="json"), status_code=answer.status_code)
     response = RedirectResponse(_return_to(back, key, stored.id), status_code=303)

@@ -254,7 +254,7 @@ async def reproduce(request: Request, state: StateDep, build_id: str) -> Respons
         context = await run_in_threadpool(_build_context, state, viewer, build_id)
     except TrtforgeError as exc:
         denied = isinstance(exc, AuthenticationError | PermissionDeniedError)
-        return sign_in_page(exc) if denied else error_page(exc, None)
+        return sign_in_page(exc, request, state) if denied else error_page(exc, None)
     return PlainTextResponse(
         context["reproduce"],
         headers={"Content-Disposition": f'attachment; filename="reproduce-{build_id[:12]}.sh"'},
@@ -272,19 +272,29 @@ async def static(name: str) -> Response:
 
 
 @router.get("/login", response_class=Response)
-async def login_page() -> Response:
-    return sign_in_page(None)
+async def login_page(request: Request, state: StateDep) -> Response:
+    """The sign-in form; its hidden CSRF token goes with the nonce cookie handed out here."""
+    return sign_in_page(None, request, state)
 
 
 @router.post("/login")
 def login(
-    request: Request, state: StateDep, token: Annotated[str, Form(max_length=512)]
+    request: Request,
+    state: StateDep,
+    token: Annotated[str, Form(max_length=512)],
+    csrf_token: Annotated[str, Form(max_length=128)] = "",
 ) -> Response:
+    """Turn a token into a session cookie. Refused (403, the form again) without the sign-in
+    form's CSRF token: another site could otherwise sign a browser in with its own token."""
+    try:
+        check_csrf(request, state, csrf_token)
+    except TrtforgeError as exc:
+        return sign_in_page(exc, request, state)
     with state.db.session() as session:
         try:
             principal = authenticate(session, f"Bearer {token}", Scope.READ, required=True)
         except TrtforgeError as exc:
-            return sign_in_page(exc)
+            return sign_in_page(exc, request, state)
     assert principal.token_id is not None
     ttl_s = state.settings.session_ttl_s
     value = create_session(token, principal.token_id, session_secret(state.settings.data_dir), ttl_s)

@@ -9,6 +9,11 @@ The token is an HMAC, under the server's session secret, of a random nonce kept 
 ``SameSite=Strict`` cookie (:data:`CSRF_COOKIE`). A page from another site can neither read the
 nonce nor compute the MAC, so it cannot forge a form post even where a browser sends the cookies
 along (the edge guard refuses cross-site posts as well).
+
+The sign-in form carries the token too (``POST /login`` is refused without it): the nonce
+cookie is handed out before there is a session, with the sign-in page, so another site cannot
+sign a victim's browser in with the attacker's token (login CSRF) and have them upload into the
+attacker's project.
 """
 
 from __future__ import annotations
@@ -35,9 +40,11 @@ __all__ = [
     "Viewer",
     "authorize_change",
     "check_csrf",
+    "csrf_nonce",
     "csrf_token",
     "remember_csrf",
     "secure_cookies",
+    "set_csrf_cookie",
     "viewer_of",
 ]
 
@@ -77,7 +84,8 @@ def csrf_token(state: AppState, nonce: str) -> str:
     return _mac(session_secret(state.settings.data_dir), nonce)
 
 
-def _nonce(request: Request) -> tuple[str, bool]:
+def csrf_nonce(request: Request) -> tuple[str, bool]:
+    """This browser's CSRF nonce (its cookie), or a new one and True when it has none yet."""
     value = request.cookies.get(CSRF_COOKIE, "")
     if 16 <= len(value) <= 64 and value.replace("-", "").replace("_", "").isalnum():
         return value, False
@@ -95,15 +103,20 @@ def secure_cookies(request: Request, state: AppState) -> bool:
 def remember_csrf(response: Response, request: Request, state: AppState, viewer: Viewer) -> None:
     """Set the CSRF nonce cookie on a page that handed out a new one."""
     if viewer.new_nonce:
-        response.set_cookie(
-            CSRF_COOKIE,
-            viewer.nonce,
-            max_age=_CSRF_TTL_S,
-            path="/",
-            secure=secure_cookies(request, state),
-            httponly=True,
-            samesite="strict",
-        )
+        set_csrf_cookie(response, request, state, viewer.nonce)
+
+
+def set_csrf_cookie(response: Response, request: Request, state: AppState, nonce: str) -> None:
+    """Give this browser the CSRF nonce ``nonce`` (HttpOnly, ``SameSite=Strict``)."""
+    response.set_cookie(
+        CSRF_COOKIE,
+        nonce,
+        max_age=_CSRF_TTL_S,
+        path="/",
+        secure=secure_cookies(request, state),
+        httponly=True,
+        samesite="strict",
+    )
 
 
 async def viewer_of(request: Request, state: AppState, needed: Scope = Scope.READ) -> Viewer:
@@ -124,7 +137,7 @@ async def viewer_of(request: Request, state: AppState, needed: Scope = Scope.REA
             )
 
     principal = await run_in_threadpool(lookup)
-    nonce, new = _nonce(request)
+    nonce, new = csrf_nonce(request)
     return Viewer(
         principal=principal,
         csrf=csrf_token(state, nonce),
@@ -138,7 +151,7 @@ async def viewer_of(request: Request, state: AppState, needed: Scope = Scope.REA
 def check_csrf(request: Request, state: AppState, sent_csrf: str | None) -> None:
     """Refuse (:class:`PermissionDeniedError`) a form post whose CSRF token (the field, else the
     ``X-CSRF-Token`` header) does not match this browser's nonce cookie."""
-    nonce, new = _nonce(request)
+    nonce, new = csrf_nonce(request)
     sent = sent_csrf or request.headers.get(CSRF_HEADER) or ""
     if new or not hmac.compare_digest(sent.encode(), csrf_token(state, nonce).encode()):
         raise PermissionDeniedError(

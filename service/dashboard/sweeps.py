@@ -114,7 +114,7 @@ async def submit_sweep(request: Request, state: StateDep) -> Response:
     try:
         viewer = await authorize_change(request, state, form.get(CSRF_FIELD))
     except TrtforgeError as exc:
-        return refused(exc)
+        return refused(exc, request, state)
     try:
         answer = await call_handler(sweeps_api.create_sweep, sweep_request(form), state, viewer.principal)
     except (ValidationError, TrtforgeError) as exc:

@@ -15,18 +15,37 @@ from core.errors import TrtforgeError
 from service.api.deps import AppState
 from service.api.errors import status_for
 from service.dashboard.render import render
-from service.dashboard.session import Viewer, remember_csrf, viewer_of
+from service.dashboard.session import (
+    Viewer,
+    csrf_nonce,
+    csrf_token,
+    remember_csrf,
+    set_csrf_cookie,
+    viewer_of,
+)
 from service.schemas import Scope
 
 __all__ = ["error_page", "page", "sign_in_page"]
 
 
-def sign_in_page(exc: TrtforgeError | None, *, csrf: str = "") -> HTMLResponse:
+def sign_in_page(exc: TrtforgeError | None, request: Request, state: AppState) -> HTMLResponse:
+    """The sign-in form (with ``exc``'s message and status when a page was refused), carrying
+    this browser's CSRF token; a browser without a nonce cookie gets one with it."""
+    nonce, new = csrf_nonce(request)
     status = status_for(exc) if exc is not None else 200
-    return HTMLResponse(
-        render("login.html", error=exc.message if exc else None, csrf=csrf, viewer=None),
+    response = HTMLResponse(
+        render(
+            "login.html",
+            error=exc.message if exc else None,
+            csrf=csrf_token(state, nonce),
+            viewer=None,
+        ),
         status_code=status,
+        headers={"Cache-Control": "no-store"},
     )
+    if new:
+        set_csrf_cookie(response, request, state, nonce)
+    return response
 
 
 def error_page(exc: TrtforgeError, viewer: Viewer | None) -> HTMLResponse:
@@ -48,7 +67,7 @@ async def page(
     try:
         viewer = await viewer_of(request, state, needed)
     except TrtforgeError as exc:
-        return sign_in_page(exc)
+        return sign_in_page(exc, request, state)
     try:
         context = await run_in_threadpool(gather, viewer)
     except TrtforgeError as exc:

@@ -1,6 +1,7 @@
 """The dashboard with tokens required, in chromium: signing in turns a token into an HttpOnly,
 SameSite session cookie; a read-only token sees no launch buttons and cannot open the form; a
-form post without the CSRF token is refused (and with it, accepted)."""
+form post without the CSRF token is refused (and with it, accepted), the sign-in form's
+included (login CSRF)."""
 
 from __future__ import annotations
 
@@ -104,3 +105,25 @@ def test_form_post_without_csrf_token_is_refused(context: BrowserContext, tokens
     accepted = page.request.post("/ui/builds", form={**form, "csrf_token": csrf}, max_redirects=0)
     assert accepted.status == 404  # past the CSRF check: the unknown model is what is refused
     assert "No model with id" in accepted.text()
+
+
+def test_sign_in_post_without_csrf_token_is_refused(
+    context: BrowserContext, tokens: dict[str, str]
+) -> None:
+    page = context.new_page()
+    page.goto("/login")
+    hidden = page.locator("#login-form input[name=csrf_token]")
+    expect(hidden).to_have_count(1)
+    refused = page.request.post("/login", form={"token": tokens["build"]}, max_redirects=0)
+    assert refused.status == 403 and "CSRF" in refused.text()
+    forged = page.request.post(
+        "/login", form={"token": tokens["build"], "csrf_token": "x" * 43}, max_redirects=0
+    )
+    assert forged.status == 403
+    assert not any(c["name"] == "trtforge_session" for c in context.cookies())
+    csrf = hidden.get_attribute("value") or ""
+    accepted = page.request.post(
+        "/login", form={"token": tokens["build"], "csrf_token": csrf}, max_redirects=0
+    )
+    assert accepted.status == 303
+    assert any(c["name"] == "trtforge_session" for c in context.cookies())

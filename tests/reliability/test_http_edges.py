@@ -21,7 +21,7 @@ from service.api.auth import create_token
 from service.db import Database
 from service.schemas import Scope
 from tests.integration.conftest import Server
-from tests.unit.service.support import DATABASES, database_url
+from tests.unit.service.support import DATABASES, database_url, login_form
 
 pytestmark = pytest.mark.reliability
 
@@ -472,10 +472,12 @@ def test_out_of_range_build_options_are_422(
 
 def test_the_session_cookie_is_secure_behind_a_tls_proxy(secured: tuple[Server, str]) -> None:
     server, token = secured
-    plain = httpx.post(f"{server.url}/login", data={"token": token})
-    proxied = httpx.post(
-        f"{server.url}/login", data={"token": token}, headers={"x-forwarded-proto": "https"}
-    )
+    with httpx.Client(base_url=server.url) as browser:
+        plain = browser.post("/login", data=login_form(browser, token))
+    with httpx.Client(base_url=server.url) as browser:
+        proxied = browser.post(
+            "/login", data=login_form(browser, token), headers={"x-forwarded-proto": "https"}
+        )
     for response in (plain, proxied):
         assert response.status_code == 303
         assert token not in response.headers["set-cookie"]

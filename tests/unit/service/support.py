@@ -8,6 +8,7 @@ import contextlib
 import functools
 import io
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -15,6 +16,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
@@ -231,3 +233,16 @@ def insert_build(
     session.add(build)
     session.flush()
     return build
+
+
+def login_form(client: httpx.Client, token: str) -> dict[str, str]:
+    """The dashboard's sign-in form as a browser posts it: ``GET /login`` first (its CSRF nonce
+    cookie goes into ``client``'s jar, unmarked Secure so plain-http test clients send it back),
+    then the token with the form's hidden CSRF token."""
+    page = client.get("/login")
+    nonce = page.cookies.get("trtforge_csrf")
+    if nonce:
+        client.cookies.set("trtforge_csrf", nonce)
+    found = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert found is not None, "the sign-in form carries no CSRF token"
+    return {"token": token, "csrf_token": found.group(1)}

@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from service.api.auth import create_token
 from service.db import Database
 from service.schemas import Scope
-from tests.unit.service.support import model_bytes
+from tests.unit.service.support import login_form, model_bytes
 
 
 @pytest.fixture
@@ -69,10 +69,10 @@ def test_dashboard_asks_for_a_token_and_keeps_it_in_a_cookie(
     page = secured.get("/")
     assert page.status_code == 401
     assert "<form" in page.text
-    bad = secured.post("/login", data={"token": "wrong"}, follow_redirects=False)
+    bad = secured.post("/login", data=login_form(secured, "wrong"), follow_redirects=False)
     assert bad.status_code == 401
     token = _token(db_url, Scope.READ)
-    login = secured.post("/login", data={"token": token}, follow_redirects=False)
+    login = secured.post("/login", data=login_form(secured, token), follow_redirects=False)
     assert login.status_code == 303
     assert "httponly" in login.headers["set-cookie"].lower()
     assert secured.get("/").status_code == 200

@@ -17,7 +17,7 @@ from service.dashboard.views import CALIBRATION_PAGE_SIZE, calibration_page, sum
 from service.db import Database
 from service.schemas import BuildPublic, Scope
 from service.store import builds
-from tests.unit.service.support import insert_build
+from tests.unit.service.support import insert_build, login_form
 
 PAGES = ["/", "/builds/new", "/compare", "/sweeps", "/models", "/datasets", "/tables", "/workers"]
 
@@ -57,6 +57,34 @@ def test_form_posts_need_the_csrf_token(client: TestClient) -> None:
     assert accepted.status_code == 404 and "No model with id" in accepted.text  # as /v1 answers
     upload = client.post("/ui/models", files={"file": ("m.onnx", b"x")})
     assert upload.status_code == 403
+
+
+def test_the_sign_in_form_needs_its_csrf_token(
+    make_client: Callable[..., TestClient], db_url: str
+) -> None:
+    secured = make_client(auth=True)
+    db = Database(db_url)
+    with db.session() as session:
+        token = create_token(session, "reader", Scope.READ)[1]
+    db.dispose()
+    # a cross-site post (login CSRF: the victim signed in as the attacker) has no nonce cookie
+    blind = secured.post("/login", data={"token": token}, follow_redirects=False)
+    assert blind.status_code == 403 and "CSRF" in blind.text
+    assert "trtforge_session" not in blind.headers.get("set-cookie", "")
+    form = login_form(secured, token)
+    assert "trtforge_csrf" in secured.cookies
+    for forged in ("", form["csrf_token"][:-2] + "xx", "x" * 43):
+        refused = secured.post("/login", data={**form, "csrf_token": forged}, follow_redirects=False)
+        assert refused.status_code == 403, forged
+        assert 'name="csrf_token"' in refused.text  # the form again, to submit from this page
+    other = make_client(auth=True)
+    stolen = other.post("/login", data=form, follow_redirects=False)  # another browser's token
+    assert stolen.status_code == 403
+    accepted = secured.post("/login", data=form, follow_redirects=False)
+    assert accepted.status_code == 303 and "trtforge_session" in accepted.headers["set-cookie"]
+    refused_page = make_client(auth=True).get("/models")  # a page's sign-in form carries one too
+    assert refused_page.status_code == 401 and "trtforge_csrf" in refused_page.headers["set-cookie"]
+    assert _csrf(refused_page.text)
 
 
 def test_pages_show_only_the_tokens_project(

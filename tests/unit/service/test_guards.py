@@ -19,6 +19,7 @@ from service.db import Database
 from service.errors import AuthenticationError, SettingsError, scrub_paths
 from service.schemas import BuildCreate, Scope
 from service.settings import Settings, load_settings
+from tests.unit.service.support import login_form
 
 MiB = 1 << 20
 
@@ -145,7 +146,7 @@ def test_out_of_range_integers_are_refused_by_the_schema() -> None:
 
 def test_the_session_cookie_holds_no_token(secured: TestClient, db_url: str) -> None:
     _token_id, token = _token(db_url)
-    login = secured.post("/login", data={"token": token}, follow_redirects=False)
+    login = secured.post("/login", data=login_form(secured, token), follow_redirects=False)
     assert login.status_code == 303
     cookie = login.headers["set-cookie"]
     assert token not in cookie
@@ -169,7 +170,7 @@ def test_sessions_end_with_their_token_and_cannot_be_forged(
     secured: TestClient, db_url: str, data_dir: Path
 ) -> None:
     token_id, token = _token(db_url)
-    secured.post("/login", data={"token": token}, follow_redirects=False)
+    secured.post("/login", data=login_form(secured, token), follow_redirects=False)
     value = secured.cookies[SESSION_COOKIE]
     forged_id, expires, mac = value.split(".")
     for forged in (
@@ -211,11 +212,11 @@ def test_the_cookie_is_secure_behind_tls(
 ) -> None:
     _token_id, token = _token(db_url)
     forced = make_client(auth=True, cookie_secure=True)
-    login = forced.post("/login", data={"token": token}, follow_redirects=False)
+    login = forced.post("/login", data=login_form(forced, token), follow_redirects=False)
     assert "secure" in login.headers["set-cookie"].lower()
     https = make_client(auth=True)
     https.base_url = https.base_url.copy_with(scheme="https")
-    login = https.post("/login", data={"token": token}, follow_redirects=False)
+    login = https.post("/login", data=login_form(https, token), follow_redirects=False)
     assert "secure" in login.headers["set-cookie"].lower()
 
 
