@@ -164,6 +164,8 @@ def fetch_entry(
         for file in files:
             target = _inside(entry, file.path)
             client.download(kind, entry_id, file, target)
+        if dest.is_dir() and all(_has(dest, file) for file in files):
+            return dest  # another build of this worker fetched it meanwhile (and may read it)
         storage.remove_entry(dest)  # an incomplete or changed copy
         if not storage.publish_dir(entry, dest) and not all(_has(dest, f) for f in files):
             raise ServiceError(f"The cached copy of {kind[:-1]} {entry_id[:12]} is incomplete.")

@@ -26,7 +26,7 @@ from service.schemas import (
 )
 from service.store.storage import Storage
 from service.worker.remote import preflight
-from service.worker.remote_build import run_remote_build
+from service.worker.remote_build import fetch_entry, run_remote_build
 from service.worker.remote_client import RemoteAccess, WorkerClient
 from tests.unit.service.support import dataset_bytes, make_settings, model_bytes
 
@@ -270,3 +270,26 @@ def test_workers_say_where_they_run_and_why_they_take_no_builds(
     assert worker_client.heartbeat(registration.id)  # healthy again
     assert worker_client.workers()[0].problem is None
     assert api.get("/readyz").json()["checks"]["workers"]["ok"]
+
+
+def test_the_input_cache_is_reused_and_repaired(
+    api: TestClient,
+    worker_client: WorkerClient,
+    inputs: dict[str, str],
+    tokens: dict[Scope, str],
+    tmp_path: Path,
+) -> None:
+    worker_id = _register(worker_client)
+    api.post("/v1/builds", json={**inputs, **FAST}, headers=_bearer(tokens[Scope.BUILD]))
+    job = worker_client.claim(WorkerClaim(worker_id=worker_id, targets=local_targets()))
+    assert job is not None
+    plan = worker_client.plan(job.build_id)
+    storage = Storage(tmp_path / "w")
+    storage.prepare()
+    dest = storage.model_dir(plan.model_id)
+    fetch_entry(worker_client, storage, "models", plan.model_id, plan.model_files, dest)
+    with WorkerClient("http://127.0.0.1:9", None) as offline:  # cached: no request made
+        assert fetch_entry(offline, storage, "models", plan.model_id, plan.model_files, dest) == dest
+    (dest / plan.onnx_filename).write_bytes(b"truncated")
+    fetch_entry(worker_client, storage, "models", plan.model_id, plan.model_files, dest)
+    assert (dest / plan.onnx_filename).read_bytes() == model_bytes()
