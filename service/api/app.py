@@ -138,4 +138,3 @@ def create_app(settings: Settings) -> FastAPI:
     ):
         app.include_router(router)
     return app
-

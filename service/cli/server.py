@@ -557,4 +557,3 @@ def _target(build: Any) -> str:
         return f"{build.requested_backend}, waiting for a worker"
     where = "" if build.compute_capability in (None, "cpu") else f", sm {build.compute_capability}"
     return f"{build.backend} {build.backend_version}{where}"
-
