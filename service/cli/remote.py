@@ -115,7 +115,10 @@ def sweeps_show(
 ) -> None:
     """A sweep's builds, measured variants and Pareto front."""
     with _client(server, token) as client:
-        sweep = client.wait_sweep(sweep_id, timeout_s=timeout) if wait else client.get_sweep(sweep_id)
+        if wait:
+            sweep = client.wait_sweep(sweep_id, timeout_s=timeout)
+        else:
+            sweep = client.get_sweep(sweep_id)
     _show(sweep, as_json)
 
 
@@ -218,7 +221,9 @@ def _show_sensitivity(public: SensitivityPublic, as_json: bool) -> None:
     if as_json:
         click.echo(public.model_dump_json())
         return
-    click.echo(f"sensitivity of {public.build_id}: build {public.run_build_id} {public.status.value}")
+    click.echo(
+        f"sensitivity of {public.build_id}: build {public.run_build_id} {public.status.value}"
+    )
     if public.report is not None:
         from service.cli.engines import render_sensitivity
 

@@ -66,7 +66,8 @@ def sensitivity_public(session: Session, storage: Storage, build: BuildRow) -> S
     """The sensitivity of ``build``: computed by itself or by the build its POST submitted."""
     request = BuildCreate.model_validate(build.request)
     run = build  # the last one asked for: a POST's build, else the build's own request's
-    found = session.get(BuildRow, build.sensitivity_build_id) if build.sensitivity_build_id else None
+    asked = build.sensitivity_build_id
+    found = session.get(BuildRow, asked) if asked else None
     if found is not None:
         run = found
     elif request.sensitivity is None:

@@ -251,7 +251,8 @@ def sweep_public(session: Session, storage: Storage, row: SweepRow) -> SweepPubl
             )
     metric = _metric([m for _, _, m in measured], request.labels is not None)
     points = _points(measured, metric)
-    front = [p.variant for p in sorted((p for p in points if p.pareto), key=lambda p: p.latency_p50_ms)]
+    on_front = sorted((p for p in points if p.pareto), key=lambda p: p.latency_p50_ms)
+    front = [p.variant for p in on_front]
     higher = metric.higher_is_better if metric is not None else True
     chart = SweepChart(
         y=metric.value if metric is not None else None,
@@ -268,7 +269,12 @@ def sweep_public(session: Session, storage: Storage, row: SweepRow) -> SweepPubl
         ],
         front=front,
         latency=[
-            {"variant": p.variant, "p50": p.latency_p50_ms, "p90": p.latency_p90_ms, "p99": p.latency_p99_ms}
+            {
+                "variant": p.variant,
+                "p50": p.latency_p50_ms,
+                "p90": p.latency_p90_ms,
+                "p99": p.latency_p99_ms,
+            }
             for p in points
         ],
     )

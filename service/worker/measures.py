@@ -72,7 +72,9 @@ def open_dataset(
     return CalibrationDataset.open(path, preprocess=spec, limits=limits, input_name=input_name)
 
 
-def open_eval_dataset(evaluation: EvalDataset | None, settings: Settings) -> CalibrationDataset | None:
+def open_eval_dataset(
+    evaluation: EvalDataset | None, settings: Settings
+) -> CalibrationDataset | None:
     """The build's separate evaluation dataset (None when its request names none)."""
     if evaluation is None:
         return None
