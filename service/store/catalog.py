@@ -170,7 +170,9 @@ def list_models(
     query = select(ModelRow)
     if project is not None:
         query = query.where(ModelRow.project == project)
-    query = filter_named(query, ModelRow.name, ModelRow.filename, ModelRow.tags, name=name, tags=tags)
+    query = filter_named(
+        query, ModelRow.name, ModelRow.filename, ModelRow.tags, name=name, tags=tags
+    )
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = session.scalars(
         query.order_by(ModelRow.created_at.desc(), ModelRow.id).limit(limit).offset(offset)

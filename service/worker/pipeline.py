@@ -93,7 +93,9 @@ def load_plan(db: Database, storage: Storage, build_id: str) -> BuildPlan:
         build = session.get_one(BuildRow, build_id)
         model = session.get_one(ModelRow, build.model_id)
         dataset = session.get_one(DatasetRow, build.dataset_id)
-        evaluation = session.get(DatasetRow, build.eval_dataset_id) if build.eval_dataset_id else None
+        evaluation = None
+        if build.eval_dataset_id is not None:
+            evaluation = session.get(DatasetRow, build.eval_dataset_id)
         return BuildPlan(
             build_id=build.id,
             request=BuildCreate.model_validate(build.request),

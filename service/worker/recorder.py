@@ -163,7 +163,8 @@ class RecorderBase:
         seconds = time.perf_counter() - started
         # a stage entered again (a budget search then the build; evaluation then sensitivity)
         # counts all its time
-        self.stage_seconds[stage.value] = round(self.stage_seconds.get(stage.value, 0.0) + seconds, 3)
+        total = self.stage_seconds.get(stage.value, 0.0) + seconds
+        self.stage_seconds[stage.value] = round(total, 3)
         self._update(
             stage_seconds=dict(self.stage_seconds),
             progress=round(_stage_start(stage) + STAGE_WEIGHTS[stage], 4),
