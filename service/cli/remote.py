@@ -1,5 +1,6 @@
 """Client commands for what the server measures beyond one build: ``trtforge sweeps submit |
-show | list`` (variant sweeps through the queue) and ``trtforge sensitivity-submit BUILD_ID``."""
+show | list`` (variant sweeps through the queue) and ``trtforge sensitivity-submit BUILD_ID``;
+:func:`register` also adds ``trtforge models`` / ``datasets`` (:mod:`service.cli.catalog`)."""
 
 from __future__ import annotations
 
@@ -233,6 +234,8 @@ def _show_sensitivity(public: SensitivityPublic, as_json: bool) -> None:
 
 
 def register(group: click.Group) -> None:
-    """Add ``sweeps`` and ``sensitivity-submit`` to the root group."""
-    group.add_command(sweeps)
-    group.add_command(sensitivity_submit)
+    """Add ``sweeps``, ``sensitivity-submit``, ``models`` and ``datasets`` to the root group."""
+    from service.cli.catalog import datasets, models
+
+    for command in (sweeps, sensitivity_submit, models, datasets):
+        group.add_command(command)

@@ -138,3 +138,19 @@ def test_submit_sends_the_evaluation_options_of_trtforge_build(
         tagged = client.list_builds(model_tags=["cli"]).items  # the model's builds, this one too
         assert build["id"] in [b.id for b in tagged]
         assert {b.model_id for b in tagged} == {build["model_id"]}
+
+
+def test_models_and_datasets_are_renamed_and_listed_by_tag_from_the_cli(
+    server: Server, files: dict[str, Path]
+) -> None:
+    with TrtforgeClient(server.url) as client:
+        model = client.upload_model(files["model"])
+    renamed = _cli(server, "models", "update", model.id, "--name", "renamed", "--tag", "x1")
+    assert renamed.returncode == 0, renamed.stderr
+    assert "renamed" in renamed.stdout and "x1" in renamed.stdout
+    listed = _cli(server, "models", "list", "--tag", "x1", "--json")
+    assert [m["id"] for m in json.loads(listed.stdout)["items"]] == [model.id]
+    cleared = _cli(server, "models", "update", model.id, "--clear-tags", "--json")
+    assert json.loads(cleared.stdout)["tags"] == []
+    nothing = _cli(server, "datasets", "update", "whatever")
+    assert nothing.returncode == 2 and "Nothing to change" in nothing.stderr
