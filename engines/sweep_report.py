@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from pydantic import Field
 
@@ -27,10 +28,12 @@ from engines.perf_report import BenchmarkOptions, PerfReport
 from engines.spec import Precision
 
 __all__ = [
+    "ChartRow",
     "SweepReport",
     "VariantFailure",
     "VariantResult",
     "pareto_front",
+    "render_chart_svg",
     "render_markdown",
     "render_svg",
 ]
@@ -244,14 +247,47 @@ def _gate_words(variant: VariantResult) -> str:
 
 def render_svg(report: SweepReport) -> str:
     """Latency against accuracy (front highlighted) and p50/p90/p99 latency per variant."""
+    return render_chart_svg(
+        report.model,
+        report.accuracy_metric.value,
+        [
+            ChartRow(
+                v.name,
+                v.latency_p50_ms,
+                v.latency_p90_ms,
+                v.latency_p99_ms,
+                v.accuracy_value,
+                v.pareto,
+            )
+            for v in report.variants
+        ],
+    )
+
+
+class ChartRow(NamedTuple):
+    """One variant as the sweep chart draws it."""
+
+    name: str
+    latency_p50_ms: float
+    latency_p90_ms: float
+    latency_p99_ms: float
+    accuracy_value: float | None
+    """None: not measured (the variant gets its latency bars only)."""
+    pareto: bool
+
+
+def render_chart_svg(model: str, accuracy_metric: str, rows: Sequence[ChartRow]) -> str:
+    """The sweep chart of ``rows`` (``trtforge sweep``'s ``sweep.svg``; the service's sweeps draw
+    the same from their builds' reports): latency against accuracy with the front highlighted,
+    and p50/p90/p99 latency per variant."""
     width, height = 980.0, 420.0
     points = [
-        ScatterPoint(v.name, v.latency_p50_ms, v.accuracy_value, highlighted=v.pareto)
-        for v in report.variants
+        ScatterPoint(r.name, r.latency_p50_ms, r.accuracy_value, highlighted=r.pareto)
+        for r in rows
+        if r.accuracy_value is not None
     ]
     groups = [
-        BarGroup(v.name, (v.latency_p50_ms, v.latency_p90_ms, v.latency_p99_ms))
-        for v in report.variants
+        BarGroup(r.name, (r.latency_p50_ms, r.latency_p90_ms, r.latency_p99_ms)) for r in rows
     ]
     body = [
         *scatter_panel(
@@ -259,7 +295,7 @@ def render_svg(report: SweepReport) -> str:
             Box(0, 0, width / 2, height),
             title="Latency against accuracy (Pareto front in red)",
             x_label="p50 latency (ms)",
-            y_label=report.accuracy_metric.value,
+            y_label=accuracy_metric,
         ),
         *bars_panel(
             groups,
@@ -269,4 +305,4 @@ def render_svg(report: SweepReport) -> str:
             y_label="latency (ms)",
         ),
     ]
-    return svg_document(width, height, body, title=f"Sweep of {report.model}")
+    return svg_document(width, height, body, title=f"Sweep of {model}")

@@ -69,6 +69,22 @@ def get_sweep(sweep_id: str, state: StateDep, caller: ReadAccess) -> Response:
     return json_response(public, headers={"Cache-Control": "no-cache"})
 
 
+@router.get(
+    "/{sweep_id}/chart.svg",
+    operation_id="get_sweep_chart",
+    response_class=Response,
+    responses={200: {"content": {"image/svg+xml": {}}, "description": "The sweep's chart."}},
+)
+def get_sweep_chart(sweep_id: str, state: StateDep, caller: ReadAccess) -> Response:
+    """Latency against accuracy (the Pareto front highlighted) and p50/p90/p99 latency per
+    measured variant, as ``trtforge sweep`` draws ``sweep.svg``."""
+    with state.db.session() as session:
+        row = sweeps.get_sweep(session, sweep_id, caller.visible)
+        public = sweeps.sweep_public(session, state.storage, row)
+        svg = sweeps.chart_svg(session, public)
+    return Response(svg, media_type="image/svg+xml", headers={"Cache-Control": "no-cache"})
+
+
 @router.delete("/{sweep_id}", operation_id="delete_sweep", status_code=204)
 def delete_sweep(sweep_id: str, state: StateDep, caller: BuildAccess) -> Response:
     """Forget the sweep; its builds stay (``DELETE /v1/builds/{id}`` deletes one)."""

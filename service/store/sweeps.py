@@ -29,7 +29,7 @@ from engines.accuracy_report import AccuracyMetric, AccuracyReport, MetricBudget
 from engines.errors import SpecError
 from engines.perf_report import PerfReport
 from engines.spec import Precision
-from service.db.models import BuildRow, SweepRow
+from service.db.models import BuildRow, ModelRow, SweepRow
 from service.errors import NotFoundError
 from service.queue.base import JobQueue
 from service.schemas import (
@@ -50,6 +50,7 @@ from service.store.catalog import Page
 from service.store.storage import Storage
 
 __all__ = [
+    "chart_svg",
     "create_sweep",
     "delete_sweep",
     "get_sweep",
@@ -288,6 +289,27 @@ def sweep_public(session: Session, storage: Storage, row: SweepRow) -> SweepPubl
         chart=chart,
         failed=failed,
     )
+
+
+def chart_svg(session: Session, public: SweepPublic) -> str:
+    """The sweep's chart as SVG, drawn as ``trtforge sweep`` draws ``sweep.svg``."""
+    from engines.sweep_report import ChartRow, render_chart_svg
+
+    model = session.get(ModelRow, public.model_id)
+    title = (model.name or model.filename) if model is not None else public.model_id[:12]
+    rows = [
+        ChartRow(
+            p.variant,
+            p.latency_p50_ms,
+            p.latency_p90_ms,
+            p.latency_p99_ms,
+            p.accuracy_value,
+            p.pareto,
+        )
+        for p in public.points
+    ]
+    metric = public.accuracy_metric.value if public.accuracy_metric is not None else "accuracy"
+    return render_chart_svg(title, metric, rows)
 
 
 @dataclass(frozen=True)

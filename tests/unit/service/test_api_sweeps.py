@@ -90,6 +90,10 @@ def test_a_sweep_builds_each_variant_and_compares_them_on_the_pareto_front(
     assert [p["variant"] for p in done.chart.points] == ["fp32", "int8"]
     assert done.chart.points[0]["x"] == fp32.latency_p50_ms
     assert [bar["variant"] for bar in done.chart.latency] == ["fp32", "int8"]
+    svg = client.get(f"/v1/sweeps/{sweep.id}/chart.svg")  # the CLI's sweep.svg, from REST
+    assert svg.headers["content-type"].startswith("image/svg+xml")
+    assert "<svg" in svg.text and "Sweep of tiny.onnx" in svg.text
+    assert "fp32" in svg.text and "top1_agreement" in svg.text
 
 
 def test_a_sweep_reuses_an_identical_build_and_presets_name_variants(
