@@ -5,11 +5,14 @@ shows only what the viewer's token may see (its project), as the API's listings 
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
+from engines.backends.base import BuildTarget
 from service.api import workers as workers_api
 from service.api.builds import load_build
 from service.api.deps import AppState, StateDep
@@ -23,11 +26,13 @@ from service.dashboard.views import (
 )
 from service.dashboard.web import page
 from service.errors import NotFoundError
-from service.schemas import BuildStatus
+from service.queue.base import JobQueue
+from service.queue.targets import serving_target
+from service.schemas import BuildStatus, TargetRequest, WorkerPublic
 from service.store import builds
 from service.store import catalog as store
 
-__all__ = ["router"]
+__all__ = ["TargetRow", "WaitingRow", "fleet", "router"]
 
 router = APIRouter(include_in_schema=False)
 
@@ -152,15 +157,70 @@ async def tables_page(request: Request, state: StateDep) -> Response:
     return await page(request, state, "tables.html", gather)
 
 
+@dataclass(frozen=True)
+class WaitingRow:
+    """Builds waiting for one requested backend and target, and the live workers that could
+    take them (none: they wait until such a worker starts)."""
+
+    requested_backend: str
+    target: str
+    jobs: int
+    able_workers: int
+
+
+@dataclass(frozen=True)
+class TargetRow:
+    """A target live workers build for, and how many do (``trtforge_workers_by_target``)."""
+
+    target: BuildTarget
+    labels: str
+    workers: int
+
+
+def _asked(target: TargetRequest | None) -> str:
+    if target is None or target.any_worker:
+        return "any worker"
+    parts = [f"GPU {target.gpu}" if target.gpu else "", f"TensorRT {target.tensorrt}" if target.tensorrt else ""]
+    if target.labels:
+        parts.append("labels " + ", ".join(target.labels))
+    return "; ".join(p for p in parts if p)
+
+
+def fleet(queue: JobQueue, workers: list[WorkerPublic]) -> dict[str, Any]:
+    """The queue by requested target with the live workers able to take each, and live workers
+    per target they build for: what ``/metrics`` exports, for the workers page."""
+    waiting = [
+        WaitingRow(
+            q.requested_backend,
+            _asked(q.target),
+            q.jobs,
+            sum(
+                serving_target(q.requested_backend, q.target, w.targets, w.labels) is not None
+                for w in workers
+                if w.problem is None  # live, but it reported it takes no builds
+            ),
+        )
+        for q in queue.depth_by_target()
+    ]
+    counts: Counter[tuple[BuildTarget, str]] = Counter()
+    for worker in workers:
+        for target in dict.fromkeys(worker.targets):
+            counts[(target, ", ".join(worker.labels))] += 1
+    by_target = [TargetRow(t, labels, n) for (t, labels), n in counts.items()]
+    by_target.sort(key=lambda r: (r.target.backend, r.target.backend_version, r.target.device, r.labels))
+    return {"depth": queue.depth(), "waiting": waiting, "by_target": by_target}
+
+
 @router.get("/workers", response_class=Response)
 async def workers_page(request: Request, state: StateDep) -> Response:
+    """Live workers (their running builds of the viewer's project only), live workers per
+    target, and the queue (service-wide: every project's builds wait in it) by requested
+    target."""
+
     def gather(viewer: Viewer) -> dict[str, Any]:
-        return {
-            # as GET /v1/workers: running builds of other projects are not shown
-            "workers": workers_api.list_workers(state, viewer.principal, False),
-            "depth": state.queue.depth(),
-            "waiting": state.queue.depth_by_target(),
-        }
+        # as GET /v1/workers: running builds of other projects are not shown
+        workers = workers_api.list_workers(state, viewer.principal, False)
+        return {"workers": workers, **fleet(state.queue, workers)}
 
     return await page(request, state, "workers.html", gather)
 

@@ -1,6 +1,7 @@
 """The dashboard's sweeps: the list with a form that starts one (``POST /v1/sweeps`` in-process),
 and a sweep's page: its builds, the measured variants, and the latency/accuracy chart with the
-Pareto front, each point a link to its build."""
+Pareto front, each point a link to its build (and a row of the table right under the chart, whose
+links highlight their point when focused: the keyboard's way to the points)."""
 
 from __future__ import annotations
 
@@ -52,12 +53,14 @@ def pareto_chart(sweep: SweepPublic) -> dict[str, Any]:
                 "label": "Pareto front",
                 "data": [point(p) for p in points if p.get("pareto")],
                 "pointRadius": 7,
+                "pointHoverRadius": 11,
                 "pointStyle": "rectRot",
             },
             {
                 "label": "dominated",
                 "data": [point(p) for p in points if not p.get("pareto")],
                 "pointRadius": 5,
+                "pointHoverRadius": 9,
             },
         ],
     }

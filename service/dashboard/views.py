@@ -166,11 +166,13 @@ def latency_chart(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def accuracy_chart(report: dict[str, Any]) -> dict[str, Any]:
-    """Per output, against FP32: the gate's first metric with its threshold drawn as a line
-    (one metric, one axis); without a gate, the mean and worst-sample cosine."""
+    """Per output, against FP32: the gate's first metric with its threshold (the page's script
+    draws it as a line across the chart), outputs that fail the gate marked in their label and
+    hatched; without a gate, the mean and worst-sample cosine."""
     outputs = (report.get("accuracy") or {}).get("outputs") or []
-    labels = [o.get("name", "?") for o in outputs]
-    budgets = ((report.get("gate") or {}).get("gate") or {}).get("budgets") or []
+    labels: list[Any] = [o.get("name", "?") for o in outputs]
+    gate = report.get("gate") or {}
+    budgets = (gate.get("gate") or {}).get("budgets") or []
     metric = _metric(budgets[0].get("metric")) if budgets else None
     if metric is None:
         return {
@@ -183,20 +185,29 @@ def accuracy_chart(report: dict[str, Any]) -> dict[str, Any]:
                 },
             ],
         }
-    threshold = budgets[0].get("value")
+    threshold = _finite(budgets[0].get("value"))
     side = ">=" if metric.higher_is_better else "<="
+    failed = {str(f.get("output")) for f in gate.get("failures") or []}
+    failing = [str(name) in failed for name in labels]
+    # a failing output says so under its name (not by colour alone)
+    labels = [[name, "✗ fails gate"] if bad else name for name, bad in zip(labels, failing, strict=True)]
     return {
         "labels": labels,
         "datasets": [
-            {"label": metric.value, "data": [_finite(o.get(metric.field)) for o in outputs]},
             {
-                "label": f"gate: {metric.value} {side} {threshold}",
+                "label": metric.value,
+                "data": [_finite(o.get(metric.field)) for o in outputs],
+                "failing": failing,
+            },
+            {
+                "label": f"gate: {metric.value} {side} {threshold:g}" if threshold is not None else "gate",
                 "data": [threshold] * len(outputs),
                 "type": "line",
+                "gateLine": threshold,
                 "borderDash": [6, 4],
-                "pointStyle": "line",
             },
         ],
+        "gate": {"value": threshold, "higherIsBetter": metric.higher_is_better},
     }
 
 

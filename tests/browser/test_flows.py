@@ -98,6 +98,11 @@ def test_upload_build_watch_compare_download_and_gate(page: Page, files: dict[st
     expect(page.locator("#results h2")).to_have_text("Results")
     assert _chart_points(page, "latency") >= 7
     assert _chart_points(page, "accuracy") >= 2
+    # the int8 default gate (sqnr_db >= 10) as a line across the whole chart, not a dash
+    accuracy = page.locator('canvas[data-chart="accuracy"]')
+    expect(accuracy).to_have_attribute("data-gate-line", re.compile(r"^\d+,\d+,\d+$"))
+    left, right, _y = map(int, (accuracy.get_attribute("data-gate-line") or "").split(","))
+    assert right - left >= 0.8 * accuracy.evaluate("c => Chart.getChart(c).width")
     assert _chart_points(page, "ranges") >= 1
     expect(page.locator("#calibration-table tbody tr, #calibration-table tr").first).to_be_visible()
     expect(page.locator("#timeline li.done")).to_have_count(4)
@@ -144,6 +149,9 @@ def test_upload_build_watch_compare_download_and_gate(page: Page, files: dict[st
     assert page.evaluate("document.activeElement.getAttribute('href')") == "#main"
     page.goto(f"/builds/{gated}")
     expect(page.locator(".alert").first).to_contain_text("Accuracy gate failed")
+    gated_chart = page.locator('canvas[data-chart="accuracy"]')
+    expect(gated_chart).to_have_attribute("data-drawn", "true")
+    assert "✗ fails gate" in gated_chart.evaluate("c => Chart.getChart(c).data.labels.flat()")
     page.goto("/")
     expect(page.locator(f'tr[data-build="{int8}"]')).not_to_contain_text("gated")
     page.goto("/?model=classifier&precision=fp16")
@@ -175,5 +183,17 @@ def test_sweep_page_draws_its_pareto_front_linked_to_builds(
     hrefs = chart.evaluate("c => Chart.getChart(c).data.datasets.flatMap(d => d.data.map(p => p.href))")
     assert hrefs and all(re.fullmatch(r"/builds/[0-9a-f]+", h) for h in hrefs)
     expect(page.locator("#points")).to_contain_text("on the front")
-    page.locator("#points a").first.click()
+    # keyboard: the chart names the table right under it, whose links highlight their point
+    expect(page.locator("#sweep-live[data-refresh-s]")).to_have_count(0, timeout=BUILD_TIMEOUT_MS)
+    chart = page.locator('canvas[data-chart="pareto"]')
+    expect(chart).to_have_attribute("data-drawn", "true")
+    assert chart.get_attribute("aria-describedby") == "pareto-desc"
+    expect(page.locator("#pareto-desc")).to_contain_text("the table right under the chart")
+    assert chart.evaluate("c => c.parentElement.nextElementSibling.id") == "points"
+    expect(page.locator("#points caption")).to_contain_text("chart's points")
+    first = page.locator("#points a[data-point]").first
+    first.focus()
+    expect(chart).to_have_attribute("data-highlighted", first.get_attribute("href") or "?")
+    assert chart.evaluate("c => Chart.getChart(c).getActiveElements().length") == 1
+    page.keyboard.press("Enter")
     page.wait_for_url(re.compile(r"/builds/[0-9a-f]+$"))

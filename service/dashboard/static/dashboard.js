@@ -8,6 +8,88 @@
   const csrf = () => document.body.dataset.csrf || "";
   const charts = new Map();
 
+  // -- accuracy chart: the gate's threshold as a line across the whole chart (a plugin of our
+  // own: a line dataset over one category would draw a dash), failing outputs hatched in red
+  // (their label says so too: not by colour alone) ---------------------------------------------
+  const BAD = "#a3191e";
+  const BAR = { fill: "rgba(54, 162, 235, 0.5)", line: "rgb(54, 162, 235)" };
+
+  function hatch() {
+    const tile = document.createElement("canvas");
+    tile.width = 8; tile.height = 8;
+    const g = tile.getContext("2d");
+    g.fillStyle = "rgba(163, 25, 30, 0.2)";
+    g.fillRect(0, 0, 8, 8);
+    g.strokeStyle = BAD; g.lineWidth = 2;
+    g.beginPath();
+    g.moveTo(0, 8); g.lineTo(8, 0); g.moveTo(-2, 2); g.lineTo(2, -2); g.moveTo(6, 10); g.lineTo(10, 6);
+    g.stroke();
+    return g.createPattern(tile, "repeat");
+  }
+
+  const gateLine = {
+    id: "gateLine",
+    afterDatasetsDraw(chart) {
+      const area = chart.chartArea;
+      const scale = chart.scales.y;
+      chart.data.datasets.forEach((d, i) => {
+        if (typeof d.gateLine !== "number" || !chart.isDatasetVisible(i) || !scale) return;
+        const y = Math.round(scale.getPixelForValue(d.gateLine)) + 0.5;
+        if (y < area.top - 1 || y > area.bottom + 1) return;
+        const ctx = chart.ctx;
+        ctx.save();
+        ctx.strokeStyle = BAD; ctx.lineWidth = 2; ctx.setLineDash([6, 4]);
+        ctx.beginPath(); ctx.moveTo(area.left, y); ctx.lineTo(area.right, y); ctx.stroke();
+        ctx.setLineDash([]);
+        ctx.font = "600 12px system-ui, sans-serif";
+        const text = d.label;
+        const width = ctx.measureText(text).width;
+        const above = y - area.top > 20;  // room above the line, else write it below
+        const top = above ? y - 18 : y + 3;
+        ctx.fillStyle = "rgba(255, 255, 255, 0.9)";
+        ctx.fillRect(area.right - width - 10, top, width + 8, 16);
+        ctx.fillStyle = BAD; ctx.textAlign = "right"; ctx.textBaseline = "top";
+        ctx.fillText(text, area.right - 6, top + 2);
+        ctx.restore();
+        chart.canvas.dataset.gateLine = [area.left, area.right, y].map(Math.round).join(",");
+      });
+    },
+  };
+
+  function gateStyle(data, options) {
+    const bars = data.datasets[0];
+    const line = data.datasets[1];
+    const failing = bars.failing || [];
+    const pattern = failing.some(Boolean) ? hatch() : null;
+    bars.backgroundColor = failing.map((bad) => (bad ? pattern : BAR.fill));
+    bars.borderColor = failing.map((bad) => (bad ? BAD : BAR.line));
+    bars.borderWidth = failing.map((bad) => (bad ? 2 : 1));
+    bars.maxBarThickness = 140;
+    // the line dataset stays for the legend and tooltips; the plugin draws it across
+    Object.assign(line, { borderColor: BAD, backgroundColor: BAD, borderWidth: 2, showLine: false, pointRadius: 0, pointHoverRadius: 0, pointHitRadius: 12 });
+    const value = data.gate.value;
+    if (typeof value === "number") {
+      options.scales = { y: { beginAtZero: true, suggestedMin: Math.min(0, value), suggestedMax: value } };
+    }
+    options.scales = options.scales || {};
+    options.scales.x = { ticks: { color: (c) => (failing[c.index] ? BAD : "#5b6270"), font: (c) => ({ weight: failing[c.index] ? "bold" : "normal" }) } };
+    options.plugins.legend.labels = {
+      generateLabels(chart) {
+        const items = Chart.defaults.plugins.legend.labels.generateLabels(chart);
+        items.forEach((item) => {
+          if (item.datasetIndex === 0) { item.fillStyle = BAR.fill; item.strokeStyle = BAR.line; item.lineWidth = 1; }
+          if (item.datasetIndex === 1) { item.lineDash = [6, 4]; item.fillStyle = "#fff"; }
+        });
+        if (pattern) items.push({ text: "✗ fails the gate (hatched)", fillStyle: pattern, strokeStyle: BAD, lineWidth: 2, hidden: false, datasetIndex: null });
+        return items;
+      },
+    };
+    options.plugins.legend.onClick = (event, item, legend) => {
+      if (item.datasetIndex === null || item.datasetIndex === undefined) return;
+      Chart.defaults.plugins.legend.onClick.call(legend, event, item, legend);
+    };
+  }
+
   function drawCharts(root) {
     if (typeof Chart === "undefined") return;
     root.querySelectorAll("canvas[data-chart]").forEach((canvas) => {
@@ -24,7 +106,10 @@
       };
       if (canvas.dataset.scale) options.scales = { y: { type: canvas.dataset.scale } };
       if (data.indexAxis) options.indexAxis = data.indexAxis;
+      const plugins = [];
+      if (data.gate && data.datasets.length > 1) { gateStyle(data, options); plugins.push(gateLine); }
       if (kind === "scatter") {
+        options.onHover = (event, elements) => { event.native.target.style.cursor = elements.length ? "pointer" : "default"; };
         options.onClick = (_event, elements, chart) => {
           if (!elements.length) return;
           const e = elements[0];
@@ -37,9 +122,38 @@
         };
         options.plugins.tooltip = { callbacks: { label: (c) => c.raw.label || "" } };
       }
-      charts.set(canvas, new Chart(canvas, { type: kind, data: data, options: options }));
+      charts.set(canvas, new Chart(canvas, { type: kind, data: data, options: options, plugins: plugins }));
       canvas.dataset.drawn = "true";
     });
+  }
+
+  // -- scatter charts (a sweep's Pareto chart): the table under the chart lists every point with
+  // a link; a link that has the focus (or the mouse) highlights its point, with its tooltip ----
+  function highlightPoint(link, on) {
+    const table = link.closest("table[id]");
+    const canvas = table && document.querySelector('canvas[data-points="' + table.id + '"]');
+    const chart = canvas && charts.get(canvas);
+    if (!chart) return;
+    const active = [];
+    if (on) {
+      chart.data.datasets.forEach((d, datasetIndex) => d.data.forEach((point, index) => {
+        if (point && point.href === link.dataset.point) active.push({ datasetIndex, index });
+      }));
+    }
+    chart.setActiveElements(active);
+    const at = active.length ? chart.getDatasetMeta(active[0].datasetIndex).data[active[0].index] : null;
+    chart.tooltip.setActiveElements(active, at ? { x: at.x, y: at.y } : { x: 0, y: 0 });
+    chart.update("none");
+    canvas.dataset.highlighted = active.length ? link.dataset.point : "";
+  }
+
+  function linkPoints() {
+    for (const [type, on] of [["focusin", true], ["focusout", false], ["mouseover", true], ["mouseout", false]]) {
+      document.addEventListener(type, (event) => {
+        const link = event.target.closest && event.target.closest("a[data-point]");
+        if (link) highlightPoint(link, on);
+      });
+    }
   }
 
   async function fetchText(url) {
@@ -263,6 +377,7 @@
 
   document.addEventListener("DOMContentLoaded", () => {
     drawCharts(document);
+    linkPoints();
     liveRows();
     liveBuild();
     enhanceFragments(document);

@@ -17,6 +17,7 @@ from engines.gate import evaluate_gate
 from engines.spec import AccuracyGate
 from engines.variants import InMemoryRunner
 from service.dashboard.render import render_report
+from service.dashboard.views import accuracy_chart
 from service.db import Database
 from tests.unit.service.support import insert_build
 
@@ -148,3 +149,20 @@ def test_report_page_shows_what_was_measured_and_why_against_fp32() -> None:
     rows = re.findall(r"<tr><th>(.*?)</th>", device_table.group(1).split("</thead>")[1])
     assert rows == ["latency", "enqueue", "h2d", "gpu_compute", "d2h"]
     assert "VNNI" not in device_html
+
+
+def test_accuracy_chart_draws_the_gate_across_and_marks_failing_outputs_in_words() -> None:
+    accuracy, gate = _accuracy_and_gate(AccuracyGate.parse("sqnr_db:12"))
+    chart = accuracy_chart(_report(accuracy, gate))
+    bars, line = chart["datasets"]
+    assert chart["labels"] == [["y", "✗ fails gate"]]  # words under the bar, not colour alone
+    assert bars["label"] == "sqnr_db" and bars["failing"] == [True] and bars["data"][0] < 12
+    assert line["gateLine"] == 12 and line["label"] == "gate: sqnr_db >= 12"
+    assert chart["gate"] == {"value": 12, "higherIsBetter": True}
+    accuracy, passed = _accuracy_and_gate(AccuracyGate.parse("max_abs_error:5"))
+    chart = accuracy_chart(_report(accuracy, passed))
+    assert chart["labels"] == ["y"] and chart["datasets"][0]["failing"] == [False]
+    assert chart["datasets"][1]["label"] == "gate: max_abs_error <= 5"
+    _, off = _accuracy_and_gate(AccuracyGate.off())
+    plain = accuracy_chart(_report(accuracy, off))
+    assert "gate" not in plain and plain["datasets"][0]["label"] == "cosine"

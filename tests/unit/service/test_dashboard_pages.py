@@ -11,13 +11,16 @@ import pytest
 from fastapi.testclient import TestClient
 
 from calibrators.table import CalibrationTable
+from engines.backends.base import BuildTarget
 from service.api.auth import create_token
 from service.dashboard.forms import build_request
 from service.dashboard.views import CALIBRATION_PAGE_SIZE, calibration_page, summary_of
 from service.db import Database
+from service.queue.database import DatabaseQueue
 from service.schemas import BuildPublic, Scope
+from service.settings import Settings
 from service.store import builds
-from tests.unit.service.support import insert_build, login_form
+from tests.unit.service.support import dataset_bytes, insert_build, login_form, model_bytes
 
 PAGES = ["/", "/builds/new", "/compare", "/sweeps", "/models", "/datasets", "/tables", "/workers"]
 
@@ -193,3 +196,51 @@ def test_the_cancel_button_asks_to_cancel_the_build(client: TestClient, db_url: 
     assert client.get("/v1/builds/waiting").json()["cancel_requested"]  # (it has no job row)
     again = client.get("/builds/waiting").text
     assert "Cancelling" in again and "Cancel requested" in again  # the button, the log
+
+
+def _table_rows(page: str, table_id: str) -> list[list[str]]:
+    table = re.search(rf'<table id="{table_id}"[^>]*>(.*?)</table>', page, re.S)
+    assert table is not None, f"no #{table_id}"
+    rows = re.findall(r"<tr>(.*?)</tr>", table.group(1).split("</thead>")[1], re.S)
+    return [[re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", r, re.S)] for r in rows]
+
+
+def test_workers_page_shows_the_queue_and_live_workers_per_target(
+    client: TestClient, settings: Settings
+) -> None:
+    model = client.post("/v1/models", files={"file": ("tiny.onnx", model_bytes())}).json()
+    data = client.post(
+        "/v1/datasets", files={"file": ("d.npz", dataset_bytes())}, data={"model_id": model["id"]}
+    ).json()
+    ids = {"model_id": model["id"], "dataset_id": data["id"]}
+    for body in (
+        ids,
+        {**ids, "accuracy": {"seed": 1}},
+        {**ids, "target": {"labels": ["vision"]}},
+        {**ids, "spec": {"backend": "tensorrt"}, "target": {"gpu": "sm_90", "tensorrt": "10"}},
+        {**ids, "target": {"gpu": "sm_120"}},  # no live worker has it
+    ):
+        assert client.post("/v1/builds", json=body).status_code == 202
+    h100 = BuildTarget(
+        backend="tensorrt", backend_version="10.13.0", compute_capability="9.0", device="H100"
+    )
+    cpu = BuildTarget(backend="onnxruntime", backend_version="1.22.0", compute_capability="cpu")
+    db = Database(settings.resolved_database_url)
+    queue = DatabaseQueue(db, settings)
+    queue.register_worker("gpu-worker", 1, [h100, cpu], ["vision"])
+    queue.register_worker("cpu-worker", 1, [cpu])
+    db.dispose()
+    page = client.get("/workers").text
+    assert "<strong>5</strong> build(s) waiting for a worker, service-wide" in page
+    assert sorted(_table_rows(page, "queue-by-target")) == [
+        ["auto", "GPU sm_120", "1", "✗ none: waits until one starts"],
+        ["auto", "any worker", "2", "2"],
+        ["auto", "labels vision", "1", "1"],
+        ["tensorrt", "GPU sm_90; TensorRT 10", "1", "1"],
+    ]
+    assert _table_rows(page, "workers-by-target") == [
+        ["onnxruntime", "1.22.0", "cpu", "cpu", "-", "1"],
+        ["onnxruntime", "1.22.0", "cpu", "cpu", "vision", "1"],
+        ["tensorrt", "10.13.0", "H100", "9.0", "vision", "1"],
+    ]
+    assert len(_table_rows(page, "workers")) == 2
