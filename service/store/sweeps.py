@@ -241,12 +241,14 @@ def sweep_public(session: Session, storage: Storage, row: SweepRow) -> SweepPubl
                     field=variant.name,
                 )
             )
-        elif build.error_code and BuildStatus(build.status).terminal:
+        elif BuildStatus(build.status).terminal:  # ended without a report
             failed.append(
                 ErrorInfo(
-                    code=build.error_code,
-                    message=build.error_message or "",
-                    hint=build.error_hint or "",
+                    code=build.error_code or build.status,
+                    message=build.error_message
+                    or f"Build {build.id[:12]} of variant {variant.name} ended {build.status}.",
+                    hint=build.error_hint
+                    or f"Submit its request again (GET /v1/builds/{build.id}; POST /v1/builds).",
                     field=variant.name,
                 )
             )

@@ -145,6 +145,7 @@ def test_a_sweeps_variant_that_fails_unmeasured_is_listed_with_its_error(
     assert done["status"] == "partial"
     assert [p["variant"] for p in done["points"]] == ["fp32"]
     assert [v["status"] for v in done["variants"]] == ["succeeded", "cancelled"]
+    assert [(e["field"], e["code"]) for e in done["failed"]] == [("fp16", "cancelled")]
 
 
 def test_another_projects_sweeps_sensitivity_and_names_are_not_found(
