@@ -77,16 +77,29 @@ def _setting_names() -> set[str]:
     return {f"TRTFORGE_{name.upper()}" for name in Settings.model_fields}
 
 
+def _worker_option_names() -> set[str]:
+    """The variables ``trtforge worker`` reads as command-line options (``--api``, ``--token``)."""
+    from service.cli.server import worker
+
+    return {
+        envvar
+        for param in worker.params
+        for envvar in ([param.envvar] if isinstance(param.envvar, str) else param.envvar or [])
+    }
+
+
 def _assert_settings(env: dict[str, str], where: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every TRTFORGE_* variable is a Settings field, and together they make valid Settings."""
+    """Every TRTFORGE_* variable is a Settings field (or an option of ``trtforge worker``), and
+    together they make valid Settings."""
     ours = {key: value for key, value in env.items() if key.startswith("TRTFORGE_")}
-    unknown = sorted(set(ours) - _setting_names())
+    unknown = sorted(set(ours) - _setting_names() - _worker_option_names())
     assert not unknown, f"{where}: {unknown} are not fields of service.settings.Settings"
     with monkeypatch.context() as patch:
         for key in _setting_names():
             patch.delenv(key, raising=False)
         for key, value in ours.items():
-            patch.setenv(key, value)
+            if key in _setting_names():
+                patch.setenv(key, value)
         Settings()  # raises on a value the service would refuse at start
 
 
@@ -156,6 +169,17 @@ def test_compose_environment_is_trtforge_settings(monkeypatch: pytest.MonkeyPatc
     assert api["TRTFORGE_DATABASE_URL"].startswith("postgresql+psycopg://")
     user = _env_file(DOCKER / "postgres.env.example")["POSTGRES_USER"]
     assert f"//{user}:" in api["TRTFORGE_DATABASE_URL"] and "@postgres:" in api["TRTFORGE_DATABASE_URL"]
+
+
+def test_the_gpu_worker_reaches_its_builds_through_the_api_alone() -> None:
+    services = _compose()["services"]
+    env = _service_env(services["worker-gpu"])
+    assert env["TRTFORGE_API_URL"] == "http://api:8000"  # the api service, on its port
+    assert env["TRTFORGE_TOKEN"] and "TRTFORGE_DATABASE_URL" not in env
+    mounts = [volume.split(":")[0] for volume in services["worker-gpu"]["volumes"]]
+    data = [v.split(":")[0] for v in services["api"]["volumes"] if v.endswith(":/data")]
+    assert data and not set(data) & set(mounts)  # no volume shared with the API
+    assert set(services["worker-gpu"]["depends_on"]) == {"api"}
 
 
 def test_the_environment_check_catches_an_unknown_setting(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -324,18 +348,48 @@ def test_manifests_are_kubernetes_objects() -> None:
             assert security["runAsNonRoot"] is True and security["runAsUser"] == 10001
 
 
+SECRETS = {"trtforge-env": "trtforge.env", "trtforge-worker-env": "worker.env"}
+"""The manifests' Secrets and the env files they are made from (``--from-env-file``)."""
+
+
 def test_manifest_environment_is_trtforge_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    secret = _env_file(DOCKER / "trtforge.env.example")
     claims = {d["metadata"]["name"] for _, d in _documents() if d["kind"] == "PersistentVolumeClaim"}
     for name, document in _documents():
         for container in _containers(document):
             assert container["image"] in IMAGES, f"{name}: {container['image']} is not built here"
-            assert container["envFrom"] == [{"secretRef": {"name": "trtforge-env"}}]
+            [source] = container["envFrom"]
+            secret = _env_file(DOCKER / f"{SECRETS[source['secretRef']['name']]}.example")
             env = secret | {item["name"]: item["value"] for item in container.get("env", [])}
             _assert_settings(env, f"{name}: {document['metadata']['name']}", monkeypatch)
         if document["kind"] == "Deployment":
             for volume in document["spec"]["template"]["spec"].get("volumes", []):
-                assert volume["persistentVolumeClaim"]["claimName"] in claims
+                if "persistentVolumeClaim" in volume:
+                    assert volume["persistentVolumeClaim"]["claimName"] in claims
+
+
+def test_kubernetes_workers_need_neither_the_database_nor_a_shared_volume() -> None:
+    services = {
+        (d["metadata"]["name"], port["port"])
+        for _, d in _documents()
+        if d["kind"] == "Service"
+        for port in d["spec"]["ports"]
+    }
+    workers = [
+        (d, c)
+        for _, d in _documents()
+        for c in _containers(d)
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"
+    ]
+    assert len(workers) >= 3
+    for document, container in workers:
+        env = {item["name"]: item["value"] for item in container.get("env", [])}
+        url = re.fullmatch(r"http://([a-z0-9-]+)(?::(\d+))?", env["TRTFORGE_API_URL"])
+        assert url is not None and (url[1], int(url[2] or 80)) in services, env
+        assert container["envFrom"] == [{"secretRef": {"name": "trtforge-worker-env"}}]
+        volumes = document["spec"]["template"]["spec"]["volumes"]
+        assert all("persistentVolumeClaim" not in volume for volume in volumes)
+    assert "TRTFORGE_TOKEN" in _env_file(DOCKER / "worker.env.example")
+    assert "TRTFORGE_DATABASE_URL" not in _env_file(DOCKER / "worker.env.example")
 
 
 def test_one_worker_deployment_per_gpu_product() -> None:
