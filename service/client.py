@@ -116,8 +116,12 @@ class TrtforgeClient(ResourcesMixin):
         *,
         timeout_s: float = 60.0,
         transport: httpx.BaseTransport | None = None,
+        project: str | None = None,
     ) -> None:
         self.server = server.rstrip("/")
+        self.project = project
+        """For admin tokens: the project uploads go to and lists show (``?project=``); other
+        tokens always work in their own."""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(
             base_url=self.server, headers=headers, timeout=timeout_s, transport=transport
@@ -140,6 +144,8 @@ class TrtforgeClient(ResourcesMixin):
     # -- plumbing ----------------------------------------------------------------------------
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        if self.project is not None:
+            kwargs["params"] = {**(kwargs.get("params") or {}), "project": self.project}
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
@@ -488,10 +494,13 @@ class TrtforgeClient(ResourcesMixin):
 
     # -- tokens (admin) ----------------------------------------------------------------------
 
-    def create_token(self, name: str, scope: Scope = Scope.READ) -> TokenCreated:
-        response = self._request(
-            "POST", "/v1/tokens", json={"name": name, "scope": Scope(scope).value}
-        )
+    def create_token(
+        self, name: str, scope: Scope = Scope.READ, project: str | None = None
+    ) -> TokenCreated:
+        body = {"name": name, "scope": Scope(scope).value}
+        if project is not None:
+            body["project"] = project
+        response = self._request("POST", "/v1/tokens", json=body)
         return TokenCreated.model_validate_json(response.content)
 
     def list_tokens(self) -> list[TokenPublic]:

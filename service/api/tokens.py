@@ -7,6 +7,7 @@ from fastapi import APIRouter, Response
 
 from service.api import auth
 from service.api.deps import AdminAccess, SessionDep
+from service.api.projects import ProjectQuery
 from service.schemas import TokenCreate, TokenCreated, TokenPublic
 
 __all__ = ["router"]
@@ -15,8 +16,11 @@ router = APIRouter(prefix="/v1/tokens", tags=["tokens"])
 
 
 @router.get("", operation_id="list_tokens", response_model=list[TokenPublic])
-def list_tokens(session: SessionDep, _: AdminAccess) -> list[TokenPublic]:
-    return [auth.token_public(r) for r in auth.list_tokens(session)]
+def list_tokens(
+    session: SessionDep, _: AdminAccess, project: ProjectQuery = None
+) -> list[TokenPublic]:
+    rows = auth.list_tokens(session)
+    return [auth.token_public(r) for r in rows if project is None or r.project == project]
 
 
 @router.post("", operation_id="create_token", status_code=201, response_model=TokenCreated)

@@ -9,6 +9,7 @@ options); ``submit``/``status``/``download``/``report`` talk to a server through
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -309,9 +310,10 @@ def tokens_revoke(token_id: str, data_dir: Path | None, database_url: str | None
 
 
 def _client(server: str, token: str | None) -> Any:
+    """The client of the remote commands; ``TRTFORGE_PROJECT`` picks an admin token's project."""
     from service.client import TrtforgeClient
 
-    return TrtforgeClient(server, token)
+    return TrtforgeClient(server, token, project=os.environ.get("TRTFORGE_PROJECT") or None)
 
 
 @click.command()

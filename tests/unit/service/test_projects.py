@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import httpx
 import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
@@ -21,6 +22,7 @@ from sqlalchemy import insert, text
 from engines.backends.base import BuildTarget
 from service.api.auth import authenticate, create_token
 from service.cli.server import register
+from service.client import TrtforgeClient
 from service.db import Database
 from service.db.models import BuildRow, DatasetRow, ModelRow, TableRow, TokenRow
 from service.projects import scoped_id
@@ -271,6 +273,32 @@ def test_admins_see_every_project_and_work_in_any(
     # an admin's build of alpha's model is alpha's
     build = secured.post("/v1/builds", json=ids, headers=admin)
     assert build.status_code == 202 and build.json()["project"] == "alpha"
+
+
+def test_the_client_of_an_admin_works_in_the_project_it_names(
+    secured: TestClient, alpha: dict[str, str], admin: dict[str, str], tmp_path: Path
+) -> None:
+    _model_and_dataset(secured, alpha)
+
+    def through_the_app(request: httpx.Request) -> httpx.Response:
+        answer = secured.request(
+            request.method, str(request.url), headers=request.headers, content=request.read()
+        )
+        return httpx.Response(answer.status_code, headers=answer.headers, content=answer.content)
+
+    token = admin["Authorization"].removeprefix("Bearer ")
+    model = tmp_path / "m.onnx"
+    model.write_bytes(model_bytes(seed=7))
+    transport = httpx.MockTransport(through_the_app)
+    with TrtforgeClient("http://testserver", token, transport=transport, project="gamma") as gamma:
+        placed = gamma.upload_model(model)
+        assert placed.project == "gamma"
+        assert [m.id for m in gamma.list_models().items] == [placed.id]
+        gamma.create_token("g-reader", Scope.READ, project="gamma")
+        assert {t.name for t in gamma.list_tokens()} == {"g-reader"}  # ?project= filters
+    with TrtforgeClient("http://testserver", token, transport=transport) as everyone:
+        assert everyone.list_models().total == 2
+        assert {t.name for t in everyone.list_tokens()} == {"alpha-build", "ops-admin", "g-reader"}
 
 
 def test_an_admin_build_mixing_projects_is_refused(
