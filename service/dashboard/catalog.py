@@ -140,7 +140,12 @@ async def dataset_page(request: Request, state: StateDep, dataset_id: str) -> Re
         with state.db.session() as session:
             row = store.get_dataset(session, dataset_id, project=viewer.principal.visible)
             dataset = store.dataset_public(row)
-        return {"dataset": dataset, "rows": _builds_of(state, viewer, None, dataset_id)}
+            names = model_names(session, {dataset.model_id} if dataset.model_id else set())
+        return {
+            "dataset": dataset,
+            "model_name": names.get(dataset.model_id or "", ""),
+            "rows": _builds_of(state, viewer, None, dataset_id),
+        }
 
     return await page(request, state, "dataset.html", gather)
 

@@ -104,7 +104,14 @@
         responsive: true, maintainAspectRatio: false, animation: false,
         plugins: { legend: { position: "bottom" } },
       };
-      if (canvas.dataset.scale) options.scales = { y: { type: canvas.dataset.scale } };
+      if (canvas.dataset.scale === "logarithmic") {
+        // labels at 1 and 3 times each power of ten only (Chart.js crowds 5, 7 and 10 together)
+        const label = (v) => {
+          const m = Math.round((v / 10 ** Math.floor(Math.log10(v) + 1e-9)) * 100) / 100;
+          return m === 1 || m === 3 ? String(Number(v.toPrecision(3))) : "";
+        };
+        options.scales = { y: { type: "logarithmic", ticks: { callback: label } } };
+      } else if (canvas.dataset.scale) options.scales = { y: { type: canvas.dataset.scale } };
       if (data.indexAxis) options.indexAxis = data.indexAxis;
       const plugins = [];
       if (data.gate && data.datasets.length > 1) { gateStyle(data, options); plugins.push(gateLine); }
