@@ -32,7 +32,7 @@ from service.dashboard.views import (
     stages_of,
     summary_of,
 )
-from service.dashboard.web import error_page, page, sign_in_page
+from service.dashboard.web import error_page, page, safe_next, sign_in_page
 from service.db.models import BuildRow
 from service.errors import AuthenticationError, NotFoundError, PermissionDeniedError
 from service.schemas import BuildStatus, Scope, SensitivityPublic
@@ -283,22 +283,23 @@ def login(
     state: StateDep,
     token: Annotated[str, Form(max_length=512)],
     csrf_token: Annotated[str, Form(max_length=128)] = "",
+    next_page: Annotated[str, Form(alias="next", max_length=2000)] = "/",
 ) -> Response:
     """Turn a token into a session cookie. Refused (403, the form again) without the sign-in
     form's CSRF token: another site could otherwise sign a browser in with its own token."""
     try:
         check_csrf(request, state, csrf_token)
     except TrtforgeError as exc:
-        return sign_in_page(exc, request, state)
+        return sign_in_page(exc, request, state, next_page=next_page)
     with state.db.session() as session:
         try:
             principal = authenticate(session, f"Bearer {token}", Scope.READ, required=True)
         except TrtforgeError as exc:
-            return sign_in_page(exc, request, state)
+            return sign_in_page(exc, request, state, next_page=next_page)
     assert principal.token_id is not None
     ttl_s = state.settings.session_ttl_s
     value = create_session(token, principal.token_id, session_secret(state.settings.data_dir), ttl_s)
-    response = RedirectResponse("/", status_code=303)
+    response = RedirectResponse(safe_next(next_page), status_code=303)
     response.set_cookie(
         SESSION_COOKIE,
         value,

@@ -25,19 +25,32 @@ from service.dashboard.session import (
 )
 from service.schemas import Scope
 
-__all__ = ["error_page", "page", "sign_in_page"]
+__all__ = ["error_page", "page", "safe_next", "sign_in_page"]
 
 
-def sign_in_page(exc: TrtforgeError | None, request: Request, state: AppState) -> HTMLResponse:
+def safe_next(path: str) -> str:
+    """``path`` when it is a page of this dashboard (``/...``; never ``//host`` or a URL, so the
+    sign-in form cannot send a browser to another site), else ``/``."""
+    local = path.startswith("/") and not path.startswith("//") and "\\" not in path
+    page = path.isprintable() and not path.startswith(("/login", "/logout", "/ui/"))
+    return path if local and page else "/"
+
+
+def sign_in_page(
+    exc: TrtforgeError | None, request: Request, state: AppState, *, next_page: str | None = None
+) -> HTMLResponse:
     """The sign-in form (with ``exc``'s message and status when a page was refused), carrying
-    this browser's CSRF token; a browser without a nonce cookie gets one with it."""
+    this browser's CSRF token and the page to go back to once signed in; a browser without a
+    nonce cookie gets one with it."""
     nonce, new = csrf_nonce(request)
     status = status_for(exc) if exc is not None else 200
+    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     response = HTMLResponse(
         render(
             "login.html",
             error=exc.message if exc else None,
             csrf=csrf_token(state, nonce),
+            next=safe_next(next_page or (here if request.method == "GET" else "/")),
             viewer=None,
         ),
         status_code=status,

@@ -90,6 +90,26 @@ def test_the_sign_in_form_needs_its_csrf_token(
     assert _csrf(refused_page.text)
 
 
+def test_signing_in_goes_back_to_the_page_that_asked_and_nowhere_else(
+    make_client: Callable[..., TestClient], db_url: str
+) -> None:
+    secured = make_client(auth=True)
+    db = Database(db_url)
+    with db.session() as session:
+        token = create_token(session, "reader", Scope.READ)[1]
+    db.dispose()
+    asked = secured.get("/workers?x=1")
+    assert asked.status_code == 401 and 'name="next" value="/workers?x=1"' in asked.text
+    form = login_form(secured, token)
+    back = secured.post("/login", data={**form, "next": "/workers?x=1"}, follow_redirects=False)
+    assert back.status_code == 303 and back.headers["location"] == "/workers?x=1"
+    for elsewhere in ("//evil.example/x", "https://evil.example/", "/\\evil.example", "/ui/logout", ""):
+        answer = secured.post("/login", data={**form, "next": elsewhere}, follow_redirects=False)
+        assert answer.headers["location"] == "/", elsewhere
+    wrong = secured.post("/login", data={**form, "token": "tfk_x", "next": "/tables"})
+    assert wrong.status_code == 401 and 'name="next" value="/tables"' in wrong.text  # kept
+
+
 def test_pages_show_only_the_tokens_project(
     make_client: Callable[..., TestClient], db_url: str
 ) -> None:
