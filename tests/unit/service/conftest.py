@@ -12,7 +12,13 @@ from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.settings import Settings
-from tests.unit.service.support import DATABASES, database_url, make_settings
+from tests.unit.service.support import (
+    DATABASES,
+    database_url,
+    dataset_bytes,
+    make_settings,
+    model_bytes,
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -56,6 +62,19 @@ def settings(data_dir: Path, db_url: str) -> Settings:
 def client(settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(settings)) as test_client:
         yield test_client
+
+
+@pytest.fixture
+def ids(client: TestClient) -> dict[str, str]:
+    """A build request's ``model_id`` and ``dataset_id``: the tiny CNN and 10 samples checked
+    against it (8 calibrate, 2 evaluate)."""
+    model = client.post("/v1/models", files={"file": ("tiny.onnx", model_bytes())}).json()
+    dataset = client.post(
+        "/v1/datasets",
+        files={"file": ("d.npz", dataset_bytes(count=10))},
+        data={"model_id": model["id"]},
+    ).json()
+    return {"model_id": model["id"], "dataset_id": dataset["id"]}
 
 
 @pytest.fixture

@@ -23,11 +23,14 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from service.api.auth import create_token
 from service.db import Database
 from service.db.models import BuildRow, DatasetRow, ModelRow
 from service.queue.database import DatabaseQueue
-from service.schemas import BuildCreate
+from service.schemas import BuildCreate, BuildStatus, Scope
 from service.settings import Settings
+from service.store.storage import Storage
+from service.worker.pipeline import run_build
 from tests import zoo
 
 POSTGRES_ENV = "TRTFORGE_TEST_POSTGRES_URL"
@@ -138,6 +141,28 @@ def make_settings(data_dir: Path, url: str, **overrides: object) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
+
+
+FAST = {"benchmark": {"warmup_ms": 0, "iterations": 3, "duration_s": 0}}
+"""A build request's benchmark section that measures in milliseconds (3 timed runs)."""
+
+
+def run_in_process(settings: Settings, build_id: str) -> BuildStatus:
+    """Run build ``build_id``'s pipeline here, as a worker's child runs it."""
+    db = Database(settings.resolved_database_url)
+    try:
+        return run_build(build_id, db=db, storage=Storage(settings.data_dir), settings=settings)
+    finally:
+        db.dispose()
+
+
+def bearer(db_url: str, scope: Scope, project: str) -> dict[str, str]:
+    """The ``Authorization`` header of a new token of ``scope`` in ``project``."""
+    db = Database(db_url)
+    with db.session() as session:
+        _, token = create_token(session, f"{project}-{scope.value}", scope, project)
+    db.dispose()
+    return {"Authorization": f"Bearer {token}"}
 
 
 def model_bytes(**kwargs: object) -> bytes:

@@ -4,41 +4,28 @@ refused at submission (422 naming the field), not in the worker. HEAD on the art
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from engines.accuracy_report import AccuracyMetric
-from service.api.app import create_app
-from service.db import Database
 from service.schemas import BuildCreate, BuildReport, BuildStatus
 from service.settings import Settings
 from service.store.builds import build_cache_key
-from service.store.storage import Storage
-from service.worker.pipeline import run_build
 from tests.unit.service.support import (
+    FAST,
     dataset_bytes,
     images,
-    make_settings,
     model_bytes,
     npz_bytes,
+    run_in_process,
 )
 
-FAST = {"benchmark": {"warmup_ms": 0, "iterations": 3, "duration_s": 0}}
-
 
 @pytest.fixture
-def settings(tmp_path: Path, sqlite_url: str) -> Settings:
-    return make_settings(tmp_path / "data", sqlite_url)
-
-
-@pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as test_client:
-        yield test_client
+def db_url(sqlite_url: str) -> str:
+    """SQLite only: these builds run the whole pipeline (the queue tests cover PostgreSQL)."""
+    return sqlite_url
 
 
 @pytest.fixture
@@ -50,14 +37,6 @@ def _dataset(client: TestClient, data: bytes, name: str = "d.npz") -> str:
     answer = client.post("/v1/datasets", files={"file": (name, data)})  # no model_id: unchecked
     assert answer.status_code == 201, answer.text
     return str(answer.json()["id"])
-
-
-def _run(settings: Settings, build_id: str) -> BuildStatus:
-    db = Database(settings.resolved_database_url)
-    try:
-        return run_build(build_id, db=db, storage=Storage(settings.data_dir), settings=settings)
-    finally:
-        db.dispose()
 
 
 def test_a_dataset_of_the_wrong_shape_uploaded_without_model_id_is_refused_at_submission(
@@ -128,7 +107,7 @@ def test_a_build_with_an_accuracy_budget_keeps_nodes_and_reports_its_search(
     }
     build = client.post("/v1/builds", json=body).json()
     assert build["accuracy_budget"] == {"metric": "sqnr_db", "value": 80.0}
-    assert _run(settings, build["id"]) is BuildStatus.SUCCEEDED
+    assert run_in_process(settings, build["id"]) is BuildStatus.SUCCEEDED
     report = BuildReport.model_validate(client.get(f"/v1/builds/{build['id']}/report").json())
     mixed = report.mixed_precision
     assert mixed is not None and mixed.kept_nodes
@@ -152,7 +131,7 @@ def test_a_separate_evaluation_set_with_labels_is_measured_and_calibration_uses_
     }
     build = client.post("/v1/builds", json=body).json()
     assert (build["eval_dataset_id"], build["labels"]) == (evaluation, 6)
-    assert _run(settings, build["id"]) is BuildStatus.SUCCEEDED
+    assert run_in_process(settings, build["id"]) is BuildStatus.SUCCEEDED
     report = BuildReport.model_validate(client.get(f"/v1/builds/{build['id']}/report").json())
     assert report.dataset["calibration_samples"] == 8
     assert report.dataset["evaluation_samples"] == 6
@@ -171,7 +150,7 @@ def test_head_on_an_artifact_answers_its_headers_without_the_bytes(
     ).json()
     url = f"/v1/builds/{build['id']}/artifact"
     assert client.head(url).status_code == 409  # not built yet, as GET answers
-    assert _run(settings, build["id"]) in (BuildStatus.SUCCEEDED, BuildStatus.FAILED)
+    assert run_in_process(settings, build["id"]) in (BuildStatus.SUCCEEDED, BuildStatus.FAILED)
     head, get = client.head(url), client.get(url)
     assert head.status_code == get.status_code == 200
     assert head.content == b""

@@ -4,52 +4,23 @@ in-process on the tiny CNN, as the worker's child runs it)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 from fastapi.testclient import TestClient
 
-from service.api.app import create_app
-from service.db import Database
 from service.schemas import BuildStatus, SensitivityPublic
 from service.settings import Settings
-from service.store.storage import Storage
-from service.worker.pipeline import run_build
-from tests.unit.service.support import dataset_bytes, make_settings, model_bytes
+from tests.unit.service.support import (
+    FAST,
+    run_in_process,
+)
 
-FAST = {"benchmark": {"warmup_ms": 0, "iterations": 3, "duration_s": 0}}
 QUICK = {"samples": 2, "max_nodes": 2, "only_this": True}
 
 
 @pytest.fixture
-def settings(tmp_path: Path, sqlite_url: str) -> Settings:
-    return make_settings(tmp_path / "data", sqlite_url)
-
-
-@pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as test_client:
-        yield test_client
-
-
-@pytest.fixture
-def ids(client: TestClient) -> dict[str, str]:
-    model = client.post("/v1/models", files={"file": ("tiny.onnx", model_bytes())}).json()
-    dataset = client.post(
-        "/v1/datasets",
-        files={"file": ("d.npz", dataset_bytes(count=10))},
-        data={"model_id": model["id"]},
-    ).json()
-    return {"model_id": model["id"], "dataset_id": dataset["id"]}
-
-
-def _run(settings: Settings, build_id: str) -> BuildStatus:
-    db = Database(settings.resolved_database_url)
-    try:
-        return run_build(build_id, db=db, storage=Storage(settings.data_dir), settings=settings)
-    finally:
-        db.dispose()
+def db_url(sqlite_url: str) -> str:
+    """SQLite only: these builds run the whole pipeline (the queue tests cover PostgreSQL)."""
+    return sqlite_url
 
 
 def test_a_build_that_asks_for_sensitivity_ranks_its_nodes_by_onnx_name(
@@ -64,7 +35,7 @@ def test_a_build_that_asks_for_sensitivity_ranks_its_nodes_by_onnx_name(
         None,
         build["id"],
     )
-    assert _run(settings, build["id"]) is BuildStatus.SUCCEEDED
+    assert run_in_process(settings, build["id"]) is BuildStatus.SUCCEEDED
     done = SensitivityPublic.model_validate(client.get(build["links"]["sensitivity"]).json())
     assert done.status is BuildStatus.SUCCEEDED and done.report is not None
     report = done.report
@@ -79,7 +50,7 @@ def test_post_sensitivity_on_a_finished_build_queues_its_request_with_sensitivit
     client: TestClient, settings: Settings, ids: dict[str, str]
 ) -> None:
     build = client.post("/v1/builds", json={**ids, **FAST}).json()
-    assert _run(settings, build["id"]) is BuildStatus.SUCCEEDED
+    assert run_in_process(settings, build["id"]) is BuildStatus.SUCCEEDED
     missing = client.get(f"/v1/builds/{build['id']}/sensitivity")
     assert missing.status_code == 404
     assert f"POST /v1/builds/{build['id']}/sensitivity" in missing.json()["error"]["hint"]
@@ -95,7 +66,7 @@ def test_post_sensitivity_on_a_finished_build_queues_its_request_with_sensitivit
     again = client.post(f"/v1/builds/{build['id']}/sensitivity", json=QUICK)
     assert again.status_code == 200 and again.json()["run_build_id"] == public.run_build_id
 
-    assert _run(settings, public.run_build_id) is BuildStatus.SUCCEEDED
+    assert run_in_process(settings, public.run_build_id) is BuildStatus.SUCCEEDED
     assert client.get(f"/v1/builds/{public.run_build_id}").json()["table_from_cache"] is True
     done = client.get(f"/v1/builds/{build['id']}/sensitivity").json()
     assert done["status"] == "succeeded" and done["report"]["evaluated_nodes"] == 2

@@ -3,60 +3,26 @@ points, Pareto front, chart data). Builds run in-process, as a worker's child ru
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 from fastapi.testclient import TestClient
 
-from service.api.app import create_app
-from service.api.auth import create_token
-from service.db import Database
 from service.schemas import BuildStatus, Scope, SweepPublic, SweepStatus
 from service.settings import Settings
-from service.store.storage import Storage
-from service.worker.pipeline import run_build
-from tests.unit.service.support import dataset_bytes, make_settings, model_bytes
-
-FAST = {"benchmark": {"warmup_ms": 0, "iterations": 3, "duration_s": 0}}
-
-
-@pytest.fixture
-def settings(tmp_path: Path, sqlite_url: str) -> Settings:
-    return make_settings(tmp_path / "data", sqlite_url)
+from tests.unit.service.support import (
+    FAST,
+    bearer,
+    dataset_bytes,
+    model_bytes,
+    run_in_process,
+)
 
 
 @pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as test_client:
-        yield test_client
-
-
-@pytest.fixture
-def ids(client: TestClient) -> dict[str, str]:
-    model = client.post("/v1/models", files={"file": ("tiny.onnx", model_bytes())}).json()
-    dataset = client.post(
-        "/v1/datasets",
-        files={"file": ("d.npz", dataset_bytes(count=10))},
-        data={"model_id": model["id"]},
-    ).json()
-    return {"model_id": model["id"], "dataset_id": dataset["id"]}
-
-
-def _token(db_url: str, scope: Scope, project: str) -> dict[str, str]:
-    db = Database(db_url)
-    with db.session() as session:
-        _, token = create_token(session, f"{project}-{scope.value}", scope, project)
-    db.dispose()
-    return {"Authorization": f"Bearer {token}"}
-
-
-def _run(settings: Settings, build_id: str) -> BuildStatus:
-    db = Database(settings.resolved_database_url)
-    try:
-        return run_build(build_id, db=db, storage=Storage(settings.data_dir), settings=settings)
-    finally:
-        db.dispose()
+def db_url(sqlite_url: str) -> str:
+    """SQLite only: these builds run the whole pipeline (the queue tests cover PostgreSQL)."""
+    return sqlite_url
 
 
 def test_a_sweep_builds_each_variant_and_compares_them_on_the_pareto_front(
@@ -72,10 +38,10 @@ def test_a_sweep_builds_each_variant_and_compares_them_on_the_pareto_front(
     builds = {v.name: client.get(f"/v1/builds/{v.build_id}").json() for v in sweep.variants}
     assert {n: b["spec"]["precision"] for n, b in builds.items()} == {"fp32": "fp32", "int8": "int8"}
 
-    assert _run(settings, builds["fp32"]["id"]) is BuildStatus.SUCCEEDED
+    assert run_in_process(settings, builds["fp32"]["id"]) is BuildStatus.SUCCEEDED
     half = SweepPublic.model_validate(client.get(f"/v1/sweeps/{sweep.id}").json())
     assert half.status is SweepStatus.RUNNING and [p.variant for p in half.points] == ["fp32"]
-    _run(settings, builds["int8"]["id"])  # passes or fails its gate: measured either way
+    run_in_process(settings, builds["int8"]["id"])  # passes or fails its gate: measured either way
 
     done = SweepPublic.model_validate(client.get(f"/v1/sweeps/{sweep.id}").json())
     assert done.status is SweepStatus.SUCCEEDED and done.name == "tiny sweep"
@@ -140,7 +106,7 @@ def test_a_sweeps_variant_that_fails_unmeasured_is_listed_with_its_error(
     sweep = client.post("/v1/sweeps", json={**ids, **FAST, "variants": ["fp32", "fp16"]}).json()
     first, second = (v["build_id"] for v in sweep["variants"])
     assert client.post(f"/v1/builds/{second}/cancel").status_code == 202
-    assert _run(settings, first) is BuildStatus.SUCCEEDED
+    assert run_in_process(settings, first) is BuildStatus.SUCCEEDED
     done = client.get(f"/v1/sweeps/{sweep['id']}").json()
     assert done["status"] == "partial"
     assert [p["variant"] for p in done["points"]] == ["fp32"]
@@ -153,7 +119,7 @@ def test_another_projects_sweeps_sensitivity_and_names_are_not_found(
 ) -> None:
     secured = make_client(auth=True)
     alpha, beta, admin = (
-        _token(db_url, scope, project)
+        bearer(db_url, scope, project)
         for scope, project in ((Scope.BUILD, "alpha"), (Scope.BUILD, "beta"), (Scope.ADMIN, "ops"))
     )
     model = secured.post(

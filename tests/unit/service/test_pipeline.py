@@ -2,58 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 from fastapi.testclient import TestClient
 
-from service.api.app import create_app
 from service.db import Database
 from service.schemas import BuildReport, BuildStatus
 from service.settings import Settings
-from service.store.storage import Storage
-from service.worker.pipeline import run_build
-from tests.unit.service.support import dataset_bytes, make_settings, model_bytes, stored_files
-
-FAST = {"benchmark": {"warmup_ms": 0, "iterations": 3, "duration_s": 0}}
-
-
-@pytest.fixture
-def settings(tmp_path: Path, sqlite_url: str) -> Settings:
-    return make_settings(tmp_path / "data", sqlite_url)
+from tests.unit.service.support import (
+    FAST,
+    run_in_process,
+    stored_files,
+)
 
 
 @pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as test_client:
-        yield test_client
-
-
-@pytest.fixture
-def ids(client: TestClient) -> dict[str, str]:
-    model = client.post("/v1/models", files={"file": ("tiny.onnx", model_bytes())}).json()
-    dataset = client.post(
-        "/v1/datasets",
-        files={"file": ("d.npz", dataset_bytes(count=10))},
-        data={"model_id": model["id"]},
-    ).json()
-    return {"model_id": model["id"], "dataset_id": dataset["id"]}
-
-
-def _run(settings: Settings, build_id: str) -> BuildStatus:
-    db = Database(settings.resolved_database_url)
-    try:
-        return run_build(build_id, db=db, storage=Storage(settings.data_dir), settings=settings)
-    finally:
-        db.dispose()
+def db_url(sqlite_url: str) -> str:
+    """SQLite only: these builds run the whole pipeline (the queue tests cover PostgreSQL)."""
+    return sqlite_url
 
 
 def test_a_build_runs_all_stages_and_publishes_artifact_and_report(
     client: TestClient, settings: Settings, ids: dict[str, str]
 ) -> None:
     build = client.post("/v1/builds", json={**ids, **FAST}).json()
-    assert _run(settings, build["id"]) is BuildStatus.SUCCEEDED
+    assert run_in_process(settings, build["id"]) is BuildStatus.SUCCEEDED
     done = client.get(f"/v1/builds/{build['id']}").json()
     assert (done["status"], done["progress"], done["stage"]) == ("succeeded", 1.0, None)
     assert set(done["stage_seconds"]) == {"calibrate", "build", "benchmark", "evaluate"}
@@ -89,10 +61,10 @@ def test_a_second_build_reuses_the_calibration_table(
     client: TestClient, settings: Settings, ids: dict[str, str]
 ) -> None:
     first = client.post("/v1/builds", json={**ids, **FAST}).json()
-    assert _run(settings, first["id"]) is BuildStatus.SUCCEEDED
+    assert run_in_process(settings, first["id"]) is BuildStatus.SUCCEEDED
     second = client.post("/v1/builds", json={**ids, **FAST, "spec": {"precision": "int8"}}).json()
     assert second["id"] != first["id"]
-    assert _run(settings, second["id"]) is BuildStatus.SUCCEEDED
+    assert run_in_process(settings, second["id"]) is BuildStatus.SUCCEEDED
     a, b = (client.get(f"/v1/builds/{x['id']}").json() for x in (first, second))
     assert b["table_from_cache"] is True
     assert a["table_id"] == b["table_id"]
@@ -107,7 +79,7 @@ def test_fp16_builds_skip_calibration(
         "/v1/builds",
         json={**ids, **FAST, "spec": {"precision": "fp16"}, "accuracy": {"enabled": False}},
     ).json()
-    assert _run(settings, build["id"]) is BuildStatus.SUCCEEDED
+    assert run_in_process(settings, build["id"]) is BuildStatus.SUCCEEDED
     done = client.get(f"/v1/builds/{build['id']}").json()
     assert set(done["stage_seconds"]) == {"build", "benchmark"}
     assert (done["table_id"], done["table_from_cache"]) == (None, None)
@@ -125,7 +97,7 @@ def test_a_cancel_request_stops_at_the_next_stage_boundary(
         session.get_one(BuildRow, build["id"]).cancel_requested = True
         session.commit()
     db.dispose()
-    assert _run(settings, build["id"]) is BuildStatus.CANCELLED
+    assert run_in_process(settings, build["id"]) is BuildStatus.CANCELLED
     done = client.get(f"/v1/builds/{build['id']}").json()
     assert (done["status"], done["artifact"]) == ("cancelled", None)
     assert [f for f in stored_files(settings.data_dir) if f.startswith(("work/", "blobs/"))] == []
@@ -137,7 +109,7 @@ def test_failures_are_recorded_with_the_error_envelope(
     build = client.post("/v1/builds", json={**ids, **FAST}).json()
     dataset = next((settings.data_dir / "datasets").iterdir())
     (dataset / "d.npz").write_bytes(b"corrupted after upload")
-    assert _run(settings, build["id"]) is BuildStatus.FAILED
+    assert run_in_process(settings, build["id"]) is BuildStatus.FAILED
     done = client.get(f"/v1/builds/{build['id']}").json()
     assert done["error"]["code"] in ("dataset_invalid", "archive_invalid")
     assert done["error"]["message"] and done["error"]["hint"]
@@ -152,7 +124,7 @@ def test_a_build_that_misses_its_accuracy_gate_fails_and_keeps_its_artifact(
     # 200 dB is out of any INT8 build's reach: the gate must fail, whatever the ranges
     spec = {"precision": "int8", "gate": "sqnr_db:200"}
     build = client.post("/v1/builds", json={**ids, **FAST, "spec": spec}).json()
-    assert _run(settings, build["id"]) is BuildStatus.FAILED
+    assert run_in_process(settings, build["id"]) is BuildStatus.FAILED
     done = client.get(f"/v1/builds/{build['id']}").json()
     assert done["error"]["code"] == "accuracy_gate_failed"
     assert "logits" in done["error"]["message"] and "sqnr_db" in done["error"]["message"]
@@ -173,13 +145,13 @@ def test_the_default_gate_passes_a_sound_build_and_none_turns_it_off(
     client: TestClient, settings: Settings, ids: dict[str, str]
 ) -> None:
     sound = client.post("/v1/builds", json={**ids, **FAST}).json()
-    assert _run(settings, sound["id"]) is BuildStatus.SUCCEEDED
+    assert run_in_process(settings, sound["id"]) is BuildStatus.SUCCEEDED
     report = BuildReport.model_validate(client.get(f"/v1/builds/{sound['id']}/report").json())
     assert report.gate is not None and report.gate.passed
     assert report.gate.gate_text == "sqnr_db >= 10"
     off = client.post(
         "/v1/builds", json={**ids, **FAST, "spec": {"precision": "int8", "gate": "none"}}
     ).json()
-    assert _run(settings, off["id"]) is BuildStatus.SUCCEEDED
+    assert run_in_process(settings, off["id"]) is BuildStatus.SUCCEEDED
     report = BuildReport.model_validate(client.get(f"/v1/builds/{off['id']}/report").json())
     assert report.gate is not None and report.gate.passed and not report.gate.gate.enabled

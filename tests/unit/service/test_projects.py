@@ -20,34 +20,25 @@ from fastapi.testclient import TestClient
 from sqlalchemy import insert, text
 
 from engines.backends.base import BuildTarget
-from service.api.auth import authenticate, create_token
+from service.api.auth import authenticate
 from service.cli.server import register
 from service.client import TrtforgeClient
 from service.db import Database
 from service.db.models import BuildRow, DatasetRow, ModelRow, TableRow, TokenRow
 from service.projects import scoped_id
 from service.schemas import BuildStatus, Scope
-from service.settings import Settings
-from service.store.storage import Storage
-from service.worker.pipeline import run_build
 from tests.unit.service.support import (
     DATABASES,
+    FAST,
+    bearer,
     database_url,
     dataset_bytes,
     make_settings,
     model_bytes,
+    run_in_process,
 )
 
-FAST = {"benchmark": {"warmup_ms": 0, "iterations": 3, "duration_s": 0}}
 _UNKNOWN = "0" * 64
-
-
-def _token(db_url: str, scope: Scope, project: str) -> dict[str, str]:
-    db = Database(db_url)
-    with db.session() as session:
-        _, token = create_token(session, f"{project}-{scope.value}", scope, project)
-    db.dispose()
-    return {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture
@@ -57,17 +48,17 @@ def secured(make_client: Callable[..., TestClient]) -> TestClient:
 
 @pytest.fixture
 def alpha(db_url: str) -> dict[str, str]:
-    return _token(db_url, Scope.BUILD, "alpha")
+    return bearer(db_url, Scope.BUILD, "alpha")
 
 
 @pytest.fixture
 def beta(db_url: str) -> dict[str, str]:
-    return _token(db_url, Scope.BUILD, "beta")
+    return bearer(db_url, Scope.BUILD, "beta")
 
 
 @pytest.fixture
 def admin(db_url: str) -> dict[str, str]:
-    return _token(db_url, Scope.ADMIN, "ops")
+    return bearer(db_url, Scope.ADMIN, "ops")
 
 
 def _upload(
@@ -95,14 +86,6 @@ def _assert_not_found(response: Any, unknown: Any, known_id: str) -> None:
     assert body["error"]["code"] == "not_found"
     same = json.dumps(unknown.json()).replace(_UNKNOWN, known_id)
     assert json.dumps(body) == same
-
-
-def _run(settings: Settings, build_id: str) -> BuildStatus:
-    db = Database(settings.resolved_database_url)
-    try:
-        return run_build(build_id, db=db, storage=Storage(settings.data_dir), settings=settings)
-    finally:
-        db.dispose()
 
 
 def test_a_project_never_sees_another_projects_models_and_datasets(
@@ -186,7 +169,7 @@ def test_builds_tables_artifacts_reports_logs_and_events_stay_in_their_project(
     assert submitted.status_code == 202, submitted.text
     build = submitted.json()
     assert build["project"] == "alpha"
-    assert _run(settings, build["id"]) is BuildStatus.SUCCEEDED
+    assert run_in_process(settings, build["id"]) is BuildStatus.SUCCEEDED
     done = secured.get(f"/v1/builds/{build['id']}", headers=alpha).json()
     table_id = done["table_id"]
     assert table_id and done["table_from_cache"] is False
@@ -220,7 +203,7 @@ def test_builds_tables_artifacts_reports_logs_and_events_stay_in_their_project(
     assert second.status_code == 202, second.text
     other = second.json()
     assert other["id"] != bid and other["cache_key"] != build["cache_key"]
-    assert _run(settings, other["id"]) is BuildStatus.SUCCEEDED
+    assert run_in_process(settings, other["id"]) is BuildStatus.SUCCEEDED
     other = secured.get(f"/v1/builds/{other['id']}", headers=beta).json()
     assert other["table_from_cache"] is False and other["table_id"] != table_id
     assert secured.get("/v1/calibration-tables", headers=beta).json()["total"] == 1
