@@ -9,7 +9,6 @@ and :meth:`DatabaseQueue.recover` re-queues its running jobs once, then fails th
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
 
@@ -20,6 +19,7 @@ from engines.backends.base import BuildTarget
 from service.db import Database
 from service.db.models import BuildRow, JobRow, WorkerRow, utcnow
 from service.queue.base import Job, JobState, QueuedTarget, Recovered
+from service.queue.records import fail_lost, queued_targets, record_claim, requeue_lost
 from service.queue.targets import serving_target
 from service.schemas import BuildStatus, TargetRequest, WorkerPublic, WorkerState
 from service.settings import Settings, hostname
@@ -101,12 +101,7 @@ class DatabaseQueue:
         if taken.rowcount != 1:  # type: ignore[attr-defined]
             return None
         job = session.get_one(JobRow, job_id)
-        build = session.get_one(BuildRow, job.build_id)
-        build.worker_id = worker_id
-        build.backend = target.backend
-        build.backend_version = target.backend_version
-        build.compute_capability = target.compute_capability
-        add_log(session, build.id, f"Claimed by worker {worker_id}: building for {target}.")
+        record_claim(session, session.get_one(BuildRow, job.build_id), worker_id, target)
         session.commit()
         return Job(id=job.id, build_id=job.build_id, attempt=job.attempts)
 
@@ -188,23 +183,16 @@ class DatabaseQueue:
             )
 
     def depth_by_target(self) -> list[QueuedTarget]:
-        counts: Counter[tuple[str, str | None]] = Counter()
         with self._db.session() as session:
-            for backend, requested in session.execute(
+            waiting = session.execute(
                 select(BuildRow.requested_backend, BuildRow.requested_target)
                 .join(JobRow, JobRow.build_id == BuildRow.id)
                 .where(JobRow.state == JobState.QUEUED.value)
-            ):
-                target = None if requested is None else TargetRequest.model_validate(requested)
-                counts[backend, None if target is None else target.model_dump_json()] += 1
-        return [
-            QueuedTarget(
-                requested_backend=backend,
-                target=None if target is None else TargetRequest.model_validate_json(target),
-                jobs=jobs,
             )
-            for (backend, target), jobs in sorted(counts.items(), key=lambda item: str(item[0]))
-        ]
+            return queued_targets(
+                (backend, None if wanted is None else TargetRequest.model_validate(wanted), 1)
+                for backend, wanted in waiting
+            )
 
     def live_workers(self) -> int:
         with self._db.session() as session:
@@ -308,28 +296,10 @@ class DatabaseQueue:
             session.commit()  # it ended just before its worker died: nothing to redo
             return None
         if retry:
-            reset_for_retry(build)
-            add_log(
-                session,
-                build.id,
-                f"Re-queued: the worker running attempt {job.attempts} of {self._max_attempts} "
-                "stopped (crash, kill or lost heartbeat).",
-                level="warning",
-            )
+            requeue_lost(session, build, job.attempts, self._max_attempts)
             session.commit()
             return "requeued"
-        build.status = BuildStatus.FAILED.value
-        build.stage = None
-        build.error_code = "worker_lost"
-        build.error_message = (
-            f"The worker running this build stopped {job.attempts} times (crash, kill or lost "
-            "heartbeat); it is not retried again."
-        )
-        build.error_hint = (
-            "Check the worker's log (out of memory? killed?), then submit the build again."
-        )
-        build.finished_at = utcnow()
-        add_log(session, build.id, build.error_message, level="error")
+        fail_lost(session, build, job.attempts)
         session.commit()
         return "failed"
 

@@ -34,7 +34,6 @@ trtforge's ``workers`` table.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -49,6 +48,7 @@ from service.db.models import BuildRow, JobRow, WorkerRow, utcnow
 from service.queue.base import Job, JobState, QueuedTarget, Recovered
 from service.queue.database import DatabaseQueue, _live_worker_ids
 from service.queue.procrastinate_schema import TASK, queue_name, raw_connection
+from service.queue.records import fail_lost, queued_targets, record_claim, requeue_lost
 from service.queue.targets import serving_target
 from service.schemas import BuildStatus, TargetRequest
 from service.settings import Settings
@@ -157,11 +157,7 @@ class ProcrastinateQueue(DatabaseQueue):
                         attempts=job.attempt,
                     )
                 )
-                build.worker_id = worker_id
-                build.backend = target.backend
-                build.backend_version = target.backend_version
-                build.compute_capability = target.compute_capability
-                add_log(session, build.id, f"Claimed by worker {worker_id}: building for {target}.")
+                record_claim(session, build, worker_id, target)
                 session.commit()
                 return job
         return None
@@ -288,24 +284,15 @@ class ProcrastinateQueue(DatabaseQueue):
             return int(row[0]) if row is not None else 0
 
     def depth_by_target(self) -> list[QueuedTarget]:
-        counts: Counter[tuple[str, str | None]] = Counter()
         with self._db.session() as session:
             rows = raw_connection(session).execute(
                 f"SELECT p.args->>'backend', p.args->'target', count(*) {_WAITING} "
                 "GROUP BY 1, 2",
                 (TASK, JobState.QUEUED.value),
             )
-            for backend, target, jobs in rows.fetchall():
-                wanted = _wanted(target)
-                counts[backend, None if wanted is None else wanted.model_dump_json()] += jobs
-        return [
-            QueuedTarget(
-                requested_backend=backend,
-                target=None if target is None else TargetRequest.model_validate_json(target),
-                jobs=jobs,
+            return queued_targets(
+                (backend, _wanted(target), jobs) for backend, target, jobs in rows.fetchall()
             )
-            for (backend, target), jobs in sorted(counts.items(), key=lambda item: str(item[0]))
-        ]
 
     # -- recovery ----------------------------------------------------------------------------
 
@@ -395,17 +382,10 @@ class ProcrastinateQueue(DatabaseQueue):
                 session.execute(
                     _record(build_id).values(state=JobState.QUEUED.value, worker_id=None)
                 )
-                reset_for_retry(build)
-                add_log(
-                    session,
-                    build_id,
-                    f"Re-queued: the worker running attempt {runs} of {self._max_attempts} "
-                    "stopped (crash, kill or lost heartbeat).",
-                    level="warning",
-                )
+                requeue_lost(session, build, runs, self._max_attempts)
                 session.commit()
                 return "requeued"
-            _fail_lost(session, build, runs)
+            fail_lost(session, build, runs)
             self._end(session, job_id, build)
             session.commit()
             return "failed"
@@ -466,15 +446,3 @@ def _servable_queues(
             servable[name] = (backend, wanted)
     return servable
 
-
-def _fail_lost(session: Session, build: BuildRow, runs: int) -> None:
-    build.status = BuildStatus.FAILED.value
-    build.stage = None
-    build.error_code = "worker_lost"
-    build.error_message = (
-        f"The worker running this build stopped {runs} times (crash, kill or lost heartbeat); "
-        "it is not retried again."
-    )
-    build.error_hint = "Check the worker's log (out of memory? killed?), then submit the build again."
-    build.finished_at = utcnow()
-    add_log(session, build.id, build.error_message, level="error")
