@@ -68,12 +68,13 @@ def main() -> None:
             page.screenshot(path=str(OUT / "dashboard-builds.png"))
             page.goto(f"/builds/{ids['int8']}")
             page.wait_for_selector('canvas[data-chart="accuracy"][data-drawn="true"]')
-            page.locator("#results").scroll_into_view_if_needed()
-            page.evaluate("window.scrollTo(0, document.getElementById('results').offsetTop - 8)")
-            page.screenshot(path=str(OUT / "dashboard-build.png"))
+            top = page.evaluate("document.getElementById('results').getBoundingClientRect().top")
+            # the results down to the accuracy chart and its gate line (taller than the window)
+            clip = {"x": 0, "y": max(0, top - 8), "width": VIEWPORT["width"], "height": 1180}
+            page.screenshot(path=str(OUT / "dashboard-build.png"), full_page=True, clip=clip)
             page.goto(f"/compare?ids={ids['int8']},{ids['fp16']}")
             page.wait_for_selector('canvas[data-chart="compare"][data-drawn="true"]')
-            page.screenshot(path=str(OUT / "dashboard-compare.png"))
+            page.screenshot(path=str(OUT / "dashboard-compare.png"), full_page=True)
             browser.close()
     for name in ("builds", "build", "compare"):
         print(OUT / f"dashboard-{name}.png")
