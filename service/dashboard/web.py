@@ -49,6 +49,7 @@ def sign_in_page(
         render(
             "login.html",
             error=exc.message if exc else None,
+            hint=exc.hint if exc else None,
             csrf=csrf_token(state, nonce),
             next=safe_next(next_page or (here if request.method == "GET" else "/")),
             viewer=None,
