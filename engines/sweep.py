@@ -50,7 +50,9 @@ from engines.sweep_report import (
     SweepReport,
     VariantFailure,
     VariantResult,
+    default_metric,
     pareto_front,
+    ratios_vs_fp32,
     render_markdown,
     render_svg,
 )
@@ -231,7 +233,7 @@ def _sweep_variants(
                 failed.append((variant, exc))
     if not measured:
         raise failed[0][1]
-    metric = accuracy_metric or _default_metric(measured[0].accuracy, ctx.labels is not None)
+    metric = accuracy_metric or default_metric(measured[0].accuracy, ctx.labels is not None)
     report = SweepReport(
         model=model_path.name,
         model_sha256=flow.model_sha256,  # hashed once, for the table key too
@@ -340,14 +342,6 @@ def _measure(variant: Variant, ctx: _Context, reference: MemoizedRunner) -> _Mea
     )
 
 
-def _default_metric(accuracy: AccuracyReport, with_labels: bool) -> AccuracyMetric:
-    if with_labels and accuracy.metric(AccuracyMetric.ACCURACY) is not None:
-        return AccuracyMetric.ACCURACY
-    if accuracy.metric(AccuracyMetric.TOP1_AGREEMENT) is not None:
-        return AccuracyMetric.TOP1_AGREEMENT
-    return AccuracyMetric.COSINE
-
-
 def _results(measured: list[_Measured], metric: AccuracyMetric) -> list[VariantResult]:
     values = []
     for m in measured:
@@ -361,15 +355,11 @@ def _results(measured: list[_Measured], metric: AccuracyMetric) -> list[VariantR
         values.append(value)
     latencies = [m.perf.latency.median_ms for m in measured]
     front = pareto_front(latencies, values, higher_is_better=metric.higher_is_better)
-    fp32 = next((m for m in measured if m.variant.precision is Precision.FP32), None)
+    fp32 = next((i for i, m in enumerate(measured) if m.variant.precision is Precision.FP32), None)
+    vs_fp32 = ratios_vs_fp32(latencies, [m.size_bytes for m in measured], fp32)
     results = []
-    for m, value, on_front in zip(measured, values, front, strict=True):
+    for m, value, on_front, ratios in zip(measured, values, front, vs_fp32, strict=True):
         lat = m.perf.latency
-        speedup = size_ratio = None
-        if fp32 is not None and lat.median_ms > 0:
-            speedup = fp32.perf.latency.median_ms / lat.median_ms
-        if fp32 is not None and fp32.size_bytes > 0:
-            size_ratio = m.size_bytes / fp32.size_bytes
         results.append(
             VariantResult(
                 name=m.variant.name,
@@ -387,8 +377,8 @@ def _results(measured: list[_Measured], metric: AccuracyMetric) -> list[VariantR
                 latency_p99_ms=lat.p99_ms,
                 throughput_qps=m.perf.throughput_qps,
                 accuracy_value=value,
-                speedup_vs_fp32=speedup,
-                size_vs_fp32=size_ratio,
+                speedup_vs_fp32=ratios.speedup,
+                size_vs_fp32=ratios.size,
                 pareto=on_front,
                 kept_nodes=list(m.mixed.kept_nodes) if m.mixed is not None else [],
                 int8_share=m.int8_share,

@@ -32,7 +32,9 @@ __all__ = [
     "SweepReport",
     "VariantFailure",
     "VariantResult",
+    "default_metric",
     "pareto_front",
+    "ratios_vs_fp32",
     "render_chart_svg",
     "render_markdown",
     "render_svg",
@@ -148,6 +150,43 @@ def pareto_front(
         )
         front.append(not dominated)
     return front
+
+
+def default_metric(accuracy: AccuracyReport, with_labels: bool) -> AccuracyMetric:
+    """The metric a sweep compares on unless told: true accuracy with labels, else top-1
+    agreement with FP32 (class scores), else cosine."""
+    if with_labels and accuracy.metric(AccuracyMetric.ACCURACY) is not None:
+        return AccuracyMetric.ACCURACY
+    if accuracy.metric(AccuracyMetric.TOP1_AGREEMENT) is not None:
+        return AccuracyMetric.TOP1_AGREEMENT
+    return AccuracyMetric.COSINE
+
+
+class Fp32Ratios(NamedTuple):
+    """A variant against the FP32 one: ``speedup_vs_fp32`` and ``size_vs_fp32``."""
+
+    speedup: float | None
+    size: float | None
+
+
+def ratios_vs_fp32(
+    latencies_ms: Sequence[float], sizes_bytes: Sequence[int], fp32: int | None
+) -> list[Fp32Ratios]:
+    """Per variant, FP32's median latency over its own and its artifact's size over FP32's;
+    ``fp32`` is the FP32 variant's index (None: no FP32 variant, no ratios). A ratio is None
+    where its divisor is 0."""
+    if len(latencies_ms) != len(sizes_bytes):
+        raise ValueError("one size per latency")
+    if fp32 is None:
+        return [Fp32Ratios(None, None) for _ in latencies_ms]
+    fp32_ms, fp32_size = latencies_ms[fp32], sizes_bytes[fp32]
+    return [
+        Fp32Ratios(
+            speedup=fp32_ms / ms if ms > 0 else None,
+            size=size / fp32_size if fp32_size > 0 else None,
+        )
+        for ms, size in zip(latencies_ms, sizes_bytes, strict=True)
+    ]
 
 
 # --- rendering --------------------------------------------------------------------------------

@@ -352,22 +352,18 @@ def _measures_at(path: str) -> _Measures | None:
 
 
 def _metric(measures: list[_Measures], with_labels: bool) -> AccuracyMetric | None:
-    """As ``trtforge sweep`` chooses: accuracy with labels, top-1 agreement, else cosine."""
-    reports = [m.accuracy for m in measures if m.accuracy is not None]
-    if not reports:
-        return None
-    first = reports[0]
-    if with_labels and first.metric(AccuracyMetric.ACCURACY) is not None:
-        return AccuracyMetric.ACCURACY
-    if first.metric(AccuracyMetric.TOP1_AGREEMENT) is not None:
-        return AccuracyMetric.TOP1_AGREEMENT
-    return AccuracyMetric.COSINE
+    """As ``trtforge sweep`` chooses (:func:`engines.sweep_report.default_metric`), from the
+    first measured accuracy; None where no variant measured one."""
+    from engines.sweep_report import default_metric
+
+    first = next((m.accuracy for m in measures if m.accuracy is not None), None)
+    return None if first is None else default_metric(first, with_labels)
 
 
 def _points(
     measured: list[tuple[SweepVariant, BuildRow, _Measures]], metric: AccuracyMetric | None
 ) -> list[SweepPoint]:
-    from engines.sweep_report import pareto_front
+    from engines.sweep_report import pareto_front, ratios_vs_fp32
 
     usable = measured
     values = [
@@ -379,15 +375,13 @@ def _points(
     front = pareto_front(
         latencies, [math.nan if v is None else v for v in values], higher_is_better=higher
     )
-    fp32 = next((m for _, _, m in usable if m.precision is Precision.FP32), None)
+    fp32 = next((i for i, (_, _, m) in enumerate(usable) if m.precision is Precision.FP32), None)
+    vs_fp32 = ratios_vs_fp32(latencies, [m.size_bytes for _, _, m in usable], fp32)
     points = []
-    for (variant, build, m), value, on_front in zip(usable, values, front, strict=True):
+    for (variant, build, m), value, on_front, ratios in zip(
+        usable, values, front, vs_fp32, strict=True
+    ):
         lat = m.perf.latency
-        speedup = size_ratio = None
-        if fp32 is not None and lat.median_ms > 0:
-            speedup = fp32.perf.latency.median_ms / lat.median_ms
-        if fp32 is not None and fp32.size_bytes > 0:
-            size_ratio = m.size_bytes / fp32.size_bytes
         points.append(
             SweepPoint(
                 variant=variant.name,
@@ -402,8 +396,8 @@ def _points(
                 throughput_qps=m.perf.throughput_qps,
                 size_bytes=m.size_bytes,
                 accuracy_value=value,
-                speedup_vs_fp32=speedup,
-                size_vs_fp32=size_ratio,
+                speedup_vs_fp32=ratios.speedup,
+                size_vs_fp32=ratios.size,
                 gate_passed=m.gate_passed,
                 kept_nodes=m.kept_nodes,
                 pareto=on_front,

@@ -19,7 +19,14 @@ from engines.errors import SpecError
 from engines.perf_report import BenchmarkOptions
 from engines.spec import BackendName, BuildSpec, Precision
 from engines.sweep import Variant, parse_variants, sweep
-from engines.sweep_report import SweepReport, pareto_front, render_markdown, render_svg
+from engines.sweep_report import (
+    Fp32Ratios,
+    SweepReport,
+    pareto_front,
+    ratios_vs_fp32,
+    render_markdown,
+    render_svg,
+)
 from engines.workflow import Workflow
 from tests import zoo
 
@@ -43,6 +50,19 @@ def test_pareto_front_on_a_constructed_example() -> None:
     assert pareto_front([1.0, 2.0], [0.5, 0.5]) == [True, False]
     assert pareto_front([1.0, 2.0], [math.nan, 0.1]) == [True, True]
     assert pareto_front([2.0, 1.0], [math.nan, 0.1]) == [False, True]
+
+
+def test_ratios_vs_fp32_divide_by_the_fp32_variant_and_skip_what_cannot_be_divided() -> None:
+    latencies, sizes = [8.0, 2.0, 0.0], [400, 100, 200]
+    assert ratios_vs_fp32(latencies, sizes, 0) == [
+        Fp32Ratios(1.0, 1.0),
+        Fp32Ratios(4.0, 0.25),
+        Fp32Ratios(None, 0.5),  # an unmeasured latency has no speedup
+    ]
+    assert ratios_vs_fp32(latencies, sizes, None) == [Fp32Ratios(None, None)] * 3
+    assert ratios_vs_fp32([8.0, 2.0], [0, 100], 0)[1] == Fp32Ratios(4.0, None)
+    with pytest.raises(ValueError, match="one size per latency"):
+        ratios_vs_fp32([1.0], [], None)
 
 
 def test_variant_parsing() -> None:
