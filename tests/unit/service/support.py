@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from service.api.auth import create_token
 from service.db import Database
 from service.db.models import BuildRow, DatasetRow, ModelRow
+from service.queue.base import JobQueue
 from service.queue.database import DatabaseQueue
 from service.schemas import BuildCreate, BuildStatus, Scope
 from service.settings import Settings
@@ -258,6 +259,18 @@ def insert_build(
     session.add(build)
     session.flush()
     return build
+
+
+def enqueue_builds(db: Database, queue: JobQueue, *build_ids: str, **fields: object) -> None:
+    """Queue a build row (:func:`insert_build`, with ``fields`` set on it) for each id, in one
+    committed transaction."""
+    with db.session() as session:
+        for build_id in build_ids:
+            build = insert_build(session, build_id)
+            for name, value in fields.items():
+                setattr(build, name, value)
+            queue.enqueue(session, build_id)
+        session.commit()
 
 
 def login_form(client: httpx.Client, token: str) -> dict[str, str]:

@@ -17,7 +17,13 @@ from service.queue.base import JobState, Recovered
 from service.queue.database import DatabaseQueue
 from service.schemas import BuildStatus
 from service.settings import Settings
-from tests.unit.service.support import QUEUES, insert_build, make_queue, make_settings
+from tests.unit.service.support import (
+    QUEUES,
+    enqueue_builds,
+    insert_build,
+    make_queue,
+    make_settings,
+)
 
 CPU = [BuildTarget(backend="onnxruntime", backend_version="1.22.0", compute_capability="cpu")]
 H100 = BuildTarget(
@@ -43,16 +49,8 @@ def queue(request: pytest.FixtureRequest, db: Database, settings: Settings) -> D
     return make_queue(request.param, db, settings)
 
 
-def _enqueue(db: Database, queue: DatabaseQueue, *build_ids: str) -> None:
-    with db.session() as session:
-        for build_id in build_ids:
-            insert_build(session, build_id)
-            queue.enqueue(session, build_id)
-        session.commit()
-
-
 def test_jobs_are_claimed_oldest_first_and_once(db: Database, queue: DatabaseQueue) -> None:
-    _enqueue(db, queue, "b1", "b2")
+    enqueue_builds(db, queue, "b1", "b2")
     assert queue.depth() == 2
     queue.register_worker("w", 1, CPU)
     first, second = queue.claim("w", CPU), queue.claim("w", CPU)
@@ -74,7 +72,7 @@ def test_enqueue_is_part_of_the_callers_transaction(db: Database, queue: Databas
 
 def test_concurrent_workers_never_share_a_job(db: Database, queue: DatabaseQueue) -> None:
     ids = [f"b{i:02d}" for i in range(12)]
-    _enqueue(db, queue, *ids)
+    enqueue_builds(db, queue, *ids)
     claimed: list[str] = []
     lock = threading.Lock()
 
@@ -106,7 +104,7 @@ def _kill_worker(db: Database, worker_id: str) -> None:
 def test_jobs_of_a_dead_worker_are_requeued_once_then_failed(
     db: Database, queue: DatabaseQueue
 ) -> None:
-    _enqueue(db, queue, "b1")
+    enqueue_builds(db, queue, "b1")
     for attempt in (1, 2):
         worker = f"w{attempt}"
         queue.register_worker(worker, 1, CPU)
@@ -135,7 +133,7 @@ def test_jobs_of_a_dead_worker_are_requeued_once_then_failed(
 
 
 def test_requeued_build_is_reset(db: Database, queue: DatabaseQueue) -> None:
-    _enqueue(db, queue, "b1")
+    enqueue_builds(db, queue, "b1")
     queue.register_worker("w1", 1, CPU)
     assert queue.claim("w1", CPU) is not None
     with db.session() as session:
@@ -158,7 +156,7 @@ def test_requeued_build_is_reset(db: Database, queue: DatabaseQueue) -> None:
 def test_release_puts_a_job_back_without_using_an_attempt(
     db: Database, queue: DatabaseQueue
 ) -> None:
-    _enqueue(db, queue, "b1")
+    enqueue_builds(db, queue, "b1")
     queue.register_worker("w", 1, CPU)
     job = queue.claim("w", CPU)
     assert job is not None
@@ -168,7 +166,7 @@ def test_release_puts_a_job_back_without_using_an_attempt(
 
 
 def test_release_of_an_ended_build_finishes_its_job(db: Database, queue: DatabaseQueue) -> None:
-    _enqueue(db, queue, "b1")
+    enqueue_builds(db, queue, "b1")
     queue.register_worker("w", 1, CPU)
     job = queue.claim("w", CPU)
     assert job is not None
@@ -186,7 +184,7 @@ def test_finishing_a_deleted_builds_job_leaves_a_new_job_with_its_row_id_alone(
 ) -> None:
     # the build is deleted (with its job) as its worker settles it; SQLite then gives the next
     # job the same row id, and the late finish() must not end that job without running it
-    _enqueue(db, queue, "b1")
+    enqueue_builds(db, queue, "b1")
     queue.register_worker("w", 1, CPU)
     job = queue.claim("w", CPU)
     assert job is not None
@@ -194,7 +192,7 @@ def test_finishing_a_deleted_builds_job_leaves_a_new_job_with_its_row_id_alone(
         session.delete(session.get_one(JobRow, job.id))
         session.delete(session.get_one(BuildRow, "b1"))
         session.commit()
-    _enqueue(db, queue, "b2")
+    enqueue_builds(db, queue, "b2")
     queue.finish(job)
     queue.release(job)
     again = queue.claim("w", CPU)
@@ -206,7 +204,7 @@ def test_finishing_a_deleted_builds_job_leaves_a_new_job_with_its_row_id_alone(
 def test_a_stale_finish_leaves_the_next_claim_of_the_job_running(
     db: Database, queue: DatabaseQueue
 ) -> None:
-    _enqueue(db, queue, "b1")
+    enqueue_builds(db, queue, "b1")
     queue.register_worker("w", 1, CPU)
     first = queue.claim("w", CPU)
     assert first is not None
@@ -261,7 +259,7 @@ def test_builds_go_to_workers_that_build_their_backend(db: Database, queue: Data
 
 
 def test_auto_builds_take_the_workers_preferred_target(db: Database, queue: DatabaseQueue) -> None:
-    _enqueue(db, queue, "b1")
+    enqueue_builds(db, queue, "b1")
     queue.register_worker("gpu-worker", 1, [*CPU, H100])
     assert queue.claim("gpu-worker", [*CPU, H100]) is not None
     with db.session() as session:
@@ -280,7 +278,7 @@ def test_live_targets_are_the_live_workers_targets(db: Database, queue: Database
 def test_a_worker_declared_dead_learns_it_and_claims_nothing_until_it_registers_again(
     db: Database, queue: DatabaseQueue
 ) -> None:
-    _enqueue(db, queue, "b1", "b2")
+    enqueue_builds(db, queue, "b1", "b2")
     queue.register_worker("w1", 1, CPU)
     assert queue.heartbeat("w1") is True
     job = queue.claim("w1", CPU)
@@ -297,7 +295,7 @@ def test_a_worker_declared_dead_learns_it_and_claims_nothing_until_it_registers_
 def test_a_live_workers_builds_are_never_recovered_from_under_it(
     db: Database, queue: DatabaseQueue
 ) -> None:
-    _enqueue(db, queue, "b1")
+    enqueue_builds(db, queue, "b1")
     queue.register_worker("w1", 1, CPU)
     assert queue.claim("w1", CPU) is not None
     for _ in range(3):  # other workers recover again and again while w1 heartbeats
@@ -313,7 +311,7 @@ def test_a_live_workers_builds_are_never_recovered_from_under_it(
 def test_a_worker_that_registers_during_a_recovery_keeps_its_build(
     db: Database, queue: DatabaseQueue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _enqueue(db, queue, "b1")
+    enqueue_builds(db, queue, "b1")
     queue.register_worker("old", 1, CPU)
     _kill_worker(db, "old")
     read_liveness = queue_database._worker_liveness

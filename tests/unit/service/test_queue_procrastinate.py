@@ -5,7 +5,6 @@ through Procrastinate's worker heartbeats and stalled jobs."""
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -28,7 +27,13 @@ from service.schemas import BuildStatus, TargetRequest
 from service.settings import QueueEngine, Settings
 from service.store import builds
 from service.store.storage import Storage
-from tests.unit.service.support import POSTGRES_ENV, database_url, insert_build, make_settings
+from tests.unit.service.support import (
+    POSTGRES_ENV,
+    database_url,
+    enqueue_builds,
+    insert_build,
+    make_settings,
+)
 
 pytestmark = [
     pytest.mark.postgres,
@@ -72,16 +77,6 @@ def queue(db: Database, settings: Settings) -> Any:
     chosen = open_queue(db, settings)
     assert isinstance(chosen, ProcrastinateQueue)  # auto on PostgreSQL
     return chosen
-
-
-def _enqueue(db: Database, queue: Any, *build_ids: str, **fields: object) -> None:
-    with db.session() as session:
-        for build_id in build_ids:
-            build = insert_build(session, build_id)
-            for name, value in fields.items():
-                setattr(build, name, value)
-            queue.enqueue(session, build_id)
-        session.commit()
 
 
 def _jobs(db: Database) -> list[dict[str, Any]]:
@@ -137,41 +132,20 @@ def test_a_job_is_deferred_in_the_builds_transaction(db: Database, queue: Any) -
         queue.enqueue(session, "b1")
         session.rollback()
     assert _jobs(db) == [] and queue.depth() == 0
-    _enqueue(db, queue, "b1")
+    enqueue_builds(db, queue, "b1")
     (job,) = _jobs(db)
     assert (job["queue_name"], job["lock"], job["status"]) == ("trtforge.auto", "b1", "todo")
     assert job["args"] == {"build_id": "b1", "backend": "auto", "target": None}
     assert queue.depth() == 1
 
 
-def test_two_workers_never_claim_the_same_job(db: Database, queue: Any) -> None:
-    ids = [f"b{i:02d}" for i in range(10)]
-    _enqueue(db, queue, *ids)
-    claimed: list[str] = []
-    lock = threading.Lock()
-
-    def work(name: str) -> None:
-        queue.register_worker(name, 1, CPU)
-        while (job := queue.claim(name, CPU)) is not None:
-            with lock:
-                claimed.append(job.build_id)
-
-    threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert sorted(claimed) == ids
-    assert {job["status"] for job in _jobs(db)} == {"doing"}
-
-
 def test_targeted_builds_wait_in_their_own_queue_for_a_matching_worker(
     db: Database, queue: Any
 ) -> None:
     hopper = TargetRequest(gpu="sm_90", labels=["a100"])
-    _enqueue(db, queue, "gpu", requested_target=hopper.model_dump(mode="json"))
-    _enqueue(db, queue, "trt", requested_backend="tensorrt")
-    _enqueue(db, queue, "any")
+    enqueue_builds(db, queue, "gpu", requested_target=hopper.model_dump(mode="json"))
+    enqueue_builds(db, queue, "trt", requested_backend="tensorrt")
+    enqueue_builds(db, queue, "any")
     names = {job["lock"]: job["queue_name"] for job in _jobs(db)}
     assert names["any"] == "trtforge.auto" and names["trt"] == "trtforge.tensorrt"
     assert names["gpu"].startswith("trtforge.auto.") and names["gpu"] != names["any"]
@@ -202,7 +176,7 @@ def test_targeted_builds_wait_in_their_own_queue_for_a_matching_worker(
 
 
 def test_finish_release_and_attempts(db: Database, queue: Any) -> None:
-    _enqueue(db, queue, "b1", "b2")
+    enqueue_builds(db, queue, "b1", "b2")
     queue.register_worker("w", 1, CPU)
     first = queue.claim("w", CPU)
     assert first is not None and (first.build_id, first.attempt) == ("b1", 1)
@@ -236,7 +210,7 @@ def test_finish_release_and_attempts(db: Database, queue: Any) -> None:
 
 
 def test_cancelling_a_queued_build_withdraws_its_job(db: Database, queue: Any) -> None:
-    _enqueue(db, queue, "b1", "b2")
+    enqueue_builds(db, queue, "b1", "b2")
     with db.session() as session:
         cancelled = builds.cancel_build(session, "b1")
         assert cancelled.status == BuildStatus.CANCELLED.value
@@ -256,7 +230,7 @@ def test_cancelling_a_queued_build_withdraws_its_job(db: Database, queue: Any) -
 
 
 def test_a_dead_workers_job_is_requeued_once_then_failed(db: Database, queue: Any) -> None:
-    _enqueue(db, queue, "b1")
+    enqueue_builds(db, queue, "b1")
     for attempt in (1, 2):
         worker = f"w{attempt}"
         queue.register_worker(worker, 1, CPU)
@@ -290,7 +264,7 @@ def test_a_dead_workers_job_is_requeued_once_then_failed(db: Database, queue: An
 def test_a_killed_workers_job_is_recovered_without_waiting_for_its_heartbeat(
     db: Database, queue: Any
 ) -> None:
-    _enqueue(db, queue, "b1")
+    enqueue_builds(db, queue, "b1")
     queue.register_worker("w1", 1, CPU)
     stale = queue.claim("w1", CPU)
     assert stale is not None
@@ -326,7 +300,7 @@ def test_queued_builds_without_a_job_are_adopted(db: Database, settings: Setting
 
 
 def test_the_jobs_of_deleted_builds_are_removed(db: Database, queue: Any, tmp_path: Path) -> None:
-    _enqueue(db, queue, "b1", "b2")
+    enqueue_builds(db, queue, "b1", "b2")
     queue.register_worker("w", 1, CPU)
     job = queue.claim("w", CPU)
     assert job is not None
@@ -343,7 +317,7 @@ def test_the_jobs_of_deleted_builds_are_removed(db: Database, queue: Any, tmp_pa
 def test_a_worker_that_registers_during_a_recovery_keeps_its_build(
     db: Database, queue: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _enqueue(db, queue, "b1")
+    enqueue_builds(db, queue, "b1")
     live_workers = procrastinate_queue._live_worker_ids
 
     def registered_meanwhile(session: Any, stale: timedelta) -> set[str]:
@@ -363,7 +337,7 @@ def test_any_process_serves_a_registered_worker(
 ) -> None:
     # remote workers reach the queue through the API: a restarted API (or another replica)
     # finds their Procrastinate workers in the database
-    _enqueue(db, queue, "b1", "b2")
+    enqueue_builds(db, queue, "b1", "b2")
     queue.register_worker("remote", 1, CPU)
     first = queue.claim("remote", CPU)
     assert first is not None
