@@ -22,15 +22,14 @@ from service.schemas import (
     Scope,
     WorkerBuildUpdate,
     WorkerClaim,
+    WorkerJob,
     WorkerRegistration,
 )
 from service.store.storage import Storage
 from service.worker.remote import preflight
 from service.worker.remote_build import fetch_entry, run_remote_build
 from service.worker.remote_client import RemoteAccess, WorkerClient
-from tests.unit.service.support import dataset_bytes, make_settings, model_bytes
-
-FAST = {"benchmark": {"warmup_ms": 0, "iterations": 3, "duration_s": 0}}
+from tests.unit.service.support import FAST, dataset_bytes, make_settings, model_bytes
 
 
 class _Cancelled(BaseException):
@@ -94,6 +93,17 @@ def inputs(api: TestClient, tokens: dict[Scope, str]) -> dict[str, str]:
 def _register(client: WorkerClient, worker_id: str = "far-away:1:abc") -> str:
     client.register(WorkerRegistration(id=worker_id, slots=1, targets=local_targets()))
     return worker_id
+
+
+def _claimed_build(
+    api: TestClient, client: WorkerClient, inputs: dict[str, str], tokens: dict[Scope, str]
+) -> WorkerJob:
+    """A build submitted and claimed by a worker registered for it."""
+    worker_id = _register(client)
+    api.post("/v1/builds", json={**inputs, **FAST}, headers=_bearer(tokens[Scope.BUILD]))
+    job = client.claim(WorkerClaim(worker_id=worker_id, targets=local_targets()))
+    assert job is not None
+    return job
 
 
 def test_only_worker_and_admin_tokens_serve_builds(api: TestClient, tokens: dict[Scope, str]) -> None:
@@ -222,11 +232,8 @@ def test_inputs_are_checked_against_their_sha256(
     tokens: dict[Scope, str],
     tmp_path: Path,
 ) -> None:
-    worker_id = _register(worker_client)
-    headers = _bearer(tokens[Scope.BUILD])
-    build = api.post("/v1/builds", json={**inputs, **FAST}, headers=headers).json()
-    assert worker_client.claim(WorkerClaim(worker_id=worker_id, targets=local_targets()))
-    plan = worker_client.plan(build["id"])
+    job = _claimed_build(api, worker_client, inputs, tokens)
+    plan = worker_client.plan(job.build_id)
     [file] = plan.model_files
     assert file.sha256 == hashlib.sha256(model_bytes()).hexdigest() == plan.model_id
     good = tmp_path / "good.onnx"
@@ -241,7 +248,6 @@ def test_inputs_are_checked_against_their_sha256(
         headers=_bearer(tokens[Scope.WORKER]),
     )
     assert outside.status_code == 404
-
 
 
 def test_workers_say_where_they_run_and_why_they_take_no_builds(
@@ -279,10 +285,7 @@ def test_the_input_cache_is_reused_and_repaired(
     tokens: dict[Scope, str],
     tmp_path: Path,
 ) -> None:
-    worker_id = _register(worker_client)
-    api.post("/v1/builds", json={**inputs, **FAST}, headers=_bearer(tokens[Scope.BUILD]))
-    job = worker_client.claim(WorkerClaim(worker_id=worker_id, targets=local_targets()))
-    assert job is not None
+    job = _claimed_build(api, worker_client, inputs, tokens)
     plan = worker_client.plan(job.build_id)
     storage = Storage(tmp_path / "w")
     storage.prepare()
