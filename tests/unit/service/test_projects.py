@@ -77,15 +77,21 @@ def _model_and_dataset(client: TestClient, who: dict[str, str]) -> dict[str, str
     return {"model_id": model.json()["id"], "dataset_id": dataset.json()["id"]}
 
 
-def _assert_not_found(response: Any, unknown: Any, known_id: str) -> None:
-    """``response`` (for another project's ``known_id``) is the 404 an unknown id gets."""
-    assert response.status_code == 404, response.text
-    assert unknown.status_code == 404, unknown.text
-    body = response.json()
-    assert set(body) == {"error"}
-    assert body["error"]["code"] == "not_found"
-    same = json.dumps(unknown.json()).replace(_UNKNOWN, known_id)
-    assert json.dumps(body) == same
+def _assert_not_found(
+    client: TestClient, who: dict[str, str], requests: list[tuple[str, str, str]]
+) -> None:
+    """Each ``(method, path with {}, id of another project's resource)`` answers ``who``
+    exactly the 404 that the same request for an unknown id gets."""
+    for method, path, known_id in requests:
+        response = client.request(method, path.format(known_id), headers=who)
+        unknown = client.request(method, path.format(_UNKNOWN), headers=who)
+        assert response.status_code == 404, response.text
+        assert unknown.status_code == 404, unknown.text
+        body = response.json()
+        assert set(body) == {"error"}
+        assert body["error"]["code"] == "not_found"
+        same = json.dumps(unknown.json()).replace(_UNKNOWN, known_id)
+        assert json.dumps(body) == same
 
 
 def test_a_project_never_sees_another_projects_models_and_datasets(
@@ -93,17 +99,16 @@ def test_a_project_never_sees_another_projects_models_and_datasets(
 ) -> None:
     ids = _model_and_dataset(secured, alpha)
     model_id, dataset_id = ids["model_id"], ids["dataset_id"]
-    for method, path, known in [
-        ("GET", "/v1/models/{}", model_id),
-        ("DELETE", "/v1/models/{}", model_id),
-        ("GET", "/v1/datasets/{}", dataset_id),
-        ("DELETE", "/v1/datasets/{}", dataset_id),
-    ]:
-        _assert_not_found(
-            secured.request(method, path.format(known), headers=beta),
-            secured.request(method, path.format(_UNKNOWN), headers=beta),
-            known,
-        )
+    _assert_not_found(
+        secured,
+        beta,
+        [
+            ("GET", "/v1/models/{}", model_id),
+            ("DELETE", "/v1/models/{}", model_id),
+            ("GET", "/v1/datasets/{}", dataset_id),
+            ("DELETE", "/v1/datasets/{}", dataset_id),
+        ],
+    )
     for path in ("/v1/models", "/v1/datasets", "/v1/calibration-tables", "/v1/builds"):
         assert secured.get(path, headers=beta).json()["total"] == 0, path
     assert secured.get("/v1/models", headers=alpha).json()["total"] == 1
@@ -174,24 +179,23 @@ def test_builds_tables_artifacts_reports_logs_and_events_stay_in_their_project(
     table_id = done["table_id"]
     assert table_id and done["table_from_cache"] is False
     bid = build["id"]
-    for method, path, known in [
-        ("GET", "/v1/builds/{}", bid),
-        ("GET", "/v1/builds/{}/logs", bid),
-        ("GET", "/v1/builds/{}/events", bid),
-        ("GET", "/v1/builds/{}/artifact", bid),
-        ("GET", "/v1/builds/{}/artifact/metadata", bid),
-        ("GET", "/v1/builds/{}/report", bid),
-        ("GET", "/v1/builds/{}/report?format=html", bid),
-        ("POST", "/v1/builds/{}/cancel", bid),
-        ("DELETE", "/v1/builds/{}", bid),
-        ("GET", "/v1/calibration-tables/{}", table_id),
-        ("GET", "/v1/calibration-tables/{}?format=trt", table_id),
-    ]:
-        _assert_not_found(
-            secured.request(method, path.format(known), headers=beta),
-            secured.request(method, path.format(_UNKNOWN), headers=beta),
-            known,
-        )
+    _assert_not_found(
+        secured,
+        beta,
+        [
+            ("GET", "/v1/builds/{}", bid),
+            ("GET", "/v1/builds/{}/logs", bid),
+            ("GET", "/v1/builds/{}/events", bid),
+            ("GET", "/v1/builds/{}/artifact", bid),
+            ("GET", "/v1/builds/{}/artifact/metadata", bid),
+            ("GET", "/v1/builds/{}/report", bid),
+            ("GET", "/v1/builds/{}/report?format=html", bid),
+            ("POST", "/v1/builds/{}/cancel", bid),
+            ("DELETE", "/v1/builds/{}", bid),
+            ("GET", "/v1/calibration-tables/{}", table_id),
+            ("GET", "/v1/calibration-tables/{}?format=trt", table_id),
+        ],
+    )
     for path in ("/v1/builds", "/v1/calibration-tables"):
         assert secured.get(path, headers=beta).json()["total"] == 0
     assert secured.get("/v1/builds", params={"model_id": ids["model_id"]}, headers=beta).json()[
