@@ -272,9 +272,14 @@ async def static(name: str) -> Response:
 
 
 @router.get("/login", response_class=Response)
-async def login_page(request: Request, state: StateDep) -> Response:
-    """The sign-in form; its hidden CSRF token goes with the nonce cookie handed out here."""
-    return sign_in_page(None, request, state)
+async def login_page(
+    request: Request,
+    state: StateDep,
+    next_page: Annotated[str, Query(alias="next", max_length=2000)] = "/",
+) -> Response:
+    """The sign-in form; its hidden CSRF token goes with the nonce cookie handed out here, and
+    ``next`` (a page of this dashboard) is where signing in leads."""
+    return sign_in_page(None, request, state, next_page=next_page)
 
 
 @router.post("/login")

@@ -73,6 +73,10 @@ class Viewer:
         """Whether launch, upload and cancel buttons are shown (scope ``build`` or wider)."""
         return self.principal.allows(Scope.BUILD)
 
+    def can(self, needed: Scope) -> bool:
+        """Whether the viewer's scope allows ``needed`` (anyone, with authentication off)."""
+        return self.principal.allows(needed)
+
 
 def _mac(secret: bytes, nonce: str) -> str:
     digest = hmac.new(secret, f"trtforge-csrf:{nonce}".encode(), hashlib.sha256).digest()

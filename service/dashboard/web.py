@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import Request
 from fastapi.responses import HTMLResponse, Response
@@ -23,6 +24,7 @@ from service.dashboard.session import (
     set_csrf_cookie,
     viewer_of,
 )
+from service.errors import PermissionDeniedError
 from service.schemas import Scope
 
 __all__ = ["error_page", "page", "safe_next", "sign_in_page"]
@@ -77,17 +79,32 @@ async def page(
     needed: Scope = Scope.READ,
 ) -> Response:
     """``template`` rendered with what ``gather(viewer)`` returns (run in a thread: it queries
-    the database), plus ``viewer`` and ``request_path``."""
+    the database), plus ``viewer`` and ``request_path``. Without a token: the sign-in page; a
+    signed-in viewer whose scope is short of ``needed``: an error page (403) that keeps the
+    navigation and offers signing in with another token."""
     try:
-        viewer = await viewer_of(request, state, needed)
+        viewer = await viewer_of(request, state)
     except TrtforgeError as exc:
         return sign_in_page(exc, request, state)
-    try:
-        context = await run_in_threadpool(gather, viewer)
-    except TrtforgeError as exc:
-        response: Response = error_page(exc, viewer)
+    if not viewer.can(needed):
+        here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        short = PermissionDeniedError(
+            f"Your token {viewer.principal.name!r} has scope {viewer.principal.scope.value!r}; "
+            f"this page needs {needed.value!r}.",
+            hint=f"Sign in with a token of scope {needed.value!r} (an admin creates one with "
+            f"trtforge tokens create --scope {needed.value}).",
+        )
+        response: Response = HTMLResponse(
+            render("error.html", error=short, viewer=viewer, sign_in=f"/login?next={quote(safe_next(here))}"),
+            status_code=status_for(short),
+        )
     else:
-        html = render(template, viewer=viewer, request_path=request.url.path, **context)
-        response = HTMLResponse(html, headers={"Cache-Control": "no-store"})
+        try:
+            context = await run_in_threadpool(gather, viewer)
+        except TrtforgeError as exc:
+            response = error_page(exc, viewer)
+        else:
+            html = render(template, viewer=viewer, request_path=request.url.path, **context)
+            response = HTMLResponse(html, headers={"Cache-Control": "no-store"})
     remember_csrf(response, request, state, viewer)
     return response

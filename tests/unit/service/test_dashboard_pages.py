@@ -128,6 +128,12 @@ def test_pages_show_only_the_tokens_project(
     assert secured.get("/builds/theirs", headers=headers).status_code == 404
     assert 'href="/builds/new"' not in page  # read-only: no launch buttons
     assert secured.get("/").status_code == 401  # no token, no session: the sign-in page
+    short = secured.get("/builds/new?model_id=m", headers=headers)  # a read-only token: 403
+    assert short.status_code == 403 and "this page needs &#39;build&#39;" in short.text
+    assert '<nav aria-label="Main">' in short.text and 'id="build-form"' not in short.text
+    assert 'href="/login?next=/builds/new%3Fmodel_id%3Dm"' in short.text  # another token
+    again = secured.get("/login?next=/builds/new%3Fmodel_id%3Dm")
+    assert 'name="next" value="/builds/new?model_id=m"' in again.text
 
 
 def test_new_build_form_becomes_the_rest_request() -> None:
