@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 import httpx
@@ -19,6 +21,19 @@ import pytest
 from tests.unit.service.support import DATABASES, database_url
 
 ROOT = Path(__file__).resolve().parents[2]
+
+L4_TARGETS = json.dumps(
+    [
+        {
+            "backend": "onnxruntime",
+            "backend_version": version("onnxruntime"),
+            "compute_capability": "8.9",
+            "device": "NVIDIA L4",
+        }
+    ]
+)
+"""``TRTFORGE_WORKER_TARGETS`` of a worker that builds on this machine's CPU with ONNX Runtime
+while its configuration describes an L4 GPU machine (targeted routing)."""
 
 
 def free_port() -> int:

@@ -13,13 +13,11 @@ why.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import httpx
@@ -40,19 +38,9 @@ from service.schemas import (
     WorkerPublic,
 )
 from service.settings import Settings
-from tests.integration.conftest import ROOT, Server
+from tests.integration.conftest import L4_TARGETS, ROOT, Server
 from tests.unit.service.support import DATABASES, database_url, dataset_bytes, model_bytes
 
-L4 = json.dumps(
-    [
-        {
-            "backend": "onnxruntime",
-            "backend_version": version("onnxruntime"),
-            "compute_capability": "8.9",
-            "device": "NVIDIA L4",
-        }
-    ]
-)
 FAST = BenchmarkOptionsIn(warmup_ms=0, iterations=2, duration_s=0)
 SLOW = BenchmarkOptionsIn(warmup_ms=0, iterations=100_000, duration_s=5)
 """A build that benchmarks for 5 s: long enough to kill its worker in the middle of it."""
@@ -163,7 +151,7 @@ def test_workers_without_a_shared_filesystem(kind: str, tmp_path: Path) -> None:
                 # a read token is refused: that worker takes nothing and says why
                 worker("reader", "--label", "reader", token=read_token)
                 worker("cpu", "--label", "vision")
-                worker("l4", TRTFORGE_WORKER_TARGETS=L4, TRTFORGE_WORKER_LABELS='["edge"]')
+                worker("l4", TRTFORGE_WORKER_TARGETS=L4_TARGETS, TRTFORGE_WORKER_LABELS='["edge"]')
                 ids = _live(server, build_token, 2)
                 assert set(ids) == {"vision", "edge"}
                 cpu, l4 = ids["vision"], ids["edge"]
@@ -232,7 +220,9 @@ def test_workers_without_a_shared_filesystem(kind: str, tmp_path: Path) -> None:
                 assert client.get_build(slow.id).worker_id == l4
                 workers["l4"].send_signal(signal.SIGKILL)
                 workers["l4"].wait(10)
-                worker("l4-again", TRTFORGE_WORKER_TARGETS=L4, TRTFORGE_WORKER_LABELS='["edge"]')
+                worker(
+                    "l4-again", TRTFORGE_WORKER_TARGETS=L4_TARGETS, TRTFORGE_WORKER_LABELS='["edge"]'
+                )
                 result = client.wait(slow.id, timeout_s=120)
                 assert result.status is BuildStatus.SUCCEEDED, result.error
                 assert result.worker_id not in (l4, cpu)

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import httpx
@@ -26,20 +25,8 @@ from service.schemas import (
     TargetRequest,
     WorkerPublic,
 )
-from tests.integration.conftest import ROOT, Server, start_worker
+from tests.integration.conftest import L4_TARGETS, ROOT, Server, start_worker
 from tests.unit.service.support import DATABASES, database_url, dataset_bytes, model_bytes
-
-# ONNX Runtime builds on the CPU; the configuration describes the machine as an L4 box
-L4 = json.dumps(
-    [
-        {
-            "backend": "onnxruntime",
-            "backend_version": version("onnxruntime"),
-            "compute_capability": "8.9",
-            "device": "NVIDIA L4",
-        }
-    ]
-)
 
 
 def _live_workers(server: Server, count: int) -> dict[str, str]:
@@ -125,7 +112,7 @@ def test_targeted_builds_go_only_to_the_matching_worker(kind: str, tmp_path: Pat
                         tmp_path / "b.log",
                         "--slots",
                         "1",
-                        TRTFORGE_WORKER_TARGETS=L4,
+                        TRTFORGE_WORKER_TARGETS=L4_TARGETS,
                         TRTFORGE_WORKER_LABELS='["edge"]',
                     )
                 )
@@ -138,7 +125,7 @@ def test_targeted_builds_go_only_to_the_matching_worker(kind: str, tmp_path: Pat
                     client.submit_build(model.id, data.id, spec, target=impossible, **fast)
                 assert (refused.value.status_code, refused.value.remote_code) == (422, "no_target")
                 assert "[labels: big, vision]" in refused.value.message
-                assert "(NVIDIA L4, sm 8.9) [labels: edge]" in refused.value.message
+                assert "(NVIDIA L4_TARGETS, sm 8.9) [labels: edge]" in refused.value.message
 
                 expected: dict[str, str | None] = {}
                 for target, worker in (
