@@ -28,7 +28,7 @@ from service.dashboard.web import page
 from service.errors import NotFoundError
 from service.queue.base import JobQueue
 from service.queue.targets import serving_target
-from service.schemas import BuildStatus, TargetRequest, WorkerPublic
+from service.schemas import BuildStatus, WorkerPublic
 from service.store import builds
 from service.store import catalog as store
 
@@ -182,22 +182,13 @@ class TargetRow:
     workers: int
 
 
-def _asked(target: TargetRequest | None) -> str:
-    if target is None or target.any_worker:
-        return "any worker"
-    parts = [f"GPU {target.gpu}" if target.gpu else "", f"TensorRT {target.tensorrt}" if target.tensorrt else ""]
-    if target.labels:
-        parts.append("labels " + ", ".join(target.labels))
-    return "; ".join(p for p in parts if p)
-
-
 def fleet(queue: JobQueue, workers: list[WorkerPublic]) -> dict[str, Any]:
     """The queue by requested target with the live workers able to take each, and live workers
     per target they build for: what ``/metrics`` exports, for the workers page."""
     waiting = [
         WaitingRow(
             q.requested_backend,
-            _asked(q.target),
+            str(q.target) if q.target else "any worker",
             q.jobs,
             sum(
                 serving_target(q.requested_backend, q.target, w.targets, w.labels) is not None

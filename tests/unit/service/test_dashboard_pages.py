@@ -259,10 +259,10 @@ def test_workers_page_shows_the_queue_and_live_workers_per_target(
     page = client.get("/workers").text
     assert "<strong>5</strong> build(s) waiting for a worker, service-wide" in page
     assert sorted(_table_rows(page, "queue-by-target")) == [
-        ["auto", "GPU sm_120", "1", "✗ none: waits until one starts"],
         ["auto", "any worker", "2", "2"],
+        ["auto", "gpu sm_120", "1", "✗ none: waits until one starts"],
         ["auto", "labels vision", "1", "1"],
-        ["tensorrt", "GPU sm_90; TensorRT 10", "1", "1"],
+        ["tensorrt", "gpu sm_90; TensorRT 10", "1", "1"],
     ]
     assert _table_rows(page, "workers-by-target") == [
         ["onnxruntime", "1.22.0", "cpu", "cpu", "-", "1"],
