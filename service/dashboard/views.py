@@ -187,10 +187,13 @@ def accuracy_chart(report: dict[str, Any]) -> dict[str, Any]:
         }
     threshold = _finite(budgets[0].get("value"))
     side = ">=" if metric.higher_is_better else "<="
-    failed = {str(f.get("output")) for f in gate.get("failures") or []}
-    failing = [str(name) in failed for name in labels]
-    # a failing output says so under its name (not by colour alone)
-    labels = [[name, "✗ fails gate"] if bad else name for name, bad in zip(labels, failing, strict=True)]
+    missed: dict[str, list[str]] = {}
+    for failure in gate.get("failures") or []:
+        missed.setdefault(str(failure.get("output")), []).append(str(failure.get("metric")))
+    failing = [str(name) in missed for name in labels]
+    # a failing output says so under its name (not by colour alone), naming the budgets it
+    # misses when the charted metric is not among them
+    labels = [_failing_label(name, missed.get(str(name)), metric.value) for name in labels]
     return {
         "labels": labels,
         "datasets": [
@@ -209,6 +212,14 @@ def accuracy_chart(report: dict[str, Any]) -> dict[str, Any]:
         ],
         "gate": {"value": threshold, "higherIsBetter": metric.higher_is_better},
     }
+
+
+def _failing_label(name: Any, missed: list[str] | None, charted: str) -> Any:
+    if not missed:
+        return name
+    if charted in missed:
+        return [name, "✗ fails gate"]
+    return [name, f"✗ fails gate ({', '.join(dict.fromkeys(missed))})"]
 
 
 def _metric(value: Any) -> AccuracyMetric | None:

@@ -163,6 +163,9 @@ def test_accuracy_chart_draws_the_gate_across_and_marks_failing_outputs_in_words
     chart = accuracy_chart(_report(accuracy, passed))
     assert chart["labels"] == ["y"] and chart["datasets"][0]["failing"] == [False]
     assert chart["datasets"][1]["label"] == "gate: max_abs_error <= 5"
+    _, both = _accuracy_and_gate(AccuracyGate.parse(["max_abs_error:5", "sqnr_db:12"]))
+    charted_passes = accuracy_chart(_report(accuracy, both))  # fails on the other budget
+    assert charted_passes["labels"] == [["y", "✗ fails gate (sqnr_db)"]]
     _, off = _accuracy_and_gate(AccuracyGate.off())
     plain = accuracy_chart(_report(accuracy, off))
     assert "gate" not in plain and plain["datasets"][0]["label"] == "cosine"
