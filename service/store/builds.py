@@ -61,6 +61,7 @@ from service.store.blobs import commit_and_release, place_blob
 from service.store.catalog import Page, get_dataset, get_model, get_table, model_path
 from service.store.evaluation import check_evaluation
 from service.store.naming import filter_named
+from service.store.rows import visible
 from service.store.storage import Storage
 from service.worker.recorder import add_log, reset_for_retry
 
@@ -176,8 +177,8 @@ def build_public(row: BuildRow) -> BuildPublic:
 
 
 def get_build(session: Session, build_id: str, project: str | None = None) -> BuildRow:
-    row = session.get(BuildRow, build_id)
-    if row is None or (project is not None and row.project != project):
+    row = visible(session.get(BuildRow, build_id), project)
+    if row is None:
         raise NotFoundError(
             f"No build with id {build_id!r}.",
             hint="List builds with GET /v1/builds.",

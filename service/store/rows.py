@@ -1,5 +1,5 @@
-"""What the catalog's kinds of rows share: a page of a listing, the project filter of getters,
-and committing a new row that may race an identical one."""
+"""What the stored kinds of rows share: a page of a listing, the project filter of getters (builds
+and sweeps too), and committing a new catalog row that may race an identical one."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Generic, TypeVar
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.db.models import DatasetRow, ModelRow, TableRow
+from service.db.models import BuildRow, DatasetRow, ModelRow, SweepRow, TableRow
 from service.errors import ConflictError
 from service.store.storage import Storage
 
@@ -19,6 +19,8 @@ __all__ = ["Page", "commit_new", "undo_publish", "visible"]
 
 T = TypeVar("T")
 R = TypeVar("R", ModelRow, DatasetRow, TableRow)
+Owned = TypeVar("Owned", ModelRow, DatasetRow, TableRow, BuildRow, SweepRow)
+"""A row that belongs to a project."""
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,7 @@ class Page(Generic[T]):
     total: int
 
 
-def visible(row: R | None, project: str | None) -> R | None:
+def visible(row: Owned | None, project: str | None) -> Owned | None:
     """``row`` if the caller may see it: it exists and belongs to ``project`` (None: any)."""
     if row is None or (project is not None and row.project != project):
         return None

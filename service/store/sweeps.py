@@ -47,6 +47,7 @@ from service.schemas import (
 )
 from service.store.builds import submit_build
 from service.store.catalog import Page
+from service.store.rows import visible
 from service.store.storage import Storage
 
 __all__ = [
@@ -120,8 +121,8 @@ def create_sweep(
 
 
 def get_sweep(session: Session, sweep_id: str, project: str | None = None) -> SweepRow:
-    row = session.get(SweepRow, sweep_id)
-    if row is None or (project is not None and row.project != project):
+    row = visible(session.get(SweepRow, sweep_id), project)
+    if row is None:
         raise NotFoundError(
             f"No sweep with id {sweep_id!r}.",
             hint="List sweeps with GET /v1/sweeps.",
