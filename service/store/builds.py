@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import delete, func, or_, select
+from sqlalchemy import delete, or_, select
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
@@ -61,7 +61,7 @@ from service.store.blobs import commit_and_release, place_blob
 from service.store.catalog import Page, get_dataset, get_model, get_table, model_path
 from service.store.evaluation import check_evaluation
 from service.store.naming import filter_named
-from service.store.rows import visible
+from service.store.rows import newest_first, visible
 from service.store.storage import Storage
 from service.worker.recorder import add_log, reset_for_retry
 
@@ -391,14 +391,7 @@ def list_builds(
         query = query.where(
             or_(BuildRow.backend == backend.value, BuildRow.requested_backend == backend.value)
         )
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(
-        query.options(selectinload(BuildRow.job))
-        .order_by(BuildRow.created_at.desc(), BuildRow.id)
-        .limit(limit)
-        .offset(offset)
-    )
-    return Page(list(rows), total)
+    return newest_first(session, query, BuildRow, limit, offset, load=[selectinload(BuildRow.job)])
 
 
 def cancel_build(session: Session, build_id: str, project: str | None = None) -> BuildRow:

@@ -37,7 +37,7 @@ from service.schemas import (
 from service.store.blobs import commit_and_release
 from service.store.ingest import dataset_id, stage_dataset, stage_model
 from service.store.naming import filter_named, tags_list
-from service.store.rows import Page, commit_new, undo_publish, visible
+from service.store.rows import Page, commit_new, newest_first, undo_publish, visible
 from service.store.storage import PendingFile, Storage
 from service.store.tables import (
     get_table,
@@ -173,11 +173,7 @@ def list_models(
     query = filter_named(
         query, ModelRow.name, ModelRow.filename, ModelRow.tags, name=name, tags=tags
     )
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(
-        query.order_by(ModelRow.created_at.desc(), ModelRow.id).limit(limit).offset(offset)
-    )
-    return Page(list(rows), total)
+    return newest_first(session, query, ModelRow, limit, offset)
 
 
 def delete_model(
@@ -331,11 +327,7 @@ def list_datasets(
     )
     if model_id is not None:
         query = query.where(DatasetRow.model_id == model_id)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(
-        query.order_by(DatasetRow.created_at.desc(), DatasetRow.id).limit(limit).offset(offset)
-    )
-    return Page(list(rows), total)
+    return newest_first(session, query, DatasetRow, limit, offset)
 
 
 def delete_dataset(

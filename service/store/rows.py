@@ -1,21 +1,23 @@
-"""What the stored kinds of rows share: a page of a listing, the project filter of getters (builds
-and sweeps too), and committing a new catalog row that may race an identical one."""
+"""What the stored kinds of rows share: a page of a listing (newest first, with its total), the
+project filter of getters, and committing a new catalog row that may race an identical one."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from sqlalchemy import Select, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.base import ExecutableOption
 
 from service.db.models import BuildRow, DatasetRow, ModelRow, SweepRow, TableRow
 from service.errors import ConflictError
 from service.store.storage import Storage
 
-__all__ = ["Page", "commit_new", "undo_publish", "visible"]
+__all__ = ["Page", "commit_new", "newest_first", "undo_publish", "visible"]
 
 T = TypeVar("T")
 R = TypeVar("R", ModelRow, DatasetRow, TableRow)
@@ -29,6 +31,22 @@ class Page(Generic[T]):
 
     items: list[T]
     total: int
+
+
+def newest_first(
+    session: Session,
+    query: Select[Owned],
+    kind: type[Owned],
+    limit: int,
+    offset: int,
+    *,
+    load: Sequence[ExecutableOption] = (),
+) -> Page[Owned]:
+    """The page of ``query``'s rows at ``offset``, newest first (ties by id), with the number of
+    rows the query matches; ``load``: loader options for the page's rows."""
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    page = query.options(*load).order_by(kind.created_at.desc(), kind.id)
+    return Page(list(session.scalars(page.limit(limit).offset(offset))), total)
 
 
 def visible(row: Owned | None, project: str | None) -> Owned | None:

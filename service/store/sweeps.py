@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from engines.accuracy_report import AccuracyMetric, AccuracyReport, MetricBudget
@@ -47,7 +47,7 @@ from service.schemas import (
 )
 from service.store.builds import submit_build
 from service.store.catalog import Page
-from service.store.rows import visible
+from service.store.rows import newest_first, visible
 from service.store.storage import Storage
 
 __all__ = [
@@ -144,11 +144,7 @@ def list_sweeps(
         query = query.where(SweepRow.project == project)
     if model_id is not None:
         query = query.where(SweepRow.model_id == model_id)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(
-        query.order_by(SweepRow.created_at.desc(), SweepRow.id).limit(limit).offset(offset)
-    )
-    return Page(list(rows), total)
+    return newest_first(session, query, SweepRow, limit, offset)
 
 
 def delete_sweep(session: Session, sweep_id: str, project: str | None = None) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from typing import Literal
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from calibrators.errors import TableError
@@ -21,7 +21,7 @@ from service.errors import NotFoundError
 from service.projects import DEFAULT_PROJECT
 from service.schemas import TablePublic
 from service.store.blobs import commit_and_release, place_blob
-from service.store.rows import Page, commit_new, visible
+from service.store.rows import Page, commit_new, newest_first, visible
 from service.store.storage import Storage
 
 __all__ = [
@@ -90,11 +90,7 @@ def list_tables(
         query = query.where(TableRow.project == project)
     if model_id is not None:
         query = query.where(TableRow.model_id == model_id)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(
-        query.order_by(TableRow.created_at.desc(), TableRow.id).limit(limit).offset(offset)
-    )
-    return Page(list(rows), total)
+    return newest_first(session, query, TableRow, limit, offset)
 
 
 def import_table_for(
