@@ -297,6 +297,55 @@ def test_slow_header_connections_are_closed_within_the_header_timeout(
     _healthy(server)
 
 
+def _answers(sock: socket.socket, count: int) -> list[bytes]:
+    """The status lines of the next ``count`` answers on ``sock`` (bodies have a length)."""
+    reader = sock.makefile("rb")
+    statuses = []
+    for _ in range(count):
+        statuses.append(reader.readline().strip())
+        length = 0
+        while (line := reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        reader.read(length)
+    return statuses
+
+
+def test_request_heads_are_bounded_in_size(secured: tuple[Server, str]) -> None:
+    """The parser (httptools) has no limit of its own: the protocol answers 400 past 16 KiB of
+    request line and headers (h11's limit before) and closes the connection (unbounded, the 16
+    MiB header would be read and buffered whole: more than the kernel's socket buffers take)."""
+    server, _token = secured
+    head = f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"{head}X-Big: {'a' * 15_000}\r\n\r\n".encode())
+        assert _answers(sock, 1) == [b"HTTP/1.1 200 OK"]  # under the limit
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sent = 0
+        with contextlib.suppress(OSError):  # the server closes while we send
+            sock.sendall(f"{head}X-Big: ".encode())
+            while sent < 16 * MiB:
+                sock.sendall(b"a" * 65536)
+                sent += 65536
+                time.sleep(0.001)
+            sock.sendall(b"\r\n\r\n")
+        assert sent < 16 * MiB, "the server read a 16 MiB header"
+        with contextlib.suppress(OSError):  # a reset may drop the answer: closed is the point
+            assert sock.recv(1 << 16).startswith(b"HTTP/1.1 400")
+    _healthy(server)
+
+
+def test_pipelined_requests_are_all_answered(secured: tuple[Server, str]) -> None:
+    server, _token = secured
+    head = f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head.encode() * 3)
+        assert _answers(sock, 3) == [b"HTTP/1.1 200 OK"] * 3
+        sock.sendall(head.encode())  # and the connection is still open for more
+        assert _answers(sock, 1) == [b"HTTP/1.1 200 OK"]
+
+
 def test_keep_alive_connections_still_serve_requests(secured: tuple[Server, str]) -> None:
     server, _token = secured
     with httpx.Client(base_url=server.url) as client:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from core.errors import ModelError
 from service.api.auth import SESSION_COOKIE, authenticate_session, create_session, create_token
@@ -275,5 +276,7 @@ def test_uvicorn_runs_the_header_deadline_protocol(tmp_path: Path) -> None:
     options = uvicorn_options(Settings(data_dir=tmp_path, header_timeout_s=3.5))
     protocol = options["http"]
     assert issubclass(protocol, HeaderDeadlineProtocol)
+    assert issubclass(protocol, HttpToolsProtocol)  # the C parser (bench/README.md)
     assert protocol.header_timeout_s == 3.5
+    assert protocol.max_header_bytes == 16 * 1024
     assert options["forwarded_allow_ips"] == ["127.0.0.1"]
