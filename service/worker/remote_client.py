@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 import httpx
 from pydantic import BaseModel, ConfigDict
@@ -41,6 +41,8 @@ __all__ = ["RemoteAccess", "WorkerClient"]
 _CHUNK_BYTES = 1 << 20
 _TIMEOUT_S = 30.0
 """Per network operation (connect, each read or write), not per request: long transfers go on."""
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class RemoteAccess(BaseModel):
@@ -107,12 +109,7 @@ class WorkerClient(TrtforgeClient):
 
     def build_state(self, build_id: str) -> WorkerBuildState | None:
         """The build's state; None when it is gone (deleted)."""
-        try:
-            return self._get(f"/v1/worker/builds/{build_id}", WorkerBuildState)
-        except ApiError as exc:
-            if exc.status_code == 404:
-                return None
-            raise
+        return self._get_or_none(f"/v1/worker/builds/{build_id}", WorkerBuildState)
 
     def plan(self, build_id: str) -> WorkerBuildPlan:
         return self._get(f"/v1/worker/builds/{build_id}/plan", WorkerBuildPlan)
@@ -154,12 +151,7 @@ class WorkerClient(TrtforgeClient):
 
     def table(self, key: str) -> WorkerTable | None:
         """The stored table ``key`` (id or cache key); None when there is none."""
-        try:
-            return self._get(f"/v1/worker/tables/{key}", WorkerTable)
-        except ApiError as exc:
-            if exc.status_code == 404:
-                return None
-            raise
+        return self._get_or_none(f"/v1/worker/tables/{key}", WorkerTable)
 
     def store_table(self, build_id: str, key: str, store: WorkerTableStore) -> TablePublic:
         answer = self._request(
@@ -168,6 +160,15 @@ class WorkerClient(TrtforgeClient):
             json=store.model_dump(mode="json"),
         )
         return TablePublic.model_validate_json(answer.content)
+
+    def _get_or_none(self, path: str, model: type[M]) -> M | None:
+        """:meth:`_get`; None where the API answers 404 (there is no such thing, or no more)."""
+        try:
+            return self._get(path, model)
+        except ApiError as exc:
+            if exc.status_code == 404:
+                return None
+            raise
 
     def download(self, kind: str, entry_id: str, file: InputFile, dest: Path) -> None:
         """Download one file of a stored model or dataset (``kind``: models or datasets) to
