@@ -50,7 +50,9 @@ needs_browser = [
 """``pytestmark`` of every module in this tier."""
 
 
-@pytest.fixture(scope="session")
+# package scope, not session: Playwright's sync API keeps an event loop running in the main
+# thread while it is open, and later tiers call asyncio.run() (the load tests)
+@pytest.fixture(scope="package")
 def playwright() -> Iterator[Playwright]:
     from playwright.sync_api import sync_playwright
 
@@ -58,7 +60,7 @@ def playwright() -> Iterator[Playwright]:
         yield p
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser(playwright: Playwright) -> Iterator[Browser]:
     from playwright.sync_api import expect
 
