@@ -40,7 +40,13 @@ _LIST = 200
 _MAX_COMPARE = 8
 
 
-def _builds_of(state: AppState, viewer: Viewer, model_id: str | None, dataset_id: str | None) -> list[dict[str, Any]]:
+def _report(state: AppState, sha256: str | None) -> dict[str, Any] | None:
+    return load_report(state.storage.blob_path(sha256)) if sha256 else None
+
+
+def _builds_of(
+    state: AppState, viewer: Viewer, model_id: str | None, dataset_id: str | None
+) -> list[dict[str, Any]]:
     with state.db.session() as session:
         listing = builds.list_builds(
             session, _LIST, 0, model_id=model_id, project=viewer.principal.listing(None)
@@ -50,8 +56,9 @@ def _builds_of(state: AppState, viewer: Viewer, model_id: str | None, dataset_id
     out = []
     for row in rows:
         build = builds.build_public(row)
-        report = load_report(state.storage.blob_path(row.report_sha256)) if row.report_sha256 else None
-        out.append({"b": build, "s": summary_of(build, report), "model_filename": names.get(row.model_id, "")})
+        report = _report(state, row.report_sha256)
+        name = names.get(row.model_id, "")
+        out.append({"b": build, "s": summary_of(build, report), "model_filename": name})
     return out
 
 
@@ -93,7 +100,8 @@ async def model_page(request: Request, state: StateDep, model_id: str) -> Respon
         with state.db.session() as session:
             row = store.get_model(session, model_id, project=viewer.principal.visible)
             model = store.model_public(row)
-            datasets = store.list_datasets(session, _LIST, 0, model_id, viewer.principal.listing(None))
+            project = viewer.principal.listing(None)
+            datasets = store.list_datasets(session, _LIST, 0, model_id, project)
             tables = store.list_tables(session, _LIST, 0, model_id, viewer.principal.listing(None))
             return {
                 "model": model,
@@ -203,7 +211,9 @@ def fleet(queue: JobQueue, workers: list[WorkerPublic]) -> dict[str, Any]:
         for target in dict.fromkeys(worker.targets):
             counts[(target, ", ".join(worker.labels))] += 1
     by_target = [TargetRow(t, labels, n) for (t, labels), n in counts.items()]
-    by_target.sort(key=lambda r: (r.target.backend, r.target.backend_version, r.target.device, r.labels))
+    by_target.sort(
+        key=lambda r: (r.target.backend, r.target.backend_version, r.target.device, r.labels)
+    )
     return {"depth": queue.depth(), "waiting": waiting, "by_target": by_target}
 
 
@@ -239,8 +249,9 @@ async def compare_page(
                 if viewer.principal.visible not in (None, row.project):
                     raise NotFoundError(f"No build with id {build_id!r}.", field="ids")
                 build = builds.build_public(row)
-                report = load_report(state.storage.blob_path(row.report_sha256)) if row.report_sha256 else None
-                found.append((build, summary_of(build, report), store.get_model(session, row.model_id).filename))
+                report = _report(state, row.report_sha256)
+                filename = store.get_model(session, row.model_id).filename
+                found.append((build, summary_of(build, report), filename))
         summaries = [s for _, s, _ in found]
         chart = {
             "labels": [f"{b.id[:8]} {b.spec.precision.value}" for b, _, _ in found],

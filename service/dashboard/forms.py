@@ -84,7 +84,8 @@ async def new_build(
     """The new-build form (scope ``build``: read-only viewers get the sign-in page)."""
 
     def gather(viewer: Viewer) -> dict[str, Any]:
-        return {**form_choices(state, viewer), "form": {"model_id": model_id, "dataset_id": dataset_id}}
+        chosen = {"model_id": model_id, "dataset_id": dataset_id}
+        return {**form_choices(state, viewer), "form": chosen}
 
     return await page(request, state, "new.html", gather, needed=Scope.BUILD)
 
@@ -99,7 +100,10 @@ def build_request(form: dict[str, str]) -> BuildCreate:
     spec: dict[str, Any] = {
         "precision": form.get("precision") or "int8-fp16",
         "calibration": calibration,
-        "keep": {"int8": _lines(form.get("keep_int8", "")), "fp16": _lines(form.get("keep_fp16", ""))},
+        "keep": {
+            "int8": _lines(form.get("keep_int8", "")),
+            "fp16": _lines(form.get("keep_fp16", "")),
+        },
     }
     if form.get("backend"):
         spec["backend"] = form["backend"]
@@ -214,7 +218,9 @@ async def request_sensitivity(request: Request, state: StateDep, build_id: str) 
     sent = form.get(CSRF_FIELD)
     try:
         viewer = await authorize_change(request, state, sent if isinstance(sent, str) else None)
-        await call_handler(sensitivity_api.request_sensitivity, build_id, state, viewer.principal, None)
+        await call_handler(
+            sensitivity_api.request_sensitivity, build_id, state, viewer.principal, None
+        )
     except TrtforgeError as exc:
         return refused(exc, request, state)
     return RedirectResponse(f"/builds/{quote(build_id)}#sensitivity", status_code=303)

@@ -42,7 +42,8 @@ def filtered_builds(
 ) -> tuple[list[tuple[BuildRow, str]], int]:
     """Builds matching ``where``, newest first, each with its model's name (else its file
     name); and the number matching."""
-    query = select(BuildRow, func.coalesce(ModelRow.name, ModelRow.filename)).join(ModelRow, ModelRow.id == BuildRow.model_id)
+    name = func.coalesce(ModelRow.name, ModelRow.filename)
+    query = select(BuildRow, name).join(ModelRow, ModelRow.id == BuildRow.model_id)
     if where.project is not None:
         query = query.where(BuildRow.project == where.project)
     if where.model:

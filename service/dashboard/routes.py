@@ -303,7 +303,8 @@ def login(
             return sign_in_page(exc, request, state, next_page=next_page)
     assert principal.token_id is not None
     ttl_s = state.settings.session_ttl_s
-    value = create_session(token, principal.token_id, session_secret(state.settings.data_dir), ttl_s)
+    secret = session_secret(state.settings.data_dir)
+    value = create_session(token, principal.token_id, secret, ttl_s)
     response = RedirectResponse(safe_next(next_page), status_code=303)
     response.set_cookie(
         SESSION_COOKIE,

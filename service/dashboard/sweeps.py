@@ -98,8 +98,12 @@ async def sweep_page(request: Request, state: StateDep, sweep_id: str) -> Respon
 
 def sweep_request(form: dict[str, str]) -> SweepCreate:
     """The ``POST /v1/sweeps`` body the form describes."""
-    body: dict[str, Any] = {"model_id": form.get("model_id", ""), "dataset_id": form.get("dataset_id", "")}
-    variants = [v.strip() for v in form.get("variants", "").replace("\n", ",").split(",") if v.strip()]
+    body: dict[str, Any] = {
+        "model_id": form.get("model_id", ""),
+        "dataset_id": form.get("dataset_id", ""),
+    }
+    listed = form.get("variants", "").replace("\n", ",").split(",")
+    variants = [v.strip() for v in listed if v.strip()]
     if variants:
         body["variants"] = variants
     elif form.get("preset"):
@@ -119,7 +123,9 @@ async def submit_sweep(request: Request, state: StateDep) -> Response:
     except TrtforgeError as exc:
         return refused(exc, request, state)
     try:
-        answer = await call_handler(sweeps_api.create_sweep, sweep_request(form), state, viewer.principal)
+        answer = await call_handler(
+            sweeps_api.create_sweep, sweep_request(form), state, viewer.principal
+        )
     except (ValidationError, TrtforgeError) as exc:
         context = await run_in_threadpool(_context, state, viewer)
         return form_page(

@@ -187,6 +187,7 @@ def accuracy_chart(report: dict[str, Any]) -> dict[str, Any]:
         }
     threshold = _finite(budgets[0].get("value"))
     side = ">=" if metric.higher_is_better else "<="
+    gate_label = "gate" if threshold is None else f"gate: {metric.value} {side} {threshold:g}"
     missed: dict[str, list[str]] = {}
     for failure in gate.get("failures") or []:
         missed.setdefault(str(failure.get("output")), []).append(str(failure.get("metric")))
@@ -203,7 +204,7 @@ def accuracy_chart(report: dict[str, Any]) -> dict[str, Any]:
                 "failing": failing,
             },
             {
-                "label": f"gate: {metric.value} {side} {threshold:g}" if threshold is not None else "gate",
+                "label": gate_label,
                 "data": [threshold] * len(outputs),
                 "type": "line",
                 "gateLine": threshold,
@@ -328,7 +329,9 @@ def _fmt(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def _delta(base: float | None, value: float | None, higher_is_better: bool) -> tuple[str, bool | None]:
+def _delta(
+    base: float | None, value: float | None, higher_is_better: bool
+) -> tuple[str, bool | None]:
     if base is None or value is None:
         return "", None
     change = value - base

@@ -94,8 +94,9 @@ async def page(
             hint=f"Sign in with a token of scope {needed.value!r} (an admin creates one with "
             f"trtforge tokens create --scope {needed.value}).",
         )
+        sign_in = f"/login?next={quote(safe_next(here))}"
         response: Response = HTMLResponse(
-            render("error.html", error=short, viewer=viewer, sign_in=f"/login?next={quote(safe_next(here))}"),
+            render("error.html", error=short, viewer=viewer, sign_in=sign_in),
             status_code=status_for(short),
         )
     else:
