@@ -125,7 +125,7 @@ def test_targeted_builds_go_only_to_the_matching_worker(kind: str, tmp_path: Pat
                     client.submit_build(model.id, data.id, spec, target=impossible, **fast)
                 assert (refused.value.status_code, refused.value.remote_code) == (422, "no_target")
                 assert "[labels: big, vision]" in refused.value.message
-                assert "(NVIDIA L4_TARGETS, sm 8.9) [labels: edge]" in refused.value.message
+                assert "(NVIDIA L4, sm 8.9) [labels: edge]" in refused.value.message
 
                 expected: dict[str, str | None] = {}
                 for target, worker in (
