@@ -9,6 +9,9 @@ report, ``If-None-Match`` with the last ETag unless ``--no-etags``, ``--interval
 rounds) and ``--sse`` event-stream listeners for ``--duration-s``. Any answer other than 200/304,
 transport error or timeout (``--timeout-s``) is an error. After the load a new INT8 build is
 submitted and must finish (the queue is alive). One fresh server per ``--interval-s`` value.
+Each row also has the CPU seconds the server process (all its threads) and this load generator
+used during the load: on a shared machine the server's CPU per answer is steadier than its
+latencies, which depend on the CPU the scheduler gives it.
 
     python bench/api_load.py [--root DIR] [--clients 500] [--sse 0] [--duration-s 30]
         [--interval-s 1 ...] [--timeout-s 30] [--workers 2] [--env TRTFORGE_X=V ...]
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -92,9 +96,16 @@ def measure(args: argparse.Namespace, interval_s: float) -> dict[str, Any]:
         with running_server(args.root.resolve(), folder, env) as server:
             with httpx.Client(base_url=server.url, timeout=60) as client:
                 ids, done, running = prepare_builds(client, args.duration_s + 10)
+            assert server.process is not None
+            process = psutil.Process(server.process.pid)
+            server_cpu = sum(process.cpu_times()[:2])
+            generator_cpu = time.process_time()
+            load_before = os.getloadavg()
             started = time.monotonic()
             load, events = asyncio.run(_load(server.url, running, done, args, interval_s))
             wall = time.monotonic() - started
+            server_cpu = sum(process.cpu_times()[:2]) - server_cpu
+            generator_cpu = time.process_time() - generator_cpu
             print(json.dumps(load.summary()), file=sys.stderr, flush=True)
             after_start = time.monotonic()
             with httpx.Client(base_url=server.url, timeout=args.after_timeout_s) as client:
@@ -116,8 +127,17 @@ def measure(args: argparse.Namespace, interval_s: float) -> dict[str, Any]:
             "errors": dict(events.errors),
         },
         "load_wall_s": round(wall, 2),
+        "cpu": {
+            "server_s": round(server_cpu, 2),
+            "server_ms_per_answer": round(1000 * server_cpu / max(1, len(load.latencies_s)), 3),
+            "generator_s": round(generator_cpu, 2),
+        },
         "build_after_load": {"status": after_status, "seconds": round(after_s, 2)},
-        "machine": {"logical_cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0]},
+        "machine": {
+            "logical_cpus": os.cpu_count(),
+            "load_average_1m": os.getloadavg()[0],
+            "load_average_before": [round(x, 2) for x in load_before],
+        },
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
