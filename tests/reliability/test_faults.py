@@ -254,7 +254,9 @@ def _fill(folder: Path, leave_bytes: int) -> Path:
     """Fill the file system of ``folder`` up to ``leave_bytes`` free."""
     filler = folder / "filler.bin"
     free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
-    with filler.open("wb") as fh, contextlib.suppress(OSError):
+    # unbuffered: a buffered file would flush what the full disk refused again as it closes,
+    # outside the suppress
+    with filler.open("wb", buffering=0) as fh, contextlib.suppress(OSError):
         fh.write(b"\0" * max(0, free - leave_bytes))
     return filler
 
