@@ -82,6 +82,7 @@ async def _load(
         interval_s=interval_s,
         timeout_s=args.timeout_s,
         etags=not args.no_etags,
+        raw=args.raw_clients,
     )
     streams = listen_events(url, running, streams=args.sse, duration_s=args.duration_s)
     return await asyncio.gather(polls, streams)
@@ -119,6 +120,7 @@ def measure(args: argparse.Namespace, interval_s: float) -> dict[str, Any]:
         "root": str(args.root),
         "commit": _commit(args.root),
         "server_env": env,
+        "generator": "raw HTTP/1.1 connections" if args.raw_clients else "httpx clients",
         "load": load.summary(),
         "event_streams": {
             "streams": events.streams,
@@ -163,6 +165,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--after-timeout-s", type=float, default=180.0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--no-etags", action="store_true")
+    parser.add_argument(
+        "--raw-clients",
+        action="store_true",
+        help="pollers write HTTP/1.1 by hand instead of using httpx (a cheaper generator)",
+    )
     parser.add_argument("--env", nargs="*", default=[], help="TRTFORGE_X=V for the server")
     parser.add_argument("--label", default="after")
     parser.add_argument("--output", default=None, help="merge into bench/results/<output>.json")
