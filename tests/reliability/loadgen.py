@@ -155,9 +155,10 @@ class _RawConnection:
         self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
     async def get(self, path: str, headers: dict[str, str]) -> tuple[int, str | None]:
-        """(status, ETag) of ``GET path``; reconnects once when the server closed the
-        connection between requests (keep-alive ended)."""
+        """(status, ETag) of ``GET path``; reconnects once when the server had closed a kept
+        connection between requests (keep-alive ended), never after a fresh one failed."""
         for attempt in (0, 1):
+            reused = self.streams is not None
             if self.streams is None:
                 self.streams = await asyncio.open_connection(self.host, self.port)
             reader, writer = self.streams
@@ -168,7 +169,7 @@ class _RawConnection:
                 head = await reader.readuntil(b"\r\n\r\n")
             except (asyncio.IncompleteReadError, ConnectionError):
                 await self.close()
-                if attempt == 0:
+                if attempt == 0 and reused:
                     continue
                 raise
             status, fields = _parse_head(head)
