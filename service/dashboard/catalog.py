@@ -102,13 +102,16 @@ async def model_page(request: Request, state: StateDep, model_id: str) -> Respon
             model = store.model_public(row)
             project = viewer.principal.listing(None)
             datasets = store.list_datasets(session, _LIST, 0, model_id, project)
-            tables = store.list_tables(session, _LIST, 0, model_id, viewer.principal.listing(None))
-            return {
-                "model": model,
-                "datasets": [store.dataset_public(d) for d in datasets.items],
-                "tables": [store.table_public(t) for t in tables.items],
-                "rows": _builds_of(state, viewer, model_id, None),
-            }
+            tables = store.list_tables(session, _LIST, 0, model_id, project)
+            datasets_public = [store.dataset_public(d) for d in datasets.items]
+            tables_public = [store.table_public(t) for t in tables.items]
+        # the builds open their own session: not one nested in this one (two pooled connections)
+        return {
+            "model": model,
+            "datasets": datasets_public,
+            "tables": tables_public,
+            "rows": _builds_of(state, viewer, model_id, None),
+        }
 
     return await page(request, state, "model.html", gather)
 
