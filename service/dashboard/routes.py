@@ -53,6 +53,9 @@ _PAGE_SIZE = 50
 _MAX_PAGE = 1_000_000
 _LOG_LINES = 2000
 _TARGETS = ("tensorrt", "onnxruntime", "auto")
+# the build page's and its calibration section's search and page (the section swaps itself)
+_TableSearch = Annotated[str, Query(max_length=200)]
+_TablePage = Annotated[int, Query(ge=1, le=_MAX_PAGE)]
 
 
 def _report_of(storage: Storage, sha256: str | None) -> dict[str, Any] | None:
@@ -196,8 +199,8 @@ async def build_page(
     request: Request,
     state: StateDep,
     build_id: str,
-    q: Annotated[str, Query(max_length=200)] = "",
-    tpage: Annotated[int, Query(ge=1, le=_MAX_PAGE)] = 1,
+    q: _TableSearch = "",
+    tpage: _TablePage = 1,
 ) -> Response:
     return await page(
         request, state, "build.html", lambda v: _build_context(state, v, build_id, q, tpage)
@@ -215,8 +218,8 @@ async def build_calibration(
     request: Request,
     state: StateDep,
     build_id: str,
-    q: Annotated[str, Query(max_length=200)] = "",
-    tpage: Annotated[int, Query(ge=1, le=_MAX_PAGE)] = 1,
+    q: _TableSearch = "",
+    tpage: _TablePage = 1,
 ) -> Response:
     """The calibration section of the build page, filtered and paged (its search swaps it)."""
     return await page(
