@@ -51,6 +51,9 @@ router = APIRouter(include_in_schema=False)
 
 _CHOICES = 200
 _RETURN_PATHS = ("/builds/new", "/models", "/datasets")
+# the upload routes' query: the form's CSRF token, and the page to return to (one of _RETURN_PATHS)
+_CsrfQuery = Annotated[str | None, Query(max_length=128)]
+_BackQuery = Annotated[str, Query(max_length=64)]
 
 
 def _lines(text: str) -> list[str]:
@@ -253,8 +256,8 @@ async def _upload(
 async def upload_model(
     request: Request,
     state: StateDep,
-    csrf_token: Annotated[str | None, Query(max_length=128)] = None,
-    back: Annotated[str, Query(max_length=64)] = "/builds/new",
+    csrf_token: _CsrfQuery = None,
+    back: _BackQuery = "/builds/new",
 ) -> Response:
     """Upload a model (multipart ``file``, as ``POST /v1/models``)."""
     return await _upload(request, state, models_api.upload_model, "model_id", csrf_token, back)
@@ -264,8 +267,8 @@ async def upload_model(
 async def upload_dataset(
     request: Request,
     state: StateDep,
-    csrf_token: Annotated[str | None, Query(max_length=128)] = None,
-    back: Annotated[str, Query(max_length=64)] = "/builds/new",
+    csrf_token: _CsrfQuery = None,
+    back: _BackQuery = "/builds/new",
 ) -> Response:
     """Upload a dataset (multipart ``file`` and ``model_id``, as ``POST /v1/datasets``)."""
     return await _upload(
