@@ -155,26 +155,26 @@ def build_state(build_id: str, state: StateDep, _: WorkerAccess) -> WorkerBuildS
 def build_plan(build_id: str, state: StateDep, _: WorkerAccess) -> WorkerBuildPlan:
     """The build's request, the target's backend, and the files of its model and dataset."""
     with state.db.session() as session:
-        build = _build(session, build_id)
-        model = session.get_one(ModelRow, build.model_id)
-        dataset = session.get_one(DatasetRow, build.dataset_id)
-        plan = load_plan(state.db, state.storage, build_id)
-        return WorkerBuildPlan(
-            build_id=build.id,
-            request=plan.request,
-            backend=plan.backend,
-            model_id=model.id,
-            model_filename=model.filename,
-            onnx_filename=model.onnx_filename,
-            model_files=_manifest(state.storage.model_dir(model.id)),
-            dataset_id=dataset.id,
-            dataset_filename=dataset.filename,
-            data_filename=dataset.data_filename,
-            dataset_files=_manifest(state.storage.dataset_dir(dataset.id)),
-            preprocess=dataset.preprocess,
-            input_name=dataset.input_name,
-            eval_dataset=_eval_dataset(state, plan.eval_dataset),
-        )
+        _build(session, build_id)
+    plan = load_plan(state.db, state.storage, build_id)  # reads the build, model and dataset rows
+    model_dir = state.storage.model_dir(plan.model_id)
+    dataset_dir = state.storage.dataset_dir(plan.dataset_id)
+    return WorkerBuildPlan(
+        build_id=plan.build_id,
+        request=plan.request,
+        backend=plan.backend,
+        model_id=plan.model_id,
+        model_filename=plan.model_filename,
+        onnx_filename=plan.model_path.relative_to(model_dir).as_posix(),
+        model_files=_manifest(model_dir),
+        dataset_id=plan.dataset_id,
+        dataset_filename=plan.dataset_filename,
+        data_filename=plan.dataset_path.relative_to(dataset_dir).as_posix(),
+        dataset_files=_manifest(dataset_dir),
+        preprocess=plan.preprocess,
+        input_name=plan.input_name,
+        eval_dataset=_eval_dataset(state, plan.eval_dataset),
+    )
 
 
 def _eval_dataset(state: AppState, evaluation: EvalDataset | None) -> WorkerEvalDataset | None:
