@@ -26,7 +26,7 @@ from service.settings import Settings, hostname
 from service.worker.processes import process_alive, process_tag
 from service.worker.recorder import add_log, reset_for_retry
 
-__all__ = ["DatabaseQueue"]
+__all__ = ["DatabaseQueue", "worker_liveness"]
 
 _CLAIM_RETRIES = 5
 _PLAIN_WINDOW = 16
@@ -196,11 +196,11 @@ class DatabaseQueue:
 
     def live_workers(self) -> int:
         with self._db.session() as session:
-            return len(_live_worker_ids(session, self._stale))
+            return len(worker_liveness(session, self._stale)[0])
 
     def live_targets(self) -> list[BuildTarget]:
         with self._db.session() as session:
-            live = _live_worker_ids(session, self._stale)
+            live = worker_liveness(session, self._stale)[0]
             rows = session.scalars(
                 select(WorkerRow)
                 .where(WorkerRow.id.in_(live or {""}))
@@ -211,7 +211,7 @@ class DatabaseQueue:
 
     def workers(self, *, include_stopped: bool = False) -> list[WorkerPublic]:
         with self._db.session() as session:
-            live = _live_worker_ids(session, self._stale)
+            live = worker_liveness(session, self._stale)[0]
             query = select(WorkerRow).order_by(WorkerRow.started_at.desc())
             if not include_stopped:
                 query = query.where(WorkerRow.id.in_(live or {""}))
@@ -247,7 +247,7 @@ class DatabaseQueue:
         with self._db.session() as session:
             # only workers read as dead are stopped, and only their jobs (or jobs of workers
             # stopped before) recovered: a worker registering meanwhile keeps what it claims
-            dead = _worker_liveness(session, self._stale)[1]
+            dead = worker_liveness(session, self._stale)[1]
             if dead:
                 session.execute(
                     update(WorkerRow)
@@ -356,11 +356,7 @@ def _this_claim(job: Job) -> tuple[ColumnElement[bool], ...]:
     )
 
 
-def _live_worker_ids(session: Session, stale: timedelta) -> set[str]:
-    return _worker_liveness(session, stale)[0]
-
-
-def _worker_liveness(session: Session, stale: timedelta) -> tuple[set[str], set[str]]:
+def worker_liveness(session: Session, stale: timedelta) -> tuple[set[str], set[str]]:
     """(live, dead) among the workers not stopped, read in one query: the one definition of a
     live worker (a fresh heartbeat, and on this machine a process that still runs)."""
     limit = utcnow() - stale

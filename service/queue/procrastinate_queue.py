@@ -46,7 +46,7 @@ from engines.backends.base import BuildTarget
 from service.db import Database
 from service.db.models import BuildRow, JobRow, WorkerRow, utcnow
 from service.queue.base import Job, JobState, QueuedTarget, Recovered
-from service.queue.database import DatabaseQueue, _live_worker_ids
+from service.queue.database import DatabaseQueue, worker_liveness
 from service.queue.procrastinate_schema import TASK, queue_name, raw_connection
 from service.queue.records import fail_lost, queued_targets, record_claim, requeue_lost
 from service.queue.targets import serving_target
@@ -298,9 +298,8 @@ class ProcrastinateQueue(DatabaseQueue):
 
     def recover(self) -> Recovered:
         with self._db.session() as session:
-            # read before liveness: a worker that registers meanwhile is not declared dead
-            known = set(session.scalars(select(WorkerRow.id).where(WorkerRow.stopped_at.is_(None))))
-            dead_workers = known - _live_worker_ids(session, self._stale)
+            # dead among the workers read: a worker that registers meanwhile is not declared dead
+            dead_workers = worker_liveness(session, self._stale)[1]
             session.execute(
                 update(WorkerRow)
                 .where(WorkerRow.id.in_(dead_workers or {""}), WorkerRow.stopped_at.is_(None))

@@ -314,7 +314,7 @@ def test_a_worker_that_registers_during_a_recovery_keeps_its_build(
     enqueue_builds(db, queue, "b1")
     queue.register_worker("old", 1, CPU)
     _kill_worker(db, "old")
-    read_liveness = queue_database._worker_liveness
+    read_liveness = queue_database.worker_liveness
 
     def registered_meanwhile(session: Session, stale: timedelta) -> tuple[set[str], set[str]]:
         seen = read_liveness(session, stale)  # the recovery reads the workers first
@@ -322,7 +322,7 @@ def test_a_worker_that_registers_during_a_recovery_keeps_its_build(
         assert queue.claim("new", CPU) is not None
         return seen
 
-    monkeypatch.setattr(queue_database, "_worker_liveness", registered_meanwhile)
+    monkeypatch.setattr(queue_database, "worker_liveness", registered_meanwhile)
     assert queue.recover() == Recovered()
     monkeypatch.undo()
     assert queue.heartbeat("new") is True

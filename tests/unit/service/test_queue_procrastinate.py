@@ -318,14 +318,15 @@ def test_a_worker_that_registers_during_a_recovery_keeps_its_build(
     db: Database, queue: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     enqueue_builds(db, queue, "b1")
-    live_workers = procrastinate_queue._live_worker_ids
+    read_liveness = procrastinate_queue.worker_liveness
 
-    def registered_meanwhile(session: Any, stale: timedelta) -> set[str]:
-        queue.register_worker("new", 1, CPU)  # after the recovery read the workers
+    def registered_meanwhile(session: Any, stale: timedelta) -> tuple[set[str], set[str]]:
+        seen = read_liveness(session, stale)  # the recovery reads the workers first
+        queue.register_worker("new", 1, CPU)
         assert queue.claim("new", CPU) is not None
-        return set(live_workers(session, stale)) - {"new"}  # as if read just before
+        return seen
 
-    monkeypatch.setattr(procrastinate_queue, "_live_worker_ids", registered_meanwhile)
+    monkeypatch.setattr(procrastinate_queue, "worker_liveness", registered_meanwhile)
     assert queue.recover() == Recovered()
     monkeypatch.undo()
     assert queue.heartbeat("new") is True
