@@ -45,8 +45,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.integration.conftest import Server  # noqa: E402
-from tests.reliability.loadgen import submit_build, wait_for_build  # noqa: E402
-from tests.unit.service.support import dataset_bytes, model_bytes  # noqa: E402
+from tests.reliability.loadgen import submit_build, upload_inputs, wait_for_build  # noqa: E402
 
 __all__ = ["measure_kind"]
 
@@ -116,15 +115,7 @@ def measure_kind(
 def _kinds(server: Server) -> dict[str, tuple[str, dict[str, str]]]:
     """Upload, build once; the request of each kind."""
     with httpx.Client(base_url=server.url, timeout=60) as client:
-        model = client.post("/v1/models", files={"file": ("tiny.onnx", model_bytes())})
-        model.raise_for_status()
-        dataset = client.post(
-            "/v1/datasets",
-            files={"file": ("d.npz", dataset_bytes())},
-            data={"model_id": model.json()["id"]},
-        )
-        dataset.raise_for_status()
-        ids = {"model_id": model.json()["id"], "dataset_id": dataset.json()["id"]}
+        ids = upload_inputs(client)
         build = submit_build(client, ids, spec={"precision": "fp32"})
         if wait_for_build(client, build, 180)["status"] != "succeeded":
             raise RuntimeError("the build did not succeed")

@@ -34,6 +34,7 @@ __all__ = [
     "poll_load",
     "prepare_builds",
     "submit_build",
+    "upload_inputs",
     "wait_for_build",
 ]
 
@@ -60,11 +61,8 @@ def wait_for_build(client: httpx.Client, build_id: str, timeout_s: float) -> dic
         time.sleep(0.3)
 
 
-def prepare_builds(client: httpx.Client, running_s: float) -> tuple[dict[str, str], str, str]:
-    """Upload the tiny CNN and a dataset; build it once (FP32, so a report exists), then submit
-    an FP16 build whose benchmark lasts ``running_s`` and wait until a worker runs it.
-
-    Returns (the upload ids, the finished build, the running build)."""
+def upload_inputs(client: httpx.Client) -> dict[str, str]:
+    """Upload the tiny CNN and a dataset for it; their ``model_id`` and ``dataset_id``."""
     model = client.post("/v1/models", files={"file": ("tiny.onnx", model_bytes())})
     model.raise_for_status()
     dataset = client.post(
@@ -73,7 +71,15 @@ def prepare_builds(client: httpx.Client, running_s: float) -> tuple[dict[str, st
         data={"model_id": model.json()["id"]},
     )
     dataset.raise_for_status()
-    ids = {"model_id": model.json()["id"], "dataset_id": dataset.json()["id"]}
+    return {"model_id": model.json()["id"], "dataset_id": dataset.json()["id"]}
+
+
+def prepare_builds(client: httpx.Client, running_s: float) -> tuple[dict[str, str], str, str]:
+    """Upload the tiny CNN and a dataset; build it once (FP32, so a report exists), then submit
+    an FP16 build whose benchmark lasts ``running_s`` and wait until a worker runs it.
+
+    Returns (the upload ids, the finished build, the running build)."""
+    ids = upload_inputs(client)
     done = submit_build(client, ids, spec={"precision": "fp32"})
     finished = wait_for_build(client, done, 120)
     if finished["status"] != "succeeded":
