@@ -21,7 +21,7 @@ from service.dashboard.session import Viewer
 from service.dashboard.views import (
     compare_rows,
     json_for_script,
-    load_report,
+    stored_report,
     summary_of,
 )
 from service.dashboard.web import page
@@ -40,10 +40,6 @@ _LIST = 200
 _MAX_COMPARE = 8
 
 
-def _report(state: AppState, sha256: str | None) -> dict[str, Any] | None:
-    return load_report(state.storage.blob_path(sha256)) if sha256 else None
-
-
 def _builds_of(
     state: AppState, viewer: Viewer, model_id: str | None, dataset_id: str | None
 ) -> list[dict[str, Any]]:
@@ -56,7 +52,7 @@ def _builds_of(
     out = []
     for row in rows:
         build = builds.build_public(row)
-        report = _report(state, row.report_sha256)
+        report = stored_report(state.storage, row.report_sha256)
         name = names.get(row.model_id, "")
         out.append({"b": build, "s": summary_of(build, report), "model_filename": name})
     return out
@@ -252,7 +248,7 @@ async def compare_page(
                 if viewer.principal.visible not in (None, row.project):
                     raise NotFoundError(f"No build with id {build_id!r}.", field="ids")
                 build = builds.build_public(row)
-                report = _report(state, row.report_sha256)
+                report = stored_report(state.storage, row.report_sha256)
                 filename = store.get_model(session, row.model_id).filename
                 found.append((build, summary_of(build, report), filename))
         summaries = [s for _, s, _ in found]

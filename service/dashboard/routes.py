@@ -27,9 +27,9 @@ from service.dashboard.views import (
     calibration_page,
     json_for_script,
     latency_chart,
-    load_report,
     sensitivity_chart,
     stages_of,
+    stored_report,
     summary_of,
 )
 from service.dashboard.web import error_page, page, safe_next, sign_in_page
@@ -39,7 +39,6 @@ from service.schemas import BuildStatus, Scope, SensitivityPublic
 from service.store import builds
 from service.store import catalog as store
 from service.store import sensitivity as sensitivity_store
-from service.store.storage import Storage
 
 __all__ = ["router"]
 
@@ -58,13 +57,9 @@ _TableSearch = Annotated[str, Query(max_length=200)]
 _TablePage = Annotated[int, Query(ge=1, le=_MAX_PAGE)]
 
 
-def _report_of(storage: Storage, sha256: str | None) -> dict[str, Any] | None:
-    return load_report(storage.blob_path(sha256)) if sha256 else None
-
-
 def _row_context(state: AppState, row: Any, model_filename: str) -> dict[str, Any]:
     build = builds.build_public(row)
-    report = _report_of(state.storage, row.report_sha256)
+    report = stored_report(state.storage, row.report_sha256)
     return {"b": build, "s": summary_of(build, report), "model_filename": model_filename}
 
 
@@ -169,7 +164,7 @@ def _build_context(
         table = _table_page(session, state, row.table_id, query, table_page)
         request_json = row.request
         ranking = _sensitivity(session, state, row)
-    report = _report_of(state.storage, row.report_sha256)
+    report = stored_report(state.storage, row.report_sha256)
     charts: dict[str, str] = {}
     if report is not None:
         charts["latency"] = json_for_script(latency_chart(report))

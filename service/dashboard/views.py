@@ -19,6 +19,7 @@ from engines.accuracy_report import AccuracyMetric
 from engines.sensitivity_report import SensitivityReport
 from engines.stages import Stage
 from service.schemas import BuildPublic, BuildStatus
+from service.store.storage import Storage
 
 __all__ = [
     "PERCENTILES",
@@ -34,6 +35,7 @@ __all__ = [
     "load_report",
     "sensitivity_chart",
     "stages_of",
+    "stored_report",
     "summary_of",
 ]
 
@@ -71,6 +73,11 @@ def load_report(blob: Path | None) -> dict[str, Any] | None:
         return _read_report(str(blob))
     except (OSError, ValueError):
         return None
+
+
+def stored_report(storage: Storage, sha256: str | None) -> dict[str, Any] | None:
+    """The report stored as blob ``sha256`` (None for a build without one, or unreadable)."""
+    return load_report(storage.blob_path(sha256)) if sha256 else None
 
 
 def _finite(value: Any) -> float | None:
