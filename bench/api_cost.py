@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.api_load import git_commit  # noqa: E402
 from tests.integration.conftest import Server  # noqa: E402
 from tests.reliability.loadgen import submit_build, upload_inputs, wait_for_build  # noqa: E402
 
@@ -130,18 +131,6 @@ def _kinds(server: Server) -> dict[str, tuple[str, dict[str, str]]]:
     }
 
 
-def _commit(root: Path) -> str:
-    import subprocess
-
-    result = subprocess.run(
-        ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return result.stdout.strip()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--server", action="append", required=True, help="LABEL=checkout")
@@ -169,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for round_ in range(args.rounds):  # alternate, so drifts in machine load hit all
                 for label, root, server, kinds in servers:
                     for kind, (path, headers) in kinds.items():
-                        row = {"round": round_, "label": label, "commit": _commit(root)}
+                        row = {"round": round_, "label": label, "commit": git_commit(root)}
                         row |= {"kind": kind}
                         row |= measure_kind(server, path, headers, args.connections, args.requests)
                         print(json.dumps(row), file=sys.stderr, flush=True)

@@ -54,7 +54,7 @@ from tests.reliability.loadgen import (  # noqa: E402
     wait_for_build,
 )
 
-__all__ = ["measure", "running_server"]
+__all__ = ["git_commit", "measure", "running_server"]
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -118,7 +118,7 @@ def measure(args: argparse.Namespace, interval_s: float) -> dict[str, Any]:
             after_s = time.monotonic() - after_start
     return {
         "root": str(args.root),
-        "commit": _commit(args.root),
+        "commit": git_commit(args.root),
         "server_env": env,
         "generator": "raw HTTP/1.1 connections" if args.raw_clients else "httpx clients",
         "load": load.summary(),
@@ -144,7 +144,8 @@ def measure(args: argparse.Namespace, interval_s: float) -> dict[str, Any]:
     }
 
 
-def _commit(root: Path) -> str:
+def git_commit(root: Path) -> str:
+    """The short commit id of the checkout at ``root`` (empty when git cannot tell)."""
     result = subprocess.run(
         ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
         capture_output=True,
