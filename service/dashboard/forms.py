@@ -45,6 +45,7 @@ __all__ = [
     "form_page",
     "refused",
     "router",
+    "text_fields",
 ]
 
 router = APIRouter(include_in_schema=False)
@@ -159,10 +160,15 @@ def form_page(template: str, viewer: Viewer, error: TrtforgeError, **context: An
     return HTMLResponse(html, status_code=status_for(error))
 
 
+async def text_fields(request: Request) -> dict[str, str]:
+    """The posted form's text fields (uploaded files left out)."""
+    return {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+
+
 @router.post("/ui/builds")
 async def submit_build(request: Request, state: StateDep) -> Response:
     """Submit the new-build form; lands on the build's page."""
-    form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+    form = await text_fields(request)
     try:
         viewer = await authorize_change(request, state, form.get(CSRF_FIELD))
     except TrtforgeError as exc:
@@ -202,10 +208,9 @@ def refused(exc: TrtforgeError, request: Request, state: AppState) -> Response:
 
 @router.post("/ui/builds/{build_id}/cancel")
 async def cancel_build(request: Request, state: StateDep, build_id: str) -> Response:
-    form = await request.form()
-    sent = form.get(CSRF_FIELD)
+    sent = (await text_fields(request)).get(CSRF_FIELD)
     try:
-        viewer = await authorize_change(request, state, sent if isinstance(sent, str) else None)
+        viewer = await authorize_change(request, state, sent)
         await call_handler(builds_api.cancel_build, build_id, state, viewer.principal)
     except TrtforgeError as exc:
         return refused(exc, request, state)
@@ -217,10 +222,9 @@ async def cancel_build(request: Request, state: StateDep, build_id: str) -> Resp
 @router.post("/ui/builds/{build_id}/sensitivity")
 async def request_sensitivity(request: Request, state: StateDep, build_id: str) -> Response:
     """Rank the build's nodes by INT8 sensitivity (``POST /v1/builds/{id}/sensitivity``)."""
-    form = await request.form()
-    sent = form.get(CSRF_FIELD)
+    sent = (await text_fields(request)).get(CSRF_FIELD)
     try:
-        viewer = await authorize_change(request, state, sent if isinstance(sent, str) else None)
+        viewer = await authorize_change(request, state, sent)
         await call_handler(
             sensitivity_api.request_sensitivity, build_id, state, viewer.principal, None
         )

@@ -324,9 +324,9 @@ def logout(request: Request, state: StateDep) -> Response:
 @router.post("/ui/logout")
 async def dashboard_logout(request: Request, state: StateDep) -> Response:
     """The dashboard's sign-out button (its form carries the CSRF token)."""
-    sent = (await request.form()).get(CSRF_FIELD)
+    sent = (await forms.text_fields(request)).get(CSRF_FIELD)
     try:
-        check_csrf(request, state, sent if isinstance(sent, str) else None)
+        check_csrf(request, state, sent)
     except TrtforgeError as exc:
         return error_page(exc, None)
     return _signed_out(request, state)

@@ -22,6 +22,7 @@ from service.dashboard.forms import (
     form_error,
     form_page,
     refused,
+    text_fields,
 )
 from service.dashboard.session import CSRF_FIELD, Viewer, authorize_change
 from service.dashboard.views import json_for_script
@@ -117,7 +118,7 @@ def sweep_request(form: dict[str, str]) -> SweepCreate:
 
 @router.post("/ui/sweeps")
 async def submit_sweep(request: Request, state: StateDep) -> Response:
-    form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+    form = await text_fields(request)
     try:
         viewer = await authorize_change(request, state, form.get(CSRF_FIELD))
     except TrtforgeError as exc:
