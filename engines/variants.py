@@ -66,15 +66,10 @@ _FULL_INT8 = 127
 
 def default_execution(spec: BuildSpec) -> QdqExecution:
     """``onnxruntime`` when ``spec.backend`` resolves to the onnxruntime backend, else ``reference``."""
-    from engines.backends.registry import select_backend
+    from engines.backends.registry import BACKENDS, select_backend
 
     backend, _ = select_backend(spec.backend)
-    # ONNX Runtime artifacts run its integer kernels; everything else follows Q/DQ as written
-    return (
-        QdqExecution.ONNXRUNTIME
-        if backend.name == BackendName.ONNXRUNTIME.value
-        else QdqExecution.REFERENCE
-    )
+    return BACKENDS[BackendName(backend.name)].qdq_execution
 
 
 def _execution_setup(execution: QdqExecution) -> tuple[tuple[str, ...], int]:
@@ -179,7 +174,7 @@ class InMemoryRunner(SessionRunner):
 
     def _describe(self) -> dict[str, str]:
         return {
-            "backend": "onnxruntime",
+            "backend": BackendName.ONNXRUNTIME.value,
             "model": self.label,
             "providers": ",".join(self._providers),
             "threads": str(self._threads),

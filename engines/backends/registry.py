@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from engines.backends.base import BuildTarget
 from engines.errors import BackendUnavailableError
+from engines.names import QdqExecution
 from engines.spec import BackendName
 
 if TYPE_CHECKING:
@@ -27,10 +28,13 @@ __all__ = [
     "BACKENDS",
     "BackendEntry",
     "backend_for_artifact",
+    "builds_versioned_by_target",
+    "candidates",
     "choose_target",
     "local_targets",
     "open_artifact",
     "select_backend",
+    "version_requestable",
 ]
 
 
@@ -46,6 +50,11 @@ class BackendEntry:
     """Why it cannot run here, or None when it can (cheap: no heavy import)."""
     targets_gpu: bool
     """Whether its artifacts are tied to a GPU's compute capability."""
+    qdq_execution: QdqExecution = QdqExecution.REFERENCE
+    """How ONNX Runtime runs Q/DQ variants measured for it (sweeps, sensitivity): its integer
+    kernels where the artifact is ONNX Runtime's own, else Q/DQ as written (TensorRT's math)."""
+    versioned_by_target: bool = False
+    """Whether ``target.tensorrt`` (a version prefix a build may ask for) names its version."""
 
 
 def _make_tensorrt(reason: str) -> Backend:
@@ -80,10 +89,20 @@ def _onnxruntime_missing() -> str | None:
 
 BACKENDS: dict[BackendName, BackendEntry] = {
     BackendName.TENSORRT: BackendEntry(
-        BackendName.TENSORRT, ".engine", _make_tensorrt, _tensorrt_missing, targets_gpu=True
+        BackendName.TENSORRT,
+        ".engine",
+        _make_tensorrt,
+        _tensorrt_missing,
+        targets_gpu=True,
+        versioned_by_target=True,
     ),
     BackendName.ONNXRUNTIME: BackendEntry(
-        BackendName.ONNXRUNTIME, ".onnx", _make_onnxruntime, _onnxruntime_missing, False
+        BackendName.ONNXRUNTIME,
+        ".onnx",
+        _make_onnxruntime,
+        _onnxruntime_missing,
+        targets_gpu=False,
+        qdq_execution=QdqExecution.ONNXRUNTIME,
     ),
 }
 """Every backend, by name."""
@@ -154,14 +173,29 @@ def local_targets() -> list[BuildTarget]:
     return targets
 
 
+def candidates(requested: BackendName | str) -> tuple[BackendName, ...]:
+    """The backends a build asking for ``requested`` may get, best first: that one, or for
+    ``auto`` :data:`AUTO_PREFERENCE`."""
+    requested = BackendName(requested)
+    return AUTO_PREFERENCE if requested is BackendName.AUTO else (requested,)
+
+
+def version_requestable(requested: BackendName | str) -> bool:
+    """Whether a build asking for ``requested`` may ask for a version in ``target.tensorrt``."""
+    return any(BACKENDS[name].versioned_by_target for name in candidates(requested))
+
+
+def builds_versioned_by_target(backend: str) -> bool:
+    """Whether a target's ``backend`` is the one ``target.tensorrt`` versions."""
+    return BACKENDS[BackendName(backend)].versioned_by_target
+
+
 def choose_target(
     requested: BackendName | str, targets: Sequence[BuildTarget]
 ) -> BuildTarget | None:
     """The target among ``targets`` that serves a build asking for ``requested``: that backend,
     or for ``auto`` the first of :data:`AUTO_PREFERENCE` present; None when none serves it."""
-    requested = BackendName(requested)
-    wanted = AUTO_PREFERENCE if requested is BackendName.AUTO else (requested,)
-    for name in wanted:
+    for name in candidates(requested):
         for target in targets:
             if target.backend == name.value:
                 return target

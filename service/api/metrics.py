@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from service.db.models import BuildRow, DatasetRow, ModelRow
 from service.queue.base import JobQueue
-from service.schemas import BuildStatus, Stage
+from service.schemas import BuildStatus, Stage, TargetRequest
 
 __all__ = ["Counters", "render_metrics"]
 
@@ -61,13 +61,7 @@ def _target_metrics(lines: list[str], queue: JobQueue) -> None:
         "Builds waiting for a worker, by the backend and target they asked for.",
     )
     for queued in queue.depth_by_target():
-        wanted = queued.target
-        asked = {
-            "backend": queued.requested_backend,
-            "gpu": (wanted.gpu if wanted else None) or "",
-            "tensorrt": (wanted.tensorrt if wanted else None) or "",
-            "labels": ",".join(wanted.labels) if wanted else "",
-        }
+        asked = {"backend": queued.requested_backend, **_target_labels(queued.target)}
         lines.append(f"trtforge_queue_depth_by_target{_labels(asked)} {queued.jobs}")
     _help(
         lines,
@@ -139,3 +133,12 @@ def render_metrics(session: Session, queue: JobQueue, counters: Counters) -> str
         f"trtforge_datasets {session.scalar(select(func.count()).select_from(DatasetRow)) or 0}"
     )
     return "\n".join(lines) + "\n"
+
+
+def _target_labels(wanted: TargetRequest | None) -> dict[str, str]:
+    """A requested target as label values, one per field (empty: not asked)."""
+    values = wanted.model_dump() if wanted else {}
+    return {
+        field: ",".join(values.get(field) or []) if field == "labels" else values.get(field) or ""
+        for field in TargetRequest.model_fields
+    }

@@ -12,7 +12,7 @@ import click
 import numpy as np
 
 from engines.accuracy_report import AccuracyMetric
-from engines.names import QdqExecution
+from engines.names import BackendName, QdqExecution
 from service.cli.options import (
     calibration_batch_option,
     enum_choice,
@@ -269,7 +269,9 @@ def _print_build(
     gate = summary.get("gate")
     if gate is not None:
         verdict = "passed" if gate["passed"] else "FAILED"
-        click.echo(f"accuracy gate ({gate['gate_text']}): {verdict} on {gate['samples']} held-out samples")
+        click.echo(
+            f"accuracy gate ({gate['gate_text']}): {verdict} on {gate['samples']} held-out samples"
+        )
     elif summary["precision"] != "fp32":
         click.echo("accuracy gate: not checked (pass --data to compare with FP32)")
 
@@ -328,7 +330,10 @@ def _search_budget(
     default=None,
     help="A calibration table for MODEL instead of calibrating on --data.",
 )
-@spec_options(["calibration", "histogram"], defaults={"precision": "int8", "backend": "onnxruntime"})
+@spec_options(
+    ["calibration", "histogram"],
+    defaults={"precision": "int8", "backend": BackendName.ONNXRUNTIME.value},
+)
 @click.option("--eval-fraction", type=click.FloatRange(0.01, 0.9), default=0.2, show_default=True)
 @click.option(
     "--metric",
@@ -437,7 +442,9 @@ def render_sensitivity(report: Any, *, show_all: bool = False) -> str:
         f"{'rank':>4}  {'only this INT8':>14}  {'all but this':>12}  {'proxy dB':>8}  node (op)",
     ]
     evaluated = [
-        n for n in report.nodes if n.metric_only_this is not None or n.metric_all_but_this is not None
+        n
+        for n in report.nodes
+        if n.metric_only_this is not None or n.metric_all_but_this is not None
     ]
     shown = report.nodes if show_all or len(evaluated) == len(report.nodes) else evaluated
     for n in shown:

@@ -400,9 +400,8 @@ def _target_request(
         return TargetRequest(gpu=gpu, tensorrt=tensorrt, labels=list(labels))
     except ValidationError as exc:
         first = exc.errors()[0]
-        name = {"gpu": "--target-gpu", "tensorrt": "--target-tensorrt"}.get(
-            str(first["loc"][0]), "--target-label"
-        )
+        field = str(first["loc"][0])
+        name = "--target-label" if field == "labels" else f"--target-{field}"
         raise click.BadParameter(str(first["msg"]), param_hint=name) from exc
 
 
@@ -495,7 +494,9 @@ def download(build_id: str, out: Path, as_json: bool, server: str, token: str | 
 
 @click.command()
 @click.argument("build_id")
-@click.option("--json", "as_json", is_flag=True, help="The full report (JSON) instead of a summary.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="The full report (JSON) instead of a summary."
+)
 @click.option("--html", "as_html", is_flag=True, help="The HTML page instead of a summary.")
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None)
 @_server_options

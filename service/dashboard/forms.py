@@ -23,6 +23,7 @@ from calibrators.spec import CalibrationMethod
 from core.errors import TrtforgeError
 from engines.accuracy_report import AccuracyMetric
 from engines.errors import SpecError
+from engines.names import BackendName
 from engines.spec import Precision
 from service.api import builds as builds_api
 from service.api import datasets as datasets_api
@@ -34,7 +35,7 @@ from service.dashboard.render import render
 from service.dashboard.session import CSRF_FIELD, Viewer, authorize_change, remember_csrf
 from service.dashboard.web import error_page, page, sign_in_page
 from service.errors import AuthenticationError, PermissionDeniedError
-from service.schemas import BuildCreate, Scope
+from service.schemas import BuildCreate, Scope, TargetRequest
 from service.store import catalog as store
 
 __all__ = [
@@ -75,6 +76,7 @@ def form_choices(state: AppState, viewer: Viewer) -> dict[str, Any]:
         "precisions": [p.value for p in Precision],
         "methods": [m.value for m in CalibrationMethod],
         "metrics": [m.value for m in AccuracyMetric],
+        "backends": [b.value for b in BackendName],
     }
 
 
@@ -126,12 +128,13 @@ def build_request(form: dict[str, str]) -> BuildCreate:
         body["accuracy_budget"] = form["budget"].strip()
     if form.get("eval_fraction", "").strip():
         body["accuracy"] = {"eval_fraction": form["eval_fraction"]}
-    target = {
-        "gpu": form.get("target_gpu", "").strip() or None,
-        "tensorrt": form.get("target_tensorrt", "").strip() or None,
-        "labels": _lines(form.get("target_labels", "")),
+    target: dict[str, Any] = {
+        field: _lines(form.get(f"target_{field}", ""))
+        if field == "labels"
+        else form.get(f"target_{field}", "").strip() or None
+        for field in TargetRequest.model_fields
     }
-    if target["gpu"] or target["tensorrt"] or target["labels"]:
+    if any(target.values()):
         body["target"] = target
     return BuildCreate.model_validate(body)
 

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from core.errors import TrtforgeError
+from engines.names import BackendName
 from engines.spec import Precision
 from service.api.auth import SESSION_COOKIE, authenticate, create_session, session_secret
 from service.api.builds import load_build
@@ -51,7 +52,6 @@ _STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".md": "text/plai
 _PAGE_SIZE = 50
 _MAX_PAGE = 1_000_000
 _LOG_LINES = 2000
-_TARGETS = ("tensorrt", "onnxruntime", "auto")
 # the build page's and its calibration section's search and page (the section swaps itself)
 _TableSearch = Annotated[str, Query(max_length=200)]
 _TablePage = Annotated[int, Query(ge=1, le=_MAX_PAGE)]
@@ -94,7 +94,7 @@ async def index(
             "where": where,
             "statuses": [s.value for s in BuildStatus],
             "precisions": [p.value for p in Precision],
-            "targets": _TARGETS,
+            "targets": [b.value for b in BackendName],
         }
 
     return await page(request, state, "index.html", gather)
@@ -342,4 +342,3 @@ def _signed_out(request: Request, state: AppState) -> Response:
         samesite="strict",
     )
     return response
-

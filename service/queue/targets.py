@@ -15,7 +15,7 @@ import re
 from collections.abc import Sequence
 
 from engines.backends.base import BuildTarget
-from engines.backends.registry import choose_target
+from engines.backends.registry import builds_versioned_by_target, choose_target
 from engines.names import BackendName
 from service.schemas import TargetRequest
 
@@ -49,7 +49,7 @@ def target_matches(request: TargetRequest, target: BuildTarget) -> bool:
         elif request.gpu.casefold() not in target.device.casefold():
             return False
     if request.tensorrt is not None:
-        if target.backend != BackendName.TENSORRT.value:
+        if not builds_versioned_by_target(target.backend):
             return False
         if not _version_has_prefix(target.backend_version, request.tensorrt):
             return False

@@ -40,7 +40,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from calibrators.errors import DatasetError
 from core.errors import ModelError
-from engines.backends.registry import choose_target
+from engines.backends.registry import choose_target, version_requestable
 from engines.spec import BackendName, Precision
 from service.db.models import BuildLogRow, BuildRow, DatasetRow, JobRow, ModelRow, utcnow
 from service.errors import ConflictError, NoTargetError, NotFoundError
@@ -231,13 +231,11 @@ def _check_dataset_names(dataset: DatasetRow, model: ModelRow, names: list[str])
     )
 
 
-def _check_target(
-    queue: JobQueue, requested: BackendName, target: TargetRequest | None
-) -> None:
+def _check_target(queue: JobQueue, requested: BackendName, target: TargetRequest | None) -> None:
     """Refuse a request no live worker could ever build (its backend, and its target: GPU,
     TensorRT version, labels); with no live worker at all the build waits (workers may start
     later: ``serve --workers 0`` plus ``trtforge worker`` elsewhere)."""
-    if target is not None and target.tensorrt is not None and requested not in _TENSORRT_ASKS:
+    if target is not None and target.tensorrt is not None and not version_requestable(requested):
         raise NoTargetError(
             f"A build for backend {requested.value!r} cannot ask for TensorRT {target.tensorrt}.",
             hint="Ask for backend tensorrt (or auto), or leave out target.tensorrt.",
@@ -253,9 +251,6 @@ def _check_target(
         f"No live worker builds for {asked}; the live workers build for: {'; '.join(offered)}.",
         field="target" if backend_served else "spec.backend",
     )
-
-
-_TENSORRT_ASKS = (BackendName.AUTO, BackendName.TENSORRT)
 
 
 def submit_build(

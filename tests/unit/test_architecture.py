@@ -199,3 +199,51 @@ def test_the_thin_http_client_loads_no_numpy_onnx_or_server_libraries() -> None:
     heavy = ("numpy", "onnx", "onnxruntime", "PIL", "sqlalchemy", "fastapi", "starlette", "numba")
     pulled = sorted(m for m in loaded if m.split(".")[0] in heavy)
     assert not pulled, pulled
+
+
+# Where a backend's name may be written: the names, the registry and each backend's own adapter.
+BACKEND_NAME_HOMES = {
+    "engines/names.py",
+    "engines/backends/registry.py",
+    "engines/backends/onnxruntime.py",
+    "engines/backends/tensorrt.py",
+    "engines/backends/tensorrt_runner.py",
+}
+_MODULE_LOOKUPS = {"find_spec", "import_module"}  # "onnxruntime" there names a Python module
+
+
+def _backend_names_written(tree: ast.AST) -> list[int]:
+    """Lines of string constants that are a backend's name (module lookups aside)."""
+    names = {"tensorrt", "onnxruntime"}
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if called in _MODULE_LOOKUPS:
+                skip.update(id(arg) for arg in node.args)
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and node.value in names and id(node) not in skip
+    ]
+
+
+def test_backend_names_are_written_only_in_the_registry_and_the_adapters() -> None:
+    # A new backend is one module plus one registry line: nothing else compares or lists names.
+    found = []
+    for path in sorted(p for pkg in ("engines", "service") for p in (ROOT / pkg).rglob("*")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel in BACKEND_NAME_HOMES or path.name.endswith(".min.js"):
+            continue
+        if path.suffix == ".py":
+            found += [f"{rel}:{line}" for line in _backend_names_written(ast.parse(path.read_text()))]
+        elif path.suffix in (".html", ".js", ".tmpl"):
+            text = path.read_text()
+            found += [rel for name in ("tensorrt", "onnxruntime") if f'"{name}"' in text]
+    assert not found, found
+
+
+def test_the_backend_name_finder_finds_a_written_name() -> None:
+    tree = ast.parse('import importlib\nimportlib.util.find_spec("onnxruntime")\nif b == "tensorrt": pass\n')
+    assert _backend_names_written(tree) == [3]
