@@ -154,6 +154,9 @@ class Settings(BaseSettings):
     """Bounds on the size parameters of a build request: larger values answer 422."""
     max_preprocessed_pixels: int = Field(default=4096 * 4096, gt=0)
     """Pixels of one image after preprocessing (resize_shorter, center_crop)."""
+    worker_cache_bytes: int = Field(default=50 * _GiB, ge=0)
+    """Disk a remote worker (``trtforge worker --api``) keeps for downloaded models and datasets;
+    least recently used inputs no running build needs go first. 0: no bound."""
     build_memory_bytes: int | None = Field(default=None, ge=0)
     """Data memory a build process may take (``RLIMIT_DATA``): a build over it fails with
     ``resource_limit``, not the worker. ``None``: three quarters of this machine's memory;

@@ -36,6 +36,7 @@ from service.schemas import (
 )
 from service.settings import Settings, hostname
 from service.store.storage import Storage
+from service.worker.input_cache import InputCache
 from service.worker.processes import process_tag
 from service.worker.remote_client import RemoteAccess, WorkerClient
 from service.worker.runner import RunnerInput
@@ -230,6 +231,13 @@ def run_remote_worker(
             time.sleep(delay)
             delay = min(_MAX_PREFLIGHT_WAIT_S, delay * 2)
         storage.remove_stale_tmp()  # of this directory's processes that were killed
+        trimmed = InputCache(storage, settings.worker_cache_bytes or None).trim()
+        if trimmed.removed:
+            log.info(
+                "removed %d left-over work folder(s) and cached input(s), %.1f MiB freed",
+                len(trimmed.removed),
+                trimmed.freed_bytes / 2**20,
+            )
         runner = RemoteWorker(settings, storage, client, token=token)
         shown = f", labels: {', '.join(settings.worker_labels)}" if settings.worker_labels else ""
         echo(f"trtforge worker {runner.id} via {client.server}: {len(runner.slots)} slot(s){shown}")

@@ -5,7 +5,8 @@ build (:func:`service.worker.pipeline.execute`), reading and recording through t
   sha256; each is downloaded into a staging folder of the worker's data directory, checked, and
   the folder is published in one rename as ``models/<id>`` or ``datasets/<id>``: the worker's
   cache, keyed by the digest ids the API gives them, used again by later builds (its files' sizes
-  are checked each time).
+  are checked each time), bounded by :class:`~service.worker.input_cache.InputCache` (what a
+  running build uses is pinned; the rest goes least recently used first).
 - **Records.** :class:`RemoteRecorder` sends status, stage, progress, stage timings and log
   lines to ``/v1/worker/builds/{id}/update``; a cancel request is read at every stage boundary.
 - **Results.** :class:`RemoteStore` uploads the artifact and the report (streamed, sha256-checked
@@ -39,6 +40,7 @@ from service.schemas import (
 )
 from service.settings import Settings
 from service.store.storage import Storage
+from service.worker.input_cache import InputCache
 from service.worker.limits import resource_limit_failure
 from service.worker.measures import EvalDataset
 from service.worker.pipeline import BuildPlan, BuildStore, execute
@@ -73,26 +75,28 @@ def run_remote_build(
     own = client is None
     client = client or WorkerClient(access.api_url, access.token)
     recorder = RemoteRecorder(client, build_id, access.worker_id, settings.data_dir)
+    cache = InputCache(storage, settings.worker_cache_bytes or None)
 
     def prepare() -> tuple[BuildPlan, BuildStore]:
         plan = client.plan(build_id)
-        local = _local_plan(plan, client, storage, recorder)
+        local = _local_plan(plan, client, cache, recorder)
         return local, RemoteStore(client, build_id, access.worker_id)
 
     try:
-        try:
-            status = execute(
-                recorder,
-                prepare,
-                work=storage.work_dir(build_id),
-                settings=settings,
-                attempt=attempt,
-            ).value
-        except MemoryError:
-            status = None
-        except cancelled:
-            recorder.cancelled()
-            return BuildStatus.CANCELLED.value
+        with cache.holding(storage.work_dir(build_id)):
+            try:
+                status = execute(
+                    recorder,
+                    prepare,
+                    work=storage.work_dir(build_id),
+                    settings=settings,
+                    attempt=attempt,
+                ).value
+            except MemoryError:
+                status = None
+            except cancelled:
+                recorder.cancelled()
+                return BuildStatus.CANCELLED.value
         if status is None:  # out of the except block: what was allocated is gone now
             recorder.fail(*resource_limit_failure("an allocation failed", memory_limit))
             status = BuildStatus.FAILED.value
@@ -104,32 +108,31 @@ def run_remote_build(
 
 
 def _local_plan(
-    plan: WorkerBuildPlan, client: WorkerClient, storage: Storage, recorder: RecorderBase
+    plan: WorkerBuildPlan, client: WorkerClient, cache: InputCache, recorder: RecorderBase
 ) -> BuildPlan:
-    """The build's plan with its inputs in this worker's cache (downloaded when missing)."""
-    model_dir = fetch_entry(
-        client, storage, "models", plan.model_id, plan.model_files, storage.model_dir(plan.model_id)
-    )
-    dataset_dir = fetch_entry(
-        client,
-        storage,
-        "datasets",
-        plan.dataset_id,
-        plan.dataset_files,
-        storage.dataset_dir(plan.dataset_id),
+    """The build's plan with its inputs in this worker's cache (pinned, downloaded when
+    missing), the cache trimmed to its bound afterwards."""
+    storage = cache.storage
+
+    def fetch(kind: str, entry_id: str, files: list[InputFile], dest: Path) -> Path:
+        cache.pin(dest)
+        return fetch_entry(client, storage, kind, entry_id, files, dest)
+
+    model_dir = fetch("models", plan.model_id, plan.model_files, storage.model_dir(plan.model_id))
+    dataset_dir = fetch(
+        "datasets", plan.dataset_id, plan.dataset_files, storage.dataset_dir(plan.dataset_id)
     )
     evaluation = None
     if plan.eval_dataset is not None:
         wanted = plan.eval_dataset
-        folder = fetch_entry(
-            client, storage, "datasets", wanted.id, wanted.files, storage.dataset_dir(wanted.id)
-        )
+        folder = fetch("datasets", wanted.id, wanted.files, storage.dataset_dir(wanted.id))
         path = folder / wanted.data_filename
         evaluation = EvalDataset(wanted.id, path, wanted.preprocess, wanted.input_name)
     recorder.log(
         f"Inputs in this worker's cache: model {plan.model_id[:12]}, dataset {plan.dataset_id[:12]}"
         + (f", evaluation dataset {evaluation.id[:12]}." if evaluation else ".")
     )
+    _report_trim(cache, recorder)
     return BuildPlan(
         build_id=plan.build_id,
         request=plan.request,
@@ -144,6 +147,22 @@ def _local_plan(
         input_name=plan.input_name,
         eval_dataset=evaluation,
     )
+
+
+def _report_trim(cache: InputCache, recorder: RecorderBase) -> None:
+    trimmed = cache.trim()
+    entries = [p for p in trimmed.removed if p.parent != cache.storage.work_root]
+    if entries:
+        recorder.log(
+            f"Worker cache trimmed: {len(entries)} unused input(s) removed, "
+            f"{trimmed.freed_bytes / 2**20:.1f} MiB freed."
+        )
+    if trimmed.over_by_pinned:
+        recorder.log(
+            f"Worker cache is {trimmed.over_by_pinned / 2**20:.1f} MiB over "
+            "TRTFORGE_WORKER_CACHE_BYTES with inputs running builds need; they stay.",
+            level="warning",
+        )
 
 
 def fetch_entry(

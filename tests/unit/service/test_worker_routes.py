@@ -191,7 +191,42 @@ def test_a_worker_without_the_filesystem_runs_builds_through_the_api(
     assert (folder / "models" / inputs["model_id"] / "tiny.onnx").is_file()
     assert (folder / "datasets" / inputs["dataset_id"]).is_dir()
     assert not list((folder / "work").iterdir())
+    assert not list((folder / "pins").iterdir())  # the builds' pins went with them
     assert not (folder / "blobs").exists()  # results went to the API
+
+
+def test_a_bounded_worker_cache_drops_unused_inputs_and_keeps_the_running_builds(
+    api: TestClient,
+    worker_client: WorkerClient,
+    inputs: dict[str, str],
+    tokens: dict[Scope, str],
+    tmp_path: Path,
+    db_url: str,
+) -> None:
+    job = _claimed_build(api, worker_client, inputs, tokens)
+    folder = tmp_path / "worker-data"
+    settings = make_settings(folder, db_url, worker_cache_bytes=1)  # smaller than any input
+    storage = Storage(folder)
+    storage.prepare()
+    stale = storage.model_dir("f" * 64)  # an input of builds long gone
+    stale.mkdir()
+    (stale / "model.onnx").write_bytes(b"x" * 4096)
+    killed = storage.work_dir("killed-build")  # what a kill -9 left
+    killed.mkdir()
+    worker_id = worker_client.workers()[0].id
+    access = RemoteAccess(api_url="http://testserver", token=None, worker_id=worker_id)
+    status = run_remote_build(
+        job.build_id, job.attempt, access, settings, None, _Cancelled, client=worker_client
+    )
+    assert status == "succeeded"
+    assert not stale.exists() and not killed.exists()
+    assert (folder / "models" / inputs["model_id"] / "tiny.onnx").is_file()  # it was in use
+    headers = _bearer(tokens[Scope.BUILD])
+    lines = [
+        line["message"] for line in api.get(f"/v1/builds/{job.build_id}/logs", headers=headers).json()
+    ]
+    assert any(line.startswith("Worker cache trimmed: 1 unused input(s) removed") for line in lines)
+    assert any("over TRTFORGE_WORKER_CACHE_BYTES with inputs running builds need" in line for line in lines)
 
 
 def test_writes_from_a_worker_that_does_not_hold_the_build_are_refused(
