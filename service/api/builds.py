@@ -163,7 +163,9 @@ def get_build_logs(
 @router.post("/{build_id}/cancel", operation_id="cancel_build", status_code=202)
 def cancel_build(build_id: str, state: StateDep, caller: BuildAccess) -> BuildPublic:
     with state.db.session() as session:
-        return builds.build_public(builds.cancel_build(session, build_id, caller.visible))
+        return builds.build_public(
+            builds.cancel_build(session, state.queue, build_id, caller.visible)
+        )
 
 
 @router.delete("/{build_id}", operation_id="delete_build", status_code=204)

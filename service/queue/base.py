@@ -68,6 +68,11 @@ class JobQueue(Protocol):
         """Add a job for ``build_id`` in the caller's transaction (the caller commits)."""
         ...
 
+    def withdraw(self, session: Session, build_id: str) -> None:
+        """Take the waiting job of ``build_id`` (cancelled while queued) out of the queue, in the
+        caller's transaction (the caller commits): no worker may fetch it after that commit."""
+        ...
+
     def claim(self, worker_id: str, targets: Sequence[BuildTarget]) -> Job | None:
         """Take the oldest queued job that one of ``targets`` serves (its requested backend, and
         its requested target with the labels ``worker_id`` registered:

@@ -52,6 +52,11 @@ class DatabaseQueue:
         else:  # a resubmitted failed build runs again with fresh attempts
             job.state, job.attempts, job.worker_id = JobState.QUEUED.value, 0, None
 
+    def withdraw(self, session: Session, build_id: str) -> None:
+        job = session.scalar(select(JobRow).where(JobRow.build_id == build_id))
+        if job is not None and job.state == JobState.QUEUED.value:
+            job.state = JobState.FINISHED.value  # claims take only queued jobs
+
     def claim(self, worker_id: str, targets: Sequence[BuildTarget]) -> Job | None:
         for _ in range(_CLAIM_RETRIES):
             with self._db.session() as session:

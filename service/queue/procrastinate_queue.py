@@ -22,8 +22,8 @@ build row:
   (``prune_stalled_workers``); its running jobs become Procrastinate's stalled jobs
   (``select_stalled_jobs_by_heartbeat``) and are retried once (``retry_job``), then failed
   (``finish_job``) after ``max_attempts`` runs.
-- **Cancellation**: cancelling a queued build withdraws its job (``cancel_job_by_id``) before any
-  worker can fetch it.
+- **Cancellation**: cancelling a queued build withdraws its job (``cancel_job_by_id``) in the
+  cancel's transaction, so no worker can fetch it after the cancel answers.
 
 The build's row in trtforge's ``jobs`` table stays its job record (state, attempts, worker: what
 the API, ``/v1/workers`` and ``/metrics`` show); it is written in the same transactions as
@@ -89,17 +89,23 @@ class ProcrastinateQueue(DatabaseQueue):
     # -- jobs --------------------------------------------------------------------------------
 
     def enqueue(self, session: Session, build_id: str) -> None:
+        self._withdraw_waiting(session, build_id)  # a job of an earlier run, should one wait
         super().enqueue(session, build_id)  # the job record
         session.flush()
-        build = session.get_one(BuildRow, build_id)
-        waiting = raw_connection(session).execute(  # a job of a cancelled run not yet withdrawn
+        self._defer(session, session.get_one(BuildRow, build_id))  # fresh attempts
+
+    def withdraw(self, session: Session, build_id: str) -> None:
+        super().withdraw(session, build_id)  # the job record
+        self._withdraw_waiting(session, build_id)
+
+    def _withdraw_waiting(self, session: Session, build_id: str) -> None:
+        waiting = raw_connection(session).execute(
             "SELECT id FROM procrastinate_jobs WHERE lock = %s AND status = 'todo' "
             "AND task_name = %s FOR UPDATE",
             (build_id, TASK),
         )
         for (job_id,) in waiting.fetchall():
             self._app.job_manager.cancel_job_by_id(job_id, connection=raw_connection(session))
-        self._defer(session, build)  # fresh attempts
 
     def _defer(self, session: Session, build: BuildRow) -> None:
         wanted = _wanted(build.requested_target)
@@ -163,8 +169,9 @@ class ProcrastinateQueue(DatabaseQueue):
         return None
 
     def _withdraw(self, session: Session, queues: list[str] | None) -> None:
-        """Cancel the waiting jobs of builds cancelled while queued (``cancel_build`` ends the
-        job record in the cancel's transaction; Procrastinate's job follows here)."""
+        """Cancel waiting jobs whose job record is no longer queued: ``withdraw`` does it in the
+        cancel's transaction; this catches records ended by anything else (a process running the
+        ``database`` queue on the same database, a deleted build)."""
         rows = raw_connection(session).execute(
             "SELECT p.id FROM procrastinate_jobs p LEFT JOIN jobs j ON j.build_id = p.lock "
             "WHERE p.status = 'todo' AND p.task_name = %s "

@@ -389,8 +389,11 @@ def list_builds(
     return newest_first(session, query, BuildRow, limit, offset, load=[selectinload(BuildRow.job)])
 
 
-def cancel_build(session: Session, build_id: str, project: str | None = None) -> BuildRow:
-    """Cancel now (queued) or at the next stage boundary (running). Idempotent once ended."""
+def cancel_build(
+    session: Session, queue: JobQueue, build_id: str, project: str | None = None
+) -> BuildRow:
+    """Cancel now (queued: its job withdrawn from ``queue`` in the same transaction) or at the
+    next stage boundary (running). Idempotent once ended."""
     row = get_build(session, build_id, project)
     status = BuildStatus(row.status)
     if status.terminal:
@@ -403,7 +406,7 @@ def cancel_build(session: Session, build_id: str, project: str | None = None) ->
     row.cancel_requested = True
     job = row.job
     if status is BuildStatus.QUEUED and job is not None and job.state == JobState.QUEUED.value:
-        job.state = JobState.FINISHED.value
+        queue.withdraw(session, row.id)
         row.status = BuildStatus.CANCELLED.value
         row.finished_at = utcnow()
         add_log(session, row.id, "Build cancelled before it started.", level="warning")

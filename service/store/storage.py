@@ -8,6 +8,7 @@
       datasets/<id>/               one uploaded dataset: dataset.<npz|zip> (+ preprocess.json)
       work/<build id>/             a running build's scratch space, removed when it ends
       tmp/p<pid>-<start>/          this process's temporary files
+      pins/p<pid>-<start>/, cache.lock   a remote worker's input cache (service.worker.input_cache)
 
 Every file is written in ``tmp/`` (same file system), flushed with ``fsync`` and renamed into
 place; a directory entry (model, dataset) is assembled in ``tmp/`` and renamed as a whole. A

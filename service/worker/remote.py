@@ -100,6 +100,11 @@ class RemoteQueue:
             "A worker does not queue builds.", hint="Submit builds with POST /v1/builds."
         )
 
+    def withdraw(self, session: Session, build_id: str) -> None:
+        raise ServiceError(
+            "A worker does not cancel builds.", hint="Cancel with POST /v1/builds/{id}/cancel."
+        )
+
     def claim(self, worker_id: str, targets: Sequence[BuildTarget]) -> Job | None:
         self._storage.check()
         job = self._client.claim(WorkerClaim(worker_id=worker_id, targets=list(targets)))

@@ -212,9 +212,11 @@ def test_finish_release_and_attempts(db: Database, queue: Any) -> None:
 def test_cancelling_a_queued_build_withdraws_its_job(db: Database, queue: Any) -> None:
     enqueue_builds(db, queue, "b1", "b2")
     with db.session() as session:
-        cancelled = builds.cancel_build(session, "b1")
+        cancelled = builds.cancel_build(session, queue, "b1")
         assert cancelled.status == BuildStatus.CANCELLED.value
-    assert queue.depth() == 1  # at once
+    # withdrawn in the cancel's transaction, before any claim or recovery
+    assert [(j["lock"], j["status"]) for j in _jobs(db)] == [("b1", "cancelled"), ("b2", "todo")]
+    assert queue.depth() == 1
     queue.register_worker("w", 1, CPU)
     job = queue.claim("w", CPU)
     assert job is not None and job.build_id == "b2"
