@@ -16,7 +16,7 @@ from engines.backends.base import BuildTarget
 from service.api import workers as workers_api
 from service.api.builds import load_build
 from service.api.deps import AppState, StateDep
-from service.dashboard.queries import model_names
+from service.dashboard.queries import model_filenames, model_names
 from service.dashboard.session import Viewer
 from service.dashboard.views import (
     compare_rows,
@@ -241,16 +241,18 @@ async def compare_page(
     wanted = [i for text in ids for i in text.split(",") if i.strip()][:_MAX_COMPARE]
 
     def gather(viewer: Viewer) -> dict[str, Any]:
-        found = []
+        rows = []
         with state.db.session() as session:
             for build_id in wanted:
                 row = load_build(session, build_id.strip())
                 if viewer.principal.visible not in (None, row.project):
                     raise NotFoundError(f"No build with id {build_id!r}.", field="ids")
-                build = builds.build_public(row)
-                report = stored_report(state.storage, row.report_sha256)
-                filename = store.get_model(session, row.model_id).filename
-                found.append((build, summary_of(build, report), filename))
+                rows.append((builds.build_public(row), row.report_sha256))
+            filenames = model_filenames(session, {b.model_id for b, _ in rows})
+        found = []  # reports are read with no database connection held
+        for build, report_sha256 in rows:
+            report = stored_report(state.storage, report_sha256)
+            found.append((build, summary_of(build, report), filenames.get(build.model_id, "")))
         summaries = [s for _, s, _ in found]
         chart = {
             "labels": [f"{b.id[:8]} {b.spec.precision.value}" for b, _, _ in found],

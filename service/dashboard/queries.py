@@ -7,11 +7,12 @@ from dataclasses import dataclass
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.sql.elements import SQLCoreOperations
 
 from service.db.models import BuildRow, ModelRow
 from service.schemas import BuildStatus
 
-__all__ = ["BuildFilter", "filtered_builds", "model_names"]
+__all__ = ["BuildFilter", "filtered_builds", "model_filenames", "model_names"]
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,16 @@ def filtered_builds(
 
 def model_names(session: Session, model_ids: set[str]) -> dict[str, str]:
     """Model id -> its name (the one its user gave it, else its file name)."""
+    return _by_model_id(session, model_ids, func.coalesce(ModelRow.name, ModelRow.filename))
+
+
+def model_filenames(session: Session, model_ids: set[str]) -> dict[str, str]:
+    """Model id -> the file name it was uploaded as (one query)."""
+    return _by_model_id(session, model_ids, ModelRow.filename)
+
+
+def _by_model_id(session: Session, model_ids: set[str], column: SQLCoreOperations[str]) -> dict[str, str]:
     if not model_ids:
         return {}
-    name = func.coalesce(ModelRow.name, ModelRow.filename)
-    rows = session.execute(select(ModelRow.id, name).where(ModelRow.id.in_(model_ids)))
-    return {model_id: name for model_id, name in rows}
+    rows = session.execute(select(ModelRow.id, column).where(ModelRow.id.in_(model_ids)))
+    return {model_id: value for model_id, value in rows}

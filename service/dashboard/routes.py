@@ -216,13 +216,18 @@ async def build_calibration(
     q: _TableSearch = "",
     tpage: _TablePage = 1,
 ) -> Response:
-    """The calibration section of the build page, filtered and paged (its search swaps it)."""
-    return await page(
-        request,
-        state,
-        "_calibration.html",
-        lambda v: _build_context(state, v, build_id, q, tpage),
-    )
+    """The calibration section of the build page, filtered and paged (its search swaps it):
+    reads the build row and its table only."""
+
+    def gather(viewer: Viewer) -> dict[str, Any]:
+        with state.db.session() as session:
+            row = visible_build(session, build_id, viewer)
+            table = _table_page(session, state, row.table_id, q, tpage)
+            build = builds.build_public(row)
+        charts = {"ranges": json_for_script(table.chart)} if table is not None and table.rows else {}
+        return {"b": build, "table": table, "charts": charts}
+
+    return await page(request, state, "_calibration.html", gather)
 
 
 def _reproduce_script(

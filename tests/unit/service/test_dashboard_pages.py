@@ -20,6 +20,8 @@ from service.queue.database import DatabaseQueue
 from service.schemas import BuildPublic, Scope
 from service.settings import Settings
 from service.store import builds
+from service.store.storage import Storage
+from service.store.tables import store_table
 from tests.unit.service.support import dataset_bytes, insert_build, login_form, model_bytes
 
 PAGES = ["/", "/builds/new", "/compare", "/sweeps", "/models", "/datasets", "/tables", "/workers"]
@@ -175,6 +177,49 @@ def test_a_classifiers_291_tensors_are_paged_and_searchable() -> None:
     found = calibration_page(table, "LAYER29", 1)
     assert [r.name for r in found.rows] == ["layer29.out", *(f"layer{i}.out" for i in range(290, 291))]
     assert found.rows[0].method == "minmax" and found.matching == 2
+
+
+def test_the_calibration_section_pages_and_searches_the_builds_table(
+    client: TestClient, settings: Settings, db_url: str
+) -> None:
+    table = CalibrationTable(amax={f"layer{i}.out": 1.0 + i for i in range(291)}, method="minmax")
+    db = Database(db_url)
+    with db.session() as session:
+        row = insert_build(session, "b1", status="succeeded")
+        stored, _ = store_table(
+            session,
+            Storage(settings.data_dir),
+            key="t" * 64,
+            model_id=row.model_id,
+            dataset_id=row.dataset_id,
+            table=table,
+            source="calibrated",
+            missing=[],
+        )
+        row.table_id = stored.id
+        session.commit()
+    db.dispose()
+    section = client.get("/builds/b1/calibration", params={"q": "LAYER29"})
+    assert section.status_code == 200
+    names = re.findall(r"<td><code>(layer\d+\.out)</code></td>", section.text)
+    assert names == ["layer29.out", "layer290.out"]
+    assert "<h1" not in section.text and 'id="log"' not in section.text  # the section, alone
+    last = client.get("/builds/b1/calibration", params={"tpage": 99}).text  # clamped
+    assert "layer290.out" in last and "layer0.out" not in last
+    assert client.get("/builds/nope/calibration").status_code == 404
+
+
+def test_the_compare_page_names_each_builds_model(client: TestClient, db_url: str) -> None:
+    db = Database(db_url)
+    with db.session() as session:
+        for build_id in ("b1", "b2"):
+            insert_build(session, build_id, status="succeeded")
+        session.commit()
+    db.dispose()
+    page = client.get("/compare", params={"ids": "b1,b2"})
+    assert page.status_code == 200
+    assert page.text.count("m.onnx") >= 2
+    assert client.get("/compare", params={"ids": "b1,nope"}).status_code == 404
 
 
 def test_a_collapsed_output_and_a_failed_gate_are_named(client: TestClient, db_url: str) -> None:
