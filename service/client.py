@@ -56,6 +56,7 @@ from service.schemas import (
     TargetRequest,
     TokenCreated,
     TokenPublic,
+    WorkerPublic,
 )
 
 __all__ = ["BuildEvent", "ProgressFn", "TrtforgeClient"]
@@ -336,6 +337,13 @@ class TrtforgeClient(ResourcesMixin):
             limit=limit,
             offset=offset,
         )
+
+    def workers(self, *, include_stopped: bool = False) -> list[WorkerPublic]:
+        """Live workers (all with ``include_stopped``), newest first, with their targets."""
+        response = self._request(
+            "GET", "/v1/workers", params={"include_stopped": include_stopped}
+        )
+        return TypeAdapter(list[WorkerPublic]).validate_json(response.content)
 
     def cancel_build(self, build_id: str) -> BuildPublic:
         response = self._request("POST", f"/v1/builds/{build_id}/cancel")

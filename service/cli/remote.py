@@ -234,8 +234,10 @@ def _show_sensitivity(public: SensitivityPublic, as_json: bool) -> None:
 
 
 def register(group: click.Group) -> None:
-    """Add ``sweeps``, ``sensitivity-submit``, ``models`` and ``datasets`` to the root group."""
+    """Add ``sweeps``, ``sensitivity-submit``, ``models``, ``datasets``, ``builds`` and
+    ``workers`` to the root group."""
+    from service.cli.builds import builds, workers
     from service.cli.catalog import datasets, models
 
-    for command in (sweeps, sensitivity_submit, models, datasets):
+    for command in (sweeps, sensitivity_submit, models, datasets, builds, workers):
         group.add_command(command)

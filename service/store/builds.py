@@ -401,7 +401,8 @@ def cancel_build(
             return row
         raise ConflictError(
             f"Build {build_id[:12]} already ended ({status.value}); there is nothing to cancel.",
-            hint="Delete it with DELETE /v1/builds/{id} if it is no longer needed.",
+            hint="Delete it if it is no longer needed: DELETE /v1/builds/{id}, or "
+            "trtforge builds delete ID.",
         )
     row.cancel_requested = True
     job = row.job

@@ -1,4 +1,4 @@
-"""``trtforge submit/status/download/report`` against a real server."""
+"""``trtforge submit/status/download/report``, ``builds`` and ``workers`` against a real server."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from service.cli import remote
+from service.cli import server as server_commands
 from service.cli.report_text import render_report_summary
-from service.cli.server import register
 from service.schemas import BuildPublic, BuildReport
 from tests.integration.conftest import Server, running_server
 from tests.unit.service.support import dataset_bytes, model_bytes
@@ -29,7 +30,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def cli() -> click.Group:
     group = click.Group()
-    register(group)
+    server_commands.register(group)
+    remote.register(group)
     return group
 
 
@@ -162,3 +164,44 @@ def test_errors_are_one_line_with_a_hint(server: Server, cli: click.Group) -> No
     assert result.exit_code == 2
     assert result.stderr.splitlines()[0] == "error: No build with id 'nope'."
     assert result.stderr.splitlines()[1].startswith("hint: ")
+
+
+def test_builds_are_listed_logged_cancelled_and_deleted_and_workers_shown(
+    server: Server, cli: click.Group, tmp_path: Path
+) -> None:
+    model, data = tmp_path / "cnn.onnx", tmp_path / "calib.npz"
+    model.write_bytes(model_bytes(seed=11))
+    data.write_bytes(dataset_bytes(count=6, seed=11))
+    runner = CliRunner()
+    at = ["--server", server.url]
+    submitted = runner.invoke(
+        cli, ["submit", str(model), "--data", str(data), "--precision", "fp16", "--wait", "--json", *at]
+    )
+    assert submitted.exit_code == 0, submitted.output
+    build_id = json.loads(submitted.stdout)["id"]
+
+    listed = runner.invoke(cli, ["builds", "list", "--precision", "fp16", *at])
+    assert listed.exit_code == 0, listed.output
+    [line] = [x for x in listed.stdout.splitlines() if x.startswith(build_id)]
+    assert "succeeded" in line and "fp16" in line and "onnxruntime" in line
+    failed_only = runner.invoke(cli, ["builds", "list", "--status", "failed", *at])
+    assert failed_only.exit_code == 0 and build_id not in failed_only.stdout
+    as_json = runner.invoke(cli, ["builds", "list", "--json", "--limit", "1", *at])
+    assert json.loads(as_json.stdout)["items"][0]["id"] == build_id  # newest first
+
+    logs = runner.invoke(cli, ["builds", "logs", build_id, *at])
+    assert logs.exit_code == 0 and logs.stdout.rstrip().endswith("Build succeeded.")
+    followed = runner.invoke(cli, ["builds", "logs", build_id, "--follow", *at])
+    assert followed.exit_code == 0 and followed.stdout == logs.stdout  # ended: no line twice
+
+    refused = runner.invoke(cli, ["builds", "cancel", build_id, *at])
+    assert refused.exit_code == 2 and "already ended (succeeded)" in refused.stderr
+
+    shown = runner.invoke(cli, ["workers", *at])
+    assert shown.exit_code == 0, shown.output
+    assert "slots 1" in shown.stdout and "targets: onnxruntime " in shown.stdout
+    assert " on cpu" in shown.stdout and "cpu cpu" not in shown.stdout
+
+    assert runner.invoke(cli, ["builds", "delete", build_id, *at]).exit_code == 0
+    gone = runner.invoke(cli, ["status", build_id, *at])
+    assert gone.exit_code == 2 and "No build" in gone.stderr

@@ -25,7 +25,7 @@ from service.cli.options import (
     spec_from_options,
     spec_request,
 )
-from service.schemas import BuildCreate, Scope, SweepPreset
+from service.schemas import BuildCreate, BuildStatus, Scope, SweepPreset
 
 ENUM_OPTIONS: dict[str, type[StrEnum]] = {
     "--precision": Precision,
@@ -39,6 +39,7 @@ ENUM_OPTIONS: dict[str, type[StrEnum]] = {
     "--execution": QdqExecution,
     "--metric": AccuracyMetric,
     "--preset": SweepPreset,
+    "--status": BuildStatus,
 }
 """Each option that offers a fixed set of values, and the enum that defines them."""
 
