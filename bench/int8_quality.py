@@ -201,7 +201,10 @@ def build_model(
         split = flow.split(data, eval_fraction=0)
         start = time.perf_counter()
         calibration = flow.calibrate(
-            split.calibration, batch_size=model.calibration_batch_size, threads=threads
+            split.calibration,
+            held_out=CalibrationDataset.from_arrays(model.evaluation),  # as a build's split
+            batch_size=model.calibration_batch_size,
+            threads=threads,
         )
         if calibration is None:
             raise RuntimeError(f"{model.key}: the workflow computed no calibration table")
@@ -225,8 +228,9 @@ def build_model(
     return out, row
 
 
-def smoothing_record(report: Any) -> dict[str, int] | None:
-    """How many activations SmoothQuant / CLE smoothed (None: smoothing off)."""
+def smoothing_record(report: Any) -> dict[str, Any] | None:
+    """How many activations SmoothQuant / CLE smoothed, and ``auto``'s whole-model check (its
+    SQNR with and without, on calibration rows); None: smoothing off."""
     if report is None:
         return None
     applied = report.applied
@@ -234,6 +238,7 @@ def smoothing_record(report: Any) -> dict[str, int] | None:
         "smoothed": len(applied),
         "considered": len(report.tensors),
         "inserted_mul": sum(bool(t.inserted_mul) for t in applied),
+        "judged": report.judged.model_dump() if report.judged is not None else None,
     }
 
 
@@ -344,6 +349,12 @@ def measure_variant(
     techniques = [
         f"smoothed {r['smoothed']}/{r['considered']}" if (r := row.get("smoothing")) else "",
         f"biases {r['corrected']}/{r['considered']}" if (r := row.get("bias_correction")) else "",
+        (
+            f"judged {j['sqnr_smoothed_db']:.1f} vs {j['sqnr_plain_db']:.1f} dB "
+            f"({'kept' if j['kept'] else 'dropped'})"
+            if (r := row.get("smoothing")) and (j := r.get("judged"))
+            else ""
+        ),
     ]
     log(
         f"{model.key}: {name}: {row['task']} sqnr {row['sqnr_db']:.2f} dB cos "

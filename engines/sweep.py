@@ -190,7 +190,12 @@ def sweep(
     calibrated = None
     if table is not None or needs_table:
         report_progress(progress, "calibrating", 0.0)
-        calibrated = flow.calibrate(split.calibration, table=table, force=True)
+        calibrated = flow.calibrate(
+            split.calibration,
+            table=table,
+            held_out=split.evaluation if split.held_out else None,
+            force=True,
+        )
     ctx = _Context(
         flow=flow,
         table=calibrated.table if calibrated is not None else None,

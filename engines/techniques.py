@@ -8,7 +8,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engines.spec import TechniqueMode
 
-__all__ = ["BiasCorrection", "BiasCorrectionReport", "SmoothedTensor", "SmoothingReport"]
+__all__ = [
+    "BiasCorrection",
+    "BiasCorrectionReport",
+    "ModelJudgement",
+    "SmoothedTensor",
+    "SmoothingReport",
+]
 
 
 class BiasCorrection(BaseModel):
@@ -44,6 +50,23 @@ class BiasCorrectionReport(BaseModel):
         return [layer.node for layer in self.layers if layer.applied]
 
 
+class ModelJudgement(BaseModel):
+    """Smoothing judged on the whole model: the INT8 output SQNR (worst output, against FP32)
+    with and without it, each with its own calibration table, on the same samples."""
+
+    model_config = ConfigDict(frozen=True)
+
+    samples: int
+    held_out: bool = True
+    """Whether the samples were held out from calibration (else calibration samples: there was
+    no held-out split, and they favour the smoothing, fitted on them)."""
+    sqnr_smoothed_db: float
+    sqnr_plain_db: float
+    min_gain_db: float
+    """What smoothing must gain over the plain model to be kept."""
+    kept: bool
+
+
 class SmoothedTensor(BaseModel):
     """One activation tensor: the layers reading it, the ``a`` chosen and the error it changes."""
 
@@ -76,6 +99,9 @@ class SmoothingReport(BaseModel):
     """Layer -> why it was not considered (kept, GEMV, no statistics)."""
     not_run: str = ""
     """Why the pass did nothing at all (``off``; a prequantized model)."""
+    judged: ModelJudgement | None = None
+    """``auto``: the whole INT8 model with and without the smoothing, compared on held-out samples
+    (None when nothing was smoothed, or ``on``)."""
 
     @property
     def applied(self) -> list[SmoothedTensor]:

@@ -57,6 +57,7 @@ __all__ = [
     "QdqExecution",
     "VariantEvaluator",
     "default_execution",
+    "execution_for",
     "keep_patterns",
 ]
 
@@ -70,6 +71,18 @@ def default_execution(spec: BuildSpec) -> QdqExecution:
 
     backend, _ = select_backend(spec.backend)
     return BACKENDS[BackendName(backend.name)].qdq_execution
+
+
+def execution_for(backend: str, weight_levels: int) -> QdqExecution:
+    """How to run Q/DQ variants that stand for ``backend``'s artifacts with INT8 weights of
+    ``weight_levels``: the backend's own execution, or Q/DQ as written where that one would
+    quantize weights differently (TensorRT's arithmetic measured on a CPU without VNNI)."""
+    from engines.backends.registry import BACKENDS
+
+    execution = BACKENDS[BackendName(backend)].qdq_execution
+    if _execution_setup(execution)[1] != weight_levels:
+        return QdqExecution.REFERENCE
+    return execution
 
 
 def _execution_setup(execution: QdqExecution) -> tuple[tuple[str, ...], int]:

@@ -146,6 +146,33 @@ class Calibration:
     """SmoothQuant / cross-layer equalization on the FP32 model before calibration."""
 
 
+SMOOTHING_JUDGE_SAMPLES = 128
+"""Held-out samples (else calibration samples), spread over the set, on which ``auto`` smoothing
+is judged."""
+SMOOTHING_MIN_GAIN_DB = 0.5
+"""What ``auto`` smoothing must gain in whole-model INT8 output SQNR to be kept (it changes the
+graph, sometimes with an inserted Mul)."""
+_JUDGE_LIMIT_BYTES = 512 << 20
+"""Larger models keep ``auto`` smoothing unjudged (both are held in memory to compare)."""
+
+
+@dataclass(frozen=True)
+class _CalibrationRun:
+    data: CalibrationDataset
+    held_out: CalibrationDataset | None
+    batch_size: int | None
+    threads: int | None
+    memory_limit_bytes: int | None
+
+
+@dataclass(frozen=True)
+class _Judged:
+    kept: bool
+    report: SmoothingReport
+    plain: tuple[CalibrationTable, str, bool]
+    """The plain model's table, key, and whether it came from the store."""
+
+
 class Workflow:
     """One model and one build spec, checked once; the stages run against them.
 
@@ -171,6 +198,9 @@ class Workflow:
         """The FP32 model INT8 builds start from: the model, or its smoothed and bias-corrected
         copy once :meth:`calibrate` prepared one."""
         self._stats: LayerStats | None = None
+        self._plain_stats: LayerStats | None = None
+        """Layer statistics of the model before smoothing (bias correction's, when the whole-model
+        check drops the smoothing)."""
         self.bias_correction: BiasCorrectionReport | None = None
         """What bias correction did in the last INT8 build (None when it did not run)."""
         self.preparation: dict[str, Any] = {}
@@ -276,6 +306,7 @@ class Workflow:
         calibration: CalibrationDataset | None,
         *,
         table: CalibrationTable | None = None,
+        held_out: CalibrationDataset | None = None,
         batch_size: int | None = None,
         threads: int | None = None,
         memory_limit_bytes: int | None = None,
@@ -283,7 +314,9 @@ class Workflow:
     ) -> Calibration | None:
         """The INT8 table: ``table`` when given, else a stored one under the cache key, else one
         computed from ``calibration``. None when the precision needs no INT8 ranges (unless
-        ``force``)."""
+        ``force``). ``held_out``: samples the calibration did not see (the build's evaluation
+        split), on which ``auto`` smoothing is judged; without them it is judged on calibration
+        samples, which favour it (its scales were fitted on them)."""
         if table is None and not (force or self.spec.precision.uses_int8):
             self.recorder.skip(
                 Stage.CALIBRATE, f"precision {self.spec.precision.value} needs no INT8 ranges"
@@ -310,53 +343,145 @@ class Workflow:
                 field="data",
             )
         return self._calibrate(
-            calibration, batch_size=batch_size, threads=threads, memory_limit_bytes=memory_limit_bytes
+            _CalibrationRun(calibration, held_out, batch_size, threads, memory_limit_bytes)
         )
 
-    def _calibrate(
-        self,
-        calibration: CalibrationDataset,
-        *,
-        batch_size: int | None,
-        threads: int | None,
-        memory_limit_bytes: int | None,
-    ) -> Calibration:
+    def _calibrate(self, run: _CalibrationRun) -> Calibration:
+        from engines.spec import TechniqueMode
+
+        with self.recorder.stage(Stage.CALIBRATE) as progress:
+            stats, smoothing = self._smooth(
+                run.data, run.batch_size, run.threads, run.memory_limit_bytes
+            )
+            table, key, cached = self._table(run, progress.samples)
+            if (
+                smoothing is not None
+                and smoothing.applied
+                and self.spec.smoothing is TechniqueMode.AUTO
+            ):
+                judged = self._judge_smoothing(run, progress.samples, table, smoothing)
+                if judged is not None:
+                    smoothing = judged.report
+                    if not judged.kept:
+                        table, key, cached = judged.plain
+                        stats = self._plain_stats
+            self._stats = stats
+        return Calibration(table, key, cached, False, smoothing)
+
+    def _table(
+        self, run: _CalibrationRun, progress: Any
+    ) -> tuple[CalibrationTable, str, bool]:
+        """The table of :attr:`int8_model_path` on ``run``'s data: stored under its cache key,
+        else computed and stored; (table, key, whether it came from the store)."""
         from calibrators.calibrate import calibrate, table_cache_key
 
         spec = self.spec
-        with self.recorder.stage(Stage.CALIBRATE) as progress:
-            stats, smoothing = self._smooth(calibration, batch_size, threads, memory_limit_bytes)
-            key = table_cache_key(
-                self._int8_model_sha256(), calibration.digest, spec.calibration, spec.histogram
-            )
-            stored = self.store.lookup(key) if self.store is not None else None
-            if stored is not None:
-                self.recorder.log(
-                    f"Calibration table {key[:12]}: {len(stored.amax)} tensors (reused).",
-                    stage=Stage.CALIBRATE,
-                )
-                self._stats = stats
-                return Calibration(stored, key, True, False, smoothing)
-            table = calibrate(
-                self.int8_model_path,
-                calibration,
-                spec.calibration,
-                histogram=spec.histogram,
-                batch_size=batch_size,
-                threads=threads,
-                progress=progress.samples,
-                memory_limit_bytes=memory_limit_bytes,
-            )
-            table = table.model_copy(update={"model_sha256": self.model_sha256})
-            if self.store is not None:
-                self.store.store(key, table)
+        key = table_cache_key(
+            self._int8_model_sha256(), run.data.digest, spec.calibration, spec.histogram
+        )
+        stored = self.store.lookup(key) if self.store is not None else None
+        if stored is not None:
             self.recorder.log(
-                f"Calibration table {key[:12]}: {len(table.amax)} tensors from "
-                f"{table.samples} samples ({spec.calibration.method.value}).",
+                f"Calibration table {key[:12]}: {len(stored.amax)} tensors (reused).",
                 stage=Stage.CALIBRATE,
             )
-            self._stats = stats
-        return Calibration(table, key, False, False, smoothing)
+            return stored, key, True
+        table = calibrate(
+            self.int8_model_path,
+            run.data,
+            spec.calibration,
+            histogram=spec.histogram,
+            batch_size=run.batch_size,
+            threads=run.threads,
+            progress=progress,
+            memory_limit_bytes=run.memory_limit_bytes,
+        )
+        table = table.model_copy(update={"model_sha256": self.model_sha256})
+        if self.store is not None:
+            self.store.store(key, table)
+        self.recorder.log(
+            f"Calibration table {key[:12]}: {len(table.amax)} tensors from "
+            f"{table.samples} samples ({spec.calibration.method.value}).",
+            stage=Stage.CALIBRATE,
+        )
+        return table, key, False
+
+    def _judge_smoothing(
+        self,
+        run: _CalibrationRun,
+        progress: Any,
+        smoothed: CalibrationTable,
+        report: SmoothingReport,
+    ) -> _Judged | None:
+        """``auto`` smoothing, judged on the whole model: the plain model is calibrated too, and
+        smoothing stays only when its INT8 output SQNR beats the plain model's by
+        :data:`SMOOTHING_MIN_GAIN_DB` on the same held-out samples (per-layer gains, measured
+        with min-max ranges on the rows they were fitted on, need not survive the table's
+        clipping, the layers after and new inputs). None when the model is too large to
+        compare in memory (smoothing stays)."""
+        from engines.accuracy_report import AccuracyMetric
+        from engines.spec import Precision
+        from engines.techniques import ModelJudgement
+        from engines.variants import VariantEvaluator, execution_for
+
+        smoothed_path = self.int8_model_path
+        if load_onnx(smoothed_path).ByteSize() > _JUDGE_LIMIT_BYTES:
+            self.recorder.log(
+                "Smoothing (auto) kept without the whole-model check: the model is too large "
+                "to compare in memory.",
+                stage=Stage.CALIBRATE,
+            )
+            return None
+        self.int8_model_path = self.model_path
+        plain = self._table(run, progress)
+        probe = run.held_out if run.held_out is not None and len(run.held_out) else run.data
+        where = "held-out" if probe is run.held_out else "calibration"
+        count = min(SMOOTHING_JUDGE_SAMPLES, len(probe))
+        spread = np.unique(np.linspace(0, len(probe) - 1, count).astype(int))
+        rows = probe.subset([int(i) for i in spread])
+        spec = self.spec.model_copy(update={"precision": Precision.INT8})
+        execution = execution_for(self.backend.name, self.int8_weight_levels)
+        sqnr = []
+        for path, table in ((smoothed_path, smoothed), (self.model_path, plain[0])):
+            with VariantEvaluator(
+                load_onnx(path), spec, table, rows, threads=run.threads, execution=execution
+            ) as evaluator:
+                sqnr.append(evaluator.value((), AccuracyMetric.SQNR_DB, None))
+        kept = sqnr[0] >= sqnr[1] + SMOOTHING_MIN_GAIN_DB
+        judgement = ModelJudgement(
+            samples=len(rows),
+            held_out=probe is run.held_out,
+            sqnr_smoothed_db=round(sqnr[0], 3),
+            sqnr_plain_db=round(sqnr[1], 3),
+            min_gain_db=SMOOTHING_MIN_GAIN_DB,
+            kept=kept,
+        )
+        self.recorder.log(
+            f"Smoothing (auto) judged on {len(rows)} {where} samples: INT8 output SQNR "
+            f"{sqnr[0]:.1f} dB smoothed vs {sqnr[1]:.1f} dB without: "
+            + ("kept." if kept else f"dropped (it must gain {SMOOTHING_MIN_GAIN_DB} dB)."),
+            stage=Stage.CALIBRATE,
+        )
+        record = self.preparation["smoothing"]
+        record["judged"] = judgement.model_dump()
+        if kept:
+            self.int8_model_path = smoothed_path
+            return _Judged(True, report.model_copy(update={"judged": judgement}), plain)
+        record["smoothed"], record["inserted_mul"] = [], []
+        dropped = [
+            t.model_copy(
+                update={
+                    "applied": False,
+                    "reason": "the whole INT8 model measured no better with smoothing",
+                }
+            )
+            if t.applied
+            else t
+            for t in report.tensors
+        ]
+        return _Judged(
+            False, report.model_copy(update={"judged": judgement, "tensors": dropped}), plain
+        )
 
     # -- graph techniques around calibration (engines.graph.smoothing, engines.graph.bias) ----
 
@@ -383,6 +508,7 @@ class Workflow:
             threads=threads,
             memory_limit_bytes=memory_limit_bytes,
         )
+        self._plain_stats = stats
         if spec.smoothing is TechniqueMode.OFF:
             return stats, None
         from engines.graph.smoothing import smooth

@@ -115,6 +115,7 @@ def _calibration(
     result = flow.calibrate(
         split.calibration if split else None,
         table=given,
+        held_out=split.evaluation if split and split.held_out else None,
         force=force,
         memory_limit_bytes=memory_limit_bytes,
         batch_size=batch_size,

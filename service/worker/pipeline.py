@@ -295,7 +295,10 @@ def _run_stages(
     )
     given = store.given_table(request.table_id) if request.table_id is not None else None
     calibration = flow.calibrate(
-        split.calibration, table=given, batch_size=request.calibration.batch_size
+        split.calibration,
+        table=given,
+        held_out=split.evaluation if split.held_out else None,
+        batch_size=request.calibration.batch_size,
     )
     summary = None
     if calibration is not None:

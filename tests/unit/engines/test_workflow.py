@@ -11,9 +11,15 @@ import pytest
 
 from calibrators.data import CalibrationDataset
 from calibrators.spec import method_spec
+from engines import workflow as workflow_module
 from engines.accuracy_report import AccuracyMetric
 from engines.spec import AccuracyGate, BuildSpec, KeepRules, TechniqueMode
-from engines.workflow import Workflow
+from engines.workflow import (
+    SMOOTHING_JUDGE_SAMPLES,
+    SMOOTHING_MIN_GAIN_DB,
+    Calibration,
+    Workflow,
+)
 from tests.unit.engines.graph.test_prequantized import _modelopt_style_conv
 from tests.unit.engines.graph.test_smoothing import _conv_relu_conv, _images
 
@@ -72,6 +78,72 @@ def test_smoothing_prepares_the_model_calibration_and_build_use(
     plain_flow.close()
     smoothed_flow.close()
     assert smoothed > plain + 1.0  # the wide channels no longer eat the activation's levels
+
+
+def _auto_smoothing_flow(path: Path, **updates: object) -> tuple[Workflow, object]:
+    fields: dict[str, object] = {
+        "precision": "int8",
+        "backend": "onnxruntime",
+        "calibration": method_spec("minmax"),
+        "smoothing": TechniqueMode.AUTO,
+        "bias_correction": TechniqueMode.OFF,
+    }
+    flow = Workflow(path, BuildSpec.model_validate({**fields, **updates}))
+    split = flow.split(_data())
+    return flow, flow.calibrate(split.calibration, held_out=split.evaluation)
+
+
+def test_auto_smoothing_is_kept_where_the_whole_int8_model_gains(wide_model: Path) -> None:
+    flow, calibration = _auto_smoothing_flow(wide_model)
+    with flow:
+        assert isinstance(calibration, Calibration) and calibration.smoothing is not None
+        judged = calibration.smoothing.judged
+        assert judged is not None and judged.kept, judged
+        assert judged.sqnr_smoothed_db >= judged.sqnr_plain_db + SMOOTHING_MIN_GAIN_DB
+        assert judged.held_out and judged.samples == 10  # the held-out split of 48 samples
+        assert calibration.smoothing.applied and flow.int8_model_path != wide_model
+        assert flow.preparation["smoothing"]["judged"]["kept"] is True
+
+
+def test_without_held_out_samples_auto_smoothing_is_judged_on_calibration_samples(
+    wide_model: Path,
+) -> None:
+    spec = BuildSpec(
+        precision="int8",
+        backend="onnxruntime",
+        calibration=method_spec("minmax"),
+        bias_correction=TechniqueMode.OFF,
+    )
+    with Workflow(wide_model, spec) as flow:
+        many = CalibrationDataset.from_arrays({"x": _images(SMOOTHING_JUDGE_SAMPLES + 8, seed=2)})
+        calibration = flow.calibrate(many)
+        assert calibration is not None and calibration.smoothing is not None
+        judged = calibration.smoothing.judged
+        assert judged is not None and not judged.held_out
+        assert judged.samples == SMOOTHING_JUDGE_SAMPLES  # spread over the 136
+
+
+def test_auto_smoothing_is_dropped_where_the_whole_int8_model_does_not_gain_enough(
+    wide_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the same model, with a bar it cannot clear: the plain model and its own table are used
+    monkeypatch.setattr(workflow_module, "SMOOTHING_MIN_GAIN_DB", 1000.0)
+    flow, calibration = _auto_smoothing_flow(wide_model)
+    with flow:
+        assert isinstance(calibration, Calibration) and calibration.smoothing is not None
+        judged = calibration.smoothing.judged
+        assert judged is not None and not judged.kept and judged.min_gain_db == 1000.0
+        assert not calibration.smoothing.applied
+        reasons = {t.reason for t in calibration.smoothing.tensors}
+        assert "the whole INT8 model measured no better with smoothing" in reasons
+        assert flow.int8_model_path == wide_model
+        plain_flow, plain = _auto_smoothing_flow(wide_model, smoothing=TechniqueMode.OFF)
+        with plain_flow:
+            assert isinstance(plain, Calibration)
+            assert calibration.table.amax == plain.table.amax  # the plain model's table
+        artifact = flow.build(tmp_path / "m.onnx", calibration.table)
+        recorded = artifact.metadata.preparation["smoothing"]
+        assert recorded["smoothed"] == [] and recorded["judged"]["kept"] is False
 
 
 def test_off_leaves_the_model_alone(wide_model: Path, tmp_path: Path) -> None:

@@ -69,7 +69,12 @@ def test_a_second_build_reuses_the_calibration_table(
     assert b["table_from_cache"] is True
     assert a["table_id"] == b["table_id"]
     assert "calibrate" in b["stage_seconds"]
-    assert client.get("/v1/calibration-tables").json()["total"] == 1
+    # smoothing (auto) was judged on the whole model: the tables with and without it are both
+    # kept (later builds of either reuse them), the build names the one it used
+    messages = [line["message"] for line in client.get(f"/v1/builds/{first['id']}/logs").json()]
+    assert any(m.startswith("Smoothing (auto) judged on ") for m in messages)
+    tables = client.get("/v1/calibration-tables").json()
+    assert tables["total"] == 2 and a["table_id"] in {t["id"] for t in tables["items"]}
 
 
 def test_fp16_builds_skip_calibration(
