@@ -95,6 +95,27 @@ def _accuracy(report: BuildReport) -> list[str]:
     return lines
 
 
+def _techniques(report: BuildReport) -> str:
+    """``smoothing 42/44 (kept: 19.1 vs 15.0 dB on 128 held-out samples), bias 29/32``; empty
+    when neither ran."""
+    parts = []
+    smoothing = report.smoothing
+    if smoothing is not None and smoothing.tensors:
+        text = f"smoothing {len(smoothing.applied)}/{len(smoothing.tensors)}"
+        judged = smoothing.judged
+        if judged is not None:
+            where = "held-out" if judged.held_out else "calibration"
+            text += (
+                f" ({'kept' if judged.kept else 'dropped'}: {judged.sqnr_smoothed_db:.1f} vs "
+                f"{judged.sqnr_plain_db:.1f} dB without, on {judged.samples} {where} samples)"
+            )
+        parts.append(text)
+    bias = report.bias_correction
+    if bias is not None and bias.layers:
+        parts.append(f"bias correction {len(bias.corrected)}/{len(bias.layers)}")
+    return ", ".join(parts)
+
+
 def render_report_summary(
     report: BuildReport, build: BuildPublic, fp32_model_bytes: int | None = None
 ) -> str:
@@ -123,6 +144,9 @@ def render_report_summary(
             f"{len(report.quantized_nodes)} in INT8",
         )
     )
+    prepared = _techniques(report)
+    if prepared:
+        lines.append(_line("prepared", prepared))
     lines.append(_line("artifact", f"{report.artifact.filename} ({_size(report.artifact.size_bytes)})"))
     lines.append(_line("sha256", report.artifact.sha256))
     lines.append(f"full report: trtforge report {report.build_id} --json (or --html)")

@@ -12,6 +12,13 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from engines.techniques import (
+    BiasCorrection,
+    BiasCorrectionReport,
+    ModelJudgement,
+    SmoothedTensor,
+    SmoothingReport,
+)
 from service.cli import remote
 from service.cli import server as server_commands
 from service.cli.report_text import render_report_summary
@@ -157,6 +164,27 @@ def _check_int8_words(document: dict[str, Any], build: dict[str, Any]) -> None:
     assert "size 1.00x FP32: ONNX Q/DQ keeps FP32 weights" in text
     text = render_report_summary(as_int8(127), public, None)
     assert "VNNI" not in text and "size: ONNX Q/DQ keeps FP32 weights" in text
+    # what prepared the model: smoothing with auto's whole-model verdict, bias correction
+    layer = {"node": "conv1", "bias": "b", "max_shift": 0.1, "sqnr_before_db": 1, "sqnr_after_db": 2}
+    prepared = as_int8(127).model_copy(
+        update={
+            "smoothing": SmoothingReport(
+                mode="auto",
+                tensors=[SmoothedTensor(tensor="t", layers=["conv2"], applied=False)],
+                judged=ModelJudgement(
+                    samples=128, sqnr_smoothed_db=15.6, sqnr_plain_db=16.6, min_gain_db=0.5, kept=False
+                ),
+            ),
+            "bias_correction": BiasCorrectionReport(
+                mode="auto", layers=[BiasCorrection(applied=True, **layer)]
+            ),
+        }
+    )
+    [line] = [x for x in render_report_summary(prepared, public, None).splitlines() if "prepared" in x]
+    assert line.split(None, 1)[1] == (
+        "smoothing 0/1 (dropped: 15.6 vs 16.6 dB without, on 128 held-out samples), "
+        "bias correction 1/1"
+    )
 
 
 def test_errors_are_one_line_with_a_hint(server: Server, cli: click.Group) -> None:
