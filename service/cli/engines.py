@@ -252,7 +252,16 @@ def _print_build(
     if "smoothing" in prep or "bias_correction" in prep:
         smoothed = len(prep.get("smoothing", {}).get("smoothed", []))
         corrected = len(prep.get("bias_correction", {}).get("corrected", []))
-        click.echo(f"smoothed activations: {smoothed}; bias-corrected layers: {corrected}")
+        judged = prep.get("smoothing", {}).get("judged")
+        verdict = ""
+        if judged:
+            verdict = (
+                f" ({'kept' if judged['kept'] else 'dropped'} by the whole-model check: "
+                f"{judged['sqnr_smoothed_db']:.1f} vs {judged['sqnr_plain_db']:.1f} dB without)"
+            )
+        click.echo(
+            f"smoothed activations: {smoothed}{verdict}; bias-corrected layers: {corrected}"
+        )
     if "prequantized" in prep:
         click.echo("prequantized model: its own Q/DQ scales kept, nothing re-quantized")
     if meta.quantized_nodes or meta.kept_nodes:

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
+from tests.unit.engines.graph.test_smoothing import _conv_relu_conv, _images
 from tests.unit.service.test_cli_local import trtforge
 
 
@@ -54,6 +55,24 @@ def test_build_int8_calibrates_and_writes_artifact_with_sidecar(
     sidecar = json.loads(Path(summary["metadata"]).read_text())
     assert sidecar["table_sha256"] and sidecar["spec"]["keep"]["int8"] == ["fc"]
     assert out.stat().st_size == sidecar["size_bytes"]
+
+
+def test_build_says_whether_auto_smoothing_survived_the_whole_model_check(tmp_path: Path) -> None:
+    model, data = tmp_path / "wide.onnx", tmp_path / "images.npz"
+    onnx.save(_conv_relu_conv(), model)  # a few wide channels: smoothing pays on the whole model
+    np.savez(data, x=_images(48, seed=1))
+    out = tmp_path / "wide.int8.onnx"
+    result = trtforge(
+        "build", str(model), "--precision", "int8", "--method", "minmax", "--data", str(data),
+        "--backend", "onnxruntime", "--out", str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    judged = json.loads(out.with_name(out.name + ".json").read_text())["preparation"]["smoothing"]["judged"]
+    assert judged["kept"] and judged["held_out"]
+    assert (
+        f"(kept by the whole-model check: {judged['sqnr_smoothed_db']:.1f} vs "
+        f"{judged['sqnr_plain_db']:.1f} dB without)" in result.stdout
+    )
 
 
 def test_bench_and_compare_report_in_json(
