@@ -173,6 +173,17 @@ class _Judged:
     """The plain model's table, key, and whether it came from the store."""
 
 
+def _judge_fit(probe: CalibrationDataset, run: _CalibrationRun) -> int:
+    """How many samples like ``probe``'s first fit in half the calibration memory limit (the
+    judge holds them all, and the outputs of two models); at least 16."""
+    from calibrators.memory import DEFAULT_MEMORY_LIMIT_BYTES
+
+    first = next(probe.subset([0]).batches(1))
+    sample_bytes = max(1, sum(int(np.asarray(v).nbytes) for v in first.values()))
+    budget = (run.memory_limit_bytes or DEFAULT_MEMORY_LIMIT_BYTES) // 2
+    return max(16, budget // sample_bytes)
+
+
 class Workflow:
     """One model and one build spec, checked once; the stages run against them.
 
@@ -436,7 +447,7 @@ class Workflow:
         plain = self._table(run, progress)
         probe = run.held_out if run.held_out is not None and len(run.held_out) else run.data
         where = "held-out" if probe is run.held_out else "calibration"
-        count = min(SMOOTHING_JUDGE_SAMPLES, len(probe))
+        count = min(SMOOTHING_JUDGE_SAMPLES, len(probe), _judge_fit(probe, run))
         spread = np.unique(np.linspace(0, len(probe) - 1, count).astype(int))
         rows = probe.subset([int(i) for i in spread])
         spec = self.spec.model_copy(update={"precision": Precision.INT8})

@@ -19,6 +19,8 @@ from engines.workflow import (
     SMOOTHING_MIN_GAIN_DB,
     Calibration,
     Workflow,
+    _CalibrationRun,
+    _judge_fit,
 )
 from tests.unit.engines.graph.test_prequantized import _modelopt_style_conv
 from tests.unit.engines.graph.test_smoothing import _conv_relu_conv, _images
@@ -121,6 +123,13 @@ def test_without_held_out_samples_auto_smoothing_is_judged_on_calibration_sample
         judged = calibration.smoothing.judged
         assert judged is not None and not judged.held_out
         assert judged.samples == SMOOTHING_JUDGE_SAMPLES  # spread over the 136
+
+
+def test_the_judge_takes_no_more_samples_than_half_the_memory_limit_holds() -> None:
+    data = CalibrationDataset.from_arrays({"x": _images(100, seed=3)})  # 768 bytes a sample
+    assert _judge_fit(data, _CalibrationRun(data, None, None, None, 2 * 768 * 40)) == 40
+    assert _judge_fit(data, _CalibrationRun(data, None, None, None, 1000)) == 16  # the floor
+    assert _judge_fit(data, _CalibrationRun(data, None, None, None, None)) > 100  # 1 GiB default
 
 
 def test_auto_smoothing_is_dropped_where_the_whole_int8_model_does_not_gain_enough(
