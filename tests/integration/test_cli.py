@@ -42,12 +42,18 @@ def cli() -> click.Group:
     return group
 
 
+def _inputs(folder: Path, seed: int) -> tuple[Path, Path]:
+    """A tiny CNN and 6 calibration samples, as files a user would pass."""
+    model, data = folder / "cnn.onnx", folder / "calib.npz"
+    model.write_bytes(model_bytes(seed=seed))
+    data.write_bytes(dataset_bytes(count=6, seed=seed))
+    return model, data
+
+
 def test_submit_wait_download_then_status_and_report(
     server: Server, cli: click.Group, tmp_path: Path
 ) -> None:
-    model, data = tmp_path / "cnn.onnx", tmp_path / "calib.npz"
-    model.write_bytes(model_bytes(seed=7))
-    data.write_bytes(dataset_bytes(count=6, seed=7))
+    model, data = _inputs(tmp_path, seed=7)
     runner = CliRunner()
     out = tmp_path / "out"
     result = runner.invoke(
@@ -197,9 +203,7 @@ def test_errors_are_one_line_with_a_hint(server: Server, cli: click.Group) -> No
 def test_builds_are_listed_logged_cancelled_and_deleted_and_workers_shown(
     server: Server, cli: click.Group, tmp_path: Path
 ) -> None:
-    model, data = tmp_path / "cnn.onnx", tmp_path / "calib.npz"
-    model.write_bytes(model_bytes(seed=11))
-    data.write_bytes(dataset_bytes(count=6, seed=11))
+    model, data = _inputs(tmp_path, seed=11)
     runner = CliRunner()
     at = ["--server", server.url]
     submitted = runner.invoke(
