@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from engines.gate import GateResult
     from engines.graph.layer_stats import LayerStats
     from engines.mixed import MixedPrecisionResult
+    from engines.names import QdqExecution
     from engines.perf_report import BenchmarkOptions, PerfReport
     from engines.techniques import BiasCorrectionReport, SmoothingReport
 
@@ -248,6 +249,14 @@ class Workflow:
         return self._model_sha256
 
     @property
+    def qdq_execution(self) -> QdqExecution:
+        """How Q/DQ variants that stand for this workflow's artifacts run (the smoothing judge,
+        budget searches): its backend's execution at its INT8 weight levels."""
+        from engines.variants import execution_for
+
+        return execution_for(self.backend.name, self.int8_weight_levels)
+
+    @property
     def artifact_suffix(self) -> str:
         """The file suffix of this workflow's artifacts (``.engine``, ``.onnx``)."""
         return self.backend.artifact_suffix
@@ -433,7 +442,7 @@ class Workflow:
         from engines.accuracy_report import AccuracyMetric
         from engines.spec import Precision
         from engines.techniques import ModelJudgement
-        from engines.variants import VariantEvaluator, execution_for
+        from engines.variants import VariantEvaluator
 
         smoothed_path = self.int8_model_path
         if load_onnx(smoothed_path).ByteSize() > _JUDGE_LIMIT_BYTES:
@@ -451,7 +460,7 @@ class Workflow:
         spread = np.unique(np.linspace(0, len(probe) - 1, count).astype(int))
         rows = probe.subset([int(i) for i in spread])
         spec = self.spec.model_copy(update={"precision": Precision.INT8})
-        execution = execution_for(self.backend.name, self.int8_weight_levels)
+        execution = self.qdq_execution
         sqnr = []
         for path, table in ((smoothed_path, smoothed), (self.model_path, plain[0])):
             with VariantEvaluator(
@@ -657,6 +666,7 @@ class Workflow:
                 budget,
                 labels=labels,
                 max_nodes=max_nodes,
+                execution=self.qdq_execution,
                 progress=progress.message,
             )
 

@@ -12,7 +12,7 @@ import pytest
 from calibrators.data import CalibrationDataset
 from calibrators.spec import method_spec
 from engines import workflow as workflow_module
-from engines.accuracy_report import AccuracyMetric
+from engines.accuracy_report import AccuracyMetric, MetricBudget
 from engines.spec import AccuracyGate, BuildSpec, KeepRules, TechniqueMode
 from engines.workflow import (
     SMOOTHING_JUDGE_SAMPLES,
@@ -153,6 +153,31 @@ def test_auto_smoothing_is_dropped_where_the_whole_int8_model_does_not_gain_enou
         artifact = flow.build(tmp_path / "m.onnx", calibration.table)
         recorded = artifact.metadata.preparation["smoothing"]
         assert recorded["smoothed"] == [] and recorded["judged"]["kept"] is False
+
+
+def test_the_backend_is_chosen_once_through_judge_budget_search_and_build(
+    wide_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engines.backends import registry
+
+    chosen = []
+    real = registry.select_backend
+
+    def counting(name: object) -> object:
+        chosen.append(name)
+        return real(name)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(registry, "select_backend", counting)
+    monkeypatch.setattr(workflow_module, "select_backend", counting)
+    spec = BuildSpec(precision="int8", backend="onnxruntime", calibration=method_spec("minmax"))
+    with Workflow(wide_model, spec) as flow:
+        split = flow.split(_data())
+        calibration = flow.calibrate(split.calibration, held_out=split.evaluation)
+        assert calibration is not None and calibration.smoothing is not None
+        assert calibration.smoothing.judged is not None  # the judge ran
+        flow.search_budget(calibration.table, split.evaluation, MetricBudget.parse("sqnr_db:5"))
+        flow.build(tmp_path / "m.onnx", calibration.table)
+    assert chosen == ["onnxruntime"]
 
 
 def test_off_leaves_the_model_alone(wide_model: Path, tmp_path: Path) -> None:
