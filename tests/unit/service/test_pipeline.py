@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -75,6 +77,27 @@ def test_a_second_build_reuses_the_calibration_table(
     assert any(m.startswith("Smoothing (auto) judged on ") for m in messages)
     tables = client.get("/v1/calibration-tables").json()
     assert tables["total"] == 2 and a["table_id"] in {t["id"] for t in tables["items"]}
+
+
+def test_the_build_page_says_how_the_model_was_prepared(
+    client: TestClient, settings: Settings, ids: dict[str, str]
+) -> None:
+    build = client.post("/v1/builds", json={**ids, **FAST}).json()
+    assert run_in_process(settings, build["id"]) is BuildStatus.SUCCEEDED
+    report = client.get(f"/v1/builds/{build['id']}/report").json()
+    judged = report["smoothing"]["judged"]
+    applied = sum(t["applied"] for t in report["smoothing"]["tensors"])
+    page = client.get(f"/builds/{build['id']}/results").text
+    prepared = re.search(r'<ul id="prepared"[^>]*>(.*?)</ul>', page, re.S)
+    assert prepared is not None, "no model preparation on the build page"
+    text = " ".join(prepared.group(1).split())
+    assert f"{applied} of {len(report['smoothing']['tensors'])} activations smoothed" in text
+    assert (
+        f"whole-model check on {judged['samples']} held-out samples: INT8 SQNR "
+        f"{judged['sqnr_smoothed_db']:.1f} dB smoothed vs {judged['sqnr_plain_db']:.1f} dB without"
+    ) in text
+    assert f"<strong>{'kept' if judged['kept'] else 'dropped'}</strong>" in text
+    assert "quantized layer biases corrected" in text
 
 
 def test_fp16_builds_skip_calibration(
