@@ -1,16 +1,19 @@
-"""Client commands for the server's models and datasets: ``trtforge models list | update`` and
-``trtforge datasets list | update`` (names and tags, as ``GET ?name=&tag=`` and ``PATCH``)."""
+"""Client commands for the server's models, datasets and tables: ``trtforge models list | update``
+and ``trtforge datasets list | update`` (names and tags, as ``GET ?name=&tag=`` and ``PATCH``),
+``trtforge tables list | download | import``."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
 
+from core.files import write_atomically
 from service.cli.options import handle_errors
 from service.cli.server import _client, _server_options
 
-__all__ = ["datasets", "models"]
+__all__ = ["datasets", "models", "tables"]
 
 
 def _list_options(func: Any) -> Any:
@@ -126,3 +129,79 @@ def datasets_update(dataset_id: str, **options: Any) -> None:
     )
     with _client(options["server"], options["token"]) as client:
         _print(client.update_dataset(dataset_id, **changes), options["as_json"])
+
+
+@click.group()
+def tables() -> None:
+    """The server's calibration tables: list them, download one as a TensorRT cache or JSON,
+    import a TensorRT cache for a model."""
+
+
+@tables.command("list")
+@click.option("--model-id", default=None, help="Only the tables of this model id.")
+@click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True)
+@click.option("--offset", type=click.IntRange(min=0), default=0)
+@click.option("--json", "as_json", is_flag=True)
+@_server_options
+@handle_errors
+def tables_list(
+    model_id: str | None, limit: int, offset: int, as_json: bool, server: str, token: str | None
+) -> None:
+    """Tables, newest first: id, model, method, samples, tensors, source, created (UTC)."""
+    with _client(server, token) as client:
+        page = client.list_tables(model_id=model_id, limit=limit, offset=offset)
+    if as_json:
+        click.echo(page.model_dump_json())
+        return
+    for t in page.items:
+        click.echo(
+            f"{t.id}  model {t.model_id[:12]}  {t.method or t.algorithm}  {t.samples} samples  "
+            f"{t.num_tensors} tensors  {t.source}  {t.created_at:%Y-%m-%d %H:%M:%S}"
+        )
+    shown = offset + len(page.items)
+    if shown < page.total:
+        click.echo(f"{shown} of {page.total}; --offset {shown} shows more", err=True)
+
+
+@tables.command("download")
+@click.argument("table_id")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="The file: trtforge JSON when it ends in .json, else a TensorRT calibration cache.",
+)
+@click.option(
+    "--trt-version", default=None, help="The TensorRT version the cache's header names (10.x)."
+)
+@_server_options
+@handle_errors
+def tables_download(
+    table_id: str, out: Path, trt_version: str | None, server: str, token: str | None
+) -> None:
+    """Write TABLE_ID to --out (a cache trtexec --calib and TensorRT 10's calibrators read)."""
+    as_json = out.suffix.lower() == ".json"
+    with _client(server, token) as client:
+        text = client.table_text(
+            table_id, format="json" if as_json else "trt", trt_version=trt_version
+        )
+    write_atomically(out, text)
+    click.echo(str(out), err=True)
+
+
+@tables.command("import")
+@click.argument("model_id")
+@click.argument("path", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option(
+    "--ignore-unknown", is_flag=True, help="Drop tensors the model does not have instead of refusing."
+)
+@click.option("--json", "as_json", is_flag=True)
+@_server_options
+@handle_errors
+def tables_import(
+    model_id: str, path: Path, ignore_unknown: bool, as_json: bool, server: str, token: str | None
+) -> None:
+    """Import PATH (a TensorRT calibration cache, or a trtforge JSON table) for MODEL_ID."""
+    with _client(server, token) as client:
+        table = client.import_table(model_id, path, ignore_unknown=ignore_unknown)
+    click.echo(table.model_dump_json() if as_json else f"{table.id}  {table.num_tensors} tensors")

@@ -234,10 +234,10 @@ def _show_sensitivity(public: SensitivityPublic, as_json: bool) -> None:
 
 
 def register(group: click.Group) -> None:
-    """Add ``sweeps``, ``sensitivity-submit``, ``models``, ``datasets``, ``builds`` and
-    ``workers`` to the root group."""
+    """Add ``sweeps``, ``sensitivity-submit``, ``models``, ``datasets``, ``tables``, ``builds``
+    and ``workers`` to the root group."""
     from service.cli.builds import builds, workers
-    from service.cli.catalog import datasets, models
+    from service.cli.catalog import datasets, models, tables
 
-    for command in (sweeps, sensitivity_submit, models, datasets, builds, workers):
+    for command in (sweeps, sensitivity_submit, models, datasets, tables, builds, workers):
         group.add_command(command)

@@ -237,3 +237,35 @@ def test_builds_are_listed_logged_cancelled_and_deleted_and_workers_shown(
     assert runner.invoke(cli, ["builds", "delete", build_id, *at]).exit_code == 0
     gone = runner.invoke(cli, ["status", build_id, *at])
     assert gone.exit_code == 2 and "No build" in gone.stderr
+
+
+def test_tables_are_listed_downloaded_as_cache_or_json_and_imported(
+    server: Server, cli: click.Group, tmp_path: Path
+) -> None:
+    model, data = _inputs(tmp_path, seed=13)
+    runner = CliRunner()
+    at = ["--server", server.url]
+    submitted = runner.invoke(
+        cli, ["submit", str(model), "--data", str(data), "--precision", "int8", "--wait", "--json", *at]
+    )
+    assert submitted.exit_code == 0, submitted.output
+    build = json.loads(submitted.stdout)
+    table_id, model_id = build["table_id"], build["model_id"]
+    listed = runner.invoke(cli, ["tables", "list", "--model-id", model_id, *at])
+    assert listed.exit_code == 0, listed.output
+    assert any(line.startswith(table_id) for line in listed.stdout.splitlines())
+
+    cache, twin = tmp_path / "model.cache", tmp_path / "model.json"
+    for out in (cache, twin):
+        got = runner.invoke(cli, ["tables", "download", table_id, "--out", str(out), *at])
+        assert got.exit_code == 0, got.output
+    assert cache.read_text().startswith("TRT-")  # a TensorRT calibration cache header
+    amax = json.loads(twin.read_text())["amax"]
+    assert amax and len(cache.read_text().splitlines()) == len(amax) + 1
+
+    imported = runner.invoke(cli, ["tables", "import", model_id, str(cache), "--json", *at])
+    assert imported.exit_code == 0, imported.output
+    assert json.loads(imported.stdout)["num_tensors"] == len(amax)
+    missing = runner.invoke(cli, ["tables", "download", "nope", "--out", str(tmp_path / "x"), *at])
+    assert missing.exit_code == 2 and "No calibration table" in missing.stderr
+    assert not (tmp_path / "x").exists()  # nothing half-written
