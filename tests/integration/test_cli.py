@@ -50,6 +50,18 @@ def _inputs(folder: Path, seed: int) -> tuple[Path, Path]:
     return model, data
 
 
+def _built(
+    runner: CliRunner, cli: click.Group, folder: Path, precision: str, at: list[str], seed: int
+) -> dict[str, Any]:
+    """``trtforge submit --wait --json`` of the tiny inputs: the ended build."""
+    model, data = _inputs(folder, seed)
+    args = ["submit", str(model), "--data", str(data), "--precision", precision, "--wait", "--json"]
+    submitted = runner.invoke(cli, [*args, *at])
+    assert submitted.exit_code == 0, submitted.output
+    build: dict[str, Any] = json.loads(submitted.stdout)
+    return build
+
+
 def test_submit_wait_download_then_status_and_report(
     server: Server, cli: click.Group, tmp_path: Path
 ) -> None:
@@ -203,14 +215,9 @@ def test_errors_are_one_line_with_a_hint(server: Server, cli: click.Group) -> No
 def test_builds_are_listed_logged_cancelled_and_deleted_and_workers_shown(
     server: Server, cli: click.Group, tmp_path: Path
 ) -> None:
-    model, data = _inputs(tmp_path, seed=11)
     runner = CliRunner()
     at = ["--server", server.url]
-    submitted = runner.invoke(
-        cli, ["submit", str(model), "--data", str(data), "--precision", "fp16", "--wait", "--json", *at]
-    )
-    assert submitted.exit_code == 0, submitted.output
-    build_id = json.loads(submitted.stdout)["id"]
+    build_id = _built(runner, cli, tmp_path, "fp16", at, seed=11)["id"]
 
     listed = runner.invoke(cli, ["builds", "list", "--precision", "fp16", *at])
     assert listed.exit_code == 0, listed.output
@@ -242,14 +249,9 @@ def test_builds_are_listed_logged_cancelled_and_deleted_and_workers_shown(
 def test_tables_are_listed_downloaded_as_cache_or_json_and_imported(
     server: Server, cli: click.Group, tmp_path: Path
 ) -> None:
-    model, data = _inputs(tmp_path, seed=13)
     runner = CliRunner()
     at = ["--server", server.url]
-    submitted = runner.invoke(
-        cli, ["submit", str(model), "--data", str(data), "--precision", "int8", "--wait", "--json", *at]
-    )
-    assert submitted.exit_code == 0, submitted.output
-    build = json.loads(submitted.stdout)
+    build = _built(runner, cli, tmp_path, "int8", at, seed=13)
     table_id, model_id = build["table_id"], build["model_id"]
     listed = runner.invoke(cli, ["tables", "list", "--model-id", model_id, *at])
     assert listed.exit_code == 0, listed.output
