@@ -22,7 +22,7 @@ import logging
 import tempfile
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -170,8 +170,8 @@ class _CalibrationRun:
 class _Judged:
     kept: bool
     report: SmoothingReport
-    plain: tuple[CalibrationTable, str, bool]
-    """The plain model's table, key, and whether it came from the store."""
+    plain: Calibration
+    """The plain model's table (when the smoothing is dropped, the build's)."""
 
 
 def _judge_fit(probe: CalibrationDataset, run: _CalibrationRun) -> int:
@@ -373,26 +373,25 @@ class Workflow:
             stats, smoothing = self._smooth(
                 run.data, run.batch_size, run.threads, run.memory_limit_bytes
             )
-            table, key, cached = self._table(run, progress.samples)
+            calibration = self._table(run, progress.samples)
             if (
                 smoothing is not None
                 and smoothing.applied
                 and self.spec.smoothing is TechniqueMode.AUTO
             ):
-                judged = self._judge_smoothing(run, progress.samples, table, smoothing)
+                judged = self._judge_smoothing(run, progress.samples, calibration.table, smoothing)
                 if judged is not None:
                     smoothing = judged.report
                     if not judged.kept:
-                        table, key, cached = judged.plain
-                        stats = self._plain_stats
+                        calibration, stats = judged.plain, self._plain_stats
             self._stats = stats
-        return Calibration(table, key, cached, False, smoothing)
+        return replace(calibration, smoothing=smoothing)
 
     def _table(
         self, run: _CalibrationRun, progress: Any
-    ) -> tuple[CalibrationTable, str, bool]:
+    ) -> Calibration:
         """The table of :attr:`int8_model_path` on ``run``'s data: stored under its cache key,
-        else computed and stored; (table, key, whether it came from the store)."""
+        else computed and stored."""
         from calibrators.calibrate import calibrate, table_cache_key
 
         spec = self.spec
@@ -405,7 +404,7 @@ class Workflow:
                 f"Calibration table {key[:12]}: {len(stored.amax)} tensors (reused).",
                 stage=Stage.CALIBRATE,
             )
-            return stored, key, True
+            return Calibration(stored, key, from_cache=True, given=False)
         table = calibrate(
             self.int8_model_path,
             run.data,
@@ -424,7 +423,7 @@ class Workflow:
             f"{table.samples} samples ({spec.calibration.method.value}).",
             stage=Stage.CALIBRATE,
         )
-        return table, key, False
+        return Calibration(table, key, from_cache=False, given=False)
 
     def _judge_smoothing(
         self,
@@ -445,7 +444,7 @@ class Workflow:
         from engines.variants import VariantEvaluator
 
         smoothed_path = self.int8_model_path
-        if load_onnx(smoothed_path).ByteSize() > _JUDGE_LIMIT_BYTES:
+        if load_onnx(smoothed_path).ByteSize() > _JUDGE_LIMIT_BYTES:  # not held while calibrating
             self.recorder.log(
                 "Smoothing (auto) kept without the whole-model check: the model is too large "
                 "to compare in memory.",
@@ -462,7 +461,7 @@ class Workflow:
         spec = self.spec.model_copy(update={"precision": Precision.INT8})
         execution = self.qdq_execution
         sqnr = []
-        for path, table in ((smoothed_path, smoothed), (self.model_path, plain[0])):
+        for path, table in ((smoothed_path, smoothed), (self.model_path, plain.table)):
             with VariantEvaluator(
                 load_onnx(path), spec, table, rows, threads=run.threads, execution=execution
             ) as evaluator:
