@@ -166,7 +166,7 @@ def workers(include_stopped: bool, as_json: bool, server: str, token: str | None
     if not found:
         click.echo("no live workers (builds wait in the queue until one starts)", err=True)
     for worker in found:
-        targets = "; ".join(_target_text(t) for t in worker.targets)
+        targets = "; ".join(map(str, worker.targets))
         labels = ",".join(worker.labels) or "-"
         click.echo(
             f"{worker.id}  {worker.hostname}  {worker.state.value}  slots {worker.slots}  "
@@ -175,13 +175,3 @@ def workers(include_stopped: bool, as_json: bool, server: str, token: str | None
         if worker.problem:
             click.echo(f"  problem: {worker.problem}")
 
-
-def _target_text(target: Any) -> str:
-    """``onnxruntime 1.22.0 on cpu``, ``tensorrt 10.13.0 on NVIDIA H100 (sm 9.0)``."""
-    what = f"{target.backend} {target.backend_version} on "
-    capability = target.compute_capability
-    if capability == "cpu":
-        return what + "cpu"
-    if target.device in ("", "cpu"):  # a GPU target configured without its name
-        return what + f"sm {capability}"
-    return what + f"{target.device} (sm {capability})"

@@ -239,7 +239,7 @@ def test_builds_are_listed_logged_cancelled_and_deleted_and_workers_shown(
     shown = runner.invoke(cli, ["workers", *at])
     assert shown.exit_code == 0, shown.output
     assert "slots 1" in shown.stdout and "targets: onnxruntime " in shown.stdout
-    assert " on cpu" in shown.stdout and "cpu cpu" not in shown.stdout
+    assert " (cpu)" in shown.stdout and "cpu cpu" not in shown.stdout  # BuildTarget's own words
 
     assert runner.invoke(cli, ["builds", "delete", build_id, *at]).exit_code == 0
     gone = runner.invoke(cli, ["status", build_id, *at])
