@@ -136,6 +136,11 @@ def _table_page(
     return calibration_page(store.load_table(state.storage, row), query, number)
 
 
+def _ranges_chart(table: Any) -> dict[str, str]:
+    """The calibration section's chart data (none for a build without a table or rows)."""
+    return {"ranges": json_for_script(table.chart)} if table is not None and table.rows else {}
+
+
 def _sensitivity(session: Session, state: AppState, row: BuildRow) -> SensitivityPublic | None:
     """The build's node sensitivity ranking, if one was asked for (None otherwise)."""
     try:
@@ -170,8 +175,7 @@ def _build_context(
         charts["latency"] = json_for_script(latency_chart(report))
         if report.get("accuracy"):
             charts["accuracy"] = json_for_script(accuracy_chart(report))
-    if table is not None and table.rows:
-        charts["ranges"] = json_for_script(table.chart)
+    charts.update(_ranges_chart(table))
     if ranking is not None and ranking.report is not None:
         charts["sensitivity"] = json_for_script(sensitivity_chart(ranking.report))
     return {
@@ -224,8 +228,7 @@ async def build_calibration(
             row = visible_build(session, build_id, viewer)
             table = _table_page(session, state, row.table_id, q, tpage)
             build = builds.build_public(row)
-        charts = {"ranges": json_for_script(table.chart)} if table is not None and table.rows else {}
-        return {"b": build, "table": table, "charts": charts}
+        return {"b": build, "table": table, "charts": _ranges_chart(table)}
 
     return await page(request, state, "_calibration.html", gather)
 
